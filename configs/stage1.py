@@ -1,0 +1,10 @@
+"""Stage 1 of TTM: image-to-motion (first frame + motion prompt -> mask trajectory).
+
+Variants: `configs/stage1.py` (tiny), `configs/stage1.py:mid`, `configs/stage1.py:wan1.3b`.
+"""
+
+from ttm_jax import config as config_lib
+
+
+def get_config(arg=None):
+    return config_lib.build(stage=1, arg=arg)

@@ -1,0 +1,50 @@
+"""ttm-jax: Through-The-Mask (arXiv 2501.03059) in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+# Pinned to the versions this project is tested with (see README, "Versions").
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "grain==0.2.18",
+    "tensorflow-datasets==4.9.10",
+    "array-record==0.8.6",
+    "av==18.1.0",
+    "pycocotools==2.0.11",
+    "safetensors==0.8.0",
+    "ml_collections==1.1.0",
+    "einops==0.8.2",
+    "absl-py==2.5.1",
+    "etils[epath]==1.15.0",
+    "numpy>=1.26,<3",
+    "tensorboardX==2.6.5",
+]
+
+TORCH_REQUIRES = [
+    "torch==2.13.0",
+    "diffusers==0.42.1",
+    "transformers==5.23.0",
+    "sentencepiece==0.2.3",
+]
+
+TEST_REQUIRES = TORCH_REQUIRES + [
+    "pytest==9.2.0",
+    "pytest-xdist==3.8.0",
+    "nbclient==0.11.0",
+    "nbformat==5.11.1",
+    "ipykernel==7.4.0",
+    "ruff==0.17.6",
+]
+
+setup(
+    name="ttm-jax",
+    version="0.1.0",
+    description="Through-The-Mask image-to-video generation in JAX/Flax for TPU and GPU",
+    packages=find_packages(include=["ttm_jax", "ttm_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require={"torch": TORCH_REQUIRES, "test": TEST_REQUIRES},
+)

@@ -1,0 +1,301 @@
+"""The run configuration: one `ml_collections.ConfigDict` is the whole truth of a run.
+
+`configs/stage1.py` and `configs/stage2.py` call `build(stage, arg)`; the argument picks a variant:
+
+  tiny     (default) seconds to minutes on a 2-core CPU, synthetic SA-V data, `space_to_depth` autoencoder
+  mid      between tiny and wan1.3b, for benchmarks
+  wan1.3b  the shapes of Wan2.1-T2V-1.3B (dim 1536, 30 layers, 12 heads of 128, FFN 8960, text dim 4096)
+
+`arg` is either a bare variant name (`tiny`) or comma-separated `key=value` pairs (`variant=tiny,stage=1`).
+`validate(config)` checks every value and raises `ConfigError` naming the field and the fix; `main` calls it before
+any compute is spent.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+VARIANTS = ("tiny", "mid", "wan1.3b")
+ATTENTION_IMPLS = ("xla", "splash", "gpu")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+DTYPES = ("float32", "bfloat16", "float16")
+AUTOENCODERS = ("space_to_depth", "wan")
+CROSS_IDS_FROM = ("bbox", "mask")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field and the fix."""
+
+
+def parse_arg(arg: str | None) -> dict[str, str]:
+    """`"tiny"` -> {"variant": "tiny"}; `"variant=mid,foo=1"` -> {"variant": "mid", "foo": "1"}."""
+    out: dict[str, str] = {}
+    if not arg:
+        return out
+    for part in arg.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "=" in part:
+            k, v = part.split("=", 1)
+            out[k.strip()] = v.strip()
+        else:
+            out["variant"] = part
+    unknown = set(out) - {"variant", "runlocal"}
+    if unknown:
+        raise ConfigError(f"config argument: unknown key(s) {sorted(unknown)}; use e.g. `configs/stage2.py:tiny` "
+                          f"or `configs/stage2.py:variant=mid`")
+    return out
+
+
+def _model(variant: str) -> ml_collections.ConfigDict:
+    m = ml_collections.ConfigDict()
+    if variant == "tiny":
+        m.dim, m.num_layers, m.num_heads, m.ffn_dim = 64, 2, 2, 128
+        m.text_dim, m.freq_dim = 32, 32
+        m.ttm_layers = 1
+    elif variant == "mid":
+        m.dim, m.num_layers, m.num_heads, m.ffn_dim = 512, 8, 4, 1536
+        m.text_dim, m.freq_dim = 256, 256
+        m.ttm_layers = 3
+    elif variant == "wan1.3b":
+        m.dim, m.num_layers, m.num_heads, m.ffn_dim = 1536, 30, 12, 8960
+        m.text_dim, m.freq_dim = 4096, 256
+        # The paper adds masked layers to 10 of 40 DiT blocks; the same quarter of Wan-1.3B's 30 is 8.
+        m.ttm_layers = 8
+    else:
+        raise ConfigError(f"config argument: unknown variant {variant!r}; choose one of {VARIANTS}")
+    m.patch_size = (1, 2, 2)
+    m.rope_max_seq_len = 1024
+    m.eps = 1e-6
+    m.qk_norm = True  # RMSNorm across heads on q and k, as Wan 2.1
+    m.cross_attn_norm = True  # affine LayerNorm before cross-attention, as Wan 2.1
+    # TTM added layers in the first `ttm_layers` blocks; `ttm_masked=False` is the paper's TI2V baseline (same
+    # layers, no masks, no trajectory).
+    m.ttm_masked = True
+    m.cross_ids_from = "bbox"  # per-token ids for masked cross-attention: objects' boxes (paper) or masks
+    m.attention = "xla"  # xla (reference) | splash (TPU) | gpu (Pallas Triton)
+    m.scan_layers = True
+    m.remat_policy = "none"
+    m.dtype = "float32"  # compute dtype; bfloat16 on accelerators
+    m.param_dtype = "float32"
+    return m
+
+
+def _autoencoder(variant: str) -> ml_collections.ConfigDict:
+    a = ml_collections.ConfigDict()
+    if variant == "wan1.3b":
+        a.name = "wan"
+        a.latent_channels, a.time_factor, a.space_factor = 16, 4, 8
+    else:
+        # exact, parameter-free: pixels (s x s x t patches) become channels
+        a.name = "space_to_depth"
+        a.time_factor, a.space_factor = 4, 4
+        a.latent_channels = 3 * a.space_factor**2 * a.time_factor
+    a.path = ""  # converted weights (Wan VAE); unused by space_to_depth
+    return a
+
+
+def _text_encoder(variant: str) -> ml_collections.ConfigDict:
+    t = ml_collections.ConfigDict()
+    if variant == "wan1.3b":
+        # umT5-XXL encoder, as Wan 2.1
+        t.name = "umt5"
+        t.vocab_size, t.d_model, t.num_layers, t.num_heads, t.d_kv, t.d_ff = 256384, 4096, 24, 64, 64, 10240
+        t.per_layer_bias = True
+        t.tokenizer = "sentencepiece"
+        t.max_length = 512
+    else:
+        # small, randomly initialised and frozen; ByT5's byte tokenizer needs no files
+        t.name = "t5"
+        t.vocab_size = 384
+        t.d_model = 32 if variant == "tiny" else 256
+        t.num_layers = 2
+        t.num_heads = 2 if variant == "tiny" else 4
+        t.d_kv = 16 if variant == "tiny" else 64
+        t.d_ff = 64 if variant == "tiny" else 512
+        t.per_layer_bias = False
+        t.tokenizer = "byte"
+        t.max_length = 64
+    t.relative_attention_num_buckets = 32
+    t.relative_attention_max_distance = 128
+    t.feed_forward = "gated-gelu"
+    t.eps = 1e-6
+    t.tokenizer_path = ""  # sentencepiece model file, for tokenizer=sentencepiece
+    t.path = ""  # converted weights; empty: random init from `seed` (tiny configs)
+    t.local_max_length = 16 if variant == "tiny" else 32  # tokens per local prompt
+    return t
+
+
+def _data(variant: str) -> ml_collections.ConfigDict:
+    d = ml_collections.ConfigDict()
+    if variant == "wan1.3b":
+        d.num_frames, d.height, d.width = 81, 480, 832
+    elif variant == "mid":
+        d.num_frames, d.height, d.width = 17, 128, 128
+    else:
+        d.num_frames, d.height, d.width = 9, 64, 64
+    d.fps = 12.0  # clip frame rate sampled from SA-V's 24 fps videos
+    d.max_objects = 4  # K: objects per clip (background is id 0 and not counted)
+    d.annotation = "manual"  # manual | auto | both
+    d.sav_path = ""  # SA-V train shards or folders; empty: synthetic SA-V in `synthetic_dir`
+    d.captions = ""  # captions sidecar JSONL
+    d.prepared_path = ""  # ArrayRecord shards from `python -m ttm_jax.data.prepare`
+    d.synthetic_dir = ""  # empty: <workdir>/../synthetic_sav cache
+    d.synthetic_num_videos = 64
+    d.missing_captions = "skip"  # skip | error
+    d.shuffle_seed = 0
+    d.num_workers = 0
+    return d
+
+
+def _train(variant: str) -> ml_collections.ConfigDict:
+    t = ml_collections.ConfigDict()
+    t.batch_size = 32 if variant == "wan1.3b" else (8 if variant == "mid" else 4)  # global batch
+    t.grad_accum_steps = 1
+    t.total_steps = 50_000 if variant == "wan1.3b" else 300
+    t.checkpoint_every_steps = 1000 if variant == "wan1.3b" else 100
+    t.keep_checkpoints = 3  # keep the last N ...
+    t.keep_period = 10_000  # ... and every M-th step
+    t.log_every_steps = 10
+    t.sample_every_steps = 5000 if variant == "wan1.3b" else 150  # sample videos (mp4) at intervals; 0: never
+    t.init_from = ""  # Orbax checkpoint (e.g. from `python -m ttm_jax.convert`) to start the weights from
+    return t
+
+
+def _optim(variant: str) -> ml_collections.ConfigDict:
+    o = ml_collections.ConfigDict()
+    # paper: constant LR 2e-5 after 2,000 warm-up steps; tiny runs learn faster with a larger one
+    o.learning_rate = 2e-5 if variant == "wan1.3b" else 1e-3
+    o.warmup_steps = 2000 if variant == "wan1.3b" else 20
+    o.b1, o.b2, o.eps = 0.9, 0.999, 1e-8
+    o.weight_decay = 0.0
+    o.grad_clip_norm = 1.0
+    o.ema_decay = 0.0  # 0: no EMA
+    return o
+
+
+def _objective(variant: str) -> ml_collections.ConfigDict:
+    j = ml_collections.ConfigDict()
+    j.t_sampling = "logit_normal"  # logit_normal | uniform
+    j.logit_mean, j.logit_std = 0.0, 1.0
+    j.shift = 1.0 if variant == "tiny" else 3.0  # timestep shift t' = s t / (1 + (s - 1) t)
+    # condition dropout for InstructPix2Pix guidance
+    j.drop_image_prob = 0.05
+    j.drop_text_prob = 0.05
+    j.drop_both_prob = 0.05
+    return j
+
+
+def _mesh(variant: str) -> ml_collections.ConfigDict:
+    h = ml_collections.ConfigDict()
+    # one size may be -1: "all remaining devices"
+    h.shape = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+    h.distributed = "auto"  # auto | skip  (jax.distributed.initialize from the environment)
+    return h
+
+
+def _sample(variant: str) -> ml_collections.ConfigDict:
+    s = ml_collections.ConfigDict()
+    s.num_steps = 50 if variant == "wan1.3b" else 20
+    s.schedule = "linear_quadratic"  # linear_quadratic (Movie Gen) | uniform
+    s.image_scale = 1.5
+    s.text_scale = 5.0 if variant == "wan1.3b" else 3.0
+    s.seed = 0
+    return s
+
+
+def build(stage: int, arg: str | None = None) -> ml_collections.ConfigDict:
+    """The full default config of `stage` (1: image-to-motion, 2: motion-to-video) for the variant in `arg`."""
+    args = parse_arg(arg)
+    variant = args.get("variant", "tiny")
+    if variant not in VARIANTS:
+        raise ConfigError(f"config argument: unknown variant {variant!r}; choose one of {VARIANTS}")
+    c = ml_collections.ConfigDict()
+    c.stage = stage
+    c.variant = variant
+    c.seed = 0
+    c.model = _model(variant)
+    c.autoencoder = _autoencoder(variant)
+    c.text_encoder = _text_encoder(variant)
+    c.data = _data(variant)
+    c.train = _train(variant)
+    c.optim = _optim(variant)
+    c.objective = _objective(variant)
+    c.mesh = _mesh(variant)
+    c.sample = _sample(variant)
+    if stage == 1:
+        # stage 1 sees no local prompts: the added masked layers are a stage-2 feature
+        c.model.ttm_layers = 0
+    return c
+
+
+def latent_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int, int]:
+    """(T', H', W', C) of one clip's latent under the config's autoencoder (causal time compression)."""
+    a, d = config.autoencoder, config.data
+    t = 1 + (d.num_frames - 1) // a.time_factor
+    return t, d.height // a.space_factor, d.width // a.space_factor, a.latent_channels
+
+
+def in_channels(config: ml_collections.ConfigDict) -> int:
+    """Channels into the DiT: the noisy latent plus two conditions (both stages), each `latent_channels` wide."""
+    return 3 * config.autoencoder.latent_channels
+
+
+def _check(cond: bool, field: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"config.{field}: {msg}")
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Check every value that could otherwise fail after compute has been spent; returns the config."""
+    _check(config.stage in (1, 2), "stage", f"{config.stage!r} is not 1 or 2")
+    m, a, t, d = config.model, config.autoencoder, config.text_encoder, config.data
+    for name in ("dim", "num_layers", "num_heads", "ffn_dim", "text_dim", "freq_dim"):
+        _check(isinstance(m[name], int) and m[name] > 0, f"model.{name}", f"{m[name]!r} must be a positive int")
+    _check(m.dim % m.num_heads == 0, "model.dim",
+           f"{m.dim} is not divisible by model.num_heads={m.num_heads}; pick a dim that is")
+    head_dim = m.dim // m.num_heads
+    _check(head_dim % 2 == 0 and head_dim >= 6, "model.num_heads",
+           f"head dim {head_dim} (dim/num_heads) must be even and >= 6 for 3D RoPE")
+    _check(m.freq_dim % 2 == 0, "model.freq_dim", f"{m.freq_dim} must be even (sin and cos halves)")
+    _check(0 <= m.ttm_layers <= m.num_layers, "model.ttm_layers",
+           f"{m.ttm_layers} must be in [0, model.num_layers={m.num_layers}]")
+    _check(len(tuple(m.patch_size)) == 3 and all(int(p) > 0 for p in m.patch_size), "model.patch_size",
+           f"{m.patch_size!r} must be three positive ints (t, h, w)")
+    _check(m.attention in ATTENTION_IMPLS, "model.attention", f"{m.attention!r}; choose one of {ATTENTION_IMPLS}")
+    _check(m.remat_policy in REMAT_POLICIES, "model.remat_policy",
+           f"{m.remat_policy!r}; choose one of {REMAT_POLICIES}")
+    _check(m.dtype in DTYPES, "model.dtype", f"{m.dtype!r}; choose one of {DTYPES}")
+    _check(m.param_dtype in DTYPES, "model.param_dtype", f"{m.param_dtype!r}; choose one of {DTYPES}")
+    _check(m.cross_ids_from in CROSS_IDS_FROM, "model.cross_ids_from",
+           f"{m.cross_ids_from!r}; choose one of {CROSS_IDS_FROM}")
+    _check(a.name in AUTOENCODERS, "autoencoder.name", f"{a.name!r}; choose one of {AUTOENCODERS}")
+    if a.name == "space_to_depth":
+        want = 3 * a.space_factor**2 * a.time_factor
+        _check(a.latent_channels == want, "autoencoder.latent_channels",
+               f"{a.latent_channels} but space_to_depth with space_factor={a.space_factor}, "
+               f"time_factor={a.time_factor} makes {want}; set it to {want}")
+    _check(d.num_frames >= 1 and (d.num_frames - 1) % a.time_factor == 0, "data.num_frames",
+           f"{d.num_frames} must be 1 + a multiple of autoencoder.time_factor={a.time_factor} "
+           f"(e.g. {1 + a.time_factor * max(1, (d.num_frames - 1) // a.time_factor)})")
+    step = a.space_factor * m.patch_size[1]
+    _check(d.height % step == 0, "data.height",
+           f"{d.height} must be a multiple of autoencoder.space_factor x patch = {step}")
+    step = a.space_factor * m.patch_size[2]
+    _check(d.width % step == 0, "data.width", f"{d.width} must be a multiple of autoencoder.space_factor x patch = {step}")
+    lt = 1 + (d.num_frames - 1) // a.time_factor
+    _check(lt % m.patch_size[0] == 0, "model.patch_size",
+           f"latent frames {lt} are not divisible by the time patch {m.patch_size[0]}")
+    _check(d.max_objects >= 0, "data.max_objects", f"{d.max_objects} must be >= 0")
+    _check(d.annotation in ("manual", "auto", "both"), "data.annotation",
+           f"{d.annotation!r}; choose manual, auto or both")
+    _check(d.missing_captions in ("skip", "error"), "data.missing_captions",
+           f"{d.missing_captions!r}; choose skip or error")
+    _check(t.d_model > 0 and t.num_layers > 0, "text_encoder", "d_model and num_layers must be positive")
+    _check(t.tokenizer in ("byte", "sentencepiece"), "text_encoder.tokenizer",
+           f"{t.tokenizer!r}; choose byte or sentencepiece")
+    if t.tokenizer == "sentencepiece" and not t.tokenizer_path and not t.path:
+        # describe mode builds shapes only and needs no tokenizer; main checks this again before training
+        pass
+    return config
