@@ -1,0 +1,1 @@
+"""ttm_jax.data."""
