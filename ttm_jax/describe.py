@@ -1,0 +1,181 @@
+"""`--mode=describe`: what a config builds, without allocating it.
+
+Every shape comes from `jax.eval_shape(init)`: no parameter memory is spent, so the 1.3B (or 14B) configs describe on
+a laptop. FLOPs per training step come from XLA's cost analysis of the compiled forward + backward of the DiT on
+abstract inputs of the configured global batch; the layers are unrolled for that count because XLA's cost analysis
+counts a `while` (scan) body once, not once per trip.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import traverse_util
+from flax.core import meta
+
+from ttm_jax import config as config_lib
+
+
+def _flat_shapes(tree: Any) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
+    tree = meta.unbox(tree)
+    return traverse_util.flatten_dict(tree)
+
+
+def _size(shapes: dict) -> int:
+    total = 0
+    for s in shapes.values():
+        n = 1
+        for d in s.shape:
+            n *= int(d)
+        total += n
+    return total
+
+
+def dit_inputs(config: ml_collections.ConfigDict, batch: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """Abstract DiT inputs for `batch` clips of the config's size."""
+    t, h, w, _ = config_lib.latent_shape(config)
+    m, te = config.model, config.text_encoder
+    pt, ph, pw = m.patch_size
+    n = (t // pt) * (h // ph) * (w // pw)
+    f32, i32 = jnp.float32, jnp.int32
+    x = {
+        "x": jax.ShapeDtypeStruct((batch, t, h, w, config_lib.in_channels(config)), f32),
+        "timestep": jax.ShapeDtypeStruct((batch,), f32),
+        "context": jax.ShapeDtypeStruct((batch, te.max_length, m.text_dim), f32),
+    }
+    if m.ttm_layers > 0:
+        ll = (config.data.max_objects + 1) * te.local_max_length
+        x.update(
+            local_context=jax.ShapeDtypeStruct((batch, ll, m.text_dim), f32),
+            token_ids=jax.ShapeDtypeStruct((batch, n), i32),
+            cross_token_ids=jax.ShapeDtypeStruct((batch, n), i32),
+            local_ids=jax.ShapeDtypeStruct((batch, ll), i32),
+        )
+    return x
+
+
+def make_dit(config: ml_collections.ConfigDict, **model_overrides):
+    from ttm_jax.models import dit
+
+    m = ml_collections.ConfigDict(config.model.to_dict())
+    in_ch = model_overrides.pop("in_channels", config_lib.in_channels(config))
+    for k, v in model_overrides.items():
+        m[k] = v
+    return dit.DiT(config=m, in_channels=in_ch, out_channels=config.autoencoder.latent_channels)
+
+
+def dit_param_shapes(config: ml_collections.ConfigDict, **model_overrides) -> dict:
+    """Flat {path: ShapeDtypeStruct} of the DiT's parameters, by `jax.eval_shape` (nothing allocated)."""
+    model = make_dit(config, **model_overrides)
+    cfg = config
+    if "ttm_layers" in model_overrides:
+        cfg = ml_collections.ConfigDict(config.to_dict())
+        cfg.model.ttm_layers = model_overrides["ttm_layers"]
+    inputs = dit_inputs(cfg, 1)
+    if model.in_channels != inputs["x"].shape[-1]:
+        s = inputs["x"].shape
+        inputs["x"] = jax.ShapeDtypeStruct(s[:-1] + (model.in_channels,), inputs["x"].dtype)
+    args = {k: v for k, v in inputs.items() if k not in ("x", "timestep", "context")}
+    variables = jax.eval_shape(
+        lambda rng: model.init(rng, inputs["x"], inputs["timestep"], inputs["context"], **args),
+        jax.random.key(0),
+    )
+    return _flat_shapes(variables["params"])
+
+
+def text_encoder_param_shapes(config: ml_collections.ConfigDict) -> dict:
+    from ttm_jax.models import text_encoder
+
+    enc = text_encoder.T5Encoder(config.text_encoder)
+    ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    mask = jax.ShapeDtypeStruct((1, 8), jnp.bool_)
+    variables = jax.eval_shape(lambda r: enc.init(r, ids, mask), jax.random.key(0))
+    return _flat_shapes(variables["params"])
+
+
+def autoencoder_param_shapes(config: ml_collections.ConfigDict) -> dict:
+    """The frozen autoencoder's parameters (none for space_to_depth)."""
+    if config.autoencoder.name == "space_to_depth":
+        return {}
+    try:
+        from ttm_jax.models import wan_vae
+    except ImportError:
+        return {}
+    fn = getattr(wan_vae, "param_shapes", None)
+    return _flat_shapes(fn(config.autoencoder)) if fn is not None else {}
+
+
+def module_table(shapes: dict, depth: int = 2) -> list[tuple[str, int]]:
+    """Parameter counts grouped by the first `depth` path components, in tree order."""
+    groups: dict[str, int] = collections.OrderedDict()
+    for path, s in shapes.items():
+        key = "/".join(path[:depth]) if len(path) > depth else "/".join(path[:-1]) or path[0]
+        n = 1
+        for d in s.shape:
+            n *= int(d)
+        groups[key] = groups.get(key, 0) + n
+    return list(groups.items())
+
+
+def train_step_flops(config: ml_collections.ConfigDict) -> float:
+    """FLOPs of one training step of the DiT (forward + backward) at the configured global batch."""
+    m = ml_collections.ConfigDict(config.model.to_dict())
+    m.scan_layers = False  # see the module docstring
+    m.remat_policy = "none"
+    from ttm_jax.models import dit
+
+    model = dit.DiT(config=m, in_channels=config_lib.in_channels(config),
+                    out_channels=config.autoencoder.latent_channels)
+    batch = config.train.batch_size
+    inputs = dit_inputs(config, batch)
+    extra = {k: v for k, v in inputs.items() if k not in ("x", "timestep", "context")}
+    params = jax.eval_shape(
+        lambda r: model.init(r, inputs["x"][:1], inputs["timestep"][:1], inputs["context"][:1],
+                             **{k: v[:1] for k, v in extra.items()}),
+        jax.random.key(0),
+    )["params"]
+
+    def loss(p, x, t, c, kw):
+        out = model.apply({"params": p}, x, t, c, **kw)
+        return jnp.mean(jnp.square(out.astype(jnp.float32)))
+
+    params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), meta.unbox(params))
+    lowered = jax.jit(jax.grad(loss)).lower(params, inputs["x"], inputs["timestep"], inputs["context"], extra)
+    cost = lowered.compile().cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0]
+    return float(cost.get("flops", float("nan")))
+
+
+def describe(config: ml_collections.ConfigDict, *, flops: bool = True, print_fn=print) -> dict[str, int]:
+    """Print the parameter table, `params: N`, `trainable: N` and FLOPs per step; return the counts."""
+    dit_shapes = dit_param_shapes(config)
+    latent = config.autoencoder.latent_channels
+    backbone = _size(dit_param_shapes(config, ttm_layers=0, in_channels=latent))
+    dit_total = _size(dit_shapes)
+    no_ttm = _size(dit_param_shapes(config, ttm_layers=0))
+    text = _size(text_encoder_param_shapes(config))
+    vae = _size(autoencoder_param_shapes(config))
+    print_fn(f"config: stage {config.stage}, variant {config.get('variant', '?')}")
+    print_fn(f"{'module':<56} {'params':>16}")
+    for name, n in module_table(dit_shapes):
+        print_fn(f"  dit/{name:<52} {n:>16,}")
+    print_fn(f"{'dit (trainable)':<56} {dit_total:>16,}")
+    print_fn(f"  {'backbone (Wan 2.1 layout, ' + str(latent) + ' input channels)':<54} {backbone:>16,}")
+    print_fn(f"  {'added input channels (stage conditions)':<54} {no_ttm - backbone:>16,}")
+    print_fn(f"  {'added TTM layers (' + str(config.model.ttm_layers) + ' blocks)':<54} {dit_total - no_ttm:>16,}")
+    print_fn(f"{'text encoder (' + config.text_encoder.name + ', frozen)':<56} {text:>16,}")
+    print_fn(f"{'autoencoder (' + config.autoencoder.name + ', frozen)':<56} {vae:>16,}")
+    total = dit_total + text + vae
+    print_fn(f"params: {total}")
+    print_fn(f"trainable: {dit_total}")
+    out = {"params": total, "trainable": dit_total, "backbone": backbone, "text_encoder": text, "autoencoder": vae}
+    if flops:
+        f = train_step_flops(config)
+        print_fn(f"flops per train step (DiT fwd+bwd, global batch {config.train.batch_size}): {f:.4g}")
+        out["flops"] = f
+    return out
