@@ -283,7 +283,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check(d.height % step == 0, "data.height",
            f"{d.height} must be a multiple of autoencoder.space_factor x patch = {step}")
     step = a.space_factor * m.patch_size[2]
-    _check(d.width % step == 0, "data.width", f"{d.width} must be a multiple of autoencoder.space_factor x patch = {step}")
+    _check(d.width % step == 0, "data.width",
+           f"{d.width} must be a multiple of autoencoder.space_factor x patch = {step}")
     lt = 1 + (d.num_frames - 1) // a.time_factor
     _check(lt % m.patch_size[0] == 0, "model.patch_size",
            f"latent frames {lt} are not divisible by the time patch {m.patch_size[0]}")
