@@ -11,6 +11,7 @@ Every implementation is tested against `xla` (tests/test_attention.py).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -45,7 +46,132 @@ def _xla(q: jax.Array, k: jax.Array, v: jax.Array, q_ids: jax.Array, kv_ids: jax
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")
 
 
-IMPLS: dict[str, AttentionFn] = {"xla": _xla}
+# An id no real token carries (real ids are >= -1): padded keys and keys with negative ids get it, so no real query
+# ever matches them; padded queries get it too, so their (discarded) rows are never empty.
+_NEVER = int(jnp.iinfo(jnp.int32).min)
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _pad_seq(x: jax.Array, length: int, axis: int, value: float | int = 0) -> jax.Array:
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, length - x.shape[axis])
+    return jnp.pad(x, pad, constant_values=value)
+
+
+# ---- splash (TPU) --------------------------------------------------------------------------------------------------
+
+# Splash tiles must be multiples of 128 lanes (splash_attention_kernel.py: `bkv_compute % NUM_LANES`, and the segment
+# id tiling in `_apply_mask_and_soft_cap` needs block_q and block_kv % 128 == 0). 512 is a good TPU tile; shorter
+# sequences use one block of their own (padded) length.
+SPLASH_LANES = 128
+SPLASH_MAX_BLOCK = 512
+
+
+def _splash_block(length: int) -> int:
+    return min(SPLASH_MAX_BLOCK, _round_up(length, SPLASH_LANES))
+
+
+@functools.lru_cache(maxsize=64)
+def _splash_kernel(num_heads: int, lq: int, lk: int, block_q: int, block_kv: int, interpret: bool):
+    """A splash MHA kernel with a full static mask (all masking comes from segment ids), built once per shape."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    block_sizes = splash.BlockSizes(
+        block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
+        block_q_dkv=block_q, block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv,
+        block_q_dq=block_q, block_kv_dq=block_kv)
+    mask = splash.MultiHeadMask([splash.FullMask((lq, lk)) for _ in range(num_heads)])
+    return splash.make_splash_mha_single_device(mask=mask, block_sizes=block_sizes, interpret=interpret)
+
+
+def _splash(q: jax.Array, k: jax.Array, v: jax.Array, q_ids: jax.Array, kv_ids: jax.Array, *, scale: float,
+            interpret: bool = False) -> jax.Array:
+    """TPU splash attention with `SegmentIds(q=q_ids, kv=kv_ids)`: no dense mask, any Lq / Lk."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    b, lq, h, _ = q.shape
+    lk = k.shape[1]
+    bq, bkv = _splash_block(lq), _splash_block(lk)
+    lq_pad, lk_pad = _round_up(lq, bq), _round_up(lk, bkv)
+    # Splash applies no softmax scale of its own; scaling q is exact for the logits and for the gradients.
+    qs = (q * jnp.asarray(scale, q.dtype)).transpose(0, 2, 1, 3)  # [B, H, Lq, D]
+    qs = _pad_seq(qs, lq_pad, axis=2)
+    kt = _pad_seq(k.transpose(0, 2, 1, 3), lk_pad, axis=2)
+    vt = _pad_seq(v.transpose(0, 2, 1, 3), lk_pad, axis=2)
+    # Keys: negative ids (prompt padding) and padded keys -> _NEVER; padded queries -> _NEVER (they see padded keys).
+    seg_q = _pad_seq(q_ids, lq_pad, axis=1, value=_NEVER)
+    seg_kv = _pad_seq(jnp.where(kv_ids >= 0, kv_ids, _NEVER), lk_pad, axis=1, value=_NEVER)
+    kernel = _splash_kernel(h, lq_pad, lk_pad, bq, bkv, bool(interpret))
+    out = jax.vmap(lambda q_, k_, v_, sq, skv: kernel(q_, k_, v_, segment_ids=splash.SegmentIds(q=sq, kv=skv)))(
+        qs, kt, vt, seg_q, seg_kv)
+    return out[:, :, :lq].transpose(0, 2, 1, 3).astype(q.dtype)
+
+
+# ---- gpu (Pallas Triton) -------------------------------------------------------------------------------------------
+
+# jax.experimental.pallas.ops.gpu.attention.mha: forward tiles block_q = block_k = min(128, L), backward tiles 32
+# (BlockSizes.get_default); L must be a multiple of each, and Triton wants power-of-two tiles. Padding L to a
+# multiple of 128 (or to the next power of two >= 32 below that) satisfies all of them.
+GPU_BLOCK = 128
+GPU_MIN_BLOCK = 32
+
+
+def _gpu_length(length: int) -> int:
+    if length >= GPU_BLOCK:
+        return _round_up(length, GPU_BLOCK)
+    return max(GPU_MIN_BLOCK, 1 << (length - 1).bit_length())
+
+
+def _cudnn_or_xla(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+    """Boolean-mask attention through cuDNN where it supports the call (GPU, fp16/bf16, its head dims), else XLA."""
+    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) \
+            and q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0:
+        try:
+            return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+        except (NotImplementedError, RuntimeError):  # cuDNN missing or this shape unsupported: trace-time checks
+            pass
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")
+
+
+def _gpu(q: jax.Array, k: jax.Array, v: jax.Array, q_ids: jax.Array, kv_ids: jax.Array, *, scale: float,
+         interpret: bool = False) -> jax.Array:
+    """GPU: Pallas flash attention with segment ids for masked self-attention; cuDNN/XLA for cross-attention.
+
+    `mha` takes ONE segment-id array that serves as both the query and the key ids (`segment_ids[b, i] ==
+    segment_ids[b, j]`), so it expresses exactly masked self-attention (Lq == Lk, q_ids == kv_ids). TTM's masked
+    cross-attention has different ids and lengths on the two sides (video tokens vs. S*Lp prompt tokens, Lk ~ 10^2),
+    so it goes through `jax.nn.dot_product_attention` with the boolean mask: the mask is only `[Lq, Lk]` with small Lk,
+    and cuDNN's fused kernel takes it where the dtype/shape allow.
+    """
+    from jax.experimental.pallas.ops.gpu import attention as gpu_attention
+
+    lq, lk = q.shape[1], k.shape[1]
+    self_attention = lq == lk and (q_ids is kv_ids or _same_ids(q_ids, kv_ids))
+    if not self_attention:
+        return _cudnn_or_xla(q, k, v, masks.allowed(q_ids, kv_ids)[:, None], scale)
+    length = _gpu_length(lq)
+    # Padded tokens get _NEVER on both sides: they attend each other only, and are sliced away.
+    seg = _pad_seq(jnp.where(q_ids >= 0, q_ids, _NEVER), length, axis=1, value=_NEVER)
+    qp, kp, vp = (_pad_seq(x, length, axis=1) for x in (q, k, v))
+    block = min(GPU_BLOCK, length)
+    block_sizes = gpu_attention.BlockSizes(
+        block_q=block, block_k=block, block_q_dkv=GPU_MIN_BLOCK, block_kv_dkv=GPU_MIN_BLOCK,
+        block_q_dq=GPU_MIN_BLOCK, block_kv_dq=GPU_MIN_BLOCK)
+    out = gpu_attention.mha(qp, kp, vp, seg, sm_scale=scale, block_sizes=block_sizes, interpret=interpret)
+    return out[:, :lq]
+
+
+def _same_ids(a: jax.Array, b: jax.Array) -> bool:
+    """True when `a` and `b` are the same concrete ids (only decidable outside jit; traced distinct arrays: False)."""
+    if isinstance(a, jax.core.Tracer) or isinstance(b, jax.core.Tracer):
+        return False
+    return a.shape == b.shape and bool(jnp.array_equal(a, b))
+
+
+IMPLS: dict[str, AttentionFn] = {"xla": _xla, "splash": _splash, "gpu": _gpu}
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_ids: jax.Array | None = None,
@@ -79,6 +205,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_ids: ja
     scale = float(q.shape[-1]) ** -0.5 if scale is None else float(scale)
     if q_ids is None:
         return jax.nn.dot_product_attention(q, k, v, scale=scale)
+    same = kv_ids is q_ids  # keep the identity: impl="gpu" recognises self-attention by it
     q_ids = jnp.asarray(q_ids, jnp.int32)
-    kv_ids = jnp.asarray(kv_ids, jnp.int32)
+    kv_ids = q_ids if same else jnp.asarray(kv_ids, jnp.int32)
     return IMPLS[impl](q, k, v, q_ids, kv_ids, scale=scale, interpret=interpret)
