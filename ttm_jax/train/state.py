@@ -1,0 +1,110 @@
+"""The train state: step, trainable params, AdamW state, optional EMA of the params.
+
+The autoencoder and the text encoder are frozen: their parameters live outside this state (the `frozen` argument of
+the train step), are never differentiated, are not in the optimizer and are not checkpointed (they come from
+`config.autoencoder.path` / `config.text_encoder.path`, or from `config.seed` for the tiny random encoder).
+
+Optimizer (paper: constant LR 2e-5 after 2,000 linear warm-up steps): global-norm gradient clipping, then AdamW whose
+learning rate rises linearly from 0 to `optim.learning_rate` over `optim.warmup_steps` and then stays constant.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from ttm_jax.train import sharding as sharding_lib
+
+
+@flax.struct.dataclass
+class TrainState:
+    """step int32 `[]` (optimizer updates done), params, opt_state (optax), ema_params (params-shaped, or None)."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    ema_params: Any = None
+
+
+def learning_rate_schedule(optim: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warm-up from 0 to `learning_rate` over `warmup_steps`, then constant."""
+    lr, warmup = float(optim.learning_rate), int(optim.warmup_steps)
+    if warmup <= 0:
+        return optax.constant_schedule(lr)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], boundaries=[warmup])
+
+
+def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Gradient clipping (`grad_clip_norm`, 0: off) then AdamW (`b1`, `b2`, `eps`, `weight_decay`)."""
+    parts = []
+    if optim.grad_clip_norm and optim.grad_clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(float(optim.grad_clip_norm)))
+    parts.append(optax.adamw(learning_rate_schedule(optim), b1=float(optim.b1), b2=float(optim.b2),
+                             eps=float(optim.eps), weight_decay=float(optim.weight_decay)))
+    return optax.chain(*parts)
+
+
+def create(params: Any, tx: optax.GradientTransformation, ema_decay: float) -> TrainState:
+    """A fresh state at step 0 around `params` (boxed or not; boxes carry through to the moments)."""
+    ema = jax.tree.map(jnp.copy, params) if ema_decay > 0 else None
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), ema_params=ema)
+
+
+def apply_gradients(state: TrainState, grads: Any, tx: optax.GradientTransformation, ema_decay: float) -> TrainState:
+    """One optimizer update; the EMA follows `ema <- d ema + (1 - d) params` after it."""
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = state.ema_params
+    if ema is not None:
+        ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p.astype(e.dtype), ema, params)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
+
+
+def state_shardings(abstract_boxed_params: Any, tx: optax.GradientTransformation, ema_decay: float,
+                    mesh: jax.sharding.Mesh, rules: sharding_lib.Rules, shard_unannotated: bool = True) -> Any:
+    """`NamedSharding`s for the whole `TrainState`: moments and EMA follow the params, counters replicated."""
+    param_sh = sharding_lib.tree_shardings(abstract_boxed_params, mesh, rules, shard_unannotated=shard_unannotated)
+    params_def = jax.tree.structure(param_sh)
+    abstract_params = sharding_lib.unbox(abstract_boxed_params)
+    abstract_state = jax.eval_shape(lambda p: create(p, tx, ema_decay), abstract_params)
+    replicated = sharding_lib.replicated(mesh)
+    return TrainState(
+        step=replicated,
+        params=param_sh,
+        opt_state=sharding_lib.like_params(abstract_state.opt_state, params_def, param_sh, mesh),
+        ema_params=param_sh if ema_decay > 0 else None,
+    )
+
+
+def init_state(init_params: Callable[[jax.Array], Any], rng: jax.Array, tx: optax.GradientTransformation,
+               ema_decay: float, mesh: jax.sharding.Mesh, rules: sharding_lib.Rules,
+               shard_unannotated: bool = True) -> tuple[TrainState, TrainState]:
+    """Build the state born sharded: `init_params(rng)` returns the (boxed) params. Returns (state, shardings)."""
+    abstract = jax.eval_shape(init_params, rng)
+    shardings = state_shardings(abstract, tx, ema_decay, mesh, rules, shard_unannotated)
+
+    def init(r):
+        return create(sharding_lib.unbox(init_params(r)), tx, ema_decay)
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        state = jax.jit(init, out_shardings=shardings)(rng)
+    return state, shardings
+
+
+def abstract_state(init_params: Callable[[jax.Array], Any], rng: jax.Array, tx: optax.GradientTransformation,
+                   ema_decay: float, shardings: TrainState) -> TrainState:
+    """`jax.ShapeDtypeStruct`s of the state carrying `shardings` (the restore target for Orbax)."""
+    shapes = jax.eval_shape(lambda r: create(sharding_lib.unbox(init_params(r)), tx, ema_decay), rng)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def param_count(params: Any) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(params))
