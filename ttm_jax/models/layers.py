@@ -1,0 +1,341 @@
+"""Building blocks of the Wan 2.1-layout video DiT (`ttm_jax/models/dit.py`), in Flax Linen.
+
+Each module is named for what it is and keeps diffusers' `WanTransformer3DModel` parameter names where there is one
+(`to_q`, `norm_q`, `linear_1`, ...), so that the conversion rulebook (`ttm_jax/convert/`) is a table of renames and
+transposes. Norms, RoPE and the AdaLN modulation run in float32 whatever the compute dtype, as Wan does.
+
+Logical axis names (CONTRIBUTING.md): parameters use `embed`, `heads` (fused heads x head_dim), `mlp`, `text_embed`,
+`in_channels`, `out_channels`, `modulation`; activations `batch`, `length`, `kv_length`, `embed`, `heads`, `mlp`.
+Square `[dim, dim]` kernels outside attention get one named axis only (`None, "embed"`), since one logical name
+may not appear twice in a parameter.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ttm_jax.models import attention as attention_ops
+from ttm_jax.models import masks
+
+Dtype = Any
+Axes = tuple[str | None, ...]
+
+
+def logical_init(init: nn.initializers.Initializer, axes: Axes) -> nn.initializers.Initializer:
+    """`init` with logical axis names attached (`nn.with_logical_partitioning`)."""
+    return nn.with_logical_partitioning(init, axes)
+
+
+def constrain(x: jax.Array, axes: Axes) -> jax.Array:
+    """`nn.with_logical_constraint`; a no-op outside `nn.logical_axis_rules` (CPU tests)."""
+    return nn.with_logical_constraint(x, axes)
+
+
+def dense(features: int, axes: Axes, *, dtype: Dtype, param_dtype: Dtype, name: str | None = None,
+          zero_init: bool = False, use_bias: bool = True) -> nn.Dense:
+    """`nn.Dense` with logical names on kernel `[in, out]` (`axes`) and bias `[out]` (`axes[-1:]`).
+
+    `zero_init` zeroes kernel and bias: the added TTM output projections start as the identity residual.
+    """
+    kinit = nn.initializers.zeros_init() if zero_init else nn.initializers.lecun_normal()
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                    kernel_init=logical_init(kinit, axes),
+                    bias_init=logical_init(nn.initializers.zeros_init(), axes[-1:]), name=name)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Norms
+
+
+class RMSNorm(nn.Module):
+    """RMS norm over the last axis (`torch.nn.RMSNorm`), in float32; param `scale [features]`.
+
+    Wan applies it to q and k *across heads*: over the fused `heads * head_dim` axis, before splitting heads.
+    """
+
+    eps: float = 1e-6
+    axis_name: str = "heads"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", logical_init(nn.initializers.ones_init(), (self.axis_name,)),
+                           (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last axis, always computed in float32 (diffusers' `FP32LayerNorm`); output float32.
+
+    `affine=False` has no parameters (Wan's norm1/norm3/norm_out, whose scale and shift come from the timestep);
+    `affine=True` has `scale`, `bias` `[features]` (Wan's norm2 and TTM's added norms).
+    """
+
+    eps: float = 1e-6
+    affine: bool = False
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        centred = x32 - mean
+        var = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
+        y = centred * jax.lax.rsqrt(var + self.eps)
+        if self.affine:
+            d = x.shape[-1]
+            scale = self.param("scale", logical_init(nn.initializers.ones_init(), ("embed",)), (d,),
+                               self.param_dtype)
+            bias = self.param("bias", logical_init(nn.initializers.zeros_init(), ("embed",)), (d,),
+                              self.param_dtype)
+            y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        return y
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Positions and timesteps
+
+
+def rope_split(head_dim: int) -> tuple[int, int, int]:
+    """Wan's split of `head_dim` into (t, h, w) RoPE sub-dimensions: h = w = 2 * (head_dim // 6), t the rest."""
+    hw = 2 * (head_dim // 6)
+    return head_dim - 2 * hw, hw, hw
+
+
+def _rope_table(dim: int, length: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin float32 `[length, dim]` of positions 0..length-1, each frequency repeated for its (even, odd) pair.
+
+    Computed in float64 (as diffusers) and rounded once, so long sequences keep exact angles.
+    """
+    freqs = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)  # [dim/2]
+    angles = np.outer(np.arange(length, dtype=np.float64), freqs)  # [length, dim/2]
+    cos = np.repeat(np.cos(angles), 2, axis=1).astype(np.float32)
+    sin = np.repeat(np.sin(angles), 2, axis=1).astype(np.float32)
+    return cos, sin
+
+
+def rope_3d(head_dim: int, grid: Sequence[int], max_seq_len: int = 1024,
+            theta: float = 10000.0) -> tuple[jax.Array, jax.Array]:
+    """3D rotary tables for a `(t, h, w)` token grid: cos, sin float32 `[N, head_dim]`, N = t*h*w, `(t, h, w)` order.
+
+    The head dim is split `rope_split(head_dim)`; each part rotates by the token's frame, row or column index.
+    Built from three small per-axis tables, broadcast on device (no `[N, head_dim]` constant in the program).
+    """
+    f, h, w = (int(g) for g in grid)
+    if max(f, h, w) > max_seq_len:
+        raise ValueError(f"layers.rope_3d: token grid {(f, h, w)} exceeds config.model.rope_max_seq_len="
+                         f"{max_seq_len}; raise it or use a smaller latent")
+    dt, dh, dw = rope_split(head_dim)
+    parts_cos, parts_sin = [], []
+    for dim, n, shape in ((dt, f, (f, 1, 1)), (dh, h, (1, h, 1)), (dw, w, (1, 1, w))):
+        c, s = _rope_table(dim, n, theta)
+        parts_cos.append(jnp.broadcast_to(jnp.asarray(c).reshape(*shape, dim), (f, h, w, dim)))
+        parts_sin.append(jnp.broadcast_to(jnp.asarray(s).reshape(*shape, dim), (f, h, w, dim)))
+    cos = jnp.concatenate(parts_cos, axis=-1).reshape(f * h * w, head_dim)
+    sin = jnp.concatenate(parts_sin, axis=-1).reshape(f * h * w, head_dim)
+    return cos, sin
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates interleaved pairs `(x[2i], x[2i+1])` of x `[B, N, H, D]` by tables `[N, D]`; float32 math, x's dtype."""
+    x32 = x.astype(jnp.float32)
+    x1, x2 = x32[..., 0::2], x32[..., 1::2]
+    c = cos[None, :, None, 0::2]
+    s = sin[None, :, None, 0::2]
+    out = jnp.stack([x1 * c - x2 * s, x1 * s + x2 * c], axis=-1).reshape(x.shape)
+    return out.astype(x.dtype)
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal embedding float32 `[B, dim]` of timesteps `[B]` (Wan units, 0..1000): `[cos, sin]` halves.
+
+    diffusers' `Timesteps(flip_sin_to_cos=True, downscale_freq_shift=0)`: frequency i is `max_period^(-i/(dim/2))`.
+    """
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t.astype(jnp.float32)[:, None] * freqs[None]
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Embedders
+
+
+class TimestepEmbedder(nn.Module):
+    """`linear_1 -> SiLU -> linear_2`: sinusoid `[B, freq_dim]` -> `[B, dim]` (diffusers' `TimestepEmbedding`)."""
+
+    dim: int
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # float32 compute, as diffusers keeps `time_embedder` in fp32 (`_keep_in_fp32_modules`).
+        kw = dict(dtype=jnp.float32, param_dtype=self.param_dtype)
+        x = dense(self.dim, (None, "embed"), name="linear_1", **kw)(x)
+        return dense(self.dim, (None, "embed"), name="linear_2", **kw)(nn.silu(x))
+
+
+class TextProjection(nn.Module):
+    """`linear_1 -> GELU(tanh) -> linear_2`: text `[B, L, text_dim]` -> `[B, L, dim]` (diffusers' PixArt projection)."""
+
+    dim: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = dense(self.dim, ("text_embed", "embed"), name="linear_1", **kw)(x)
+        x = nn.gelu(x, approximate=True)
+        return dense(self.dim, (None, "embed"), name="linear_2", **kw)(x)
+
+
+class FeedForward(nn.Module):
+    """`proj_in -> GELU(tanh) -> proj_out`, `[B, N, dim]` -> same (diffusers' `ffn.net.0.proj`, `ffn.net.2`)."""
+
+    dim: int
+    ffn_dim: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = dense(self.ffn_dim, ("embed", "mlp"), name="proj_in", **kw)(x)
+        h = constrain(nn.gelu(h, approximate=True), ("batch", "length", "mlp"))
+        return dense(self.dim, ("mlp", "embed"), name="proj_out", **kw)(h)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Attention
+
+
+class Attention(nn.Module):
+    """Wan attention: `to_q/to_k/to_v` -> RMS-norm of q and k across heads -> RoPE (self) -> attention -> `to_out`.
+
+    x `[B, N, dim]`; `context` `[B, Lk, dim]` (already projected to `dim`) or None for self-attention; rope tables
+    `[N, head_dim]` or None; ids int32 `[B, N]` / `[B, Lk]` or None (unmasked), passed to
+    `ttm_jax.models.attention.dot_product_attention` with `impl`. `zero_init_out` zeroes `to_out` (TTM's added layers
+    start as no-ops). Returns `[B, N, dim]` in `dtype`.
+    """
+
+    dim: int
+    num_heads: int
+    eps: float = 1e-6
+    qk_norm: bool = True
+    impl: str = "xla"
+    zero_init_out: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array | None = None, rope: tuple[jax.Array, jax.Array] | None = None,
+                 q_ids: jax.Array | None = None, kv_ids: jax.Array | None = None) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self_attention = context is None
+        kv_in = x if self_attention else context
+        kv_axes = ("batch", "length", "heads") if self_attention else ("batch", "kv_length", "heads")
+        q = constrain(dense(self.dim, ("embed", "heads"), name="to_q", **kw)(x), ("batch", "length", "heads"))
+        k = constrain(dense(self.dim, ("embed", "heads"), name="to_k", **kw)(kv_in), kv_axes)
+        v = constrain(dense(self.dim, ("embed", "heads"), name="to_v", **kw)(kv_in), kv_axes)
+        if self.qk_norm:
+            q = RMSNorm(self.eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm_q")(q)
+            k = RMSNorm(self.eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm_k")(k)
+        head_dim = self.dim // self.num_heads
+        q = q.reshape(*q.shape[:2], self.num_heads, head_dim)
+        k = k.reshape(*k.shape[:2], self.num_heads, head_dim)
+        v = v.reshape(*v.shape[:2], self.num_heads, head_dim)
+        if rope is not None:
+            q = apply_rope(q, *rope)
+            k = apply_rope(k, *rope)
+        out = attention_ops.dot_product_attention(q, k, v, q_ids=q_ids, kv_ids=kv_ids, impl=self.impl,
+                                                  scale=head_dim**-0.5)
+        out = constrain(out.reshape(*out.shape[:2], self.dim), ("batch", "length", "heads"))
+        return dense(self.dim, ("heads", "embed"), name="to_out", zero_init=self.zero_init_out, **kw)(out)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# TTM's added layers
+
+
+class MaskedSelfAttention(nn.Module):
+    """TTM's added masked self-attention: `x + attn(LayerNorm(x))`, token i attends j iff `token_ids` are equal.
+
+    Its own affine LayerNorm (`norm`), its own q/k/v/out with q/k RMS norms and the block's RoPE (`attn`), and a
+    zero-initialised `attn/to_out`, so a fresh layer is the identity. `masked=False` is the unmasked twin (the paper's
+    TI2V baseline): the same parameters, full attention. x `[B, N, dim]`, token_ids int32 `[B, N]` -> `[B, N, dim]`.
+    """
+
+    dim: int
+    num_heads: int
+    eps: float = 1e-6
+    qk_norm: bool = True
+    masked: bool = True
+    impl: str = "xla"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None,
+                 token_ids: jax.Array | None) -> jax.Array:
+        if self.masked and token_ids is None:
+            raise ValueError("layers.MaskedSelfAttention: masked=True needs token_ids int32 [B, N] "
+                             "(or config.model.ttm_masked=False for the unmasked baseline)")
+        h = LayerNorm(self.eps, affine=True, param_dtype=self.param_dtype, name="norm")(x).astype(self.dtype)
+        ids = token_ids if self.masked else None
+        out = Attention(self.dim, self.num_heads, self.eps, self.qk_norm, self.impl, zero_init_out=True,
+                        dtype=self.dtype, param_dtype=self.param_dtype, name="attn")(h, rope=rope, q_ids=ids,
+                                                                                     kv_ids=ids)
+        return x + out.astype(x.dtype)
+
+
+class MaskedCrossAttention(nn.Module):
+    """TTM's added masked cross-attention: `x + attn(LayerNorm(x), local_context)`.
+
+    Video token i attends local-prompt token j iff `cross_token_ids[i] == local_ids[j]` (padding -1 never); a query
+    whose object has no prompt token is remapped to slot 0, the caption (`masks.sanitize_query_ids`), so no row is
+    empty. `masked=False` attends every non-padding local token. Zero-initialised `attn/to_out`.
+
+    x `[B, N, dim]`; local_context `[B, S*Lp, dim]` (already through the DiT's text embedder); cross_token_ids int32
+    `[B, N]`; local_ids int32 `[B, S*Lp]` -> `[B, N, dim]`.
+    """
+
+    dim: int
+    num_heads: int
+    eps: float = 1e-6
+    qk_norm: bool = True
+    masked: bool = True
+    impl: str = "xla"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, local_context: jax.Array, cross_token_ids: jax.Array | None,
+                 local_ids: jax.Array | None) -> jax.Array:
+        if self.masked:
+            if cross_token_ids is None or local_ids is None:
+                raise ValueError("layers.MaskedCrossAttention: masked=True needs cross_token_ids [B, N] and "
+                                 "local_ids [B, S*Lp] (or config.model.ttm_masked=False for the unmasked baseline)")
+            q_ids = masks.sanitize_query_ids(cross_token_ids, local_ids)
+            kv_ids = local_ids
+        elif local_ids is not None:
+            # Unmasked: one shared id for every query and real key; padding stays out.
+            q_ids = jnp.zeros(x.shape[:2], jnp.int32)
+            kv_ids = jnp.where(local_ids >= 0, 0, -1).astype(jnp.int32)
+        else:
+            q_ids = kv_ids = None
+        h = LayerNorm(self.eps, affine=True, param_dtype=self.param_dtype, name="norm")(x).astype(self.dtype)
+        out = Attention(self.dim, self.num_heads, self.eps, self.qk_norm, self.impl, zero_init_out=True,
+                        dtype=self.dtype, param_dtype=self.param_dtype, name="attn")(
+                            h, context=local_context, q_ids=q_ids, kv_ids=kv_ids)
+        return x + out.astype(x.dtype)
