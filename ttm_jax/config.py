@@ -144,6 +144,9 @@ def _data(variant: str) -> ml_collections.ConfigDict:
     d.synthetic_dir = ""  # empty: <workdir>/../synthetic_sav cache
     d.synthetic_num_videos = 64
     d.missing_captions = "skip"  # skip | error
+    d.crop = "center"  # center | random: where the crop box of the output aspect sits in the source frame
+    d.min_object_area = 0.002  # an object must cover this fraction of the clip's first frame to be chosen
+    d.motion_weight = 1.0  # object choice score = mean area x (1 + motion_weight x (1 - consecutive-frame IoU))
     d.shuffle_seed = 0
     d.num_workers = 0
     return d
@@ -293,6 +296,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
            f"{d.annotation!r}; choose manual, auto or both")
     _check(d.missing_captions in ("skip", "error"), "data.missing_captions",
            f"{d.missing_captions!r}; choose skip or error")
+    _check(d.crop in ("center", "random"), "data.crop", f"{d.crop!r}; choose center or random")
+    _check(0.0 < d.fps <= 24.0, "data.fps", f"{d.fps} must be in (0, 24] (SA-V videos are 24 fps)")
+    _check(d.max_objects <= 26, "data.max_objects", f"{d.max_objects} exceeds the 26-colour trajectory palette "
+           "(ttm_jax/data/trajectory.py); use <= 26")
+    _check(0.0 <= d.min_object_area < 1.0, "data.min_object_area", f"{d.min_object_area} must be in [0, 1)")
     _check(t.d_model > 0 and t.num_layers > 0, "text_encoder", "d_model and num_layers must be positive")
     _check(t.tokenizer in ("byte", "sentencepiece"), "text_encoder.tokenizer",
            f"{t.tokenizer!r}; choose byte or sentencepiece")

@@ -1,0 +1,142 @@
+"""Clips: N frames at a target fps from an SA-V video, with their object masks, trajectory and prompts.
+
+`make_example(ref, caption_entry, data_config, seed)` returns the training example of CONTRIBUTING.md:
+
+  video          uint8 [T, H, W, 3]      T = data.num_frames, (H, W) = (data.height, data.width)
+  trajectory     uint8 [T, H, W, 3]      palette-coloured (`trajectory.render`), object k+1 in PALETTE[k+1]
+  object_masks   bool  [T, H, W, K]      K = data.max_objects, exclusive (lower id wins), zero-padded
+  caption, motion_prompt  str
+  local_prompts  list[str] of length K   '' for absent objects
+  num_objects    int
+  video_id       str
+  frame_indices  int32 [T]               24 fps video frames of the clip
+  mask_frame_indices int32 [T]           the annotated video frame each frame's mask comes from
+  masklet_keys   list[str] of length K   the masklet behind each object slot ('' for padding)
+
+Sampling. Frames are taken every `source_fps / data.fps` video frames (24 -> 12 fps: every 2nd), rounded, from a
+start on an annotated frame, so frame 0's masks (s0, what stage 1 starts from) are exact. SA-V annotates every 4th
+frame (6 fps); a frame between annotations takes the masks of the nearest annotated frame (`mask_frame_indices`
+says which). At `data.fps = 6` every frame is annotated.
+
+Geometry. One crop box in source pixels (the largest box of the output aspect ratio; centred, or random with
+`data.crop = "random"`) and one resize to (H, W): bilinear (antialiased) for frames, nearest for the object-id map,
+so masks and frames stay aligned. Portrait videos (SA-V has 848x480 H x W ones) are cropped the same way.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from ttm_jax.data import sav, trajectory
+from ttm_jax.data.captions import CaptionEntry
+from ttm_jax.data.video_io import SkipVideo
+
+
+def clip_frame_indices(num_video_frames: int, stride: int, num_annotated: int, num_frames: int, fps: float,
+                       source_fps: float, rng: np.random.Generator, *, file: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """-> (frame_indices int32 [T], mask_positions int32 [T]): video frames of a clip and, for each, the annotated
+    position (index into the masklet) whose masks it takes (nearest annotated frame; exact at frame 0).
+
+    Raises `SkipVideo("too_short")` if no annotated start leaves room for `num_frames` frames.
+    """
+    if fps <= 0 or fps > source_fps:
+        raise ValueError(f"config.data.fps={fps}: must be in (0, {source_fps}] (the source video's fps)")
+    step = source_fps / fps
+    offsets = np.floor(np.arange(num_frames) * step + 0.5).astype(np.int64)
+    span = int(offsets[-1])
+    starts = np.arange(num_annotated, dtype=np.int64) * stride
+    starts = starts[starts + span <= num_video_frames - 1]
+    if not starts.size:
+        raise SkipVideo("too_short", file, f"{num_video_frames} frames at {source_fps:g} fps cannot hold "
+                        f"{num_frames} frames at {fps:g} fps ({span + 1} source frames); lower config.data.num_frames "
+                        f"or raise config.data.fps")
+    start = int(rng.choice(starts))
+    frames = start + offsets
+    pos = np.clip(np.floor(frames / stride + 0.5), 0, num_annotated - 1).astype(np.int32)
+    return frames.astype(np.int32), pos
+
+
+def crop_box(height: int, width: int, out_height: int, out_width: int, *, mode: str = "center",
+             rng: np.random.Generator | None = None) -> tuple[float, float, float, float]:
+    """(left, top, right, bottom) in source pixels: the largest box of aspect `out_width/out_height` inside the
+    `height x width` frame; centred, or at a uniformly random offset (`mode="random"`)."""
+    scale = min(height / out_height, width / out_width)
+    ch, cw = out_height * scale, out_width * scale
+    if mode == "center":
+        top, left = (height - ch) / 2, (width - cw) / 2
+    elif mode == "random":
+        rng = rng or np.random.default_rng()
+        top, left = rng.uniform(0, height - ch), rng.uniform(0, width - cw)
+    else:
+        raise ValueError(f"config.data.crop={mode!r}; choose center or random")
+    return float(left), float(top), float(left + cw), float(top + ch)
+
+
+def resize_frames(frames: np.ndarray, box: tuple[float, float, float, float], size: tuple[int, int]) -> np.ndarray:
+    """uint8 `[T, h, w, 3]` -> `[T, H, W, 3]`: crop `box` and resize to `size = (H, W)`, bilinear (antialiased)."""
+    h, w = size
+    return np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.Resampling.BILINEAR, box=box))
+                     for f in frames])
+
+
+def resize_ids(ids: np.ndarray, box: tuple[float, float, float, float], size: tuple[int, int]) -> np.ndarray:
+    """int `[T, h, w]` object ids (< 256) -> `[T, H, W]`: the same crop and resize as `resize_frames`, nearest."""
+    h, w = size
+    return np.stack([np.asarray(Image.fromarray(i.astype(np.uint8)).resize((w, h), Image.Resampling.NEAREST, box=box))
+                     for i in ids]).astype(np.int32)
+
+
+def make_example(ref: sav.VideoRef, caption_entry: CaptionEntry | None, data_config: ml_collections.ConfigDict,
+                 seed: int) -> dict:
+    """One training example (module docstring) from one SA-V video; deterministic in `seed`.
+
+    Raises `SkipVideo` (message names the file) for a video that cannot be used: no caption, bad annotation,
+    undecodable or truncated mp4, size mismatch, too short.
+    """
+    d = data_config
+    if caption_entry is None:
+        raise SkipVideo("missing_caption", ref.video.name, f"video {ref.video_id} has no line in the captions "
+                        "sidecar")
+    ann = sav.read_annotation(ref)
+    rng = np.random.default_rng(seed)
+    k_max = int(d.max_objects)
+    frame_idx, pos = clip_frame_indices(ann.video_frame_count, ann.stride, ann.num_annotated, int(d.num_frames),
+                                        float(d.fps), ann.fps, rng, file=ref.video.name)
+    uniq, inverse = np.unique(pos, return_inverse=True)
+    # objects the captioner described, if it described any: the local prompts are what stage 2 learns from
+    prompts = {k: v for k, v in caption_entry.local_prompts.items() if v}
+    candidates = [i for i, key in enumerate(ann.masklet_keys) if key in prompts] if prompts else None
+    masks = ann.masks(uniq)[inverse.reshape(-1)]  # [T, h, w, M]
+    chosen = trajectory.select_objects(masks, k_max, min_area=float(d.get("min_object_area", 0.0)),
+                                       motion_weight=float(d.get("motion_weight", 1.0)), candidates=candidates)
+    frames = sav.read_frames(ref, frame_idx)
+    if frames.shape[1:3] != (ann.height, ann.width):
+        raise SkipVideo("size_mismatch", ref.video.name, f"decodes to {frames.shape[1]}x{frames.shape[2]} (HxW) but "
+                        f"{ann.file} says {ann.height}x{ann.width}")
+    out_hw = (int(d.height), int(d.width))
+    box = crop_box(ann.height, ann.width, *out_hw, mode=d.get("crop", "center"), rng=rng)
+    ids = resize_ids(trajectory.ids_from_masks(masks[..., chosen]), box, out_hw)
+    n = len(chosen)
+    keys = [ann.masklet_keys[c] for c in chosen]
+    return {
+        "video": resize_frames(frames, box, out_hw),
+        "trajectory": trajectory.render_ids(ids),
+        "object_masks": trajectory.masks_from_ids(ids, k_max),
+        "caption": caption_entry.caption,
+        "motion_prompt": caption_entry.motion_prompt,
+        "local_prompts": [caption_entry.local_prompts.get(k, "") for k in keys] + [""] * (k_max - n),
+        "num_objects": n,
+        "video_id": ref.video_id,
+        "frame_indices": frame_idx.astype(np.int32),
+        "mask_frame_indices": (pos * ann.stride).astype(np.int32),
+        "masklet_keys": keys + [""] * (k_max - n),
+    }
+
+
+def num_clip_frames(video_frames: int, fps: float, source_fps: float = 24.0) -> int:
+    """How many frames at `fps` fit in `video_frames` frames at `source_fps` (for choosing config.data.num_frames)."""
+    return 1 + math.floor((video_frames - 1) * fps / source_fps)

@@ -1,0 +1,442 @@
+"""SA-V (Segment Anything Video) reading: find videos, read masklet annotations and frames.
+
+Train split as released: tar shards `sav_000.tar ...` that unpack to `sav_XXX/sav_XXXXXX.mp4` with
+`sav_XXXXXX_manual.json` and `sav_XXXXXX_auto.json` beside each video. `find_videos` accepts the shards, the unpacked
+folders (flat or nested, any depth), or a mix, on any `etils.epath` path (local or gs://).
+
+Annotation json (per video): `video_frame_count`, `video_height`, `video_width`, `video_duration`, `masklet` (outer
+list over annotated frames, inner over masklets, each a COCO compressed RLE `{"size": [H, W], "counts": str}`),
+`masklet_id`, `masklet_size_abs` (mean area in pixels over the annotated frames where the masklet is visible), ...
+Masklets are annotated at 6 fps, every 4th frame of the 24 fps video; the stride is derived here from
+`video_frame_count` and `len(masklet)` (annotated frame `j` is video frame `j * stride`), never assumed.
+
+Val/test layout: `JPEGImages_24fps/<video_id>/<frame:05d>.jpg` and `Annotations_6fps/<video_id>/<obj_id>/<frame>.png`
+(`find_frame_videos`); its PNG masks are turned into the same RLE `Annotation`, so everything downstream is shared.
+
+A video that cannot be used raises `SkipVideo(reason, file, detail)`; `SkipCounter` counts skips by reason.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import io
+import json
+import logging
+import math
+import os
+import re
+import tarfile
+import threading
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+from etils import epath
+from pycocotools import mask as mask_utils
+
+from ttm_jax.data import video_io
+from ttm_jax.data.video_io import SkipVideo
+
+__all__ = ["SkipVideo", "SkipCounter", "Source", "VideoRef", "Annotation", "find_videos", "find_frame_videos",
+           "read_annotation", "read_frames", "ANNOTATION_KINDS"]
+
+ANNOTATION_KINDS = ("manual", "auto", "both")
+_JSON_RE = re.compile(r"^(?P<vid>.+)_(?P<kind>manual|auto)\.json$")
+_REQUIRED_FIELDS = ("video_frame_count", "video_height", "video_width", "masklet", "masklet_id")
+# an auto masklet that overlaps a manual one this much (mean IoU over annotated frames) is the same object
+_DUPLICATE_IOU = 0.5
+
+
+class SkipCounter:
+    """Counts skipped videos by reason and logs each one (thread-safe)."""
+
+    def __init__(self, name: str = "sav"):
+        self.name = name
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.examples: dict[str, str] = {}  # reason -> first message, for the summary
+        self._lock = threading.Lock()
+
+    def add(self, err: SkipVideo) -> None:
+        with self._lock:
+            self.counts[err.reason] += 1
+            self.examples.setdefault(err.reason, str(err))
+        logging.warning("%s: skipped %s", self.name, err)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> str:
+        if not self.counts:
+            return f"{self.name}: no videos skipped"
+        parts = ", ".join(f"{r}={n} (e.g. {self.examples[r]})" for r, n in sorted(self.counts.items()))
+        return f"{self.name}: skipped {self.total} videos: {parts}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """A file, or a member of a tar shard (`member` its name, `offset`/`size` its data bytes in the tar).
+
+    Only strings and ints: picklable into Grain worker processes.
+    """
+
+    path: str
+    member: str = ""
+    offset: int = 0
+    size: int = -1
+
+    @property
+    def name(self) -> str:
+        """For messages: `shard.tar:member` or the file path."""
+        return f"{self.path}:{self.member}" if self.member else self.path
+
+    def read_bytes(self) -> bytes:
+        if not self.member:
+            return epath.Path(self.path).read_bytes()
+        with epath.Path(self.path).open("rb") as f:
+            f.seek(self.offset)
+            data = f.read(self.size)
+        if len(data) != self.size:
+            raise SkipVideo("truncated_tar", self.name, f"member has {len(data)} of {self.size} bytes (truncated tar)")
+        return data
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoRef:
+    """One video: its id, the video (an mp4 `Source`, or the JPEG frame folder for `layout="frames"`) and its
+    annotations as `(kind, Source)` pairs (kind `manual` or `auto`; a PNG folder for `layout="frames"`)."""
+
+    video_id: str
+    video: Source
+    annotations: tuple[tuple[str, Source], ...]
+    layout: str = "train"  # train (mp4 + json) | frames (JPEGImages_24fps + Annotations_6fps)
+
+
+@dataclasses.dataclass
+class Annotation:
+    """One video's masklets. `rles[j][m]` is masklet m at annotated frame j (video frame `j * stride`).
+
+    `masklet_keys[m]` is the key local prompts use: `str(masklet_id)`, or `"auto:<id>"` for auto masklets when manual
+    and auto are read together (`annotation="both"`; manual masklets first, auto duplicates of them dropped).
+    """
+
+    video_id: str
+    file: str
+    height: int
+    width: int
+    video_frame_count: int
+    fps: float
+    stride: int
+    masklet_keys: list[str]
+    rles: list[list[dict]]
+    size_abs: np.ndarray  # float [M], the json's masklet_size_abs (NaN where absent)
+
+    @property
+    def num_annotated(self) -> int:
+        return len(self.rles)
+
+    @property
+    def num_masklets(self) -> int:
+        return len(self.masklet_keys)
+
+    @property
+    def annotated_frames(self) -> np.ndarray:
+        """int32 `[num_annotated]`: the video frame of each annotated frame."""
+        return np.arange(self.num_annotated, dtype=np.int32) * self.stride
+
+    def areas(self) -> np.ndarray:
+        """float `[num_annotated, M]` mask areas in pixels (from the RLEs, no decode)."""
+        if not self.num_masklets:
+            return np.zeros((self.num_annotated, 0))
+        return np.asarray([mask_utils.area(row) for row in self.rles], dtype=np.float64).reshape(
+            self.num_annotated, self.num_masklets)
+
+    def masks(self, positions: Sequence[int] | np.ndarray | None = None,
+              masklets: Sequence[int] | None = None) -> np.ndarray:
+        """bool `[len(positions), H, W, len(masklets)]` at annotated-frame positions (not video frames)."""
+        pos = np.arange(self.num_annotated) if positions is None else np.asarray(positions, np.int64).reshape(-1)
+        ms = list(range(self.num_masklets)) if masklets is None else list(masklets)
+        out = np.zeros((len(pos), self.height, self.width, len(ms)), dtype=bool)
+        for i, j in enumerate(pos.tolist()):
+            if ms:
+                out[i] = mask_utils.decode([self.rles[j][m] for m in ms]).astype(bool)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------- finding videos
+
+def _as_paths(path) -> list[epath.Path]:
+    if isinstance(path, (list, tuple)):
+        return [epath.Path(p) for p in path]
+    return [epath.Path(path)]
+
+
+def _classify(basename: str) -> tuple[str, str] | None:
+    """`sav_000001.mp4` -> ("sav_000001", "mp4"); `sav_000001_manual.json` -> ("sav_000001", "manual")."""
+    if basename.endswith(".mp4"):
+        return basename[:-4], "mp4"
+    m = _JSON_RE.match(basename)
+    if m:
+        return m.group("vid"), m.group("kind")
+    return None
+
+
+def _scan_tar(path: epath.Path, found: dict, foreign: list[str]) -> None:
+    with path.open("rb") as f:
+        try:
+            tar = tarfile.open(fileobj=f, mode="r:")
+            for info in tar:
+                if not info.isfile():
+                    continue
+                c = _classify(os.path.basename(info.name))
+                if c is None:
+                    foreign.append(f"{path}:{info.name}")
+                    continue
+                found.setdefault(c[0], {}).setdefault(
+                    c[1], Source(os.fspath(path), info.name, info.offset_data, info.size))
+        except tarfile.TarError as e:
+            # a shard cut short still yields the members before the damage; those are listed, the rest is lost
+            logging.warning("%s: tar read stopped (%s); members after this point are not listed", path, e)
+
+
+def _scan_dir(root: epath.Path, found: dict, foreign: list[str]) -> None:
+    for dirpath, _, filenames in root.walk():
+        for fn in sorted(filenames):
+            p = epath.Path(dirpath) / fn
+            if fn.endswith(".tar"):
+                _scan_tar(p, found, foreign)
+                continue
+            c = _classify(fn)
+            if c is None:
+                foreign.append(os.fspath(p))
+                continue
+            found.setdefault(c[0], {}).setdefault(c[1], Source(os.fspath(p)))
+
+
+def find_videos(path, annotation: str = "manual", *, counter: SkipCounter | None = None) -> list[VideoRef]:
+    """All SA-V train videos under `path` (a tar shard, a folder of shards and/or unpacked videos, or a list of these)
+    -> `VideoRef`s sorted by video id.
+
+    `annotation` (manual | auto | both) says which jsons a video needs; a video missing its mp4 or a needed json is
+    skipped and counted in `counter` (reason `missing_file`). Files that are neither an mp4 nor an SA-V json are
+    logged and ignored (they are not videos). A video id found twice (e.g. in a shard and unpacked) is taken once.
+    """
+    if annotation not in ANNOTATION_KINDS:
+        raise ValueError(f"find_videos: annotation={annotation!r}; choose one of {ANNOTATION_KINDS} "
+                         f"(config.data.annotation)")
+    found: dict[str, dict[str, Source]] = {}
+    foreign: list[str] = []
+    for p in _as_paths(path):
+        if not p.exists():
+            raise FileNotFoundError(f"{p}: SA-V path does not exist; set config.data.sav_path to a tar shard or a "
+                                    f"folder of shards / videos")
+        if p.is_dir():
+            _scan_dir(p, found, foreign)
+        elif p.name.endswith(".tar"):
+            _scan_tar(p, found, foreign)
+        else:
+            raise ValueError(f"{p}: not a tar shard or a folder; point config.data.sav_path at sav_XXX.tar files or "
+                             f"the folders they unpack to")
+    if foreign:
+        logging.info("find_videos: ignored %d files that are not SA-V videos or annotations, e.g. %s",
+                     len(foreign), foreign[:3])
+    kinds = ("manual", "auto") if annotation == "both" else (annotation,)
+    refs = []
+    for vid in sorted(found):
+        parts = found[vid]
+        missing = [k for k in ("mp4",) + kinds if k not in parts]
+        if missing:
+            have = next(iter(parts.values())).name
+            err = SkipVideo("missing_file", have, f"video {vid} has no {' or '.join(missing)} file beside it "
+                            f"(annotation={annotation!r})")
+            if counter is not None:
+                counter.add(err)
+            else:
+                logging.warning("find_videos: skipped %s", err)
+            continue
+        refs.append(VideoRef(vid, parts["mp4"], tuple((k, parts[k]) for k in kinds)))
+    return refs
+
+
+def find_frame_videos(root) -> list[VideoRef]:
+    """The val/test layout under `root`: `JPEGImages_24fps/<video_id>/*.jpg` + `Annotations_6fps/<video_id>/...`."""
+    root = epath.Path(root)
+    jpeg, ann = root / "JPEGImages_24fps", root / "Annotations_6fps"
+    if not jpeg.is_dir() or not ann.is_dir():
+        raise FileNotFoundError(f"{root}: expected JPEGImages_24fps/ and Annotations_6fps/ folders (SA-V val/test)")
+    refs = []
+    for d in sorted(jpeg.iterdir(), key=lambda p: p.name):
+        if not d.is_dir():
+            continue
+        a = ann / d.name
+        if not a.is_dir():
+            logging.warning("find_frame_videos: %s has no %s; skipped", d, a)
+            continue
+        refs.append(VideoRef(d.name, Source(os.fspath(d)), (("manual", Source(os.fspath(a))),), layout="frames"))
+    return refs
+
+
+# ----------------------------------------------------------------------------------------------- annotations
+
+def derive_stride(video_frame_count: int, num_annotated: int, *, file: str = "") -> int:
+    """Annotation stride: the s with `ceil(video_frame_count / s) == num_annotated` (4 for SA-V's 6-of-24 fps)."""
+    if num_annotated <= 0 or video_frame_count <= 0:
+        raise SkipVideo("bad_annotation", file, f"video_frame_count={video_frame_count}, {num_annotated} annotated "
+                        "frames: both must be positive")
+    stride = math.ceil(video_frame_count / num_annotated)
+    if num_annotated == 1:
+        return 1
+    if math.ceil(video_frame_count / stride) != num_annotated:
+        raise SkipVideo("frame_count", file, f"{num_annotated} annotated frames do not divide video_frame_count="
+                        f"{video_frame_count} into a whole stride (stride {stride} gives "
+                        f"{math.ceil(video_frame_count / stride)})")
+    return stride
+
+
+def _load_json(src: Source) -> dict:
+    try:
+        d = json.loads(src.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SkipVideo("bad_json", src.name, f"not valid JSON ({e})") from e
+    except OSError as e:
+        raise SkipVideo("unreadable_json", src.name, f"cannot read ({e})") from e
+    if not isinstance(d, dict):
+        raise SkipVideo("bad_json", src.name, "top level is not a JSON object")
+    return d
+
+
+def _parse(d: dict, name: str) -> tuple[int, int, int, float, list[int], list[list[dict]], np.ndarray]:
+    for f in _REQUIRED_FIELDS:
+        if f not in d:
+            raise SkipVideo("missing_field", name, f"missing field {f!r} (SA-V annotation json needs "
+                            f"{', '.join(_REQUIRED_FIELDS)})")
+    try:
+        frames, h, w = int(d["video_frame_count"]), int(d["video_height"]), int(d["video_width"])
+        ids = [int(i) for i in d["masklet_id"]]
+    except (TypeError, ValueError) as e:
+        raise SkipVideo("bad_field", name, f"video_frame_count / video_height / video_width / masklet_id: {e}") from e
+    fps = frames / float(d["video_duration"]) if d.get("video_duration") else 24.0
+    masklet = d["masklet"]
+    if not isinstance(masklet, list) or not masklet:
+        raise SkipVideo("bad_field", name, "field 'masklet' is empty or not a list of annotated frames")
+    n = len(masklet)
+    for j, row in enumerate(masklet):
+        if not isinstance(row, list) or len(row) != len(ids):
+            got = len(row) if isinstance(row, list) else type(row).__name__
+            raise SkipVideo("masklet_length", name, f"annotated frame {j} has {got} masklets, masklet_id lists "
+                            f"{len(ids)}: a masklet has fewer frames than the others")
+        for m, rle in enumerate(row):
+            if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
+                raise SkipVideo("bad_rle", name, f"masklet {ids[m]} frame {j}: not an RLE {{size, counts}}")
+            if list(rle["size"]) != [h, w]:
+                raise SkipVideo("rle_size", name, f"masklet {ids[m]} frame {j}: RLE size {list(rle['size'])} but "
+                                f"the video is [{h}, {w}] (video_height, video_width)")
+    counts = d.get("masklet_frame_count")
+    if counts is not None:
+        for m, c in enumerate(counts):
+            if int(c) != n:
+                raise SkipVideo("masklet_length", name, f"masklet {ids[m]} has {int(c)} frames "
+                                f"(masklet_frame_count), the others have {n}")
+    size_abs = np.asarray([float(x) for x in d["masklet_size_abs"]] if "masklet_size_abs" in d
+                          else [np.nan] * len(ids), dtype=np.float64)
+    return frames, h, w, fps, ids, masklet, size_abs
+
+
+def _mean_iou(a: list[dict], b: list[dict]) -> float:
+    """Mean IoU over frames where either is visible, between two per-frame RLE lists."""
+    ious = []
+    for ra, rb in zip(a, b, strict=True):
+        if mask_utils.area(ra) == 0 and mask_utils.area(rb) == 0:
+            continue
+        ious.append(float(mask_utils.iou([ra], [rb], [0])[0, 0]))
+    return float(np.mean(ious)) if ious else 0.0
+
+
+def _read_frames_annotation(ref: VideoRef) -> Annotation:
+    """Val/test layout: PNG masks per object folder -> RLE annotation."""
+    from PIL import Image
+
+    jpegs = sorted(p.name for p in epath.Path(ref.video.path).iterdir() if p.name.endswith(".jpg"))
+    ann_root = epath.Path(ref.annotations[0][1].path)
+    objs = sorted((p for p in ann_root.iterdir() if p.is_dir()),
+                  key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name))
+    per_obj = {o.name: {int(q.stem): q for q in o.iterdir() if q.name.endswith(".png")} for o in objs}
+    frame_ids = sorted(set().union(*[set(v) for v in per_obj.values()])) if per_obj else []
+    if not jpegs or not frame_ids:
+        raise SkipVideo("missing_file", ann_root.as_posix(), "no JPEG frames or no PNG masks")
+    first = Image.open(io.BytesIO((epath.Path(ref.video.path) / jpegs[0]).read_bytes()))
+    w, h = first.size
+    stride = derive_stride(len(jpegs), len(frame_ids), file=os.fspath(ann_root))
+    rles = []
+    for j, f in enumerate(frame_ids):
+        if f != j * stride:
+            raise SkipVideo("frame_count", os.fspath(ann_root), f"mask frame {f} is not annotated frame {j} x stride "
+                            f"{stride}")
+        row = []
+        for o in objs:
+            q = per_obj[o.name].get(f)
+            if q is None:
+                m = np.zeros((h, w), np.uint8)
+            else:
+                m = (np.asarray(Image.open(io.BytesIO(q.read_bytes())).convert("L")) > 0).astype(np.uint8)
+                if m.shape != (h, w):
+                    raise SkipVideo("rle_size", os.fspath(q), f"mask is {m.shape} but frames are ({h}, {w})")
+            row.append(mask_utils.encode(np.asfortranarray(m)))
+        rles.append(row)
+    return Annotation(ref.video_id, os.fspath(ann_root), h, w, len(jpegs), 24.0, stride, [o.name for o in objs], rles,
+                      np.full(len(objs), np.nan))
+
+
+def read_annotation(ref: VideoRef) -> Annotation:
+    """Read and check a video's annotation json(s) -> `Annotation`; raises `SkipVideo` naming the json."""
+    if ref.layout == "frames":
+        return _read_frames_annotation(ref)
+    parsed = []
+    for kind, src in ref.annotations:
+        parsed.append((kind, src.name, _parse(_load_json(src), src.name)))
+    kind0, name0, (frames, h, w, fps, ids, masklet, size_abs) = parsed[0]
+    keys = [str(i) for i in ids]
+    rles = [list(row) for row in masklet]
+    sizes = list(size_abs)
+    for kind, name, (f2, h2, w2, _, ids2, masklet2, size2) in parsed[1:]:
+        if (f2, h2, w2) != (frames, h, w) or len(masklet2) != len(masklet):
+            raise SkipVideo("mismatch", name, f"{len(masklet2)} annotated frames of a {f2}-frame {h2}x{w2} video, but "
+                            f"{name0} has {len(masklet)} of a {frames}-frame {h}x{w} video")
+        for m, mid in enumerate(ids2):
+            col = [row[m] for row in masklet2]
+            if any(_mean_iou(col, [row[k] for row in masklet]) >= _DUPLICATE_IOU for k in range(len(ids))):
+                continue
+            keys.append(f"{kind}:{mid}")
+            sizes.append(size2[m])
+            for j, row in enumerate(rles):
+                row.append(col[j])
+    stride = derive_stride(frames, len(rles), file=name0)
+    file = " + ".join(name for _, name, _ in parsed)
+    return Annotation(ref.video_id, file, h, w, frames, fps, stride, keys, rles, np.asarray(sizes, np.float64))
+
+
+def read_frames(ref: VideoRef, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Decode video frames `indices` (24 fps frame numbers) -> uint8 `[len(indices), H, W, 3]`; raises `SkipVideo`."""
+    if ref.layout == "frames":
+        from PIL import Image
+
+        d = epath.Path(ref.video.path)
+        jpegs = sorted(p.name for p in d.iterdir() if p.name.endswith(".jpg"))
+        idx = np.asarray(indices, np.int64).reshape(-1)
+        if idx.size and idx.max() >= len(jpegs):
+            raise SkipVideo("truncated_video", ref.video.name, f"has {len(jpegs)} frames, frame {int(idx.max())} "
+                            "was asked for")
+        return np.stack([np.asarray(Image.open(io.BytesIO((d / jpegs[i]).read_bytes())).convert("RGB"))
+                         for i in idx.tolist()])
+    src = ref.video
+    data = src.path if not src.member and os.path.exists(src.path) else src.read_bytes()
+    return video_io.read_frames(data, indices, name=src.name)
+
+
+def iter_annotations(refs: Iterable[VideoRef], counter: SkipCounter) -> Iterable[tuple[VideoRef, Annotation]]:
+    """`(ref, annotation)` for each readable ref; unreadable ones are counted in `counter` and passed over."""
+    for ref in refs:
+        try:
+            yield ref, read_annotation(ref)
+        except SkipVideo as e:
+            counter.add(e)

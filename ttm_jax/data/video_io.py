@@ -1,0 +1,193 @@
+"""Video files in and out: PyAV decode of selected frames and mp4 encode.
+
+Everything here works on uint8 RGB arrays `[T, H, W, 3]`. A video that cannot be decoded (truncated, unreadable,
+no video stream, fewer frames than asked for) raises `SkipVideo` whose message names the file, so a data pipeline can
+count it and move on instead of dying on one bad file out of 50k.
+
+Frame index `i` is the i-th frame in presentation order as the decoder outputs it, which is how SA-V numbers its
+frames (annotated frame `j` of a masklet is video frame `j * stride`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import os
+from collections.abc import Sequence
+from typing import BinaryIO
+
+import av
+import numpy as np
+
+VideoSource = str | os.PathLike | bytes | BinaryIO
+
+
+class SkipVideo(Exception):
+    """A video that cannot be used; `reason` is a short key for counting, the message names the file.
+
+    Defined here, the lowest data layer, and re-exported as `ttm_jax.data.sav.SkipVideo`.
+    """
+
+    def __init__(self, reason: str, file: str, detail: str):
+        self.reason = reason
+        self.file = file
+        self.detail = detail
+        super().__init__(f"{file}: {detail} [{reason}]")
+
+    def __reduce__(self):  # picklable across Grain worker processes
+        return (SkipVideo, (self.reason, self.file, self.detail))
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoInfo:
+    """Container metadata: `num_frames` as the stream reports it (0 if unknown), `fps` average rate."""
+
+    num_frames: int
+    height: int
+    width: int
+    fps: float
+
+
+def _name(source: VideoSource, name: str | None) -> str:
+    if name:
+        return name
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
+    return "<in-memory video>"
+
+
+def _open(source: VideoSource, name: str):
+    try:
+        if isinstance(source, bytes):
+            src = io.BytesIO(source)
+        elif hasattr(source, "read"):
+            src = source
+        elif os.path.exists(os.fspath(source)):
+            src = os.fspath(source)
+        else:  # etils.epath paths (gs://...): read through epath
+            from etils import epath
+
+            src = io.BytesIO(epath.Path(source).read_bytes())
+        return av.open(src, mode="r")
+    except (av.FFmpegError, OSError, ValueError) as e:
+        raise SkipVideo("unreadable_video", name, f"cannot open as a video ({type(e).__name__}: {e})") from e
+
+
+def probe(source: VideoSource, *, name: str | None = None) -> VideoInfo:
+    """Stream metadata without decoding; raises `SkipVideo` if the file is not a video."""
+    name = _name(source, name)
+    with _open(source, name) as container:
+        if not container.streams.video:
+            raise SkipVideo("unreadable_video", name, "has no video stream")
+        s = container.streams.video[0]
+        fps = float(s.average_rate) if s.average_rate else 0.0
+        return VideoInfo(int(s.frames or 0), int(s.codec_context.height), int(s.codec_context.width), fps)
+
+
+def read_frames(source: VideoSource, indices: Sequence[int] | np.ndarray | None = None, *,
+                name: str | None = None) -> np.ndarray:
+    """Decode the frames at `indices` (any order, repeats allowed; None: all) -> uint8 `[len(indices), H, W, 3]`.
+
+    Decodes sequentially up to the largest index (H.264 needs the references anyway; SA-V videos are short). Raises
+    `SkipVideo` naming the file if it cannot be decoded or has fewer frames than `max(indices) + 1`.
+    """
+    name = _name(source, name)
+    want = None if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
+    if want is not None and want.size and want.min() < 0:
+        raise ValueError(f"{name}: negative frame index {int(want.min())}")
+    last = None if want is None else (int(want.max()) if want.size else -1)
+    needed = None if want is None else set(want.tolist())
+    got: dict[int, np.ndarray] = {}
+    frames: list[np.ndarray] = []
+    count = 0
+    with _open(source, name) as container:
+        if not container.streams.video:
+            raise SkipVideo("unreadable_video", name, "has no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        try:
+            if last is None or last >= 0:
+                for frame in container.decode(stream):
+                    if needed is None:
+                        frames.append(frame.to_ndarray(format="rgb24"))
+                    elif count in needed:
+                        got[count] = frame.to_ndarray(format="rgb24")
+                    count += 1
+                    if last is not None and count > last:
+                        break
+        except (av.FFmpegError, OSError, ValueError) as e:
+            raise SkipVideo("unreadable_video", name,
+                            f"decode failed after {count} frames ({type(e).__name__}: {e}); the file is damaged, "
+                            f"re-download it or drop it") from e
+    if want is None:
+        if not frames:
+            raise SkipVideo("unreadable_video", name, "decoded no frames")
+        return np.stack(frames)
+    if last is not None and count <= last:
+        raise SkipVideo("truncated_video", name,
+                        f"has {count} decodable frames, frame {last} was asked for (truncated file or wrong "
+                        f"video_frame_count)")
+    if not want.size:
+        return np.zeros((0, 0, 0, 3), np.uint8)
+    return np.stack([got[i] for i in want.tolist()])
+
+
+def count_frames(source: VideoSource, *, name: str | None = None) -> int:
+    """The number of frames that actually decode (not the header's claim); raises `SkipVideo` if none do."""
+    name = _name(source, name)
+    count = 0
+    with _open(source, name) as container:
+        if not container.streams.video:
+            raise SkipVideo("unreadable_video", name, "has no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        try:
+            for _ in container.decode(stream):
+                count += 1
+        except (av.FFmpegError, OSError, ValueError) as e:
+            raise SkipVideo("unreadable_video", name, f"decode failed after {count} frames ({e})") from e
+    if not count:
+        raise SkipVideo("unreadable_video", name, "decoded no frames")
+    return count
+
+
+def encode_video(frames: np.ndarray, fps: float, *, codec: str = "libx264", crf: int = 18, preset: str = "ultrafast",
+                 pix_fmt: str = "yuv420p") -> bytes:
+    """uint8 `[T, H, W, 3]` RGB -> mp4 bytes. H and W must be even for 4:2:0 chroma (`pix_fmt="yuv420p"`).
+
+    `crf` (0 = lossless for libx264) and `preset` go to x264; `pix_fmt="yuv444p"` keeps full-resolution colour, which
+    palette-coloured trajectories benefit from.
+    """
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"encode_video: frames must be uint8 [T, H, W, 3], got {frames.dtype} {frames.shape}")
+    t, h, w, _ = frames.shape
+    if pix_fmt == "yuv420p" and (h % 2 or w % 2):
+        raise ValueError(f"encode_video: {h}x{w} (HxW) has an odd side; yuv420p needs even sides: crop or pad by a "
+                         f"pixel, or pass pix_fmt='yuv444p'")
+    from fractions import Fraction
+
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as container:
+        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
+        if codec == "libx264":
+            stream.options = {"crf": str(crf), "preset": preset}
+        for i in range(t):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frames[i], format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
+
+
+def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, **kwargs) -> None:
+    """Write uint8 `[T, H, W, 3]` to an mp4 at `path` (local or any etils.epath path); kwargs as `encode_video`."""
+    data = encode_video(frames, fps, **kwargs)
+    from etils import epath
+
+    p = epath.Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(data)
+    logging.debug("wrote %s (%d frames, %d bytes)", p, len(frames), len(data))
