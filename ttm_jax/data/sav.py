@@ -23,7 +23,6 @@ import dataclasses
 import io
 import json
 import logging
-import math
 import os
 import re
 import tarfile
@@ -172,7 +171,10 @@ def _as_paths(path) -> list[epath.Path]:
 
 
 def _classify(basename: str) -> tuple[str, str] | None:
-    """`sav_000001.mp4` -> ("sav_000001", "mp4"); `sav_000001_manual.json` -> ("sav_000001", "manual")."""
+    """`sav_000001.mp4` -> ("sav_000001", "mp4"); `sav_000001_manual.json` -> ("sav_000001", "manual"); None for
+    anything else, including hidden files and macOS `._*` resource forks that tar files often carry."""
+    if basename.startswith("."):
+        return None
     if basename.endswith(".mp4"):
         return basename[:-4], "mp4"
     m = _JSON_RE.match(basename)
@@ -279,18 +281,21 @@ def find_frame_videos(root) -> list[VideoRef]:
 # ----------------------------------------------------------------------------------------------- annotations
 
 def derive_stride(video_frame_count: int, num_annotated: int, *, file: str = "") -> int:
-    """Annotation stride: the s with `ceil(video_frame_count / s) == num_annotated` (4 for SA-V's 6-of-24 fps)."""
-    if num_annotated <= 0 or video_frame_count <= 0:
-        raise SkipVideo("bad_annotation", file, f"video_frame_count={video_frame_count}, {num_annotated} annotated "
-                        "frames: both must be positive")
-    stride = math.ceil(video_frame_count / num_annotated)
-    if num_annotated == 1:
+    """Annotation stride s: annotated frames 0, s, ..., (n-1)s are every s-th frame of the video, so
+    `(n-1) s <= video_frame_count - 1 < n s`; the largest such s (4 for SA-V's 6-of-24 fps: 483 frames, 121
+    annotated). Raises `SkipVideo("frame_count")` if no whole stride fits.
+    """
+    f, n = int(video_frame_count), int(num_annotated)
+    if n <= 0 or f <= 0 or n > f:
+        raise SkipVideo("frame_count", file, f"video_frame_count={f} with {n} annotated frames (len(masklet)): need "
+                        "1 <= annotated <= video frames")
+    if n == 1:
         return 1
-    if math.ceil(video_frame_count / stride) != num_annotated:
-        raise SkipVideo("frame_count", file, f"{num_annotated} annotated frames do not divide video_frame_count="
-                        f"{video_frame_count} into a whole stride (stride {stride} gives "
-                        f"{math.ceil(video_frame_count / stride)})")
-    return stride
+    s = (f - 1) // (n - 1)
+    if n * s <= f - 1:
+        raise SkipVideo("frame_count", file, f"{n} annotated frames are not every s-th frame of a {f}-frame video for "
+                        f"any whole s (len(masklet) vs video_frame_count)")
+    return s
 
 
 def _load_json(src: Source) -> dict:

@@ -14,7 +14,7 @@ import dataclasses
 import io
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import BinaryIO
 
 import av
@@ -152,31 +152,38 @@ def count_frames(source: VideoSource, *, name: str | None = None) -> int:
     return count
 
 
-def encode_video(frames: np.ndarray, fps: float, *, codec: str = "libx264", crf: int = 18, preset: str = "ultrafast",
-                 pix_fmt: str = "yuv420p") -> bytes:
-    """uint8 `[T, H, W, 3]` RGB -> mp4 bytes. H and W must be even for 4:2:0 chroma (`pix_fmt="yuv420p"`).
+def encode_video(frames: np.ndarray | Iterable[np.ndarray], fps: float, *, codec: str = "libx264", crf: int = 18,
+                 preset: str = "ultrafast", pix_fmt: str = "yuv420p") -> bytes:
+    """uint8 RGB frames -> mp4 bytes. `frames` is `[T, H, W, 3]` or an iterable of `[H, W, 3]` (streamed: a long
+    video need not be held in memory). H and W must be even for 4:2:0 chroma (`pix_fmt="yuv420p"`).
 
     `crf` (0 = lossless for libx264) and `preset` go to x264; `pix_fmt="yuv444p"` keeps full-resolution colour, which
     palette-coloured trajectories benefit from.
     """
-    frames = np.asarray(frames)
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        raise ValueError(f"encode_video: frames must be uint8 [T, H, W, 3], got {frames.dtype} {frames.shape}")
-    t, h, w, _ = frames.shape
-    if pix_fmt == "yuv420p" and (h % 2 or w % 2):
-        raise ValueError(f"encode_video: {h}x{w} (HxW) has an odd side; yuv420p needs even sides: crop or pad by a "
-                         f"pixel, or pass pix_fmt='yuv444p'")
     from fractions import Fraction
 
     buf = io.BytesIO()
+    stream = None
     with av.open(buf, mode="w", format="mp4") as container:
-        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
-        stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
-        if codec == "libx264":
-            stream.options = {"crf": str(crf), "preset": preset}
-        for i in range(t):
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frames[i], format="rgb24")):
+        for frame in frames:
+            frame = np.asarray(frame)
+            if frame.ndim != 3 or frame.shape[-1] != 3 or frame.dtype != np.uint8:
+                raise ValueError(f"encode_video: frames must be uint8 [H, W, 3], got {frame.dtype} {frame.shape}")
+            if stream is None:
+                h, w = frame.shape[:2]
+                if pix_fmt == "yuv420p" and (h % 2 or w % 2):
+                    raise ValueError(f"encode_video: {h}x{w} (HxW) has an odd side; yuv420p needs even sides: crop "
+                                     f"or pad by a pixel, or pass pix_fmt='yuv444p'")
+                stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+                stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
+                if codec == "libx264":
+                    stream.options = {"crf": str(crf), "preset": preset}
+            elif frame.shape[:2] != (stream.height, stream.width):
+                raise ValueError(f"encode_video: frame of {frame.shape[:2]} in a {stream.height}x{stream.width} video")
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
+        if stream is None:
+            raise ValueError("encode_video: no frames")
         for packet in stream.encode():
             container.mux(packet)
     return buf.getvalue()
@@ -185,9 +192,36 @@ def encode_video(frames: np.ndarray, fps: float, *, codec: str = "libx264", crf:
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, **kwargs) -> None:
     """Write uint8 `[T, H, W, 3]` to an mp4 at `path` (local or any etils.epath path); kwargs as `encode_video`."""
     data = encode_video(frames, fps, **kwargs)
+    n = len(frames) if hasattr(frames, "__len__") else -1
     from etils import epath
 
     p = epath.Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_bytes(data)
-    logging.debug("wrote %s (%d frames, %d bytes)", p, len(frames), len(data))
+    logging.debug("wrote %s (%d frames, %d bytes)", p, n, len(data))
+
+
+# ----------------------------------------------------------------------------------------------- frame stamps
+# A frame index written into the pixels as a row of black/white blocks survives lossy codecs, so tests and data
+# checks can see which source frame a decoded frame really is (alignment of masks to frames, seeking, fps changes).
+
+def stamp_frame_index(frame: np.ndarray, index: int, *, bits: int = 10, block: int = 16) -> np.ndarray:
+    """Write `index` (< 2**bits) into the top-left `block x (bits*block)` pixels of uint8 `[H, W, 3]` (a copy)."""
+    h, w = frame.shape[:2]
+    if bits * block > w or block > h or not 0 <= index < 2**bits:
+        raise ValueError(f"stamp_frame_index: {bits} blocks of {block} px in a {h}x{w} frame, index {index}")
+    out = np.array(frame, copy=True)
+    for b in range(bits):
+        out[:block, b * block:(b + 1) * block] = 255 if (index >> b) & 1 else 0
+    return out
+
+
+def read_frame_index(frames: np.ndarray, *, bits: int = 10, block: int = 16) -> np.ndarray:
+    """The stamped indices of uint8 `[..., H, W, 3]` frames -> int64 `[...]` (block centres, threshold 128)."""
+    frames = np.asarray(frames)
+    m = block // 4  # read the block centre, away from codec ringing at the edges
+    out = np.zeros(frames.shape[:-3], np.int64)
+    for b in range(bits):
+        v = frames[..., m:block - m, b * block + m:(b + 1) * block - m, :].astype(np.float32).mean((-3, -2, -1))
+        out |= (v > 128).astype(np.int64) << b
+    return out
