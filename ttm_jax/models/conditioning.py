@@ -1,0 +1,53 @@
+"""The DiT's input for each TTM stage: the noisy latent with its visual conditions, concatenated on channels.
+
+  stage 1 (image-to-motion):  [noisy trajectory latent ; E(x0) in latent frame 0, zeros after ; E(s0) likewise]
+  stage 2 (motion-to-video):  [noisy video latent ; E(x0) in latent frame 0, zeros after ; E(trajectory), all frames]
+
+`x0` is the first frame, `s0` the first-frame segmentation painted as a trajectory frame; E is the autoencoder.
+The noisy latent comes first, so a text-to-video backbone widened by `dit.expand_input_channels` (zero kernels for
+the new channels) sees exactly its old input. For classifier-free guidance the "image" condition is dropped by
+passing zeros for both condition latents.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def _first_frame_only(latent: jax.Array, frames: int) -> jax.Array:
+    """`[B, 1 or T', H', W', C]` -> `[B, T', H', W', C]`: its frame 0 in frame 0, zeros in the others."""
+    first = latent[:, :1]
+    pad = jnp.zeros((latent.shape[0], frames - 1) + latent.shape[2:], latent.dtype)
+    return jnp.concatenate([first, pad], axis=1)
+
+
+def stage_input(stage: int, noisy: jax.Array, first_frame_latent: jax.Array, cond_latent: jax.Array) -> jax.Array:
+    """The channel-concatenated DiT input `[B, T', H', W', 3C]` of `stage` (module docstring).
+
+    Args:
+      stage: 1 (image-to-motion) or 2 (motion-to-video).
+      noisy: `[B, T', H', W', C]` the noisy trajectory (stage 1) or video (stage 2) latent.
+      first_frame_latent: `[B, 1, H', W', C]` E(x0), the first frame encoded alone (or `[B, T', ...]`, of which only
+        frame 0 is used, e.g. the latent of a whole clip: with a causal VAE its frame 0 depends on x0 only).
+      cond_latent: stage 1: E(s0), `[B, 1 or T', H', W', C]` (frame 0 used); stage 2: E(trajectory) `[B, T', ...]`.
+    """
+    if stage not in (1, 2):
+        raise ValueError(f"conditioning.stage_input: stage={stage!r} must be 1 or 2 (config.stage)")
+    if noisy.ndim != 5:
+        raise ValueError(f"conditioning.stage_input: noisy must be [B, T', H', W', C], got {noisy.shape}")
+    b, t, h, w, c = noisy.shape
+    for name, lat in (("first_frame_latent", first_frame_latent), ("cond_latent", cond_latent)):
+        if lat.ndim != 5 or lat.shape[0] != b or lat.shape[2:] != (h, w, c) or lat.shape[1] not in (1, t):
+            raise ValueError(f"conditioning.stage_input: {name} must be [B={b}, 1 or {t}, {h}, {w}, {c}] like the "
+                             f"noisy latent, got {lat.shape}")
+    image = _first_frame_only(first_frame_latent, t)
+    if stage == 1:
+        cond = _first_frame_only(cond_latent, t)
+    else:
+        if cond_latent.shape[1] != t:
+            raise ValueError(f"conditioning.stage_input: stage 2 needs the whole trajectory latent [B, {t}, {h}, {w}, "
+                             f"{c}] as cond_latent, got {cond_latent.shape}")
+        cond = cond_latent
+    dtype = noisy.dtype
+    return jnp.concatenate([noisy, image.astype(dtype), cond.astype(dtype)], axis=-1)
