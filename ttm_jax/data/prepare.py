@@ -1,0 +1,236 @@
+"""Preparation: SA-V videos + captions -> ArrayRecord shards of fixed-size training clips.
+
+    python -m ttm_jax.data.prepare --sav=PATH --captions=JSONL --out=DIR [--config=configs/stage2.py[:variant]]
+        [--workers=N] [--chunk_size=8] [--clips_per_video=1] [--seed=0] [--latents]
+
+Videos (sorted by id) are split into chunks of `chunk_size`; chunk c becomes `records-c.array_record` (written to a
+temporary name, then renamed) and then `records-c.json` (its done-marker with statistics). A killed run, re-run with
+the same arguments, redoes only the chunks without a marker; since every clip is a pure function of
+(seed, video id, clip number), the result is the same records as an uninterrupted run: none duplicated, none missing.
+`prepare.json` pins the settings (config data section, seed, video ids): resuming with different ones is an error.
+`manifest.json` is written last. The run ends with `videos: N ok, M skipped (reason=count, ...)`.
+
+`--latents` also stores the clip's VAE latents (`video_latent`, `trajectory_latent`, float32 `[T', H', W', C]`, from
+`ttm_jax.models.autoencoder.make_autoencoder(config.autoencoder)`) so training reads latents instead of pixels.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import hashlib
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from ttm_jax.data import captions as captions_lib
+from ttm_jax.data import clips, records, sav
+from ttm_jax.data.video_io import SkipVideo
+
+# Test hook: SIGKILL this process in the middle of writing chunk number N (counting committed chunks of this run), to
+# prove that a killed preparation resumes without duplicated or missing records.
+KILL_ENV = "TTM_PREPARE_KILL_AT_CHUNK"
+# Which data-config keys make records different (a change needs a new folder).
+DATA_KEYS = ("num_frames", "height", "width", "fps", "max_objects", "annotation", "missing_captions", "crop",
+             "min_object_area", "motion_weight")
+
+
+@dataclasses.dataclass
+class Summary:
+    """What a preparation did: videos with at least one clip, skipped videos by reason, records written."""
+
+    videos_ok: int
+    skipped: dict[str, int]
+    num_records: int
+    out: str
+
+    @property
+    def videos_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def line(self) -> str:
+        reasons = ", ".join(f"{r}={n}" for r, n in sorted(self.skipped.items()))
+        return f"videos: {self.videos_ok} ok, {self.videos_skipped} skipped" + (f" ({reasons})" if reasons else "")
+
+
+def clip_seed(seed: int, video_id: str, clip: int) -> int:
+    """The seed of clip `clip` of `video_id`: independent of chunking, worker count and the other videos."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{video_id}:{clip}".encode()).digest()[:8], "little") >> 1
+
+
+def data_settings(data_config: ml_collections.ConfigDict) -> dict:
+    return {k: data_config.get(k) for k in DATA_KEYS if data_config.get(k) is not None}
+
+
+def shard_name(chunk: int) -> str:
+    return f"records-{chunk:05d}.array_record"
+
+
+def _marker(out: str, chunk: int) -> str:
+    return os.path.join(out, f"records-{chunk:05d}.json")
+
+
+def _encode_latents(autoencoder: Any, examples: list[dict]) -> None:
+    """Adds `video_latent` / `trajectory_latent` float32 [T', H', W', C] to each example (one batched call)."""
+    import jax.numpy as jnp
+
+    for key in ("video", "trajectory"):
+        pixels = np.stack([e[key] for e in examples]).astype(np.float32) / 127.5 - 1.0  # [B, T, H, W, 3] in [-1, 1]
+        lat = np.asarray(autoencoder.encode(jnp.asarray(pixels)), np.float32)
+        for e, z in zip(examples, lat, strict=True):
+            e[f"{key}_latent"] = z
+
+
+def process_chunk(chunk: int, refs: Sequence[sav.VideoRef], captions: dict, config: ml_collections.ConfigDict,
+                  out: str, seed: int, clips_per_video: int, latents: bool, kill: bool = False) -> dict:
+    """Makes the clips of one chunk of videos and commits its shard and marker; returns the chunk's statistics."""
+    counter = sav.SkipCounter(f"prepare chunk {chunk}")
+    writer = records.ShardWriter(os.path.join(out, shard_name(chunk)))
+    autoencoder = None
+    if latents:
+        from ttm_jax.models.autoencoder import make_autoencoder
+
+        autoencoder = make_autoencoder(config.autoencoder)
+    ok, video_ids = 0, []
+    for ref in refs:
+        try:
+            entry = captions_lib.lookup(captions, ref.video_id, file=ref.video.name,
+                                        missing=config.data.get("missing_captions", "skip"))
+            examples = []
+            for c in range(clips_per_video):
+                e = clips.make_example(ref, entry, config.data, clip_seed(seed, ref.video_id, c))
+                e["clip"] = c
+                examples.append(e)
+        except SkipVideo as e:
+            counter.add(e)
+            continue
+        if autoencoder is not None:
+            _encode_latents(autoencoder, examples)
+        for e in examples:
+            writer.write(records.encode(e))
+            if kill:  # the test hook: die for real with a half-written shard on disk
+                os.kill(os.getpid(), signal.SIGKILL)
+        ok += 1
+        video_ids.append(ref.video_id)
+    writer.commit()
+    stats = {"chunk": chunk, "shard": shard_name(chunk), "num_records": writer.count, "videos_ok": ok,
+             "video_ids": video_ids, "skipped": dict(counter.counts), "num_videos": len(refs)}
+    records.write_json_atomic(_marker(out, chunk), stats)
+    return stats
+
+
+def prepare(sav_path: str | Sequence[str], captions_path: str, out: str, config: ml_collections.ConfigDict, *,
+            workers: int = 1, chunk_size: int = 8, clips_per_video: int = 1, seed: int = 0,
+            latents: bool = False) -> Summary:
+    """Prepares (or resumes preparing) `out`; returns the `Summary`. See the module docstring."""
+    if chunk_size < 1 or clips_per_video < 1:
+        raise ValueError(f"prepare: --chunk_size={chunk_size} and --clips_per_video={clips_per_video} must be >= 1")
+    os.makedirs(out, exist_ok=True)
+    find_counter = sav.SkipCounter("prepare")
+    if isinstance(sav_path, str) and "," in sav_path:
+        sav_path = sav_path.split(",")
+    refs = sav.find_videos(sav_path, config.data.annotation, counter=find_counter)
+    if not refs:
+        raise FileNotFoundError(f"prepare: no SA-V videos with {config.data.annotation} annotations under "
+                                f"{sav_path!r} ({find_counter.summary()}); check --sav")
+    captions = captions_lib.load_captions(captions_path)
+    spec = {
+        "version": records.VERSION, "data": data_settings(config.data), "seed": seed, "chunk_size": chunk_size,
+        "clips_per_video": clips_per_video,
+        "latents": dict(config.autoencoder.to_dict()) if latents else None,
+        "video_ids_sha256": hashlib.sha256("\n".join(r.video_id for r in refs).encode()).hexdigest(),
+        "num_videos": len(refs),
+    }
+    spec_path = os.path.join(out, records.SPEC)
+    if os.path.exists(spec_path):
+        old = records.read_json(spec_path)
+        if old != spec:
+            diff = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k))
+            raise ValueError(f"{spec_path}: {out} was prepared with other settings ({', '.join(diff)} differ); "
+                             f"resume with the same --sav/--config/--seed/--chunk_size/--clips_per_video/--latents, "
+                             f"or use a new --out")
+    else:
+        records.write_json_atomic(spec_path, spec)
+    chunks = [refs[i:i + chunk_size] for i in range(0, len(refs), chunk_size)]
+    todo = [c for c in range(len(chunks)) if not os.path.exists(_marker(out, c))]
+    if len(todo) < len(chunks):
+        logging.info("prepare: resuming %s: %d of %d chunks already done", out, len(chunks) - len(todo), len(chunks))
+    for fn in os.listdir(out):  # leftovers of a killed run
+        if ".tmp." in fn:
+            os.remove(os.path.join(out, fn))
+    kill_at = int(os.environ.get(KILL_ENV, "-1"))
+    args = [(c, chunks[c], {r.video_id: captions[r.video_id] for r in chunks[c] if r.video_id in captions}, config,
+             out, seed, clips_per_video, latents) for c in todo]
+    if workers <= 1:
+        for i, a in enumerate(args):
+            process_chunk(*a, kill=(i == kill_at))
+    else:
+        # spawn: workers may start JAX (latents); forking a process that has JAX threads is unsafe
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            for f in concurrent.futures.as_completed([pool.submit(process_chunk, *a) for a in args]):
+                f.result()
+    # every chunk has its marker now: the manifest lists the shards in chunk order
+    shards, skipped, ok, total = [], collections.Counter(find_counter.counts), 0, 0
+    for c in range(len(chunks)):
+        stats = records.read_json(_marker(out, c))
+        shards.append({"shard": stats["shard"], "num_records": stats["num_records"], "video_ids": stats["video_ids"]})
+        skipped.update(stats["skipped"])
+        ok += stats["videos_ok"]
+        total += stats["num_records"]
+    summary = Summary(ok, dict(skipped), total, out)
+    records.write_json_atomic(os.path.join(out, records.MANIFEST), {
+        "version": records.VERSION, "data": spec["data"], "latents": spec["latents"], "seed": seed,
+        "clips_per_video": clips_per_video, "num_records": total, "videos_ok": ok, "skipped": dict(skipped),
+        "shards": shards,
+    })
+    return summary
+
+
+def main(argv: Sequence[str]) -> None:
+    del argv
+    from absl import flags
+
+    from ttm_jax import config as config_lib
+
+    f = flags.FLAGS
+    config = config_lib.validate(f.config)
+    summary = prepare(f.sav, f.captions, f.out, config, workers=f.workers, chunk_size=f.chunk_size,
+                      clips_per_video=f.clips_per_video, seed=f.seed, latents=f.latents)
+    print(f"prepared {summary.num_records} records into {summary.out}")
+    print(summary.line())
+    sys.stdout.flush()
+
+
+def _define_flags() -> None:
+    from absl import flags
+
+    flags.DEFINE_string("sav", None, "SA-V tar shards or folders (comma-separated for several)", required=True)
+    flags.DEFINE_string("captions", None, "captions sidecar JSONL", required=True)
+    flags.DEFINE_string("out", None, "output folder of ArrayRecord shards", required=True)
+    from ml_collections import config_flags
+
+    default = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs",
+                           "stage2.py")
+    config_flags.DEFINE_config_file("config", default, "config file[:variant]; its data section shapes the clips "
+                                    "(overrides: --config.data.num_frames=17)")
+    flags.DEFINE_integer("workers", 1, "processes, each preparing one chunk of videos at a time")
+    flags.DEFINE_integer("chunk_size", 8, "videos per shard (the unit of resumption)")
+    flags.DEFINE_integer("clips_per_video", 1, "clips cut from each video")
+    flags.DEFINE_integer("seed", 0, "clip sampling seed")
+    flags.DEFINE_bool("latents", False, "also store VAE latents of video and trajectory")
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)
