@@ -235,7 +235,7 @@ COLOUR_RGB = {
 }
 
 _BACKGROUND = re.compile(r"[,;]?\s*\b(?:in front of|against|on top of|over|on|in|at|under)\s+(?:a|an|the)\b[^,;.]*"
-                         r"\b(?:background|backdrop|scene|sky|room|field|meadow|street|floor)\b.*$", re.IGNORECASE)
+                         r"\b(?:background|backdrop|scene|sky|room|field|meadow|street|floor)\b", re.IGNORECASE)
 # a clause boundary is a separator followed by a determiner that opens the next object's noun phrase
 _CLAUSE_SPLIT = re.compile(r"\s*(?:,\s*(?:and\s+|while\s+)?|;\s*|\s+while\s+|\s+and\s+|\s+as\s+|\s+whereas\s+)"
                            r"(?=(?:" + "|".join(DETERMINERS) + r")\s)", re.IGNORECASE)
@@ -288,7 +288,7 @@ def plan_offline(caption: str) -> Plan:
     text = " ".join(caption.strip().split()).rstrip(".!")
     if not text:
         raise PlanningError("prompts.plan_offline: the caption is empty; set config.sample.caption")
-    text = _BACKGROUND.sub("", text).strip().rstrip(",;")
+    text = re.sub(r"\s+,", ",", _BACKGROUND.sub("", text)).strip().rstrip(",;")
     clauses = [c.strip().rstrip(",;") for c in _CLAUSE_SPLIT.split(text) if c and c.strip()]
     objects, motions = [], []
     for clause in clauses:
