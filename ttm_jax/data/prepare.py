@@ -127,6 +127,26 @@ def process_chunk(chunk: int, refs: Sequence[sav.VideoRef], captions: dict, conf
     return stats
 
 
+def _remove_stale_tmp(out: str) -> None:
+    """Deletes temporary files of killed runs (`name.tmp.<pid>` of a pid no longer alive); files of a live process
+    (another host's or process' concurrent preparation of the same, deterministic folder) are left alone."""
+    for fn in os.listdir(out):
+        head, sep, pid = fn.rpartition(".tmp.")
+        if not sep or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # alive, someone else's
+        try:
+            os.remove(os.path.join(out, fn))
+        except FileNotFoundError:
+            pass
+
+
 def prepare(sav_path: str | Sequence[str], captions_path: str, out: str, config: ml_collections.ConfigDict, *,
             workers: int = 1, chunk_size: int = 8, clips_per_video: int = 1, seed: int = 0,
             latents: bool = False) -> Summary:
@@ -163,9 +183,7 @@ def prepare(sav_path: str | Sequence[str], captions_path: str, out: str, config:
     todo = [c for c in range(len(chunks)) if not os.path.exists(_marker(out, c))]
     if len(todo) < len(chunks):
         logging.info("prepare: resuming %s: %d of %d chunks already done", out, len(chunks) - len(todo), len(chunks))
-    for fn in os.listdir(out):  # leftovers of a killed run
-        if ".tmp." in fn:
-            os.remove(os.path.join(out, fn))
+    _remove_stale_tmp(out)
     kill_at = int(os.environ.get(KILL_ENV, "-1"))
     args = [(c, chunks[c], {r.video_id: captions[r.video_id] for r in chunks[c] if r.video_id in captions}, config,
              out, seed, clips_per_video, latents) for c in todo]

@@ -1,0 +1,217 @@
+"""The training input pipeline: prepared ArrayRecord shards -> Grain -> batches of numpy arrays.
+
+    source (ArrayRecord records, in manifest order)
+      -> [process_index::process_count]   each JAX process reads its own disjoint slice
+      -> shuffle(config.data.shuffle_seed) -> repeat()   (reshuffled every epoch, deterministically)
+      -> decode + tokenize                 records.decode; captions / motion / local prompts -> ids and masks
+      -> batch(train.batch_size // process_count, drop_remainder)
+      -> to_iter_dataset (threads) -> mp_prefetch(config.data.num_workers processes, when > 0)
+
+The iterator is a `grain.DatasetIterator`: `get_state()` / `set_state()` (or grain's Orbax checkpoint handler) resume
+it on the very next batch. No random augmentation: a horizontal flip or time reversal would make "slides left" a
+lie, and crops are chosen (deterministically) at preparation time.
+
+Batch (per process, `B = train.batch_size // process_count`; CONTRIBUTING.md "Batches"):
+
+    video            uint8   [B, T, H, W, 3]
+    trajectory       uint8   [B, T, H, W, 3]
+    object_masks     bool    [B, T, H, W, K]
+    num_objects      int32   [B]
+    caption_tokens   int32   [B, Lc]      caption_mask bool [B, Lc]      (Lc = text_encoder.max_length)
+    motion_tokens    int32   [B, Lc]      motion_mask  bool [B, Lc]
+    local_tokens     int32   [B, K+1, Lp] local_mask   bool [B, K+1, Lp] (slot 0 = caption; Lp = local_max_length)
+    video_latent, trajectory_latent  float32 [B, T', H', W', C]   only when the records carry cached latents
+
+Grain worker processes re-import this module: scripts that set `num_workers > 0` need an
+`if __name__ == "__main__":` guard and parsed absl flags (`app.run`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+
+from ttm_jax.data import records
+
+# data-config keys whose mismatch with the prepared records changes batch shapes: an error, not a warning
+SHAPE_KEYS = ("num_frames", "height", "width", "max_objects")
+SOURCE_FPS = 24.0
+MIN_SYNTHETIC_SIDE = 128
+
+
+@dataclasses.dataclass
+class DecodeAndTokenize(grain.transforms.Map):
+    """Record bytes -> one example of the batch dict (no batch axis); picklable for Grain workers."""
+
+    text_config: dict
+    keep_latents: bool = True
+
+    def __post_init__(self):
+        from ttm_jax.models.tokenizer import make_tokenizer
+
+        self._tokenizer = make_tokenizer(ml_collections.ConfigDict(self.text_config))
+
+    def __getstate__(self):
+        return {"text_config": self.text_config, "keep_latents": self.keep_latents}
+
+    def __setstate__(self, state):
+        self.__init__(**state)
+
+    def map(self, record: bytes) -> dict[str, np.ndarray]:
+        r = records.decode(record)
+        lc, lp = int(self.text_config["max_length"]), int(self.text_config["local_max_length"])
+        tok = self._tokenizer
+        (cap_ids, mot_ids), (cap_mask, mot_mask) = tok.encode([r["caption"], r["motion_prompt"]], lc)
+        local = [r["caption"], *r["local_prompts"]]
+        loc_ids, loc_mask = tok.encode(local, lp)
+        # an object without a prompt (padding slot, or uncaptioned masklet) has no tokens at all, not a lone eos
+        empty = np.array([i > 0 and not t for i, t in enumerate(local)])
+        loc_mask = np.where(empty[:, None], False, loc_mask)
+        loc_ids = np.where(loc_mask, loc_ids, 0)
+        out = {
+            "video": r["video"],
+            "trajectory": r["trajectory"],
+            "object_masks": r["object_masks"],
+            "num_objects": np.int32(r["num_objects"]),
+            "caption_tokens": cap_ids.astype(np.int32), "caption_mask": cap_mask.astype(bool),
+            "motion_tokens": mot_ids.astype(np.int32), "motion_mask": mot_mask.astype(bool),
+            "local_tokens": loc_ids.astype(np.int32), "local_mask": loc_mask.astype(bool),
+        }
+        if self.keep_latents and "video_latent" in r:
+            out["video_latent"] = r["video_latent"]
+            out["trajectory_latent"] = r["trajectory_latent"]
+        return out
+
+
+def check_manifest(manifest: dict, config: ml_collections.ConfigDict, folder: str) -> None:
+    """Raises if the prepared records do not have the shapes `config` asks for; warns on other differences."""
+    data = manifest.get("data", {})
+    where = os.path.join(folder, records.MANIFEST)
+    for k in SHAPE_KEYS:
+        if k in data and data[k] != config.data[k]:
+            raise ValueError(f"{where}: records were prepared with data.{k}={data[k]} but config.data.{k}="
+                             f"{config.data[k]}; prepare again with this config (python -m ttm_jax.data.prepare "
+                             f"--config=...) or set config.data.prepared_path to a matching folder")
+    for k, v in data.items():
+        if k not in SHAPE_KEYS and config.data.get(k) is not None and config.data.get(k) != v:
+            logging.warning("%s: records prepared with data.%s=%r, config has %r", where, k, v, config.data.get(k))
+    if manifest.get("num_records", 0) < 1:
+        raise ValueError(f"{where}: no records (all videos skipped: {manifest.get('skipped')}); check the SA-V "
+                         f"path and captions it was prepared from")
+
+
+def make_dataset(config: ml_collections.ConfigDict, path: str, *, process_index: int = 0,
+                 process_count: int = 1) -> grain.MapDataset:
+    """The infinite, shuffled, decoded (unbatched) `MapDataset` of this process' slice of the records at `path`."""
+    manifest = records.load_manifest(path)
+    check_manifest(manifest, config, path)
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"make_dataset: process_index={process_index} not in [0, process_count={process_count})")
+    source = grain.sources.ArrayRecordDataSource(records.shard_paths(path, manifest))
+    ds = grain.MapDataset.source(source)
+    if len(ds) < process_count:
+        raise ValueError(f"{path}: {len(ds)} records cannot be split over {process_count} processes; prepare more "
+                         f"videos (config.data.synthetic_num_videos or --clips_per_video)")
+    ds = ds[process_index::process_count]
+    ds = ds.shuffle(seed=int(config.data.shuffle_seed)).repeat(None)
+    return ds.map(DecodeAndTokenize(config.text_encoder.to_dict()))
+
+
+def local_batch_size(config: ml_collections.ConfigDict, process_count: int) -> int:
+    b = int(config.train.batch_size)
+    if b % process_count:
+        raise ValueError(f"config.train.batch_size={b} is not divisible by the {process_count} JAX processes; set it "
+                         f"to a multiple of {process_count}")
+    return b // process_count
+
+
+def make_train_iterator(config: ml_collections.ConfigDict, *, process_index: int, process_count: int,
+                        workdir: str) -> grain.DatasetIterator:
+    """A checkpointable iterator of this process' batches (module docstring); data from `config.data.prepared_path`,
+    else prepared from `config.data.sav_path`, else synthetic SA-V (`ensure_default_data`)."""
+    path = resolve_prepared_path(config, workdir)
+    ds = make_dataset(config, path, process_index=process_index, process_count=process_count)
+    ds = ds.batch(local_batch_size(config, process_count), drop_remainder=True)
+    threads = int(config.data.get("read_threads", 4))
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(threads, 2)))
+    workers = int(config.data.num_workers)
+    if workers > 0:
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return iter(it_ds)
+
+
+# ------------------------------------------------------------------------------------------------- default data
+
+
+def _fingerprint(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def synthetic_params(config: ml_collections.ConfigDict) -> dict:
+    """Synthetic SA-V sized for `config.data`: enough 24 fps frames for a clip (plus room for several starts), and
+    at least 128 pixels on the short side, at the clip's aspect ratio."""
+    d = config.data
+    span = 1 + math.ceil((int(d.num_frames) - 1) * SOURCE_FPS / float(d.fps))
+    frames = span + 16
+    scale = max(1, math.ceil(MIN_SYNTHETIC_SIDE / min(int(d.height), int(d.width))))
+    h, w = int(d.height) * scale, int(d.width) * scale
+    return {"num_videos": int(d.synthetic_num_videos), "seed": int(config.seed), "split": "mixed",
+            "height": h + h % 2, "width": w + w % 2, "frames": frames}
+
+
+def _cache_root(config: ml_collections.ConfigDict, workdir: str) -> str:
+    if config.data.synthetic_dir:
+        return config.data.synthetic_dir
+    return os.path.join(os.path.dirname(os.path.abspath(workdir.rstrip("/"))), "synthetic_sav")
+
+
+def ensure_default_data(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """Synthetic SA-V generated into `config.data.synthetic_dir` (default `<workdir>/../synthetic_sav`) and prepared
+    for `config.data`, unless already there; returns the prepared folder. Safe to call from every process at once:
+    all files are deterministic and written atomically."""
+    from ttm_jax.data import prepare, synthetic
+
+    root = _cache_root(config, workdir)
+    p = synthetic_params(config)
+    videos = os.path.join(root, f"videos-{_fingerprint(p)}")
+    full = synthetic.params(videos_per_shard=32, with_auto=False, **p)
+    if not synthetic.is_complete(videos, full):
+        logging.info("ensure_default_data: generating %d synthetic SA-V videos into %s", p["num_videos"], videos)
+        synthetic.generate(videos, p["num_videos"], p["seed"], split=p["split"], height=p["height"],
+                           width=p["width"], frames=p["frames"], videos_per_shard=32)
+    prepared = os.path.join(root, f"prepared-{_fingerprint([full, prepare.data_settings(config.data)])}")
+    if not os.path.exists(os.path.join(prepared, records.MANIFEST)):
+        logging.info("ensure_default_data: preparing %s into %s", videos, prepared)
+        summary = prepare.prepare(videos, os.path.join(videos, synthetic.CAPTIONS_FILE), prepared, config,
+                                  seed=int(config.seed))
+        logging.info("ensure_default_data: %s", summary.line())
+    return prepared
+
+
+def resolve_prepared_path(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """`config.data.prepared_path`; else SA-V at `config.data.sav_path` prepared into `<workdir>/prepared`; else
+    synthetic SA-V (`ensure_default_data`)."""
+    d = config.data
+    if d.prepared_path:
+        return d.prepared_path
+    if d.sav_path:
+        from ttm_jax.data import prepare
+
+        if not d.captions:
+            raise ValueError("config.data.sav_path is set but config.data.captions is empty; give the captions "
+                             "sidecar JSONL (SA-V ships no captions)")
+        out = os.path.join(workdir, "prepared")
+        if not os.path.exists(os.path.join(out, records.MANIFEST)):
+            logging.info("preparing %s into %s", d.sav_path, out)
+            logging.info("%s", prepare.prepare(d.sav_path, d.captions, out, config, seed=int(config.seed)).line())
+        return out
+    return ensure_default_data(config, workdir)
