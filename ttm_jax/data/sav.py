@@ -336,6 +336,7 @@ def _parse(d: dict, name: str) -> tuple[int, int, int, float, list[int], list[li
             if list(rle["size"]) != [h, w]:
                 raise SkipVideo("rle_size", name, f"masklet {ids[m]} frame {j}: RLE size {list(rle['size'])} but "
                                 f"the video is [{h}, {w}] (video_height, video_width)")
+    derive_stride(frames, n, file=name)
     counts = d.get("masklet_frame_count")
     if counts is not None:
         for m, c in enumerate(counts):
@@ -398,7 +399,11 @@ def read_annotation(ref: VideoRef) -> Annotation:
         return _read_frames_annotation(ref)
     parsed = []
     for kind, src in ref.annotations:
-        parsed.append((kind, src.name, _parse(_load_json(src), src.name)))
+        d = _load_json(src)
+        if str(d.get("video_id", ref.video_id)) != ref.video_id:
+            raise SkipVideo("mismatch", src.name, f"json video_id {d['video_id']!r} but the file is video "
+                            f"{ref.video_id!r}; the json belongs to another video")
+        parsed.append((kind, src.name, _parse(d, src.name)))
     kind0, name0, (frames, h, w, fps, ids, masklet, size_abs) = parsed[0]
     keys = [str(i) for i in ids]
     rles = [list(row) for row in masklet]
