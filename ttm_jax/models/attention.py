@@ -12,6 +12,7 @@ Every implementation is tested against `xla` (tests/test_attention.py).
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 
 import jax
@@ -151,6 +152,10 @@ def _gpu(q: jax.Array, k: jax.Array, v: jax.Array, q_ids: jax.Array, kv_ids: jax
     lq, lk = q.shape[1], k.shape[1]
     self_attention = lq == lk and (q_ids is kv_ids or _same_ids(q_ids, kv_ids))
     if not self_attention:
+        if lq == lk:
+            warnings.warn(f"attention impl='gpu': q_ids and kv_ids are different arrays with Lq == Lk == {lq}, so "
+                          "this runs with a dense [Lq, Lk] mask; for masked self-attention pass the same array (or "
+                          "kv_ids=None) to use the Pallas kernel", stacklevel=3)
         return _cudnn_or_xla(q, k, v, masks.allowed(q_ids, kv_ids)[:, None], scale)
     length = _gpu_length(lq)
     # Padded tokens get _NEVER on both sides: they attend each other only, and are sliced away.
@@ -183,7 +188,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_ids: ja
       q: `[B, Lq, H, D]`; k, v: `[B, Lk, H, D]`.
       q_ids: int32 `[B, Lq]` object ids of the queries, or None for unmasked attention.
       kv_ids: int32 `[B, Lk]` ids of the keys (-1: padding, never attended); None with `q_ids` given means
-        self-attention with `kv_ids = q_ids` (needs Lq == Lk).
+        self-attention with `kv_ids = q_ids` (needs Lq == Lk). impl="gpu" recognises masked self-attention by
+        identity (`kv_ids is q_ids` or None; under jit two equal arrays are two tracers), so pass the same array.
       impl: a name in `IMPLS` (`config.model.attention`).
       scale: logit scale; None is `1/sqrt(D)`.
       interpret: run the Pallas kernels (splash, gpu) in interpret mode, on CPU (tests).
