@@ -1,0 +1,219 @@
+"""TTM's added layers and the DiT's building blocks (`ttm_jax/models/layers.py`).
+
+Isolation is shown with exact Jacobians on a tiny layer whose output projection is made non-zero: two objects (A=1,
+B=2) and background (0) on a 2 x 2 x 3 token grid, local prompts in slots 0 (caption), 1 (A), 2 (B) with padding.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers.models.embeddings import get_timestep_embedding
+from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+from ttm_jax.models import layers
+
+DIM, HEADS = 12, 2  # head_dim 6: RoPE split 2/2/2
+GRID = (2, 2, 3)
+N = 12
+# per-token object ids, (t, h, w) order: A and B move, B absent from frame 1
+TOKEN_IDS = np.array([[1, 1, 0, 2, 2, 0,
+                       0, 1, 1, 0, 0, 0]], np.int32)
+LP = 4
+# slot 0 caption (3 real tokens), slot 1 A (2 real), slot 2 B (4 real); -1 padding
+LOCAL_IDS = np.array([[0, 0, 0, -1, 1, 1, -1, -1, 2, 2, 2, 2]], np.int32)
+A, B, BG = (TOKEN_IDS[0] == 1), (TOKEN_IDS[0] == 2), (TOKEN_IDS[0] == 0)
+
+
+def _randomize_out(params, key):
+    """Makes the zero-initialised `attn/to_out` non-zero, so the layer's mixing is visible."""
+    p = jax.tree.map(lambda x: x, nn.unbox(params))
+    k1, k2 = jax.random.split(key)
+    p["attn"]["to_out"]["kernel"] = jax.random.normal(k1, p["attn"]["to_out"]["kernel"].shape)
+    p["attn"]["to_out"]["bias"] = jax.random.normal(k2, p["attn"]["to_out"]["bias"].shape)
+    return p
+
+
+def _token_influence(jac: jax.Array) -> np.ndarray:
+    """Jacobian `[1, Nq, D, 1, Nk, Dk]` -> `[Nq, Nk]` max |d out_i / d in_j|."""
+    return np.asarray(jnp.max(jnp.abs(jac[0, :, :, 0]), axis=(1, 3)))
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    k = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(k[0], (1, N, DIM))
+    local = jax.random.normal(k[1], (1, LOCAL_IDS.shape[1], DIM))
+    rope = layers.rope_3d(DIM // HEADS, GRID)
+    return x, local, rope
+
+
+@pytest.fixture(scope="module")
+def self_layer(inputs):
+    x, _, rope = inputs
+    masked = layers.MaskedSelfAttention(DIM, HEADS, masked=True)
+    twin = layers.MaskedSelfAttention(DIM, HEADS, masked=False)
+    params = masked.init(jax.random.key(1), x, rope, jnp.asarray(TOKEN_IDS))["params"]
+    return masked, twin, _randomize_out(params, jax.random.key(2))
+
+
+@pytest.fixture(scope="module")
+def cross_layer(inputs):
+    x, local, _ = inputs
+    masked = layers.MaskedCrossAttention(DIM, HEADS, masked=True)
+    twin = layers.MaskedCrossAttention(DIM, HEADS, masked=False)
+    params = masked.init(jax.random.key(3), x, local, jnp.asarray(TOKEN_IDS), jnp.asarray(LOCAL_IDS))["params"]
+    return masked, twin, _randomize_out(params, jax.random.key(4))
+
+
+def test_masked_self_attention_isolates_objects(inputs, self_layer):
+    x, _, rope = inputs
+    masked, twin, params = self_layer
+    ids = jnp.asarray(TOKEN_IDS)
+    jac_m = _token_influence(jax.jacrev(lambda x: masked.apply({"params": params}, x, rope, ids))(x))
+    jac_u = _token_influence(jax.jacrev(lambda x: twin.apply({"params": params}, x, rope, ids))(x))
+    same = TOKEN_IDS[0][:, None] == TOKEN_IDS[0][None, :]
+    # exactly zero across objects (A <- B, A <- background, background <- A, ...), non-zero within one
+    assert np.all(jac_m[~same] == 0.0)
+    assert np.all(jac_m[same] > 1e-4)
+    # the unmasked twin (same weights) mixes every pair: the zeros above come from the mask
+    assert np.all(jac_u > 1e-4)
+    for obj in (A, B, BG):
+        assert np.all(jac_m[np.ix_(obj, ~obj)] == 0.0)
+
+
+def test_masked_cross_attention_isolates_prompts(inputs, cross_layer):
+    x, local, _ = inputs
+    masked, twin, params = cross_layer
+    ids, lids = jnp.asarray(TOKEN_IDS), jnp.asarray(LOCAL_IDS)
+    fn_m = lambda local: masked.apply({"params": params}, x, local, ids, lids)
+    fn_u = lambda local: twin.apply({"params": params}, x, local, ids, lids)
+    jac_m = _token_influence(jax.jacrev(fn_m)(local))  # [N, S*Lp]
+    jac_u = _token_influence(jax.jacrev(fn_u)(local))
+    allowed = (TOKEN_IDS[0][:, None] == LOCAL_IDS[0][None, :]) & (LOCAL_IDS[0][None, :] >= 0)
+    assert np.all(jac_m[~allowed] == 0.0)
+    assert np.all(jac_m[allowed] > 1e-4)
+    real = LOCAL_IDS[0] >= 0
+    assert np.all(jac_u[:, real] > 1e-4)  # the twin reads every real prompt token ...
+    assert np.all(jac_u[:, ~real] == 0.0)  # ... and never padding
+
+    # A finite change of B's prompt embeddings leaves A's and background tokens bit-identical, moves B's.
+    slot_b = LOCAL_IDS[0] == 2
+    bumped = local.at[:, slot_b].add(jax.random.normal(jax.random.key(5), (1, int(slot_b.sum()), DIM)))
+    before, after = np.asarray(fn_m(local)), np.asarray(fn_m(bumped))
+    np.testing.assert_array_equal(after[0, A | BG], before[0, A | BG])
+    assert np.abs(after[0, B] - before[0, B]).min() > 0 or np.abs(after[0, B] - before[0, B]).max() > 1e-3
+
+
+def test_cross_query_without_prompt_reads_caption(inputs, cross_layer):
+    """Object 3 has tokens but no prompt (and object 1's tokens all padding): such queries attend slot 0 only."""
+    x, local, _ = inputs
+    masked, _, params = cross_layer
+    ids = jnp.asarray(np.where(TOKEN_IDS == 2, 3, TOKEN_IDS))  # B's tokens now belong to a prompt-less object 3
+    lids = jnp.asarray(np.where(LOCAL_IDS == 1, -1, LOCAL_IDS))  # A's prompt is all padding
+    jac = _token_influence(jax.jacrev(lambda local: masked.apply({"params": params}, x, local, ids, lids))(local))
+    caption = np.asarray(lids[0] == 0)
+    orphans = np.asarray(ids[0] == 3) | A
+    assert np.all(jac[np.ix_(orphans, caption)] > 1e-4)
+    assert np.all(jac[np.ix_(orphans, ~caption)] == 0.0)
+    assert np.all(np.isfinite(jac))
+
+
+def test_single_object_equals_unmasked_twin(inputs, self_layer, cross_layer):
+    """All tokens one object and its local prompt equal to the caption: masked == unmasked for both layers."""
+    x, local, rope = inputs
+    ones = jnp.ones((1, N), jnp.int32)
+    m_self, u_self, p_self = self_layer
+    np.testing.assert_allclose(m_self.apply({"params": p_self}, x, rope, ones),
+                               u_self.apply({"params": p_self}, x, rope, ones), atol=1e-6, rtol=0)
+    m_cross, u_cross, p_cross = cross_layer
+    caption = local[:, :LP]
+    caption_mask = np.array([1, 1, 1, 0], bool)
+    local2 = jnp.concatenate([caption, caption], axis=1)  # slot 0 = caption, slot 1 = the object's prompt = caption
+    lids = jnp.asarray(np.concatenate([np.where(caption_mask, 0, -1), np.where(caption_mask, 1, -1)])[None])
+    out_m = m_cross.apply({"params": p_cross}, x, local2, ones, lids)
+    out_u = u_cross.apply({"params": p_cross}, x, local2, ones, lids)
+    np.testing.assert_allclose(out_m, out_u, atol=1e-6, rtol=0)
+    # and the layer does something: it differs from its input
+    assert np.abs(np.asarray(out_m - x)).max() > 1e-2
+
+
+def test_fresh_added_layers_are_identity(inputs):
+    x, local, rope = inputs
+    ids, lids = jnp.asarray(TOKEN_IDS), jnp.asarray(LOCAL_IDS)
+    s = layers.MaskedSelfAttention(DIM, HEADS)
+    c = layers.MaskedCrossAttention(DIM, HEADS)
+    ps = s.init(jax.random.key(0), x, rope, ids)
+    pc = c.init(jax.random.key(0), x, local, ids, lids)
+    np.testing.assert_array_equal(s.apply(ps, x, rope, ids), x)
+    np.testing.assert_array_equal(c.apply(pc, x, local, ids, lids), x)
+
+
+def test_masked_layers_require_ids(inputs):
+    x, local, rope = inputs
+    with pytest.raises(ValueError, match="token_ids"):
+        layers.MaskedSelfAttention(DIM, HEADS).init(jax.random.key(0), x, rope, None)
+    with pytest.raises(ValueError, match="local_ids"):
+        layers.MaskedCrossAttention(DIM, HEADS).init(jax.random.key(0), x, local, jnp.asarray(TOKEN_IDS), None)
+
+
+@pytest.mark.parametrize("head_dim,grid", [(18, (3, 3, 5)), (128, (21, 30, 52))])
+def test_rope_tables_match_diffusers(head_dim, grid):
+    rope = WanRotaryPosEmbed(head_dim, (1, 2, 2), 1024)
+    f, h, w = grid
+    cos_ref, sin_ref = rope(torch.zeros(1, 1, f, 2 * h, 2 * w))
+    cos, sin = layers.rope_3d(head_dim, grid, 1024)
+    np.testing.assert_array_equal(np.asarray(cos), cos_ref[0, :, 0].numpy())
+    np.testing.assert_array_equal(np.asarray(sin), sin_ref[0, :, 0].numpy())
+
+
+def test_rope_is_relative_and_norm_preserving():
+    """<R(p) q, R(p') k> depends only on p - p' (per axis), and rotation keeps norms."""
+    hd, grid = 18, (4, 4, 4)
+    cos, sin = layers.rope_3d(hd, grid)
+    key = jax.random.split(jax.random.key(0))
+    q = jnp.broadcast_to(jax.random.normal(key[0], (hd,)), (1, 64, 1, hd))
+    k = jnp.broadcast_to(jax.random.normal(key[1], (hd,)), (1, 64, 1, hd))
+    rq, rk = layers.apply_rope(q, cos, sin)[0, :, 0], layers.apply_rope(k, cos, sin)[0, :, 0]
+    np.testing.assert_allclose(jnp.linalg.norm(rq, axis=-1), jnp.linalg.norm(q[0, :, 0], axis=-1), rtol=1e-5)
+    idx = lambda t, h, w: (t * 4 + h) * 4 + w
+    d1 = jnp.dot(rq[idx(2, 1, 3)], rk[idx(1, 0, 1)])
+    d2 = jnp.dot(rq[idx(3, 3, 2)], rk[idx(2, 2, 0)])  # same offset (1, 1, 2)
+    d3 = jnp.dot(rq[idx(3, 3, 3)], rk[idx(2, 2, 0)])  # another offset
+    np.testing.assert_allclose(d1, d2, rtol=1e-5)
+    assert abs(float(d1 - d3)) > 1e-3
+
+
+def test_rope_grid_beyond_max_seq_len_names_the_field():
+    with pytest.raises(ValueError, match="rope_max_seq_len"):
+        layers.rope_3d(18, (3, 70, 5), max_seq_len=64)
+
+
+def test_timestep_embedding_matches_diffusers():
+    t = np.array([0.0, 1.0, 17.5, 999.0], np.float32)
+    ref = get_timestep_embedding(torch.from_numpy(t), 32, flip_sin_to_cos=True, downscale_freq_shift=0).numpy()
+    np.testing.assert_allclose(np.asarray(layers.timestep_embedding(jnp.asarray(t), 32)), ref, atol=2e-6, rtol=0)
+
+
+def test_norms_match_torch():
+    x = np.random.default_rng(0).standard_normal((2, 5, 24)).astype(np.float32) * 3 + 1
+    rms = layers.RMSNorm(1e-6)
+    p = rms.init(jax.random.key(0), x)
+    scale = np.random.default_rng(1).standard_normal(24).astype(np.float32)
+    ref = torch.nn.RMSNorm(24, eps=1e-6)
+    with torch.no_grad():
+        ref.weight.copy_(torch.from_numpy(scale))
+        want = ref(torch.from_numpy(x)).numpy()
+    got = rms.apply({"params": {"scale": jnp.asarray(scale)}}, x)
+    assert nn.unbox(p)["params"]["scale"].shape == (24,)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    ln = layers.LayerNorm(1e-6, affine=True)
+    bias = np.random.default_rng(2).standard_normal(24).astype(np.float32)
+    got = ln.apply({"params": {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias)}}, x)
+    want = torch.nn.functional.layer_norm(torch.from_numpy(x), (24,), torch.from_numpy(scale),
+                                          torch.from_numpy(bias), 1e-6).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
