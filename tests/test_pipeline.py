@@ -189,3 +189,12 @@ def test_ensure_default_data_generates_once(tmp_path):
     # default cache location: next to the workdir
     c.data.synthetic_dir = ""
     assert pipeline._cache_root(c, workdir) == str(tmp_path / "synthetic_sav")
+
+
+@pytest.mark.parametrize("field,value", [("num_workers", -1), ("read_threads", 0), ("shuffle_seed", 2**32),
+                                         ("synthetic_num_videos", 0)])
+def test_config_rejects_bad_pipeline_values(field, value):
+    c = config_lib.build(2, "tiny")
+    c.data[field] = value
+    with pytest.raises(config_lib.ConfigError, match=rf"config\.data\.{field}"):
+        config_lib.validate(c)

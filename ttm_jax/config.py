@@ -148,7 +148,8 @@ def _data(variant: str) -> ml_collections.ConfigDict:
     d.min_object_area = 0.002  # an object must cover this fraction of the clip's first frame to be chosen
     d.motion_weight = 1.0  # object choice score = mean area x (1 + motion_weight x (1 - consecutive-frame IoU))
     d.shuffle_seed = 0
-    d.num_workers = 0
+    d.num_workers = 0  # Grain worker processes (mp_prefetch); 0: decode in the training process
+    d.read_threads = 4  # Grain threads reading and decoding records in each process
     return d
 
 
@@ -301,6 +302,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check(d.max_objects <= 26, "data.max_objects", f"{d.max_objects} exceeds the 26-colour trajectory palette "
            "(ttm_jax/data/trajectory.py); use <= 26")
     _check(0.0 <= d.min_object_area < 1.0, "data.min_object_area", f"{d.min_object_area} must be in [0, 1)")
+    _check(isinstance(d.num_workers, int) and d.num_workers >= 0, "data.num_workers",
+           f"{d.num_workers!r} must be an int >= 0 (0: no worker processes)")
+    _check(isinstance(d.read_threads, int) and d.read_threads >= 1, "data.read_threads",
+           f"{d.read_threads!r} must be an int >= 1")
+    _check(0 <= d.shuffle_seed < 2**32, "data.shuffle_seed", f"{d.shuffle_seed} must be in [0, 2**32) (Grain's range)")
+    _check(d.synthetic_num_videos >= 1, "data.synthetic_num_videos", f"{d.synthetic_num_videos} must be >= 1")
     _check(t.d_model > 0 and t.num_layers > 0, "text_encoder", "d_model and num_layers must be positive")
     _check(t.tokenizer in ("byte", "sentencepiece"), "text_encoder.tokenizer",
            f"{t.tokenizer!r}; choose byte or sentencepiece")
