@@ -181,6 +181,32 @@ def test_gpu_uses_kernel_for_self_attention_under_jit(self_case):
         assert "pallas_call" not in str(jax.make_jaxpr(distinct)(q, k, v, ids, ids))
 
 
+@pytest.mark.parametrize("impl", ["splash", "gpu"])
+def test_kernels_per_shard_under_a_mesh(impl):
+    """Under `jax.set_mesh`, the Pallas kernels run per (batch, head) shard in shard_map and still match xla."""
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    rng = np.random.default_rng(6)
+    q, k, v = (jnp.asarray(rng.standard_normal((4, 64, 2, D)), jnp.float32) for _ in range(3))
+    ids = jnp.asarray(rng.integers(0, 3, (4, 64)), jnp.int32)
+
+    def f(q, k, v, ids):
+        return attention.dot_product_attention(q, k, v, q_ids=ids, kv_ids=ids, impl=impl, interpret=True)
+
+    want = attention.dot_product_attention(q, k, v, q_ids=ids, kv_ids=ids)
+    with jax.set_mesh(mesh):
+        assert "shard_map" in str(jax.make_jaxpr(f)(q, k, v, ids))
+        got = jax.jit(f)(q, k, v, ids)
+    np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
+
+
+def test_kernel_on_wrong_backend_names_the_config_field():
+    q, k, v = _qkv(4, 8, 8)
+    ids = jnp.zeros((B, 8), jnp.int32)
+    for impl in ("splash", "gpu"):
+        with pytest.raises(ValueError, match="config.model.attention"):
+            attention.dot_product_attention(q, k, v, q_ids=ids, impl=impl)
+
+
 def test_errors_name_the_fix():
     q, k, v = _qkv(4, 8, 8)
     ids = jnp.zeros((B, 8), jnp.int32)

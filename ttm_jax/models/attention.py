@@ -12,11 +12,14 @@ Every implementation is tested against `xla` (tests/test_attention.py).
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from collections.abc import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from ttm_jax.models import masks
 
@@ -62,6 +65,43 @@ def _pad_seq(x: jax.Array, length: int, axis: int, value: float | int = 0) -> ja
     return jnp.pad(x, pad, constant_values=value)
 
 
+# ---- per-device kernels under a mesh --------------------------------------------------------------------------------
+
+# Pallas kernels (Mosaic on TPU, Triton on GPU) cannot be partitioned automatically by XLA, so under a mesh they run
+# per shard inside `shard_map`: batch and heads are independent, the sequence stays whole. The mesh axes come from
+# the Flax logical axis rules in scope (`batch`, `heads`; train/sharding.py), else these defaults (config.mesh axes).
+_DEFAULT_AXES = {"batch": ("data", "fsdp"), "heads": ("tensor",)}
+
+
+def _mesh_axes(logical: str, mesh: jax.sharding.AbstractMesh, dim: int) -> tuple[str, ...] | None:
+    """Mesh axes for a logical dimension of size `dim`: the rule's axes present in `mesh`, trimmed to divide `dim`."""
+    axes = None
+    for name, target in nn.get_logical_axis_rules():
+        if name == logical:
+            axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+            break
+    if axes is None:
+        axes = _DEFAULT_AXES[logical]
+    axes = tuple(a for a in axes if a in mesh.axis_names and mesh.shape[a] > 1)
+    while axes and dim % math.prod(mesh.shape[a] for a in axes):
+        axes = axes[:-1]  # keep the longest prefix that divides, as train/sharding.py does
+    return axes or None
+
+
+def _per_shard(kernel: Callable[..., jax.Array], q: jax.Array, k: jax.Array, v: jax.Array,
+               *ids: jax.Array) -> jax.Array:
+    """`kernel(q, k, v, *ids)` per shard of the mesh in scope (`jax.set_mesh`); a plain call without one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return kernel(q, k, v, *ids)
+    batch = _mesh_axes("batch", mesh, q.shape[0])
+    heads = _mesh_axes("heads", mesh, q.shape[2])
+    x_spec = P(batch, None, heads, None)
+    ids_spec = P(batch, None)
+    return jax.shard_map(kernel, mesh=mesh, in_specs=(x_spec, x_spec, x_spec) + (ids_spec,) * len(ids),
+                         out_specs=x_spec, check_vma=False)(q, k, v, *ids)
+
+
 # ---- splash (TPU) --------------------------------------------------------------------------------------------------
 
 # Splash tiles must be multiples of 128 lanes (splash_attention_kernel.py: `bkv_compute % NUM_LANES`, and the segment
@@ -90,10 +130,15 @@ def _splash_kernel(num_heads: int, lq: int, lk: int, block_q: int, block_kv: int
 
 def _splash(q: jax.Array, k: jax.Array, v: jax.Array, q_ids: jax.Array, kv_ids: jax.Array, *, scale: float,
             interpret: bool = False) -> jax.Array:
-    """TPU splash attention with `SegmentIds(q=q_ids, kv=kv_ids)`: no dense mask, any Lq / Lk."""
+    """TPU splash attention with `SegmentIds(q=q_ids, kv=kv_ids)`: no dense mask, any Lq / Lk; per shard."""
+    return _per_shard(functools.partial(_splash_local, scale=scale, interpret=interpret), q, k, v, q_ids, kv_ids)
+
+
+def _splash_local(q: jax.Array, k: jax.Array, v: jax.Array, q_ids: jax.Array, kv_ids: jax.Array, *, scale: float,
+                  interpret: bool) -> jax.Array:
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
-    b, lq, h, _ = q.shape
+    lq, h = q.shape[1], q.shape[2]
     lk = k.shape[1]
     bq, bkv = _splash_block(lq), _splash_block(lk)
     lq_pad, lk_pad = _round_up(lq, bq), _round_up(lk, bkv)
@@ -147,8 +192,6 @@ def _gpu(q: jax.Array, k: jax.Array, v: jax.Array, q_ids: jax.Array, kv_ids: jax
     so it goes through `jax.nn.dot_product_attention` with the boolean mask: the mask is only `[Lq, Lk]` with small Lk,
     and cuDNN's fused kernel takes it where the dtype/shape allow.
     """
-    from jax.experimental.pallas.ops.gpu import attention as gpu_attention
-
     lq, lk = q.shape[1], k.shape[1]
     self_attention = lq == lk and (q_ids is kv_ids or _same_ids(q_ids, kv_ids))
     if not self_attention:
@@ -157,6 +200,14 @@ def _gpu(q: jax.Array, k: jax.Array, v: jax.Array, q_ids: jax.Array, kv_ids: jax
                           "this runs with a dense [Lq, Lk] mask; for masked self-attention pass the same array (or "
                           "kv_ids=None) to use the Pallas kernel", stacklevel=3)
         return _cudnn_or_xla(q, k, v, masks.allowed(q_ids, kv_ids)[:, None], scale)
+    return _per_shard(functools.partial(_gpu_local, scale=scale, interpret=interpret), q, k, v, q_ids)
+
+
+def _gpu_local(q: jax.Array, k: jax.Array, v: jax.Array, q_ids: jax.Array, *, scale: float,
+               interpret: bool) -> jax.Array:
+    from jax.experimental.pallas.ops.gpu import attention as gpu_attention
+
+    lq = q.shape[1]
     length = _gpu_length(lq)
     # Padded tokens get _NEVER on both sides: they attend each other only, and are sliced away.
     seg = _pad_seq(jnp.where(q_ids >= 0, q_ids, _NEVER), length, axis=1, value=_NEVER)
@@ -177,6 +228,7 @@ def _same_ids(a: jax.Array, b: jax.Array) -> bool:
 
 
 IMPLS: dict[str, AttentionFn] = {"xla": _xla, "splash": _splash, "gpu": _gpu}
+_BACKEND = {"splash": "tpu", "gpu": "gpu"}  # the backend each Pallas kernel compiles for (unless interpret=True)
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_ids: jax.Array | None = None,
@@ -211,6 +263,11 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_ids: ja
     scale = float(q.shape[-1]) ** -0.5 if scale is None else float(scale)
     if q_ids is None:
         return jax.nn.dot_product_attention(q, k, v, scale=scale)
+    backend = _BACKEND.get(impl)
+    if backend and not interpret and jax.default_backend() != backend:
+        raise ValueError(f"attention: impl={impl!r} runs a {backend.upper()} kernel but the JAX backend is "
+                         f"{jax.default_backend()!r}; set config.model.attention to 'xla' (any backend), "
+                         f"'splash' (TPU) or 'gpu' (GPU) to match the machine")
     same = kv_ids is q_ids  # keep the identity: impl="gpu" recognises self-attention by it
     q_ids = jnp.asarray(q_ids, jnp.int32)
     kv_ids = q_ids if same else jnp.asarray(kv_ids, jnp.int32)
