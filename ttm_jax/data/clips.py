@@ -110,16 +110,25 @@ def make_example(ref: sav.VideoRef, caption_entry: CaptionEntry | None, data_con
     # objects the captioner described, if it described any: the local prompts are what stage 2 learns from
     prompts = {k: v for k, v in caption_entry.local_prompts.items() if v}
     candidates = [i for i, key in enumerate(ann.masklet_keys) if key in prompts] if prompts else None
+    out_hw = (int(d.height), int(d.width))
+    box = crop_box(ann.height, ann.width, *out_hw, mode=d.get("crop", "center"), rng=rng)
     masks = ann.masks(uniq)[inverse.reshape(-1)]  # [T, h, w, M]
-    chosen = trajectory.select_objects(masks, k_max, min_area=float(d.get("min_object_area", 0.0)),
+    # choose among what the crop keeps: an object outside the box is not in the clip
+    left, top, right, bottom = (int(round(v)) for v in box)
+    chosen = trajectory.select_objects(masks[:, top:bottom, left:right], k_max,
+                                       min_area=float(d.get("min_object_area", 0.0)),
                                        motion_weight=float(d.get("motion_weight", 1.0)), candidates=candidates)
     frames = sav.read_frames(ref, frame_idx)
     if frames.shape[1:3] != (ann.height, ann.width):
         raise SkipVideo("size_mismatch", ref.video.name, f"decodes to {frames.shape[1]}x{frames.shape[2]} (HxW) but "
                         f"{ann.file} says {ann.height}x{ann.width}")
-    out_hw = (int(d.height), int(d.width))
-    box = crop_box(ann.height, ann.width, *out_hw, mode=d.get("crop", "center"), rng=rng)
     ids = resize_ids(trajectory.ids_from_masks(masks[..., chosen]), box, out_hw)
+    # an object thinner than an output pixel can vanish in the resize; s0 must show every object, so drop it
+    kept = [k for k in range(len(chosen)) if (ids[0] == k + 1).any()]
+    if len(kept) < len(chosen):
+        remap = np.zeros(len(chosen) + 1, np.int32)
+        remap[np.asarray(kept, np.int64) + 1] = np.arange(1, len(kept) + 1)
+        ids, chosen = remap[ids], [chosen[k] for k in kept]
     n = len(chosen)
     keys = [ann.masklet_keys[c] for c in chosen]
     return {

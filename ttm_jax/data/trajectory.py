@@ -52,10 +52,10 @@ def id_of(color: Sequence[int]) -> int:
 def ids_from_masks(object_masks: np.ndarray) -> np.ndarray:
     """bool `[..., K]` -> int32 `[...]`: 1 + the lowest k whose mask is set (lower id wins), 0 where none is."""
     m = np.asarray(object_masks, dtype=bool)
-    if m.shape[-1] == 0:
-        return np.zeros(m.shape[:-1], np.int32)
-    first = np.argmax(m, axis=-1).astype(np.int32) + 1
-    return np.where(m.any(-1), first, 0).astype(np.int32)
+    ids = np.zeros(m.shape[:-1], np.int32)
+    for k in range(m.shape[-1] - 1, -1, -1):  # paint the highest id first, so lower ids overwrite it
+        ids[m[..., k]] = k + 1
+    return ids
 
 
 def masks_from_ids(ids: np.ndarray, num_objects: int) -> np.ndarray:
@@ -69,7 +69,7 @@ def render_ids(ids: np.ndarray) -> np.ndarray:
     ids = np.asarray(ids)
     if ids.size and (ids.min() < 0 or ids.max() > MAX_OBJECTS):
         raise ValueError(f"render_ids: ids in [{ids.min()}, {ids.max()}], outside [0, {MAX_OBJECTS}]")
-    return PALETTE[ids]
+    return np.take(PALETTE, ids, axis=0)
 
 
 def render(object_masks: np.ndarray) -> np.ndarray:
@@ -133,10 +133,12 @@ def select_objects(masks: np.ndarray, max_objects: int, *, min_area: float = 0.0
     """Choose up to `max_objects` masklets of a clip -> their indices into the last axis, ascending (masklet order).
 
     `masks` bool `[T, H, W, M]`, frame 0 = the clip's first frame. Eligible: in `candidates` (default all) and visible
-    in frame 0 with at least `min_area` of the frame (stage 1 starts from the first-frame masks s0). The
-    `max_objects` with the highest `object_scores` score win (ties: lower masklet index); the result is returned in
-    masklet order, so an object's palette colour follows masklet order and the choice is stable across seeds
-    that pick the same clip.
+    in frame 0 with more than 0 and at least `min_area` of the frame (stage 1 starts from the first-frame masks s0).
+    Candidates are taken greedily by `object_scores` score (ties: lower masklet index); one is accepted only if,
+    with overlaps resolved by id order (lower masklet wins, as in the trajectory), every accepted object still shows
+    at least that much of itself in frame 0: a part hidden under a lower-numbered whole (SA-V annotates both) adds
+    nothing and would vanish from the trajectory. The result is in masklet order, so an object's palette colour
+    follows masklet order and the choice does not depend on the order masklets are listed in.
     """
     m = np.asarray(masks, dtype=bool)
     t, h, w, n = m.shape
@@ -147,4 +149,12 @@ def select_objects(masks: np.ndarray, max_objects: int, *, min_area: float = 0.0
         return []
     _, _, score = object_scores(m[..., cand], motion_weight=motion_weight)
     order = sorted(range(len(cand)), key=lambda i: (-score[i], cand[i]))
-    return sorted(cand[i] for i in order[:max_objects])
+    chosen: list[int] = []
+    for i in order:
+        trial = sorted(chosen + [cand[i]])
+        shown = np.bincount(ids_from_masks(m[0][..., trial]).reshape(-1), minlength=len(trial) + 1)[1:] / (h * w)
+        if (shown > 0).all() and (shown >= min_area).all():
+            chosen = trial
+            if len(chosen) == max_objects:
+                break
+    return chosen
