@@ -163,8 +163,7 @@ def init_sharded(init_fn: Callable[..., Any], *args: Any, mesh: jax.sharding.Mes
     """
     abstract = jax.eval_shape(init_fn, *args)
     shardings = tree_shardings(abstract, mesh, rules, shard_unannotated=shard_unannotated)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        tree = jax.jit(lambda *a: unbox(init_fn(*a)), out_shardings=shardings)(*args)
+    tree = jax.jit(lambda *a: unbox(init_fn(*a)), out_shardings=shardings)(*args)
     return tree, shardings
 
 

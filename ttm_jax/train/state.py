@@ -14,7 +14,6 @@ from collections.abc import Callable
 from typing import Any
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -94,8 +93,8 @@ def init_state(init_params: Callable[[jax.Array], Any], rng: jax.Array, tx: opta
     def init(r):
         return create(sharding_lib.unbox(init_params(r)), tx, ema_decay)
 
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        state = jax.jit(init, out_shardings=shardings)(rng)
+    # no mesh context: the init forward pass runs on dummy inputs whose batch need not divide the mesh
+    state = jax.jit(init, out_shardings=shardings)(rng)
     return state, shardings
 
 

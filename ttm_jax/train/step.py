@@ -1,8 +1,9 @@
 """The jitted train step: `(state, frozen, batch) -> (state, metrics)`.
 
 One step:
-  1. the step's RNG is `fold_in(PRNGKey(config.seed), state.step)` (then folded with the micro-batch index), so a
-     resumed run draws exactly the noise, times and dropout an uninterrupted run would;
+  1. the step's RNG is `fold_in(PRNGKey(config.seed), state.step)`, then one key per example (folded with its row
+     in the global batch), so a resumed run, any mesh and any accumulation split draw exactly the same noise, times
+     and dropout;
   2. latents: the batch's cached `video_latent`/`trajectory_latent` when present, else the frozen autoencoder on the
      uint8 videos (mapped to [-1, 1]); text: the frozen text encoder on the token ids (padding rows zeroed);
   3. the stage's target and conditions (DESIGN.md):
@@ -72,20 +73,9 @@ def build_modules(config: ml_collections.ConfigDict) -> Modules:
 
 
 def _stage_input(stage: int, noisy: jax.Array, first: jax.Array, cond: jax.Array) -> jax.Array:
-    try:
-        from ttm_jax.models import conditioning
-    except ImportError:  # pragma: no cover - until conditioning.py lands: first frame at latent frame 0, zeros after
-        conditioning = None
-    if conditioning is not None:
-        return conditioning.stage_input(stage, noisy, first, cond)
-    t = noisy.shape[1]
+    from ttm_jax.models import conditioning
 
-    def at_frame0(x):
-        if x.shape[1] == t:
-            return x
-        return jnp.pad(x, ((0, 0), (0, t - x.shape[1]), (0, 0), (0, 0), (0, 0)))
-
-    return jnp.concatenate([noisy, at_frame0(first), at_frame0(cond)], axis=-1)
+    return conditioning.stage_input(stage, noisy, first, cond)
 
 
 def to_unit_range(video: jax.Array) -> jax.Array:
@@ -100,14 +90,12 @@ def encode_text(modules: Modules, te_params: Any, ids: jax.Array, mask: jax.Arra
     return jax.lax.stop_gradient(emb)
 
 
-def model_inputs(config: ml_collections.ConfigDict, modules: Modules, frozen: dict[str, Any],
-                 batch: dict[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, dict[str, Any], jax.Array]:
-    """Noisy stage input, the model's other arguments and the velocity target for one (micro-)batch.
-
-    Returns `(x [B,T',H',W',3C], kwargs for model.__call__ (timestep, context, ...), target [B,T',H',W',C])`.
-    """
+def prepare(config: ml_collections.ConfigDict, modules: Modules, frozen: dict[str, Any],
+            batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array, dict[str, Any]]:
+    """The deterministic part of a stage's inputs: `(target [B,T',H',W',C], first [B,1,H',W',C], cond [B,1 or T',
+    H',W',C], text)` where `text` holds `context` and, for stage 2 with added layers, `local_context`, `token_ids`,
+    `cross_token_ids`, `local_ids`, `local_mask`."""
     stage, ae = config.stage, modules.autoencoder
-    rng_t, rng_eps, rng_drop = jax.random.split(rng, 3)
     te = frozen["text_encoder"]
 
     def encode(key):
@@ -129,46 +117,80 @@ def model_inputs(config: ml_collections.ConfigDict, modules: Modules, frozen: di
         cond = encode("trajectory")
         text_ids, text_mask = batch["caption_tokens"], batch["caption_mask"]
     b = target.shape[0]
-
-    t = flow.sample_time(rng_t, b, config.objective)
-    eps = jax.random.normal(rng_eps, target.shape, jnp.float32)
-    noisy = flow.interpolate(target, eps, t)
-    velocity = flow.velocity_target(target, eps)
-
-    drop_img, drop_txt = flow.dropout_masks(rng_drop, b, config.objective)
-    first = flow.drop_image(first, drop_img)
-    cond = flow.drop_image(cond, drop_img)
-    context = encode_text(modules, te, text_ids, text_mask)
-    empty = encode_text(modules, te, frozen["empty_ids"], frozen["empty_mask"])
-    context = flow.drop_text(context, empty, drop_txt)
-
-    x = _stage_input(stage, noisy, first, cond)
-    kwargs: dict[str, Any] = {"timestep": flow.wan_timestep(t), "context": context}
+    text: dict[str, Any] = {"context": encode_text(modules, te, text_ids, text_mask)}
     if stage == 2 and config.model.ttm_layers > 0:
         from ttm_jax.models import masks
 
         geometry = dict(time_factor=ae.time_factor, space_factor=ae.space_factor,
                         patch_size=tuple(config.model.patch_size))
         om = batch["object_masks"].astype(bool)
-        kwargs["token_ids"] = masks.token_ids_from_masks(om, **geometry)
+        text["token_ids"] = masks.token_ids_from_masks(om, **geometry)
         by = masks.token_ids_from_boxes if config.model.cross_ids_from == "bbox" else masks.token_ids_from_masks
-        kwargs["cross_token_ids"] = by(om, **geometry)
+        text["cross_token_ids"] = by(om, **geometry)
         lt, lm = batch["local_tokens"], batch["local_mask"].astype(bool)
         s, lp = lt.shape[1], lt.shape[2]
-        local = encode_text(modules, te, lt.reshape(b * s, lp), lm.reshape(b * s, lp)).reshape(b, s * lp, -1)
+        text["local_context"] = encode_text(modules, te, lt.reshape(b * s, lp), lm.reshape(b * s, lp)).reshape(
+            b, s * lp, -1)
+        text["local_mask"] = lm
+        text["local_ids"] = masks.local_prompt_ids(lm)
+    return target, first, cond, text
+
+
+def drop_text_conditions(config: ml_collections.ConfigDict, modules: Modules, frozen: dict[str, Any],
+                         text: dict[str, Any], drop: jax.Array) -> dict[str, Any]:
+    """Replace the text of the examples where `drop [B]` is true by the empty prompt: the caption / motion prompt
+    and, for stage 2, every local-prompt slot (its ids follow the empty prompt's mask). Returns the model kwargs
+    (without `local_mask`)."""
+    te = frozen["text_encoder"]
+    out = dict(text)
+    empty = encode_text(modules, te, frozen["empty_ids"], frozen["empty_mask"])
+    out["context"] = flow.drop_text(text["context"], empty, drop)
+    lm = out.pop("local_mask", None)
+    if lm is not None:
+        from ttm_jax.models import masks
+
+        s = lm.shape[1]
         empty_local = encode_text(modules, te, frozen["empty_local_ids"], frozen["empty_local_mask"])  # [1, Lp, d]
-        kwargs["local_context"] = flow.drop_text(local, jnp.tile(empty_local, (1, s, 1)), drop_txt)
-        # a dropped example's local prompts are all empty prompts: slot s's tokens are the empty prompt's
+        out["local_context"] = flow.drop_text(text["local_context"], jnp.tile(empty_local, (1, s, 1)), drop)
         empty_mask = jnp.broadcast_to(frozen["empty_local_mask"].astype(bool)[:, None, :], lm.shape)
-        kwargs["local_ids"] = masks.local_prompt_ids(jnp.where(drop_txt[:, None, None], empty_mask, lm))
+        out["local_ids"] = masks.local_prompt_ids(jnp.where(drop[:, None, None], empty_mask, lm))
+    return out
+
+
+def example_keys(step_rng: jax.Array, batch_size: int, accum: int = 1, micro: int | jax.Array = 0) -> jax.Array:
+    """One key per example, `fold_in(step_rng, global row)`: micro-batch `micro` of `accum` holds global rows
+    `micro, micro + accum, ...`. Per-example keys make every draw independent of the batch split, so gradient
+    accumulation is exactly a larger batch and any mesh draws the same noise."""
+    rows = jnp.arange(batch_size) * accum + micro
+    return jax.vmap(lambda r: jax.random.fold_in(step_rng, r))(rows)
+
+
+def model_inputs(config: ml_collections.ConfigDict, modules: Modules, frozen: dict[str, Any],
+                 batch: dict[str, jax.Array], keys: jax.Array) -> tuple[jax.Array, dict[str, Any], jax.Array]:
+    """Noisy stage input, the model's other arguments and the velocity target for one (micro-)batch.
+
+    `keys`: one PRNG key per example (`example_keys`). Returns `(x [B,T',H',W',3C], kwargs for model.__call__
+    (timestep, context, ...), target [B,T',H',W',C])`.
+    """
+    target, first, cond, text = prepare(config, modules, frozen, batch)
+    obj = config.objective
+    split = jax.vmap(lambda k: jax.random.split(k, 3))(keys)
+    t = jax.vmap(lambda k: flow.sample_time(k, 1, obj)[0])(split[:, 0])
+    eps = jax.vmap(lambda k: jax.random.normal(k, target.shape[1:], jnp.float32))(split[:, 1])
+    drop_img, drop_txt = jax.vmap(lambda k: tuple(m[0] for m in flow.dropout_masks(k, 1, obj)))(split[:, 2])
+    noisy = flow.interpolate(target, eps, t)
+    velocity = flow.velocity_target(target, eps)
+    x = _stage_input(config.stage, noisy, flow.drop_image(first, drop_img), flow.drop_image(cond, drop_img))
+    kwargs = drop_text_conditions(config, modules, frozen, text, drop_txt)
+    kwargs["timestep"] = flow.wan_timestep(t)
     return x, kwargs, velocity
 
 
 def make_loss_fn(config: ml_collections.ConfigDict, modules: Modules) -> Callable[..., tuple[jax.Array, dict]]:
-    """`(params, frozen, batch, rng) -> (loss, aux)`: the flow-matching MSE of one (micro-)batch."""
+    """`(params, frozen, batch, keys) -> (loss, aux)`: the flow-matching MSE of one (micro-)batch."""
 
-    def loss_fn(params, frozen, batch, rng):
-        x, kwargs, target = model_inputs(config, modules, frozen, batch, rng)
+    def loss_fn(params, frozen, batch, keys):
+        x, kwargs, target = model_inputs(config, modules, frozen, batch, keys)
         timestep, context = kwargs.pop("timestep"), kwargs.pop("context")
         pred = modules.model.apply({"params": params}, x, timestep, context, **kwargs)
         return flow.loss(pred, target), {}
@@ -188,10 +210,35 @@ def _microbatches(batch: dict[str, jax.Array], accum: int) -> dict[str, jax.Arra
     return jax.tree.map(split, batch)
 
 
+# Compiled functions are reused by later `train` calls in the same process (tests, notebooks, sweeps) when the config,
+# the modules object, the mesh and the shardings are the same: jax.jit caches per function object.
+_CACHE: dict[tuple, Any] = {}
+
+
+def cache_key(config: ml_collections.ConfigDict, modules: Any, mesh: jax.sharding.Mesh, *extra: Any) -> tuple:
+    """Everything a compiled function depends on; `train` fields that only bound or log a run are left out."""
+    c = config.to_dict()
+    c["train"] = {k: c["train"][k] for k in ("batch_size", "grad_accum_steps")}
+    return (repr(sorted(c.items())), id(modules), tuple(d.id for d in mesh.devices.flat), tuple(mesh.shape.items()),
+            *map(repr, extra))
+
+
+def cached(key: tuple, build: Callable[[], Any]) -> Any:
+    if key not in _CACHE:
+        _CACHE[key] = build()
+    return _CACHE[key]
+
+
 def make_train_step(config: ml_collections.ConfigDict, modules: Modules, tx: optax.GradientTransformation,
                     mesh: jax.sharding.Mesh, rules: sharding_lib.Rules, state_shardings: state_lib.TrainState,
                     frozen_shardings: Any, batch_shardings: dict[str, Any]) -> Callable:
-    """The jitted `(state, frozen, batch) -> (state, metrics)`; the state is donated."""
+    """The jitted `(state, frozen, batch) -> (state, metrics)`; the state is donated (cached per config/mesh)."""
+    key = cache_key(config, modules, mesh, "train_step", rules, state_shardings, frozen_shardings, batch_shardings)
+    return cached(key, lambda: _make_train_step(config, modules, tx, mesh, rules, state_shardings, frozen_shardings,
+                                                batch_shardings))
+
+
+def _make_train_step(config, modules, tx, mesh, rules, state_shardings, frozen_shardings, batch_shardings):
     loss_fn = make_loss_fn(config, modules)
     accum = int(config.train.grad_accum_steps)
     ema_decay = float(config.optim.ema_decay)
@@ -202,8 +249,9 @@ def make_train_step(config: ml_collections.ConfigDict, modules: Modules, tx: opt
     def step(state, frozen, batch):
         batch = {k: v for k, v in batch.items() if k in BATCH_KEYS}
         rng = jax.random.fold_in(base_rng, state.step)
+        b = next(iter(batch.values())).shape[0]
         if accum == 1:
-            (loss, _), grads = grad_fn(state.params, frozen, batch, rng)
+            (loss, _), grads = grad_fn(state.params, frozen, batch, example_keys(rng, b))
         else:
             micro = _microbatches(batch, accum)
             micro_sh = {k: jax.sharding.NamedSharding(
@@ -214,7 +262,7 @@ def make_train_step(config: ml_collections.ConfigDict, modules: Modules, tx: opt
 
             def body(carry, xs):
                 i, mb = xs
-                (mb_loss, _), g = grad_fn(state.params, frozen, mb, jax.random.fold_in(rng, i))
+                (mb_loss, _), g = grad_fn(state.params, frozen, mb, example_keys(rng, b // accum, accum, i))
                 acc_l, acc_g = carry
                 return (acc_l + mb_loss, jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc_g, g)), None
 
@@ -247,6 +295,10 @@ def init_frozen(config: ml_collections.ConfigDict, modules: Modules, mesh: jax.s
                 rules: sharding_lib.Rules) -> tuple[dict[str, Any], dict[str, Any]]:
     """The frozen inputs of the step: text encoder params (converted weights or random from `config.seed`) and the
     empty prompt's token ids at both lengths. Returns `(frozen, shardings)`."""
+    return cached(cache_key(config, modules, mesh, "frozen", rules), lambda: _init_frozen(config, modules, mesh, rules))
+
+
+def _init_frozen(config, modules, mesh, rules):
     t = config.text_encoder
     ids, mask = modules.tokenizer.encode([""], int(t.max_length))
     lids, lmask = modules.tokenizer.encode([""], int(t.local_max_length))

@@ -1,0 +1,302 @@
+"""`train(config, workdir)`: the training loop of either TTM stage.
+
+Sections: setup (distributed, mesh, modules, data) -> state (born sharded; resumed from the latest checkpoint of
+`workdir` if there is one, with the data iterator at the same position) -> loop (one jitted step per batch; progress and
+TensorBoard every `log_every_steps`; Orbax every `checkpoint_every_steps` and at the end; sample mp4s every
+`sample_every_steps`) -> clean exit on SIGTERM (save, wait, return).
+
+A run is bounded by `train.total_steps`: running again in the same workdir with a larger value resumes and says from
+which step. A non-finite loss stops the run with `FloatingPointError`; a state is only ever checkpointed after its
+losses were checked, so the last checkpoint is the last good one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from etils import epath
+
+from ttm_jax import config as config_lib
+from ttm_jax.train import checkpoint as checkpoint_lib
+from ttm_jax.train import mesh as mesh_lib
+from ttm_jax.train import metrics as metrics_lib
+from ttm_jax.train import sharding as sharding_lib
+from ttm_jax.train import state as state_lib
+from ttm_jax.train import step as step_lib
+
+IteratorFactory = Callable[..., Any]
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a call to `train` did: steps `[start_step, final_step)` ran; `history` holds the logged averages."""
+
+    start_step: int
+    final_step: int
+    preempted: bool
+    history: list[tuple[int, dict[str, float]]]
+    state: state_lib.TrainState
+    checkpoint_steps: list[int]
+
+
+def _say(msg: str) -> None:
+    logging.info(msg)
+    if jax.process_index() == 0:
+        print(msg, flush=True)
+
+
+def default_iterator(config: ml_collections.ConfigDict, *, process_index: int, process_count: int,
+                     workdir: str) -> Any:
+    """The data engineer's Grain pipeline; on the embedded default (no data path) the synthetic SA-V cache is made
+    first (`ensure_default_data`)."""
+    from ttm_jax.data import pipeline
+
+    d = config.data
+    if not (d.get("sav_path") or d.get("prepared_path")) and hasattr(pipeline, "ensure_default_data"):
+        pipeline.ensure_default_data(config, workdir=workdir)
+    return pipeline.make_train_iterator(config, process_index=process_index, process_count=process_count,
+                                        workdir=workdir)
+
+
+def dummy_model_inputs(config: ml_collections.ConfigDict) -> tuple[tuple, dict[str, Any]]:
+    """Smallest inputs that build every parameter of the DiT (params do not depend on the spatial size): batch 1,
+    one patch per axis."""
+    m, t = config.model, config.text_encoder
+    pt, ph, pw = (int(p) for p in m.patch_size)
+    c = config_lib.in_channels(config)
+    n = 1
+    x = jnp.zeros((1, pt, ph, pw, c), jnp.float32)
+    args = (x, jnp.zeros((1,), jnp.float32), jnp.zeros((1, int(t.max_length), int(m.text_dim)), jnp.float32))
+    kwargs: dict[str, Any] = {}
+    if config.stage == 2 and m.ttm_layers > 0:
+        s, lp = int(config.data.max_objects) + 1, int(t.local_max_length)
+        kwargs = dict(local_context=jnp.zeros((1, s * lp, int(m.text_dim)), jnp.float32),
+                      token_ids=jnp.zeros((1, n), jnp.int32), cross_token_ids=jnp.zeros((1, n), jnp.int32),
+                      local_ids=jnp.zeros((1, s * lp), jnp.int32))
+    return args, kwargs
+
+
+def make_init_params(config: ml_collections.ConfigDict, modules: step_lib.Modules) -> Callable[[jax.Array], Any]:
+    """`rng -> boxed params` of the trained model."""
+    args, kwargs = dummy_model_inputs(config)
+
+    def init_params(rng):
+        return modules.model.init(rng, *args, **kwargs)["params"]
+
+    return init_params
+
+
+def _load_init_from(path: str, abstract: state_lib.TrainState) -> Any:
+    import orbax.checkpoint as ocp
+
+    target = abstract.params
+    with ocp.StandardCheckpointer() as ckptr:
+        try:
+            return ckptr.restore(path, target)
+        except Exception as e:  # noqa: BLE001 - re-raised with the field to fix
+            raise ValueError(f"config.train.init_from: could not restore params from {path!r} ({e}); it must be an "
+                             f"Orbax params checkpoint of this model's shapes (python -m ttm_jax.convert)") from e
+
+
+def _sample_dir(workdir: str) -> epath.Path:
+    return epath.Path(workdir) / "samples"
+
+
+def write_samples(config: ml_collections.ConfigDict, modules: step_lib.Modules, params: Any,
+                  frozen: dict[str, Any], batch: dict[str, jax.Array], step: int, workdir: str,
+                  mesh: jax.sharding.Mesh, num: int = 2) -> list[str]:
+    """Euler-sample `num` clips conditioned on the first rows of `batch` with the current params; write mp4s of
+    `[generated | reference]` side by side to `<workdir>/samples/step_<step>_<i>.mp4` (process 0)."""
+    from ttm_jax.data import video_io
+    from ttm_jax.diffusion import flow, samplers
+
+    rep = sharding_lib.replicated(mesh)
+    num = min(num, next(iter(batch.values())).shape[0])
+    rows = jax.jit(lambda b: {k: v[:num] for k, v in b.items()}, out_shardings=rep)(batch)
+
+    def conditions(frozen, rows):
+        target, first, cond, text = step_lib.prepare(config, modules, frozen, rows)
+        text.pop("local_mask", None)
+        return target, first, cond, text
+
+    target, first, cond, text = jax.jit(conditions, out_shardings=rep)(frozen, rows)
+
+    def velocity(x, t, params, first, cond, text):
+        inp = step_lib._stage_input(config.stage, x, first, cond)
+        return modules.model.apply({"params": params}, inp, flow.wan_timestep(t), text["context"],
+                                   **{k: v for k, v in text.items() if k != "context"})
+
+    s = config.sample
+    ts = samplers.time_grid(int(s.num_steps), schedule=s.schedule) if hasattr(samplers, "time_grid") else \
+        np.linspace(1.0, 0.0, int(s.num_steps) + 1, dtype=np.float32)
+    noise = jax.random.normal(jax.random.PRNGKey(int(s.seed)), target.shape, jnp.float32)
+    sample = jax.jit(lambda n, ts, *a: samplers.euler_sample(velocity, n, ts, *a), out_shardings=rep)
+    latents = sample(noise, jnp.asarray(ts), params, first, cond, text)
+    video = modules.autoencoder.decode(latents)
+    ref = modules.autoencoder.decode(target)
+    to_u8 = lambda v: np.asarray(jnp.clip((v + 1.0) * 127.5, 0, 255).round().astype(jnp.uint8))  # noqa: E731
+    video, ref = to_u8(video), to_u8(ref)
+    paths = []
+    if jax.process_index() == 0:
+        out = _sample_dir(workdir)
+        out.mkdir(parents=True, exist_ok=True)
+        for i in range(num):
+            path = out / f"step_{step:07d}_{i}.mp4"
+            video_io.write_video(path, np.concatenate([video[i], ref[i]], axis=2), fps=float(config.data.fps))
+            paths.append(str(path))
+    return paths
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, modules: step_lib.Modules | None = None,
+          make_iterator: IteratorFactory | None = None, devices: list[jax.Device] | None = None) -> TrainResult:
+    """Train `config` in `workdir` until `train.total_steps`, resuming from its latest checkpoint.
+
+    `modules`, `make_iterator` and `devices` default to the config's real modules, the Grain pipeline
+    (`ttm_jax.data.pipeline.make_train_iterator`) and all devices; tests pass small stand-ins.
+    """
+    # --- setup -------------------------------------------------------------------------------------------------------
+    config_lib.validate(config)
+    mesh_lib.initialize_distributed(config.mesh)
+    mesh = mesh_lib.make_mesh(config.mesh, devices)
+    rules = sharding_lib.rules_from_config(config.mesh)
+    t = config.train
+    total_steps = int(t.total_steps)
+    bp = mesh_lib.batch_parallelism(mesh)
+    if int(t.batch_size) % bp or int(t.batch_size) % jax.process_count():
+        raise ValueError(f"config.train.batch_size: {t.batch_size} must be divisible by the {bp} batch shards of the "
+                         f"mesh {dict(mesh.shape)} and the {jax.process_count()} processes; change it or mesh.shape")
+    workdir = str(workdir)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        (epath.Path(workdir) / "config.json").write_text(config.to_json(indent=2))
+    modules = modules or step_lib.build_modules(config)
+    make_iterator = make_iterator or default_iterator
+    iterator = make_iterator(config, process_index=jax.process_index(), process_count=jax.process_count(),
+                             workdir=workdir)
+
+    # --- state -------------------------------------------------------------------------------------------------------
+    tx = state_lib.make_optimizer(config.optim)
+    ema_decay = float(config.optim.ema_decay)
+    init_params = make_init_params(config, modules)
+    rng = jax.random.PRNGKey(int(config.seed))
+    shard_unannotated = bool(config.mesh.get("shard_unannotated", True))
+    abstract_boxed = jax.eval_shape(init_params, rng)
+    shardings = state_lib.state_shardings(abstract_boxed, tx, ema_decay, mesh, rules, shard_unannotated)
+    abstract = state_lib.abstract_state(init_params, rng, tx, ema_decay, shardings)
+    ckpt = checkpoint_lib.Checkpointer.from_config(workdir, config)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        state = ckpt.restore(latest, abstract, iterator)
+        _say(f"resuming from step {latest} ({checkpoint_lib.checkpoint_dir(workdir) / str(latest)})")
+    else:
+        init_jit = step_lib.cached(
+            step_lib.cache_key(config, modules, mesh, "init_state", rules),
+            lambda: jax.jit(lambda r: state_lib.create(sharding_lib.unbox(init_params(r)), tx, ema_decay),
+                            out_shardings=shardings))
+        state = init_jit(rng)
+        if t.get("init_from", ""):
+            state = state.replace(params=_load_init_from(t.init_from, abstract))
+            if state.ema_params is not None:
+                state = state.replace(ema_params=jax.tree.map(jnp.copy, state.params))
+            _say(f"initialised params from {t.init_from}")
+        _say(f"starting from step 0: {state_lib.param_count(state.params):,} trainable params, mesh "
+             f"{dict(mesh.shape)}, {jax.process_count()} process(es)")
+    start = int(jax.device_get(state.step))
+    frozen, frozen_sh = step_lib.init_frozen(config, modules, mesh, rules)
+
+    result = TrainResult(start_step=start, final_step=start, preempted=False, history=[], state=state,
+                         checkpoint_steps=[])
+    if start >= total_steps:
+        _say(f"step {start} already reaches train.total_steps={total_steps}; nothing to do (raise total_steps to "
+             f"train further)")
+        ckpt.close()
+        return result
+
+    # --- loop --------------------------------------------------------------------------------------------------------
+    writer = metrics_lib.MetricsWriter(workdir, total_steps, start_step=start,
+                                       tensorboard=bool(t.get("tensorboard", True)))
+    train_step = None
+    bsh = None
+    sample_batch = None
+    pending: list[tuple[int, dict[str, jax.Array]]] = []
+    step = start
+
+    def flush(step: int) -> dict[str, float]:
+        """Fetch the pending metrics, stop on a non-finite loss, write the averages."""
+        host = jax.device_get(pending)
+        pending.clear()
+        for s, m in host:
+            if not np.isfinite(m["loss"]):
+                ckpt.wait()
+                last = ckpt.latest_step()
+                raise FloatingPointError(
+                    f"train: loss is {m['loss']} at step {s}; stopped. The last good checkpoint is "
+                    f"{'step ' + str(last) if last is not None else 'none'} in {checkpoint_lib.checkpoint_dir(workdir)}"
+                    f". Lower config.optim.learning_rate or raise config.optim.warmup_steps, check the data, then "
+                    f"run again (it resumes from that checkpoint)")
+            writer.accumulate(m)
+        avg = writer.write(step) if host else {}
+        if host:
+            result.history.append((step, avg))
+        return avg
+
+    def save(step: int) -> None:
+        ckpt.save(step, state, iterator, config)
+        result.checkpoint_steps.append(step)
+
+    with checkpoint_lib.PreemptionGuard() as guard:
+        while step < total_steps:
+            try:
+                local = next(iterator)
+            except StopIteration:
+                _say(f"data exhausted after step {step}; saving and stopping")
+                break
+            if train_step is None:
+                bsh = step_lib.batch_shardings(local, mesh)
+                train_step = step_lib.make_train_step(config, modules, tx, mesh, rules, shardings, frozen_sh, bsh)
+            batch = step_lib.global_batch(local, bsh)
+            if sample_batch is None and int(t.sample_every_steps) > 0:
+                sample_batch = jax.tree.map(jnp.copy, batch)
+            state, m = train_step(state, frozen, batch)
+            step += 1
+            pending.append((step, m))
+            ckpt_due = step % int(t.checkpoint_every_steps) == 0 or step == total_steps
+            sample_due = int(t.sample_every_steps) > 0 and step % int(t.sample_every_steps) == 0
+            if step % int(t.log_every_steps) == 0 or ckpt_due or sample_due:
+                flush(step)
+            if ckpt_due:
+                save(step)
+            if sample_due:
+                paths = write_samples(config, modules, state.params, frozen, sample_batch, step, workdir, mesh)
+                if paths:
+                    _say(f"step {step}: wrote {', '.join(paths)}")
+            if guard.should_stop():
+                flush(step)
+                if not ckpt_due:
+                    save(step)
+                _say(f"preempted: saved step {step}; run again with the same workdir to resume")
+                result.preempted = True
+                break
+        if pending:
+            flush(step)
+        if step not in result.checkpoint_steps and step > start:
+            save(step)
+    ckpt.close()
+    writer.close()
+    result.final_step = step
+    result.state = state
+    return result
+
+
+def read_config_json(workdir: str) -> ml_collections.ConfigDict:
+    """`<workdir>/config.json` as written at the start of a run (the checkpoint's copy is `checkpoint.load_config`)."""
+    return ml_collections.ConfigDict(json.loads((epath.Path(workdir) / "config.json").read_text()))
+
