@@ -1,12 +1,19 @@
 """Attention ops by name, all with TTM's id masks: query i may attend key j iff `q_ids[i] == kv_ids[j] >= 0`.
 
-`dot_product_attention(q, k, v, q_ids=..., kv_ids=..., impl=...)` picks an implementation from `IMPLS`:
+`dot_product_attention(q, k, v, q_ids=..., kv_ids=..., impl=...)` picks an implementation from `IMPLS`
+(`config.model.attention`):
 
-  xla     the reference: `jax.nn.dot_product_attention` with the dense boolean mask from `masks.allowed`
-  splash  TPU Pallas splash attention, ids as `SegmentIds` (no dense mask)
-  gpu     GPU Pallas (Triton) flash attention with segment ids for masked self-attention
+  xla     the reference: `jax.nn.dot_product_attention` with the dense boolean mask `[B, 1, Lq, Lk]` from
+          `masks.allowed`. Any backend; memory O(Lq * Lk), so for tests and small shapes.
+  splash  TPU Pallas splash attention; the ids go in as `SegmentIds(q=q_ids, kv=kv_ids)`, no dense mask. Lq and Lk
+          are padded to the 128-lane tiles; padded keys, and keys with negative ids (prompt padding), get an id no
+          query carries, padded query rows are sliced away.
+  gpu     GPU Pallas (Triton) flash attention `mha` with segment ids, for masked self-attention (the same ids array
+          for q and kv). Cross-attention (different ids) goes through cuDNN/XLA with a boolean mask, see `_gpu`.
 
-Every implementation is tested against `xla` (tests/test_attention.py).
+Without ids (unmasked) every impl is `jax.nn.dot_product_attention` (cuDNN where it applies under "gpu").
+Under a mesh (`jax.set_mesh`) the Pallas kernels run per (batch, heads) shard in `shard_map`. Pallas kernels take
+`interpret=True` to run on CPU. Every implementation is tested against `xla` (tests/test_attention.py).
 """
 
 from __future__ import annotations
@@ -171,7 +178,7 @@ def _gpu_length(length: int) -> int:
     return max(GPU_MIN_BLOCK, 1 << (length - 1).bit_length())
 
 
-def _cudnn_or_xla(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+def _cudnn_or_xla(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float) -> jax.Array:
     """Boolean-mask attention through cuDNN where it supports the call (GPU, fp16/bf16, its head dims), else XLA."""
     if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) \
             and q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0:
@@ -262,6 +269,10 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_ids: ja
     _check(q, k, v, q_ids, kv_ids)
     scale = float(q.shape[-1]) ** -0.5 if scale is None else float(scale)
     if q_ids is None:
+        # No mask: jax.nn.dot_product_attention for every impl (cuDNN's fused kernel under impl="gpu" where it
+        # applies). For a kernel on full attention at long L, pass all-zero ids (one array for q and kv).
+        if impl == "gpu":
+            return _cudnn_or_xla(q, k, v, None, scale)
         return jax.nn.dot_product_attention(q, k, v, scale=scale)
     backend = _BACKEND.get(impl)
     if backend and not interpret and jax.default_backend() != backend:
