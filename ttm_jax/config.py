@@ -124,6 +124,9 @@ def _text_encoder(variant: str) -> ml_collections.ConfigDict:
     t.tokenizer_path = ""  # sentencepiece model file, for tokenizer=sentencepiece
     t.path = ""  # converted weights; empty: random init from `seed` (tiny configs)
     t.local_max_length = 16 if variant == "tiny" else 32  # tokens per local prompt
+    # compute dtype (norms and softmax stay float32); parameters are stored in param_dtype
+    t.dtype = "bfloat16" if variant == "wan1.3b" else "float32"
+    t.param_dtype = "float32"
     return t
 
 
@@ -311,6 +314,20 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check(t.d_model > 0 and t.num_layers > 0, "text_encoder", "d_model and num_layers must be positive")
     _check(t.tokenizer in ("byte", "sentencepiece"), "text_encoder.tokenizer",
            f"{t.tokenizer!r}; choose byte or sentencepiece")
+    for name in ("vocab_size", "num_heads", "d_kv", "d_ff", "relative_attention_num_buckets",
+                 "relative_attention_max_distance", "max_length", "local_max_length"):
+        _check(isinstance(t[name], int) and t[name] > 0, f"text_encoder.{name}", f"{t[name]!r} must be a positive int")
+    _check(t.relative_attention_num_buckets % 4 == 0 and t.relative_attention_max_distance
+           > t.relative_attention_num_buckets // 4, "text_encoder.relative_attention_num_buckets",
+           f"{t.relative_attention_num_buckets} must be a multiple of 4 and relative_attention_max_distance="
+           f"{t.relative_attention_max_distance} larger than a quarter of it (T5 uses 32 and 128)")
+    _check(t.tokenizer != "byte" or t.vocab_size >= 259, "text_encoder.vocab_size",
+           f"{t.vocab_size} is too small for the byte tokenizer's 259 ids (ByT5 uses 384); set it to >= 259")
+    _check(t.get("feed_forward", "gated-gelu") == "gated-gelu", "text_encoder.feed_forward",
+           f"{t.get('feed_forward')!r}; only gated-gelu (T5 v1.1, ByT5, umT5) is implemented")
+    _check(t.get("dtype", "float32") in DTYPES, "text_encoder.dtype", f"{t.get('dtype')!r}; choose one of {DTYPES}")
+    _check(t.get("param_dtype", "float32") in DTYPES, "text_encoder.param_dtype",
+           f"{t.get('param_dtype')!r}; choose one of {DTYPES}")
     if t.tokenizer == "sentencepiece" and not t.tokenizer_path and not t.path:
         # describe mode builds shapes only and needs no tokenizer; main checks this again before training
         pass

@@ -7,7 +7,7 @@ A model's conversion is a table of `Rule`s; the same table converts both ways:
         Rule("encoder.block.{i}.layer.0.SelfAttention.q.weight", "layers/attention/q/kernel", LINEAR, stack="i"),
         Rule("blocks.{i}.attn.qkv.weight", ("blocks_{i}/q/kernel", "blocks_{i}/k/kernel", "blocks_{i}/v/kernel"),
              LINEAR, fuse_axis=0),
-        Ignore("encoder.rope.freqs", "recomputed"),
+        Ignore("encoder.rope.freqs", "recomputed"), Ignore("decoder.*", "encoder only"),
     ])
 
 - Patterns: torch keys are `.`-joined, Flax paths `/`-joined; `{name}` is a non-negative integer placeholder.
@@ -190,15 +190,19 @@ def _names(pattern: str) -> set[str]:
     return set(_PLACEHOLDER.findall(pattern))
 
 
-def _regex(pattern: str) -> re.Pattern:
+def _literal(text: str, glob: bool) -> str:
+    return ".*".join(re.escape(t) for t in text.split("*")) if glob else re.escape(text)
+
+
+def _regex(pattern: str, glob: bool = False) -> re.Pattern:
     out, seen, pos = [], set(), 0
     for m in _PLACEHOLDER.finditer(pattern):
-        out.append(re.escape(pattern[pos:m.start()]))
+        out.append(_literal(pattern[pos:m.start()], glob))
         name = m.group(1)
         out.append(f"(?P={name})" if name in seen else f"(?P<{name}>0|[1-9][0-9]*)")
         seen.add(name)
         pos = m.end()
-    out.append(re.escape(pattern[pos:]))
+    out.append(_literal(pattern[pos:], glob))
     return re.compile("".join(out))
 
 
@@ -251,7 +255,7 @@ class Rule:
 
 @dataclasses.dataclass(frozen=True)
 class Ignore:
-    """Torch keys (pattern) deliberately not converted, e.g. buffers the model recomputes."""
+    """Torch keys deliberately not converted, e.g. buffers the model recomputes; `*` matches any text."""
 
     torch: str
     reason: str = ""
@@ -381,7 +385,7 @@ class RuleBook:
         self.ignores = [r for r in rules if isinstance(r, Ignore)]
         self._flax_rx = [[_regex(p) for p in r.flax_patterns] for r in self.rules]
         self._torch_rx = [[_regex(p) for p in r.torch_patterns + tuple(r.aliases)] for r in self.rules]
-        self._ignore_rx = [_regex(r.torch) for r in self.ignores]
+        self._ignore_rx = [_regex(r.torch, glob=True) for r in self.ignores]
 
     # ---- matching
 
