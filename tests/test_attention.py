@@ -199,6 +199,21 @@ def test_kernels_per_shard_under_a_mesh(impl):
     np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
 
 
+def test_splash_kernel_cache_survives_separate_traces():
+    """The splash kernel is cached per shape; built first inside one jit, it must not leak tracers into the next."""
+    attention._splash_kernel.cache_clear()
+    q, k, v = _qkv(7, 40, 40)
+    ids = _ids(8, (B, 40), 2)
+
+    def f(q, k, v, ids):
+        return attention.dot_product_attention(q, k, v, q_ids=ids, impl="splash", interpret=True)
+
+    first = jax.jit(f)(q, k, v, ids)
+    second = jax.jit(lambda *a: f(*a) + 0.0)(q, k, v, ids)  # a new trace reusing the cached kernel
+    np.testing.assert_array_equal(first, second)
+    np.testing.assert_allclose(first, attention.dot_product_attention(q, k, v, q_ids=ids), atol=TOL, rtol=0)
+
+
 def test_kernel_on_wrong_backend_names_the_config_field():
     q, k, v = _qkv(4, 8, 8)
     ids = jnp.zeros((B, 8), jnp.int32)

@@ -132,7 +132,10 @@ def _splash_kernel(num_heads: int, lq: int, lk: int, block_q: int, block_kv: int
         block_q_dkv=block_q, block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv,
         block_q_dq=block_q, block_kv_dq=block_kv)
     mask = splash.MultiHeadMask([splash.FullMask((lq, lk)) for _ in range(num_heads)])
-    return splash.make_splash_mha_single_device(mask=mask, block_sizes=block_sizes, interpret=interpret)
+    # The kernel holds its mask metadata as arrays; build them as concrete values even when first called inside a
+    # trace, or the cached kernel would carry that trace's tracers into the next one.
+    with jax.ensure_compile_time_eval():
+        return splash.make_splash_mha_single_device(mask=mask, block_sizes=block_sizes, interpret=interpret)
 
 
 def _splash(q: jax.Array, k: jax.Array, v: jax.Array, q_ids: jax.Array, kv_ids: jax.Array, *, scale: float,
