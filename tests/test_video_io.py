@@ -32,16 +32,18 @@ def stamped_mp4():
 @needs_sample
 def test_real_mp4_frame_count_and_size():
     info = video_io.probe(DOG)
-    assert (info.height, info.width) == (720, 1280)
+    assert (info.height, info.width, info.num_frames) == (720, 1280, 289)
     assert abs(info.fps - 30000 / 1001) < 1e-6
-    # the decoder, not the header, decides: every one of the 289 frames decodes, and no 290th exists
-    last = video_io.read_frames(DOG, [0, 288])
-    assert last.shape == (2, 720, 1280, 3) and last.dtype == np.uint8
-    assert not np.array_equal(last[0], last[1])  # a moving dog: first and last frames differ
+    # the decoder, not the header, decides: frame 288 decodes, and no 290th frame exists
+    want = [288, 0, 250, 251, 284]
+    seq = video_io.read_frames(DOG, want, seek=False)
+    assert seq.shape == (5, 720, 1280, 3) and seq.dtype == np.uint8
+    assert not np.array_equal(seq[0], seq[1])  # a moving dog: first and last frames differ
     with pytest.raises(SkipVideo, match="01_dog.mp4") as e:
-        video_io.read_frames(DOG, [289])
+        video_io.read_frames(DOG, [289], seek=False)
     assert e.value.reason == "truncated_video"
-    assert video_io.count_frames(DOG) == 289
+    # seeking to the keyframe at 250 reads the very same frames
+    np.testing.assert_array_equal(video_io.read_frames(DOG, want[2:]), seq[2:])
 
 
 def test_selected_frames_are_the_requested_frames(stamped_mp4):
@@ -60,6 +62,44 @@ def test_stamps_survive_a_lossy_encode():
     np.testing.assert_array_equal(video_io.read_frame_index(frames), [0, 1, 511, 512, 1023])
     decoded = video_io.read_frames(video_io.encode_video(frames, 24.0, crf=35))
     np.testing.assert_array_equal(video_io.read_frame_index(decoded), [0, 1, 511, 512, 1023])
+
+
+def _vfr_mp4(n=30, gap_at=10, gap=5):
+    """A variable-frame-rate mp4: frame i has timestamp i, then i + gap from frame `gap_at` on; gop 4."""
+    import io
+    from fractions import Fraction
+
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as c:
+        s = c.add_stream("libx264", rate=24)
+        s.width, s.height, s.pix_fmt = 176, 48, "yuv420p"
+        s.codec_context.gop_size = 4
+        for i, img in enumerate(_stamped(n)):
+            f = av.VideoFrame.from_ndarray(img, format="rgb24")
+            f.pts, f.time_base = (i if i < gap_at else i + gap), Fraction(1, 24)
+            for p in s.encode(f):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return buf.getvalue()
+
+
+def test_seeking_reads_the_same_frames_as_decoding_from_the_start():
+    cfr = video_io.encode_video(_stamped(120), 24.0, gop=8)
+    rng = np.random.default_rng(0)
+    for _ in range(6):
+        want = rng.choice(120, size=5)
+        got = video_io.read_frames(cfr, want)
+        np.testing.assert_array_equal(video_io.read_frame_index(got), want)
+        np.testing.assert_array_equal(got, video_io.read_frames(cfr, want, seek=False))
+    # variable frame rate: timestamps skip 5 frames after frame 10; the frames are still numbered as decoded
+    vfr = _vfr_mp4()
+    np.testing.assert_array_equal(video_io.read_frame_index(video_io.read_frames(vfr, [20, 25, 29])), [20, 25, 29])
+    with pytest.raises(SkipVideo) as e:
+        video_io.read_frames(vfr, [30])
+    assert e.value.reason == "truncated_video"
 
 
 def test_write_video_and_read_back(tmp_path, stamped_mp4):

@@ -112,17 +112,24 @@ def make_example(ref: sav.VideoRef, caption_entry: CaptionEntry | None, data_con
     candidates = [i for i, key in enumerate(ann.masklet_keys) if key in prompts] if prompts else None
     out_hw = (int(d.height), int(d.width))
     box = crop_box(ann.height, ann.width, *out_hw, mode=d.get("crop", "center"), rng=rng)
-    masks = ann.masks(uniq)[inverse.reshape(-1)]  # [T, h, w, M]
-    # choose among what the crop keeps: an object outside the box is not in the clip
     left, top, right, bottom = (int(round(v)) for v in box)
-    chosen = trajectory.select_objects(masks[:, top:bottom, left:right], k_max,
-                                       min_area=float(d.get("min_object_area", 0.0)),
-                                       motion_weight=float(d.get("motion_weight", 1.0)), candidates=candidates)
+    min_area = float(d.get("min_object_area", 0.0))
+    # decode only masklets that can qualify: visible enough at the clip's first frame even before cropping (the RLE
+    # area needs no decode; auto annotations can carry dozens of masklets)
+    area0 = ann.areas_at(int(pos[0]))
+    need = max(1.0, min_area * (bottom - top) * (right - left))
+    pool = [i for i in (range(ann.num_masklets) if candidates is None else candidates) if area0[i] >= need]
+    masks = ann.masks(uniq, pool)[inverse.reshape(-1)]  # [T, h, w, len(pool)]
+    # choose among what the crop keeps: an object outside the box is not in the clip
+    picked = trajectory.select_objects(masks[:, top:bottom, left:right], k_max, min_area=min_area,
+                                       motion_weight=float(d.get("motion_weight", 1.0)))
+    chosen = [pool[i] for i in picked]
+    masks = masks[..., picked]
     frames = sav.read_frames(ref, frame_idx)
     if frames.shape[1:3] != (ann.height, ann.width):
         raise SkipVideo("size_mismatch", ref.video.name, f"decodes to {frames.shape[1]}x{frames.shape[2]} (HxW) but "
                         f"{ann.file} says {ann.height}x{ann.width}")
-    ids = resize_ids(trajectory.ids_from_masks(masks[..., chosen]), box, out_hw)
+    ids = resize_ids(trajectory.ids_from_masks(masks), box, out_hw)
     # an object thinner than an output pixel can vanish in the resize; s0 must show every object, so drop it
     kept = [k for k in range(len(chosen)) if (ids[0] == k + 1).any()]
     if len(kept) < len(chosen):

@@ -150,6 +150,12 @@ class Annotation:
         return np.asarray([mask_utils.area(row) for row in self.rles], dtype=np.float64).reshape(
             self.num_annotated, self.num_masklets)
 
+    def areas_at(self, position: int) -> np.ndarray:
+        """float `[M]` mask areas at one annotated position (from the RLEs, no decode)."""
+        if not self.num_masklets:
+            return np.zeros(0)
+        return np.asarray(mask_utils.area(self.rles[position]), dtype=np.float64).reshape(self.num_masklets)
+
     def masks(self, positions: Sequence[int] | np.ndarray | None = None,
               masklets: Sequence[int] | None = None) -> np.ndarray:
         """bool `[len(positions), H, W, len(masklets)]` at annotated-frame positions (not video frames)."""

@@ -86,16 +86,73 @@ def probe(source: VideoSource, *, name: str | None = None) -> VideoInfo:
 
 
 def read_frames(source: VideoSource, indices: Sequence[int] | np.ndarray | None = None, *,
-                name: str | None = None) -> np.ndarray:
+                name: str | None = None, seek: bool = True) -> np.ndarray:
     """Decode the frames at `indices` (any order, repeats allowed; None: all) -> uint8 `[len(indices), H, W, 3]`.
 
-    Decodes sequentially up to the largest index (H.264 needs the references anyway; SA-V videos are short). Raises
-    `SkipVideo` naming the file if it cannot be decoded or has fewer frames than `max(indices) + 1`.
+    With `seek` (default), jumps to the keyframe before the first index and numbers frames by their timestamps
+    (`(pts - start_time) * time_base * fps`, exact for constant frame rate video such as SA-V); if the timestamps do
+    not give every requested index (variable frame rate, missing pts, a seek that overshoots), it decodes
+    sequentially from frame 0 instead, which counts frames as the decoder outputs them. Raises `SkipVideo` naming the
+    file if it cannot be decoded or has fewer frames than `max(indices) + 1`.
     """
     name = _name(source, name)
     want = None if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
     if want is not None and want.size and want.min() < 0:
         raise ValueError(f"{name}: negative frame index {int(want.min())}")
+    if want is not None and want.size and seek and want.min() > 0:
+        out = _read_seeking(source, want, name)
+        if out is not None:
+            return out
+        logging.debug("%s: timestamps do not number the frames; decoding from the start", name)
+        if hasattr(source, "seek"):
+            source.seek(0)
+    return _read_sequential(source, want, name)
+
+
+def _read_seeking(source: VideoSource, want: np.ndarray, name: str) -> np.ndarray | None:
+    needed = set(want.tolist())
+    first, last = int(want.min()), int(want.max())
+    got: dict[int, np.ndarray] = {}
+    prev = None
+    with _open(source, name) as container:
+        if not container.streams.video:
+            raise SkipVideo("unreadable_video", name, "has no video stream")
+        stream = container.streams.video[0]
+        rate, tb = stream.average_rate, stream.time_base
+        if not rate or not tb:
+            return None
+        start = stream.start_time or 0
+        # constant frame rate, by the header: the average rate (frames / duration) equals the base rate (from the
+        # smallest timestamp step) and the duration holds the frame count. Otherwise timestamps cannot number the
+        # frames before the seek point (a gap there would shift every index), so decode from the start.
+        base = stream.base_rate
+        if (not base or abs(float(base) / float(rate) - 1) > 1e-3 or not stream.frames or not stream.duration
+                or round(stream.duration * tb * rate) != stream.frames):
+            return None
+        stream.thread_type = "AUTO"
+        try:
+            container.seek(start + int(first / rate / tb), stream=stream, backward=True, any_frame=False)
+            for frame in container.decode(stream):
+                if frame.pts is None:
+                    return None
+                idx = round((frame.pts - start) * tb * rate)
+                if prev is None and idx > first:
+                    return None  # overshot: the seek landed after the first wanted frame
+                if prev is not None and idx != prev + 1:
+                    return None  # a timestamp gap or repeat: not constant frame rate after all
+                prev = idx
+                if idx in needed:
+                    got[idx] = frame.to_ndarray(format="rgb24")
+                if idx >= last:
+                    break
+        except (av.FFmpegError, OSError, ValueError):
+            return None  # the sequential path will say what is wrong with the file
+    if len(got) != len(needed):
+        return None
+    return np.stack([got[i] for i in want.tolist()])
+
+
+def _read_sequential(source: VideoSource, want: np.ndarray | None, name: str) -> np.ndarray:
     last = None if want is None else (int(want.max()) if want.size else -1)
     needed = None if want is None else set(want.tolist())
     got: dict[int, np.ndarray] = {}
@@ -153,12 +210,13 @@ def count_frames(source: VideoSource, *, name: str | None = None) -> int:
 
 
 def encode_video(frames: np.ndarray | Iterable[np.ndarray], fps: float, *, codec: str = "libx264", crf: int = 18,
-                 preset: str = "ultrafast", pix_fmt: str = "yuv420p") -> bytes:
+                 preset: str = "ultrafast", pix_fmt: str = "yuv420p", gop: int | None = None) -> bytes:
     """uint8 RGB frames -> mp4 bytes. `frames` is `[T, H, W, 3]` or an iterable of `[H, W, 3]` (streamed: a long
     video need not be held in memory). H and W must be even for 4:2:0 chroma (`pix_fmt="yuv420p"`).
 
     `crf` (0 = lossless for libx264) and `preset` go to x264; `pix_fmt="yuv444p"` keeps full-resolution colour, which
-    palette-coloured trajectories benefit from.
+    palette-coloured trajectories benefit from. `gop`: frames between keyframes (None: the encoder's default, 250
+    for x264); shorter makes seeking cheaper.
     """
     from fractions import Fraction
 
@@ -178,6 +236,8 @@ def encode_video(frames: np.ndarray | Iterable[np.ndarray], fps: float, *, codec
                 stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
                 if codec == "libx264":
                     stream.options = {"crf": str(crf), "preset": preset}
+                if gop:
+                    stream.codec_context.gop_size = int(gop)
             elif frame.shape[:2] != (stream.height, stream.width):
                 raise ValueError(f"encode_video: frame of {frame.shape[:2]} in a {stream.height}x{stream.width} video")
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
