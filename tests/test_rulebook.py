@@ -218,3 +218,32 @@ def test_rules_that_cannot_invert_are_refused():
         rb.Rule("blocks.{i}.w", "blocks_{i}/w", stack="i")
     with pytest.raises(ValueError, match="only one side"):
         rb.Rule(("a", "b"), ("c", "d"))
+
+
+def test_stack_offset_splits_one_torch_stack_over_two_scans():
+    book = rb.RuleBook("split", [
+        rb.Rule("b.{i}.w", "first/w", rb.LINEAR, stack="i"),  # torch layers 0..1
+        rb.Rule("b.{i}.w", "rest/w", rb.LINEAR, stack="i", stack_offset=2),  # torch layers 2..4
+    ])
+    rng = np.random.default_rng(0)
+    sd = {f"b.{i}.w": rng.normal(size=(3, 2)).astype(np.float32) for i in range(5)}
+    template = {"first": {"w": ((2, 2, 3), np.float32)}, "rest": {"w": ((3, 2, 3), np.float32)}}
+    params = book.to_flax(sd, template)
+    np.testing.assert_array_equal(params["first"]["w"][1], sd["b.1.w"].T)
+    np.testing.assert_array_equal(params["rest"]["w"][0], sd["b.2.w"].T)
+    back = book.to_torch(params, sd)
+    assert all(back[k].tobytes() == v.tobytes() for k, v in sd.items()) and set(back) == set(sd)
+
+
+def test_flax_only_params_keep_their_initial_values(toy):
+    _, sd, _, _, template = toy
+    book = rb.RuleBook("toy+", BOOK.rules + BOOK.ignores + [rb.FlaxOnly("blocks/scale", "new, zero-init")])
+    no_scale = {k: v for k, v in sd.items() if not k.endswith(".scale")}
+    with pytest.raises(rb.ConversionError, match=r"'blocks/scale' has no torch source"):
+        book.to_flax(no_scale, template)  # shapes only: nothing to keep
+    init = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template)
+    init["blocks"]["scale"] = np.full((LAYERS, D), 0.5, np.float32)
+    params = book.to_flax(no_scale, init)
+    np.testing.assert_array_equal(params["blocks"]["scale"], init["blocks"]["scale"])
+    np.testing.assert_array_equal(params["conv"]["bias"], sd["conv.bias"])
+    assert set(book.to_torch(params, no_scale)) == set(no_scale) - {"freqs"}

@@ -20,7 +20,11 @@ A model's conversion is a table of `Rule`s; the same table converts both ways:
   along `fuse_axis` (of the Flax param, per layer, i.e. without the stack axis).
 - `aliases`: more torch keys holding the same tensor (tied weights): read ones must equal the primary bit for bit;
   written ones are copies. They are optional on the torch side.
+- `stack_offset=k`: flax layer j is torch index j + k (a torch stack split over several Flax scans, e.g. the first
+  blocks with added layers and the rest without).
 - `Ignore`: torch keys deliberately dropped (buffers recomputed by the model); optional on the torch side.
+- `FlaxOnly`: Flax params with no torch counterpart (new layers, zero-initialised): torch -> flax keeps the values of
+  the template (pass `model.init` output, not shapes), flax -> torch drops them.
 
 Every conversion is planned on shapes first, from the Flax template (`jax.eval_shape(model.init, ...)`) and, where
 known, the torch shapes (a state dict or a safetensors header): every torch key must be mapped, every Flax param
@@ -219,6 +223,7 @@ class Rule:
     transform: Transform = IDENTITY
     stack: str | None = None
     stack_axis: int = 0
+    stack_offset: int = 0
     fuse_axis: int = 0
     aliases: tuple[str, ...] = ()
 
@@ -236,6 +241,8 @@ class Rule:
         if any(n != tn[0] for n in tn) or any(n != fn[0] for n in fn):
             raise ValueError(f"{where}: every pattern on one side must use the same placeholders")
         want = tn[0] - {self.stack}
+        if self.stack_offset and (self.stack is None or self.stack_offset < 0):
+            raise ValueError(f"{where}: stack_offset={self.stack_offset} needs stack= and must be >= 0")
         if self.stack is not None and self.stack not in tn[0]:
             raise ValueError(f"{where}: stack={self.stack!r} is not a placeholder of the torch pattern")
         if self.stack is not None and self.stack in fn[0]:
@@ -258,6 +265,14 @@ class Ignore:
     """Torch keys deliberately not converted, e.g. buffers the model recomputes; `*` matches any text."""
 
     torch: str
+    reason: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class FlaxOnly:
+    """Flax params (`/`-joined pattern, `*` matches any text) that no torch tensor feeds, e.g. added layers."""
+
+    flax: str
     reason: str = ""
 
 
@@ -378,11 +393,13 @@ class RuleBook:
     def __init__(self, name: str, rules: Iterable[Rule | Ignore]):
         self.name = name
         rules = list(rules)
-        bad = [r for r in rules if not isinstance(r, Rule | Ignore)]
+        bad = [r for r in rules if not isinstance(r, Rule | Ignore | FlaxOnly)]
         if bad:
-            raise TypeError(f"RuleBook {name!r}: {bad[0]!r} is not a Rule or an Ignore")
+            raise TypeError(f"RuleBook {name!r}: {bad[0]!r} is not a Rule, an Ignore or a FlaxOnly")
         self.rules = [r for r in rules if isinstance(r, Rule)]
         self.ignores = [r for r in rules if isinstance(r, Ignore)]
+        self.flax_only = [r for r in rules if isinstance(r, FlaxOnly)]
+        self._flax_only_rx = [_regex(r.flax, glob=True) for r in self.flax_only]
         self._flax_rx = [[_regex(p) for p in r.flax_patterns] for r in self.rules]
         self._torch_rx = [[_regex(p) for p in r.torch_patterns + tuple(r.aliases)] for r in self.rules]
         self._ignore_rx = [_regex(r.torch, glob=True) for r in self.ignores]
@@ -410,6 +427,9 @@ class RuleBook:
     def ignored(self, key: str) -> bool:
         return any(rx.fullmatch(key) for rx in self._ignore_rx)
 
+    def flax_only_param(self, path: str) -> bool:
+        return any(rx.fullmatch(path) for rx in self._flax_only_rx)
+
     # ---- planning (shapes only)
 
     def plan(self, flax_specs: Mapping[str, Any], torch_specs: Mapping[str, Any] | None,
@@ -422,6 +442,8 @@ class RuleBook:
         tspecs = None if torch_specs is None else {k: spec_of(v) for k, v in torch_specs.items()}
         moves: list[Move] = []
         for path, (fshape, _) in fspecs.items():
+            if self.flax_only_param(path):
+                continue
             matches = self._match_flax(path)
             if not matches:
                 problems.add(f"unmapped flax param {path!r} {fshape}: no rule produces it")
@@ -486,7 +508,7 @@ class RuleBook:
         for idx in layers:
             c = dict(caps)
             if idx is not None:
-                c[rule.stack] = idx
+                c[rule.stack] = idx + rule.stack_offset
             if len(rule.flax_patterns) > 1:
                 # one torch tensor split into several flax params along torch axis `fuse_axis`
                 key = _fill(rule.torch_patterns[0], c)
@@ -534,8 +556,18 @@ class RuleBook:
         (nested, e.g. `jax.eval_shape(model.init, ...)["params"]`); checks the whole plan first."""
         flat = flatten(flax_template)
         moves = self.plan(flat, torch_specs, "torch -> flax")
-        return FlaxWriter(self, {p: spec_of(v) for p, v in flat.items()}, moves,
-                          {k: spec_of(v) for k, v in torch_specs.items()})
+        keep = {}
+        for p, v in flat.items():
+            if self.flax_only_param(p):
+                if not hasattr(v, "__array__"):
+                    raise ConversionError(
+                        f"{self.name} rulebook: flax param {p!r} has no torch source (FlaxOnly); pass a template "
+                        f"holding its initial values (e.g. model.init(...)['params']), not only shapes")
+                keep[p] = np.array(v)
+        w = FlaxWriter(self, {p: spec_of(v) for p, v in flat.items()}, moves,
+                       {k: spec_of(v) for k, v in torch_specs.items()})
+        w.buffers.update(keep)
+        return w
 
     def to_flax(self, torch_tensors: Mapping[str, Any], flax_template: Mapping[str, Any]) -> dict[str, Any]:
         """{torch key: array} -> nested Flax params of numpy arrays in the template's dtypes."""
