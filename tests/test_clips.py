@@ -85,14 +85,15 @@ def test_masks_land_on_their_frames(real_video, seed):
     print(f"seed {seed}: frames {fi[0]}..{fi[-1]}, objects {ex['masklet_keys']}, IoU vs pixels {np.round(ious, 3)}")
     assert ex["num_objects"] >= 2 and ious.min() >= 0.9
     # ... and not those of the neighbouring annotated frame: the check can tell one annotation step apart
-    shifted = dict(ex, object_masks=tj.masks_from_ids(
-        clips.resize_ids(real_video[2][fi // STRIDE + 1][..., None].squeeze(-1), box, (128, 128)), 5))
     keys = [int(k) for k in ex["masklet_keys"] if k]
     remap = np.zeros(ann.num_masklets + 1, np.int32)
     remap[np.array(keys) + 1] = np.arange(1, len(keys) + 1)
-    shifted["object_masks"] = tj.masks_from_ids(remap[tj.ids_from_masks(shifted["object_masks"])], 5)
+    all_ids = real_video[2]  # [121, 848, 480]: masklet m as m + 1, lower on top
+    shifted = dict(ex, object_masks=tj.masks_from_ids(remap[clips.resize_ids(all_ids[fi // STRIDE + 1], box,
+                                                                              (128, 128))], 5))
     worse = _object_ious(shifted, tj.ids_from_trajectory(ex["video"], ann.num_masklets))
-    assert worse.mean() < ious.mean() - 0.02
+    print(f"  with the next annotation's masks instead: IoU {np.round(worse, 3)}")
+    assert worse.mean() < ious.mean() - 0.1
     # trajectory = the palette rendering of the object masks; exclusive masks; first-frame masks are s0
     np.testing.assert_array_equal(ex["trajectory"], tj.render(ex["object_masks"]))
     assert ex["object_masks"].sum(-1).max() <= 1
@@ -114,9 +115,10 @@ def test_twelve_fps_clip_starts_on_an_annotation(real_video):
         assert (mfi % STRIDE == 0).all() and np.abs(mfi - fi).max() <= STRIDE // 2
         assert 1 <= ex["num_objects"] <= 4
     same = clips.make_example(ref, ENTRY, d, 1)
-    again = clips.make_example(ref, ENTRY, d, 1)
+    again, other = clips.make_examples(ref, ENTRY, d, [1, 2])  # one annotation read, the same examples
     for key in ("video", "trajectory", "object_masks", "frame_indices"):
         np.testing.assert_array_equal(same[key], again[key])
+    assert not np.array_equal(same["frame_indices"], other["frame_indices"])
 
 
 @needs_sample

@@ -26,6 +26,7 @@ so masks and frames stay aligned. Portrait videos (SA-V has 848x480 H x W ones) 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import ml_collections
 import numpy as np
@@ -97,11 +98,21 @@ def make_example(ref: sav.VideoRef, caption_entry: CaptionEntry | None, data_con
     Raises `SkipVideo` (message names the file) for a video that cannot be used: no caption, bad annotation,
     undecodable or truncated mp4, size mismatch, too short.
     """
-    d = data_config
+    return make_examples(ref, caption_entry, data_config, [seed])[0]
+
+
+def make_examples(ref: sav.VideoRef, caption_entry: CaptionEntry | None, data_config: ml_collections.ConfigDict,
+                  seeds: Sequence[int]) -> list[dict]:
+    """`[make_example(ref, caption_entry, data_config, s) for s in seeds]`, reading the annotation once."""
     if caption_entry is None:
         raise SkipVideo("missing_caption", ref.video.name, f"video {ref.video_id} has no line in the captions "
                         "sidecar")
     ann = sav.read_annotation(ref)
+    return [_example(ref, ann, caption_entry, data_config, int(s)) for s in seeds]
+
+
+def _example(ref: sav.VideoRef, ann: sav.Annotation, caption_entry: CaptionEntry,
+             d: ml_collections.ConfigDict, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     k_max = int(d.max_objects)
     frame_idx, pos = clip_frame_indices(ann.video_frame_count, ann.stride, ann.num_annotated, int(d.num_frames),
