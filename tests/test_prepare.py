@@ -181,3 +181,13 @@ def test_cli_reads_a_real_sav_layout_unpacked(sav_dir, tmp_path):
     assert "videos: 3 ok, 1 skipped (missing_caption=1)" in r.stdout  # sav_000008 has no caption line
     ids = [records.decode(x)["video_id"] for x in _all_records(str(tmp_path / "out"))]
     assert ids == ["sav_000005", "sav_000006", "sav_000007"]
+
+
+def test_only_dead_local_processes_tmp_files_are_stale(tmp_path):
+    mine = os.path.basename(records.tmp_name(str(tmp_path / "records-00000.array_record")))
+    assert not records.is_stale_tmp(mine)  # this process is alive: a concurrent writer's file is kept
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = mine.rsplit("-", 1)[0] + "-" + child.stdout.strip()
+    assert records.is_stale_tmp(dead)
+    assert not records.is_stale_tmp("records-00000.array_record.tmp.otherhost-" + child.stdout.strip())
+    assert not records.is_stale_tmp("records-00000.array_record")

@@ -128,23 +128,14 @@ def process_chunk(chunk: int, refs: Sequence[sav.VideoRef], captions: dict, conf
 
 
 def _remove_stale_tmp(out: str) -> None:
-    """Deletes temporary files of killed runs (`name.tmp.<pid>` of a pid no longer alive); files of a live process
-    (another host's or process' concurrent preparation of the same, deterministic folder) are left alone."""
+    """Deletes temporary files of killed runs on this host; files of a live process (a concurrent preparation of
+    the same, deterministic folder) and of other hosts are left alone."""
     for fn in os.listdir(out):
-        head, sep, pid = fn.rpartition(".tmp.")
-        if not sep or not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-            continue  # alive
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue  # alive, someone else's
-        try:
-            os.remove(os.path.join(out, fn))
-        except FileNotFoundError:
-            pass
+        if records.is_stale_tmp(fn):
+            try:
+                os.remove(os.path.join(out, fn))
+            except FileNotFoundError:
+                pass
 
 
 def prepare(sav_path: str | Sequence[str], captions_path: str, out: str, config: ml_collections.ConfigDict, *,

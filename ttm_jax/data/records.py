@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import struct
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
@@ -125,8 +126,32 @@ def decode(data: bytes, *, fields: Sequence[str] | None = None) -> dict[str, Any
 # ------------------------------------------------------------------------------------------------ files and folders
 
 
+TMP_MARK = ".tmp."
+
+
+def tmp_name(path: str) -> str:
+    """A temporary name for `path` unique to this host and process: `path.tmp.<host>-<pid>`."""
+    host = socket.gethostname().replace(".", "_").replace("-", "_")
+    return f"{path}{TMP_MARK}{host}-{os.getpid()}"
+
+
+def is_stale_tmp(filename: str) -> bool:
+    """True for a temporary file left by a dead process of this host (others' are never judged stale here)."""
+    _, sep, tag = filename.rpartition(TMP_MARK)
+    host, _, pid = tag.rpartition("-")
+    if not sep or not pid.isdigit() or host != socket.gethostname().replace(".", "_").replace("-", "_"):
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def write_json_atomic(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
+    tmp = tmp_name(path)
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1, sort_keys=True)
     os.replace(tmp, path)
@@ -145,7 +170,7 @@ class ShardWriter:
         from array_record.python.array_record_module import ArrayRecordWriter
 
         self.path = path
-        self.tmp = f"{path}.tmp.{os.getpid()}"
+        self.tmp = tmp_name(path)
         # group_size:1: each record its own chunk, for cheap random access by Grain
         self._writer = ArrayRecordWriter(self.tmp, "group_size:1")
         self.count = 0
