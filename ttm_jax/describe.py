@@ -102,10 +102,11 @@ def autoencoder_param_shapes(config: ml_collections.ConfigDict) -> dict:
         return {}
     try:
         from ttm_jax.models import wan_vae
-    except ImportError:
+    except ImportError:  # the Wan VAE port is optional for describe
         return {}
-    fn = getattr(wan_vae, "param_shapes", None)
-    return _flat_shapes(fn(config.autoencoder)) if fn is not None else {}
+    # the architecture from the converted folder if given, else Wan 2.1's released VAE
+    cfg = wan_vae.read_config(config.autoencoder.path) if config.autoencoder.path else wan_vae.WanVAEConfig()
+    return _flat_shapes(wan_vae.param_shapes(wan_vae.WanVAE(cfg)))
 
 
 def module_table(shapes: dict, depth: int = 2) -> list[tuple[str, int]]:
