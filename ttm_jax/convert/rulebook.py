@@ -589,10 +589,19 @@ class RuleBook:
         by_key: dict[str, list[Move]] = collections.defaultdict(list)
         for mv in moves:
             by_key[mv.torch_key].append(mv)
+        host: dict[str, np.ndarray] = {}  # a few whole params on the host, so a stacked one crosses once
+
+        def fetch(path: str) -> np.ndarray:
+            if path not in host:
+                if len(host) >= 4:
+                    host.pop(next(iter(host)))
+                host[path] = np.asarray(flat[path])
+            return host[path]
+
         for key, mvs in by_key.items():
             parts = []
             for mv in mvs:
-                x = np.asarray(flat[mv.flax_path])
+                x = fetch(mv.flax_path)
                 if mv.stack_index is not None:
                     x = np.take(x, mv.stack_index, axis=mv.rule.stack_axis)
                 if mv.flax_slice is not None:
@@ -686,9 +695,9 @@ _ST_DTYPES: dict[str, Any] = {
 
 
 class SafetensorsReader(Mapping):
-    """Lazy, memory-mapped {key: numpy array} over one `.safetensors` file, a folder holding one, or a sharded
-    checkpoint (`*.safetensors.index.json`); bfloat16 comes back as `ml_dtypes.bfloat16`. Reading the header costs
-    nothing, so `specs` can plan a conversion before any tensor is read."""
+    """Lazy, memory-mapped {key: numpy array} over one local `.safetensors` file, a folder holding one, or a
+    sharded checkpoint (`*.safetensors.index.json`); bfloat16 comes back as `ml_dtypes.bfloat16`. Only the headers
+    are read up front, so `specs` can plan a conversion before any tensor is touched."""
 
     def __init__(self, path: str | epath.PathLike):
         p = epath.Path(path)
