@@ -61,7 +61,10 @@ def ids_from_masks(object_masks: np.ndarray) -> np.ndarray:
 def masks_from_ids(ids: np.ndarray, num_objects: int) -> np.ndarray:
     """int `[...]` -> bool `[..., num_objects]` (exclusive masks; ids above num_objects are dropped)."""
     ids = np.asarray(ids)
-    return ids[..., None] == np.arange(1, num_objects + 1, dtype=ids.dtype)
+    out = np.empty(ids.shape + (num_objects,), bool)
+    for k in range(num_objects):  # one pass per object: faster than one broadcast compare at video sizes
+        out[..., k] = ids == k + 1
+    return out
 
 
 def render_ids(ids: np.ndarray) -> np.ndarray:
@@ -69,7 +72,7 @@ def render_ids(ids: np.ndarray) -> np.ndarray:
     ids = np.asarray(ids)
     if ids.size and (ids.min() < 0 or ids.max() > MAX_OBJECTS):
         raise ValueError(f"render_ids: ids in [{ids.min()}, {ids.max()}], outside [0, {MAX_OBJECTS}]")
-    return np.take(PALETTE, ids, axis=0)
+    return PALETTE[ids]
 
 
 def render(object_masks: np.ndarray) -> np.ndarray:
