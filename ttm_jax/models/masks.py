@@ -54,7 +54,7 @@ def _check_geometry(shape: Sequence[int], time_factor: int, space_factor: int, p
 
 def _pool_pixel_ids(pixel_ids: jax.Array, num_ids: int, *, time_factor: int, space_factor: int,
                     patch_size: Sequence[int]) -> jax.Array:
-    """Per-pixel ids int32 `[B, T, H, W]` in `[0, num_ids)` -> per-token plurality id int32 `[B, N]`."""
+    """Per-pixel ids (int) `[B, T, H, W]` in `[0, num_ids)` -> per-token plurality id int32 `[B, N]`."""
     b, t, h, w = pixel_ids.shape
     tf, sf = int(time_factor), int(space_factor)
     pt, ph, pw = (int(p) for p in patch_size)
@@ -78,14 +78,23 @@ def _pool_pixel_ids(pixel_ids: jax.Array, num_ids: int, *, time_factor: int, spa
     return jnp.argmax(counts, axis=-1).astype(jnp.int32).reshape(b, -1)
 
 
+def _pixel_dtype(k: int) -> jnp.dtype:
+    # per-pixel ids are the one full-resolution intermediate: int8 keeps it at a byte a pixel (81x480x832 frames)
+    return jnp.int8 if k < 127 else jnp.int32
+
+
 def pixel_ids_from_masks(object_masks: jax.Array) -> jax.Array:
-    """bool `[B, T, H, W, K]` -> int32 `[B, T, H, W]`: the lowest-numbered object covering a pixel, else 0."""
+    """bool `[B, T, H, W, K]` -> int `[B, T, H, W]`: the lowest-numbered object covering a pixel, else 0."""
     k = object_masks.shape[-1]
+    dt = _pixel_dtype(k)
     if k == 0:
-        return jnp.zeros(object_masks.shape[:-1], jnp.int32)
+        return jnp.zeros(object_masks.shape[:-1], dt)
     m = object_masks.astype(bool)
-    first = jnp.argmax(m, axis=-1).astype(jnp.int32) + 1
-    return jnp.where(jnp.any(m, axis=-1), first, BACKGROUND)
+    # Paint the highest id first so lower ids end on top: one elementwise loop fusion, no int32 argmax buffer.
+    ids = jnp.full(m.shape[:-1], BACKGROUND, dt)
+    for i in range(k - 1, -1, -1):
+        ids = jnp.where(m[..., i], jnp.asarray(i + 1, dt), ids)
+    return ids
 
 
 def token_ids_from_masks(object_masks: jax.Array, *, time_factor: int, space_factor: int,
@@ -116,26 +125,31 @@ def _filled(present: jax.Array, axis: int) -> jax.Array:
 
 
 def pixel_ids_from_boxes(object_masks: jax.Array) -> jax.Array:
-    """bool `[B, T, H, W, K]` -> int32 `[B, T, H, W]`: per frame, the id of the smallest object box covering a pixel.
+    """bool `[B, T, H, W, K]` -> int `[B, T, H, W]`: per frame, the id of the smallest object box covering a pixel.
 
     An object's box in frame t is the tight bounding box of its mask in that frame (no box where it is absent).
     Where boxes overlap, the smallest box (in pixels) wins, then the lower id: a small object in front of a large
     one keeps its tokens instead of disappearing inside the large box.
     """
     b, t, h, w, k = object_masks.shape
+    dt = _pixel_dtype(k)
     if k == 0:
-        return jnp.zeros((b, t, h, w), jnp.int32)
+        return jnp.zeros((b, t, h, w), dt)
     m = object_masks.astype(bool)
     rows = _filled(jnp.any(m, axis=3), axis=2)  # [B, T, H, K]
     cols = _filled(jnp.any(m, axis=2), axis=2)  # [B, T, W, K]
     area = jnp.sum(rows, axis=2, dtype=jnp.int32) * jnp.sum(cols, axis=2, dtype=jnp.int32)  # [B, T, K]
     # Rank objects by (area, id) per frame; the covering object of lowest rank wins the pixel.
     order = area * k + jnp.arange(k, dtype=jnp.int32)  # [B, T, K], distinct per frame
-    inside = rows[:, :, :, None, :] & cols[:, :, None, :, :]  # [B, T, H, W, K]
-    big = jnp.iinfo(jnp.int32).max
-    key = jnp.where(inside, order[:, :, None, None, :], big)
-    best = jnp.argmin(key, axis=-1).astype(jnp.int32) + 1
-    return jnp.where(jnp.any(inside, axis=-1), best, BACKGROUND)
+    # Running minimum of the rank over the boxes covering each pixel: elementwise, fused, no [B, T, H, W, K] buffer.
+    ids = jnp.full((b, t, h, w), BACKGROUND, dt)
+    best = jnp.full((b, t, h, w), jnp.iinfo(jnp.int32).max, jnp.int32)
+    for i in range(k):
+        rank = order[:, :, None, None, i]
+        take = rows[:, :, :, None, i] & cols[:, :, None, :, i] & (rank < best)
+        ids = jnp.where(take, jnp.asarray(i + 1, dt), ids)
+        best = jnp.where(take, rank, best)
+    return ids
 
 
 def token_ids_from_boxes(object_masks: jax.Array, *, time_factor: int, space_factor: int,
