@@ -130,17 +130,16 @@ def _example(ref: sav.VideoRef, ann: sav.Annotation, caption_entry: CaptionEntry
     area0 = ann.areas_at(int(pos[0]))
     need = max(1.0, min_area * (bottom - top) * (right - left))
     pool = [i for i in (range(ann.num_masklets) if candidates is None else candidates) if area0[i] >= need]
-    masks = ann.masks(uniq, pool)[inverse.reshape(-1)]  # [T, h, w, len(pool)]
-    # choose among what the crop keeps: an object outside the box is not in the clip
+    masks = ann.masks(uniq, pool)  # [U, h, w, len(pool)]: each annotated frame the clip uses, once
+    # choose among what the crop keeps (an object outside the box is not in the clip), scored over those frames
     picked = trajectory.select_objects(masks[:, top:bottom, left:right], k_max, min_area=min_area,
                                        motion_weight=float(d.get("motion_weight", 1.0)))
     chosen = [pool[i] for i in picked]
-    masks = masks[..., picked]
     frames = sav.read_frames(ref, frame_idx)
     if frames.shape[1:3] != (ann.height, ann.width):
         raise SkipVideo("size_mismatch", ref.video.name, f"decodes to {frames.shape[1]}x{frames.shape[2]} (HxW) but "
                         f"{ann.file} says {ann.height}x{ann.width}")
-    ids = resize_ids(trajectory.ids_from_masks(masks), box, out_hw)
+    ids = resize_ids(trajectory.ids_from_masks(masks[..., picked]), box, out_hw)[inverse.reshape(-1)]  # [T, H, W]
     # an object thinner than an output pixel can vanish in the resize; s0 must show every object, so drop it
     kept = [k for k in range(len(chosen)) if (ids[0] == k + 1).any()]
     if len(kept) < len(chosen):
