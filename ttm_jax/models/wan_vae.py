@@ -49,7 +49,6 @@ class WanVAEConfig:
     z_dim: int = 16
     dim_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_res_blocks: int = 2
-    attn_scales: tuple[float, ...] = ()
     temperal_downsample: tuple[bool, ...] = (False, True, True)
     latents_mean: tuple[float, ...] | None = None
     latents_std: tuple[float, ...] | None = None
@@ -73,6 +72,11 @@ class WanVAEConfig:
         if cfg.get("patch_size") not in (None, 1):
             raise ValueError(f"{source}: patch_size={cfg['patch_size']} (Wan 2.2) is not supported; use a Wan 2.1 "
                              "VAE (patch_size null)")
+        if cfg.get("attn_scales"):
+            # diffusers' encoder calls its WanAttentionBlocks with feat_cache, which they do not take, so no
+            # AutoencoderKLWan with attention in the down blocks can encode; Wan 2.1 has none
+            raise ValueError(f"{source}: attn_scales={cfg['attn_scales']} is not supported (Wan 2.1 uses []); "
+                             "diffusers' AutoencoderKLWan cannot encode with it either")
         dec = cfg.get("decoder_base_dim")
         if dec is not None and dec != cfg.get("base_dim", 96):
             raise ValueError(f"{source}: decoder_base_dim={dec} != base_dim={cfg.get('base_dim')} is not supported")
@@ -91,7 +95,7 @@ class WanVAEConfig:
                 raise ValueError(f"{source}: {name} has {len(v)} entries but z_dim={z}")
         return cls(base_dim=int(cfg.get("base_dim", 96)), z_dim=z, dim_mult=tuple(int(m) for m in cfg["dim_mult"])
                    if "dim_mult" in cfg else cls.dim_mult, num_res_blocks=int(cfg.get("num_res_blocks", 2)),
-                   attn_scales=tuple(float(s) for s in cfg.get("attn_scales", ())), temperal_downsample=td,
+                   temperal_downsample=td,
                    latents_mean=None if mean is None else tuple(float(m) for m in mean),
                    latents_std=None if std is None else tuple(float(s) for s in std),
                    in_channels=int(cfg.get("in_channels", 3)), out_channels=int(cfg.get("out_channels", 3)))
@@ -332,19 +336,15 @@ class Encoder(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
         dims = [cfg.base_dim * u for u in (1, *cfg.dim_mult)]
         x = CausalConv3d(dims[0], name="conv_in", **kw)(x.astype(self.dtype), first)
-        scale, n = 1.0, 0
+        n = 0  # diffusers' flat down_blocks index
         for i, out_dim in enumerate(dims[1:]):
             for _ in range(cfg.num_res_blocks):
                 x = ResidualBlock(out_dim, name=f"down_blocks_{n}", **kw)(x, first)
                 n += 1
-                if scale in cfg.attn_scales:
-                    x = AttentionBlock(name=f"down_blocks_{n}", **kw)(x)
-                    n += 1
             if i != len(cfg.dim_mult) - 1:
                 mode = "downsample3d" if cfg.temperal_downsample[i] else "downsample2d"
                 x = Resample(mode, out_dim, name=f"down_blocks_{n}", **kw)(x, first)
                 n += 1
-                scale /= 2.0
         x = MidBlock(name="mid_block", **kw)(x, first)
         x = nn.silu(RMSNorm(self.dtype, self.param_dtype, name="norm_out")(x))
         return CausalConv3d(2 * cfg.z_dim, name="conv_out", **kw)(x, first)
@@ -489,7 +489,7 @@ class WanAutoencoder:
                  precision: Any = None) -> None:
         self.cfg = cfg
         self.model = WanVAE(cfg, dtype=_dtype(dtype), precision=precision)
-        self.params = params
+        self.params = jax.tree.map(jnp.asarray, params)  # on device once, not per call
         self.chunk = int(chunk)
         self.time_factor = cfg.time_factor
         self.space_factor = cfg.space_factor
@@ -540,12 +540,13 @@ def make_wan_autoencoder(config: Any) -> WanAutoencoder:
         raise ValueError("config.autoencoder.path: empty, but autoencoder.name='wan' needs weights; set it to a "
                          "diffusers AutoencoderKLWan folder (config.json + diffusion_pytorch_model.safetensors), "
                          "e.g. <Wan2.1-T2V-1.3B-Diffusers>/vae")
-    cfg, params = load_params(path)
+    cfg = read_config(path)  # check the config against config.json before reading any weight
     for field, want in (("latent_channels", cfg.z_dim), ("time_factor", cfg.time_factor),
                         ("space_factor", cfg.space_factor)):
         have = config.get(field, want)
         if have != want:
             raise ValueError(f"config.autoencoder.{field}: {have}, but {os.path.join(path, CONFIG_FILE)} makes "
                              f"{want}; set config.autoencoder.{field}={want}")
+    _, params = load_params(path, cfg)
     return WanAutoencoder(cfg, params, dtype=config.get("dtype", "float32"), chunk=config.get("chunk_frames", 1))
 
