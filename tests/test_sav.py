@@ -186,6 +186,26 @@ def test_tar_and_folder_layouts_give_the_same_videos(tmp_path, files, caplog):
     np.testing.assert_array_equal(sav.read_frames(tar_refs[1], [1, 0]), sav.read_frames(layouts["nested"][1], [1, 0]))
 
 
+def test_truncated_shard_keeps_whole_members_and_skips_the_cut_one(tmp_path, files, caplog):
+    shard = tmp_path / "sav_000.tar"
+    order = sorted(files, key=lambda n: n == "sav_000002.mp4")  # the cut member last
+    _write_tar(shard, {n: files[n] for n in order})
+    with tarfile.open(shard) as tar:
+        cut_member = tar.getmember("sav_000002.mp4")
+    shard.write_bytes(shard.read_bytes()[: cut_member.offset_data + cut_member.size // 2])
+    counter = sav.SkipCounter()
+    with caplog.at_level(logging.WARNING):
+        refs = sav.find_videos(shard, "manual", counter=counter)
+    assert "tar read stopped" in caplog.text and counter.total == 0
+    assert [r.video_id for r in refs] == ["sav_000001", "sav_000002"]
+    assert refs[0].video.read_bytes() == files["sav_000001.mp4"]
+    assert sav.read_annotation(refs[1]).num_masklets == 5  # its json is whole
+    # listed from its header, but its data is cut: reading it is a skip naming the member
+    with pytest.raises(SkipVideo, match="sav_000.tar:sav_000002.mp4") as e:
+        sav.read_frames(refs[1], [0])
+    assert e.value.reason == "truncated_tar"
+
+
 def test_missing_json_is_a_counted_skip(tmp_path, files):
     for n, b in files.items():
         if n != "sav_000002_auto.json":
