@@ -1,6 +1,7 @@
 """T5Encoder against transformers' T5EncoderModel / UMT5EncoderModel (tiny random, odd sizes), conversion both ways,
 loading saved checkpoints, masking and dtype behaviour."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -155,7 +156,7 @@ def test_bfloat16_compute_keeps_float32_params_and_tracks_float32(case, apply_fn
     cfg16.dtype = "bfloat16"
     enc16 = text_encoder.T5Encoder(cfg16)
     shapes = jax.eval_shape(enc16.init, jax.random.key(0), ids, mask)["params"]
-    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nn_unbox(shapes)))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nn.meta.unbox(shapes)))
     out16 = jax.jit(enc16.apply)({"params": params}, ids, mask)
     out32 = apply_fn(text_encoder.T5Spec.from_config(config), params, ids, mask, False)
     assert out16.dtype == jnp.bfloat16
@@ -163,7 +164,23 @@ def test_bfloat16_compute_keeps_float32_params_and_tracks_float32(case, apply_fn
     assert 0 < err < 0.1 * np.abs(np.asarray(out32)).max(), err
 
 
-def nn_unbox(tree):
-    import flax.linen as nn
+def test_params_carry_logical_axis_names_for_sharding():
+    config = config_lib.build(2, "tiny").text_encoder
+    config.per_layer_bias = True
+    boxed = jax.eval_shape(text_encoder.T5Encoder(config).init, jax.random.key(0),
+                           jax.ShapeDtypeStruct((1, 8), jnp.int32), jax.ShapeDtypeStruct((1, 8), jnp.bool_))["params"]
+    names = _names(boxed)
+    assert names["embedding/embedding"] == ("vocab", "text_embed")
+    assert names["layers/attention/q/kernel"] == ("layers", "text_embed", "heads")
+    assert names["layers/attention/o/kernel"] == ("layers", "heads", "text_embed")
+    assert names["layers/ffn/wo/kernel"] == ("layers", "mlp", "text_embed")
+    assert names["layers/relative_bias/embedding"] == ("layers", None, None)
+    assert names["final_norm/scale"] == ("text_embed",)
 
-    return nn.meta.unbox(tree)
+
+def _names(tree, prefix=""):
+    out = {}
+    for k, v in tree.items():
+        path = f"{prefix}/{k}" if prefix else k
+        out.update(_names(v, path) if isinstance(v, dict) else {path: tuple(v.names)})
+    return out
