@@ -198,3 +198,21 @@ def test_config_rejects_bad_pipeline_values(field, value):
     c.data[field] = value
     with pytest.raises(config_lib.ConfigError, match=rf"config\.data\.{field}"):
         config_lib.validate(c)
+
+
+def test_cached_latents_reach_the_batch(tmp_path):
+    from ttm_jax.models.autoencoder import make_autoencoder
+
+    sav_dir = str(tmp_path / "sav")
+    synthetic.generate(sav_dir, 4, seed=3, height=64, width=64, frames=24)
+    cfg = config_lib.validate(config_lib.build(2, "tiny"))
+    out = str(tmp_path / "prepared")
+    prepare.prepare(sav_dir, os.path.join(sav_dir, synthetic.CAPTIONS_FILE), out, cfg, chunk_size=4, latents=True)
+    b = _batches(_config(out), 1)[0]
+    B = cfg.train.batch_size
+    for key in ("video", "trajectory"):
+        lat = b[f"{key}_latent"]
+        assert lat.dtype == np.float32 and lat.shape == (B, *config_lib.latent_shape(cfg))
+        # space_to_depth is exact: the cached latent of each row is that row's clip, not another one
+        pixels = np.asarray(make_autoencoder(cfg.autoencoder).decode(lat))
+        np.testing.assert_allclose((pixels + 1.0) * 127.5, b[key].astype(np.float32), atol=1e-3)
