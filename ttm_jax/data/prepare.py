@@ -89,16 +89,25 @@ def _encode_latents(autoencoder: Any, examples: list[dict]) -> None:
             e[f"{key}_latent"] = z
 
 
+_AUTOENCODERS: dict[str, Any] = {}
+
+
+def _autoencoder(ae_config: ml_collections.ConfigDict) -> Any:
+    """One autoencoder per process and config (a real VAE loads its weights once, not once per chunk)."""
+    key = ae_config.to_json(sort_keys=True)
+    if key not in _AUTOENCODERS:
+        from ttm_jax.models.autoencoder import make_autoencoder
+
+        _AUTOENCODERS[key] = make_autoencoder(ae_config)
+    return _AUTOENCODERS[key]
+
+
 def process_chunk(chunk: int, refs: Sequence[sav.VideoRef], captions: dict, config: ml_collections.ConfigDict,
                   out: str, seed: int, clips_per_video: int, latents: bool, kill: bool = False) -> dict:
     """Makes the clips of one chunk of videos and commits its shard and marker; returns the chunk's statistics."""
     counter = sav.SkipCounter(f"prepare chunk {chunk}")
     writer = records.ShardWriter(os.path.join(out, shard_name(chunk)))
-    autoencoder = None
-    if latents:
-        from ttm_jax.models.autoencoder import make_autoencoder
-
-        autoencoder = make_autoencoder(config.autoencoder)
+    autoencoder = _autoencoder(config.autoencoder) if latents else None
     ok, video_ids = 0, []
     for ref in refs:
         try:
