@@ -169,9 +169,12 @@ def test_tar_and_folder_layouts_give_the_same_videos(tmp_path, files, caplog):
             "tar": sav.find_videos(shard, "both", counter=counter),
             "tar folder": sav.find_videos(shards, "both", counter=counter),
             "tar list": sav.find_videos([shards / "sav_001.tar", shards / "sav_000.tar"], "both", counter=counter),
+            "unpacked and shard": sav.find_videos([flat, shard], "both", counter=counter),
         }
     assert counter.total == 0  # foreign members are not skipped videos
     assert "ignored 3 files" in caplog.text  # ... but they are logged
+    assert "second copy" in caplog.text  # a video both unpacked and in a shard is taken once
+    assert all(r.video.member == "" for r in layouts["unpacked and shard"])  # the first copy named
     want = [("sav_000001", files["sav_000001.mp4"],
              (("manual", files["sav_000001_manual.json"]), ("auto", files["sav_000001_auto.json"]))),
             ("sav_000002", files["sav_000002.mp4"],

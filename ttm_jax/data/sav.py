@@ -200,25 +200,33 @@ def _scan_tar(path: epath.Path, found: dict, foreign: list[str]) -> None:
                 if c is None:
                     foreign.append(f"{path}:{info.name}")
                     continue
-                found.setdefault(c[0], {}).setdefault(
-                    c[1], Source(os.fspath(path), info.name, info.offset_data, info.size))
+                _add(found, c[0], c[1], Source(os.fspath(path), info.name, info.offset_data, info.size))
         except tarfile.TarError as e:
             # a shard cut short still yields the members before the damage; those are listed, the rest is lost
             logging.warning("%s: tar read stopped (%s); members after this point are not listed", path, e)
 
 
+def _add(found: dict, vid: str, kind: str, src: Source) -> None:
+    have = found.setdefault(vid, {})
+    if kind in have:
+        logging.warning("find_videos: %s is a second copy of %s; keeping the first", src.name, have[kind].name)
+    else:
+        have[kind] = src
+
+
 def _scan_dir(root: epath.Path, found: dict, foreign: list[str]) -> None:
-    for dirpath, _, filenames in root.walk():
-        for fn in sorted(filenames):
-            p = epath.Path(dirpath) / fn
-            if fn.endswith(".tar"):
-                _scan_tar(p, found, foreign)
-                continue
-            c = _classify(fn)
-            if c is None:
-                foreign.append(os.fspath(p))
-                continue
-            found.setdefault(c[0], {}).setdefault(c[1], Source(os.fspath(p)))
+    # walk order is the filesystem's; sort so that "the first copy wins" means the same copy on every host
+    paths = sorted(os.fspath(epath.Path(dirpath) / fn) for dirpath, _, filenames in root.walk() for fn in filenames)
+    for path in paths:
+        fn = os.path.basename(path)
+        if fn.endswith(".tar"):
+            _scan_tar(epath.Path(path), found, foreign)
+            continue
+        c = _classify(fn)
+        if c is None:
+            foreign.append(path)
+            continue
+        _add(found, c[0], c[1], Source(path))
 
 
 def find_videos(path, annotation: str = "manual", *, counter: SkipCounter | None = None) -> list[VideoRef]:
