@@ -18,6 +18,10 @@ start on an annotated frame, so frame 0's masks (s0, what stage 1 starts from) a
 frame (6 fps); a frame between annotations takes the masks of the nearest annotated frame (`mask_frame_indices`
 says which). At `data.fps = 6` every frame is annotated.
 
+Objects. Up to K masklets (`trajectory.select_objects`): those the captioner gave a local prompt, if it gave any;
+visible in the crop at frame 0 with at least `data.min_object_area` of it; ranked by size and motion over the annotated
+frames the clip uses (`data.motion_weight`); object slots 1..K in masklet order.
+
 Geometry. One crop box in source pixels (the largest box of the output aspect ratio; centred, or random with
 `data.crop = "random"`) and one resize to (H, W): bilinear (antialiased) for frames, nearest for the object-id map,
 so masks and frames stay aligned. Portrait videos (SA-V has 848x480 H x W ones) are cropped the same way.
@@ -25,7 +29,6 @@ so masks and frames stay aligned. Portrait videos (SA-V has 848x480 H x W ones) 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import ml_collections
@@ -162,7 +165,3 @@ def _example(ref: sav.VideoRef, ann: sav.Annotation, caption_entry: CaptionEntry
         "masklet_keys": keys + [""] * (k_max - n),
     }
 
-
-def num_clip_frames(video_frames: int, fps: float, source_fps: float = 24.0) -> int:
-    """How many frames at `fps` fit in `video_frames` frames at `source_fps` (for choosing config.data.num_frames)."""
-    return 1 + math.floor((video_frames - 1) * fps / source_fps)
