@@ -110,6 +110,8 @@ def test_loads_sharded_and_bfloat16_checkpoints(case, tmp_path):
     assert (tmp_path / "fp32" / "model.safetensors.index.json").exists()
     loaded = t5.load_params(config, str(tmp_path / "fp32"))
     jax.tree.map(np.testing.assert_array_equal, loaded, params)
+    model.save_pretrained(tmp_path / "pipeline" / "text_encoder")  # a diffusers pipeline folder, single file
+    jax.tree.map(np.testing.assert_array_equal, t5.load_params(config, str(tmp_path / "pipeline")), params)
     model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
     model.float()
     loaded = t5.load_params(config, str(tmp_path / "bf16"))

@@ -74,8 +74,12 @@ def test_sentencepiece_matches_transformers_t5tokenizer(sp_dir):
     assert tok.decode(ids) == [TEXTS[0]]
 
 
-def test_sentencepiece_accepts_model_file_and_pickles(sp_dir):
+def test_sentencepiece_accepts_model_file_and_pickles(sp_dir, tmp_path):
     tok = tok_lib.SentencePieceTokenizer(str(sp_dir / "spiece.model"))
+    (tmp_path / "tokenizer").mkdir()  # a diffusers pipeline folder
+    (tmp_path / "tokenizer" / "spiece.model").write_bytes((sp_dir / "spiece.model").read_bytes())
+    np.testing.assert_array_equal(tok_lib.SentencePieceTokenizer(str(tmp_path)).encode(TEXTS, 9)[0],
+                                  tok.encode(TEXTS, 9)[0])
     again = pickle.loads(pickle.dumps(tok))  # data-loader workers receive it pickled
     for a, b in zip(tok.encode(TEXTS, 16), again.encode(TEXTS, 16), strict=True):
         np.testing.assert_array_equal(a, b)

@@ -56,9 +56,17 @@ _FIELDS = {"vocab_size": "vocab_size", "d_model": "d_model", "num_layers": "num_
            "relative_attention_max_distance": "relative_attention_max_distance", "layer_norm_epsilon": "eps"}
 
 
+def checkpoint_dir(path: str) -> str:
+    """`path` itself, or `path/text_encoder` for a diffusers pipeline folder (e.g. Wan2.1-T2V-1.3B-Diffusers)."""
+    p = epath.Path(path)
+    if not (p / "config.json").exists() and (p / "text_encoder" / "config.json").exists():
+        p = p / "text_encoder"
+    return str(p)
+
+
 def read_hf_config(path: str) -> dict:
-    """`<path>/config.json` of a transformers T5-family checkpoint."""
-    p = epath.Path(path) / "config.json"
+    """`<path>/config.json` of a transformers T5-family checkpoint (see `checkpoint_dir`)."""
+    p = epath.Path(checkpoint_dir(path)) / "config.json"
     if not p.exists():
         raise FileNotFoundError(f"config.text_encoder.path: {p} does not exist; point the path at a transformers "
                                 f"encoder folder (config.json + *.safetensors), e.g. <Wan2.1-Diffusers>/text_encoder")
@@ -116,9 +124,10 @@ def to_torch(params: dict, config: Any, torch_specs: dict[str, Any] | None = Non
 
 
 def load_params(config: ml_collections.ConfigDict, path: str | None = None) -> dict:
-    """Params for `config.text_encoder` from the transformers folder `path` (default `config.path`), streamed tensor
-    by tensor from memory-mapped safetensors; `config.json` must agree with the config."""
-    path = path or config.path
+    """Params for `config.text_encoder` from the transformers folder `path` (default `config.path`; a diffusers
+    pipeline folder means its `text_encoder/`), streamed tensor by tensor from memory-mapped safetensors;
+    `config.json` must agree with the config."""
+    path = checkpoint_dir(path or config.path)
     hf = read_hf_config(path)
     check_config(config, hf, f"{path}/config.json")
     try:

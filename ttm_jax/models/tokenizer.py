@@ -75,13 +75,15 @@ class ByteTokenizer:
 
 
 class SentencePieceTokenizer:
-    """A SentencePiece model (e.g. umT5's `spiece.model`); `path` is the `.model` file or a folder holding
-    `spiece.model`, any `etils.epath` path (local, gs://)."""
+    """A SentencePiece model (e.g. umT5's `spiece.model`); `path` is the `.model` file, a folder holding
+    `spiece.model`, or a diffusers pipeline folder holding `tokenizer/spiece.model`; any `etils.epath` path."""
 
     def __init__(self, path: str, field: str = "config.text_encoder.tokenizer_path"):
         p = epath.Path(path) if path else None
         if p is not None and p.is_dir():
-            p = p / "spiece.model"
+            # a tokenizer folder, or a diffusers pipeline folder holding tokenizer/
+            p = p / "spiece.model" if (p / "spiece.model").exists() or not (p / "tokenizer").is_dir() \
+                else p / "tokenizer" / "spiece.model"
         if p is None or not p.exists():
             raise FileNotFoundError(
                 f"{field}: SentencePiece model {str(p) if p is not None else repr(path)} does not exist; set {field} "
