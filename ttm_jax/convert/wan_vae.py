@@ -106,16 +106,13 @@ class PreadReader(rb.SafetensorsReader):
         f, shape, dt, b, e = self._where[key]
         out = np.empty(shape, dt)
         view = memoryview(out.reshape(-1).view(np.uint8))
-        fd = os.open(f, os.O_RDONLY)
-        try:
+        with open(f, "rb", buffering=0) as fh:
             pos = 0
             while pos < e - b:
-                n = os.preadv(fd, [view[pos:]], b + pos)
+                n = os.preadv(fh.fileno(), [view[pos:]], b + pos)
                 if n <= 0:
                     raise OSError(f"{f}: unexpected end of file reading tensor {key!r}")
                 pos += n
-        finally:
-            os.close(fd)
         return out
 
 

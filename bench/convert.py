@@ -1,0 +1,181 @@
+"""Peak resident memory of checkpoint conversion, as a multiple of the checkpoint size, both directions.
+
+    python bench/convert.py [--gb 1.0] [--workdir /tmp/ttm_convert_bench] [--keep]
+
+Writes a random Wan 2.1-layout VAE checkpoint of about `--gb` GB (diffusers folder: config.json + safetensors; base
+width enlarged from Wan's 96 to reach the size), then measures each conversion in its own subprocess (the kernel's
+resident high-water mark VmHWM, reset right before converting, minus the RSS at that moment: the Python + JAX
+import floor, plus the source params for flax -> torch):
+
+  torch -> flax   ttm_jax.convert.wan_vae.load_diffusers_folder (pread, tensor by tensor)
+                  reference, same rulebook: memory-mapped reader (rulebook.SafetensorsReader)
+                  reference, naive: safetensors.numpy.load_file (all tensors) then RuleBook.to_flax
+  flax -> torch   ttm_jax.convert.wan_vae.save_diffusers_folder (streamed safetensors writer), from params in memory
+                  reference, naive: RuleBook.to_torch (dict of all tensors) then safetensors.numpy.save_file
+
+The flax -> torch rows start from the params already in memory (1x); their figure is the *extra* peak over that.
+The written checkpoint is compared with the source byte for byte (the round trip is exact).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, uninstalled
+
+GB = 1e9
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _reset_peak() -> None:
+    """Resets the kernel's resident high-water mark (VmHWM) to the current RSS (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _peak() -> int:
+    # VmHWM can be reset (below); ru_maxrss cannot, so it only bounds the first measurement
+    return max(_status("VmHWM"), 0) if os.path.exists("/proc/self/clear_refs") else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def child(mode: str, src: str, out: str) -> None:
+    """One measured conversion; prints a JSON line."""
+    from safetensors.numpy import load_file, save_file
+
+    from ttm_jax.convert import rulebook as rb
+    from ttm_jax.convert import wan_vae as convert
+    from ttm_jax.models import wan_vae
+
+    cfg = wan_vae.read_config(src)
+    template = convert.template(cfg)
+    file = os.path.join(src, convert.WEIGHTS_FILE)
+    res: dict = {"mode": mode}
+    if mode.startswith("to_torch"):
+        params = convert.load_diffusers_folder(src, cfg)
+        res["params_bytes"] = int(sum(x.nbytes for x in rb.flatten(params).values()))
+    _reset_peak()
+    floor = _status("VmRSS")
+    t0 = time.perf_counter()
+    if mode == "to_flax":
+        params = convert.load_diffusers_folder(src, cfg)
+    elif mode == "to_flax_mmap":
+        params = rb.stream_to_flax(convert.RULES, rb.SafetensorsReader(src), template)
+    elif mode == "to_flax_naive":
+        params = convert.RULES.to_flax(load_file(file), template)
+    elif mode == "to_torch":
+        convert.save_diffusers_folder(params, cfg, out)
+    elif mode == "to_torch_naive":
+        os.makedirs(out, exist_ok=True)
+        save_file(convert.RULES.to_torch(params), os.path.join(out, convert.WEIGHTS_FILE), metadata={"format": "pt"})
+    else:
+        raise ValueError(mode)
+    res["seconds"] = time.perf_counter() - t0
+    res["floor"] = floor
+    res["peak"] = _peak()
+    print(json.dumps(res), flush=True)
+
+
+def _run_child(mode: str, src: str, out: str) -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    p = subprocess.run([sys.executable, __file__, "--child", mode, "--src", src, "--out", out], env=env,
+                       capture_output=True, text=True, check=False)
+    if p.returncode:
+        raise RuntimeError(f"bench/convert.py child {mode} failed:\n{p.stderr[-4000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def make_checkpoint(path: str, gb: float) -> tuple[str, int]:
+    """A random Wan 2.1-layout VAE folder of about `gb` GB; returns (weights file, bytes of tensor data)."""
+    from ttm_jax.convert import wan_vae as convert
+    from ttm_jax.models import wan_vae
+
+    def size(base_dim: int) -> int:
+        cfg = wan_vae.WanVAEConfig(base_dim=base_dim)
+        specs = convert.torch_specs(convert.template(cfg))
+        return sum(int(np.prod(s)) * 4 for s, _ in specs.values())
+
+    per = size(96) / 96**2  # parameters grow with the square of the width
+    base = max(8, int(round((gb * GB / per) ** 0.5 / 8)) * 8)
+    cfg = wan_vae.WanVAEConfig(base_dim=base, latents_mean=tuple([0.0] * 16), latents_std=tuple([1.0] * 16))
+    specs = convert.torch_specs(convert.template(cfg))
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(convert.diffusers_config(cfg), f)
+    rng = np.random.default_rng(0)
+    file = os.path.join(path, convert.WEIGHTS_FILE)
+    convert.write_safetensors(file, specs, ((k, rng.standard_normal(s, np.float32)) for k, (s, _) in specs.items()),
+                              metadata={"format": "pt"})
+    return file, sum(int(np.prod(s)) * 4 for s, _ in specs.values())
+
+
+def same_tensors(a: str, b: str) -> bool:
+    """Every tensor of safetensors files `a` and `b` equal byte for byte (read one at a time)."""
+    from ttm_jax.convert import wan_vae as convert
+
+    ra, rb_ = convert.PreadReader(a), convert.PreadReader(b)
+    if set(ra) != set(rb_):
+        return False
+    return all(ra[k].dtype == rb_[k].dtype and ra[k].tobytes() == rb_[k].tobytes() for k in ra)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gb", type=float, default=1.0)
+    ap.add_argument("--workdir", default="/tmp/ttm_convert_bench")
+    ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--child")
+    ap.add_argument("--src")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    if args.child:
+        child(args.child, args.src, args.out)
+        return
+    src = os.path.join(args.workdir, "src")
+    t0 = time.perf_counter()
+    file, nbytes = make_checkpoint(src, args.gb)
+    print(f"checkpoint: {file}  {os.path.getsize(file) / GB:.3f} GB on disk, {nbytes / GB:.3f} GB of tensors "
+          f"(written in {time.perf_counter() - t0:.1f}s)")
+    rows = []
+    for mode in ("to_flax", "to_flax_mmap", "to_flax_naive", "to_torch", "to_torch_naive"):
+        out = os.path.join(args.workdir, mode)
+        r = _run_child(mode, src, out)
+        extra = r["peak"] - r["floor"]
+        r["ratio"] = extra / nbytes
+        rows.append(r)
+        note = ""
+        if mode.startswith("to_torch"):
+            ok = same_tensors(file, os.path.join(out, "diffusion_pytorch_model.safetensors"))
+            note = f"  round trip byte-identical: {ok}"
+            if not ok:
+                raise SystemExit(f"{mode}: the written checkpoint differs from the source")
+        print(f"{mode:15s} peak RSS over the floor: {r['ratio']:.2f}x checkpoint ({extra / GB:.2f} GB; floor "
+              f"{r['floor'] / GB:.2f} GB; {r['seconds']:.1f}s){note}", flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+    by = {r["mode"]: r["ratio"] for r in rows}
+    print(f"torch -> flax: streamed pread {by['to_flax']:.2f}x vs memory map {by['to_flax_mmap']:.2f}x vs naive "
+          f"load_file {by['to_flax_naive']:.2f}x of the checkpoint")
+    print(f"flax -> torch (params already in memory, extra peak): streamed writer {by['to_torch']:.2f}x vs naive "
+          f"save_file {by['to_torch_naive']:.2f}x of the checkpoint")
+    if not args.keep:
+        shutil.rmtree(args.workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
