@@ -43,10 +43,13 @@ def manual_ann():
 
 @pytest.fixture(scope="module")
 def decoded_areas(manual_ann):
-    """int [121, 5] mask areas from decoding every RLE, and whether each masklet is visible anywhere in a frame."""
-    m = manual_ann.masks()
-    assert m.shape == (121, 848, 480, 5) and m.dtype == bool
-    return m.reshape(121, -1, 5).sum(1)
+    """int [121, 5] mask areas from decoding every RLE."""
+    areas = []
+    for j in range(manual_ann.num_annotated):  # one frame at a time: the whole video's masks are 246 MB
+        m = manual_ann.masks([j])
+        assert m.shape == (1, 848, 480, 5) and m.dtype == bool
+        areas.append(m.reshape(-1, 5).sum(0))
+    return np.stack(areas)
 
 
 def test_real_manual_annotation_geometry(manual_ann, decoded_areas, real):
