@@ -92,7 +92,9 @@ def _autoencoder(variant: str) -> ml_collections.ConfigDict:
         a.name = "space_to_depth"
         a.time_factor, a.space_factor = 4, 4
         a.latent_channels = 3 * a.space_factor**2 * a.time_factor
-    a.path = ""  # converted weights (Wan VAE); unused by space_to_depth
+    a.path = ""  # Wan VAE: a diffusers AutoencoderKLWan folder (config.json + safetensors); unused by space_to_depth
+    a.dtype = "float32"  # Wan VAE compute dtype (params stay float32); bfloat16 on accelerators
+    a.chunk_frames = 1  # Wan VAE: latent frames per causal time chunk (memory ~ chunk); 0: whole clip in one pass
     return a
 
 
@@ -278,6 +280,13 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check(m.cross_ids_from in CROSS_IDS_FROM, "model.cross_ids_from",
            f"{m.cross_ids_from!r}; choose one of {CROSS_IDS_FROM}")
     _check(a.name in AUTOENCODERS, "autoencoder.name", f"{a.name!r}; choose one of {AUTOENCODERS}")
+    _check(a.get("dtype", "float32") in DTYPES, "autoencoder.dtype", f"{a.get('dtype')!r}; choose one of {DTYPES}")
+    _check(isinstance(a.get("chunk_frames", 1), int) and a.get("chunk_frames", 1) >= 0, "autoencoder.chunk_frames",
+           f"{a.get('chunk_frames')!r} must be an int >= 0 (0: the whole clip in one pass)")
+    if a.name == "wan":
+        _check(a.latent_channels > 0 and a.time_factor > 0 and a.space_factor > 0, "autoencoder",
+               "latent_channels, time_factor and space_factor must be positive (Wan 2.1: 16, 4, 8); the weights' "
+               "config.json is checked against them when the VAE loads")
     if a.name == "space_to_depth":
         want = 3 * a.space_factor**2 * a.time_factor
         _check(a.latent_channels == want, "autoencoder.latent_channels",
