@@ -216,3 +216,9 @@ def test_cached_latents_reach_the_batch(tmp_path):
         # space_to_depth is exact: the cached latent of each row is that row's clip, not another one
         pixels = np.asarray(make_autoencoder(cfg.autoencoder).decode(lat))
         np.testing.assert_allclose((pixels + 1.0) * 127.5, b[key].astype(np.float32), atol=1e-3)
+    # latents of another autoencoder would be silently wrong: refused
+    other = _config(out)
+    other.autoencoder.space_factor = 8
+    other.autoencoder.latent_channels = 3 * 8 * 8 * 4
+    with pytest.raises(ValueError, match=r"cached latents.*space_factor"):
+        pipeline.make_train_iterator(other, process_index=0, process_count=1, workdir="/x")

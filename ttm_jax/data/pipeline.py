@@ -44,6 +44,8 @@ from ttm_jax.data import records
 
 # data-config keys whose mismatch with the prepared records changes batch shapes: an error, not a warning
 SHAPE_KEYS = ("num_frames", "height", "width", "max_objects")
+# autoencoder keys that make cached latents mean something else
+LATENT_KEYS = ("name", "time_factor", "space_factor", "latent_channels", "path")
 SOURCE_FPS = 24.0
 MIN_SYNTHETIC_SIDE = 128
 
@@ -104,6 +106,15 @@ def check_manifest(manifest: dict, config: ml_collections.ConfigDict, folder: st
     for k, v in data.items():
         if k not in SHAPE_KEYS and config.data.get(k) is not None and config.data.get(k) != v:
             logging.warning("%s: records prepared with data.%s=%r, config has %r", where, k, v, config.data.get(k))
+    lat = manifest.get("latents")
+    if lat is not None:
+        ae = config.autoencoder.to_dict()
+        differ = sorted(k for k in LATENT_KEYS if lat.get(k) != ae.get(k))
+        if differ:
+            raise ValueError(f"{where}: cached latents were made by autoencoder "
+                             f"{ {k: lat.get(k) for k in differ} } but config.autoencoder has "
+                             f"{ {k: ae.get(k) for k in differ} }; prepare again with this config (--latents) or "
+                             f"without --latents")
     if manifest.get("num_records", 0) < 1:
         raise ValueError(f"{where}: no records (all videos skipped: {manifest.get('skipped')}); check the SA-V "
                          f"path and captions it was prepared from")
