@@ -61,10 +61,10 @@ def _object_ious(example, video_ids):
 
 
 @needs_sample
-@pytest.mark.parametrize("seed", [0, 3])
-def test_masks_land_on_their_frames(real_video, seed):
+@pytest.mark.parametrize("seed,crop", [(0, "center"), (3, "random")])
+def test_masks_land_on_their_frames(real_video, seed, crop):
     ref, ann, _ = real_video
-    d = _data_config(fps=6.0, height=128, width=128, max_objects=5, min_object_area=0.0)
+    d = _data_config(fps=6.0, height=128, width=128, max_objects=5, min_object_area=0.0, crop=crop)
     ex = clips.make_example(ref, ENTRY, d, seed)
     t, k = d.num_frames, d.max_objects
     assert ex["video"].shape == ex["trajectory"].shape == (t, 128, 128, 3)
@@ -77,13 +77,23 @@ def test_masks_land_on_their_frames(real_video, seed):
     # the decoded frames are the frames named, by the index stamped in their pixels
     raw = sav.read_frames(ref, fi)
     np.testing.assert_array_equal(video_io.read_frame_index(raw), fi)
+    # trajectory = the palette rendering of the object masks; exclusive masks; first-frame masks are s0
+    np.testing.assert_array_equal(ex["trajectory"], tj.render(ex["object_masks"]))
+    assert ex["object_masks"].sum(-1).max() <= 1
+    n = ex["num_objects"]
+    assert ex["object_masks"][0, ..., :n].any((0, 1)).all()  # every chosen object is in s0
+    assert not ex["object_masks"][..., n:].any()  # zero padding
+    assert ex["local_prompts"] == [""] * k and len(ex["masklet_keys"]) == k
+    # the object masks match the colours painted into those very frames (after the same crop and resize)
+    ious = _object_ious(ex, tj.ids_from_trajectory(ex["video"], ann.num_masklets))
+    print(f"seed {seed} {crop}: frames {fi[0]}..{fi[-1]}, objects {ex['masklet_keys']}, IoU vs pixels "
+          f"{np.round(ious, 3)}")
+    assert ex["num_objects"] >= 2 and ious.min() >= 0.9
+    if crop == "random":
+        return
     box = clips.crop_box(848, 480, 128, 128)
     assert box == (0.0, 184.0, 480.0, 664.0)  # portrait: the centred square
     np.testing.assert_array_equal(ex["video"], clips.resize_frames(raw, box, (128, 128)))
-    # the object masks match the colours painted into those very frames
-    ious = _object_ious(ex, tj.ids_from_trajectory(ex["video"], ann.num_masklets))
-    print(f"seed {seed}: frames {fi[0]}..{fi[-1]}, objects {ex['masklet_keys']}, IoU vs pixels {np.round(ious, 3)}")
-    assert ex["num_objects"] >= 2 and ious.min() >= 0.9
     # ... and not those of the neighbouring annotated frame: the check can tell one annotation step apart
     keys = [int(k) for k in ex["masklet_keys"] if k]
     remap = np.zeros(ann.num_masklets + 1, np.int32)
@@ -94,13 +104,6 @@ def test_masks_land_on_their_frames(real_video, seed):
     worse = _object_ious(shifted, tj.ids_from_trajectory(ex["video"], ann.num_masklets))
     print(f"  with the next annotation's masks instead: IoU {np.round(worse, 3)}")
     assert worse.mean() < ious.mean() - 0.1
-    # trajectory = the palette rendering of the object masks; exclusive masks; first-frame masks are s0
-    np.testing.assert_array_equal(ex["trajectory"], tj.render(ex["object_masks"]))
-    assert ex["object_masks"].sum(-1).max() <= 1
-    n = ex["num_objects"]
-    assert ex["object_masks"][0, ..., :n].any((0, 1)).all()  # every chosen object is in s0
-    assert not ex["object_masks"][..., n:].any()  # zero padding
-    assert ex["local_prompts"] == [""] * k and len(ex["masklet_keys"]) == k
 
 
 @needs_sample
