@@ -118,14 +118,16 @@ def _text_encoder(variant: str) -> ml_collections.ConfigDict:
         t.d_ff = 64 if variant == "tiny" else 512
         t.per_layer_bias = False
         t.tokenizer = "byte"
-        t.max_length = 64
+        # bytes: the synthetic captions run to ~300, motion prompts ~240, local prompts ~90
+        t.max_length = 256
     t.relative_attention_num_buckets = 32
     t.relative_attention_max_distance = 128
     t.feed_forward = "gated-gelu"
     t.eps = 1e-6
     t.tokenizer_path = ""  # sentencepiece model file, for tokenizer=sentencepiece
     t.path = ""  # converted weights; empty: random init from `seed` (tiny configs)
-    t.local_max_length = 16 if variant == "tiny" else 32  # tokens per local prompt
+    # tokens per local prompt (bytes for the byte tokenizer: "the red square: the square slides left" ~ 40-90)
+    t.local_max_length = 96 if t.tokenizer == "byte" else 32
     # compute dtype (norms and softmax stay float32); parameters are stored in param_dtype
     t.dtype = "bfloat16" if variant == "wan1.3b" else "float32"
     t.param_dtype = "float32"
