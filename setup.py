@@ -21,6 +21,7 @@ INSTALL_REQUIRES = [
     "etils[epath]==1.15.0",
     "numpy>=1.26,<3",
     "tensorboardX==2.6.5",
+    "Pillow==13.0.0",
 ]
 
 TORCH_REQUIRES = [
