@@ -124,6 +124,11 @@ def test_loads_sharded_and_bfloat16_checkpoints(case, tmp_path):
         t5.load_params(bad, str(tmp_path / "fp32"))
     with pytest.raises(FileNotFoundError, match=r"config.text_encoder.path: .*nothing/config.json does not exist"):
         t5.load_params(config, str(tmp_path / "nothing"))
+    assert t5.is_transformers_checkpoint(str(tmp_path / "pipeline")) and not t5.is_transformers_checkpoint(
+        str(tmp_path / "nothing"))
+    via_config = config.copy_and_resolve_references()
+    via_config.path = str(tmp_path / "fp32")
+    jax.tree.map(np.testing.assert_array_equal, t5.load_or_init(via_config, seed=0), params)
 
 
 def test_wrong_rulebook_is_refused_by_name(case):
@@ -141,6 +146,9 @@ def test_wrong_rulebook_is_refused_by_name(case):
 def test_tiny_config_encoder_with_byte_tokenizer():
     config = config_lib.build(2, "tiny").text_encoder
     params = t5.load_or_init(config, seed=3)  # path is empty: random
+    config.path = "/nonexistent/orbax"
+    with pytest.raises(ValueError, match=r"config.text_encoder.path: /nonexistent/orbax has no config.json"):
+        t5.load_or_init(config, seed=3)
     assert params["embedding"]["embedding"].shape == (config.vocab_size, config.d_model)
     assert params["layers"]["ffn"]["wi_0"]["kernel"].shape == (config.num_layers, config.d_model, config.d_ff)
     ids, mask = tokenizer.make_tokenizer(config).encode(["a dog runs left", ""], config.max_length)

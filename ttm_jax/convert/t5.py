@@ -5,8 +5,12 @@ A checkpoint is a transformers folder: `config.json` plus `model.safetensors` or
 `Wan-AI/Wan2.1-T2V-1.3B-Diffusers`, a umT5-XXL encoder, or any `T5EncoderModel.save_pretrained`). Full seq2seq
 checkpoints load too: their decoder and LM head are ignored.
 
-    params = t5.load_params(config.text_encoder)          # from config.text_encoder.path
-    params = t5.load_or_init(config.text_encoder, seed)   # tiny configs: random when path is empty
+    params = t5.load_params(config.text_encoder, "<folder>")  # numpy params, config.json checked against the config
+    state_dict = t5.to_torch(params, config.text_encoder)    # and back: {torch key: numpy array}
+    params = t5.load_or_init(config.text_encoder, seed)       # path empty: random (tiny configs)
+
+`config.text_encoder.path` may name such a folder (`load_or_init` reads it) or an Orbax checkpoint of converted
+params (restored by the train step); `is_transformers_checkpoint` tells them apart.
 """
 
 from __future__ import annotations
@@ -62,6 +66,11 @@ def checkpoint_dir(path: str) -> str:
     if not (p / "config.json").exists() and (p / "text_encoder" / "config.json").exists():
         p = p / "text_encoder"
     return str(p)
+
+
+def is_transformers_checkpoint(path: str) -> bool:
+    """Whether `path` is a transformers encoder folder (or a diffusers pipeline folder holding one)."""
+    return bool(path) and (epath.Path(checkpoint_dir(path)) / "config.json").exists()
 
 
 def read_hf_config(path: str) -> dict:
@@ -123,11 +132,11 @@ def to_torch(params: dict, config: Any, torch_specs: dict[str, Any] | None = Non
     return rulebook(spec.per_layer_bias).to_torch(params, torch_specs)
 
 
-def load_params(config: ml_collections.ConfigDict, path: str | None = None) -> dict:
-    """Params for `config.text_encoder` from the transformers folder `path` (default `config.path`; a diffusers
-    pipeline folder means its `text_encoder/`), streamed tensor by tensor from memory-mapped safetensors;
-    `config.json` must agree with the config."""
-    path = checkpoint_dir(path or config.path)
+def load_params(config: ml_collections.ConfigDict, path: str) -> dict:
+    """Params for `config.text_encoder` from the transformers folder `path` (a diffusers pipeline folder means its
+    `text_encoder/`), streamed tensor by tensor from memory-mapped safetensors; `config.json` must agree with the
+    config."""
+    path = checkpoint_dir(path)
     hf = read_hf_config(path)
     check_config(config, hf, f"{path}/config.json")
     try:
@@ -139,7 +148,13 @@ def load_params(config: ml_collections.ConfigDict, path: str | None = None) -> d
 
 
 def load_or_init(config: ml_collections.ConfigDict, seed: int) -> dict:
-    """The frozen encoder's params: converted from `config.path`, or random from `seed` when it is empty."""
-    if config.get("path", ""):
-        return load_params(config)
-    return text_encoder.init_params(config, jax.random.key(seed))
+    """The frozen encoder's params: converted from the transformers folder `config.path`, or random from `seed`
+    when the path is empty."""
+    path = config.get("path", "")
+    if not path:
+        return text_encoder.init_params(config, jax.random.key(seed))
+    if not is_transformers_checkpoint(path):
+        raise ValueError(f"config.text_encoder.path: {path} has no config.json, so it is not a transformers encoder "
+                         f"folder; load an Orbax checkpoint of converted params with Orbax, or point the path at "
+                         f"the transformers folder")
+    return load_params(config, path)
