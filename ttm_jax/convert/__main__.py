@@ -1,0 +1,150 @@
+"""Checkpoint conversion CLI.
+
+  python -m ttm_jax.convert dit --src <Wan2.1-T2V-1.3B-Diffusers>/transformer --out <dir> \\
+      [--config configs/stage2.py:wan1.3b | --in_channels 48 --ttm_layers 8] [--scan_layers true] [--seed 0]
+      diffusers WanTransformer3DModel -> Orbax params checkpoint `<dir>/params` for `config.train.init_from`:
+      the backbone streamed through the rulebook (ttm_jax/convert/dit.py), then grafted into the stage model
+      (new input channels zero, TTM layers freshly initialised with zero output), plus `<dir>/ttm_convert.json`.
+  python -m ttm_jax.convert dit-export --src <dir>/params --out <folder> --like <transformer folder>
+      a backbone (ttm_layers=0, the source's in_channels) Orbax params checkpoint -> diffusers folder.
+  python -m ttm_jax.convert vae --src <Wan2.1-T2V-1.3B-Diffusers>/vae [--out <folder>]
+      checks a Wan VAE folder converts (every key, every shape) and, with --out, writes it back (bit-identical).
+
+The Wan VAE needs no conversion step at run time: `config.autoencoder.path` is the diffusers folder itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def _bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes"):
+        return True
+    if s.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"{s!r} is not true/false")
+
+
+def _dit(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    import flax.linen as nn
+    import jax
+    import orbax.checkpoint as ocp
+
+    from ttm_jax.convert import dit as convert
+    from ttm_jax.models import dit as dit_lib
+
+    t0 = time.perf_counter()
+    backbone_cfg, cin, cout, backbone = convert.load_diffusers_folder(args.src, scan_layers=args.scan_layers)
+    print(f"read {args.src}: dim {backbone_cfg.dim}, {backbone_cfg.num_layers} layers, in/out channels {cin}/{cout} "
+          f"({time.perf_counter() - t0:.1f}s)", flush=True)
+    if args.config:
+        from ttm_jax import config as config_lib
+
+        config = _load_config(args.config)
+        config_lib.validate(config)
+        stage_cfg = dit_lib.DiTConfig.from_config(config.model)
+        in_channels = config_lib.in_channels(config)
+        for f in ("dim", "num_layers", "num_heads", "ffn_dim", "text_dim", "freq_dim", "patch_size", "eps"):
+            if getattr(stage_cfg, f) != getattr(backbone_cfg, f):
+                raise SystemExit(f"{args.config}: config.model.{f}={getattr(stage_cfg, f)} but {args.src}/config.json "
+                                 f"has {getattr(backbone_cfg, f)}; set config.model.{f}={getattr(backbone_cfg, f)}")
+        stage_cfg = dataclasses.replace(stage_cfg, scan_layers=args.scan_layers)
+    else:
+        stage_cfg = dataclasses.replace(backbone_cfg, ttm_layers=args.ttm_layers)
+        in_channels = args.in_channels or cin
+    if in_channels < cin:
+        raise SystemExit(f"--in_channels {in_channels} is below the checkpoint's {cin}")
+    params = backbone
+    if stage_cfg.ttm_layers or in_channels != cin:
+        model = dit_lib.DiT(stage_cfg, in_channels, cout)
+        iargs, ikw = convert.init_inputs(stage_cfg, in_channels)
+        fresh = jax.jit(lambda r: nn.unbox(model.init(r, *iargs, **ikw)["params"]))(jax.random.key(args.seed))
+        params = dit_lib.graft_backbone(fresh, backbone, ttm_layers=stage_cfg.ttm_layers,
+                                        scan_layers=stage_cfg.scan_layers)
+        del fresh
+    os.makedirs(args.out, exist_ok=True)
+    target = os.path.abspath(os.path.join(args.out, "params"))
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(target, params)
+        ckptr.wait_until_finished()
+    meta = {"source": os.path.abspath(args.src), "model": dataclasses.asdict(stage_cfg), "in_channels": in_channels,
+            "out_channels": cout, "params": target}
+    with open(os.path.join(args.out, "ttm_convert.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+    print(f"wrote {target} (set config.train.init_from to it) in {time.perf_counter() - t0:.1f}s", flush=True)
+
+
+def _dit_export(args: argparse.Namespace) -> None:
+    import orbax.checkpoint as ocp
+
+    from ttm_jax.convert import dit as convert
+
+    cfg, cin, cout = convert.read_config(args.like, scan_layers=args.scan_layers)
+    abstract = convert.template(cfg, cin, cout)
+    with ocp.StandardCheckpointer() as ckptr:
+        params = ckptr.restore(os.path.abspath(args.src), abstract)
+    file = convert.save_diffusers_folder(params, cfg, cin, cout, args.out)
+    print(f"wrote {file}")
+
+
+def _vae(args: argparse.Namespace) -> None:
+    from ttm_jax.convert import wan_vae as convert
+    from ttm_jax.models import wan_vae
+
+    cfg = wan_vae.read_config(args.src)
+    params = convert.load_diffusers_folder(args.src, cfg)
+    n = sum(x.size for x in convert.rb.flatten(params).values())
+    print(f"{args.src}: {n / 1e6:.1f}M parameters, time factor {cfg.time_factor}, space factor {cfg.space_factor}, "
+          f"z_dim {cfg.z_dim}: every tensor mapped")
+    if args.out:
+        print(f"wrote {convert.save_diffusers_folder(params, cfg, args.out)}")
+
+
+def _load_config(spec: str):
+    import importlib.util
+
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("ttm_convert_config", path)
+    if module_spec is None or module_spec.loader is None:
+        raise SystemExit(f"--config {spec}: cannot load {path}")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m ttm_jax.convert", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("dit", help="diffusers WanTransformer3DModel -> Orbax params for config.train.init_from")
+    d.add_argument("--src", required=True)
+    d.add_argument("--out", required=True)
+    d.add_argument("--config", default="", help="configs/stage2.py:wan1.3b: the stage model to graft into")
+    d.add_argument("--in_channels", type=int, default=0, help="without --config: input channels (0: checkpoint's)")
+    d.add_argument("--ttm_layers", type=int, default=0, help="without --config: TTM blocks")
+    d.add_argument("--scan_layers", type=_bool, default=True)
+    d.add_argument("--seed", type=int, default=0, help="init of the TTM layers")
+    d.set_defaults(fn=_dit)
+    e = sub.add_parser("dit-export", help="backbone Orbax params -> diffusers folder")
+    e.add_argument("--src", required=True)
+    e.add_argument("--out", required=True)
+    e.add_argument("--like", required=True, help="the diffusers transformer folder whose config.json to use")
+    e.add_argument("--scan_layers", type=_bool, default=True)
+    e.set_defaults(fn=_dit_export)
+    v = sub.add_parser("vae", help="check (and optionally write back) a Wan VAE folder")
+    v.add_argument("--src", required=True)
+    v.add_argument("--out", default="")
+    v.set_defaults(fn=_vae)
+    args = ap.parse_args(argv)
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
