@@ -29,25 +29,26 @@ LOCAL_IDS = np.array([[0, 0, 0, -1, 1, 1, -1, -1, 2, 2, 2, 2]], np.int32)
 A, B, BG = (TOKEN_IDS[0] == 1), (TOKEN_IDS[0] == 2), (TOKEN_IDS[0] == 0)
 
 
-def _randomize_out(params, key):
+def _randomize_out(params, seed):
     """Makes the zero-initialised `attn/to_out` non-zero, so the layer's mixing is visible."""
     p = jax.tree.map(lambda x: x, nn.unbox(params))
-    k1, k2 = jax.random.split(key)
-    p["attn"]["to_out"]["kernel"] = jax.random.normal(k1, p["attn"]["to_out"]["kernel"].shape)
-    p["attn"]["to_out"]["bias"] = jax.random.normal(k2, p["attn"]["to_out"]["bias"].shape)
+    rng = np.random.default_rng(seed)
+    for name in ("kernel", "bias"):
+        p["attn"]["to_out"][name] = jnp.asarray(rng.standard_normal(p["attn"]["to_out"][name].shape), jnp.float32)
     return p
 
 
-def _token_influence(jac: jax.Array) -> np.ndarray:
-    """Jacobian `[1, Nq, D, 1, Nk, Dk]` -> `[Nq, Nk]` max |d out_i / d in_j|."""
+def _influence(fn, arg: jax.Array) -> np.ndarray:
+    """`[Nq, Nk]` max over channels of |d fn(arg)_i / d arg_j|, from the exact (jitted) Jacobian."""
+    jac = jax.jit(jax.jacrev(fn))(arg)  # [1, Nq, D, 1, Nk, Dk]
     return np.asarray(jnp.max(jnp.abs(jac[0, :, :, 0]), axis=(1, 3)))
 
 
 @pytest.fixture(scope="module")
 def inputs():
-    k = jax.random.split(jax.random.key(0), 3)
-    x = jax.random.normal(k[0], (1, N, DIM))
-    local = jax.random.normal(k[1], (1, LOCAL_IDS.shape[1], DIM))
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((1, N, DIM)), jnp.float32)
+    local = jnp.asarray(rng.standard_normal((1, LOCAL_IDS.shape[1], DIM)), jnp.float32)
     rope = layers.rope_3d(DIM // HEADS, GRID)
     return x, local, rope
 
@@ -57,8 +58,8 @@ def self_layer(inputs):
     x, _, rope = inputs
     masked = layers.MaskedSelfAttention(DIM, HEADS, masked=True)
     twin = layers.MaskedSelfAttention(DIM, HEADS, masked=False)
-    params = masked.init(jax.random.key(1), x, rope, jnp.asarray(TOKEN_IDS))["params"]
-    return masked, twin, _randomize_out(params, jax.random.key(2))
+    params = jax.jit(lambda x, rope: masked.init(jax.random.key(1), x, rope, jnp.asarray(TOKEN_IDS)))(x, rope)["params"]
+    return masked, twin, _randomize_out(params, 2)
 
 
 @pytest.fixture(scope="module")
@@ -66,16 +67,17 @@ def cross_layer(inputs):
     x, local, _ = inputs
     masked = layers.MaskedCrossAttention(DIM, HEADS, masked=True)
     twin = layers.MaskedCrossAttention(DIM, HEADS, masked=False)
-    params = masked.init(jax.random.key(3), x, local, jnp.asarray(TOKEN_IDS), jnp.asarray(LOCAL_IDS))["params"]
-    return masked, twin, _randomize_out(params, jax.random.key(4))
+    params = jax.jit(lambda x, local: masked.init(jax.random.key(3), x, local, jnp.asarray(TOKEN_IDS),
+                                                  jnp.asarray(LOCAL_IDS)))(x, local)["params"]
+    return masked, twin, _randomize_out(params, 4)
 
 
 def test_masked_self_attention_isolates_objects(inputs, self_layer):
     x, _, rope = inputs
     masked, twin, params = self_layer
     ids = jnp.asarray(TOKEN_IDS)
-    jac_m = _token_influence(jax.jacrev(lambda x: masked.apply({"params": params}, x, rope, ids))(x))
-    jac_u = _token_influence(jax.jacrev(lambda x: twin.apply({"params": params}, x, rope, ids))(x))
+    jac_m = _influence(lambda x: masked.apply({"params": params}, x, rope, ids), x)
+    jac_u = _influence(lambda x: twin.apply({"params": params}, x, rope, ids), x)
     same = TOKEN_IDS[0][:, None] == TOKEN_IDS[0][None, :]
     # exactly zero across objects (A <- B, A <- background, background <- A, ...), non-zero within one
     assert np.all(jac_m[~same] == 0.0)
@@ -92,8 +94,8 @@ def test_masked_cross_attention_isolates_prompts(inputs, cross_layer):
     ids, lids = jnp.asarray(TOKEN_IDS), jnp.asarray(LOCAL_IDS)
     fn_m = lambda local: masked.apply({"params": params}, x, local, ids, lids)
     fn_u = lambda local: twin.apply({"params": params}, x, local, ids, lids)
-    jac_m = _token_influence(jax.jacrev(fn_m)(local))  # [N, S*Lp]
-    jac_u = _token_influence(jax.jacrev(fn_u)(local))
+    jac_m = _influence(fn_m, local)  # [N, S*Lp]
+    jac_u = _influence(fn_u, local)
     allowed = (TOKEN_IDS[0][:, None] == LOCAL_IDS[0][None, :]) & (LOCAL_IDS[0][None, :] >= 0)
     assert np.all(jac_m[~allowed] == 0.0)
     assert np.all(jac_m[allowed] > 1e-4)
@@ -115,7 +117,7 @@ def test_cross_query_without_prompt_reads_caption(inputs, cross_layer):
     masked, _, params = cross_layer
     ids = jnp.asarray(np.where(TOKEN_IDS == 2, 3, TOKEN_IDS))  # B's tokens now belong to a prompt-less object 3
     lids = jnp.asarray(np.where(LOCAL_IDS == 1, -1, LOCAL_IDS))  # A's prompt is all padding
-    jac = _token_influence(jax.jacrev(lambda local: masked.apply({"params": params}, x, local, ids, lids))(local))
+    jac = _influence(lambda local: masked.apply({"params": params}, x, local, ids, lids), local)
     caption = np.asarray(lids[0] == 0)
     orphans = np.asarray(ids[0] == 3) | A
     assert np.all(jac[np.ix_(orphans, caption)] > 1e-4)
