@@ -171,6 +171,10 @@ def _train(variant: str) -> ml_collections.ConfigDict:
     t.log_every_steps = 10
     t.sample_every_steps = 5000 if variant == "wan1.3b" else 150  # sample videos (mp4) at intervals; 0: never
     t.init_from = ""  # Orbax checkpoint (e.g. from `python -m ttm_jax.convert`) to start the weights from
+    t.async_checkpointing = True  # Orbax writes while training continues
+    t.tensorboard = True  # scalars under <workdir>/tensorboard (tensorboardX)
+    # XLA options for the compiled step, e.g. {"xla_backend_optimization_level": 0}: much faster CPU compiles
+    t.compiler_options = ml_collections.ConfigDict()
     return t
 
 
@@ -203,6 +207,12 @@ def _mesh(variant: str) -> ml_collections.ConfigDict:
     # one size may be -1: "all remaining devices"
     h.shape = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
     h.distributed = "auto"  # auto | skip  (jax.distributed.initialize from the environment)
+    # logical axis name -> mesh axes, in priority order (ttm_jax/train/sharding.py); params' `embed` is FSDP-sharded,
+    # heads and FFN hidden are tensor-parallel, the batch is split over data x fsdp
+    h.rules = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("heads", "tensor"), ("mlp", "tensor"),
+               ("text_embed", None), ("in_channels", None), ("out_channels", None), ("modulation", None),
+               ("layers", None), ("length", None), ("kv_length", None))
+    h.shard_unannotated = True  # params without logical names: FSDP-shard the large ones on their largest dim
     return h
 
 
@@ -256,6 +266,31 @@ def in_channels(config: ml_collections.ConfigDict) -> int:
 def _check(cond: bool, field: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"config.{field}: {msg}")
+
+
+def _check_training(config: ml_collections.ConfigDict) -> None:
+    """train / optim / objective / mesh sections (ttm_jax/train, ttm_jax/diffusion/flow.py)."""
+    tr, o, j, h = config.train, config.optim, config.objective, config.mesh
+    for name in ("batch_size", "grad_accum_steps", "total_steps", "checkpoint_every_steps", "log_every_steps"):
+        _check(isinstance(tr[name], int) and tr[name] > 0, f"train.{name}", f"{tr[name]!r} must be a positive int")
+    _check(tr.batch_size % tr.grad_accum_steps == 0, "train.grad_accum_steps",
+           f"{tr.grad_accum_steps} does not divide train.batch_size={tr.batch_size}; pick a divisor")
+    _check(tr.sample_every_steps >= 0, "train.sample_every_steps", f"{tr.sample_every_steps} must be >= 0 (0: never)")
+    _check(o.learning_rate > 0, "optim.learning_rate", f"{o.learning_rate} must be > 0")
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", f"{o.warmup_steps} must be >= 0")
+    _check(0.0 <= o.ema_decay < 1.0, "optim.ema_decay", f"{o.ema_decay} must be in [0, 1) (0: no EMA)")
+    _check(o.grad_clip_norm >= 0, "optim.grad_clip_norm", f"{o.grad_clip_norm} must be >= 0 (0: no clipping)")
+    _check(j.t_sampling in ("logit_normal", "uniform"), "objective.t_sampling",
+           f"{j.t_sampling!r}; choose logit_normal or uniform")
+    _check(j.shift > 0, "objective.shift", f"{j.shift} must be > 0 (1: no shift)")
+    probs = (j.drop_image_prob, j.drop_text_prob, j.drop_both_prob)
+    _check(all(0 <= p <= 1 for p in probs) and sum(probs) <= 1, "objective.drop_image_prob",
+           f"condition dropout rates {probs} (image, text, both) must be in [0, 1] and sum to <= 1")
+    _check(h.distributed in ("auto", "skip"), "mesh.distributed", f"{h.distributed!r}; choose auto or skip")
+    sizes = dict(h.shape)
+    _check(set(sizes) <= {"data", "fsdp", "tensor"}, "mesh.shape", f"{sorted(sizes)}: the axes are data, fsdp, tensor")
+    _check(sum(1 for v in sizes.values() if v == -1) <= 1 and all(v == -1 or v > 0 for v in sizes.values()),
+           "mesh.shape", f"{sizes}: sizes must be positive, at most one -1 (all remaining devices)")
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -339,6 +374,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check(t.get("dtype", "float32") in DTYPES, "text_encoder.dtype", f"{t.get('dtype')!r}; choose one of {DTYPES}")
     _check(t.get("param_dtype", "float32") in DTYPES, "text_encoder.param_dtype",
            f"{t.get('param_dtype')!r}; choose one of {DTYPES}")
+    _check_training(config)
     if t.tokenizer == "sentencepiece" and not t.tokenizer_path and not t.path:
         # describe mode builds shapes only and needs no tokenizer; main checks this again before training
         pass

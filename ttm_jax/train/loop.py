@@ -201,7 +201,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, modules: step_lib.
             step_lib.cache_key(config, modules, mesh, "init_state", rules),
             lambda: jax.jit(lambda r: state_lib.create(sharding_lib.unbox(init_params(r)), tx, ema_decay),
                             out_shardings=shardings))
-        state = init_jit(rng)
+        state = step_lib.jit_call(init_jit, step_lib.compiler_options(config), rng)
         if t.get("init_from", ""):
             state = state.replace(params=_load_init_from(t.init_from, abstract))
             if state.ema_params is not None:

@@ -156,14 +156,15 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
 
 
 def init_sharded(init_fn: Callable[..., Any], *args: Any, mesh: jax.sharding.Mesh, rules: Rules,
-                 shard_unannotated: bool = True) -> tuple[Any, Any]:
+                 shard_unannotated: bool = True, compiler_options: dict[str, Any] | None = None) -> tuple[Any, Any]:
     """Run `init_fn(*args)` (returning a possibly boxed tree) so that each output is created in its sharding.
 
     Returns `(unboxed tree, its shardings)`. Shapes and logical names come from `jax.eval_shape` first.
     """
     abstract = jax.eval_shape(init_fn, *args)
     shardings = tree_shardings(abstract, mesh, rules, shard_unannotated=shard_unannotated)
-    tree = jax.jit(lambda *a: unbox(init_fn(*a)), out_shardings=shardings)(*args)
+    fn = jax.jit(lambda *a: unbox(init_fn(*a)), out_shardings=shardings)
+    tree = fn.lower(*args).compile(compiler_options=compiler_options)(*args) if compiler_options else fn(*args)
     return tree, shardings
 
 

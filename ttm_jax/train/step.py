@@ -1,9 +1,9 @@
 """The jitted train step: `(state, frozen, batch) -> (state, metrics)`.
 
 One step:
-  1. the step's RNG is `fold_in(PRNGKey(config.seed), state.step)`, then one key per example (folded with its row
-     in the global batch), so a resumed run, any mesh and any accumulation split draw exactly the same noise, times
-     and dropout;
+  1. the step's RNG is `fold_in(PRNGKey(config.seed), state.step)`; noise, times and dropout are drawn from it for
+     the whole global batch before any split (`draw`), so a resumed run, any mesh and any accumulation split see
+     exactly the same values per example;
   2. latents: the batch's cached `video_latent`/`trajectory_latent` when present, else the frozen autoencoder on the
      uint8 videos (mapped to [-1, 1]); text: the frozen text encoder on the token ids (padding rows zeroed);
   3. the stage's target and conditions (DESIGN.md):
@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from ttm_jax import config as config_lib
 from ttm_jax.diffusion import flow
 from ttm_jax.train import mesh as mesh_lib
 from ttm_jax.train import sharding as sharding_lib
@@ -57,7 +58,6 @@ class Modules:
 
 def build_modules(config: ml_collections.ConfigDict) -> Modules:
     """The real modules named by the config (imported here so `train` imports nothing heavy at module load)."""
-    from ttm_jax import config as config_lib
     from ttm_jax.models import autoencoder as autoencoder_lib
     from ttm_jax.models import dit as dit_lib
     from ttm_jax.models import text_encoder as text_encoder_lib
@@ -141,56 +141,59 @@ def drop_text_conditions(config: ml_collections.ConfigDict, modules: Modules, fr
     """Replace the text of the examples where `drop [B]` is true by the empty prompt: the caption / motion prompt
     and, for stage 2, every local-prompt slot (its ids follow the empty prompt's mask). Returns the model kwargs
     (without `local_mask`)."""
-    te = frozen["text_encoder"]
     out = dict(text)
-    empty = encode_text(modules, te, frozen["empty_ids"], frozen["empty_mask"])
-    out["context"] = flow.drop_text(text["context"], empty, drop)
+    out["context"] = flow.drop_text(text["context"], frozen["empty_context"], drop)
     lm = out.pop("local_mask", None)
     if lm is not None:
         from ttm_jax.models import masks
 
         s = lm.shape[1]
-        empty_local = encode_text(modules, te, frozen["empty_local_ids"], frozen["empty_local_mask"])  # [1, Lp, d]
+        empty_local = frozen["empty_local_context"]  # [1, Lp, d]
         out["local_context"] = flow.drop_text(text["local_context"], jnp.tile(empty_local, (1, s, 1)), drop)
         empty_mask = jnp.broadcast_to(frozen["empty_local_mask"].astype(bool)[:, None, :], lm.shape)
         out["local_ids"] = masks.local_prompt_ids(jnp.where(drop[:, None, None], empty_mask, lm))
     return out
 
 
-def example_keys(step_rng: jax.Array, batch_size: int, accum: int = 1, micro: int | jax.Array = 0) -> jax.Array:
-    """One key per example, `fold_in(step_rng, global row)`: micro-batch `micro` of `accum` holds global rows
-    `micro, micro + accum, ...`. Per-example keys make every draw independent of the batch split, so gradient
-    accumulation is exactly a larger batch and any mesh draws the same noise."""
-    rows = jnp.arange(batch_size) * accum + micro
-    return jax.vmap(lambda r: jax.random.fold_in(step_rng, r))(rows)
+def draw(rng: jax.Array, batch_size: int, latent: tuple[int, ...], objective: ml_collections.ConfigDict
+         ) -> dict[str, jax.Array]:
+    """All the step's randomness for the *global* batch at once: `t [B]`, `eps [B, T', H', W', C]`, `drop_image
+    [B]`, `drop_text [B]`. Drawn before any split (threefry is partitionable), so every mesh and every
+    gradient-accumulation split sees exactly the same values for the same example."""
+    k_t, k_eps, k_drop = jax.random.split(rng, 3)
+    drop_image, drop_text = flow.dropout_masks(k_drop, batch_size, objective)
+    return {"t": flow.sample_time(k_t, batch_size, objective),
+            "eps": jax.random.normal(k_eps, (batch_size, *latent), jnp.float32),
+            "drop_image": drop_image, "drop_text": drop_text}
 
 
 def model_inputs(config: ml_collections.ConfigDict, modules: Modules, frozen: dict[str, Any],
-                 batch: dict[str, jax.Array], keys: jax.Array) -> tuple[jax.Array, dict[str, Any], jax.Array]:
+                 batch: dict[str, jax.Array], rand: dict[str, jax.Array]
+                 ) -> tuple[jax.Array, dict[str, Any], jax.Array]:
     """Noisy stage input, the model's other arguments and the velocity target for one (micro-)batch.
 
-    `keys`: one PRNG key per example (`example_keys`). Returns `(x [B,T',H',W',3C], kwargs for model.__call__
+    `rand`: this (micro-)batch's rows of `draw`. Returns `(x [B,T',H',W',3C], kwargs for model.__call__
     (timestep, context, ...), target [B,T',H',W',C])`.
     """
     target, first, cond, text = prepare(config, modules, frozen, batch)
-    obj = config.objective
-    split = jax.vmap(lambda k: jax.random.split(k, 3))(keys)
-    t = jax.vmap(lambda k: flow.sample_time(k, 1, obj)[0])(split[:, 0])
-    eps = jax.vmap(lambda k: jax.random.normal(k, target.shape[1:], jnp.float32))(split[:, 1])
-    drop_img, drop_txt = jax.vmap(lambda k: tuple(m[0] for m in flow.dropout_masks(k, 1, obj)))(split[:, 2])
+    t, eps = rand["t"], rand["eps"]
+    if eps.shape != target.shape:
+        raise ValueError(f"train step: latents {target.shape} but config.autoencoder/config.data give "
+                         f"{eps.shape}; cached latents must match ttm_jax.config.latent_shape(config)")
     noisy = flow.interpolate(target, eps, t)
     velocity = flow.velocity_target(target, eps)
+    drop_img = rand["drop_image"]
     x = _stage_input(config.stage, noisy, flow.drop_image(first, drop_img), flow.drop_image(cond, drop_img))
-    kwargs = drop_text_conditions(config, modules, frozen, text, drop_txt)
+    kwargs = drop_text_conditions(config, modules, frozen, text, rand["drop_text"])
     kwargs["timestep"] = flow.wan_timestep(t)
     return x, kwargs, velocity
 
 
 def make_loss_fn(config: ml_collections.ConfigDict, modules: Modules) -> Callable[..., tuple[jax.Array, dict]]:
-    """`(params, frozen, batch, keys) -> (loss, aux)`: the flow-matching MSE of one (micro-)batch."""
+    """`(params, frozen, batch, rand) -> (loss, aux)`: the flow-matching MSE of one (micro-)batch."""
 
-    def loss_fn(params, frozen, batch, keys):
-        x, kwargs, target = model_inputs(config, modules, frozen, batch, keys)
+    def loss_fn(params, frozen, batch, rand):
+        x, kwargs, target = model_inputs(config, modules, frozen, batch, rand)
         timestep, context = kwargs.pop("timestep"), kwargs.pop("context")
         pred = modules.model.apply({"params": params}, x, timestep, context, **kwargs)
         return flow.loss(pred, target), {}
@@ -244,30 +247,29 @@ def _make_train_step(config, modules, tx, mesh, rules, state_shardings, frozen_s
     ema_decay = float(config.optim.ema_decay)
     schedule = state_lib.learning_rate_schedule(config.optim)
     base_rng = jax.random.PRNGKey(int(config.seed))
+    latent = config_lib.latent_shape(config)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(state, frozen, batch):
         batch = {k: v for k, v in batch.items() if k in BATCH_KEYS}
         rng = jax.random.fold_in(base_rng, state.step)
         b = next(iter(batch.values())).shape[0]
+        rand = draw(rng, b, latent, config.objective)
         if accum == 1:
-            (loss, _), grads = grad_fn(state.params, frozen, batch, example_keys(rng, b))
+            (loss, _), grads = grad_fn(state.params, frozen, batch, rand)
         else:
-            micro = _microbatches(batch, accum)
-            micro_sh = {k: jax.sharding.NamedSharding(
-                mesh, jax.sharding.PartitionSpec(None, mesh_lib.batch_axes(mesh), *([None] * (v.ndim - 2))))
-                for k, v in micro.items()}
+            micro = _microbatches({"batch": batch, "rand": rand}, accum)
+            micro_sh = jax.tree.map(lambda v: jax.sharding.NamedSharding(
+                mesh, jax.sharding.PartitionSpec(None, mesh_lib.batch_axes(mesh), *([None] * (v.ndim - 2)))), micro)
             micro = jax.lax.with_sharding_constraint(micro, micro_sh)
             zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
 
-            def body(carry, xs):
-                i, mb = xs
-                (mb_loss, _), g = grad_fn(state.params, frozen, mb, example_keys(rng, b // accum, accum, i))
+            def body(carry, mb):
+                (mb_loss, _), g = grad_fn(state.params, frozen, mb["batch"], mb["rand"])
                 acc_l, acc_g = carry
                 return (acc_l + mb_loss, jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc_g, g)), None
 
-            (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
-                                            (jnp.arange(accum), micro))
+            (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro)
             loss = loss / accum
             grads = jax.tree.map(lambda g, p: (g / accum).astype(p.dtype), grads, state.params)
         new_state = state_lib.apply_gradients(state, grads, tx, ema_decay)
@@ -279,12 +281,35 @@ def _make_train_step(config, modules, tx, mesh, rules, state_shardings, frozen_s
     jitted = jax.jit(step, in_shardings=(state_shardings, frozen_shardings, batch_shardings),
                      out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
+    options = compiler_options(config)
+    compiled = []
+
     def run(state, frozen, batch):
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            return jitted(state, frozen, batch)
+            if not options:
+                return jitted(state, frozen, batch)
+            if not compiled:  # ahead-of-time, once: the step's shapes never change within a run
+                compiled.append(jitted.lower(state, frozen, batch).compile(compiler_options=options))
+            return compiled[0](state, frozen, batch)
 
     run.jitted = jitted  # for `.lower(...)` (memory analysis in bench/)
     return run
+
+
+def compiler_options(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
+    """`config.train.compiler_options` as XLA options for `Lowered.compile` (e.g. `xla_backend_optimization_level=0`
+    cuts CPU compile time several-fold for tests and debugging runs); None when empty."""
+    opts = config.train.get("compiler_options", None)
+    if not opts:
+        return None
+    return dict(opts.to_dict() if isinstance(opts, ml_collections.ConfigDict) else opts)
+
+
+def jit_call(fn: Callable, options: dict[str, Any] | None, *args: Any) -> Any:
+    """Call an already `jax.jit`-wrapped `fn` on `args`, compiled with `options` when given."""
+    if not options:
+        return fn(*args)
+    return fn.lower(*args).compile(compiler_options=options)(*args)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -294,7 +319,8 @@ def _make_train_step(config, modules, tx, mesh, rules, state_shardings, frozen_s
 def init_frozen(config: ml_collections.ConfigDict, modules: Modules, mesh: jax.sharding.Mesh,
                 rules: sharding_lib.Rules) -> tuple[dict[str, Any], dict[str, Any]]:
     """The frozen inputs of the step: text encoder params (converted weights or random from `config.seed`) and the
-    empty prompt's token ids at both lengths. Returns `(frozen, shardings)`."""
+    empty prompt's embeddings `[1, Lc, d]`, `[1, Lp, d]` (what dropped text becomes) with its local mask `[1, Lp]`.
+    Returns `(frozen, shardings)`."""
     return cached(cache_key(config, modules, mesh, "frozen", rules), lambda: _init_frozen(config, modules, mesh, rules))
 
 
@@ -310,15 +336,18 @@ def _init_frozen(config, modules, mesh, rules):
     if t.get("path", ""):
         te_params, te_sh = _load_text_encoder(t.path, init_te, rng, mesh, rules)
     else:
-        te_params, te_sh = sharding_lib.init_sharded(init_te, rng, mesh=mesh, rules=rules)
+        te_params, te_sh = sharding_lib.init_sharded(init_te, rng, mesh=mesh, rules=rules,
+                                                     compiler_options=compiler_options(config))
     rep = sharding_lib.replicated(mesh)
-    frozen = {"text_encoder": te_params,
-              "empty_ids": jax.device_put(np.asarray(ids, np.int32), rep),
-              "empty_mask": jax.device_put(np.asarray(mask, bool), rep),
-              "empty_local_ids": jax.device_put(np.asarray(lids, np.int32), rep),
+
+    def empties(te):
+        return (encode_text(modules, te, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, bool)),
+                encode_text(modules, te, jnp.asarray(lids, jnp.int32), jnp.asarray(lmask, bool)))
+
+    empty, empty_local = jit_call(jax.jit(empties, out_shardings=(rep, rep)), compiler_options(config), te_params)
+    frozen = {"text_encoder": te_params, "empty_context": empty, "empty_local_context": empty_local,
               "empty_local_mask": jax.device_put(np.asarray(lmask, bool), rep)}
-    shardings = {"text_encoder": te_sh, "empty_ids": rep, "empty_mask": rep, "empty_local_ids": rep,
-                 "empty_local_mask": rep}
+    shardings = {"text_encoder": te_sh, "empty_context": rep, "empty_local_context": rep, "empty_local_mask": rep}
     return frozen, shardings
 
 
