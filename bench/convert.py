@@ -1,16 +1,18 @@
 """Peak resident memory of checkpoint conversion, as a multiple of the checkpoint size, both directions.
 
-    python bench/convert.py [--gb 1.0] [--workdir /tmp/ttm_convert_bench] [--keep]
+    python bench/convert.py [--model vae|dit] [--gb 1.0] [--workdir /tmp/ttm_convert_bench] [--keep]
 
-Writes a random Wan 2.1-layout VAE checkpoint of about `--gb` GB (diffusers folder: config.json + safetensors; base
-width enlarged from Wan's 96 to reach the size), then measures each conversion in its own subprocess (the kernel's
-resident high-water mark VmHWM, reset right before converting, minus the RSS at that moment: the Python + JAX
-import floor, plus the source params for flax -> torch):
+Writes a random checkpoint of about `--gb` GB (diffusers folder: config.json + safetensors): `vae`, the Wan 2.1 VAE
+layout with its base width enlarged from 96; `dit`, WanTransformer3DModel at Wan2.1-T2V-1.3B's widths with as many
+blocks as reach the size (stacked for `nn.scan` on the Flax side). Then it measures each conversion in its own
+subprocess (the kernel's resident high-water mark VmHWM, reset right before converting, minus the RSS at that
+moment: the Python + JAX import floor, plus the source params for flax -> torch):
 
-  torch -> flax   ttm_jax.convert.wan_vae.load_diffusers_folder (pread, tensor by tensor)
+  torch -> flax   ttm_jax.convert.{wan_vae,dit}.load_diffusers_folder (pread, tensor by tensor)
                   reference, same rulebook: memory-mapped reader (rulebook.SafetensorsReader)
                   reference, naive: safetensors.numpy.load_file (all tensors) then RuleBook.to_flax
-  flax -> torch   ttm_jax.convert.wan_vae.save_diffusers_folder (streamed safetensors writer), from params in memory
+  flax -> torch   ttm_jax.convert.{wan_vae,dit}.save_diffusers_folder (streamed safetensors writer), from params in
+                  memory
                   reference, naive: RuleBook.to_torch (dict of all tensors) then safetensors.numpy.save_file
 
 The flax -> torch rows start from the params already in memory (1x); their figure is the *extra* peak over that.
@@ -55,35 +57,57 @@ def _peak() -> int:
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def child(mode: str, src: str, out: str) -> None:
+class _Adapter:
+    """What the bench needs of one model's converter: template, rulebook, streamed load and save."""
+
+    def __init__(self, model: str, src: str):
+        from ttm_jax.convert import wan_vae as vae_convert
+
+        self.weights = os.path.join(src, vae_convert.WEIGHTS_FILE)
+        if model == "vae":
+            from ttm_jax.models import wan_vae
+
+            self.cfg = wan_vae.read_config(src)
+            self.template = vae_convert.template(self.cfg)
+            self.book = vae_convert.RULES
+            self.load = lambda: vae_convert.load_diffusers_folder(src, self.cfg)
+            self.save = lambda params, out: vae_convert.save_diffusers_folder(params, self.cfg, out)
+        else:
+            from ttm_jax.convert import dit as dit_convert
+
+            self.cfg, cin, cout = dit_convert.read_config(src)
+            self.template = dit_convert.template(self.cfg, cin, cout)
+            self.book = dit_convert.rulebook(self.cfg.scan_layers)
+            self.load = lambda: dit_convert.load_diffusers_folder(src)[3]
+            self.save = lambda params, out: dit_convert.save_diffusers_folder(params, self.cfg, cin, cout, out)
+
+
+def child(mode: str, model: str, src: str, out: str) -> None:
     """One measured conversion; prints a JSON line."""
     from safetensors.numpy import load_file, save_file
 
     from ttm_jax.convert import rulebook as rb
-    from ttm_jax.convert import wan_vae as convert
-    from ttm_jax.models import wan_vae
 
-    cfg = wan_vae.read_config(src)
-    template = convert.template(cfg)
-    file = os.path.join(src, convert.WEIGHTS_FILE)
+    ad = _Adapter(model, src)
     res: dict = {"mode": mode}
     if mode.startswith("to_torch"):
-        params = convert.load_diffusers_folder(src, cfg)
+        params = ad.load()
         res["params_bytes"] = int(sum(x.nbytes for x in rb.flatten(params).values()))
     _reset_peak()
     floor = _status("VmRSS")
     t0 = time.perf_counter()
     if mode == "to_flax":
-        params = convert.load_diffusers_folder(src, cfg)
+        params = ad.load()
     elif mode == "to_flax_mmap":
-        params = rb.stream_to_flax(convert.RULES, rb.SafetensorsReader(src), template)
+        params = rb.stream_to_flax(ad.book, rb.SafetensorsReader(src), ad.template)
     elif mode == "to_flax_naive":
-        params = convert.RULES.to_flax(load_file(file), template)
+        params = ad.book.to_flax(load_file(ad.weights), ad.template)
     elif mode == "to_torch":
-        convert.save_diffusers_folder(params, cfg, out)
+        ad.save(params, out)
     elif mode == "to_torch_naive":
         os.makedirs(out, exist_ok=True)
-        save_file(convert.RULES.to_torch(params), os.path.join(out, convert.WEIGHTS_FILE), metadata={"format": "pt"})
+        save_file(ad.book.to_torch(params), os.path.join(out, "diffusion_pytorch_model.safetensors"),
+                  metadata={"format": "pt"})
     else:
         raise ValueError(mode)
     res["seconds"] = time.perf_counter() - t0
@@ -92,37 +116,63 @@ def child(mode: str, src: str, out: str) -> None:
     print(json.dumps(res), flush=True)
 
 
-def _run_child(mode: str, src: str, out: str) -> dict:
+def _run_child(mode: str, model: str, src: str, out: str) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    p = subprocess.run([sys.executable, __file__, "--child", mode, "--src", src, "--out", out], env=env,
+    p = subprocess.run([sys.executable, __file__, "--child", mode, "--model", model, "--src", src, "--out", out],
+                       env=env,
                        capture_output=True, text=True, check=False)
     if p.returncode:
         raise RuntimeError(f"bench/convert.py child {mode} failed:\n{p.stderr[-4000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def make_checkpoint(path: str, gb: float) -> tuple[str, int]:
-    """A random Wan 2.1-layout VAE folder of about `gb` GB; returns (weights file, bytes of tensor data)."""
+def _write_random(path: str, config: dict, specs: dict) -> tuple[str, int]:
     from ttm_jax.convert import wan_vae as convert
-    from ttm_jax.models import wan_vae
 
-    def size(base_dim: int) -> int:
-        cfg = wan_vae.WanVAEConfig(base_dim=base_dim)
-        specs = convert.torch_specs(convert.template(cfg))
-        return sum(int(np.prod(s)) * 4 for s, _ in specs.values())
-
-    per = size(96) / 96**2  # parameters grow with the square of the width
-    base = max(8, int(round((gb * GB / per) ** 0.5 / 8)) * 8)
-    cfg = wan_vae.WanVAEConfig(base_dim=base, latents_mean=tuple([0.0] * 16), latents_std=tuple([1.0] * 16))
-    specs = convert.torch_specs(convert.template(cfg))
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(convert.diffusers_config(cfg), f)
+        json.dump(config, f)
     rng = np.random.default_rng(0)
     file = os.path.join(path, convert.WEIGHTS_FILE)
     convert.write_safetensors(file, specs, ((k, rng.standard_normal(s, np.float32)) for k, (s, _) in specs.items()),
                               metadata={"format": "pt"})
     return file, sum(int(np.prod(s)) * 4 for s, _ in specs.values())
+
+
+def make_vae_checkpoint(path: str, gb: float) -> tuple[str, int]:
+    """A random Wan 2.1-layout VAE folder of about `gb` GB (base width enlarged from 96)."""
+    from ttm_jax.convert import wan_vae as convert
+    from ttm_jax.models import wan_vae
+
+    def size(base_dim: int) -> int:
+        specs = convert.torch_specs(convert.template(wan_vae.WanVAEConfig(base_dim=base_dim)))
+        return sum(int(np.prod(s)) * 4 for s, _ in specs.values())
+
+    per = size(96) / 96**2  # parameters grow with the square of the width
+    base = max(8, int(round((gb * GB / per) ** 0.5 / 8)) * 8)
+    cfg = wan_vae.WanVAEConfig(base_dim=base, latents_mean=tuple([0.0] * 16), latents_std=tuple([1.0] * 16))
+    return _write_random(path, convert.diffusers_config(cfg), convert.torch_specs(convert.template(cfg)))
+
+
+def make_dit_checkpoint(path: str, gb: float) -> tuple[str, int]:
+    """A random WanTransformer3DModel folder with Wan2.1-T2V-1.3B's widths and as many blocks as reach `gb` GB."""
+    from ttm_jax.convert import dit as convert
+    from ttm_jax.convert import rulebook as rb
+    from ttm_jax.models import dit as dit_lib
+
+    def specs(layers: int):
+        cfg = dit_lib.DiTConfig(dim=1536, num_layers=layers, num_heads=12, ffn_dim=8960, text_dim=4096, freq_dim=256)
+        flat = rb.flatten(convert.template(cfg, 16, 16))
+        moves = convert.rulebook(True).plan(flat, None, "flax -> torch")
+        return cfg, {m.torch_key: (m.torch_shape, np.dtype(np.float32)) for m in moves}
+
+    def size(sp) -> int:
+        return sum(int(np.prod(s)) * 4 for s, _ in sp.values())
+
+    one, two = size(specs(1)[1]), size(specs(2)[1])
+    layers = max(1, int(round((gb * GB - (2 * one - two)) / (two - one))))
+    cfg, sp = specs(layers)
+    return _write_random(path, convert.diffusers_config(cfg, 16, 16), sp)
 
 
 def same_tensors(a: str, b: str) -> bool:
@@ -138,6 +188,8 @@ def same_tensors(a: str, b: str) -> bool:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gb", type=float, default=1.0)
+    ap.add_argument("--model", choices=("vae", "dit"), default="vae",
+                    help="vae: Wan VAE, widened; dit: WanTransformer3DModel at 1.3B widths, fewer blocks")
     ap.add_argument("--workdir", default="/tmp/ttm_convert_bench")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--child")
@@ -145,17 +197,17 @@ def main() -> None:
     ap.add_argument("--out")
     args = ap.parse_args()
     if args.child:
-        child(args.child, args.src, args.out)
+        child(args.child, args.model, args.src, args.out)
         return
     src = os.path.join(args.workdir, "src")
     t0 = time.perf_counter()
-    file, nbytes = make_checkpoint(src, args.gb)
+    file, nbytes = (make_vae_checkpoint if args.model == "vae" else make_dit_checkpoint)(src, args.gb)
     print(f"checkpoint: {file}  {os.path.getsize(file) / GB:.3f} GB on disk, {nbytes / GB:.3f} GB of tensors "
           f"(written in {time.perf_counter() - t0:.1f}s)")
     rows = []
     for mode in ("to_flax", "to_flax_mmap", "to_flax_naive", "to_torch", "to_torch_naive"):
         out = os.path.join(args.workdir, mode)
-        r = _run_child(mode, src, out)
+        r = _run_child(mode, args.model, src, out)
         extra = r["peak"] - r["floor"]
         r["ratio"] = extra / nbytes
         rows.append(r)
