@@ -87,7 +87,7 @@ class Checkpointer:
         if step is None:
             raise FileNotFoundError(f"{self.directory}: no checkpoint to read a config from; train first")
         restored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-        return ml_collections.ConfigDict(restored["config"])
+        return ml_collections.ConfigDict(_tuples(restored["config"]))
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -95,6 +95,15 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _tuples(x: Any) -> Any:
+    """JSON lists back to the tuples the config uses (it never holds lists: shapes, patch sizes, rules)."""
+    if isinstance(x, dict):
+        return {k: _tuples(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return tuple(_tuples(v) for v in x)
+    return x
 
 
 def load_config(workdir: str | epath.PathLike) -> ml_collections.ConfigDict:

@@ -85,7 +85,8 @@ def state_shardings(abstract_boxed_params: Any, tx: optax.GradientTransformation
 
 def init_state(init_params: Callable[[jax.Array], Any], rng: jax.Array, tx: optax.GradientTransformation,
                ema_decay: float, mesh: jax.sharding.Mesh, rules: sharding_lib.Rules,
-               shard_unannotated: bool = True) -> tuple[TrainState, TrainState]:
+               shard_unannotated: bool = True, compiler_options: dict[str, Any] | None = None
+               ) -> tuple[TrainState, TrainState]:
     """Build the state born sharded: `init_params(rng)` returns the (boxed) params. Returns (state, shardings)."""
     abstract = jax.eval_shape(init_params, rng)
     shardings = state_shardings(abstract, tx, ema_decay, mesh, rules, shard_unannotated)
@@ -94,7 +95,8 @@ def init_state(init_params: Callable[[jax.Array], Any], rng: jax.Array, tx: opta
         return create(sharding_lib.unbox(init_params(r)), tx, ema_decay)
 
     # no mesh context: the init forward pass runs on dummy inputs whose batch need not divide the mesh
-    state = jax.jit(init, out_shardings=shardings)(rng)
+    fn = jax.jit(init, out_shardings=shardings)
+    state = fn.lower(rng).compile(compiler_options=compiler_options)(rng) if compiler_options else fn(rng)
     return state, shardings
 
 
