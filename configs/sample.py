@@ -1,0 +1,61 @@
+"""Two-stage generation from trained stage-1 and stage-2 workdirs.
+
+    python -m ttm_jax.main --config=configs/sample.py --workdir=OUT \
+        --config.sample.stage1_workdir=RUNS/stage1 --config.sample.stage2_workdir=RUNS/stage2 \
+        --config.sample.image=first_frame.png --config.sample.masks=red_square.png,blue_disc.png \
+        --config.sample.caption="the red square slides left while the blue disc rises"
+
+or many videos from a JSONL of requests (`--config.sample.requests=requests.jsonl`, one
+`{"image", "caption", "masks" | "boxes", "labels"?, "seed"?, "name"?}` per line). The model shapes come from the
+configs saved beside the checkpoints; this file holds only the sampling settings. `arg` may be `key=value` pairs of
+the `sample` section (`configs/sample.py:num_steps=50,schedule=uniform`).
+"""
+
+import ml_collections
+
+
+def get_config(arg=None):
+    c = ml_collections.ConfigDict()
+    c.job = "sample"
+    s = c.sample = ml_collections.ConfigDict()
+    # what to generate: one request (image + caption + masks or boxes) or a JSONL of requests
+    s.image = ""  # first frame (PNG/JPEG), resized to the models' data.height x data.width
+    s.caption = ""
+    # comma-separated PNGs (one per object, file name = label) | ids PNG | SA-V json[:frame] | COCO RLE json
+    s.masks = ""
+    s.boxes = ""  # "x0,y0,x1,y1;x0,y0,x1,y1" in image pixels (when no masks)
+    s.labels = ""  # comma-separated object labels for boxes, matched to the local prompts
+    s.motion_prompt = ""  # optional: skip planning of the motion prompt
+    s.local_prompts = ""  # optional: "|"-separated local prompts in mask order (skips planning)
+    s.requests = ""  # JSONL of requests; overrides image/caption/masks/boxes
+    s.name = "sample"  # output file stem for a single request
+    # the trained stages (latest checkpoint of each; model configs read from there)
+    s.stage1_workdir = ""
+    s.stage2_workdir = ""
+    # prompt planning: an OpenAI-compatible server (vLLM, llama.cpp, Ollama); empty: the offline planner
+    s.llm_url = ""
+    s.llm_model = "default"
+    s.llm_timeout = 60.0
+    s.llm_retries = 2
+    s.llm_api_key = ""
+    s.match = "auto"  # local prompts -> masks: auto | label | colour | order
+    # sampler and guidance
+    s.num_steps = 20
+    s.schedule = "linear_quadratic"  # linear_quadratic (Movie Gen) | uniform
+    s.shift = 1.0  # time shift of the grid (1: none)
+    s.image_scale = 1.5  # InstructPix2Pix image guidance
+    s.text_scale = 3.0  # InstructPix2Pix text guidance
+    s.seed = 0
+    s.batch_size = 1  # requests per batch (split over the devices when it divides)
+    s.anchor_first_frame = True  # trajectory frame 0 := the given first-frame masks
+    if arg:
+        for part in str(arg).split(","):
+            if not part.strip():
+                continue
+            if "=" not in part:
+                raise ValueError(f"configs/sample.py: argument {part!r} is not key=value (e.g. num_steps=50)")
+            k, v = (x.strip() for x in part.split("=", 1))
+            if k not in s:
+                raise ValueError(f"configs/sample.py: unknown key {k!r}; choose from {sorted(s.keys())}")
+            s[k] = type(s[k])(v) if not isinstance(s[k], bool) else v.lower() in ("1", "true", "yes")
+    return c
