@@ -316,6 +316,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check(m.param_dtype in DTYPES, "model.param_dtype", f"{m.param_dtype!r}; choose one of {DTYPES}")
     _check(m.cross_ids_from in CROSS_IDS_FROM, "model.cross_ids_from",
            f"{m.cross_ids_from!r}; choose one of {CROSS_IDS_FROM}")
+    _check(config.stage == 2 or m.ttm_layers == 0, "model.ttm_layers",
+           f"{m.ttm_layers} but stage 1 has no local prompts or object ids for the masked layers; set 0")
+    _check(m.text_dim == t.d_model, "model.text_dim",
+           f"{m.text_dim} but text_encoder.d_model={t.d_model}; the DiT's text embedder reads the encoder's output, "
+           f"set model.text_dim={t.d_model}")
     _check(a.name in AUTOENCODERS, "autoencoder.name", f"{a.name!r}; choose one of {AUTOENCODERS}")
     _check(a.get("dtype", "float32") in DTYPES, "autoencoder.dtype", f"{a.get('dtype')!r}; choose one of {DTYPES}")
     _check(isinstance(a.get("chunk_frames", 1), int) and a.get("chunk_frames", 1) >= 0, "autoencoder.chunk_frames",
