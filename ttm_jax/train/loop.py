@@ -55,13 +55,10 @@ def _say(msg: str) -> None:
 
 def default_iterator(config: ml_collections.ConfigDict, *, process_index: int, process_count: int,
                      workdir: str) -> Any:
-    """The data engineer's Grain pipeline; on the embedded default (no data path) the synthetic SA-V cache is made
-    first (`ensure_default_data`)."""
+    """The Grain pipeline (`ttm_jax.data.pipeline`); on the embedded default (no data path) it first makes the
+    synthetic SA-V cache (`ensure_default_data`)."""
     from ttm_jax.data import pipeline
 
-    d = config.data
-    if not (d.get("sav_path") or d.get("prepared_path")) and hasattr(pipeline, "ensure_default_data"):
-        pipeline.ensure_default_data(config, workdir=workdir)
     return pipeline.make_train_iterator(config, process_index=process_index, process_count=process_count,
                                         workdir=workdir)
 

@@ -26,8 +26,9 @@ class MetricsWriter:
     """Averages metrics over a log interval, prints progress, writes TensorBoard scalars."""
 
     def __init__(self, workdir: str | epath.PathLike, total_steps: int, *, start_step: int = 0,
-                 tensorboard: bool = True):
+                 tensorboard: bool = True, console: bool = True):
         self.total_steps = total_steps
+        self.console = console
         self._writer = None
         if tensorboard and jax.process_index() == 0:
             from tensorboardX import SummaryWriter
@@ -59,8 +60,11 @@ class MetricsWriter:
         eta = (self.total_steps - step) / rate if rate > 0 else float("nan")
         if jax.process_index() == 0:
             loss = avg.get("loss", float("nan"))
-            logging.info("step %d/%d  loss %.5f  %.2f steps/s  ETA %s", step, self.total_steps, loss, rate,
-                         _fmt_duration(eta) if np.isfinite(eta) else "?")
+            line = (f"step {step}/{self.total_steps}  loss {loss:.5f}  {rate:.2f} steps/s  "
+                    f"ETA {_fmt_duration(eta) if np.isfinite(eta) else '?'}")
+            logging.info(line)
+            if self.console:
+                print(line, flush=True)
             if self._writer is not None:
                 for k, v in avg.items():
                     self._writer.add_scalar(f"train/{k}", v, step)

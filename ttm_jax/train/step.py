@@ -334,7 +334,7 @@ def _init_frozen(config, modules, mesh, rules):
         return modules.text_encoder.init(r, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, bool))["params"]
 
     if t.get("path", ""):
-        te_params, te_sh = _load_text_encoder(t.path, init_te, rng, mesh, rules)
+        te_params, te_sh = _load_text_encoder(config, init_te, rng, mesh, rules)
     else:
         te_params, te_sh = sharding_lib.init_sharded(init_te, rng, mesh=mesh, rules=rules,
                                                      compiler_options=compiler_options(config))
@@ -351,13 +351,20 @@ def _init_frozen(config, modules, mesh, rules):
     return frozen, shardings
 
 
-def _load_text_encoder(path: str, init_te: Callable, rng: jax.Array, mesh: jax.sharding.Mesh,
-                       rules: sharding_lib.Rules) -> tuple[Any, Any]:
-    """Converted text-encoder weights from an Orbax checkpoint at `path`, restored directly into their shardings."""
+def _load_text_encoder(config: ml_collections.ConfigDict, init_te: Callable, rng: jax.Array,
+                       mesh: jax.sharding.Mesh, rules: sharding_lib.Rules) -> tuple[Any, Any]:
+    """Converted text-encoder weights at `config.text_encoder.path`, placed in their shardings: a transformers
+    folder (converted on the fly by `ttm_jax.convert.t5`) or an Orbax checkpoint of converted params."""
     import orbax.checkpoint as ocp
 
+    path = config.text_encoder.path
     abstract = jax.eval_shape(init_te, rng)
     shardings = sharding_lib.tree_shardings(abstract, mesh, rules)
+    from ttm_jax.convert import t5 as t5_convert
+
+    if t5_convert.is_transformers_checkpoint(path):
+        host = t5_convert.load_params(config.text_encoder, path)
+        return jax.tree.map(lambda x, sh: jax.device_put(np.asarray(x), sh), host, shardings), shardings
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           sharding_lib.unbox(abstract), shardings)
     with ocp.StandardCheckpointer() as ckptr:
