@@ -483,12 +483,21 @@ class WanAutoencoder:
 
     `encode(video [B, T, H, W, 3] in [-1, 1]) -> [B, T', H', W', 16]` normalised latents (what the DiT sees);
     `decode(latent) -> video` in [-1, 1]. Both jitted, chunked over time (`chunk` latent frames per step).
+    Inside another `jit` (e.g. a train step that encodes on the fly) prefer `encode_with(params, video)` /
+    `decode_with(params, latent)` with `params` passed in as an argument, so the weights are not baked into the
+    caller's program as constants.
+
+    Float32 compute runs convolutions at `Precision.HIGHEST` (float32 on TPU / no TF32 on GPU: what float32 is
+    chosen for, diffusers parity); bfloat16 runs at the backend's default.
     """
 
     def __init__(self, cfg: WanVAEConfig, params: Any, *, dtype: Any = jnp.float32, chunk: int = 1,
                  precision: Any = None) -> None:
         self.cfg = cfg
-        self.model = WanVAE(cfg, dtype=_dtype(dtype), precision=precision)
+        dtype = _dtype(dtype)
+        if precision is None and dtype == jnp.float32:
+            precision = jax.lax.Precision.HIGHEST
+        self.model = WanVAE(cfg, dtype=dtype, precision=precision)
         self.params = jax.tree.map(jnp.asarray, params)  # on device once, not per call
         self.chunk = int(chunk)
         self.time_factor = cfg.time_factor
@@ -502,11 +511,19 @@ class WanAutoencoder:
 
     def encode(self, video: jax.Array) -> jax.Array:
         """`[B, T, H, W, 3]` float in [-1, 1] -> normalised latent mean `[B, 1 + (T-1)/4, H/8, W/8, 16]` float32."""
-        return self._encode(self.params, video, self.latents_mean, self.latents_std)
+        return self.encode_with(self.params, video)
 
     def decode(self, latent: jax.Array) -> jax.Array:
         """Normalised latent `[B, T', h, w, 16]` -> video `[B, 1 + 4 (T'-1), 8h, 8w, 3]` float32 in [-1, 1]."""
-        return self._decode(self.params, latent, self.latents_mean, self.latents_std)
+        return self.decode_with(self.params, latent)
+
+    def encode_with(self, params: Any, video: jax.Array) -> jax.Array:
+        """`encode` with explicit params (a pure function of its arguments)."""
+        return self._encode(params, video, self.latents_mean, self.latents_std)
+
+    def decode_with(self, params: Any, latent: jax.Array) -> jax.Array:
+        """`decode` with explicit params (a pure function of its arguments)."""
+        return self._decode(params, latent, self.latents_mean, self.latents_std)
 
 
 def _encode_normalised(model: WanVAE, params: Any, video: jax.Array, mean: jax.Array, std: jax.Array, *,
