@@ -130,3 +130,17 @@ def test_cli_writes_stage2_init_checkpoint(folder, inputs, torch_out, tmp_path):
                                cross_token_ids=ids, local_ids=jnp.zeros((2, 6), jnp.int32))
     # new channels and TTM layers start at zero: the stage-2 model computes the converted T2V model's function
     np.testing.assert_allclose(np.asarray(got), torch_out, rtol=0, atol=1e-5)
+
+
+def test_real_wan21_1_3b_layout_maps_every_key():
+    # Wan2.1-T2V-1.3B's transformer config on torch's meta device: shapes only, no memory
+    config = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
+                  out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+                  qk_norm="rms_norm_across_heads", eps=1e-6)
+    with torch.device("meta"):
+        real = WanTransformer3DModel(**config)
+    cfg, cin, cout = convert.config_from_diffusers(dict(real.config))
+    assert (cfg.dim, cfg.num_layers, cfg.num_heads, cfg.ffn_dim) == (1536, 30, 12, 8960)
+    specs = {k: (tuple(v.shape), np.float32) for k, v in real.state_dict().items()}
+    moves = convert.rulebook(True).plan(rb.flatten(convert.template(cfg, cin, cout)), specs, "torch -> flax")
+    assert {m.torch_key for m in moves} == set(specs)

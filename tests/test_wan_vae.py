@@ -242,3 +242,14 @@ def test_bfloat16_compute(cfg, params, video, torch_outputs):
     err = np.abs(got - want).max()
     # bfloat16 has 8 mantissa bits: close to the float32 oracle, but not float32-exact (so it really ran in bf16)
     assert 1e-4 < err < 0.05 * np.abs(want).max()
+
+
+def test_real_wan21_layout_maps_every_key():
+    # the released Wan 2.1 VAE's layout (diffusers defaults), on torch's meta device: shapes only, no memory
+    with torch.device("meta"):
+        real = AutoencoderKLWan()
+    cfg = wan_vae.WanVAEConfig.from_diffusers(dict(real.config))
+    assert (cfg.time_factor, cfg.space_factor, cfg.z_dim) == (4, 8, 16)
+    specs = {k: (tuple(v.shape), np.float32) for k, v in real.state_dict().items()}
+    moves = convert.RULES.plan(rb.flatten(convert.template(cfg)), specs, "torch -> flax")
+    assert {m.torch_key for m in moves} == set(specs)
