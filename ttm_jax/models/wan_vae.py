@@ -247,9 +247,13 @@ class AttentionBlock(nn.Module):
         b, t, h, w, c = x.shape
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
         y = RMSNorm(self.dtype, self.param_dtype, name="norm")(x)
-        qkv = Conv(3 * c, (1, 1), name="to_qkv", **kw)(y).reshape(b * t, h * w, 1, 3 * c)
-        q, k, v = jnp.split(qkv, 3, axis=-1)
-        y = jax.nn.dot_product_attention(q, k, v).reshape(b, t, h, w, c)
+        qkv = Conv(3 * c, (1, 1), name="to_qkv", **kw)(y)
+        q, k, v = jnp.split(qkv.reshape(b * t, h * w, 3 * c), 3, axis=-1)  # [B*T, HW, C] each
+        # written out (not jax.nn.dot_product_attention) so `precision` reaches the two matmuls; logits and softmax
+        # in float32; one head of width C, scale 1/sqrt(C)
+        logits = jnp.einsum("bqc,bkc->bqk", q, k, precision=self.precision, preferred_element_type=jnp.float32)
+        probs = jax.nn.softmax(logits * (c**-0.5), axis=-1).astype(v.dtype)
+        y = jnp.einsum("bqk,bkc->bqc", probs, v, precision=self.precision).reshape(b, t, h, w, c)
         return Conv(c, (1, 1), name="proj", **kw)(y) + x
 
 
@@ -292,6 +296,9 @@ class Resample(nn.Module):
             if first:
                 x0, xs = x[:, :1], x
             else:
+                if not self.has_variable("cache", "last_frame"):
+                    raise ValueError(f"wan_vae: {'/'.join(self.path)} has no cached frame; run the first chunk "
+                                     "with first=True and mutable=['cache'] before later chunks")
                 x0, xs = None, jnp.concatenate([self.get_variable("cache", "last_frame").astype(x.dtype), x], 1)
             if self.is_mutable_collection("cache"):
                 self.put_variable("cache", "last_frame", tail)
