@@ -111,11 +111,9 @@ class DiTConfig:
         kw = {k: v for k, v in items.items() if k in names}
         if "patch_size" in kw:
             kw["patch_size"] = tuple(int(p) for p in kw["patch_size"])
-        cfg = cls(**kw)
-        cfg.check()
-        return cfg
+        return cls(**kw)
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:
         def need(cond: bool, field: str, msg: str) -> None:
             if not cond:
                 raise ValueError(f"dit.DiTConfig: config.model.{field}: {msg}")
@@ -295,8 +293,10 @@ class DiT(nn.Module):
         x = x.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, t, hh, ww, self.out_channels)
         return x.astype(jnp.float32)
 
-    def _check_inputs(self, c: DiTConfig, x, timestep, context, local_context, token_ids, cross_token_ids,
-                      local_ids) -> tuple[int, int, int, int, int]:
+    def _check_inputs(self, c: DiTConfig, x: jax.Array, timestep: jax.Array, context: jax.Array,
+                      local_context: jax.Array | None, token_ids: jax.Array | None, cross_token_ids: jax.Array | None,
+                      local_ids: jax.Array | None) -> tuple[int, int, int, int, int]:
+        """Raises a ValueError naming the argument and the fix; returns (B, T', H', W', N)."""
         where = "ttm_jax/models/dit.py: DiT"
         if x.ndim != 5 or x.shape[-1] != self.in_channels:
             raise ValueError(f"{where}: x must be [B, T', H', W', in_channels={self.in_channels}], got {x.shape}; "
