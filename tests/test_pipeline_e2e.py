@@ -7,6 +7,7 @@ temp folder so that the notebook test reuses them.
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import pathlib
@@ -72,8 +73,10 @@ def tiny_config(stage):
     return c
 
 
+@functools.cache
 def tiny_checkpoints() -> tuple[str, str]:
-    """Workdirs of a trained tiny stage 1 and stage 2 (one step each), cached by the hash of the package sources."""
+    """Workdirs of a trained tiny stage 1 and stage 2 (one step each), cached by the hash of the package sources
+    (computed once per process: a later edit of the sources does not retrain mid-run)."""
     from ttm_jax.train import loop
 
     digest = hashlib.sha256()
@@ -218,7 +221,7 @@ def test_local_prompt_changes_only_its_objects_tokens(pipe, inputs):
 
 
 def test_sample_entry_point_with_a_jsonl_batch(pipe, inputs, tmp_path):
-    s1, s2 = tiny_checkpoints()
+    s1, s2 = pipe.s1.stage.workdir, pipe.s2.stage.workdir
     lines = [{"image": inputs["image"], "caption": inputs["caption"], "masks": inputs["masks"], "name": "a"},
              {"image": inputs["image"], "caption": inputs["caption"].split(" while ")[0] + ".",
               "boxes": [[0, 0, 32, 32]], "labels": ["thing"], "seed": 3, "name": "b"}]

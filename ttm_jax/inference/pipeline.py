@@ -351,10 +351,14 @@ def _check_geometry(s1: ml_collections.ConfigDict, s2: ml_collections.ConfigDict
 class StageRunner:
     """Jitted condition building and guided Euler sampling of one stage."""
 
-    def __init__(self, stage: Stage):
+    def __init__(self, stage: Stage, *, guidance_mode: str = "batched"):
+        """`guidance_mode`: `batched` (one forward pass over 3B, the default) or `three_calls` (the reference, for
+        bench/sample.py)."""
         from ttm_jax.models import conditioning
         from ttm_jax.train import step as step_lib
 
+        if guidance_mode not in ("batched", "three_calls"):
+            raise ValueError(f"pipeline.StageRunner: guidance_mode={guidance_mode!r}; choose batched or three_calls")
         self.stage = stage
         config, modules = stage.config, stage.modules
         self.latent_shape = config_lib.latent_shape(config)
@@ -374,7 +378,8 @@ class StageRunner:
                 kw = {k: v for k, v in c.items() if k not in ("first", "cond", "context")}
                 return modules.model.apply({"params": params}, inp, flow.wan_timestep(t3), c["context"], **kw)
 
-            return guidance.guided(apply, x, t, conds, scales[0], scales[1])
+            guide = guidance.guided if guidance_mode == "batched" else guidance.guided_three_calls
+            return guide(apply, x, t, conds, scales[0], scales[1])
 
         def decode(latent):
             return jnp.clip(modules.autoencoder.decode(latent), -1.0, 1.0)
