@@ -16,6 +16,7 @@ from diffusers import WanTransformer3DModel
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from ttm_jax import config as config_lib
 from ttm_jax.convert import __main__ as convert_cli
 from ttm_jax.convert import dit as convert
 from ttm_jax.convert import rulebook as rb
@@ -107,29 +108,40 @@ def test_errors_name_the_key(torch_dit, folder):
         convert.flax_to_torch({}, dit_lib.DiTConfig(**{**cfg.__dict__, "ttm_layers": 1}))
 
 
-def test_cli_writes_stage2_init_checkpoint(folder, inputs, torch_out, tmp_path):
-    # a stage-2 model: 3 x 4 input channels, TTM layers in the first 2 blocks (zero output: the backbone's function)
+def test_cli_writes_stage2_init_checkpoint(tmp_path):
+    # the T2V backbone of `configs/stage2.py:tiny`'s shapes, converted into that stage-2 model (3x the input
+    # channels, TTM layers): new channels and TTM layers start at zero, so it computes the backbone's function
+    config = config_lib.build(2, "tiny")
+    m, c = config.model, config.autoencoder.latent_channels
+    torch.manual_seed(1)
+    backbone = WanTransformer3DModel(patch_size=tuple(m.patch_size), num_attention_heads=m.num_heads,
+                                     attention_head_dim=m.dim // m.num_heads, in_channels=c, out_channels=c,
+                                     text_dim=m.text_dim, freq_dim=m.freq_dim, ffn_dim=m.ffn_dim,
+                                     num_layers=m.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                     eps=m.eps, rope_max_seq_len=m.rope_max_seq_len).eval()
+    src = str(tmp_path / "transformer")
+    backbone.save_pretrained(src, safe_serialization=True)
     out = str(tmp_path / "init")
-    overrides = dict(dim=32, num_layers=3, num_heads=2, ffn_dim=48, text_dim=24, freq_dim=16, ttm_layers=2,
-                     rope_max_seq_len=32)
-    convert_cli.main(["dit", "--src", folder, "--out", out, "--in_channels", "12", "--ttm_layers", "2",
-                      "--scan_layers", "true"])
+    stage2 = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "stage2.py")
+    convert_cli.main(["dit", "--src", src, "--out", out, "--config", f"{stage2}:tiny"])
     with open(os.path.join(out, "ttm_convert.json")) as f:
         meta = json.load(f)
-    assert meta["model"]["ttm_layers"] == 2 and meta["in_channels"] == 12
-    cfg = dit_lib.DiTConfig(**overrides, scan_layers=True)
-    model = dit_lib.DiT(cfg, 12, 4)
-    abstract = convert.template(cfg, 12, 4)
-    with ocp.StandardCheckpointer() as ckptr:
-        params = ckptr.restore(os.path.join(out, "params"), abstract)
-    x, t, ctx = inputs
-    x12 = np.concatenate([x, np.random.RandomState(1).standard_normal(x.shape).astype(np.float32),
-                          np.ones_like(x)], axis=-1)
-    ids = jnp.zeros((2, 18), jnp.int32)
-    got = jax.jit(model.apply)({"params": params}, x12, t, ctx, local_context=jnp.ones((2, 6, 24)), token_ids=ids,
-                               cross_token_ids=ids, local_ids=jnp.zeros((2, 6), jnp.int32))
-    # new channels and TTM layers start at zero: the stage-2 model computes the converted T2V model's function
-    np.testing.assert_allclose(np.asarray(got), torch_out, rtol=0, atol=1e-5)
+    cin = config_lib.in_channels(config)
+    assert meta["model"]["ttm_layers"] == m.ttm_layers > 0 and meta["in_channels"] == cin == 3 * c
+    model = dit_lib.DiT(config.model, cin, c)
+    with ocp.StandardCheckpointer() as ckptr:  # as train/loop.py restores config.train.init_from
+        params = ckptr.restore(meta["params"], convert.template(dit_lib.DiTConfig.from_config(m), cin, c))
+    rng = np.random.RandomState(2)
+    x = rng.standard_normal((1, 2, 4, 6, cin)).astype(np.float32)
+    t, ctx = np.array([500.0], np.float32), rng.standard_normal((1, 5, m.text_dim)).astype(np.float32)
+    with torch.no_grad():
+        want = backbone(torch.from_numpy(x[..., :c].transpose(0, 4, 1, 2, 3).copy()), torch.from_numpy(t),
+                        torch.from_numpy(ctx), return_dict=False)[0].numpy().transpose(0, 2, 3, 4, 1)
+    ids = jnp.zeros((1, 12), jnp.int32)
+    got = jax.jit(model.apply)({"params": params}, x, t, ctx, local_context=jnp.ones((1, 4, m.text_dim)),
+                               token_ids=ids, cross_token_ids=ids, local_ids=jnp.zeros((1, 4), jnp.int32))
+    assert np.abs(want).max() > 0.1
+    np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-5)
 
 
 def test_real_wan21_1_3b_layout_maps_every_key():

@@ -20,6 +20,7 @@ import torch
 from diffusers import AutoencoderKLWan
 from safetensors import safe_open
 
+from ttm_jax.convert import __main__ as convert_cli
 from ttm_jax.convert import rulebook as rb
 from ttm_jax.convert import wan_vae as convert
 from ttm_jax.models import autoencoder as autoencoder_lib
@@ -188,6 +189,14 @@ def test_folder_round_trip_loads_in_diffusers(torch_vae, folder, params, cfg, tm
     assert reloaded.config.latents_mean == torch_vae.config.latents_mean
     for k, v in torch_vae.state_dict().items():
         assert reloaded.state_dict()[k].numpy().tobytes() == v.numpy().tobytes(), k
+
+
+def test_cli_vae_round_trip(torch_vae, folder, tmp_path, capsys):
+    convert_cli.main(["vae", "--src", folder, "--out", str(tmp_path / "back")])
+    assert "every tensor mapped" in capsys.readouterr().out
+    with safe_open(str(tmp_path / "back" / convert.WEIGHTS_FILE), framework="np") as f:
+        for k, v in torch_vae.state_dict().items():
+            assert f.get_tensor(k).tobytes() == v.numpy().tobytes(), k
 
 
 def test_make_autoencoder_errors(folder):
