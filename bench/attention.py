@@ -7,7 +7,8 @@ For each token count N, both blocks (`ttm_jax.models.dit.DiTBlock`, ttm=False / 
 inputs (batch 1, a caption of 64 tokens, 4 local-prompt slots of 16 tokens, ids of three objects and background,
 the added layers' output projections non-zero), and the script prints:
 
-  time      median wall time of the forward over `--repeats` runs after one warm-up (same process, same inputs)
+  time      best wall time of the forward over `--repeats` runs after one warm-up, plain and TTM runs alternating
+            (same process, same inputs), so that load from other processes hits both alike
   fwd mem   peak memory XLA plans for the forward: arguments + outputs + temporaries (`compiled.memory_analysis()`,
             no run needed); `grad mem` the same for the gradient w.r.t. the block's params and input
 
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -68,7 +68,8 @@ def _memory(compiled) -> float:
             - m.alias_size_in_bytes) / MB
 
 
-def measure(n: int, cfg: dit.DiTConfig, repeats: int, ttm: bool) -> dict[str, float]:
+def build(n: int, cfg: dit.DiTConfig, ttm: bool):
+    """(run() -> forward output, fwd MB, grad MB) for one block at n tokens."""
     rng = np.random.default_rng(0)
     normal = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
     slots, lp, lc = 4, 16, 64
@@ -92,13 +93,22 @@ def measure(n: int, cfg: dit.DiTConfig, repeats: int, ttm: bool) -> dict[str, fl
     grad = jax.jit(jax.grad(lambda p, x: jnp.sum(block.apply({"params": p}, x, *args)[0]), argnums=(0, 1)))
     fwd_c = fwd.lower(params, x).compile()
     grad_c = grad.lower(params, x).compile()
-    fwd_c(params, x).block_until_ready()
-    times = []
+    run = lambda: fwd_c(params, x).block_until_ready()
+    run()  # warm-up
+    return run, _memory(fwd_c), _memory(grad_c)
+
+
+def measure(n: int, cfg: dit.DiTConfig, repeats: int) -> dict[str, dict[str, float]]:
+    """Both blocks at n tokens; runs alternate plain / ttm so that machine load hits both alike; best time kept."""
+    built = {name: build(n, cfg, ttm) for name, ttm in (("plain", False), ("ttm", True))}
+    times: dict[str, list[float]] = {"plain": [], "ttm": []}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fwd_c(params, x).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return {"ms": 1e3 * statistics.median(times), "fwd_mb": _memory(fwd_c), "grad_mb": _memory(grad_c)}
+        for name, (run, _, _) in built.items():
+            t0 = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - t0)
+    return {name: {"ms": 1e3 * min(times[name]), "fwd_mb": fwd_mb, "grad_mb": grad_mb}
+            for name, (_, fwd_mb, grad_mb) in built.items()}
 
 
 def main() -> None:
@@ -121,8 +131,8 @@ def main() -> None:
     print(head)
     print("-" * len(head))
     for n in (int(v) for v in args.tokens.split(",")):
-        plain = measure(n, cfg, args.repeats, ttm=False)
-        ttm = measure(n, cfg, args.repeats, ttm=True)
+        m = measure(n, cfg, args.repeats)
+        plain, ttm = m["plain"], m["ttm"]
         print(f"{n:>7} | {plain['ms']:>9.1f} {ttm['ms']:>9.1f} {ttm['ms'] / plain['ms']:>6.2f} | "
               f"{plain['fwd_mb']:>12.1f} {ttm['fwd_mb']:>10.1f} {ttm['fwd_mb'] / plain['fwd_mb']:>6.2f} | "
               f"{plain['grad_mb']:>13.1f} {ttm['grad_mb']:>11.1f} {ttm['grad_mb'] / plain['grad_mb']:>6.2f}",
