@@ -166,8 +166,7 @@ def save_diffusers_folder(params: Mapping[str, Any], cfg: dit_lib.DiTConfig, in_
         json.dump(diffusers_config(cfg, in_channels, out_channels), f, indent=2)
     book = rulebook(cfg.scan_layers)
     flat = rb.flatten(params)
-    specs = {mv.torch_key: (mv.torch_shape, np.dtype(dtype if dtype is not None else
-                                                     rb.as_dtype(flat[mv.flax_path].dtype)))
+    specs = {mv.torch_key: (mv.torch_shape, rb.as_dtype(dtype if dtype is not None else flat[mv.flax_path].dtype))
              for mv in book.plan(flat, None, "flax -> torch")}
     file = os.path.join(out_dir, WEIGHTS_FILE)
     vae_convert.write_safetensors(file, specs, book.iter_torch(params), metadata={"format": "pt"})

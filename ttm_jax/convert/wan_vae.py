@@ -206,7 +206,7 @@ def torch_specs(params: Mapping[str, Any], dtype: Any = None) -> dict[str, tuple
     out = {}
     for mv in moves:
         leaf = flat[mv.flax_path]
-        out[mv.torch_key] = (mv.torch_shape, np.dtype(dtype if dtype is not None else rb.as_dtype(leaf.dtype)))
+        out[mv.torch_key] = (mv.torch_shape, rb.as_dtype(dtype if dtype is not None else leaf.dtype))
     return out
 
 
