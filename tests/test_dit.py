@@ -9,6 +9,7 @@ to fp32; logical axis names on every parameter; clear errors for missing ids.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -20,6 +21,9 @@ from jax.sharding import PartitionSpec as P
 
 from ttm_jax import config as config_lib
 from ttm_jax.models import conditioning, dit, masks
+
+# LLVM -O0: compiles several times faster on CPU; these tests are about values, not speed
+_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
 C = 4  # latent channels
 TF, SF = 4, 4  # pixel -> latent compression of the synthetic object masks
@@ -47,7 +51,7 @@ def batch():
     rng = np.random.default_rng(0)
     normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
     geo = dict(time_factor=TF, space_factor=SF, patch_size=PATCH)
-    token_ids, cross_ids = jax.jit(lambda m: (masks.token_ids_from_masks(m, **geo),
+    token_ids, cross_ids = _jit(lambda m: (masks.token_ids_from_masks(m, **geo),
                                               masks.token_ids_from_boxes(m, **geo)))(_object_masks())
     # example 0: caption (3 tokens), obj 1 (2 tokens), obj 2 (1 token), obj 3 padded to nothing; example 1: caption
     prompt_mask = np.zeros((B, S, LP), bool)
@@ -83,13 +87,13 @@ def _x(batch, stage=2):
 
 
 def _init(model, batch, x, **kw):
-    init = jax.jit(lambda x, kw: model.init(jax.random.key(1), x, batch["timestep"], batch["context"], **kw))
+    init = _jit(lambda x, kw: model.init(jax.random.key(1), x, batch["timestep"], batch["context"], **kw))
     return nn.unbox(init(x, kw))["params"]
 
 
 def _apply(model):
     """jitted `(params, x, batch, **ids) -> output`."""
-    fn = jax.jit(lambda params, x, t, ctx, kw: model.apply({"params": params}, x, t, ctx, **kw))
+    fn = _jit(lambda params, x, t, ctx, kw: model.apply({"params": params}, x, t, ctx, **kw))
     return lambda params, x, batch, **kw: fn(params, x, batch["timestep"], batch["context"], kw)
 
 
@@ -177,7 +181,7 @@ def _loss_fn(model, batch):
 def test_forward_and_gradient_are_finite(batch, stage2, trained):
     model = stage2[0]
     params, _ = trained
-    (loss, out), grads = jax.jit(jax.value_and_grad(_loss_fn(model, batch), argnums=(0, 1, 2, 3), has_aux=True))(
+    (loss, out), grads = _jit(jax.value_and_grad(_loss_fn(model, batch), argnums=(0, 1, 2, 3), has_aux=True))(
         params, _x(batch), batch["context"], batch["local_context"])
     assert out.shape == (B, T, H, W, C)
     assert np.isfinite(float(loss)) and np.all(np.isfinite(np.asarray(out)))
@@ -208,9 +212,9 @@ def test_scan_equals_unrolled(batch, trained):
 def test_remat_gives_the_same_gradient(batch, stage2, trained, policy):
     params, _ = trained
     args = (_x(batch), batch["context"], batch["local_context"])
-    ref = jax.jit(jax.grad(lambda *a: _loss_fn(stage2[0], batch)(*a)[0]))(params, *args)
+    ref = _jit(jax.grad(lambda *a: _loss_fn(stage2[0], batch)(*a)[0]))(params, *args)
     remat = dit.DiT(dataclasses.replace(CFG, remat_policy=policy), 3 * C, C)
-    got = jax.jit(jax.grad(lambda *a: _loss_fn(remat, batch)(*a)[0]))(params, *args)
+    got = _jit(jax.grad(lambda *a: _loss_fn(remat, batch)(*a)[0]))(params, *args)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), got, ref)
 
 

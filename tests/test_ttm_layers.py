@@ -6,6 +6,8 @@ B=2) and background (0) on a 2 x 2 x 3 token grid, local prompts in slots 0 (cap
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -16,6 +18,9 @@ from diffusers.models.embeddings import get_timestep_embedding
 from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 
 from ttm_jax.models import layers
+
+# LLVM -O0: compiles several times faster on CPU; these tests are about values, not speed
+_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
 DIM, HEADS = 12, 2  # head_dim 6: RoPE split 2/2/2
 GRID = (2, 2, 3)
@@ -40,7 +45,7 @@ def _randomize_out(params, seed):
 
 def _influence(fn, arg: jax.Array) -> np.ndarray:
     """`[Nq, Nk]` max over channels of |d fn(arg)_i / d arg_j|, from the exact (jitted) Jacobian."""
-    jac = jax.jit(jax.jacrev(fn))(arg)  # [1, Nq, D, 1, Nk, Dk]
+    jac = _jit(jax.jacrev(fn))(arg)  # [1, Nq, D, 1, Nk, Dk]
     return np.asarray(jnp.max(jnp.abs(jac[0, :, :, 0]), axis=(1, 3)))
 
 
@@ -58,7 +63,7 @@ def self_layer(inputs):
     x, _, rope = inputs
     masked = layers.MaskedSelfAttention(DIM, HEADS, masked=True)
     twin = layers.MaskedSelfAttention(DIM, HEADS, masked=False)
-    params = jax.jit(lambda x, rope: masked.init(jax.random.key(1), x, rope, jnp.asarray(TOKEN_IDS)))(x, rope)["params"]
+    params = _jit(lambda x, rope: masked.init(jax.random.key(1), x, rope, jnp.asarray(TOKEN_IDS)))(x, rope)["params"]
     return masked, twin, _randomize_out(params, 2)
 
 
@@ -67,7 +72,7 @@ def cross_layer(inputs):
     x, local, _ = inputs
     masked = layers.MaskedCrossAttention(DIM, HEADS, masked=True)
     twin = layers.MaskedCrossAttention(DIM, HEADS, masked=False)
-    params = jax.jit(lambda x, local: masked.init(jax.random.key(3), x, local, jnp.asarray(TOKEN_IDS),
+    params = _jit(lambda x, local: masked.init(jax.random.key(3), x, local, jnp.asarray(TOKEN_IDS),
                                                   jnp.asarray(LOCAL_IDS)))(x, local)["params"]
     return masked, twin, _randomize_out(params, 4)
 
