@@ -379,6 +379,13 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check(t.get("dtype", "float32") in DTYPES, "text_encoder.dtype", f"{t.get('dtype')!r}; choose one of {DTYPES}")
     _check(t.get("param_dtype", "float32") in DTYPES, "text_encoder.param_dtype",
            f"{t.get('param_dtype')!r}; choose one of {DTYPES}")
+    s = config.sample
+    _check(isinstance(s.num_steps, int) and s.num_steps >= 1, "sample.num_steps",
+           f"{s.num_steps!r} must be an int >= 1")
+    _check(s.schedule in ("linear_quadratic", "uniform"), "sample.schedule",
+           f"{s.schedule!r}; choose linear_quadratic (Movie Gen) or uniform")
+    _check(s.image_scale >= 0 and s.text_scale >= 0, "sample.image_scale",
+           f"image_scale={s.image_scale}, text_scale={s.text_scale} must be >= 0 (1 and 1: no guidance)")
     _check_training(config)
     if t.tokenizer == "sentencepiece" and not t.tokenizer_path and not t.path:
         # describe mode builds shapes only and needs no tokenizer; main checks this again before training
