@@ -28,6 +28,15 @@ def setup():
     return c, mods, frozen, batch
 
 
+def _compiled(fn, *args):
+    """`fn(*args)` compiled with LLVM -O0 (fast CPU compiles; values as eager)."""
+    return jax.jit(fn).lower(*args).compile(compiler_options={"xla_backend_optimization_level": 0})(*args)
+
+
+def _prepare(config, mods, frozen, batch):
+    return _compiled(lambda f, b: step_lib.prepare(config, mods, f, b), frozen, batch)
+
+
 def _enc(mods, video_u8):
     return mods.autoencoder.encode(jnp.asarray(video_u8, jnp.float32) / 127.5 - 1.0)
 
@@ -37,15 +46,16 @@ def test_stage_targets_and_conditions(setup):
     c1 = fx.tiny_config(1)
     ev, et = _enc(mods, batch["video"]), _enc(mods, batch["trajectory"])
     # stage 1: target E(trajectory); conditions E(x0) (first frame encoded alone), E(s0); text = motion prompt
-    target, first, cond, text = step_lib.prepare(c1, mods, frozen, batch)
+    target, first, cond, text = _prepare(c1, mods, frozen, batch)
     np.testing.assert_allclose(target, et, atol=1e-6)
     np.testing.assert_allclose(first, _enc(mods, batch["video"][:, :1]), atol=1e-6)
     np.testing.assert_allclose(cond, et[:, :1], atol=1e-6)
-    motion = step_lib.encode_text(mods, frozen["text_encoder"], batch["motion_tokens"], batch["motion_mask"])
+    motion = _compiled(lambda te, i, m: step_lib.encode_text(mods, te, i, m), frozen["text_encoder"],
+                       batch["motion_tokens"], batch["motion_mask"])
     np.testing.assert_allclose(text["context"], motion, atol=1e-6)
     assert set(text) == {"context"}
     # stage 2: target E(video); conditions E(x0), E(trajectory); caption; local prompts and object ids
-    target, first, cond, text = step_lib.prepare(c2, mods, frozen, batch)
+    target, first, cond, text = _prepare(c2, mods, frozen, batch)
     np.testing.assert_allclose(target, ev, atol=1e-6)
     np.testing.assert_allclose(first, ev[:, :1], atol=1e-6)
     np.testing.assert_allclose(cond, et, atol=1e-6)
@@ -58,7 +68,7 @@ def test_stage_targets_and_conditions(setup):
     # padding positions of the text are zeroed
     assert np.all(np.asarray(text["context"])[~np.asarray(batch["caption_mask"])] == 0)
     c_mask = fx.tiny_config(2, **{"model.cross_ids_from": "mask"})
-    _, _, _, text_m = step_lib.prepare(c_mask, mods, frozen, batch)
+    _, _, _, text_m = _prepare(c_mask, mods, frozen, batch)
     np.testing.assert_array_equal(text_m["cross_token_ids"], text["token_ids"])
 
 
@@ -66,7 +76,7 @@ def test_cached_latents_are_used_instead_of_the_autoencoder(setup):
     c, mods, frozen, batch = setup
     cached = dict(batch, video_latent=_enc(mods, batch["video"]) + 1.0,
                   trajectory_latent=_enc(mods, batch["trajectory"]) - 1.0)
-    target, first, cond, _ = step_lib.prepare(c, mods, frozen, cached)
+    target, first, cond, _ = _prepare(c, mods, frozen, cached)
     np.testing.assert_allclose(target, cached["video_latent"])
     np.testing.assert_allclose(cond, cached["trajectory_latent"])
 
@@ -77,8 +87,8 @@ def test_noise_and_dropout_reach_the_model_inputs(setup):
     rand = step_lib.draw(jax.random.PRNGKey(0), b, config_lib.latent_shape(c), c.objective)
     rand["drop_image"] = jnp.arange(b) % 2 == 0
     rand["drop_text"] = jnp.arange(b) < 2
-    x, kw, velocity = step_lib.model_inputs(c, mods, frozen, batch, rand)
-    target, first, cond, text = step_lib.prepare(c, mods, frozen, batch)
+    x, kw, velocity = _compiled(lambda f, b, r: step_lib.model_inputs(c, mods, f, b, r), frozen, batch, rand)
+    target, first, cond, text = _prepare(c, mods, frozen, batch)
     lc = target.shape[-1]
     tb = rand["t"][:, None, None, None, None]
     np.testing.assert_allclose(x[..., :lc], (1 - tb) * target + tb * rand["eps"], atol=1e-5)

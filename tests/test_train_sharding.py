@@ -201,3 +201,18 @@ def test_two_processes_on_loopback_equal_single_device(single_run, tmp_path):
     # each process consumed its half of every global batch, together the single run's examples
     rows = [fx.read_records(str(tmp_path / f"ids_{i}.jsonl")) for i in range(2)]
     assert [a + b for a, b in zip(*rows, strict=True)] == fx.read_records(os.path.join(ref_wd, "ids.jsonl"))
+
+
+@pytest.mark.slow
+def test_real_dit_sharded_equals_single_device(tmp_path):
+    """The same property with the real DiT (masked TTM layers, scanned blocks, its logical constraints)."""
+    c = _cfg(**{"train.total_steps": 2})
+    mods = fx.make_modules(c, real_model=True)
+    c.mesh.shape.update(data=1, fsdp=-1, tensor=1)
+    one = loop.train(c, str(tmp_path / "one"), modules=mods, make_iterator=fx.iterator_factory(),
+                     devices=jax.devices()[:1])
+    c8 = _cfg(**{"train.total_steps": 2})
+    c8.mesh.shape.update(data=2, fsdp=4, tensor=1)
+    eight = loop.train(c8, str(tmp_path / "eight"), modules=mods, make_iterator=fx.iterator_factory())
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-6), _host(one.state.params),
+                 _host(eight.state.params))
