@@ -100,8 +100,16 @@ def test_masked_keys_do_not_leak(cross_case, cross_ref):
 @pytest.mark.parametrize("impl", ["xla", "splash", "gpu"])
 def test_unmasked_is_plain_attention(impl):
     q, k, v = _qkv(2, 24, 40)
-    got = attention.dot_product_attention(q, k, v, impl=impl)
+    got = attention.dot_product_attention(q, k, v, impl=impl, interpret=True)
     np.testing.assert_allclose(got, _numpy_attention(q, k, v, None, None, D**-0.5), atol=TOL, rtol=0)
+
+
+def test_splash_runs_unmasked_attention_in_its_kernel():
+    """On TPU unmasked attention (the backbone's) must not fall back to XLA's dense [B, H, Lq, Lk] logits."""
+    q, k, v = _qkv(1, 24, 24)
+    jaxpr = str(jax.make_jaxpr(lambda q, k, v: attention.dot_product_attention(
+        q, k, v, impl="splash", interpret=True))(q, k, v))
+    assert "pallas_call" in jaxpr
 
 
 def test_splash_self_matches_reference(self_case, self_ref):

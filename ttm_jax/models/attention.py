@@ -271,9 +271,13 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_ids: ja
         raise ValueError("attention: kv_ids given without q_ids; pass both (or neither for unmasked attention)")
     _check(q, k, v, q_ids, kv_ids)
     scale = float(q.shape[-1]) ** -0.5 if scale is None else float(scale)
+    if q_ids is None and impl == "splash":
+        # Unmasked attention on TPU through the same splash kernel with one segment for everything: XLA's dense
+        # path would materialise [B, H, Lq, Lk] logits (~50 GB per example at Wan's 32k tokens and 12 heads).
+        q_ids = jnp.zeros(q.shape[:2], jnp.int32)
+        kv_ids = q_ids if q.shape[1] == k.shape[1] else jnp.zeros(k.shape[:2], jnp.int32)
     if q_ids is None:
-        # No mask: jax.nn.dot_product_attention for every impl (cuDNN's fused kernel under impl="gpu" where it
-        # applies). For a kernel on full attention at long L, pass all-zero ids (one array for q and kv).
+        # No mask: cuDNN's fused kernel under impl="gpu" where it applies (bf16/fp16), XLA otherwise.
         if impl == "gpu":
             return _cudnn_or_xla(q, k, v, None, scale)
         return jax.nn.dot_product_attention(q, k, v, scale=scale)
