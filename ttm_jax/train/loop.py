@@ -249,45 +249,48 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, modules: step_lib.
         ckpt.save(step, state, iterator, config)
         result.checkpoint_steps.append(step)
 
-    with checkpoint_lib.PreemptionGuard() as guard:
-        while step < total_steps:
-            try:
-                local = next(iterator)
-            except StopIteration:
-                _say(f"data exhausted after step {step}; saving and stopping")
-                break
-            if train_step is None:
-                bsh = step_lib.batch_shardings(local, mesh)
-                train_step = step_lib.make_train_step(config, modules, tx, mesh, rules, shardings, frozen_sh, bsh)
-            batch = step_lib.global_batch(local, bsh)
-            if sample_batch is None and int(t.sample_every_steps) > 0:
-                sample_batch = jax.tree.map(jnp.copy, batch)
-            state, m = train_step(state, frozen, batch)
-            step += 1
-            pending.append((step, m))
-            ckpt_due = step % int(t.checkpoint_every_steps) == 0 or step == total_steps
-            sample_due = int(t.sample_every_steps) > 0 and step % int(t.sample_every_steps) == 0
-            if step % int(t.log_every_steps) == 0 or ckpt_due or sample_due:
-                flush(step)
-            if ckpt_due:
-                save(step)
-            if sample_due:
-                paths = write_samples(config, modules, state.params, frozen, sample_batch, step, workdir, mesh)
-                if paths:
-                    _say(f"step {step}: wrote {', '.join(paths)}")
-            if guard.should_stop():
-                flush(step)
-                if not ckpt_due:
+    try:
+        with checkpoint_lib.PreemptionGuard() as guard:
+            while step < total_steps:
+                try:
+                    local = next(iterator)
+                except StopIteration:
+                    _say(f"data exhausted after step {step}; saving and stopping")
+                    break
+                if train_step is None:
+                    bsh = step_lib.batch_shardings(local, mesh)
+                    train_step = step_lib.make_train_step(config, modules, tx, mesh, rules, shardings, frozen_sh, bsh)
+                batch = step_lib.global_batch(local, bsh)
+                if sample_batch is None and int(t.sample_every_steps) > 0:
+                    sample_batch = jax.tree.map(jnp.copy, batch)
+                state, m = train_step(state, frozen, batch)
+                step += 1
+                pending.append((step, m))
+                ckpt_due = step % int(t.checkpoint_every_steps) == 0 or step == total_steps
+                sample_due = int(t.sample_every_steps) > 0 and step % int(t.sample_every_steps) == 0
+                if step % int(t.log_every_steps) == 0 or ckpt_due or sample_due:
+                    flush(step)
+                if ckpt_due:
                     save(step)
-                _say(f"preempted: saved step {step}; run again with the same workdir to resume")
-                result.preempted = True
-                break
-        if pending:
-            flush(step)
-        if step not in result.checkpoint_steps and step > start:
-            save(step)
-    ckpt.close()
-    writer.close()
+                if sample_due:
+                    params = state.ema_params if state.ema_params is not None else state.params
+                    paths = write_samples(config, modules, params, frozen, sample_batch, step, workdir, mesh)
+                    if paths:
+                        _say(f"step {step}: wrote {', '.join(paths)}")
+                if guard.should_stop():
+                    flush(step)
+                    if not ckpt_due:
+                        save(step)
+                    _say(f"preempted: saved step {step}; run again with the same workdir to resume")
+                    result.preempted = True
+                    break
+            if pending:
+                flush(step)
+            if step not in result.checkpoint_steps and step > start:
+                save(step)
+    finally:
+        ckpt.close()
+        writer.close()
     result.final_step = step
     result.state = state
     return result
