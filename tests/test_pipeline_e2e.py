@@ -286,5 +286,25 @@ def test_masks_from_sav_json_and_coco_rle(tmp_path, inputs):
                                            (SIZE, SIZE), SIZE, SIZE)
     np.testing.assert_array_equal(masks, v.masks[0])
     assert labels == [f"obj{k}" for k in range(len(rles))]
+    inline, inline_labels, _ = pipeline.load_masks(pipeline.Request(image=v.frames[0], caption="x", masks=rles),
+                                                   (SIZE, SIZE), SIZE, SIZE)  # a JSONL request's inline RLEs
+    np.testing.assert_array_equal(inline, v.masks[0])
+    assert inline_labels == labels
     with pytest.raises(ValueError, match="neither masks nor boxes"):
         pipeline.load_masks(pipeline.Request(image=v.frames[0], caption="x"), (SIZE, SIZE), SIZE, SIZE)
+
+
+def test_requests_jsonl_errors_name_the_line(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"image": "a.png", "caption": "the cat jumps", "boxes": [[0, 0, 4, 4]]}\n\n'
+                    '{"image": "a.png", "caption": "x", "colour": "red"}\n')
+    with pytest.raises(ValueError, match=r"r.jsonl:3: unknown key\(s\) \['colour'\]"):
+        pipeline.read_requests(str(path))
+    path.write_text('{"image": "a.png", "caption": "x", "name": "v"}\n'
+                    '{"image": "b.png", "caption": "y", "name": "v"}\n')
+    with pytest.raises(ValueError, match=r"names \['v'\] repeat"):
+        pipeline.read_requests(str(path))
+    path.write_text('# two requests\n{"image": "a.png", "caption": "x"}\n{"image": "/abs/b.png", "caption": "y"}\n')
+    reqs = pipeline.read_requests(str(path))
+    assert [r.image for r in reqs] == [str(tmp_path / "a.png"), "/abs/b.png"]  # relative to the JSONL's folder
+    assert [r.name for r in reqs] == ["r_0002", "r_0003"]

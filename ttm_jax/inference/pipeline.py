@@ -52,7 +52,7 @@ class Request:
     masks: first-frame object masks, one of: a list of PNG paths (one binary mask per object; the file name is the
       object's label), one PNG of object ids (0 background, 1..K), an SA-V annotation json (`path.json` or
       `path.json:i` for annotated frame i, default 0), a json of COCO RLEs (a list of `{"size", "counts"}` or of
-      `{"segmentation": rle, "label": ...}`), or a bool array `[H, W, K]`.
+      `{"segmentation": rle, "label": ...}`), the same list inline, or a bool array `[H, W, K]`.
     boxes: `[[x0, y0, x1, y1], ...]` in the input image's pixels (used when there are no masks).
     labels: object labels (for boxes or arrays), matched to the local prompts' object phrases.
     motion_prompt / local_prompts: skip planning and use these (local prompts in mask order).
@@ -186,6 +186,10 @@ def load_masks(req: Request, image_size: tuple[int, int], height: int,
         labels, source = list(req.labels or [None] * len(boxes)), "boxes"
     elif isinstance(m, np.ndarray):
         masks, labels, source = m.astype(bool), list(req.labels or [None] * m.shape[-1]), "array"
+    elif isinstance(m, list) and m and all(isinstance(x, dict) for x in m):  # inline COCO RLEs (JSONL requests)
+        masks = _decode_rles([x.get("segmentation", x) for x in m], f"request {req.name!r} masks")
+        labels = list(req.labels or [x.get("label") if "segmentation" in x else None for x in m])
+        source = "inline coco rle"
     elif isinstance(m, str) and (m.endswith(".json") or ".json:" in m):
         path, _, frame = m.partition(".json")
         path += ".json"
