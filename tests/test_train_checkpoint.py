@@ -178,3 +178,13 @@ def test_nan_loss_stops_with_a_clear_error_keeping_the_last_good_checkpoint(modu
     cfg = ckpt.restore_config()
     assert cfg.optim.learning_rate == 1e30
     ckpt.close()
+
+
+def test_resume_refuses_a_config_that_changes_the_state_and_names_the_field():
+    saved = _cfg()
+    ok = _cfg(**{"train.total_steps": 50, "model.attention": "splash", "optim.learning_rate": 1e-4})
+    loop.check_resumable(saved, ok, "/w")  # longer run, other kernel, other LR: fine
+    with pytest.raises(ValueError, match=r"/w: cannot resume.*config.model.dim: checkpoint 32, now 64"):
+        loop.check_resumable(saved, _cfg(**{"model.dim": 64}), "/w")
+    with pytest.raises(ValueError, match=r"config.optim.ema_decay"):
+        loop.check_resumable(saved, _cfg(**{"optim.ema_decay": 0.999}), "/w")

@@ -64,6 +64,26 @@ def test_resolve_shape_fills_one_free_axis_and_names_the_field():
         mesh_lib.resolve_shape({"model": 2}, 8)
 
 
+def test_distributed_start_up_reads_the_environment(monkeypatch):
+    for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_JOB_ID", "SLURM_NTASKS",
+              "TPU_WORKER_HOSTNAMES"):
+        monkeypatch.delenv(k, raising=False)
+    auto = fx.tiny_config(2)
+    auto.mesh.distributed = "auto"
+    assert mesh_lib.initialize_distributed(auto.mesh) is None  # one process: nothing to start
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert mesh_lib._detected_cluster() is None  # a single-task SLURM job is a single process
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    assert mesh_lib._detected_cluster() == "slurm"
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "10.0.0.1,10.0.0.2")
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1234")
+    assert mesh_lib._detected_cluster() == "explicit"  # explicit variables win
+    with pytest.raises(mesh_lib.MeshError, match="JAX_NUM_PROCESSES"):
+        mesh_lib.initialize_distributed(auto.mesh)
+    assert mesh_lib.initialize_distributed(fx.tiny_config(2).mesh) is None  # distributed="skip"
+
+
 def test_make_mesh_names_and_sizes():
     c = _cfg()
     c.mesh.shape.update(data=2, fsdp=-1, tensor=2)

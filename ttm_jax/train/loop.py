@@ -152,6 +152,36 @@ def write_samples(config: ml_collections.ConfigDict, modules: step_lib.Modules, 
     return paths
 
 
+# Fields that fix the shapes or the structure of the checkpointed state: a resumed run must keep them.
+_STATE_FIELDS = ("stage", "model", "autoencoder.latent_channels", "text_encoder.d_model", "optim.ema_decay",
+                 "data.max_objects", "text_encoder.local_max_length", "text_encoder.max_length")
+# ... except these, which change how the same state is computed, not what it is
+_FREE_FIELDS = ("model.attention", "model.remat_policy", "model.dtype")
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tuple(d) if isinstance(d, list) else d}
+
+
+def check_resumable(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Raise naming every field whose change would make the checkpoint in `workdir` unloadable."""
+    a, b = _flat(saved.to_dict()), _flat(config.to_dict())
+    diffs = []
+    for field in _STATE_FIELDS:
+        for k in sorted(set(a) | set(b)):
+            if (k == field or k.startswith(field + ".")) and k not in _FREE_FIELDS and a.get(k) != b.get(k):
+                diffs.append(f"config.{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}")
+    if diffs:
+        raise ValueError(f"{workdir}: cannot resume, the config changed what the checkpoint holds: "
+                         f"{'; '.join(diffs)}. Resume with the saved config (python -m ttm_jax.main "
+                         f"--workdir={workdir}, no --config) or start a new workdir")
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *, modules: step_lib.Modules | None = None,
           make_iterator: IteratorFactory | None = None, devices: list[jax.Device] | None = None) -> TrainResult:
     """Train `config` in `workdir` until `train.total_steps`, resuming from its latest checkpoint.
@@ -191,6 +221,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, modules: step_lib.
     ckpt = checkpoint_lib.Checkpointer.from_config(workdir, config)
     latest = ckpt.latest_step()
     if latest is not None:
+        check_resumable(ckpt.restore_config(latest), config, workdir)
         state = ckpt.restore(latest, abstract, iterator)
         _say(f"resuming from step {latest} ({checkpoint_lib.checkpoint_dir(workdir) / str(latest)})")
     else:
