@@ -1,0 +1,352 @@
+"""Trained TTM stage models out to PyTorch (and back): one reversible rulebook, backbone + TTM layers.
+
+An exported folder (what `ttm_jax.torch.TTMWanTransformer3DModel.from_pretrained` loads):
+
+  config.json                          the backbone's diffusers `WanTransformer3DModel` config; `in_channels` is the
+                                       stage's (3 * latent_channels), so `WanTransformer3DModel.from_pretrained` loads
+                                       the backbone of any export (a `ttm_layers=0` model with the checkpoint's own
+                                       channels is a plain diffusers transformer)
+  diffusion_pytorch_model.safetensors  backbone tensors, diffusers' keys
+  ttm_layers.safetensors               the added layers, keys `blocks.{i}.masked_{self,cross}_attn.{norm,attn}.*`
+                                       (absent when ttm_layers = 0)
+  ttm_config.json                      {ttm_layers, ttm_masked, in_channels, out_channels, latent_channels, stage,
+                                       scan_layers, param_dtype, format}
+
+The table (`rulebook(cfg)`): engineer F's backbone rules (`ttm_jax/convert/dit.py`), re-based for the stage model's
+layout (with `scan_layers=True` the Flax tree has two stacks: `ttm_blocks` = torch blocks `0..K-1` and `blocks` =
+torch blocks `K..L-1`, `stack_offset=K`), plus the TTM rules (norm `scale/bias` <-> `weight/bias`, Dense `kernel`
+<-> `weight.T`, `attn/to_out` <-> `attn.to_out.0`). Every tensor moves through it one at a time (streamed
+safetensors both ways); Flax -> folder -> Flax is bit-identical.
+
+Sources: `workdir:DIR[@STEP]` (a training workdir: Orbax `CheckpointManager` state + the config saved beside it;
+the EMA params when the run kept them, `--params=raw` for the raw ones) or `orbax:DIR` (an Orbax params checkpoint,
+e.g. `python -m ttm_jax.convert dit`'s `<out>/params`, with its `ttm_convert.json` beside it or `--config`).
+Entry point: `export_main(argv)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ttm_jax.convert import dit as dit_convert
+from ttm_jax.convert import rulebook as rb
+from ttm_jax.convert import wan_vae as vae_convert
+from ttm_jax.models import dit as dit_lib
+
+TTM_CONFIG_FILE = "ttm_config.json"
+TTM_WEIGHTS_FILE = "ttm_layers.safetensors"
+FORMAT = "ttm-jax-export/1"
+TTM_MODULES = dit_lib.TTM_MODULES
+
+
+# ----------------------------------------------------------------------------------------------------------- rulebook
+
+
+def _layer_rules(t: str, f: str, **kw: Any) -> list[rb.Rule]:
+    """One added layer: affine LayerNorm `norm` + Wan attention `attn` (q/k/v/out, RMS-normed q/k)."""
+    rules = [rb.Rule(f"{t}.norm.weight", f"{f}/norm/scale", **kw), rb.Rule(f"{t}.norm.bias", f"{f}/norm/bias", **kw),
+             rb.Rule(f"{t}.attn.norm_q.weight", f"{f}/attn/norm_q/scale", **kw),
+             rb.Rule(f"{t}.attn.norm_k.weight", f"{f}/attn/norm_k/scale", **kw)]
+    for tp, fp in (("to_q", "to_q"), ("to_k", "to_k"), ("to_v", "to_v"), ("to_out.0", "to_out")):
+        rules += [rb.Rule(f"{t}.attn.{tp}.weight", f"{f}/attn/{fp}/kernel", rb.LINEAR, **kw),
+                  rb.Rule(f"{t}.attn.{tp}.bias", f"{f}/attn/{fp}/bias", **kw)]
+    return rules
+
+
+def ttm_rules(cfg: dit_lib.DiTConfig) -> list[rb.Rule]:
+    """The TTM layers' rules for `cfg`'s layout (none when `ttm_layers = 0`)."""
+    if not cfg.ttm_layers:
+        return []
+    rules: list[rb.Rule] = []
+    for m in TTM_MODULES:
+        if cfg.scan_layers:
+            rules += _layer_rules(f"blocks.{{i}}.{m}", f"ttm_blocks/{m}", stack="i")
+        else:
+            rules += _layer_rules(f"blocks.{{i}}.{m}", f"blocks_{{i}}/{m}")
+    return rules
+
+
+def rulebook(cfg: dit_lib.DiTConfig) -> rb.RuleBook:
+    """The whole stage model's table: F's backbone rules in `cfg`'s layout plus `ttm_rules(cfg)`."""
+    if not cfg.qk_norm:
+        raise ValueError("convert/export.py: config.model.qk_norm=False has no diffusers counterpart (Wan always "
+                         "RMS-normalises q and k); export needs qk_norm=True")
+    backbone = dit_convert.rulebook(cfg.scan_layers)
+    rules: list[Any] = list(backbone.ignores)
+    for rule in backbone.rules:
+        if cfg.scan_layers and cfg.ttm_layers and rule.stack is not None:
+            # torch blocks 0..K-1 live in the `ttm_blocks` stack, K..L-1 in `blocks`
+            ttm_flax = tuple("ttm_" + p for p in rule.flax_patterns)
+            rules.append(dataclasses.replace(rule, flax=ttm_flax if len(ttm_flax) > 1 else ttm_flax[0]))
+            rules.append(dataclasses.replace(rule, stack_offset=cfg.ttm_layers))
+        else:
+            rules.append(rule)
+    rules += ttm_rules(cfg)
+    name = f"ttm_dit(scan_layers={cfg.scan_layers}, ttm_layers={cfg.ttm_layers})"
+    return rb.RuleBook(name, rules)
+
+
+def is_ttm_path(path: str) -> bool:
+    """True for a `/`-joined Flax path inside an added layer."""
+    return any(m in path.split("/") for m in TTM_MODULES)
+
+
+# -------------------------------------------------------------------------------------------------------- flax -> pt
+
+
+def _ttm_meta(cfg: dit_lib.DiTConfig, in_channels: int, out_channels: int, latent_channels: int | None,
+              stage: int | None) -> dict[str, Any]:
+    return {"format": FORMAT, "ttm_layers": cfg.ttm_layers, "ttm_masked": cfg.ttm_masked, "in_channels": in_channels,
+            "out_channels": out_channels, "latent_channels": latent_channels, "stage": stage,
+            "scan_layers": cfg.scan_layers, "param_dtype": cfg.param_dtype}
+
+
+def export_params(params: Mapping[str, Any], cfg: dit_lib.DiTConfig, in_channels: int, out_channels: int,
+                  out_dir: str, *, latent_channels: int | None = None, stage: int | None = None,
+                  dtype: Any = None) -> dict[str, str]:
+    """Writes the exported folder (module docstring) from a DiT's params (boxed or not, either layout).
+
+    The whole plan (every Flax param mapped, every shape) is checked before a file is written; tensors then stream
+    one at a time. `dtype` (e.g. "bfloat16") casts on the way; None keeps the params' dtypes. Returns {name: path}.
+    """
+    book = rulebook(cfg)
+    flat = rb.flatten(params)
+    book.plan(flat, None, "flax -> torch")  # raises listing every unmapped param before anything is written
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, dit_convert.CONFIG_FILE), "w") as fh:
+        json.dump(dit_convert.diffusers_config(cfg, in_channels, out_channels), fh, indent=2)
+    with open(os.path.join(out_dir, TTM_CONFIG_FILE), "w") as fh:
+        json.dump(_ttm_meta(cfg, in_channels, out_channels, latent_channels, stage), fh, indent=2)
+    paths = {"config": os.path.join(out_dir, dit_convert.CONFIG_FILE), "ttm_config": os.path.join(out_dir,
+                                                                                                     TTM_CONFIG_FILE)}
+    parts = [(dit_convert.WEIGHTS_FILE, {p: v for p, v in flat.items() if not is_ttm_path(p)}),
+             (TTM_WEIGHTS_FILE, {p: v for p, v in flat.items() if is_ttm_path(p)})]
+    stale = os.path.join(out_dir, TTM_WEIGHTS_FILE)
+    if not parts[1][1] and os.path.exists(stale):
+        os.remove(stale)  # a re-export without TTM layers must not leave an old file behind
+    for file_name, part in parts:
+        if not part:
+            continue
+        moves = book.plan(part, None, "flax -> torch")
+        specs = {mv.torch_key: (mv.torch_shape, rb.as_dtype(dtype if dtype is not None else part[mv.flax_path].dtype))
+                 for mv in moves}
+        tensors = book.iter_torch(rb.unflatten(part))
+        if dtype is not None:
+            tensors = ((k, v.astype(rb.as_dtype(dtype))) for k, v in tensors)
+        path = os.path.join(out_dir, file_name)
+        vae_convert.write_safetensors(path, specs, tensors, metadata={"format": "pt"})
+        paths[file_name] = path
+    return paths
+
+
+# -------------------------------------------------------------------------------------------------------- pt -> flax
+
+
+class _Files(Mapping):
+    """Several safetensors readers as one lazy {key: array} mapping with `specs` (keys must not repeat)."""
+
+    def __init__(self, files: Sequence[str]):
+        self.readers = [vae_convert.PreadReader(f) for f in files]
+        self._owner: dict[str, Any] = {}
+        for reader, f in zip(self.readers, files, strict=True):
+            for key in reader:
+                if key in self._owner:
+                    raise ValueError(f"{f}: tensor {key!r} is also in {self._owner[key].files[0]}; an exported folder "
+                                     f"holds each tensor once")
+                self._owner[key] = reader
+
+    @property
+    def specs(self) -> dict[str, rb.Spec]:
+        out: dict[str, rb.Spec] = {}
+        for reader in self.readers:
+            out.update(reader.specs)
+        return out
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self._owner[key][key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._owner)
+
+    def __len__(self) -> int:
+        return len(self._owner)
+
+
+def read_folder_config(folder: str, *, scan_layers: bool = True,
+                       param_dtype: str = "float32") -> tuple[dit_lib.DiTConfig, int, int, dict[str, Any]]:
+    """(DiTConfig with the folder's ttm_layers / ttm_masked, in_channels, out_channels, ttm_config dict)."""
+    cfg, cin, cout = dit_convert.read_config(folder, scan_layers=scan_layers, param_dtype=param_dtype)
+    meta: dict[str, Any] = {"ttm_layers": 0, "ttm_masked": True}
+    file = os.path.join(folder, TTM_CONFIG_FILE)
+    if os.path.exists(file):
+        with open(file) as fh:
+            meta.update(json.load(fh))
+        if meta.get("in_channels") is not None and int(meta["in_channels"]) != cin:
+            raise ValueError(f"{file}: in_channels={meta['in_channels']} but {folder}/config.json has {cin}; "
+                             f"re-export the folder (python -m ttm_jax.convert export)")
+    cfg = dataclasses.replace(cfg, ttm_layers=int(meta["ttm_layers"]), ttm_masked=bool(meta["ttm_masked"]))
+    return cfg, cin, cout, meta
+
+
+def import_folder(folder: str, *, scan_layers: bool = True,
+                  param_dtype: str = "float32") -> tuple[dit_lib.DiTConfig, int, int, dict[str, Any]]:
+    """An exported folder (or a plain diffusers Wan transformer folder) -> (config, in, out, unboxed params),
+    streamed tensor by tensor into the `scan_layers` layout; every tensor must be mapped, every param filled."""
+    cfg, cin, cout, _ = read_folder_config(folder, scan_layers=scan_layers, param_dtype=param_dtype)
+    files = [os.path.join(folder, dit_convert.WEIGHTS_FILE)]
+    if cfg.ttm_layers:
+        files.append(os.path.join(folder, TTM_WEIGHTS_FILE))
+    for f in files:
+        if not os.path.exists(f):
+            raise FileNotFoundError(f"{f}: missing; {folder}/{TTM_CONFIG_FILE} says ttm_layers={cfg.ttm_layers}. "
+                                    f"Re-export the folder (python -m ttm_jax.convert export)")
+    params = rb.stream_to_flax(rulebook(cfg), _Files(files), dit_convert.template(cfg, cin, cout))
+    return cfg, cin, cout, params
+
+
+# ------------------------------------------------------------------------------------------------------------ sources
+
+
+def load_orbax_params(path: str, cfg: dit_lib.DiTConfig, in_channels: int, out_channels: int) -> dict[str, Any]:
+    """An Orbax params checkpoint (`ocp.StandardCheckpointer`, e.g. `python -m ttm_jax.convert dit`) -> unboxed
+    params of `cfg`'s shapes, on the first local device."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+                            dit_convert.template(cfg, in_channels, out_channels))
+    with ocp.StandardCheckpointer() as ckptr:
+        try:
+            return ckptr.restore(os.path.abspath(path), abstract)
+        except Exception as e:  # noqa: BLE001 - re-raised naming the source and the fix
+            raise ValueError(f"{path}: could not restore DiT params of config {cfg} ({e}); is it an Orbax params "
+                             f"checkpoint of that model (check --config / ttm_convert.json)?") from e
+
+
+def load_workdir(workdir: str, *, step: int | None = None, ema: bool = True) -> tuple[Any, dict[str, Any], int]:
+    """(config, unboxed params, step) of a training workdir's checkpoint (latest when `step` is None): the EMA params
+    when the run kept them and `ema`, else the raw ones. Restored onto the first local device, whatever mesh wrote
+    them."""
+    import flax.linen as nn
+    import jax
+
+    from ttm_jax import config as config_lib
+    from ttm_jax.train import checkpoint as checkpoint_lib
+    from ttm_jax.train import state as state_lib
+
+    ckpt = checkpoint_lib.Checkpointer(workdir, async_save=False)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None or step not in ckpt.all_steps():
+            raise FileNotFoundError(f"{checkpoint_lib.checkpoint_dir(workdir)}: no checkpoint at step {step} (have "
+                                    f"{ckpt.all_steps()}); train there first or pick one with workdir:DIR@STEP")
+        config = ckpt.restore_config(step)
+        cfg = dit_lib.DiTConfig.from_config(config.model)
+        cin, cout = config_lib.in_channels(config), int(config.autoencoder.latent_channels)
+        model = dit_lib.DiT(cfg, cin, cout)
+        args, kwargs = dit_convert.init_inputs(cfg, cin)
+        tx = state_lib.make_optimizer(config.optim)
+        ema_decay = float(config.optim.ema_decay)
+        shapes = jax.eval_shape(lambda r: state_lib.create(nn.unbox(model.init(r, *args, **kwargs)["params"]), tx,
+                                                           ema_decay), jax.random.key(0))
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
+        state = ckpt.restore(step, abstract)
+    finally:
+        ckpt.close()
+    params = state.ema_params if (ema and state.ema_params is not None) else state.params
+    return config, params, int(step)
+
+
+# -------------------------------------------------------------------------------------------------------------- CLI
+
+
+def _split(spec: str, flag: str, kinds: Sequence[str]) -> tuple[str, str]:
+    kind, sep, path = spec.partition(":")
+    if not sep or kind not in kinds or not path:
+        raise SystemExit(f"{flag}={spec!r}: expected one of {[k + ':PATH' for k in kinds]} "
+                         f"(e.g. --from=workdir:/runs/stage2 --to=torch:/out/stage2_transformer)")
+    return kind, path
+
+
+def _orbax_config(path: str, config_spec: str) -> tuple[dit_lib.DiTConfig, int, int, int | None, int | None]:
+    """Model config of an Orbax params checkpoint: `--config` file, else `ttm_convert.json` beside it."""
+    if config_spec:
+        from ttm_jax import config as config_lib
+        from ttm_jax.convert.__main__ import _load_config
+
+        config = _load_config(config_spec)
+        lat = int(config.autoencoder.latent_channels)
+        return (dit_lib.DiTConfig.from_config(config.model), config_lib.in_channels(config), lat, lat,
+                int(config.stage))
+    meta_file = os.path.join(os.path.dirname(os.path.abspath(path)), "ttm_convert.json")
+    if not os.path.exists(meta_file):
+        raise SystemExit(f"--from=orbax:{path}: no {meta_file} beside it; pass --config=configs/stage2.py:VARIANT "
+                         f"naming the model it holds")
+    with open(meta_file) as fh:
+        meta = json.load(fh)
+    cfg = dit_lib.DiTConfig.from_config(meta["model"])
+    lat = int(meta["out_channels"])
+    return cfg, int(meta["in_channels"]), lat, lat, None
+
+
+def export_main(argv: Sequence[str] | None = None) -> dict[str, str]:
+    """`export --from=workdir:DIR[@STEP] | orbax:DIR [--config=FILE:ARG] --to=torch:FOLDER [--params=ema|raw]
+    [--dtype=float32|bfloat16]`, or the import direction `--from=torch:FOLDER --to=orbax:DIR [--scan_layers=true]`.
+    Returns {name: written path}."""
+    ap = argparse.ArgumentParser(prog="python -m ttm_jax.convert export", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--from", dest="src", required=True, help="workdir:DIR[@STEP] | orbax:DIR | torch:FOLDER")
+    ap.add_argument("--to", dest="dst", required=True, help="torch:FOLDER | orbax:DIR")
+    ap.add_argument("--config", default="", help="for orbax: sources without ttm_convert.json beside them")
+    ap.add_argument("--params", choices=("ema", "raw"), default="ema", help="workdir: EMA params when kept")
+    ap.add_argument("--dtype", default="", help="cast the exported tensors (default: as trained)")
+    ap.add_argument("--scan_layers", default="true", choices=("true", "false"), help="torch -> orbax layout")
+    args = ap.parse_args(argv)
+    src_kind, src = _split(args.src, "--from", ("workdir", "orbax", "torch"))
+    dst_kind, dst = _split(args.dst, "--to", ("torch", "orbax"))
+    if (src_kind == "torch") == (dst_kind == "torch"):
+        raise SystemExit(f"--from={args.src} --to={args.dst}: one side must be torch:FOLDER")
+
+    if src_kind == "torch":
+        import orbax.checkpoint as ocp
+
+        cfg, cin, cout, params = import_folder(src, scan_layers=args.scan_layers == "true")
+        target = os.path.abspath(dst)
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(target, params)
+            ckptr.wait_until_finished()
+        meta = {"source": os.path.abspath(src), "model": dataclasses.asdict(cfg), "in_channels": cin,
+                "out_channels": cout, "params": target}
+        with open(os.path.join(os.path.dirname(target), "ttm_convert.json"), "w") as fh:
+            json.dump(meta, fh, indent=2)
+        print(f"wrote {target}")
+        return {"params": target}
+
+    if src_kind == "workdir":
+        workdir, _, step = src.partition("@")
+        config, params, at = load_workdir(workdir, step=int(step) if step else None, ema=args.params == "ema")
+        from ttm_jax import config as config_lib
+
+        cfg = dit_lib.DiTConfig.from_config(config.model)
+        cin, lat = config_lib.in_channels(config), int(config.autoencoder.latent_channels)
+        cout, stage = lat, int(config.stage)
+        print(f"read {workdir} step {at} ({args.params} params), stage {stage}")
+    else:
+        cfg, cin, cout, lat, stage = _orbax_config(src, args.config)
+        params = load_orbax_params(src, cfg, cin, cout)
+    paths = export_params(params, cfg, cin, cout, dst, latent_channels=lat, stage=stage, dtype=args.dtype or None)
+    print("wrote " + ", ".join(sorted(paths.values())))
+    return paths
+
+
+if __name__ == "__main__":
+    export_main()
