@@ -488,7 +488,12 @@ class Pipeline:
             if len(req.local_prompts) != k:
                 raise ValueError(f"pipeline: request {req.name!r} gives {len(req.local_prompts)} local prompts for "
                                  f"{k} masks; give one per mask, in mask order")
-            motion = req.motion_prompt or prompts_lib.plan_offline(req.caption).motion_prompt
+            motion = req.motion_prompt
+            if not motion:
+                try:
+                    motion = prompts_lib.plan_offline(req.caption).motion_prompt
+                except prompts_lib.PlanningError:
+                    motion = req.caption  # no clause structure to strip: the caption itself carries the motion
             plan = prompts_lib.Plan(req.caption, motion, list(req.local_prompts),
                                     [prompts_lib.object_phrase(p) for p in req.local_prompts], "given")
             match = prompts_lib.Match(list(range(k)), "given")
