@@ -128,6 +128,8 @@ def sample(config: ml_collections.ConfigDict, workdir: str, *,
         for r in records:
             f.write(json.dumps(r) + "\n")
     for r in records:
-        print(f"wrote {r['video']} and {r['side_by_side']} ({r['planner']} prompts: {r['local_prompts']})",
-              flush=True)
+        pairs = "; ".join(f"object {o['object_id']} ({o['mask_label'] or 'unlabelled'}) <- {o['local_prompt']!r} "
+                          f"[{o['matched_by']}]" for o in r["objects"])
+        print(f"wrote {r['video']} and {r['side_by_side']}; {r['planner']} motion prompt {r['motion_prompt']!r}; "
+              f"{pairs}", flush=True)
     return records
