@@ -1,6 +1,6 @@
 """Export of trained TTM stage models to PyTorch (`ttm_jax/convert/export.py`, `ttm_jax/torch/`) and back.
 
-A stage-2 DiT with non-zero random TTM layers and 3 * latent input channels is saved as a training workdir (E's
+A stage-2 DiT with non-zero random TTM layers and 3 * latent input channels is saved as a training workdir (the training
 `Checkpointer`, TrainState with AdamW moments and EMA), exported with `export_main`, run in PyTorch through
 `TTMWanTransformer3DModel` against the JAX forward (two objects + background, padded local prompts, an object without
 a prompt), imported back bit for bit; a backbone-only export is loaded by diffusers' own `WanTransformer3DModel`.
@@ -13,6 +13,7 @@ import json
 import os
 
 import jax
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -237,6 +238,18 @@ def test_backbone_export_loads_in_diffusers_and_matches(stage2, tmp_path):
     ours = TTMWanTransformer3DModel.from_pretrained(str(tmp_path))
     assert np.abs(_torch_forward(ours, inp, ttm=False) - y_diffusers).max() <= 1e-6
     _equal_trees(export.import_folder(str(tmp_path), scan_layers=False)[3], params)
+
+
+def test_bfloat16_export(stage2, tmp_path):
+    """--dtype=bfloat16 writes bfloat16 tensors (both files) that load into torch and import as the rounded params."""
+    export.export_main([f"--from=workdir:{stage2['workdir']}", f"--to=torch:{tmp_path}", "--dtype=bfloat16"])
+    for name in (dit_convert.WEIGHTS_FILE, TTM_WEIGHTS_FILE):
+        assert {str(d) for _, d in rb.SafetensorsReader(str(tmp_path / name)).specs.values()} == {"bfloat16"}
+    model = TTMWanTransformer3DModel.from_pretrained(str(tmp_path), torch_dtype=torch.float32)
+    assert next(model.parameters()).dtype == torch.float32
+    _, _, _, params = export.import_folder(str(tmp_path))
+    rounded = jax.tree.map(lambda x: np.asarray(x).astype(ml_dtypes.bfloat16).astype(np.float32), stage2["ema"])
+    _equal_trees(params, rounded)
 
 
 def test_rulebook_covers_torch_module_exactly(stage2):

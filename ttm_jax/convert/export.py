@@ -12,7 +12,7 @@ An exported folder (what `ttm_jax.torch.TTMWanTransformer3DModel.from_pretrained
   ttm_config.json                      {ttm_layers, ttm_masked, in_channels, out_channels, latent_channels, stage,
                                        scan_layers, param_dtype, format}
 
-The table (`rulebook(cfg)`): engineer F's backbone rules (`ttm_jax/convert/dit.py`), re-based for the stage model's
+The table (`rulebook(cfg)`): the backbone rules (`ttm_jax/convert/dit.py`), re-based for the stage model's
 layout (with `scan_layers=True` the Flax tree has two stacks: `ttm_blocks` = torch blocks `0..K-1` and `blocks` =
 torch blocks `K..L-1`, `stack_offset=K`), plus the TTM rules (norm `scale/bias` <-> `weight/bias`, Dense `kernel`
 <-> `weight.T`, `attn/to_out` <-> `attn.to_out.0`). Every tensor moves through it one at a time (streamed
