@@ -29,6 +29,7 @@ TORCH_REQUIRES = [
     "diffusers==0.42.1",
     "transformers==5.23.0",
     "sentencepiece==0.2.3",
+    "accelerate==1.15.0",  # diffusers from_pretrained of WanTransformer3DModel needs it
 ]
 
 TEST_REQUIRES = TORCH_REQUIRES + [

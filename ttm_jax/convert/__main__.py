@@ -1,5 +1,21 @@
 """Checkpoint conversion CLI.
 
+The main form names both ends:
+
+  python -m ttm_jax.convert --from=diffusers:PATH --to=orbax:DIR [--stage=1|2] [--config=FILE[:ARG]] [--dtype=bf16|fp32]
+      diffusers WanTransformer3DModel folder -> `DIR/params` (Orbax) + `DIR/ttm_convert.json`. Without --stage the
+      backbone is converted as it is (same input channels, no TTM layers), so that diffusers -> orbax -> torch gives
+      back a folder `WanTransformer3DModel.from_pretrained` loads, every tensor bit-identical. With --stage the
+      backbone is grafted into the stage model (3 x latent input channels, the new ones zero; stage 2 adds TTM
+      layers, freshly initialised with zero output, in the first ceil(num_layers / 4) blocks, or as --config says):
+      the init checkpoint for `config.train.init_from=DIR/params`.
+  python -m ttm_jax.convert --from=orbax:DIR | workdir:DIR[@STEP] --to=torch:PATH [--dtype=bf16|fp32]
+      a converted or trained checkpoint -> safetensors + config.json (backbone in diffusers' layout) + the TTM weights
+      (`ttm_layers.safetensors`, `ttm_config.json`), loadable by `ttm_jax.torch.TTMWanTransformer3DModel`.
+  python -m ttm_jax.convert --from=torch:PATH --to=orbax:DIR      an exported TTM folder back (bit-identical)
+
+Subcommands for the single pieces:
+
   python -m ttm_jax.convert dit --src <Wan2.1-T2V-1.3B-Diffusers>/transformer --out <dir> \\
       [--config configs/stage2.py:wan1.3b | --in_channels 48 --ttm_layers 8] [--scan_layers true] [--seed 0]
       diffusers WanTransformer3DModel -> Orbax params checkpoint `<dir>/params` for `config.train.init_from`:
@@ -17,9 +33,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
+
+import numpy as np
+
+_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32", "": ""}
 
 
 def _bool(s: str) -> bool:
@@ -69,6 +90,11 @@ def _dit(args: argparse.Namespace) -> None:
         params = dit_lib.graft_backbone(fresh, backbone, ttm_layers=stage_cfg.ttm_layers,
                                         scan_layers=stage_cfg.scan_layers)
         del fresh
+    dtype = getattr(args, "dtype", "")
+    if dtype:  # storage dtype of the checkpoint (training keeps fp32 master weights: config.model.param_dtype)
+        import jax.numpy as jnp
+
+        params = jax.tree.map(lambda x: np.asarray(x).astype(jnp.dtype(dtype)), params)
     os.makedirs(args.out, exist_ok=True)
     target = os.path.abspath(os.path.join(args.out, "params"))
     with ocp.StandardCheckpointer() as ckptr:
@@ -119,7 +145,71 @@ def _load_config(spec: str):
     return module.get_config(arg or None)
 
 
+def _from_to(argv: list[str]) -> None:
+    """`--from=KIND:PATH --to=KIND:PATH`: dispatch to the converters (see the module docstring)."""
+    ap = argparse.ArgumentParser(prog="python -m ttm_jax.convert", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--from", dest="src", required=True, help="diffusers:PATH | torch:PATH | orbax:DIR | workdir:DIR")
+    ap.add_argument("--to", dest="dst", required=True, help="orbax:DIR | torch:PATH")
+    ap.add_argument("--stage", type=int, choices=(1, 2), default=None, help="graft into a stage model")
+    ap.add_argument("--config", default="", help="the stage model's config (configs/stage2.py:wan1.3b)")
+    ap.add_argument("--dtype", default="", help="bf16 | fp32 (default: as stored)")
+    ap.add_argument("--scan_layers", type=_bool, default=True)
+    ap.add_argument("--seed", type=int, default=0, help="init of the TTM layers (--stage=2)")
+    ap.add_argument("--params", choices=("ema", "raw"), default="ema", help="workdir sources: EMA params when kept")
+    a = ap.parse_args(argv)
+    if a.dtype not in _DTYPES:
+        raise SystemExit(f"--dtype={a.dtype}: choose bf16 or fp32")
+    dtype = _DTYPES[a.dtype]
+    src_kind, _, src = a.src.partition(":")
+    dst_kind, _, dst = a.dst.partition(":")
+    if not src or not dst:
+        raise SystemExit(f"--from={a.src} --to={a.dst}: both need KIND:PATH (e.g. --from=diffusers:/ckpt/transformer)")
+    if src_kind in ("diffusers", "torch") and dst_kind == "orbax":
+        if os.path.exists(os.path.join(src, "ttm_config.json")):  # an exported TTM folder
+            from ttm_jax.convert.export import export_main
+
+            export_main([f"--from=torch:{src}", f"--to=orbax:{os.path.join(dst, 'params')}",
+                         f"--scan_layers={str(a.scan_layers).lower()}"])
+            return
+        from ttm_jax.convert import dit as convert
+
+        if a.stage is None and a.config:
+            raise SystemExit("--config needs --stage: without it the backbone is converted as it is")
+        ns = argparse.Namespace(src=src, out=dst, config=a.config, in_channels=0, ttm_layers=0,
+                                scan_layers=a.scan_layers, seed=a.seed, dtype=dtype)
+        if a.stage is not None and not a.config:
+            cfg, cin, _ = convert.read_config(src, scan_layers=a.scan_layers)
+            ns.in_channels = 3 * cin
+            ns.ttm_layers = 0 if a.stage == 1 else math.ceil(cfg.num_layers / 4)  # the paper: 10 of 40 blocks
+        _dit(ns)
+        return
+    if src_kind in ("orbax", "workdir") and dst_kind in ("torch", "diffusers"):
+        from ttm_jax.convert.export import export_main
+
+        if src_kind == "orbax" and os.path.isdir(os.path.join(src, "params")):
+            src = os.path.join(src, "params")
+        args = [f"--from={src_kind}:{src}", f"--to=torch:{dst}", f"--params={a.params}"]
+        if a.config:
+            args.append(f"--config={a.config}")
+        if dtype:
+            args.append(f"--dtype={dtype}")
+        export_main(args)
+        return
+    raise SystemExit(f"--from={a.src} --to={a.dst}: supported: diffusers:PATH -> orbax:DIR, orbax:DIR | "
+                     f"workdir:DIR -> torch:PATH, torch:PATH -> orbax:DIR")
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(x.startswith("--from") for x in argv) and (not argv or argv[0] != "export"):
+        _from_to(argv)
+        return
+    if argv and argv[0] == "export":
+        from ttm_jax.convert.export import export_main
+
+        export_main(argv[1:])
+        return
     ap = argparse.ArgumentParser(prog="python -m ttm_jax.convert", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
