@@ -84,7 +84,7 @@ def test_euler_matches_diffusers_flow_match_scheduler():
     x = torch.from_numpy(noise)
     for ts in sched.timesteps:
         v = velocity(jnp.asarray(x.numpy()), jnp.full((3,), float(ts) / 1000.0))
-        x = sched.step(torch.from_numpy(np.asarray(v)), ts, x, return_dict=False)[0]
+        x = sched.step(torch.from_numpy(np.array(v)), ts, x, return_dict=False)[0]
 
     ours = samplers.make_sampler(velocity)(noise, samplers.time_grid(num_steps, "linear_quadratic", shift=shift))
     np.testing.assert_allclose(np.asarray(ours), x.numpy(), atol=2e-5)
