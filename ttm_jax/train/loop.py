@@ -153,10 +153,10 @@ def write_samples(config: ml_collections.ConfigDict, modules: step_lib.Modules, 
 
 
 # Fields that fix the shapes or the structure of the checkpointed state: a resumed run must keep them.
-_STATE_FIELDS = ("stage", "model", "autoencoder.latent_channels", "text_encoder.d_model", "optim.ema_decay",
-                 "data.max_objects", "text_encoder.local_max_length", "text_encoder.max_length")
-# ... except these, which change how the same state is computed, not what it is
-_FREE_FIELDS = ("model.attention", "model.remat_policy", "model.dtype")
+_STATE_FIELDS = ("stage", "autoencoder.latent_channels", "text_encoder.d_model", "optim.ema_decay",
+                 *(f"model.{k}" for k in ("dim", "num_layers", "num_heads", "ffn_dim", "text_dim", "freq_dim",
+                                          "ttm_layers", "patch_size", "qk_norm", "cross_attn_norm", "scan_layers",
+                                          "param_dtype")))
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -174,7 +174,7 @@ def check_resumable(saved: ml_collections.ConfigDict, config: ml_collections.Con
     diffs = []
     for field in _STATE_FIELDS:
         for k in sorted(set(a) | set(b)):
-            if (k == field or k.startswith(field + ".")) and k not in _FREE_FIELDS and a.get(k) != b.get(k):
+            if (k == field or k.startswith(field + ".")) and a.get(k) != b.get(k):
                 diffs.append(f"config.{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}")
     if diffs:
         raise ValueError(f"{workdir}: cannot resume, the config changed what the checkpoint holds: "
