@@ -11,7 +11,9 @@ import functools
 import hashlib
 import json
 import pathlib
+import shutil
 import tempfile
+import time
 
 import jax
 import numpy as np
@@ -85,6 +87,9 @@ def tiny_checkpoints() -> tuple[str, str]:
     digest.update(pathlib.Path(__file__).read_bytes())
     root = pathlib.Path(tempfile.gettempdir()) / f"ttm_jax_tiny_ckpt_{digest.hexdigest()[:12]}"
     root.mkdir(exist_ok=True)
+    for stale in root.parent.glob("ttm_jax_tiny_ckpt_*"):  # caches of older sources, untouched for a day
+        if stale != root and time.time() - stale.stat().st_mtime > 86400:
+            shutil.rmtree(stale, ignore_errors=True)
     with open(root / "lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # pytest-xdist workers wait for the one that trains
         for stage in (1, 2):
