@@ -132,8 +132,7 @@ def write_samples(config: ml_collections.ConfigDict, modules: step_lib.Modules, 
                                    **{k: v for k, v in text.items() if k != "context"})
 
     s = config.sample
-    ts = samplers.time_grid(int(s.num_steps), schedule=s.schedule) if hasattr(samplers, "time_grid") else \
-        np.linspace(1.0, 0.0, int(s.num_steps) + 1, dtype=np.float32)
+    ts = samplers.time_grid(int(s.num_steps), schedule=s.schedule, shift=float(s.get("shift", 1.0)))
     noise = jax.random.normal(jax.random.PRNGKey(int(s.seed)), target.shape, jnp.float32)
     sample = jax.jit(lambda n, ts, *a: samplers.euler_sample(velocity, n, ts, *a), out_shardings=rep)
     latents = sample(noise, jnp.asarray(ts), params, first, cond, text)
