@@ -233,36 +233,11 @@ def load_orbax_params(path: str, cfg: dit_lib.DiTConfig, in_channels: int, out_c
 
 def load_workdir(workdir: str, *, step: int | None = None, ema: bool = True) -> tuple[Any, dict[str, Any], int]:
     """(config, unboxed params, step) of a training workdir's checkpoint (latest when `step` is None): the EMA params
-    when the run kept them and `ema`, else the raw ones. Restored onto the first local device, whatever mesh wrote
-    them."""
-    import flax.linen as nn
-    import jax
-
-    from ttm_jax import config as config_lib
+    when the run kept them and `ema`, else the raw ones. Only that subtree is read (`checkpoint.restore_params`: no
+    optimizer state), onto the first local device, whatever mesh wrote it."""
     from ttm_jax.train import checkpoint as checkpoint_lib
-    from ttm_jax.train import state as state_lib
 
-    ckpt = checkpoint_lib.Checkpointer(workdir, async_save=False)
-    try:
-        step = ckpt.latest_step() if step is None else step
-        if step is None or step not in ckpt.all_steps():
-            raise FileNotFoundError(f"{checkpoint_lib.checkpoint_dir(workdir)}: no checkpoint at step {step} (have "
-                                    f"{ckpt.all_steps()}); train there first or pick one with workdir:DIR@STEP")
-        config = ckpt.restore_config(step)
-        cfg = dit_lib.DiTConfig.from_config(config.model)
-        cin, cout = config_lib.in_channels(config), int(config.autoencoder.latent_channels)
-        model = dit_lib.DiT(cfg, cin, cout)
-        args, kwargs = dit_convert.init_inputs(cfg, cin)
-        tx = state_lib.make_optimizer(config.optim)
-        ema_decay = float(config.optim.ema_decay)
-        shapes = jax.eval_shape(lambda r: state_lib.create(nn.unbox(model.init(r, *args, **kwargs)["params"]), tx,
-                                                           ema_decay), jax.random.key(0))
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
-        state = ckpt.restore(step, abstract)
-    finally:
-        ckpt.close()
-    params = state.ema_params if (ema and state.ema_params is not None) else state.params
+    config, params, step, _ = checkpoint_lib.restore_params(workdir, step, ema=ema)
     return config, params, int(step)
 
 

@@ -269,7 +269,6 @@ def load_stage(workdir: str, stage: int, *, field: str = "") -> Stage:
     from ttm_jax.train import loop as loop_lib
     from ttm_jax.train import mesh as mesh_lib
     from ttm_jax.train import sharding as sharding_lib
-    from ttm_jax.train import state as state_lib
     from ttm_jax.train import step as step_lib
 
     field = field or f"config.sample.stage{stage}_workdir"
@@ -284,28 +283,25 @@ def load_stage(workdir: str, stage: int, *, field: str = "") -> Stage:
                                     f"stage {stage} there first (python -m ttm_jax.main "
                                     f"--config=configs/stage{stage}.py --workdir={workdir})")
         config = ckpt.restore_config(step)
-        if int(config.stage) != stage:
-            raise ValueError(f"{field}: {workdir} holds a stage-{config.stage} model; point it to a stage-{stage} "
-                             f"workdir")
-        try:
-            mesh = mesh_lib.make_mesh(config.mesh)
-        except mesh_lib.MeshError:
-            # trained on another device count: sampling only needs the parameters, so shard them over all devices here
-            fallback = ml_collections.ConfigDict({"shape": {"data": 1, "fsdp": -1, "tensor": 1}})
-            mesh = mesh_lib.make_mesh(fallback)
-        rules = sharding_lib.rules_from_config(config.mesh)
-        modules = step_lib.build_modules(config)
-        tx = state_lib.make_optimizer(config.optim)
-        ema = float(config.optim.ema_decay)
-        init_params = loop_lib.make_init_params(config, modules)
-        rng = jax.random.PRNGKey(int(config.seed))
-        shard_unannotated = bool(config.mesh.get("shard_unannotated", True))
-        shardings = state_lib.state_shardings(jax.eval_shape(init_params, rng), tx, ema, mesh, rules,
-                                              shard_unannotated)
-        state = ckpt.restore(step, state_lib.abstract_state(init_params, rng, tx, ema, shardings))
     finally:
         ckpt.close()
-    params = state.ema_params if state.ema_params is not None else state.params
+    if int(config.stage) != stage:
+        raise ValueError(f"{field}: {workdir} holds a stage-{config.stage} model; point it to a stage-{stage} "
+                         f"workdir")
+    try:
+        mesh = mesh_lib.make_mesh(config.mesh)
+    except mesh_lib.MeshError:
+        # trained on another device count: sampling only needs the parameters, so shard them over all devices here
+        fallback = ml_collections.ConfigDict({"shape": {"data": 1, "fsdp": -1, "tensor": 1}})
+        mesh = mesh_lib.make_mesh(fallback)
+    rules = sharding_lib.rules_from_config(config.mesh)
+    modules = step_lib.build_modules(config)
+    init_params = loop_lib.make_init_params(config, modules)
+    shard_unannotated = bool(config.mesh.get("shard_unannotated", True))
+    param_shardings = sharding_lib.tree_shardings(jax.eval_shape(init_params, jax.random.PRNGKey(int(config.seed))),
+                                                  mesh, rules, shard_unannotated=shard_unannotated)
+    # params only (the EMA when the run kept one): the AdamW moments are never read
+    params = checkpoint_lib.restore_params(workdir, step, ema=True, shardings=param_shardings).params
     frozen, _ = step_lib.init_frozen(config, modules, mesh, rules)
     return Stage(config, modules, params, frozen, mesh, rules, int(step), str(workdir))
 

@@ -6,6 +6,8 @@ Layout: `<workdir>/checkpoints/<step>/{state, data, config}`:
   data    the Grain iterator state (grain's own Orbax handler, one JSON per process), so a resumed run continues on the
           very next example;
   config  the run's config as JSON: a run restarts from the workdir alone (`load_config`).
+Sampling and export read only the parameter subtree (`restore_params`: the EMA params, or the raw ones) with an Orbax
+partial restore, never the AdamW moments: a third of the bytes of a full restore when the run keeps EMA.
 Retention: the last `train.keep_checkpoints` plus every step that is a multiple of `train.keep_period`.
 
 Preemption: `PreemptionGuard` turns SIGTERM (what TPU maintenance, SLURM's `--signal` and Kubernetes send) into a
@@ -19,7 +21,7 @@ from __future__ import annotations
 import json
 import signal
 import threading
-from typing import Any
+from typing import Any, NamedTuple
 
 import grain
 import jax
@@ -104,6 +106,82 @@ def _tuples(x: Any) -> Any:
     if isinstance(x, list):
         return tuple(_tuples(v) for v in x)
     return x
+
+
+class RestoredParams(NamedTuple):
+    """What `restore_params` read: the run's config, the (unboxed) params, the step and which subtree they are."""
+
+    config: ml_collections.ConfigDict
+    params: Any
+    step: int
+    source: str  # "ema_params" or "params"
+
+
+def _keystr(path: tuple) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def _params_target(meta: Any, shardings: Any, where: str) -> Any:
+    """`jax.ShapeDtypeStruct`s of the saved subtree `meta` (Orbax `ArrayMetadata` leaves) on `shardings`."""
+    is_meta = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")  # noqa: E731
+    flat, treedef = jax.tree.flatten_with_path(meta, is_leaf=is_meta)
+    if shardings is None:
+        shardings = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    if isinstance(shardings, jax.sharding.Sharding):
+        leaf_sh = [shardings] * len(flat)
+    else:
+        want = {_keystr(p): sh for p, sh in jax.tree.flatten_with_path(shardings)[0]}
+        have = [_keystr(p) for p, _ in flat]
+        missing, extra = sorted(set(have) - set(want)), sorted(set(want) - set(have))
+        if missing or extra:
+            raise ValueError(f"{where}: the `shardings` tree does not match the saved params (in the checkpoint only: "
+                             f"{missing[:5]}, in `shardings` only: {extra[:5]}); build the shardings from the model "
+                             f"of the config saved in the checkpoint (restore_params(...).config), or pass one "
+                             f"jax.sharding.Sharding for every leaf")
+        leaf_sh = [want[k] for k in have]
+    leaves = [jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sh)
+              for (_, m), sh in zip(flat, leaf_sh, strict=True)]
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def restore_params(workdir: str | epath.PathLike, step: int | None = None, *, ema: bool = True,
+                   shardings: Any = None) -> RestoredParams:
+    """Only the parameters of a training checkpoint (latest when `step` is None), for sampling and export.
+
+    Reads the `ema_params` subtree when `ema` and the run kept an EMA (`optim.ema_decay > 0`), else `params`, with an
+    Orbax partial restore: the AdamW moments and the other subtree are never read from disk (a full-state restore
+    reads ~4x the parameter bytes with EMA, ~3x without). Shapes and dtypes come from the checkpoint's metadata, so no
+    model is built; whatever mesh wrote the checkpoint, the arrays land on `shardings`: None (the first local device),
+    one `jax.sharding.Sharding` for every leaf, or a pytree of shardings shaped like the params (e.g.
+    `state_shardings(...).params` of the saved config's model). The params come back unboxed, as nested dicts
+    (Flax's layout, `[layers, ...]` leading axis for scanned blocks).
+    """
+    ckpt = Checkpointer(workdir, async_save=False)
+    try:
+        steps = ckpt.all_steps()
+        step = ckpt.latest_step() if step is None else int(step)
+        if step is None or step not in steps:
+            raise FileNotFoundError(f"{ckpt.directory}: no checkpoint at step {step} (have {sorted(steps)}); train "
+                                    f"there first (python -m ttm_jax.main --workdir={workdir}) or pick a saved step")
+        config = ckpt.restore_config(step)
+    finally:
+        ckpt.close()
+    path = ckpt.directory / str(step) / "state"
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        saved = handler.metadata(path).tree
+        if "params" not in saved:
+            raise ValueError(f"{path}: not a TrainState checkpoint (items {sorted(saved)}); point `workdir` to a "
+                             f"ttm_jax training workdir")
+        source = "ema_params" if ema and saved.get("ema_params") is not None else "params"
+        item = {source: _params_target(saved[source], shardings, f"{path} [{source}]")}
+        restored = handler.restore(path, args=ocp.args.PyTreeRestore(
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
+    finally:
+        handler.close()
+    if ema and source == "params":
+        logging.info("%s: the run kept no EMA (optim.ema_decay=0); using the raw params", path)
+    return RestoredParams(config, restored[source], int(step), source)
 
 
 def load_config(workdir: str | epath.PathLike) -> ml_collections.ConfigDict:
