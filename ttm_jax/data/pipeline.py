@@ -69,7 +69,8 @@ class DecodeAndTokenize(grain.transforms.Map):
         self.__init__(**state)
 
     def map(self, record: bytes) -> dict[str, np.ndarray]:
-        r = records.decode(record)
+        # bytes from a `prepare` folder, or an example dict from a TFDS-built one (`tfds_sav.to_example`)
+        r = record if isinstance(record, dict) else records.decode(record)
         lc, lp = int(self.text_config["max_length"]), int(self.text_config["local_max_length"])
         tok = self._tokenizer
         (cap_ids, mot_ids), (cap_mask, mot_mask) = tok.encode([r["caption"], r["motion_prompt"]], lc)
@@ -122,18 +123,27 @@ def check_manifest(manifest: dict, config: ml_collections.ConfigDict, folder: st
 
 def make_dataset(config: ml_collections.ConfigDict, path: str, *, process_index: int = 0,
                  process_count: int = 1) -> grain.MapDataset:
-    """The infinite, shuffled, decoded (unbatched) `MapDataset` of this process' slice of the records at `path`."""
-    manifest = records.load_manifest(path)
+    """The infinite, shuffled, decoded (unbatched) `MapDataset` of this process' slice of the records at `path`: a
+    `prepare` folder, or a TFDS-built `sav_clips/<config>/<version>` folder (`data/tfds_sav.py`)."""
+    to_example = None
+    if os.path.exists(os.path.join(path, "dataset_info.json")):
+        from ttm_jax.data import tfds_sav
+
+        manifest, source, to_example = tfds_sav.manifest(path), tfds_sav.data_source(path), tfds_sav.to_example
+    else:
+        manifest = records.load_manifest(path)
+        source = grain.sources.ArrayRecordDataSource(records.shard_paths(path, manifest))
     check_manifest(manifest, config, path)
     if not 0 <= process_index < process_count:
         raise ValueError(f"make_dataset: process_index={process_index} not in [0, process_count={process_count})")
-    source = grain.sources.ArrayRecordDataSource(records.shard_paths(path, manifest))
     ds = grain.MapDataset.source(source)
     if len(ds) < process_count:
         raise ValueError(f"{path}: {len(ds)} records cannot be split over {process_count} processes; prepare more "
                          f"videos (config.data.synthetic_num_videos or --clips_per_video)")
     ds = ds[process_index::process_count]
     ds = ds.shuffle(seed=int(config.data.shuffle_seed)).repeat(None)
+    if to_example is not None:
+        ds = ds.map(to_example)
     return ds.map(DecodeAndTokenize(config.text_encoder.to_dict()))
 
 

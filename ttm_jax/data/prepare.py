@@ -1,7 +1,7 @@
 """Preparation: SA-V videos + captions -> ArrayRecord shards of fixed-size training clips.
 
     python -m ttm_jax.data.prepare --sav=PATH --captions=JSONL --out=DIR [--config=configs/stage2.py[:variant]]
-        [--workers=N] [--chunk_size=8] [--clips_per_video=1] [--seed=0] [--latents]
+        [--workers=N] [--chunk_size=8] [--clips_per_video=1] [--seed=0] [--latents] [--format=records|tfds]
 
 Videos (sorted by id) are split into chunks of `chunk_size`; chunk c becomes `records-c.array_record` (written to a
 temporary name, then renamed) and then `records-c.json` (its done-marker with statistics). A killed run, re-run with
@@ -9,6 +9,9 @@ the same arguments, redoes only the chunks without a marker; since every clip is
 (seed, video id, clip number), the result is the same records as an uninterrupted run: none duplicated, none missing.
 `prepare.json` pins the settings (config data section, seed, video ids): resuming with different ones is an error.
 `manifest.json` is written last. The run ends with `videos: N ok, M skipped (reason=count, ...)`.
+
+`--format=tfds` builds the TFDS dataset `sav_clips` (`ttm_jax/data/tfds_sav.py`, array_record, the same clips for
+the same --seed/--clips_per_video) with --out as its data_dir, instead of this module's folder.
 
 `--latents` also stores the clip's VAE latents (`video_latent`, `trajectory_latent`, float32 `[T', H', W', C]`, from
 `ttm_jax.models.autoencoder.make_autoencoder(config.autoencoder)`) so training reads latents instead of pixels.
@@ -221,6 +224,21 @@ def main(argv: Sequence[str]) -> None:
 
     f = flags.FLAGS
     config = config_lib.validate(f.config)
+    if f.format == "tfds":  # a TFDS dataset (array_record) under --out: data/tfds_sav.py
+        from ttm_jax.data import tfds_sav
+
+        if f.latents:
+            raise ValueError("prepare --format=tfds: --latents is not supported by the TFDS builder; use "
+                             "--format=records for cached latents")
+        builder = tfds_sav.build(f.sav, f.captions, f.out, config, seed=f.seed, clips_per_video=f.clips_per_video)
+        meta = builder.info.metadata
+        reasons = ", ".join(f"{r}={n}" for r, n in sorted(meta["skipped"].items()))
+        print(f"prepared {meta['num_records']} records into {builder.data_dir} (TFDS {tfds_sav.NAME}/"
+              f"{builder.builder_config.name}; set config.data.prepared_path to it)")
+        print(f"videos: {meta['videos_ok']} ok, {sum(meta['skipped'].values())} skipped"
+              + (f" ({reasons})" if reasons else ""))
+        sys.stdout.flush()
+        return
     summary = prepare(f.sav, f.captions, f.out, config, workers=f.workers, chunk_size=f.chunk_size,
                       clips_per_video=f.clips_per_video, seed=f.seed, latents=f.latents)
     print(f"prepared {summary.num_records} records into {summary.out}")
@@ -245,6 +263,8 @@ def _define_flags() -> None:
     flags.DEFINE_integer("clips_per_video", 1, "clips cut from each video")
     flags.DEFINE_integer("seed", 0, "clip sampling seed")
     flags.DEFINE_bool("latents", False, "also store VAE latents of video and trajectory")
+    flags.DEFINE_enum("format", "records", ["records", "tfds"], "records: this module's ArrayRecord folder; tfds: "
+                      "the TFDS dataset sav_clips (array_record) under --out as data_dir (ttm_jax/data/tfds_sav.py)")
 
 
 if __name__ == "__main__":
