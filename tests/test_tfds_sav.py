@@ -6,7 +6,9 @@ import glob
 import hashlib
 import importlib.util
 import json
+import logging
 import os
+import pickle
 import subprocess
 import sys
 
@@ -34,7 +36,7 @@ def config():
 def sav_dir(tmp_path_factory):
     """Synthetic SA-V (tar shard + captions.jsonl) whose last video has no caption line."""
     out = str(tmp_path_factory.mktemp("sav"))
-    synthetic.generate(out, N + 1, seed=1, height=64, width=64, frames=24, videos_per_shard=4)
+    synthetic.generate(out, N + 1, seed=1, height=64, width=64, frames=40, videos_per_shard=4)
     caps = os.path.join(out, synthetic.CAPTIONS_FILE)
     with open(caps) as f:
         lines = f.read().splitlines()
@@ -130,11 +132,29 @@ def test_uncaptioned_video_skipped_and_counted(built, sav_dir):
     assert missing not in {k[0] for k in _by_key(built.as_data_source("train"))}
 
 
-def test_manual_dir_build_is_deterministic(built, sav_dir, tmp_path):
+def test_rebuild_with_other_seed_refused(built, sav_dir, config):
+    data_dir = os.path.dirname(os.path.dirname(os.path.dirname(built.data_dir)))
+    with pytest.raises(ValueError, match="seed=3.*seed=4"):
+        tfds_sav.build(sav_dir, os.path.join(sav_dir, synthetic.CAPTIONS_FILE), data_dir, config, seed=SEED + 1,
+                       clips_per_video=CLIPS)
+
+
+def test_data_source_pickles_for_grain_workers(built):
+    src = tfds_sav.data_source(built.data_dir)
+    again = pickle.loads(pickle.dumps(src))
+    assert len(again) == len(src)
+    np.testing.assert_array_equal(again[len(src) - 1]["video"], src[len(src) - 1]["video"])
+
+
+def test_manual_dir_build_is_deterministic(built, sav_dir, tmp_path, caplog):
     """SA-V + captions from DownloadConfig(manual_dir): bit-identical array_record files to the first build."""
     b = tfds_sav.SavClips(data_dir=str(tmp_path), config="tiny", seed=SEED, clips_per_video=CLIPS,
                           file_format="array_record")
-    b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=sav_dir))
+    with caplog.at_level(logging.WARNING):
+        b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=sav_dir))
+    # the skip is logged with the file it concerns and its reason, never silent
+    skipped = sav.find_videos(sav_dir, "manual")[-1].video_id
+    assert any(skipped in r.getMessage() and "missing_caption" in r.getMessage() for r in caplog.records)
     names = sorted(os.path.basename(p) for p in glob.glob(os.path.join(b.data_dir, "*.array_record-*")))
     assert names == sorted(os.path.basename(p) for p in glob.glob(os.path.join(built.data_dir, "*.array_record-*")))
     for n in names:
