@@ -202,7 +202,7 @@ def test_grain_pipeline_reads_tfds_folder(built, sav_dir, config, tmp_path):
     assert epochs[0] == epochs[1]
     assert len(epochs[0]) >= N  # at least the videos differ (two clips of a video may coincide)
     cfg.data.num_frames = 5  # the folder's clip shape is checked against the config
-    with pytest.raises(ValueError, match="data.num_frames=9"):
+    with pytest.raises(ValueError, match=r"metadata.json: records were prepared with data.num_frames=9"):
         pipeline.make_dataset(cfg, built.data_dir)
 
 

@@ -98,7 +98,7 @@ class DecodeAndTokenize(grain.transforms.Map):
 def check_manifest(manifest: dict, config: ml_collections.ConfigDict, folder: str) -> None:
     """Raises if the prepared records do not have the shapes `config` asks for; warns on other differences."""
     data = manifest.get("data", {})
-    where = os.path.join(folder, records.MANIFEST)
+    where = os.path.join(folder, manifest.get("file", records.MANIFEST))  # TFDS folders: metadata.json
     for k in SHAPE_KEYS:
         if k in data and data[k] != config.data[k]:
             raise ValueError(f"{where}: records were prepared with data.{k}={data[k]} but config.data.{k}="

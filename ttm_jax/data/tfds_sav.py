@@ -244,6 +244,7 @@ def manifest(path: str) -> dict:
     meta = dict(b.info.metadata or {})
     meta["num_records"] = b.info.splits["train"].num_examples
     meta.setdefault("latents", None)
+    meta["file"] = "metadata.json"  # where these settings live, for error messages
     return meta
 
 
