@@ -71,6 +71,18 @@ def test_ema_and_raw_params_bit_for_bit(run):
     assert all(x.sharding == one for x in jax.tree.leaves(raw.params))
 
 
+def test_export_load_workdir_reads_params_only(run):
+    from ttm_jax.convert import export
+
+    wd, state = run
+    for ema, want in ((True, state.ema_params), (False, state.params)):
+        before = _bytes_read()
+        config, params, step = export.load_workdir(wd, ema=ema)
+        assert _bytes_read() - before < 1.5 * _nbytes(want)  # neither the other subtree nor the moments
+        assert step == STEPS and int(config.stage) == 2
+        _assert_bitwise(jax.device_get(params), want)
+
+
 def test_run_without_ema_gives_raw_params(run, tmp_path):
     wd, state = run
     ckpt = checkpoint_lib.Checkpointer(str(tmp_path), async_save=False)
@@ -160,8 +172,9 @@ def test_errors_name_the_path_and_the_fix(run, tmp_path):
 
 @pytest.mark.slow
 def test_mid_config_bytes_read_full_state_vs_params_only(tmp_path):
-    """Prints the figure for the report: the mid model's state (real DiT, AdamW after one update, EMA) saved by the
-    Checkpointer, restored in full and params-only."""
+    """Prints the figures for the report: the mid model's state (real DiT shapes, AdamW after one update, EMA) saved by
+    the Checkpointer, restored in full and params-only: bytes read from disk, bytes restored, and the peak RSS of a
+    fresh process doing each restore (Linux `VmHWM`) over one that only reads the config."""
     import ml_collections
 
     from ttm_jax import config as config_lib
@@ -180,7 +193,8 @@ def test_mid_config_bytes_read_full_state_vs_params_only(tmp_path):
     rs = np.random.default_rng(0)
     params = jax.tree.map(lambda s: rs.standard_normal(s.shape, np.float32) * 0.02, shapes)
     tx = optax.adamw(1e-4)
-    state = state_lib.apply_gradients(state_lib.create(params, tx, 0.999), jax.tree.map(np.sign, params), tx, 0.999)
+    grads = jax.tree.map(lambda p: rs.standard_normal(p.shape, np.float32), params)  # incompressible moments
+    state = state_lib.apply_gradients(state_lib.create(params, tx, 0.999), grads, tx, 0.999)
     ckpt = checkpoint_lib.Checkpointer(str(tmp_path), async_save=False)
     ckpt.save(1, state, None, ml_collections.ConfigDict(c))
     ckpt.close()
@@ -197,7 +211,50 @@ def test_mid_config_bytes_read_full_state_vs_params_only(tmp_path):
     full_bytes = _bytes_read() - before
     ckpt.close()
     _assert_bitwise(jax.device_get(got.params), jax.device_get(full.ema_params))
-    print(f"\nmid: {state_lib.param_count(params) / 1e6:.1f}M params ({nbytes / 2**20:.0f} MiB); bytes read: full "
-          f"state {full_bytes / 2**20:.0f} MiB, params-only {params_only / 2**20:.0f} MiB: "
-          f"{full_bytes / params_only:.2f}x")
+    held_full, held_params = _nbytes(full), _nbytes(got.params)
+    print(f"\nmid: {state_lib.param_count(params) / 1e6:.1f}M params ({nbytes / 2**20:.0f} MiB); bytes read from disk: "
+          f"full state {full_bytes / 2**20:.0f} MiB, params-only {params_only / 2**20:.0f} MiB "
+          f"({full_bytes / params_only:.2f}x); restored arrays: {held_full / 2**20:.0f} MiB vs "
+          f"{held_params / 2**20:.0f} MiB ({held_full / held_params:.2f}x)")
     assert full_bytes > 3 * params_only
+
+    # peak RSS of a fresh process doing only this restore, over one that only reads the config
+    rss = {mode: _peak_rss_kib(str(tmp_path), mode) for mode in ("config", "params", "full")}
+    d_full, d_params = rss["full"] - rss["config"], rss["params"] - rss["config"]
+    print(f"mid: peak RSS over baseline ({rss['config'] / 2**10:.0f} MiB): full state {d_full / 2**10:.0f} MiB, "
+          f"params-only {d_params / 2**10:.0f} MiB ({d_full / d_params:.2f}x)")
+    assert d_full > 2 * d_params
+
+
+_RSS = """
+import sys
+import jax, orbax.checkpoint as ocp
+from ttm_jax.train import checkpoint as ck
+wd, mode = sys.argv[1], sys.argv[2]
+if mode == "params":
+    jax.block_until_ready(ck.restore_params(wd).params)
+elif mode == "full":
+    k = ck.Checkpointer(wd, async_save=False)
+    md = ocp.PyTreeCheckpointHandler().metadata(k.directory / str(k.latest_step()) / "state").tree
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=one), md,
+                          is_leaf=lambda x: hasattr(x, "shape"))
+    jax.block_until_ready(k.restore(k.latest_step(), target))
+    k.close()
+else:
+    ck.load_config(wd)
+# VmHWM, not ru_maxrss: ru_maxrss carries the (larger) parent's peak across fork + exec
+print("RSS", [ln.split()[1] for ln in open("/proc/self/status") if ln.startswith("VmHWM:")][0])
+"""
+
+
+def _peak_rss_kib(workdir: str, mode: str) -> int:
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": repo, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", _RSS, workdir, mode], capture_output=True, text=True, env=env,
+                         check=True).stdout
+    return int(out.split("RSS")[-1])
