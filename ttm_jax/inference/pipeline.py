@@ -263,8 +263,9 @@ class Stage:
         return int(self.config.stage)
 
 
-def load_stage(workdir: str, stage: int, *, field: str = "") -> Stage:
-    """The latest checkpoint of `workdir` with the config saved beside it; `stage` is checked."""
+def load_stage(workdir: str, stage: int, *, field: str = "", ema: bool = True) -> Stage:
+    """The latest checkpoint of `workdir` with the config saved beside it; `stage` is checked. Only the parameters are
+    read (`checkpoint.restore_params`): the EMA ones when `ema` and the run kept an EMA, else the raw ones."""
     from ttm_jax.train import checkpoint as checkpoint_lib
     from ttm_jax.train import loop as loop_lib
     from ttm_jax.train import mesh as mesh_lib
@@ -300,8 +301,8 @@ def load_stage(workdir: str, stage: int, *, field: str = "") -> Stage:
     shard_unannotated = bool(config.mesh.get("shard_unannotated", True))
     param_shardings = sharding_lib.tree_shardings(jax.eval_shape(init_params, jax.random.PRNGKey(int(config.seed))),
                                                   mesh, rules, shard_unannotated=shard_unannotated)
-    # params only (the EMA when the run kept one): the AdamW moments are never read
-    params = checkpoint_lib.restore_params(workdir, step, ema=True, shardings=param_shardings).params
+    # params only: the AdamW moments are never read
+    params = checkpoint_lib.restore_params(workdir, step, ema=ema, shardings=param_shardings).params
     frozen, _ = step_lib.init_frozen(config, modules, mesh, rules)
     return Stage(config, modules, params, frozen, mesh, rules, int(step), str(workdir))
 
