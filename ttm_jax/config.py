@@ -51,7 +51,7 @@ def parse_arg(arg: str | None) -> dict[str, str]:
 def _model(variant: str) -> ml_collections.ConfigDict:
     m = ml_collections.ConfigDict()
     if variant == "tiny":
-        m.dim, m.num_layers, m.num_heads, m.ffn_dim = 64, 2, 2, 128
+        m.dim, m.num_layers, m.num_heads, m.ffn_dim = 128, 2, 2, 256
         m.text_dim, m.freq_dim = 32, 32
         m.ttm_layers = 1
     elif variant == "mid":
@@ -65,7 +65,10 @@ def _model(variant: str) -> ml_collections.ConfigDict:
         m.ttm_layers = 8
     else:
         raise ConfigError(f"config argument: unknown variant {variant!r}; choose one of {VARIANTS}")
-    m.patch_size = (1, 2, 2)
+    # A token must carry fewer values (latent channels x patch volume) than the model has dims, or the output head
+    # is a bottleneck that cannot represent the per-pixel noise it must remove (Wan: 64 values, dim 1536). The tiny
+    # config's exact space_to_depth latent has 48 channels, so it patchifies 1x1x1 (48 values, dim 128).
+    m.patch_size = (1, 1, 1) if variant == "tiny" else (1, 2, 2)
     m.rope_max_seq_len = 1024
     m.eps = 1e-6
     m.qk_norm = True  # RMSNorm across heads on q and k, as Wan 2.1
@@ -90,7 +93,7 @@ def _autoencoder(variant: str) -> ml_collections.ConfigDict:
     else:
         # exact, parameter-free: pixels (s x s x t patches) become channels
         a.name = "space_to_depth"
-        a.time_factor, a.space_factor = 4, 4
+        a.time_factor, a.space_factor = 4, (2 if variant == "tiny" else 4)
         a.latent_channels = 3 * a.space_factor**2 * a.time_factor
     a.path = ""  # Wan VAE: a diffusers AutoencoderKLWan folder (config.json + safetensors); unused by space_to_depth
     a.dtype = "float32"  # Wan VAE compute dtype (params stay float32); bfloat16 on accelerators
@@ -141,7 +144,7 @@ def _data(variant: str) -> ml_collections.ConfigDict:
     elif variant == "mid":
         d.num_frames, d.height, d.width = 17, 128, 128
     else:
-        d.num_frames, d.height, d.width = 9, 64, 64
+        d.num_frames, d.height, d.width = 9, 32, 32  # latent 3 x 16 x 16 x 48: 768 tokens
     d.fps = 12.0  # clip frame rate sampled from SA-V's 24 fps videos
     d.max_objects = 4  # K: objects per clip (background is id 0 and not counted)
     d.annotation = "manual"  # manual | auto | both
