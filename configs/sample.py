@@ -46,6 +46,7 @@ def get_config(arg=None):
     s.image_scale = 1.5  # InstructPix2Pix image guidance
     s.text_scale = 3.0  # InstructPix2Pix text guidance
     s.seed = 0
+    s.ema = True  # the EMA parameters when the training run kept them (else the raw ones)
     s.batch_size = 1  # requests per batch (split over the devices when it divides)
     s.anchor_first_frame = True  # trajectory frame 0 := the given first-frame masks
     if arg:

@@ -473,8 +473,8 @@ class Pipeline:
 
     @classmethod
     def from_workdirs(cls, stage1_workdir: str, stage2_workdir: str, settings: Settings = Settings(),
-                      **kw) -> Pipeline:
-        return cls(load_stage(stage1_workdir, 1), load_stage(stage2_workdir, 2), settings, **kw)
+                      *, ema: bool = True, **kw) -> Pipeline:
+        return cls(load_stage(stage1_workdir, 1, ema=ema), load_stage(stage2_workdir, 2, ema=ema), settings, **kw)
 
     # ---- planning
     def prepare(self, req: Request) -> Prepared:

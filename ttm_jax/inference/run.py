@@ -113,7 +113,7 @@ def build_pipeline(config: ml_collections.ConfigDict) -> pipeline_lib.Pipeline:
     return pipeline_lib.Pipeline.from_workdirs(s.stage1_workdir, s.stage2_workdir, settings_from_config(s),
                                                llm_client=client, match=s.match,
                                                anchor_first_frame=bool(s.anchor_first_frame),
-                                               batch_size=int(s.batch_size))
+                                               batch_size=int(s.batch_size), ema=bool(s.get("ema", True)))
 
 
 def sample(config: ml_collections.ConfigDict, workdir: str, *,
