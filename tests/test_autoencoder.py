@@ -88,8 +88,9 @@ def test_bad_inputs_raise_naming_the_fix():
 
 def test_make_autoencoder_config_errors(monkeypatch):
     cfg = config_lib.build(2, "tiny").autoencoder
+    want = 3 * cfg.space_factor**2 * cfg.time_factor
     cfg.latent_channels = 7
-    with pytest.raises(ValueError, match=r"latent_channels: 7.*set it to 192"):
+    with pytest.raises(ValueError, match=rf"latent_channels: 7.*set it to {want}"):
         autoencoder.make_autoencoder(cfg)
     cfg.name = "nope"
     with pytest.raises(ValueError, match="autoencoder.name"):

@@ -42,7 +42,7 @@ def test_arg_forms_agree():
         ("model.attention", "flash", "config.model.attention"),
         ("model.ttm_layers", 9, "config.model.ttm_layers"),
         ("data.num_frames", 10, "config.data.num_frames"),
-        ("data.height", 60, "config.data.height"),
+        ("data.height", 61, "config.data.height"),
         ("model.remat_policy", "some", "config.model.remat_policy"),
         ("autoencoder.latent_channels", 7, "config.autoencoder.latent_channels"),
         ("data.annotation", "both_", "config.data.annotation"),

@@ -137,7 +137,8 @@ def test_cli_writes_stage2_init_checkpoint(tmp_path):
     with torch.no_grad():
         want = backbone(torch.from_numpy(x[..., :c].transpose(0, 4, 1, 2, 3).copy()), torch.from_numpy(t),
                         torch.from_numpy(ctx), return_dict=False)[0].numpy().transpose(0, 2, 3, 4, 1)
-    ids = jnp.zeros((1, 12), jnp.int32)
+    pt, ph, pw = m.patch_size
+    ids = jnp.zeros((1, (2 // pt) * (4 // ph) * (6 // pw)), jnp.int32)
     got = jax.jit(model.apply)({"params": params}, x, t, ctx, local_context=jnp.ones((1, 4, m.text_dim)),
                                token_ids=ids, cross_token_ids=ids, local_ids=jnp.zeros((1, 4), jnp.int32))
     assert np.abs(want).max() > 0.1

@@ -25,7 +25,9 @@ from ttm_jax.data import synthetic, trajectory, video_io
 from ttm_jax.inference import pipeline, run
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-SIZE, FRAMES = 64, 9  # the tiny configs' data.height/width and num_frames
+_TINY = config_lib.build(2, "tiny").data
+SIZE, FRAMES = _TINY.height, _TINY.num_frames  # the tiny configs' data.height (= width) and num_frames
+assert _TINY.height == _TINY.width
 
 
 class _FixedBatches:
@@ -277,8 +279,9 @@ def test_masks_from_sav_json_and_coco_rle(tmp_path, inputs):
     path = tmp_path / "sav_000001_manual.json"
     path.write_text(json.dumps(ann))
     req = pipeline.Request(image=v.frames[0], caption="x", masks=str(path))
-    masks, labels, source = pipeline.load_masks(req, (SIZE, SIZE), 32, 32)
-    assert masks.shape == (32, 32, len(v.scene.objects)) and "sa-v" in source
+    half = SIZE // 2
+    masks, labels, source = pipeline.load_masks(req, (SIZE, SIZE), half, half)
+    assert masks.shape == (half, half, len(v.scene.objects)) and "sa-v" in source
     want = v.masks[0, ::2, ::2]  # annotated frame 0, nearest-neighbour halving
     assert (masks == want).mean() > 0.97
     rles = [{"segmentation": {"size": r["size"], "counts": r["counts"]}, "label": f"obj{k}"}
