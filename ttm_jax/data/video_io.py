@@ -15,7 +15,7 @@ import io
 import logging
 import os
 from collections.abc import Iterable, Sequence
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import av
 import numpy as np
@@ -78,9 +78,7 @@ def probe(source: VideoSource, *, name: str | None = None) -> VideoInfo:
     """Stream metadata without decoding; raises `SkipVideo` if the file is not a video."""
     name = _name(source, name)
     with _open(source, name) as container:
-        if not container.streams.video:
-            raise SkipVideo("unreadable_video", name, "has no video stream")
-        s = container.streams.video[0]
+        s = _video_stream(container, name)
         fps = float(s.average_rate) if s.average_rate else 0.0
         return VideoInfo(int(s.frames or 0), int(s.codec_context.height), int(s.codec_context.width), fps)
 
@@ -115,9 +113,7 @@ def _read_seeking(source: VideoSource, want: np.ndarray, name: str) -> np.ndarra
     got: dict[int, np.ndarray] = {}
     prev = None
     with _open(source, name) as container:
-        if not container.streams.video:
-            raise SkipVideo("unreadable_video", name, "has no video stream")
-        stream = container.streams.video[0]
+        stream = _video_stream(container, name)
         rate, tb = stream.average_rate, stream.time_base
         if not rate or not tb:
             return None
@@ -152,6 +148,13 @@ def _read_seeking(source: VideoSource, want: np.ndarray, name: str) -> np.ndarra
     return np.stack([got[i] for i in want.tolist()])
 
 
+def _video_stream(container: Any, name: str) -> Any:
+    """The first video stream of an open container; `SkipVideo` naming the file if it has none."""
+    if not container.streams.video:
+        raise SkipVideo("unreadable_video", name, "has no video stream")
+    return container.streams.video[0]
+
+
 def _read_sequential(source: VideoSource, want: np.ndarray | None, name: str) -> np.ndarray:
     last = None if want is None else (int(want.max()) if want.size else -1)
     needed = None if want is None else set(want.tolist())
@@ -159,9 +162,7 @@ def _read_sequential(source: VideoSource, want: np.ndarray | None, name: str) ->
     frames: list[np.ndarray] = []
     count = 0
     with _open(source, name) as container:
-        if not container.streams.video:
-            raise SkipVideo("unreadable_video", name, "has no video stream")
-        stream = container.streams.video[0]
+        stream = _video_stream(container, name)
         stream.thread_type = "AUTO"
         try:
             if last is None or last >= 0:
@@ -195,9 +196,7 @@ def count_frames(source: VideoSource, *, name: str | None = None) -> int:
     name = _name(source, name)
     count = 0
     with _open(source, name) as container:
-        if not container.streams.video:
-            raise SkipVideo("unreadable_video", name, "has no video stream")
-        stream = container.streams.video[0]
+        stream = _video_stream(container, name)
         stream.thread_type = "AUTO"
         try:
             for _ in container.decode(stream):
