@@ -8,13 +8,14 @@ import os
 import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
+from sample_data import SAV_SAMPLE
 
 from ttm_jax import config as config_lib
 from ttm_jax.data import captions, clips, sav, video_io
 from ttm_jax.data import trajectory as tj
 from ttm_jax.data.sav import SkipVideo
 
-MANUAL = "/work/shared/data/sav_sample/sav_000001_manual.json"
+MANUAL = os.path.join(SAV_SAMPLE, "sav_000001_manual.json")
 needs_sample = pytest.mark.skipif(not os.path.exists(MANUAL), reason=f"{MANUAL} not present")
 STRIDE = 4
 

@@ -13,11 +13,12 @@ import tarfile
 import numpy as np
 import pytest
 from PIL import Image
+from sample_data import SAV_SAMPLE
 
 from ttm_jax.data import sav, video_io
 from ttm_jax.data.sav import SkipVideo
 
-SAMPLE = "/work/shared/data/sav_sample"
+SAMPLE = SAV_SAMPLE
 MANUAL = os.path.join(SAMPLE, "sav_000001_manual.json")
 AUTO = os.path.join(SAMPLE, "sav_000001_auto.json")
 pytestmark = pytest.mark.skipif(not os.path.exists(MANUAL), reason=f"{MANUAL} not present")

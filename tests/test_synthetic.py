@@ -11,12 +11,12 @@ import tarfile
 import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
+from sample_data import SAV_SAMPLE
 
 from ttm_jax.data import captions as captions_lib
 from ttm_jax.data import sav, synthetic
 
-REAL_JSON = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "sav_sample",
-                         "sav_000001_manual.json")
+REAL_JSON = os.path.join(SAV_SAMPLE, "sav_000001_manual.json")
 H, W, F, N = 64, 64, 24, 12
 
 

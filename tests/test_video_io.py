@@ -5,11 +5,12 @@ import os
 
 import numpy as np
 import pytest
+from sample_data import SAV_SAMPLE
 
 from ttm_jax.data import video_io
 from ttm_jax.data.video_io import SkipVideo
 
-SAMPLE = "/work/shared/data/sav_sample"
+SAMPLE = SAV_SAMPLE
 DOG = os.path.join(SAMPLE, "01_dog.mp4")
 needs_sample = pytest.mark.skipif(not os.path.exists(DOG), reason=f"{DOG} not present")
 
