@@ -268,6 +268,15 @@ class Attention(nn.Module):
 # TTM's added layers
 
 
+def _added_attention(layer: nn.Module, x: jax.Array, **attend: Any) -> jax.Array:
+    """The frame both TTM layers share: `x + attn(norm(x))`, an affine LayerNorm (`norm`) and an `Attention` (`attn`)
+    with a zero-initialised output. Called inside `layer`'s compact `__call__`, so the submodules are `layer`'s."""
+    h = LayerNorm(layer.eps, affine=True, param_dtype=layer.param_dtype, name="norm")(x).astype(layer.dtype)
+    out = Attention(layer.dim, layer.num_heads, layer.eps, layer.qk_norm, layer.impl, zero_init_out=True,
+                    dtype=layer.dtype, param_dtype=layer.param_dtype, name="attn")(h, **attend)
+    return x + out.astype(x.dtype)
+
+
 class MaskedSelfAttention(nn.Module):
     """TTM's added masked self-attention: `x + attn(LayerNorm(x))`, token i attends j iff `token_ids` are equal.
 
@@ -291,12 +300,8 @@ class MaskedSelfAttention(nn.Module):
         if self.masked and token_ids is None:
             raise ValueError("layers.MaskedSelfAttention: masked=True needs token_ids int32 [B, N] "
                              "(or config.model.ttm_masked=False for the unmasked baseline)")
-        h = LayerNorm(self.eps, affine=True, param_dtype=self.param_dtype, name="norm")(x).astype(self.dtype)
         ids = token_ids if self.masked else None
-        out = Attention(self.dim, self.num_heads, self.eps, self.qk_norm, self.impl, zero_init_out=True,
-                        dtype=self.dtype, param_dtype=self.param_dtype, name="attn")(h, rope=rope, q_ids=ids,
-                                                                                     kv_ids=ids)
-        return x + out.astype(x.dtype)
+        return _added_attention(self, x, rope=rope, q_ids=ids, kv_ids=ids)
 
 
 class MaskedCrossAttention(nn.Module):
@@ -334,8 +339,4 @@ class MaskedCrossAttention(nn.Module):
             kv_ids = jnp.where(local_ids >= 0, 0, -1).astype(jnp.int32)
         else:
             q_ids = kv_ids = None
-        h = LayerNorm(self.eps, affine=True, param_dtype=self.param_dtype, name="norm")(x).astype(self.dtype)
-        out = Attention(self.dim, self.num_heads, self.eps, self.qk_norm, self.impl, zero_init_out=True,
-                        dtype=self.dtype, param_dtype=self.param_dtype, name="attn")(
-                            h, context=local_context, q_ids=q_ids, kv_ids=kv_ids)
-        return x + out.astype(x.dtype)
+        return _added_attention(self, x, context=local_context, q_ids=q_ids, kv_ids=kv_ids)
