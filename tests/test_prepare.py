@@ -9,6 +9,7 @@ import tarfile
 
 import numpy as np
 import pytest
+from sample_data import synthetic_sav_without_last_caption
 
 from ttm_jax import config as config_lib
 from ttm_jax.data import captions as captions_lib
@@ -26,13 +27,7 @@ def config():
 @pytest.fixture(scope="module")
 def sav_dir(tmp_path_factory):
     """Synthetic SA-V plus two broken videos: one with no caption line, one json with no mp4 beside it."""
-    out = str(tmp_path_factory.mktemp("sav"))
-    synthetic.generate(out, N + 1, seed=1, height=64, width=64, frames=24, videos_per_shard=4)
-    caps = os.path.join(out, synthetic.CAPTIONS_FILE)
-    with open(caps) as f:
-        lines = f.read().splitlines()
-    with open(caps, "w") as f:  # the last video loses its caption
-        f.write("\n".join(lines[:-1]) + "\n")
+    out = synthetic_sav_without_last_caption(str(tmp_path_factory.mktemp("sav")), N + 1, frames=24)
     with tarfile.open(os.path.join(out, "sav_000.tar")) as tar:
         ann = tar.extractfile("sav_000/sav_000001_manual.json").read()
     os.makedirs(os.path.join(out, "loose"))

@@ -15,6 +15,7 @@ import sys
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from sample_data import synthetic_sav_without_last_caption
 
 from ttm_jax import config as config_lib
 from ttm_jax.data import captions as captions_lib
@@ -35,14 +36,7 @@ def config():
 @pytest.fixture(scope="module")
 def sav_dir(tmp_path_factory):
     """Synthetic SA-V (tar shard + captions.jsonl) whose last video has no caption line."""
-    out = str(tmp_path_factory.mktemp("sav"))
-    synthetic.generate(out, N + 1, seed=1, height=64, width=64, frames=40, videos_per_shard=4)
-    caps = os.path.join(out, synthetic.CAPTIONS_FILE)
-    with open(caps) as f:
-        lines = f.read().splitlines()
-    with open(caps, "w") as f:
-        f.write("\n".join(lines[:-1]) + "\n")
-    return out
+    return synthetic_sav_without_last_caption(str(tmp_path_factory.mktemp("sav")), N + 1, frames=40)
 
 
 @pytest.fixture(scope="module")
