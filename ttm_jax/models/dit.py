@@ -340,6 +340,32 @@ class DiT(nn.Module):
 # Parameter surgery (unboxed trees: plain arrays; use `nn.unbox` first)
 
 
+def init_inputs(cfg: DiTConfig, in_channels: int, *, batch: int = 1, grid: tuple[int, int, int] | None = None,
+                text_len: int = 1, local_len: int = 1, abstract: bool = False) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """`(args, kwargs)` for `DiT.init` / `DiT.apply`: the one definition of the DiT's inputs.
+
+    args `(x [B, T', H', W', in_channels] f32, timestep [B] f32, context [B, text_len, text_dim] f32)`; with TTM layers
+    kwargs `local_context [B, local_len, text_dim] f32, token_ids / cross_token_ids [B, N] i32, local_ids [B, local_len]
+    i32`. `grid` is the latent `(T', H', W')` (default: one patch, the smallest input that builds every parameter:
+    parameter shapes depend on neither the grid nor the text lengths). `abstract`: `jax.ShapeDtypeStruct`s (for
+    `jax.eval_shape` / `.lower`) instead of zeros.
+    """
+    pt, ph, pw = cfg.patch_size
+    t, h, w = grid if grid is not None else (pt, ph, pw)
+    n = (t // pt) * (h // ph) * (w // pw)
+
+    def make(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype) if abstract else jnp.zeros(shape, dtype)
+
+    f32, i32 = jnp.float32, jnp.int32
+    args = (make((batch, t, h, w, in_channels), f32), make((batch,), f32), make((batch, text_len, cfg.text_dim), f32))
+    kwargs: dict[str, Any] = {}
+    if cfg.ttm_layers:
+        kwargs = dict(local_context=make((batch, local_len, cfg.text_dim), f32), token_ids=make((batch, n), i32),
+                      cross_token_ids=make((batch, n), i32), local_ids=make((batch, local_len), i32))
+    return args, kwargs
+
+
 def _flat(tree: Mapping) -> dict[tuple[str, ...], Any]:
     return traverse_util.flatten_dict(dict(tree))
 
