@@ -30,8 +30,8 @@ _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed runs after the warm-up; the
 
 def random_stage(config) -> pipeline_lib.Stage:
     from ttm_jax.train import loop
-    from ttm_jax.train import mesh as mesh_lib
-    from ttm_jax.train import sharding as sharding_lib
+    from ttm_jax.runtime import mesh as mesh_lib
+    from ttm_jax.runtime import sharding as sharding_lib
     from ttm_jax.train import step as step_lib
 
     mesh = mesh_lib.make_mesh(config.mesh)

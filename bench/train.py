@@ -40,8 +40,8 @@ import optax  # noqa: E402
 
 from ttm_jax import config as config_lib  # noqa: E402
 from ttm_jax.train import loop  # noqa: E402
-from ttm_jax.train import mesh as mesh_lib  # noqa: E402
-from ttm_jax.train import sharding as sharding_lib  # noqa: E402
+from ttm_jax.runtime import mesh as mesh_lib  # noqa: E402
+from ttm_jax.runtime import sharding as sharding_lib  # noqa: E402
 from ttm_jax.train import state as state_lib  # noqa: E402
 from ttm_jax.train import step as step_lib  # noqa: E402
 

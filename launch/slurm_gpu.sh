@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # SLURM, multi-node GPU: one JAX process per node driving all of its GPUs; `jax.distributed.initialize()` reads the
-# coordinator, process count and id from SLURM's environment (ttm_jax/train/mesh.py).
+# coordinator, process count and id from SLURM's environment (ttm_jax/runtime/mesh.py).
 #
 #   sbatch launch/slurm_gpu.sh configs/stage2.py:wan1.3b /shared/ttm/stage2
 #

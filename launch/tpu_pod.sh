@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Cloud TPU pod slice: the same command on every host (`--worker=all`); `jax.distributed.initialize()` needs no
-# arguments on TPU VMs (ttm_jax/train/mesh.py). The workdir must be shared storage (gs://...): Orbax writes one
+# arguments on TPU VMs (ttm_jax/runtime/mesh.py). The workdir must be shared storage (gs://...): Orbax writes one
 # checkpoint from all hosts, and each host resumes its own Grain iterator state from it.
 #
 #   launch/tpu_pod.sh TPU_NAME ZONE configs/stage2.py:wan1.3b gs://bucket/ttm/stage2 [extra flags]

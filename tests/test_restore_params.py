@@ -14,10 +14,10 @@ import tensorstore as ts
 import test_train_fixtures as fx
 from jax.sharding import PartitionSpec as P
 
-from ttm_jax.train import checkpoint as checkpoint_lib
+from ttm_jax.runtime import checkpoint as checkpoint_lib
 from ttm_jax.train import loop
-from ttm_jax.train import mesh as mesh_lib
-from ttm_jax.train import sharding as sharding_lib
+from ttm_jax.runtime import mesh as mesh_lib
+from ttm_jax.runtime import sharding as sharding_lib
 from ttm_jax.train import state as state_lib
 
 STEPS = 3
@@ -229,7 +229,7 @@ def test_mid_config_bytes_read_full_state_vs_params_only(tmp_path):
 _RSS = """
 import sys
 import jax, orbax.checkpoint as ocp
-from ttm_jax.train import checkpoint as ck
+from ttm_jax.runtime import checkpoint as ck
 wd, mode = sys.argv[1], sys.argv[2]
 if mode == "params":
     jax.block_until_ready(ck.restore_params(wd).params)

@@ -26,7 +26,7 @@ from ttm_jax.convert import export
 from ttm_jax.convert import rulebook as rb
 from ttm_jax.models import dit as dit_lib
 from ttm_jax.torch import TTM_CONFIG_FILE, TTM_WEIGHTS_FILE, TTMWanTransformer3DModel, is_ttm_key
-from ttm_jax.train import checkpoint as checkpoint_lib
+from ttm_jax.runtime import checkpoint as checkpoint_lib
 from ttm_jax.train import state as state_lib
 
 # odd sizes: head_dim 18 (RoPE split 6/6/6), 3 blocks of which 2 carry TTM layers, latent 5 -> 15 input channels

@@ -13,8 +13,8 @@ import test_train_fixtures as fx
 from ttm_jax import config as config_lib
 from ttm_jax.models import masks
 from ttm_jax.train import loop
-from ttm_jax.train import mesh as mesh_lib
-from ttm_jax.train import sharding as sharding_lib
+from ttm_jax.runtime import mesh as mesh_lib
+from ttm_jax.runtime import sharding as sharding_lib
 from ttm_jax.train import step as step_lib
 
 

@@ -20,8 +20,8 @@ import test_train_fixtures as fx
 from jax.sharding import PartitionSpec as P
 
 from ttm_jax.train import loop
-from ttm_jax.train import mesh as mesh_lib
-from ttm_jax.train import sharding as sharding_lib
+from ttm_jax.runtime import mesh as mesh_lib
+from ttm_jax.runtime import sharding as sharding_lib
 from ttm_jax.train import state as state_lib
 
 STEPS = 3

@@ -211,7 +211,7 @@ def _mesh(variant: str) -> ml_collections.ConfigDict:
     # one size may be -1: "all remaining devices"
     h.shape = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
     h.distributed = "auto"  # auto | skip  (jax.distributed.initialize from the environment)
-    # logical axis name -> mesh axes, in priority order (ttm_jax/train/sharding.py); params' `embed` is FSDP-sharded,
+    # logical axis name -> mesh axes, in priority order (ttm_jax/runtime/sharding.py); params' `embed` is FSDP-sharded,
     # heads and FFN hidden are tensor-parallel, the batch is split over data x fsdp
     h.rules = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("heads", "tensor"), ("mlp", "tensor"),
                ("text_embed", None), ("in_channels", None), ("out_channels", None), ("modulation", None),

@@ -235,7 +235,7 @@ def load_workdir(workdir: str, *, step: int | None = None, ema: bool = True) -> 
     """(config, unboxed params, step) of a training workdir's checkpoint (latest when `step` is None): the EMA params
     when the run kept them and `ema`, else the raw ones. Only that subtree is read (`checkpoint.restore_params`: no
     optimizer state), onto the first local device, whatever mesh wrote it."""
-    from ttm_jax.train import checkpoint as checkpoint_lib
+    from ttm_jax.runtime import checkpoint as checkpoint_lib
 
     config, params, step, _ = checkpoint_lib.restore_params(workdir, step, ema=ema)
     return config, params, int(step)

@@ -266,10 +266,10 @@ class Stage:
 def load_stage(workdir: str, stage: int, *, field: str = "", ema: bool = True) -> Stage:
     """The latest checkpoint of `workdir` with the config saved beside it; `stage` is checked. Only the parameters are
     read (`checkpoint.restore_params`): the EMA ones when `ema` and the run kept an EMA, else the raw ones."""
-    from ttm_jax.train import checkpoint as checkpoint_lib
+    from ttm_jax.runtime import checkpoint as checkpoint_lib
     from ttm_jax.train import loop as loop_lib
-    from ttm_jax.train import mesh as mesh_lib
-    from ttm_jax.train import sharding as sharding_lib
+    from ttm_jax.runtime import mesh as mesh_lib
+    from ttm_jax.runtime import sharding as sharding_lib
     from ttm_jax.train import step as step_lib
 
     field = field or f"config.sample.stage{stage}_workdir"
@@ -397,7 +397,7 @@ class StageRunner:
 
     def place(self, tree: Any) -> Any:
         """Batch-leading arrays onto the stage's mesh: split over data/fsdp when the batch divides, else replicated."""
-        from ttm_jax.train import mesh as mesh_lib
+        from ttm_jax.runtime import mesh as mesh_lib
 
         mesh = self.stage.mesh
         b = jax.tree.leaves(tree)[0].shape[0]

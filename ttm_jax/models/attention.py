@@ -76,7 +76,7 @@ def _pad_seq(x: jax.Array, length: int, axis: int, value: float | int = 0) -> ja
 
 # Pallas kernels (Mosaic on TPU, Triton on GPU) cannot be partitioned automatically by XLA, so under a mesh they run
 # per shard inside `shard_map`: batch and heads are independent, the sequence stays whole. The mesh axes come from
-# the Flax logical axis rules in scope (`batch`, `heads`; train/sharding.py), else these defaults (config.mesh axes).
+# the Flax logical axis rules in scope (`batch`, `heads`; runtime/sharding.py), else these defaults (config.mesh axes).
 _DEFAULT_AXES = {"batch": ("data", "fsdp"), "heads": ("tensor",)}
 
 
@@ -91,7 +91,7 @@ def _mesh_axes(logical: str, mesh: jax.sharding.AbstractMesh, dim: int) -> tuple
         axes = _DEFAULT_AXES[logical]
     axes = tuple(a for a in axes if a in mesh.axis_names and mesh.shape[a] > 1)
     while axes and dim % math.prod(mesh.shape[a] for a in axes):
-        axes = axes[:-1]  # keep the longest prefix that divides, as train/sharding.py does
+        axes = axes[:-1]  # keep the longest prefix that divides, as runtime/sharding.py does
     return axes or None
 
 

@@ -25,10 +25,11 @@ from absl import logging
 from etils import epath
 
 from ttm_jax import config as config_lib
-from ttm_jax.train import checkpoint as checkpoint_lib
-from ttm_jax.train import mesh as mesh_lib
+from ttm_jax.runtime import checkpoint as checkpoint_lib
+from ttm_jax.runtime import mesh as mesh_lib
 from ttm_jax.train import metrics as metrics_lib
-from ttm_jax.train import sharding as sharding_lib
+from ttm_jax.train import preemption
+from ttm_jax.runtime import sharding as sharding_lib
 from ttm_jax.train import state as state_lib
 from ttm_jax.train import step as step_lib
 
@@ -280,7 +281,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, modules: step_lib.
         result.checkpoint_steps.append(step)
 
     try:
-        with checkpoint_lib.PreemptionGuard() as guard:
+        with preemption.PreemptionGuard() as guard:
             while step < total_steps:
                 try:
                     local = next(iterator)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from ttm_jax.train import sharding as sharding_lib
+from ttm_jax.runtime import sharding as sharding_lib
 
 
 @flax.struct.dataclass

@@ -31,8 +31,8 @@ import optax
 
 from ttm_jax import config as config_lib
 from ttm_jax.diffusion import flow
-from ttm_jax.train import mesh as mesh_lib
-from ttm_jax.train import sharding as sharding_lib
+from ttm_jax.runtime import mesh as mesh_lib
+from ttm_jax.runtime import sharding as sharding_lib
 from ttm_jax.train import state as state_lib
 
 # Batch keys the step reads (CONTRIBUTING.md "Batches"); anything else in a batch is ignored.

@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ttm_jax.train import mesh as mesh_lib
+from ttm_jax.runtime import mesh as mesh_lib
 
 Rules = tuple[tuple[str, Any], ...]
 

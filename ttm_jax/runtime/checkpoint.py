@@ -10,28 +10,21 @@ Sampling and export read only the parameter subtree (`restore_params`: the EMA p
 partial restore, never the AdamW moments: a third of the bytes of a full restore when the run keeps EMA.
 Retention: the last `train.keep_checkpoints` plus every step that is a multiple of `train.keep_period`.
 
-Preemption: `PreemptionGuard` turns SIGTERM (what TPU maintenance, SLURM's `--signal` and Kubernetes send) into a
-flag the loop polls after each step; it then saves, waits for the write to finish and returns cleanly. A SIGKILL
-loses only the steps since the last checkpoint: Orbax commits a step folder atomically (temporary name, then rename),
-so a half-written checkpoint is never picked up.
+A SIGKILL loses only the steps since the last checkpoint: Orbax commits a step folder atomically (temporary name, then
+rename), so a half-written checkpoint is never picked up (SIGTERM: `ttm_jax.train.preemption`).
 """
 
 from __future__ import annotations
 
 import json
-import signal
-import threading
 from typing import Any, NamedTuple
 
 import grain
 import jax
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
-
-from ttm_jax.train import state as state_lib
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -66,7 +59,7 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def save(self, step: int, state: state_lib.TrainState, data_iterator: Any | None,
+    def save(self, step: int, state: Any, data_iterator: Any | None,
              config: ml_collections.ConfigDict, *, force: bool = True) -> bool:
         """Start saving `step` (async: returns once the arrays are copied off the devices)."""
         items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(json.loads(config.to_json()))}
@@ -74,8 +67,8 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
-    def restore(self, step: int, abstract_state: state_lib.TrainState,
-                data_iterator: Any | None = None) -> state_lib.TrainState:
+    def restore(self, step: int, abstract_state: Any,
+                data_iterator: Any | None = None) -> Any:
         """The state of `step` resharded onto `abstract_state`'s shardings; `data_iterator` is moved in place to the
         checkpointed position."""
         items = {"state": ocp.args.StandardRestore(abstract_state)}
@@ -191,45 +184,3 @@ def load_config(workdir: str | epath.PathLike) -> ml_collections.ConfigDict:
         return ckpt.restore_config()
     finally:
         ckpt.close()
-
-
-class PreemptionGuard:
-    """SIGTERM -> a flag polled by the loop (`should_stop`); agreed across processes so every host saves together.
-
-    Use as a context manager; the previous handler is put back on exit. Handlers can only be installed from the main
-    thread; elsewhere the guard is inert (it never fires).
-    """
-
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
-        self.signals = signals
-        self._flag = threading.Event()
-        self._previous: dict[int, Any] = {}
-
-    def _handler(self, signum, frame):
-        del frame
-        logging.warning("received signal %d: checkpointing after this step, then exiting", signum)
-        self._flag.set()
-
-    def __enter__(self) -> PreemptionGuard:
-        if threading.current_thread() is threading.main_thread():
-            for s in self.signals:
-                self._previous[s] = signal.signal(s, self._handler)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, h in self._previous.items():
-            signal.signal(s, h)
-        self._previous.clear()
-
-    def trigger(self) -> None:
-        self._flag.set()
-
-    def should_stop(self) -> bool:
-        """True on every process as soon as any process got the signal (one tiny all-gather when multi-process)."""
-        local = self._flag.is_set()
-        if jax.process_count() == 1:
-            return local
-        from jax.experimental import multihost_utils
-
-        flags = multihost_utils.process_allgather(np.asarray([int(local)], np.int32))
-        return bool(np.any(flags))
