@@ -6,6 +6,8 @@ and synthetic SA-V with one video left uncaptioned.
 
 import os
 
+from ttm_jax.data import synthetic
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _CANDIDATES = (
     os.environ.get("TTM_SAV_SAMPLE", ""),
@@ -27,8 +29,6 @@ SAV_SAMPLE = _find()
 def synthetic_sav_without_last_caption(out: str, num_videos: int, *, frames: int) -> str:
     """Synthetic SA-V (64x64, seed 1, 4 videos a shard) in `out` whose last video has no caption line: the
     preparation tests' "missing caption" case."""
-    from ttm_jax.data import synthetic
-
     synthetic.generate(out, num_videos, seed=1, height=64, width=64, frames=frames, videos_per_shard=4)
     caps = os.path.join(out, synthetic.CAPTIONS_FILE)
     with open(caps) as f:

@@ -14,6 +14,7 @@ from sample_data import synthetic_sav_without_last_caption
 from ttm_jax import config as config_lib
 from ttm_jax.data import captions as captions_lib
 from ttm_jax.data import clips, prepare, records, sav, synthetic
+from ttm_jax.models.autoencoder import make_autoencoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 7  # synthetic videos; plus one without a caption and one without its mp4
@@ -67,7 +68,7 @@ def test_records_are_the_clips(sav_dir, config, prepared):
     assert [r["video_id"] for r in recs] == sorted(caps)  # sorted by id, the uncaptioned one left out
     for rec in recs[:3]:
         want = clips.make_example(refs[rec["video_id"]], caps[rec["video_id"]], config.data,
-                                  prepare.clip_seed(0, rec["video_id"], 0))
+                                  clips.clip_seed(0, rec["video_id"], 0))
         for key in ("video", "trajectory", "object_masks", "frame_indices", "mask_frame_indices"):
             assert rec[key].dtype == want[key].dtype and rec[key].shape == want[key].shape, key
             np.testing.assert_array_equal(rec[key], want[key], err_msg=key)
@@ -121,13 +122,12 @@ def test_resuming_with_other_settings_is_an_error(sav_dir, config, prepared, tmp
 
 
 def test_cached_latents_are_the_clip_latents(sav_dir, config, tmp_path):
-    from ttm_jax.models.autoencoder import make_autoencoder
-
     out = str(tmp_path / "lat")
     one = str(tmp_path / "one")
     os.makedirs(one)
     shutil.copy(os.path.join(sav_dir, "sav_000.tar"), one)
-    prepare.prepare(one, os.path.join(sav_dir, synthetic.CAPTIONS_FILE), out, config, chunk_size=4, latents=True)
+    prepare.prepare(one, os.path.join(sav_dir, synthetic.CAPTIONS_FILE), out, config, chunk_size=4, latents=True,
+                    make_autoencoder=make_autoencoder)
     recs = [records.decode(r) for r in _all_records(out)]
     ae = make_autoencoder(config.autoencoder)
     lt = config_lib.latent_shape(config)

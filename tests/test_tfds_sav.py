@@ -1,5 +1,5 @@
 """The SA-V TFDS builder: array_record built and read without TensorFlow, records = clips.make_examples for the same
-seeds, skips counted, deterministic keys, and the Grain pipeline trains from a TFDS-built folder."""
+seeds, skips counted, deterministic keys, and the Grain loader trains from a TFDS-built folder."""
 
 import collections
 import glob
@@ -19,7 +19,7 @@ from sample_data import synthetic_sav_without_last_caption
 
 from ttm_jax import config as config_lib
 from ttm_jax.data import captions as captions_lib
-from ttm_jax.data import clips, pipeline, prepare, records, sav, synthetic, tfds_sav
+from ttm_jax.data import clips, loader, prepare, records, sav, synthetic, tfds_sav
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 3  # captioned synthetic videos; one more has no caption line
@@ -54,7 +54,7 @@ def expected(sav_dir, config):
     for ref in sav.find_videos(sav_dir, "manual"):
         if ref.video_id not in caps:
             continue
-        seeds = [prepare.clip_seed(SEED, ref.video_id, c) for c in range(CLIPS)]
+        seeds = [clips.clip_seed(SEED, ref.video_id, c) for c in range(CLIPS)]
         for c, e in enumerate(clips.make_examples(ref, caps[ref.video_id], config.data, seeds)):
             out[(ref.video_id, c)] = e
     return out
@@ -175,7 +175,7 @@ def test_grain_pipeline_reads_tfds_folder(built, sav_dir, config, tmp_path):
     cfg = config_lib.build(2, "tiny")
     cfg.data.prepared_path = built.data_dir
     cfg.train.batch_size = 2
-    batch = next(pipeline.make_train_iterator(cfg, process_index=0, process_count=1, workdir=str(tmp_path)))
+    batch = next(loader.make_train_iterator(cfg, process_index=0, process_count=1, workdir=str(tmp_path)))
     t, h, w, k = cfg.data.num_frames, cfg.data.height, cfg.data.width, cfg.data.max_objects
     lc, lp = cfg.text_encoder.max_length, cfg.text_encoder.local_max_length
     want = {"video": ((2, t, h, w, 3), np.uint8), "trajectory": ((2, t, h, w, 3), np.uint8),
@@ -191,13 +191,13 @@ def test_grain_pipeline_reads_tfds_folder(built, sav_dir, config, tmp_path):
     assert len(records.shard_paths(ref_dir)) >= 1
     epochs = []
     for path in (built.data_dir, ref_dir):
-        ds = pipeline.make_dataset(cfg, path)
+        ds = loader.make_dataset(cfg, path)
         epochs.append(collections.Counter(_fingerprint(ds[i]) for i in range(N * CLIPS)))
     assert epochs[0] == epochs[1]
     assert len(epochs[0]) >= N  # at least the videos differ (two clips of a video may coincide)
     cfg.data.num_frames = 5  # the folder's clip shape is checked against the config
     with pytest.raises(ValueError, match=r"metadata.json: records were prepared with data.num_frames=9"):
-        pipeline.make_dataset(cfg, built.data_dir)
+        loader.make_dataset(cfg, built.data_dir)
 
 
 def test_prepare_cli_format_tfds(sav_dir, tmp_path):

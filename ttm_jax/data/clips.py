@@ -13,6 +13,9 @@
   mask_frame_indices int32 [T]           the annotated video frame each frame's mask comes from
   masklet_keys   list[str] of length K   the masklet behind each object slot ('' for padding)
 
+Seeds. Clip `c` of a video takes `clip_seed(seed, video_id, c)`; `data_settings(config.data)` are the settings
+(`DATA_KEYS`) that make clips different, which a prepared folder pins.
+
 Sampling. Frames are taken every `source_fps / data.fps` video frames (24 -> 12 fps: every 2nd), rounded, from a
 start on an annotated frame, so frame 0's masks (s0, what stage 1 starts from) are exact. SA-V annotates every 4th
 frame (6 fps); a frame between annotations takes the masks of the nearest annotated frame (`mask_frame_indices`
@@ -29,7 +32,9 @@ so masks and frames stay aligned. Portrait videos (SA-V has 848x480 H x W ones) 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -38,6 +43,22 @@ from PIL import Image
 from ttm_jax.data import sav, trajectory
 from ttm_jax.data.captions import CaptionEntry
 from ttm_jax.data.video_io import SkipVideo
+
+# The data-config keys that make clips (and so prepared records) different: a change needs a new prepared folder.
+DATA_KEYS = ("num_frames", "height", "width", "fps", "max_objects", "annotation", "missing_captions", "crop",
+             "min_object_area", "motion_weight")
+
+
+def data_settings(data_config: ml_collections.ConfigDict | Mapping[str, Any]) -> dict:
+    """The `DATA_KEYS` settings of `data_config` (a `config.data` or a plain dict), unset ones left out: what a
+    prepared folder pins (`prepare.json`, the TFDS builder config, the default-data fingerprint)."""
+    return {k: data_config.get(k) for k in DATA_KEYS if data_config.get(k) is not None}
+
+
+def clip_seed(seed: int, video_id: str, clip: int) -> int:
+    """The seed of clip `clip` of `video_id`: independent of chunking, worker count and the other videos (so
+    `prepare` and the TFDS builder cut the same clips for the same `seed`)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{video_id}:{clip}".encode()).digest()[:8], "little") >> 1
 
 
 def clip_frame_indices(num_video_frames: int, stride: int, num_annotated: int, num_frames: int, fps: float,

@@ -31,10 +31,11 @@ import os
 import socket
 import struct
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
 MAGIC = b"TTMR"
 VERSION = 1
@@ -167,8 +168,6 @@ class ShardWriter:
     resumed preparation) never sees a partial shard."""
 
     def __init__(self, path: str):
-        from array_record.python.array_record_module import ArrayRecordWriter
-
         self.path = path
         self.tmp = tmp_name(path)
         # group_size:1: each record its own chunk, for cheap random access by Grain
@@ -184,18 +183,8 @@ class ShardWriter:
         os.replace(self.tmp, self.path)
 
 
-def write_shard(path: str, records: Iterable[bytes]) -> int:
-    w = ShardWriter(path)
-    for r in records:
-        w.write(r)
-    w.commit()
-    return w.count
-
-
 def read_shard(path: str) -> list[bytes]:
     """All records of one shard, in order (for tests and inspection; training reads through Grain)."""
-    from array_record.python.array_record_module import ArrayRecordReader
-
     r = ArrayRecordReader(path)
     try:
         return [r.read() for _ in range(r.num_records())]

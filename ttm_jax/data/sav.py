@@ -27,10 +27,11 @@ import os
 import re
 import tarfile
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from etils import epath
+from PIL import Image
 from pycocotools import mask as mask_utils
 
 from ttm_jax.data import video_io
@@ -374,8 +375,6 @@ def _mean_iou(a: list[dict], b: list[dict]) -> float:
 
 def _read_frames_annotation(ref: VideoRef) -> Annotation:
     """Val/test layout: PNG masks per object folder -> RLE annotation."""
-    from PIL import Image
-
     jpegs = sorted(p.name for p in epath.Path(ref.video.path).iterdir() if p.name.endswith(".jpg"))
     ann_root = epath.Path(ref.annotations[0][1].path)
     objs = sorted((p for p in ann_root.iterdir() if p.is_dir()),
@@ -442,8 +441,6 @@ def read_annotation(ref: VideoRef) -> Annotation:
 def read_frames(ref: VideoRef, indices: Sequence[int] | np.ndarray) -> np.ndarray:
     """Decode video frames `indices` (24 fps frame numbers) -> uint8 `[len(indices), H, W, 3]`; raises `SkipVideo`."""
     if ref.layout == "frames":
-        from PIL import Image
-
         d = epath.Path(ref.video.path)
         jpegs = sorted(p.name for p in d.iterdir() if p.name.endswith(".jpg"))
         idx = np.asarray(indices, np.int64).reshape(-1)
@@ -456,11 +453,3 @@ def read_frames(ref: VideoRef, indices: Sequence[int] | np.ndarray) -> np.ndarra
     data = src.path if not src.member and os.path.exists(src.path) else src.read_bytes()
     return video_io.read_frames(data, indices, name=src.name)
 
-
-def iter_annotations(refs: Iterable[VideoRef], counter: SkipCounter) -> Iterable[tuple[VideoRef, Annotation]]:
-    """`(ref, annotation)` for each readable ref; unreadable ones are counted in `counter` and passed over."""
-    for ref in refs:
-        try:
-            yield ref, read_annotation(ref)
-        except SkipVideo as e:
-            counter.add(e)

@@ -30,13 +30,16 @@ import os
 import tarfile
 from collections.abc import Sequence
 
-import av
 import numpy as np
 from absl import app, flags
 from pycocotools import mask as mask_utils
 
+from ttm_jax.data import video_io
+
 FPS = 24
 ANNOTATION_STRIDE = 4  # SA-V annotates every 4th frame of its 24 fps videos (6 fps)
+# `video_io.encode_video` settings of the mp4s: H.264 yuv420p, near-lossless, single-threaded x264 (reproducible bytes)
+MP4_SETTINGS = {"crf": 12, "preset": "veryfast", "threads": 1}
 CAPTIONS_FILE = "captions.jsonl"
 DONE_FILE = "synthetic.json"
 SPLITS = ("single", "multi", "mixed")
@@ -135,10 +138,6 @@ class SyntheticVideo:
 def video_id(index: int) -> str:
     """SA-V style id; synthetic videos count from 1 as the released ones do."""
     return f"sav_{index + 1:06d}"
-
-
-def num_annotated_frames(frames: int) -> int:
-    return (frames - 1) // ANNOTATION_STRIDE + 1
 
 
 # ----------------------------------------------------------------------------------------------------------- scenes
@@ -439,23 +438,6 @@ def annotation_json(vid: str, scene: SceneSpec, masks: np.ndarray, masklet_type:
     }
 
 
-def encode_mp4(frames: np.ndarray, fps: int = FPS) -> bytes:
-    """H.264 mp4 bytes of `frames uint8 [F, H, W, 3]` (H, W even); single-threaded x264, so bytes are reproducible."""
-    f, h, w, _ = frames.shape
-    if h % 2 or w % 2:
-        raise ValueError(f"synthetic: --height={h} and --width={w} must be even for H.264 yuv420p")
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=fps, options={"crf": "12", "preset": "veryfast", "threads": "1"})
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return buf.getvalue()
-
-
 def make_video(seed: int, index: int, *, split: str = "mixed", height: int = 128, width: int = 128,
                frames: int = 48, with_auto: bool = False) -> SyntheticVideo:
     scene = sample_scene(seed, index, split=split, height=height, width=width, frames=frames)
@@ -509,6 +491,8 @@ def generate(out: str, num_videos: int, seed: int = 0, *, split: str = "mixed", 
         raise ValueError(f"synthetic --num_videos={num_videos}: must be >= 1")
     if frames < 1:
         raise ValueError(f"synthetic --frames={frames}: must be >= 1")
+    if height % 2 or width % 2:
+        raise ValueError(f"synthetic: --height={height} and --width={width} must be even for H.264 yuv420p")
     os.makedirs(out, exist_ok=True)
     shards, captions = [], []
     for s in range(math.ceil(num_videos / videos_per_shard)):
@@ -518,7 +502,7 @@ def generate(out: str, num_videos: int, seed: int = 0, *, split: str = "mixed", 
             for i in range(s * videos_per_shard, min(num_videos, (s + 1) * videos_per_shard)):
                 v = make_video(seed, i, split=split, height=height, width=width, frames=frames, with_auto=with_auto)
                 folder = f"sav_{s:03d}"
-                _add_member(tar, f"{folder}/{v.video_id}.mp4", encode_mp4(v.frames))
+                _add_member(tar, f"{folder}/{v.video_id}.mp4", video_io.encode_video(v.frames, FPS, **MP4_SETTINGS))
                 for kind, ann in v.annotation.items():
                     _add_member(tar, f"{folder}/{v.video_id}_{kind}.json", json.dumps(ann).encode())
                 captions.append(v.caption_entry)

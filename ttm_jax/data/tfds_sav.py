@@ -19,9 +19,9 @@ or in Python
     example = tfds_sav.to_example(ds[0])  # the training example of CONTRIBUTING.md (str text, int num_objects)
 
 Training reads such a folder like a `prepare` folder: set `config.data.prepared_path` to
-`<DATA_DIR>/sav_clips/<config>/<version>` (`pipeline.make_dataset` recognises its `dataset_info.json`).
+`<DATA_DIR>/sav_clips/<config>/<version>` (`loader.make_dataset` recognises its `dataset_info.json`).
 
-Records are exactly `clips.make_examples(ref, entry, config.data, [prepare.clip_seed(seed, video_id, c) ...])`, the
+Records are exactly `clips.make_examples(ref, entry, config.data, [clips.clip_seed(seed, video_id, c) ...])`, the
 same clips `python -m ttm_jax.data.prepare` writes for the same seed; the key of a record is `"<video_id>/<clip>"`
 (stable, so a rebuild gives the same files). Features (T = num_frames, K = max_objects):
 
@@ -55,6 +55,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from ttm_jax import config as config_lib
 from ttm_jax.data import captions as captions_lib
 from ttm_jax.data import clips, sav
 from ttm_jax.data.video_io import SkipVideo
@@ -68,27 +69,17 @@ INFO_FILE = "dataset_info.json"
 CAPTIONS_FILE = "captions.jsonl"  # the captions sidecar inside the manual dir
 
 
-def _data_settings(data_config: ml_collections.ConfigDict | Mapping[str, Any]) -> dict:
-    from ttm_jax.data import prepare
-
-    if isinstance(data_config, ml_collections.ConfigDict):
-        return prepare.data_settings(data_config)
-    return {k: data_config[k] for k in prepare.DATA_KEYS if data_config.get(k) is not None}
-
-
 @dataclasses.dataclass(eq=False)
 class SavClipsConfig(tfds.core.BuilderConfig):
-    """A clip shape: `data` holds the data-config keys that make records different (`prepare.DATA_KEYS`)."""
+    """A clip shape: `data` holds the data-config keys that make records different (`clips.DATA_KEYS`)."""
 
     data: dict = dataclasses.field(default_factory=dict)
 
 
 def variant_config(name: str) -> SavClipsConfig:
     """The builder config of a ttm config variant (`tiny`, `mid`, `wan1_3b`)."""
-    from ttm_jax import config as config_lib
-
     d = config_lib.build(2, VARIANTS[name]).data
-    return SavClipsConfig(name=name, data=_data_settings(d),
+    return SavClipsConfig(name=name, data=clips.data_settings(d),
                           description=f"{d.num_frames}x{d.height}x{d.width} clips at {d.fps:g} fps, "
                                       f"up to {d.max_objects} objects (config variant {VARIANTS[name]})")
 
@@ -96,7 +87,7 @@ def variant_config(name: str) -> SavClipsConfig:
 def builder_config(data_config: ml_collections.ConfigDict) -> str | SavClipsConfig:
     """The builder config for `data_config`: a predefined variant's name if the settings match one, else a
     `custom_<hash>` config (a name that changes with any setting that changes the records)."""
-    settings = _data_settings(data_config)
+    settings = clips.data_settings(data_config)
     for c in SavClips.BUILDER_CONFIGS:
         if c.data == settings:
             return c.name
@@ -136,8 +127,6 @@ class SavClips(tfds.core.GeneratorBasedBuilder):
     @property
     def data_config(self) -> ml_collections.ConfigDict:
         """The data settings of this builder config, as a `config.data`-like ConfigDict."""
-        from ttm_jax import config as config_lib
-
         d = config_lib.build(2, "tiny").data
         d.update(self.builder_config.data)
         return d
@@ -185,15 +174,13 @@ class SavClips(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, refs: Sequence[sav.VideoRef], captions: Mapping[str, captions_lib.CaptionEntry],
                            counter: sav.SkipCounter) -> Iterator[tuple[str, dict]]:
         """Yields `("<video_id>/<clip>", example)`; skips are counted by reason and saved in the metadata."""
-        from ttm_jax.data import prepare
-
         data = self.data_config
         ok = num = 0
         for ref in refs:
             try:
                 entry = captions_lib.lookup(captions, ref.video_id, file=ref.video.name,
                                             missing=data.get("missing_captions", "skip"))
-                seeds = [prepare.clip_seed(self._seed, ref.video_id, c) for c in range(self._clips_per_video)]
+                seeds = [clips.clip_seed(self._seed, ref.video_id, c) for c in range(self._clips_per_video)]
                 examples = clips.make_examples(ref, entry, data, seeds)
             except SkipVideo as e:
                 counter.add(e)
@@ -239,7 +226,7 @@ def builder_from_folder(path: str) -> tfds.core.DatasetBuilder:
 
 def manifest(path: str) -> dict:
     """A built folder's metadata in the shape of a `prepare` manifest (`data`, `latents`, `num_records`, `skipped`),
-    for `pipeline.check_manifest`."""
+    for `loader.check_manifest`."""
     b = builder_from_folder(path)
     meta = dict(b.info.metadata or {})
     meta["num_records"] = b.info.splits["train"].num_examples

@@ -1,4 +1,4 @@
-"""Video files in and out: PyAV decode of selected frames and mp4 encode.
+"""Video files in and out: PyAV decode of selected frames and mp4 encode (`encode_video`, the one mp4 writer).
 
 Everything here works on uint8 RGB arrays `[T, H, W, 3]`. A video that cannot be decoded (truncated, unreadable,
 no video stream, fewer frames than asked for) raises `SkipVideo` whose message names the file, so a data pipeline can
@@ -15,10 +15,12 @@ import io
 import logging
 import os
 from collections.abc import Iterable, Sequence
+from fractions import Fraction
 from typing import Any, BinaryIO
 
 import av
 import numpy as np
+from etils import epath
 
 VideoSource = str | os.PathLike | bytes | BinaryIO
 
@@ -66,8 +68,6 @@ def _open(source: VideoSource, name: str):
         elif os.path.exists(os.fspath(source)):
             src = os.fspath(source)
         else:  # etils.epath paths (gs://...): read through epath
-            from etils import epath
-
             src = io.BytesIO(epath.Path(source).read_bytes())
         return av.open(src, mode="r")
     except (av.FFmpegError, OSError, ValueError) as e:
@@ -191,34 +191,17 @@ def _read_sequential(source: VideoSource, want: np.ndarray | None, name: str) ->
     return np.stack([got[i] for i in want.tolist()])
 
 
-def count_frames(source: VideoSource, *, name: str | None = None) -> int:
-    """The number of frames that actually decode (not the header's claim); raises `SkipVideo` if none do."""
-    name = _name(source, name)
-    count = 0
-    with _open(source, name) as container:
-        stream = _video_stream(container, name)
-        stream.thread_type = "AUTO"
-        try:
-            for _ in container.decode(stream):
-                count += 1
-        except (av.FFmpegError, OSError, ValueError) as e:
-            raise SkipVideo("unreadable_video", name, f"decode failed after {count} frames ({e})") from e
-    if not count:
-        raise SkipVideo("unreadable_video", name, "decoded no frames")
-    return count
-
-
 def encode_video(frames: np.ndarray | Iterable[np.ndarray], fps: float, *, codec: str = "libx264", crf: int = 18,
-                 preset: str = "ultrafast", pix_fmt: str = "yuv420p", gop: int | None = None) -> bytes:
+                 preset: str = "ultrafast", pix_fmt: str = "yuv420p", gop: int | None = None,
+                 threads: int | None = None) -> bytes:
     """uint8 RGB frames -> mp4 bytes. `frames` is `[T, H, W, 3]` or an iterable of `[H, W, 3]` (streamed: a long
     video need not be held in memory). H and W must be even for 4:2:0 chroma (`pix_fmt="yuv420p"`).
 
     `crf` (0 = lossless for libx264) and `preset` go to x264; `pix_fmt="yuv444p"` keeps full-resolution colour, which
     palette-coloured trajectories benefit from. `gop`: frames between keyframes (None: the encoder's default, 250
-    for x264); shorter makes seeking cheaper.
+    for x264); shorter makes seeking cheaper. `threads`: x264 threads (None: its default); `threads=1` makes the
+    bytes reproducible across machines (synthetic SA-V is written so).
     """
-    from fractions import Fraction
-
     buf = io.BytesIO()
     stream = None
     with av.open(buf, mode="w", format="mp4") as container:
@@ -234,7 +217,8 @@ def encode_video(frames: np.ndarray | Iterable[np.ndarray], fps: float, *, codec
                 stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
                 stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
                 if codec == "libx264":
-                    stream.options = {"crf": str(crf), "preset": preset}
+                    stream.options = {"crf": str(crf), "preset": preset,
+                                      **({} if threads is None else {"threads": str(threads)})}
                 if gop:
                     stream.codec_context.gop_size = int(gop)
             elif frame.shape[:2] != (stream.height, stream.width):
@@ -252,8 +236,6 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, **kwarg
     """Write uint8 `[T, H, W, 3]` to an mp4 at `path` (local or any etils.epath path); kwargs as `encode_video`."""
     data = encode_video(frames, fps, **kwargs)
     n = len(frames) if hasattr(frames, "__len__") else -1
-    from etils import epath
-
     p = epath.Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_bytes(data)

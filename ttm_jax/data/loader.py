@@ -1,4 +1,4 @@
-"""The training input pipeline: prepared ArrayRecord shards -> Grain -> batches of numpy arrays.
+"""The training data loader: prepared ArrayRecord shards -> Grain -> batches of numpy arrays.
 
     source (ArrayRecord records, in manifest order)
       -> [process_index::process_count]   each JAX process reads its own disjoint slice
@@ -40,7 +40,8 @@ import grain
 import ml_collections
 import numpy as np
 
-from ttm_jax.data import records
+from ttm_jax.data import clips, prepare, records, synthetic, tfds_sav
+from ttm_jax.models.tokenizer import make_tokenizer
 
 # data-config keys whose mismatch with the prepared records changes batch shapes: an error, not a warning
 SHAPE_KEYS = ("num_frames", "height", "width", "max_objects")
@@ -58,8 +59,6 @@ class DecodeAndTokenize(grain.transforms.Map):
     keep_latents: bool = True
 
     def __post_init__(self):
-        from ttm_jax.models.tokenizer import make_tokenizer
-
         self._tokenizer = make_tokenizer(ml_collections.ConfigDict(self.text_config))
 
     def __getstate__(self):
@@ -127,8 +126,6 @@ def make_dataset(config: ml_collections.ConfigDict, path: str, *, process_index:
     `prepare` folder, or a TFDS-built `sav_clips/<config>/<version>` folder (`data/tfds_sav.py`)."""
     to_example = None
     if os.path.exists(os.path.join(path, "dataset_info.json")):
-        from ttm_jax.data import tfds_sav
-
         manifest, source, to_example = tfds_sav.manifest(path), tfds_sav.data_source(path), tfds_sav.to_example
     else:
         manifest = records.load_manifest(path)
@@ -199,8 +196,6 @@ def ensure_default_data(config: ml_collections.ConfigDict, workdir: str) -> str:
     """Synthetic SA-V generated into `config.data.synthetic_dir` (default `<workdir>/../synthetic_sav`) and prepared
     for `config.data`, unless already there; returns the prepared folder. Safe to call from every process at once:
     all files are deterministic and written atomically."""
-    from ttm_jax.data import prepare, synthetic
-
     root = _cache_root(config, workdir)
     p = synthetic_params(config)
     videos = os.path.join(root, f"videos-{_fingerprint(p)}")
@@ -209,7 +204,7 @@ def ensure_default_data(config: ml_collections.ConfigDict, workdir: str) -> str:
         logging.info("ensure_default_data: generating %d synthetic SA-V videos into %s", p["num_videos"], videos)
         synthetic.generate(videos, p["num_videos"], p["seed"], split=p["split"], height=p["height"],
                            width=p["width"], frames=p["frames"], videos_per_shard=32)
-    prepared = os.path.join(root, f"prepared-{_fingerprint([full, prepare.data_settings(config.data)])}")
+    prepared = os.path.join(root, f"prepared-{_fingerprint([full, clips.data_settings(config.data)])}")
     if not os.path.exists(os.path.join(prepared, records.MANIFEST)):
         logging.info("ensure_default_data: preparing %s into %s", videos, prepared)
         summary = prepare.prepare(videos, os.path.join(videos, synthetic.CAPTIONS_FILE), prepared, config,
@@ -225,8 +220,6 @@ def resolve_prepared_path(config: ml_collections.ConfigDict, workdir: str) -> st
     if d.prepared_path:
         return d.prepared_path
     if d.sav_path:
-        from ttm_jax.data import prepare
-
         if not d.captions:
             raise ValueError("config.data.sav_path is set but config.data.captions is empty; give the captions "
                              "sidecar JSONL (SA-V ships no captions)")

@@ -1,15 +1,18 @@
-"""Grain pipeline: synthetic SA-V -> prepare -> batches with the contract's shapes; determinism, host sharding,
-checkpointed iterator state, default data."""
+"""Grain data loader (`ttm_jax.data.loader`): synthetic SA-V -> prepare -> batches with the contract's shapes;
+determinism, host sharding, checkpointed iterator state, default data."""
 
 import hashlib
 import json
 import os
 
+import grain
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from ttm_jax import config as config_lib
-from ttm_jax.data import pipeline, prepare, records, synthetic, trajectory
+from ttm_jax.data import loader, prepare, records, synthetic, trajectory
+from ttm_jax.models.autoencoder import make_autoencoder
 from ttm_jax.models.tokenizer import make_tokenizer
 
 N = 12  # records; batch 4 -> 3 batches per epoch on one process, 3 of 2 on each of two
@@ -35,8 +38,8 @@ def _config(path, **data):
 
 
 def _batches(config, n, *, process_index=0, process_count=1, workdir="/nonexistent"):
-    it = pipeline.make_train_iterator(config, process_index=process_index, process_count=process_count,
-                                      workdir=workdir)
+    it = loader.make_train_iterator(config, process_index=process_index, process_count=process_count,
+                                    workdir=workdir)
     return [next(it) for _ in range(n)]
 
 
@@ -124,23 +127,20 @@ def test_processes_read_disjoint_slices(prepared):
     assert not set(seen[0]) & set(seen[1])
     assert set(seen[0]) | set(seen[1]) == _record_keys(prepared)
     with pytest.raises(ValueError, match="batch_size=4 is not divisible"):
-        pipeline.make_train_iterator(config, process_index=0, process_count=3, workdir="/x")
+        loader.make_train_iterator(config, process_index=0, process_count=3, workdir="/x")
 
 
 def test_restored_iterator_continues_on_the_next_batch(prepared, tmp_path):
     """The state survives a real Orbax checkpoint (grain's handler), as training saves it."""
-    import grain
-    import orbax.checkpoint as ocp
-
     config = _config(prepared)
-    it = pipeline.make_train_iterator(config, process_index=0, process_count=1, workdir="/x")
+    it = loader.make_train_iterator(config, process_index=0, process_count=1, workdir="/x")
     for _ in range(4):  # into the second epoch
         next(it)
     with ocp.CheckpointManager(str(tmp_path / "ckpt"), item_names=("data",)) as mngr:
         mngr.save(4, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
         mngr.wait_until_finished()
     want = [next(it) for _ in range(2)]
-    fresh = pipeline.make_train_iterator(config, process_index=0, process_count=1, workdir="/x")
+    fresh = loader.make_train_iterator(config, process_index=0, process_count=1, workdir="/x")
     with ocp.CheckpointManager(str(tmp_path / "ckpt"), item_names=("data",)) as mngr:
         mngr.restore(4, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
     got = [next(fresh) for _ in range(2)]
@@ -148,7 +148,7 @@ def test_restored_iterator_continues_on_the_next_batch(prepared, tmp_path):
         for k in x:
             np.testing.assert_array_equal(x[k], y[k])
     # and not trivially: a fresh iterator's first batch differs
-    first = next(pipeline.make_train_iterator(config, process_index=0, process_count=1, workdir="/x"))
+    first = next(loader.make_train_iterator(config, process_index=0, process_count=1, workdir="/x"))
     assert not np.array_equal(first["video"], want[0]["video"])
     json.dumps(it.get_state())  # plain JSON, as grain's handler writes it
 
@@ -165,9 +165,9 @@ def test_worker_processes_give_the_same_batches(prepared):
 def test_shape_mismatch_with_records_is_a_clear_error(prepared):
     config = _config(prepared, num_frames=5)
     with pytest.raises(ValueError, match=r"manifest\.json.*num_frames=9.*config\.data\.num_frames=5"):
-        pipeline.make_train_iterator(config, process_index=0, process_count=1, workdir="/x")
+        loader.make_train_iterator(config, process_index=0, process_count=1, workdir="/x")
     with pytest.raises(records.RecordError, match="no manifest"):
-        pipeline.make_train_iterator(_config("/nonexistent/prep"), process_index=0, process_count=1, workdir="/x")
+        loader.make_train_iterator(_config("/nonexistent/prep"), process_index=0, process_count=1, workdir="/x")
 
 
 def test_ensure_default_data_generates_once(tmp_path):
@@ -175,20 +175,20 @@ def test_ensure_default_data_generates_once(tmp_path):
     c.data.synthetic_num_videos = 4
     c.data.synthetic_dir = str(tmp_path / "cache")
     workdir = str(tmp_path / "run")
-    path = pipeline.ensure_default_data(c, workdir)
+    path = loader.ensure_default_data(c, workdir)
     m = records.load_manifest(path)
     assert m["num_records"] == 4 and m["data"]["num_frames"] == c.data.num_frames
     shard = records.shard_paths(path, m)[0]
     stamp = os.path.getmtime(shard)
-    assert pipeline.ensure_default_data(c, workdir) == path and os.path.getmtime(shard) == stamp  # cached
+    assert loader.ensure_default_data(c, workdir) == path and os.path.getmtime(shard) == stamp  # cached
     # the videos are long enough for a clip at the config's fps, with room for several starts
-    p = pipeline.synthetic_params(c)
+    p = loader.synthetic_params(c)
     assert p["frames"] >= 1 + (c.data.num_frames - 1) * 24 / c.data.fps and min(p["height"], p["width"]) >= 128
-    b = next(pipeline.make_train_iterator(c, process_index=0, process_count=1, workdir=workdir))
+    b = next(loader.make_train_iterator(c, process_index=0, process_count=1, workdir=workdir))
     assert b["video"].shape == (c.train.batch_size, c.data.num_frames, c.data.height, c.data.width, 3)
     # default cache location: next to the workdir
     c.data.synthetic_dir = ""
-    assert pipeline._cache_root(c, workdir) == str(tmp_path / "synthetic_sav")
+    assert loader._cache_root(c, workdir) == str(tmp_path / "synthetic_sav")
 
 
 @pytest.mark.parametrize("field,value", [("num_workers", -1), ("read_threads", 0), ("shuffle_seed", 2**32),
@@ -201,13 +201,12 @@ def test_config_rejects_bad_pipeline_values(field, value):
 
 
 def test_cached_latents_reach_the_batch(tmp_path):
-    from ttm_jax.models.autoencoder import make_autoencoder
-
     sav_dir = str(tmp_path / "sav")
     synthetic.generate(sav_dir, 4, seed=3, height=64, width=64, frames=24)
     cfg = config_lib.validate(config_lib.build(2, "tiny"))
     out = str(tmp_path / "prepared")
-    prepare.prepare(sav_dir, os.path.join(sav_dir, synthetic.CAPTIONS_FILE), out, cfg, chunk_size=4, latents=True)
+    prepare.prepare(sav_dir, os.path.join(sav_dir, synthetic.CAPTIONS_FILE), out, cfg, chunk_size=4, latents=True,
+                    make_autoencoder=make_autoencoder)
     b = _batches(_config(out), 1)[0]
     B = cfg.train.batch_size
     for key in ("video", "trajectory"):
@@ -221,4 +220,4 @@ def test_cached_latents_reach_the_batch(tmp_path):
     other.autoencoder.space_factor = 8
     other.autoencoder.latent_channels = 3 * 8 * 8 * 4
     with pytest.raises(ValueError, match=r"cached latents.*space_factor"):
-        pipeline.make_train_iterator(other, process_index=0, process_count=1, workdir="/x")
+        loader.make_train_iterator(other, process_index=0, process_count=1, workdir="/x")

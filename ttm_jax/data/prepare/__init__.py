@@ -1,4 +1,5 @@
-"""Preparation: SA-V videos + captions -> ArrayRecord shards of fixed-size training clips.
+"""Preparation: SA-V videos + captions -> ArrayRecord shards of fixed-size training clips (the library; the command
+line is `ttm_jax/data/prepare/__main__.py`).
 
     python -m ttm_jax.data.prepare --sav=PATH --captions=JSONL --out=DIR [--config=configs/stage2.py[:variant]]
         [--workers=N] [--chunk_size=8] [--clips_per_video=1] [--seed=0] [--latents] [--format=records|tfds]
@@ -6,15 +7,19 @@
 Videos (sorted by id) are split into chunks of `chunk_size`; chunk c becomes `records-c.array_record` (written to a
 temporary name, then renamed) and then `records-c.json` (its done-marker with statistics). A killed run, re-run with
 the same arguments, redoes only the chunks without a marker; since every clip is a pure function of
-(seed, video id, clip number), the result is the same records as an uninterrupted run: none duplicated, none missing.
-`prepare.json` pins the settings (config data section, seed, video ids): resuming with different ones is an error.
-`manifest.json` is written last. The run ends with `videos: N ok, M skipped (reason=count, ...)`.
+(seed, video id, clip number) (`clips.clip_seed`), the result is the same records as an uninterrupted run: none
+duplicated, none missing. `prepare.json` pins the settings (`clips.data_settings` of the config's data section, seed,
+video ids): resuming with different ones is an error. `manifest.json` is written last. The run ends with
+`videos: N ok, M skipped (reason=count, ...)`.
 
 `--format=tfds` builds the TFDS dataset `sav_clips` (`ttm_jax/data/tfds_sav.py`, array_record, the same clips for
 the same --seed/--clips_per_video) with --out as its data_dir, instead of this module's folder.
 
-`--latents` also stores the clip's VAE latents (`video_latent`, `trajectory_latent`, float32 `[T', H', W', C]`, from
-`ttm_jax.models.autoencoder.make_autoencoder(config.autoencoder)`) so training reads latents instead of pixels.
+`--latents` (`prepare(..., latents=True, make_autoencoder=...)`) also stores the clip's VAE latents (`video_latent`,
+`trajectory_latent`, float32 `[T', H', W', C]`, from `make_autoencoder(config.autoencoder).encode`) so training reads
+latents instead of pixels. The factory is a parameter because autoencoders are assembled above the data layer: the
+command line passes the registry's; a library caller passes its own (a module-level function, picklable for
+`workers > 1`).
 """
 
 from __future__ import annotations
@@ -27,10 +32,10 @@ import logging
 import multiprocessing
 import os
 import signal
-import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -41,9 +46,10 @@ from ttm_jax.data.video_io import SkipVideo
 # Test hook: SIGKILL this process in the middle of writing chunk number N (counting committed chunks of this run), to
 # prove that a killed preparation resumes without duplicated or missing records.
 KILL_ENV = "TTM_PREPARE_KILL_AT_CHUNK"
-# Which data-config keys make records different (a change needs a new folder).
-DATA_KEYS = ("num_frames", "height", "width", "fps", "max_objects", "annotation", "missing_captions", "crop",
-             "min_object_area", "motion_weight")
+
+# `make_autoencoder(config.autoencoder) -> autoencoder` with `encode(video [B, T, H, W, 3] in [-1, 1]) ->
+# [B, T', H', W', C]`; a module-level function, so that worker processes can unpickle it.
+AutoencoderFactory = Callable[[ml_collections.ConfigDict], Any]
 
 
 @dataclasses.dataclass
@@ -57,23 +63,17 @@ class Summary:
 
     @property
     def videos_skipped(self) -> int:
+        """All skipped videos, whatever the reason."""
         return sum(self.skipped.values())
 
     def line(self) -> str:
+        """`videos: N ok, M skipped (reason=count, ...)`, the line a run ends with."""
         reasons = ", ".join(f"{r}={n}" for r, n in sorted(self.skipped.items()))
         return f"videos: {self.videos_ok} ok, {self.videos_skipped} skipped" + (f" ({reasons})" if reasons else "")
 
 
-def clip_seed(seed: int, video_id: str, clip: int) -> int:
-    """The seed of clip `clip` of `video_id`: independent of chunking, worker count and the other videos."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{video_id}:{clip}".encode()).digest()[:8], "little") >> 1
-
-
-def data_settings(data_config: ml_collections.ConfigDict) -> dict:
-    return {k: data_config.get(k) for k in DATA_KEYS if data_config.get(k) is not None}
-
-
 def shard_name(chunk: int) -> str:
+    """The shard file of chunk number `chunk`."""
     return f"records-{chunk:05d}.array_record"
 
 
@@ -83,8 +83,6 @@ def _marker(out: str, chunk: int) -> str:
 
 def _encode_latents(autoencoder: Any, examples: list[dict]) -> None:
     """Adds `video_latent` / `trajectory_latent` float32 [T', H', W', C] to each example (one batched call)."""
-    import jax.numpy as jnp
-
     for key in ("video", "trajectory"):
         pixels = np.stack([e[key] for e in examples]).astype(np.float32) / 127.5 - 1.0  # [B, T, H, W, 3] in [-1, 1]
         lat = np.asarray(autoencoder.encode(jnp.asarray(pixels)), np.float32)
@@ -92,25 +90,28 @@ def _encode_latents(autoencoder: Any, examples: list[dict]) -> None:
             e[f"{key}_latent"] = z
 
 
-_AUTOENCODERS: dict[str, Any] = {}
+_AUTOENCODERS: dict[tuple[AutoencoderFactory, str], Any] = {}
 
 
-def _autoencoder(ae_config: ml_collections.ConfigDict) -> Any:
-    """One autoencoder per process and config (a real VAE loads its weights once, not once per chunk)."""
-    key = ae_config.to_json(sort_keys=True)
+def _autoencoder(make_autoencoder: AutoencoderFactory, ae_config: ml_collections.ConfigDict) -> Any:
+    """One autoencoder per process, factory and config (a real VAE loads its weights once, not once per chunk)."""
+    key = (make_autoencoder, ae_config.to_json(sort_keys=True))
     if key not in _AUTOENCODERS:
-        from ttm_jax.models.autoencoder import make_autoencoder
-
         _AUTOENCODERS[key] = make_autoencoder(ae_config)
     return _AUTOENCODERS[key]
 
 
 def process_chunk(chunk: int, refs: Sequence[sav.VideoRef], captions: dict, config: ml_collections.ConfigDict,
-                  out: str, seed: int, clips_per_video: int, latents: bool, kill: bool = False) -> dict:
-    """Makes the clips of one chunk of videos and commits its shard and marker; returns the chunk's statistics."""
+                  out: str, seed: int, clips_per_video: int, make_autoencoder: AutoencoderFactory | None = None,
+                  kill: bool = False) -> dict:
+    """Makes the clips of one chunk of videos and commits its shard and marker; returns the chunk's statistics.
+
+    `make_autoencoder`: None, or the factory whose autoencoder adds each clip's latents (`video_latent`,
+    `trajectory_latent` float32 `[T', H', W', C]`). `kill`: the test hook (`KILL_ENV`).
+    """
     counter = sav.SkipCounter(f"prepare chunk {chunk}")
     writer = records.ShardWriter(os.path.join(out, shard_name(chunk)))
-    autoencoder = _autoencoder(config.autoencoder) if latents else None
+    autoencoder = None if make_autoencoder is None else _autoencoder(make_autoencoder, config.autoencoder)
     ok, video_ids = 0, []
     for ref in refs:
         try:
@@ -118,7 +119,7 @@ def process_chunk(chunk: int, refs: Sequence[sav.VideoRef], captions: dict, conf
                                         missing=config.data.get("missing_captions", "skip"))
             examples = []
             for c in range(clips_per_video):
-                e = clips.make_example(ref, entry, config.data, clip_seed(seed, ref.video_id, c))
+                e = clips.make_example(ref, entry, config.data, clips.clip_seed(seed, ref.video_id, c))
                 e["clip"] = c
                 examples.append(e)
         except SkipVideo as e:
@@ -152,10 +153,19 @@ def _remove_stale_tmp(out: str) -> None:
 
 def prepare(sav_path: str | Sequence[str], captions_path: str, out: str, config: ml_collections.ConfigDict, *,
             workers: int = 1, chunk_size: int = 8, clips_per_video: int = 1, seed: int = 0,
-            latents: bool = False) -> Summary:
-    """Prepares (or resumes preparing) `out`; returns the `Summary`. See the module docstring."""
+            latents: bool = False, make_autoencoder: AutoencoderFactory | None = None) -> Summary:
+    """Prepares (or resumes preparing) `out`; returns the `Summary`. See the module docstring.
+
+    Records hold `video`/`trajectory` uint8 `[T, H, W, 3]`, `object_masks` bool `[T, H, W, K]`, ... (the example of
+    `clips.make_example`) and, with `latents`, `video_latent`/`trajectory_latent` float32 `[T', H', W', C]` from
+    `make_autoencoder(config.autoencoder)` (required then; None: no latents possible).
+    """
     if chunk_size < 1 or clips_per_video < 1:
         raise ValueError(f"prepare: --chunk_size={chunk_size} and --clips_per_video={clips_per_video} must be >= 1")
+    if latents and make_autoencoder is None:
+        raise ValueError("prepare: latents=True needs make_autoencoder, the factory `make_autoencoder("
+                         "config.autoencoder)` of the latents (a module-level function; the command line "
+                         "`python -m ttm_jax.data.prepare --latents` passes the registry's)")
     os.makedirs(out, exist_ok=True)
     find_counter = sav.SkipCounter("prepare")
     if isinstance(sav_path, str) and "," in sav_path:
@@ -166,7 +176,7 @@ def prepare(sav_path: str | Sequence[str], captions_path: str, out: str, config:
                                 f"{sav_path!r} ({find_counter.summary()}); check --sav")
     captions = captions_lib.load_captions(captions_path)
     spec = {
-        "version": records.VERSION, "data": data_settings(config.data), "seed": seed, "chunk_size": chunk_size,
+        "version": records.VERSION, "data": clips.data_settings(config.data), "seed": seed, "chunk_size": chunk_size,
         "clips_per_video": clips_per_video,
         "latents": dict(config.autoencoder.to_dict()) if latents else None,
         "video_ids_sha256": hashlib.sha256("\n".join(r.video_id for r in refs).encode()).hexdigest(),
@@ -188,8 +198,9 @@ def prepare(sav_path: str | Sequence[str], captions_path: str, out: str, config:
         logging.info("prepare: resuming %s: %d of %d chunks already done", out, len(chunks) - len(todo), len(chunks))
     _remove_stale_tmp(out)
     kill_at = int(os.environ.get(KILL_ENV, "-1"))
+    factory = make_autoencoder if latents else None
     args = [(c, chunks[c], {r.video_id: captions[r.video_id] for r in chunks[c] if r.video_id in captions}, config,
-             out, seed, clips_per_video, latents) for c in todo]
+             out, seed, clips_per_video, factory) for c in todo]
     if workers <= 1:
         for i, a in enumerate(args):
             process_chunk(*a, kill=(i == kill_at))
@@ -214,61 +225,3 @@ def prepare(sav_path: str | Sequence[str], captions_path: str, out: str, config:
         "shards": shards,
     })
     return summary
-
-
-def main(argv: Sequence[str]) -> None:
-    del argv
-    from absl import flags
-
-    from ttm_jax import config as config_lib
-
-    f = flags.FLAGS
-    config = config_lib.validate(f.config)
-    if f.format == "tfds":  # a TFDS dataset (array_record) under --out: data/tfds_sav.py
-        from ttm_jax.data import tfds_sav
-
-        if f.latents:
-            raise ValueError("prepare --format=tfds: --latents is not supported by the TFDS builder; use "
-                             "--format=records for cached latents")
-        builder = tfds_sav.build(f.sav, f.captions, f.out, config, seed=f.seed, clips_per_video=f.clips_per_video)
-        meta = builder.info.metadata
-        reasons = ", ".join(f"{r}={n}" for r, n in sorted(meta["skipped"].items()))
-        print(f"prepared {meta['num_records']} records into {builder.data_dir} (TFDS {tfds_sav.NAME}/"
-              f"{builder.builder_config.name}; set config.data.prepared_path to it)")
-        print(f"videos: {meta['videos_ok']} ok, {sum(meta['skipped'].values())} skipped"
-              + (f" ({reasons})" if reasons else ""))
-        sys.stdout.flush()
-        return
-    summary = prepare(f.sav, f.captions, f.out, config, workers=f.workers, chunk_size=f.chunk_size,
-                      clips_per_video=f.clips_per_video, seed=f.seed, latents=f.latents)
-    print(f"prepared {summary.num_records} records into {summary.out}")
-    print(summary.line())
-    sys.stdout.flush()
-
-
-def _define_flags() -> None:
-    from absl import flags
-
-    flags.DEFINE_string("sav", None, "SA-V tar shards or folders (comma-separated for several)", required=True)
-    flags.DEFINE_string("captions", None, "captions sidecar JSONL", required=True)
-    flags.DEFINE_string("out", None, "output folder of ArrayRecord shards", required=True)
-    from ml_collections import config_flags
-
-    default = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs",
-                           "stage2.py")
-    config_flags.DEFINE_config_file("config", default, "config file[:variant]; its data section shapes the clips "
-                                    "(overrides: --config.data.num_frames=17)")
-    flags.DEFINE_integer("workers", 1, "processes, each preparing one chunk of videos at a time")
-    flags.DEFINE_integer("chunk_size", 8, "videos per shard (the unit of resumption)")
-    flags.DEFINE_integer("clips_per_video", 1, "clips cut from each video")
-    flags.DEFINE_integer("seed", 0, "clip sampling seed")
-    flags.DEFINE_bool("latents", False, "also store VAE latents of video and trajectory")
-    flags.DEFINE_enum("format", "records", ["records", "tfds"], "records: this module's ArrayRecord folder; tfds: "
-                      "the TFDS dataset sav_clips (array_record) under --out as data_dir (ttm_jax/data/tfds_sav.py)")
-
-
-if __name__ == "__main__":
-    from absl import app
-
-    _define_flags()
-    app.run(main)
