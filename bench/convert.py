@@ -8,10 +8,10 @@ blocks as reach the size (stacked for `nn.scan` on the Flax side). Then it measu
 subprocess (the kernel's resident high-water mark VmHWM, reset right before converting, minus the RSS at that
 moment: the Python + JAX import floor, plus the source params for flax -> torch):
 
-  torch -> flax   ttm_jax.convert.{wan_vae,dit}.load_diffusers_folder (pread, tensor by tensor)
-                  reference, same rulebook: memory-mapped reader (rulebook.SafetensorsReader)
+  torch -> flax   ttm_jax.weights.{wan_vae,dit}.load_diffusers_folder (pread, tensor by tensor)
+                  reference, same rulebook: memory-mapped reader (safetensors_io.SafetensorsReader)
                   reference, naive: safetensors.numpy.load_file (all tensors) then RuleBook.to_flax
-  flax -> torch   ttm_jax.convert.{wan_vae,dit}.save_diffusers_folder (streamed safetensors writer), from params in
+  flax -> torch   ttm_jax.weights.{wan_vae,dit}.save_diffusers_folder (streamed safetensors writer), from params in
                   memory
                   reference, naive: RuleBook.to_torch (dict of all tensors) then safetensors.numpy.save_file
 
@@ -31,8 +31,16 @@ import sys
 import time
 
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, uninstalled
+
+from ttm_jax.models import dit as dit_lib  # noqa: E402
+from ttm_jax.models import wan_vae  # noqa: E402
+from ttm_jax.weights import dit as dit_convert  # noqa: E402
+from ttm_jax.weights import rulebook as rb  # noqa: E402
+from ttm_jax.weights import safetensors_io  # noqa: E402
+from ttm_jax.weights import wan_vae as vae_convert  # noqa: E402
 
 GB = 1e9
 
@@ -61,20 +69,14 @@ class _Adapter:
     """What the bench needs of one model's converter: template, rulebook, streamed load and save."""
 
     def __init__(self, model: str, src: str):
-        from ttm_jax.convert import wan_vae as vae_convert
-
         self.weights = os.path.join(src, vae_convert.WEIGHTS_FILE)
         if model == "vae":
-            from ttm_jax.models import wan_vae
-
             self.cfg = wan_vae.read_config(src)
             self.template = vae_convert.template(self.cfg)
             self.book = vae_convert.RULES
             self.load = lambda: vae_convert.load_diffusers_folder(src, self.cfg)
             self.save = lambda params, out: vae_convert.save_diffusers_folder(params, self.cfg, out)
         else:
-            from ttm_jax.convert import dit as dit_convert
-
             self.cfg, cin, cout = dit_convert.read_config(src)
             self.template = dit_convert.template(self.cfg, cin, cout)
             self.book = dit_convert.rulebook(self.cfg.scan_layers)
@@ -84,10 +86,6 @@ class _Adapter:
 
 def child(mode: str, model: str, src: str, out: str) -> None:
     """One measured conversion; prints a JSON line."""
-    from safetensors.numpy import load_file, save_file
-
-    from ttm_jax.convert import rulebook as rb
-
     ad = _Adapter(model, src)
     res: dict = {"mode": mode}
     if mode.startswith("to_torch"):
@@ -99,7 +97,7 @@ def child(mode: str, model: str, src: str, out: str) -> None:
     if mode == "to_flax":
         params = ad.load()
     elif mode == "to_flax_mmap":
-        params = rb.stream_to_flax(ad.book, rb.SafetensorsReader(src), ad.template)
+        params = rb.stream_to_flax(ad.book, safetensors_io.SafetensorsReader(src), ad.template)
     elif mode == "to_flax_naive":
         params = ad.book.to_flax(load_file(ad.weights), ad.template)
     elif mode == "to_torch":
@@ -127,43 +125,36 @@ def _run_child(mode: str, model: str, src: str, out: str) -> dict:
 
 
 def _write_random(path: str, config: dict, specs: dict) -> tuple[str, int]:
-    from ttm_jax.convert import wan_vae as convert
-
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f)
     rng = np.random.default_rng(0)
-    file = os.path.join(path, convert.WEIGHTS_FILE)
-    convert.write_safetensors(file, specs, ((k, rng.standard_normal(s, np.float32)) for k, (s, _) in specs.items()),
-                              metadata={"format": "pt"})
+    file = os.path.join(path, vae_convert.WEIGHTS_FILE)
+    tensors = ((k, rng.standard_normal(s, np.float32)) for k, (s, _) in specs.items())
+    safetensors_io.write_safetensors(file, specs, tensors, metadata={"format": "pt"})
     return file, sum(int(np.prod(s)) * 4 for s, _ in specs.values())
 
 
 def make_vae_checkpoint(path: str, gb: float) -> tuple[str, int]:
     """A random Wan 2.1-layout VAE folder of about `gb` GB (base width enlarged from 96)."""
-    from ttm_jax.convert import wan_vae as convert
-    from ttm_jax.models import wan_vae
 
     def size(base_dim: int) -> int:
-        specs = convert.torch_specs(convert.template(wan_vae.WanVAEConfig(base_dim=base_dim)))
+        specs = vae_convert.torch_specs(vae_convert.template(wan_vae.WanVAEConfig(base_dim=base_dim)))
         return sum(int(np.prod(s)) * 4 for s, _ in specs.values())
 
     per = size(96) / 96**2  # parameters grow with the square of the width
     base = max(8, int(round((gb * GB / per) ** 0.5 / 8)) * 8)
     cfg = wan_vae.WanVAEConfig(base_dim=base, latents_mean=tuple([0.0] * 16), latents_std=tuple([1.0] * 16))
-    return _write_random(path, convert.diffusers_config(cfg), convert.torch_specs(convert.template(cfg)))
+    return _write_random(path, vae_convert.diffusers_config(cfg), vae_convert.torch_specs(vae_convert.template(cfg)))
 
 
 def make_dit_checkpoint(path: str, gb: float) -> tuple[str, int]:
     """A random WanTransformer3DModel folder with Wan2.1-T2V-1.3B's widths and as many blocks as reach `gb` GB."""
-    from ttm_jax.convert import dit as convert
-    from ttm_jax.convert import rulebook as rb
-    from ttm_jax.models import dit as dit_lib
 
     def specs(layers: int):
         cfg = dit_lib.DiTConfig(dim=1536, num_layers=layers, num_heads=12, ffn_dim=8960, text_dim=4096, freq_dim=256)
-        flat = rb.flatten(convert.template(cfg, 16, 16))
-        moves = convert.rulebook(True).plan(flat, None, "flax -> torch")
+        flat = rb.flatten(dit_convert.template(cfg, 16, 16))
+        moves = dit_convert.rulebook(True).plan(flat, None, "flax -> torch")
         return cfg, {m.torch_key: (m.torch_shape, np.dtype(np.float32)) for m in moves}
 
     def size(sp) -> int:
@@ -172,14 +163,12 @@ def make_dit_checkpoint(path: str, gb: float) -> tuple[str, int]:
     one, two = size(specs(1)[1]), size(specs(2)[1])
     layers = max(1, int(round((gb * GB - (2 * one - two)) / (two - one))))
     cfg, sp = specs(layers)
-    return _write_random(path, convert.diffusers_config(cfg, 16, 16), sp)
+    return _write_random(path, dit_convert.diffusers_config(cfg, 16, 16), sp)
 
 
 def same_tensors(a: str, b: str) -> bool:
     """Every tensor of safetensors files `a` and `b` equal byte for byte (read one at a time)."""
-    from ttm_jax.convert import wan_vae as convert
-
-    ra, rb_ = convert.PreadReader(a), convert.PreadReader(b)
+    ra, rb_ = safetensors_io.PreadReader(a), safetensors_io.PreadReader(b)
     if set(ra) != set(rb_):
         return False
     return all(ra[k].dtype == rb_[k].dtype and ra[k].tobytes() == rb_[k].tobytes() for k in ra)

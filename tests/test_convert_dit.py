@@ -1,11 +1,13 @@
-"""DiT conversion: diffusers `WanTransformer3DModel` (the oracle) <-> `ttm_jax.models.dit.DiT` through the rulebook,
-both layouts, and the `python -m ttm_jax.convert` CLI into an Orbax params checkpoint for a stage-2 model."""
+"""DiT conversion: diffusers `WanTransformer3DModel` (the oracle) <-> `ttm_jax.models.dit.DiT` through the rulebook
+(`ttm_jax.weights.dit`), both layouts, forward parity at ordinary and at awkward sizes, and the
+`python -m ttm_jax.convert` CLI into an Orbax params checkpoint for a stage-2 model."""
 
 from __future__ import annotations
 
 import json
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,14 +15,15 @@ import orbax.checkpoint as ocp
 import pytest
 import torch
 from diffusers import WanTransformer3DModel
+from flax import traverse_util
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ttm_jax import config as config_lib
 from ttm_jax.convert import __main__ as convert_cli
-from ttm_jax.convert import dit as convert
-from ttm_jax.convert import rulebook as rb
 from ttm_jax.models import dit as dit_lib
+from ttm_jax.weights import dit as convert
+from ttm_jax.weights import rulebook as rb
 
 TORCH_CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4,
                     out_channels=4, text_dim=24, freq_dim=16, ffn_dim=48, num_layers=3, cross_attn_norm=True,
@@ -157,3 +160,65 @@ def test_real_wan21_1_3b_layout_maps_every_key():
     specs = {k: (tuple(v.shape), np.float32) for k, v in real.state_dict().items()}
     moves = convert.rulebook(True).plan(rb.flatten(convert.template(cfg, cin, cout)), specs, "torch -> flax")
     assert {m.torch_key for m in moves} == set(specs)
+
+
+# ------------------------------------------------------------------------------------ forward parity, awkward sizes
+# (formerly tests/test_dit_parity.py, which mapped the state dict with a private table; now the real rulebook)
+# One tiny config with deliberately awkward sizes: 3 heads of head_dim 18 (the RoPE split is 6/6/6 and heads are not a
+# power of two), a non-square 3 x 6 x 10 latent, text_dim != dim, in != out channels; every parameter randomised (norm
+# scales and biases too); the state dict goes through `weights.dit.torch_to_flax`, which must use every torch key and
+# fill every JAX leaf.
+
+ODD_HEADS, ODD_HEAD_DIM, ODD_LAYERS, ODD_FFN, ODD_TEXT_DIM, ODD_FREQ_DIM = 3, 18, 3, 40, 20, 16
+ODD_DIM = ODD_HEADS * ODD_HEAD_DIM
+ODD_IN, ODD_OUT = 5, 7
+ODD_B, ODD_T, ODD_H, ODD_W, ODD_LC = 2, 3, 6, 10, 7
+
+
+def _odd_torch_model() -> WanTransformer3DModel:
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=ODD_HEADS, attention_head_dim=ODD_HEAD_DIM,
+                                  in_channels=ODD_IN, out_channels=ODD_OUT, text_dim=ODD_TEXT_DIM,
+                                  freq_dim=ODD_FREQ_DIM, ffn_dim=ODD_FFN, num_layers=ODD_LAYERS, cross_attn_norm=True,
+                                  qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+    with torch.no_grad():
+        for p in model.parameters():  # norms start at exactly 1 / 0; move everything off its init
+            p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def _odd_config(scan_layers: bool) -> dit_lib.DiTConfig:
+    return dit_lib.DiTConfig(dim=ODD_DIM, num_layers=ODD_LAYERS, num_heads=ODD_HEADS, ffn_dim=ODD_FFN,
+                             text_dim=ODD_TEXT_DIM, freq_dim=ODD_FREQ_DIM, ttm_layers=0, patch_size=(1, 2, 2),
+                             scan_layers=scan_layers)
+
+
+@pytest.fixture(scope="module")
+def odd_reference():
+    model = _odd_torch_model()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((ODD_B, ODD_T, ODD_H, ODD_W, ODD_IN)).astype(np.float32)
+    timestep = np.array([17.0, 803.5], np.float32)
+    context = rng.standard_normal((ODD_B, ODD_LC, ODD_TEXT_DIM)).astype(np.float32)
+    with torch.no_grad():
+        out = model(torch.from_numpy(x).permute(0, 4, 1, 2, 3), torch.from_numpy(timestep),
+                    torch.from_numpy(context), return_dict=False)[0]
+    expected = out.permute(0, 2, 3, 4, 1).numpy()
+    return model.state_dict(), (x, timestep, context), expected
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_forward_matches_diffusers_awkward_sizes(odd_reference, scan_layers):
+    state_dict, (x, timestep, context), expected = odd_reference
+    cfg = _odd_config(scan_layers)
+    params = convert.torch_to_flax(state_dict, cfg, ODD_IN, ODD_OUT)
+    model = dit_lib.DiT(cfg, ODD_IN, ODD_OUT)
+    # The mapped tree must be exactly the model's tree: no leaf left unfilled, none extra, same shapes.
+    shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), x, timestep, context))["params"]
+    want = {k: v.shape for k, v in traverse_util.flatten_dict(shapes).items()}
+    got = {k: np.shape(v) for k, v in traverse_util.flatten_dict(params).items()}
+    assert got == want
+    out = jax.jit(model.apply)({"params": params}, jnp.asarray(x), jnp.asarray(timestep), jnp.asarray(context))
+    assert out.shape == expected.shape == (ODD_B, ODD_T, ODD_H, ODD_W, ODD_OUT)
+    assert np.abs(expected).max() > 0.1  # a non-trivial output
+    np.testing.assert_allclose(np.asarray(out), expected, atol=1e-5, rtol=0)

@@ -184,9 +184,7 @@ def test_mid_config_bytes_read_full_state_vs_params_only(tmp_path):
     c.optim.ema_decay = 0.999
     cfg = dit_lib.DiTConfig.from_config(c.model)
     cin, cout = config_lib.in_channels(c), int(c.autoencoder.latent_channels)
-    from ttm_jax.convert import dit as dit_convert
-
-    args, kwargs = dit_convert.init_inputs(cfg, cin)
+    args, kwargs = dit_lib.init_inputs(cfg, cin)
     model = dit_lib.DiT(cfg, cin, cout)
     shapes = jax.eval_shape(lambda r: sharding_lib.unbox(model.init(r, *args, **kwargs)["params"]),
                             jax.random.key(0))

@@ -14,7 +14,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ttm_jax.convert import rulebook as rb
+from ttm_jax.weights import rulebook as rb
+from ttm_jax.weights import safetensors_io
 
 D, LAYERS = 6, 3
 
@@ -186,7 +187,7 @@ def test_streams_sharded_bfloat16_safetensors(toy, tmp_path):
         save_file({k: tensors[k].contiguous() for k in ks}, str(tmp_path / name))
     (tmp_path / "model.safetensors.index.json").write_text(
         json.dumps({"weight_map": {k: n for n, ks in shards.items() for k in ks}}))
-    reader = rb.SafetensorsReader(tmp_path)
+    reader = safetensors_io.SafetensorsReader(tmp_path)
     assert reader.specs["conv.weight"] == ((4, 3, 3, 2), np.dtype(rb.as_dtype("bfloat16")))
     seen = []
     params = rb.stream_to_flax(BOOK, reader, template, on_tensor=seen.append)

@@ -11,9 +11,9 @@ from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 from transformers.models.t5.modeling_t5 import T5Attention
 
 from ttm_jax import config as config_lib
-from ttm_jax.convert import rulebook as rb
-from ttm_jax.convert import t5
 from ttm_jax.models import text_encoder, tokenizer
+from ttm_jax.weights import rulebook as rb
+from ttm_jax.weights import t5
 
 # odd sizes: 3 heads of 12, d_model 20, 8 buckets with max distance 20 so lengths of 12 reach the log buckets
 HF_KW = dict(vocab_size=61, d_model=20, d_kv=12, num_heads=3, d_ff=28, num_layers=3, feed_forward_proj="gated-gelu",

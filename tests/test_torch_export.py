@@ -21,13 +21,15 @@ from diffusers import WanTransformer3DModel
 from safetensors.torch import load_file
 
 from ttm_jax import config as config_lib
-from ttm_jax.convert import dit as dit_convert
+from ttm_jax.convert import __main__ as convert_cli
 from ttm_jax.convert import export
-from ttm_jax.convert import rulebook as rb
 from ttm_jax.models import dit as dit_lib
-from ttm_jax.torch import TTM_CONFIG_FILE, TTM_WEIGHTS_FILE, TTMWanTransformer3DModel, is_ttm_key
 from ttm_jax.runtime import checkpoint as checkpoint_lib
+from ttm_jax.torch import TTM_CONFIG_FILE, TTM_WEIGHTS_FILE, TTMWanTransformer3DModel, is_ttm_key
 from ttm_jax.train import state as state_lib
+from ttm_jax.weights import dit as dit_convert
+from ttm_jax.weights import rulebook as rb
+from ttm_jax.weights import safetensors_io
 
 # odd sizes: head_dim 18 (RoPE split 6/6/6), 3 blocks of which 2 carry TTM layers, latent 5 -> 15 input channels
 MODEL = dict(dim=36, num_layers=3, num_heads=2, ffn_dim=40, text_dim=20, freq_dim=16, ttm_layers=2,
@@ -138,7 +140,7 @@ def stage2(tmp_path_factory) -> dict:
     ckpt.close()
 
     out = str(root / "torch")
-    paths = export.export_main([f"--from=workdir:{root / 'workdir'}", f"--to=torch:{out}"])
+    paths = convert_cli.export_main([f"--from=workdir:{root / 'workdir'}", f"--to=torch:{out}"])
     model = dit_lib.DiT(cfg, cin, LATENT_CHANNELS)
     apply = jax.jit(lambda p, i: model.apply({"params": p}, i["x"], i["timestep"], i["context"],
                                              local_context=i["local_context"], token_ids=i["token_ids"],
@@ -158,8 +160,8 @@ def test_export_layout(stage2):
     assert wan["out_channels"] == LATENT_CHANNELS
     assert (ttm["ttm_layers"], ttm["in_channels"], ttm["latent_channels"], ttm["stage"]) == (
         2, 3 * LATENT_CHANNELS, LATENT_CHANNELS, 2)
-    backbone = rb.SafetensorsReader(os.path.join(out, dit_convert.WEIGHTS_FILE))
-    layers = rb.SafetensorsReader(os.path.join(out, TTM_WEIGHTS_FILE))
+    backbone = safetensors_io.SafetensorsReader(os.path.join(out, dit_convert.WEIGHTS_FILE))
+    layers = safetensors_io.SafetensorsReader(os.path.join(out, TTM_WEIGHTS_FILE))
     assert not any(is_ttm_key(k) for k in backbone) and all(is_ttm_key(k) for k in layers)
     assert {k.split(".")[1] for k in layers} == {"0", "1"}  # the first ttm_layers blocks only
     # every key and shape of the torch module, nothing else
@@ -201,14 +203,14 @@ def test_raw_params_orbax_sources_and_import_cli(stage2):
     """--params=raw exports the raw (non-EMA) params; an Orbax params checkpoint (as `convert dit` writes, with
     ttm_convert.json) exports the same; torch -> orbax writes params that restore bit-identically."""
     root = stage2["root"]
-    export.export_main([f"--from=workdir:{stage2['workdir']}@7", f"--to=torch:{root / 'raw'}", "--params=raw"])
+    convert_cli.export_main([f"--from=workdir:{stage2['workdir']}@7", f"--to=torch:{root / 'raw'}", "--params=raw"])
     _equal_trees(export.import_folder(str(root / "raw"))[3], stage2["raw"])
 
     back = root / "orbax" / "params"
-    export.export_main([f"--from=torch:{stage2['out']}", f"--to=orbax:{back}"])
+    convert_cli.export_main([f"--from=torch:{stage2['out']}", f"--to=orbax:{back}"])
     cfg, cin, cout = stage2["cfg"], stage2["cin"], LATENT_CHANNELS
     _equal_trees(jax.tree.map(np.asarray, export.load_orbax_params(str(back), cfg, cin, cout)), stage2["ema"])
-    export.export_main([f"--from=orbax:{back}", f"--to=torch:{root / 'again'}"])
+    convert_cli.export_main([f"--from=orbax:{back}", f"--to=torch:{root / 'again'}"])
     _equal_trees(export.import_folder(str(root / "again"))[3], stage2["ema"])
 
 
@@ -242,9 +244,10 @@ def test_backbone_export_loads_in_diffusers_and_matches(stage2, tmp_path):
 
 def test_bfloat16_export(stage2, tmp_path):
     """--dtype=bfloat16 writes bfloat16 tensors (both files) that load into torch and import as the rounded params."""
-    export.export_main([f"--from=workdir:{stage2['workdir']}", f"--to=torch:{tmp_path}", "--dtype=bfloat16"])
+    convert_cli.export_main([f"--from=workdir:{stage2['workdir']}", f"--to=torch:{tmp_path}", "--dtype=bfloat16"])
     for name in (dit_convert.WEIGHTS_FILE, TTM_WEIGHTS_FILE):
-        assert {str(d) for _, d in rb.SafetensorsReader(str(tmp_path / name)).specs.values()} == {"bfloat16"}
+        specs = safetensors_io.SafetensorsReader(str(tmp_path / name)).specs
+        assert {str(d) for _, d in specs.values()} == {"bfloat16"}
     model = TTMWanTransformer3DModel.from_pretrained(str(tmp_path), torch_dtype=torch.float32)
     assert next(model.parameters()).dtype == torch.float32
     _, _, _, params = export.import_folder(str(tmp_path))
@@ -264,7 +267,7 @@ def test_rulebook_covers_torch_module_exactly(stage2):
 
 def test_errors_name_the_fix(stage2, tmp_path):
     with pytest.raises(SystemExit, match="workdir:"):
-        export.export_main(["--from=checkpoint:/x", "--to=torch:/y"])
+        convert_cli.export_main(["--from=checkpoint:/x", "--to=torch:/y"])
     folder = tmp_path / "bad"
     folder.mkdir()
     for name in os.listdir(stage2["out"]):

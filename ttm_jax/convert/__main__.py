@@ -19,7 +19,7 @@ Subcommands for the single pieces:
   python -m ttm_jax.convert dit --src <Wan2.1-T2V-1.3B-Diffusers>/transformer --out <dir> \\
       [--config configs/stage2.py:wan1.3b | --in_channels 48 --ttm_layers 8] [--scan_layers true] [--seed 0]
       diffusers WanTransformer3DModel -> Orbax params checkpoint `<dir>/params` for `config.train.init_from`:
-      the backbone streamed through the rulebook (ttm_jax/convert/dit.py), then grafted into the stage model
+      the backbone streamed through the rulebook (ttm_jax/weights/dit.py), then grafted into the stage model
       (new input channels zero, TTM layers freshly initialised with zero output), plus `<dir>/ttm_convert.json`.
   python -m ttm_jax.convert dit-export --src <dir>/params --out <folder> --like <transformer folder>
       a backbone (ttm_layers=0, the source's in_channels) Orbax params checkpoint -> diffusers folder.
@@ -32,13 +32,29 @@ The Wan VAE needs no conversion step at run time: `config.autoencoder.path` is t
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
+import importlib.util
 import math
 import os
 import sys
 import time
+from collections.abc import Sequence
+from typing import Any
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
+
+from ttm_jax import config as config_lib
+from ttm_jax.convert import export
+from ttm_jax.models import dit as dit_lib
+from ttm_jax.models import wan_vae
+from ttm_jax.weights import dit as dit_convert
+from ttm_jax.weights import rulebook as rb
+from ttm_jax.weights import wan_vae as vae_convert
 
 _DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32", "": ""}
 
@@ -51,23 +67,26 @@ def _bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"{s!r} is not true/false")
 
 
+def _load_config(spec: str) -> ml_collections.ConfigDict:
+    """`FILE[:ARG]` -> `FILE`'s `get_config(ARG)` (e.g. configs/stage2.py:wan1.3b)."""
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("ttm_convert_config", path)
+    if module_spec is None or module_spec.loader is None:
+        raise SystemExit(f"--config {spec}: cannot load {path}")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+
+
+# ------------------------------------------------------------------------------------------------------ subcommands
+
+
 def _dit(args: argparse.Namespace) -> None:
-    import dataclasses
-
-    import flax.linen as nn
-    import jax
-    import orbax.checkpoint as ocp
-
-    from ttm_jax.convert import dit as convert
-    from ttm_jax.models import dit as dit_lib
-
     t0 = time.perf_counter()
-    backbone_cfg, cin, cout, backbone = convert.load_diffusers_folder(args.src, scan_layers=args.scan_layers)
+    backbone_cfg, cin, cout, backbone = dit_convert.load_diffusers_folder(args.src, scan_layers=args.scan_layers)
     print(f"read {args.src}: dim {backbone_cfg.dim}, {backbone_cfg.num_layers} layers, in/out channels {cin}/{cout} "
           f"({time.perf_counter() - t0:.1f}s)", flush=True)
     if args.config:
-        from ttm_jax import config as config_lib
-
         config = _load_config(args.config)
         config_lib.validate(config)
         stage_cfg = dit_lib.DiTConfig.from_config(config.model)
@@ -85,64 +104,102 @@ def _dit(args: argparse.Namespace) -> None:
     params = backbone
     if stage_cfg.ttm_layers or in_channels != cin:
         model = dit_lib.DiT(stage_cfg, in_channels, cout)
-        iargs, ikw = convert.init_inputs(stage_cfg, in_channels)
+        iargs, ikw = dit_lib.init_inputs(stage_cfg, in_channels)
         fresh = jax.jit(lambda r: nn.unbox(model.init(r, *iargs, **ikw)["params"]))(jax.random.key(args.seed))
         params = dit_lib.graft_backbone(fresh, backbone, ttm_layers=stage_cfg.ttm_layers,
                                         scan_layers=stage_cfg.scan_layers)
         del fresh
     dtype = getattr(args, "dtype", "")
     if dtype:  # storage dtype of the checkpoint (training keeps fp32 master weights: config.model.param_dtype)
-        import jax.numpy as jnp
-
         params = jax.tree.map(lambda x: np.asarray(x).astype(jnp.dtype(dtype)), params)
-    os.makedirs(args.out, exist_ok=True)
-    target = os.path.abspath(os.path.join(args.out, "params"))
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(target, params)
-        ckptr.wait_until_finished()
-    meta = {"source": os.path.abspath(args.src), "model": dataclasses.asdict(stage_cfg), "in_channels": in_channels,
-            "out_channels": cout, "params": target}
-    with open(os.path.join(args.out, "ttm_convert.json"), "w") as f:
-        json.dump(meta, f, indent=2)
+    target = dit_convert.save_converted(os.path.join(args.out, "params"), params, stage_cfg, in_channels, cout,
+                                        args.src)
     print(f"wrote {target} (set config.train.init_from to it) in {time.perf_counter() - t0:.1f}s", flush=True)
 
 
 def _dit_export(args: argparse.Namespace) -> None:
-    import orbax.checkpoint as ocp
-
-    from ttm_jax.convert import dit as convert
-
-    cfg, cin, cout = convert.read_config(args.like, scan_layers=args.scan_layers)
-    abstract = convert.template(cfg, cin, cout)
+    cfg, cin, cout = dit_convert.read_config(args.like, scan_layers=args.scan_layers)
+    abstract = dit_convert.template(cfg, cin, cout)
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(os.path.abspath(args.src), abstract)
-    file = convert.save_diffusers_folder(params, cfg, cin, cout, args.out)
+    file = dit_convert.save_diffusers_folder(params, cfg, cin, cout, args.out)
     print(f"wrote {file}")
 
 
 def _vae(args: argparse.Namespace) -> None:
-    from ttm_jax.convert import wan_vae as convert
-    from ttm_jax.models import wan_vae
-
     cfg = wan_vae.read_config(args.src)
-    params = convert.load_diffusers_folder(args.src, cfg)
-    n = sum(x.size for x in convert.rb.flatten(params).values())
+    params = vae_convert.load_diffusers_folder(args.src, cfg)
+    n = sum(x.size for x in rb.flatten(params).values())
     print(f"{args.src}: {n / 1e6:.1f}M parameters, time factor {cfg.time_factor}, space factor {cfg.space_factor}, "
           f"z_dim {cfg.z_dim}: every tensor mapped")
     if args.out:
-        print(f"wrote {convert.save_diffusers_folder(params, cfg, args.out)}")
+        print(f"wrote {vae_convert.save_diffusers_folder(params, cfg, args.out)}")
 
 
-def _load_config(spec: str):
-    import importlib.util
+# ----------------------------------------------------------------------------------------------------------- export
 
-    path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("ttm_convert_config", path)
-    if module_spec is None or module_spec.loader is None:
-        raise SystemExit(f"--config {spec}: cannot load {path}")
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
+
+def _split(spec: str, flag: str, kinds: Sequence[str]) -> tuple[str, str]:
+    kind, sep, path = spec.partition(":")
+    if not sep or kind not in kinds or not path:
+        raise SystemExit(f"{flag}={spec!r}: expected one of {[k + ':PATH' for k in kinds]} "
+                         f"(e.g. --from=workdir:/runs/stage2 --to=torch:/out/stage2_transformer)")
+    return kind, path
+
+
+def _orbax_dims(path: str, config_spec: str) -> tuple[dit_lib.DiTConfig, int, int, int, int | None]:
+    """(DiTConfig, in, out, latent channels, stage) of an Orbax params checkpoint: `--config` file, else the
+    `ttm_convert.json` beside it."""
+    if config_spec:
+        return export.stage_dims(_load_config(config_spec))
+    meta_file = dit_convert.converted_meta_file(path)
+    if not os.path.exists(meta_file):
+        raise SystemExit(f"--from=orbax:{path}: no {meta_file} beside it; pass --config=configs/stage2.py:VARIANT "
+                         f"naming the model it holds")
+    cfg, cin, cout = dit_convert.read_converted(path)
+    return cfg, cin, cout, cout, None
+
+
+def export_main(argv: Sequence[str] | None = None) -> dict[str, str]:
+    """`export --from=workdir:DIR[@STEP] | orbax:DIR [--config=FILE:ARG] --to=torch:FOLDER [--params=ema|raw]
+    [--dtype=float32|bfloat16]`, or the import direction `--from=torch:FOLDER --to=orbax:DIR [--scan_layers=true]`
+    (`ttm_jax/convert/export.py`). Returns {name: written path}."""
+    ap = argparse.ArgumentParser(prog="python -m ttm_jax.convert export", description=export.__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--from", dest="src", required=True, help="workdir:DIR[@STEP] | orbax:DIR | torch:FOLDER")
+    ap.add_argument("--to", dest="dst", required=True, help="torch:FOLDER | orbax:DIR")
+    ap.add_argument("--config", default="", help="for orbax: sources without ttm_convert.json beside them")
+    ap.add_argument("--params", choices=("ema", "raw"), default="ema", help="workdir: EMA params when kept")
+    ap.add_argument("--dtype", default="", help="cast the exported tensors (default: as trained)")
+    ap.add_argument("--scan_layers", default="true", choices=("true", "false"), help="torch -> orbax layout")
+    args = ap.parse_args(argv)
+    src_kind, src = _split(args.src, "--from", ("workdir", "orbax", "torch"))
+    dst_kind, dst = _split(args.dst, "--to", ("torch", "orbax"))
+    if (src_kind == "torch") == (dst_kind == "torch"):
+        raise SystemExit(f"--from={args.src} --to={args.dst}: one side must be torch:FOLDER")
+
+    if src_kind == "torch":
+        cfg, cin, cout, params = export.import_folder(src, scan_layers=args.scan_layers == "true")
+        target = dit_convert.save_converted(dst, params, cfg, cin, cout, src)
+        print(f"wrote {target}")
+        return {"params": target}
+
+    params: Any
+    if src_kind == "workdir":
+        workdir, _, step = src.partition("@")
+        config, params, at = export.load_workdir(workdir, step=int(step) if step else None, ema=args.params == "ema")
+        cfg, cin, cout, lat, stage = export.stage_dims(config)
+        print(f"read {workdir} step {at} ({args.params} params), stage {stage}")
+    else:
+        cfg, cin, cout, lat, stage = _orbax_dims(src, args.config)
+        params = export.load_orbax_params(src, cfg, cin, cout)
+    paths = export.export_params(params, cfg, cin, cout, dst, latent_channels=lat, stage=stage,
+                                 dtype=args.dtype or None)
+    print("wrote " + ", ".join(sorted(paths.values())))
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------------- --from / --to
 
 
 def _from_to(argv: list[str]) -> None:
@@ -166,27 +223,21 @@ def _from_to(argv: list[str]) -> None:
     if not src or not dst:
         raise SystemExit(f"--from={a.src} --to={a.dst}: both need KIND:PATH (e.g. --from=diffusers:/ckpt/transformer)")
     if src_kind in ("diffusers", "torch") and dst_kind == "orbax":
-        if os.path.exists(os.path.join(src, "ttm_config.json")):  # an exported TTM folder
-            from ttm_jax.convert.export import export_main
-
+        if os.path.exists(os.path.join(src, export.TTM_CONFIG_FILE)):  # an exported TTM folder
             export_main([f"--from=torch:{src}", f"--to=orbax:{os.path.join(dst, 'params')}",
                          f"--scan_layers={str(a.scan_layers).lower()}"])
             return
-        from ttm_jax.convert import dit as convert
-
         if a.stage is None and a.config:
             raise SystemExit("--config needs --stage: without it the backbone is converted as it is")
         ns = argparse.Namespace(src=src, out=dst, config=a.config, in_channels=0, ttm_layers=0,
                                 scan_layers=a.scan_layers, seed=a.seed, dtype=dtype)
         if a.stage is not None and not a.config:
-            cfg, cin, _ = convert.read_config(src, scan_layers=a.scan_layers)
+            cfg, cin, _ = dit_convert.read_config(src, scan_layers=a.scan_layers)
             ns.in_channels = 3 * cin
             ns.ttm_layers = 0 if a.stage == 1 else math.ceil(cfg.num_layers / 4)  # the paper: 10 of 40 blocks
         _dit(ns)
         return
     if src_kind in ("orbax", "workdir") and dst_kind in ("torch", "diffusers"):
-        from ttm_jax.convert.export import export_main
-
         if src_kind == "orbax" and os.path.isdir(os.path.join(src, "params")):
             src = os.path.join(src, "params")
         args = [f"--from={src_kind}:{src}", f"--to=torch:{dst}", f"--params={a.params}"]
@@ -200,14 +251,13 @@ def _from_to(argv: list[str]) -> None:
                      f"workdir:DIR -> torch:PATH, torch:PATH -> orbax:DIR")
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
+    """The command line (module docstring): `--from/--to`, or the subcommands `dit`, `dit-export`, `vae`, `export`."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(x.startswith("--from") for x in argv) and (not argv or argv[0] != "export"):
         _from_to(argv)
         return
     if argv and argv[0] == "export":
-        from ttm_jax.convert.export import export_main
-
         export_main(argv[1:])
         return
     ap = argparse.ArgumentParser(prog="python -m ttm_jax.convert", description=__doc__,

@@ -12,7 +12,7 @@ An exported folder (what `ttm_jax.torch.TTMWanTransformer3DModel.from_pretrained
   ttm_config.json                      {ttm_layers, ttm_masked, in_channels, out_channels, latent_channels, stage,
                                        scan_layers, param_dtype, format}
 
-The table (`rulebook(cfg)`): the backbone rules (`ttm_jax/convert/dit.py`), re-based for the stage model's
+The table (`rulebook(cfg)`): the backbone rules (`ttm_jax/weights/dit.py`), re-based for the stage model's
 layout (with `scan_layers=True` the Flax tree has two stacks: `ttm_blocks` = torch blocks `0..K-1` and `blocks` =
 torch blocks `K..L-1`, `stack_offset=K`), plus the TTM rules (norm `scale/bias` <-> `weight/bias`, Dense `kernel`
 <-> `weight.T`, `attn/to_out` <-> `attn.to_out.0`). Every tensor moves through it one at a time (streamed
@@ -21,24 +21,28 @@ safetensors both ways); Flax -> folder -> Flax is bit-identical.
 Sources: `workdir:DIR[@STEP]` (a training workdir: Orbax `CheckpointManager` state + the config saved beside it;
 the EMA params when the run kept them, `--params=raw` for the raw ones) or `orbax:DIR` (an Orbax params checkpoint,
 e.g. `python -m ttm_jax.convert dit`'s `<out>/params`, with its `ttm_convert.json` beside it or `--config`).
-Entry point: `export_main(argv)`.
+This module holds the library functions (`export_params`, `import_folder`, `load_workdir`, `load_orbax_params`,
+`stage_dims`); the command line is `python -m ttm_jax.convert export` (`__main__.export_main`).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
 
-from ttm_jax.convert import dit as dit_convert
-from ttm_jax.convert import rulebook as rb
-from ttm_jax.convert import wan_vae as vae_convert
+from ttm_jax import config as config_lib
 from ttm_jax.models import dit as dit_lib
+from ttm_jax.runtime import checkpoint as checkpoint_lib
+from ttm_jax.weights import dit as dit_convert
+from ttm_jax.weights import rulebook as rb
+from ttm_jax.weights import safetensors_io
 
 TTM_CONFIG_FILE = "ttm_config.json"
 TTM_WEIGHTS_FILE = "ttm_layers.safetensors"
@@ -141,42 +145,12 @@ def export_params(params: Mapping[str, Any], cfg: dit_lib.DiTConfig, in_channels
         if dtype is not None:
             tensors = ((k, v.astype(rb.as_dtype(dtype))) for k, v in tensors)
         path = os.path.join(out_dir, file_name)
-        vae_convert.write_safetensors(path, specs, tensors, metadata={"format": "pt"})
+        safetensors_io.write_safetensors(path, specs, tensors, metadata={"format": "pt"})
         paths[file_name] = path
     return paths
 
 
 # -------------------------------------------------------------------------------------------------------- pt -> flax
-
-
-class _Files(Mapping):
-    """Several safetensors readers as one lazy {key: array} mapping with `specs` (keys must not repeat)."""
-
-    def __init__(self, files: Sequence[str]):
-        self.readers = [vae_convert.PreadReader(f) for f in files]
-        self._owner: dict[str, Any] = {}
-        for reader, f in zip(self.readers, files, strict=True):
-            for key in reader:
-                if key in self._owner:
-                    raise ValueError(f"{f}: tensor {key!r} is also in {self._owner[key].files[0]}; an exported folder "
-                                     f"holds each tensor once")
-                self._owner[key] = reader
-
-    @property
-    def specs(self) -> dict[str, rb.Spec]:
-        out: dict[str, rb.Spec] = {}
-        for reader in self.readers:
-            out.update(reader.specs)
-        return out
-
-    def __getitem__(self, key: str) -> np.ndarray:
-        return self._owner[key][key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._owner)
-
-    def __len__(self) -> int:
-        return len(self._owner)
 
 
 def read_folder_config(folder: str, *, scan_layers: bool = True,
@@ -207,7 +181,8 @@ def import_folder(folder: str, *, scan_layers: bool = True,
         if not os.path.exists(f):
             raise FileNotFoundError(f"{f}: missing; {folder}/{TTM_CONFIG_FILE} says ttm_layers={cfg.ttm_layers}. "
                                     f"Re-export the folder (python -m ttm_jax.convert export)")
-    params = rb.stream_to_flax(rulebook(cfg), _Files(files), dit_convert.template(cfg, cin, cout))
+    params = rb.stream_to_flax(rulebook(cfg), safetensors_io.MultiFileReader(files),
+                               dit_convert.template(cfg, cin, cout))
     return cfg, cin, cout, params
 
 
@@ -217,9 +192,6 @@ def import_folder(folder: str, *, scan_layers: bool = True,
 def load_orbax_params(path: str, cfg: dit_lib.DiTConfig, in_channels: int, out_channels: int) -> dict[str, Any]:
     """An Orbax params checkpoint (`ocp.StandardCheckpointer`, e.g. `python -m ttm_jax.convert dit`) -> unboxed
     params of `cfg`'s shapes, on the first local device."""
-    import jax
-    import orbax.checkpoint as ocp
-
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
                             dit_convert.template(cfg, in_channels, out_channels))
@@ -235,93 +207,14 @@ def load_workdir(workdir: str, *, step: int | None = None, ema: bool = True) -> 
     """(config, unboxed params, step) of a training workdir's checkpoint (latest when `step` is None): the EMA params
     when the run kept them and `ema`, else the raw ones. Only that subtree is read (`checkpoint.restore_params`: no
     optimizer state), onto the first local device, whatever mesh wrote it."""
-    from ttm_jax.runtime import checkpoint as checkpoint_lib
-
     config, params, step, _ = checkpoint_lib.restore_params(workdir, step, ema=ema)
     return config, params, int(step)
 
 
-# -------------------------------------------------------------------------------------------------------------- CLI
+def stage_dims(config: ml_collections.ConfigDict) -> tuple[dit_lib.DiTConfig, int, int, int, int]:
+    """(DiTConfig, in_channels, out_channels, latent_channels, stage) of a stage config (a training run's, or the
+    `--config` of an Orbax source): the DiT reads `ttm_jax.config.in_channels(config)` channels and predicts
+    `latent_channels` ones."""
+    lat = int(config.autoencoder.latent_channels)
+    return dit_lib.DiTConfig.from_config(config.model), config_lib.in_channels(config), lat, lat, int(config.stage)
 
-
-def _split(spec: str, flag: str, kinds: Sequence[str]) -> tuple[str, str]:
-    kind, sep, path = spec.partition(":")
-    if not sep or kind not in kinds or not path:
-        raise SystemExit(f"{flag}={spec!r}: expected one of {[k + ':PATH' for k in kinds]} "
-                         f"(e.g. --from=workdir:/runs/stage2 --to=torch:/out/stage2_transformer)")
-    return kind, path
-
-
-def _orbax_config(path: str, config_spec: str) -> tuple[dit_lib.DiTConfig, int, int, int | None, int | None]:
-    """Model config of an Orbax params checkpoint: `--config` file, else `ttm_convert.json` beside it."""
-    if config_spec:
-        from ttm_jax import config as config_lib
-        from ttm_jax.convert.__main__ import _load_config
-
-        config = _load_config(config_spec)
-        lat = int(config.autoencoder.latent_channels)
-        return (dit_lib.DiTConfig.from_config(config.model), config_lib.in_channels(config), lat, lat,
-                int(config.stage))
-    meta_file = os.path.join(os.path.dirname(os.path.abspath(path)), "ttm_convert.json")
-    if not os.path.exists(meta_file):
-        raise SystemExit(f"--from=orbax:{path}: no {meta_file} beside it; pass --config=configs/stage2.py:VARIANT "
-                         f"naming the model it holds")
-    with open(meta_file) as fh:
-        meta = json.load(fh)
-    cfg = dit_lib.DiTConfig.from_config(meta["model"])
-    lat = int(meta["out_channels"])
-    return cfg, int(meta["in_channels"]), lat, lat, None
-
-
-def export_main(argv: Sequence[str] | None = None) -> dict[str, str]:
-    """`export --from=workdir:DIR[@STEP] | orbax:DIR [--config=FILE:ARG] --to=torch:FOLDER [--params=ema|raw]
-    [--dtype=float32|bfloat16]`, or the import direction `--from=torch:FOLDER --to=orbax:DIR [--scan_layers=true]`.
-    Returns {name: written path}."""
-    ap = argparse.ArgumentParser(prog="python -m ttm_jax.convert export", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--from", dest="src", required=True, help="workdir:DIR[@STEP] | orbax:DIR | torch:FOLDER")
-    ap.add_argument("--to", dest="dst", required=True, help="torch:FOLDER | orbax:DIR")
-    ap.add_argument("--config", default="", help="for orbax: sources without ttm_convert.json beside them")
-    ap.add_argument("--params", choices=("ema", "raw"), default="ema", help="workdir: EMA params when kept")
-    ap.add_argument("--dtype", default="", help="cast the exported tensors (default: as trained)")
-    ap.add_argument("--scan_layers", default="true", choices=("true", "false"), help="torch -> orbax layout")
-    args = ap.parse_args(argv)
-    src_kind, src = _split(args.src, "--from", ("workdir", "orbax", "torch"))
-    dst_kind, dst = _split(args.dst, "--to", ("torch", "orbax"))
-    if (src_kind == "torch") == (dst_kind == "torch"):
-        raise SystemExit(f"--from={args.src} --to={args.dst}: one side must be torch:FOLDER")
-
-    if src_kind == "torch":
-        import orbax.checkpoint as ocp
-
-        cfg, cin, cout, params = import_folder(src, scan_layers=args.scan_layers == "true")
-        target = os.path.abspath(dst)
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(target, params)
-            ckptr.wait_until_finished()
-        meta = {"source": os.path.abspath(src), "model": dataclasses.asdict(cfg), "in_channels": cin,
-                "out_channels": cout, "params": target}
-        with open(os.path.join(os.path.dirname(target), "ttm_convert.json"), "w") as fh:
-            json.dump(meta, fh, indent=2)
-        print(f"wrote {target}")
-        return {"params": target}
-
-    if src_kind == "workdir":
-        workdir, _, step = src.partition("@")
-        config, params, at = load_workdir(workdir, step=int(step) if step else None, ema=args.params == "ema")
-        from ttm_jax import config as config_lib
-
-        cfg = dit_lib.DiTConfig.from_config(config.model)
-        cin, lat = config_lib.in_channels(config), int(config.autoencoder.latent_channels)
-        cout, stage = lat, int(config.stage)
-        print(f"read {workdir} step {at} ({args.params} params), stage {stage}")
-    else:
-        cfg, cin, cout, lat, stage = _orbax_config(src, args.config)
-        params = load_orbax_params(src, cfg, cin, cout)
-    paths = export_params(params, cfg, cin, cout, dst, latent_channels=lat, stage=stage, dtype=args.dtype or None)
-    print("wrote " + ", ".join(sorted(paths.values())))
-    return paths
-
-
-if __name__ == "__main__":
-    export_main()

@@ -418,7 +418,7 @@ class WanVAE(nn.Module):
 
 
 def init_params(model: WanVAE, rng: jax.Array) -> dict[str, Any]:
-    """Random parameters (for tests and benchmarks; real weights come from `load_params`)."""
+    """Random parameters (for tests and benchmarks; real weights come from `ttm_jax.weights.wan_vae.load_params`)."""
     cfg = model.cfg
     s = cfg.space_factor
     video = jnp.zeros((1, 1 + 2 * cfg.time_factor, 2 * s, 2 * s, cfg.in_channels), jnp.float32)
@@ -486,7 +486,8 @@ def decode(model: WanVAE, params: Any, latent: jax.Array, *, chunk: int = 1) -> 
 
 
 class WanAutoencoder:
-    """`make_autoencoder` object for `config.autoencoder.name == "wan"`.
+    """`make_autoencoder` object for `config.autoencoder.name == "wan"` (built, with the converted weights of a
+    diffusers folder, by `ttm_jax.weights.wan_vae.make_wan_autoencoder`).
 
     `encode(video [B, T, H, W, 3] in [-1, 1]) -> [B, T', H', W', 16]` normalised latents (what the DiT sees);
     `decode(latent) -> video` in [-1, 1]. Both jitted, chunked over time (`chunk` latent frames per step).
@@ -543,34 +544,4 @@ def _decode_normalised(model: WanVAE, params: Any, latent: jax.Array, mean: jax.
                        chunk: int) -> jax.Array:
     z = latent.astype(jnp.float32) * std + mean
     return decode(model, params, z, chunk=chunk).astype(jnp.float32)
-
-
-def load_params(path: str, cfg: WanVAEConfig | None = None) -> tuple[WanVAEConfig, Any]:
-    """(config, params) from a diffusers `AutoencoderKLWan` folder; every tensor mapped and shape-checked."""
-    from ttm_jax.convert import wan_vae as convert  # the converter knows both layouts; models stay below it
-
-    cfg = cfg or read_config(path)
-    return cfg, convert.load_diffusers_folder(path, cfg)
-
-
-def make_wan_autoencoder(config: Any) -> WanAutoencoder:
-    """The autoencoder of `config.autoencoder` (name "wan"): weights from `config.autoencoder.path`.
-
-    Reads `path` (diffusers folder), `dtype` (compute dtype, default float32), `chunk_frames` (latent frames per
-    chunk, default 1), and checks `latent_channels`, `time_factor`, `space_factor` against the folder's config.json.
-    """
-    path = config.get("path", "")
-    if not path:
-        raise ValueError("config.autoencoder.path: empty, but autoencoder.name='wan' needs weights; set it to a "
-                         "diffusers AutoencoderKLWan folder (config.json + diffusion_pytorch_model.safetensors), "
-                         "e.g. <Wan2.1-T2V-1.3B-Diffusers>/vae")
-    cfg = read_config(path)  # check the config against config.json before reading any weight
-    for field, want in (("latent_channels", cfg.z_dim), ("time_factor", cfg.time_factor),
-                        ("space_factor", cfg.space_factor)):
-        have = config.get(field, want)
-        if have != want:
-            raise ValueError(f"config.autoencoder.{field}: {have}, but {os.path.join(path, CONFIG_FILE)} makes "
-                             f"{want}; set config.autoencoder.{field}={want}")
-    _, params = load_params(path, cfg)
-    return WanAutoencoder(cfg, params, dtype=config.get("dtype", "float32"), chunk=config.get("chunk_frames", 1))
 

@@ -24,8 +24,9 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from ttm_jax.convert import rulebook as rb
 from ttm_jax.models import text_encoder
+from ttm_jax.weights import rulebook as rb
+from ttm_jax.weights import safetensors_io
 
 _BLOCK = "encoder.block.{i}.layer."
 
@@ -140,7 +141,7 @@ def load_params(config: ml_collections.ConfigDict, path: str) -> dict:
     hf = read_hf_config(path)
     check_config(config, hf, f"{path}/config.json")
     try:
-        reader = rb.SafetensorsReader(path)
+        reader = safetensors_io.SafetensorsReader(path)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"config.text_encoder.path: {e} (PyTorch .bin checkpoints: re-save them with "
                                 f"save_pretrained(..., safe_serialization=True))") from e

@@ -30,22 +30,21 @@ Every conversion is planned on shapes first, from the Flax template (`jax.eval_s
 known, the torch shapes (a state dict or a safetensors header): every torch key must be mapped, every Flax param
 produced, every shape match, or `ConversionError` lists all the offending keys by name before any data moves. Then
 data moves tensor by tensor on numpy arrays: `FlaxWriter.add(key, array)` writes each torch tensor into its slot of
-preallocated Flax buffers, so a converter can stream a sharded safetensors checkpoint (`SafetensorsReader`, memory
-mapped) with one copy of the weights in memory; `iter_torch` yields torch tensors one at a time the other way.
+preallocated Flax buffers, so a converter can stream a sharded safetensors checkpoint (`stream_to_flax` over a
+`safetensors_io` reader) with one copy of the weights in memory; `iter_torch` yields torch tensors one at a time the
+other way.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import ml_dtypes
 import numpy as np
-from etils import epath
 
 Shape = tuple[int, ...]
 Spec = tuple[Shape, Any]  # (shape, numpy dtype or None)
@@ -176,7 +175,6 @@ class Chain(Transform):
 
 IDENTITY = Identity()
 LINEAR = Transpose((1, 0))  # torch nn.Linear [out, in] -> flax Dense kernel [in, out]
-CONV1D = Transpose((2, 1, 0))  # [O, I, k] -> [k, I, O]
 CONV2D = Transpose((2, 3, 1, 0))  # [O, I, kh, kw] -> [kh, kw, I, O]
 CONV3D = Transpose((2, 3, 4, 1, 0))  # [O, I, kt, kh, kw] -> [kt, kh, kw, I, O]
 
@@ -339,6 +337,13 @@ def as_dtype(dtype: Any) -> np.dtype | None:
         return np.dtype(dtype)
     except TypeError:
         return np.dtype(name)
+
+
+def as_numpy(x: Any) -> np.ndarray:
+    """A numpy array of `x`: an array, a jax array, or a torch tensor (detached, on the CPU; torch is not imported)."""
+    if hasattr(x, "detach"):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
 
 
 def spec_of(x: Any) -> Spec:
@@ -685,72 +690,10 @@ class FlaxWriter:
         return unflatten(self.buffers)
 
 
-# ------------------------------------------------------------------------------------------------------- safetensors
-
-_ST_DTYPES: dict[str, Any] = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2, "I64": np.int64, "I32": np.int32,
-    "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
-}
-
-
-class SafetensorsReader(Mapping):
-    """Lazy, memory-mapped {key: numpy array} over one local `.safetensors` file, a folder holding one, or a
-    sharded checkpoint (`*.safetensors.index.json`); bfloat16 comes back as `ml_dtypes.bfloat16`. Only the headers
-    are read up front, so `specs` can plan a conversion before any tensor is touched."""
-
-    def __init__(self, path: str | epath.PathLike):
-        p = epath.Path(path)
-        if p.is_dir():
-            index = sorted(p.glob("*.safetensors.index.json"))
-            files = sorted(p.glob("*.safetensors"))
-            if index:
-                weight_map = json.loads(index[0].read_text())["weight_map"]
-                files = [p / f for f in sorted(set(weight_map.values()))]
-            elif len(files) != 1:
-                raise FileNotFoundError(
-                    f"{p}: expected one *.safetensors file or a *.safetensors.index.json, found "
-                    f"{[f.name for f in files]}; point the path at a checkpoint folder (e.g. model.safetensors)")
-        elif p.exists():
-            files = [p]
-        else:
-            raise FileNotFoundError(f"{p}: no such safetensors file or folder")
-        self.files = [str(f) for f in files]
-        self._where: dict[str, tuple[str, Shape, Any, int, int]] = {}
-        for f in self.files:
-            with open(f, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                header = json.loads(fh.read(n))
-            for key, info in header.items():
-                if key == "__metadata__":
-                    continue
-                if info["dtype"] not in _ST_DTYPES:
-                    raise ValueError(f"{f}: tensor {key!r} has dtype {info['dtype']}, which this reader does not know")
-                b, e = info["data_offsets"]
-                self._where[key] = (f, tuple(info["shape"]), _ST_DTYPES[info["dtype"]], 8 + n + b, 8 + n + e)
-        self._maps: dict[str, np.memmap] = {}
-
-    @property
-    def specs(self) -> dict[str, Spec]:
-        return {k: (shape, np.dtype(dt)) for k, (_, shape, dt, _, _) in self._where.items()}
-
-    def __getitem__(self, key: str) -> np.ndarray:
-        f, shape, dt, b, e = self._where[key]
-        if f not in self._maps:
-            self._maps[f] = np.memmap(f, dtype=np.uint8, mode="r")
-        return self._maps[f][b:e].view(dt).reshape(shape)
-
-    def __iter__(self):
-        return iter(self._where)
-
-    def __len__(self):
-        return len(self._where)
-
-
 def stream_to_flax(book: RuleBook, reader: Mapping[str, np.ndarray], flax_template: Mapping[str, Any],
                    specs: Mapping[str, Any] | None = None,
                    on_tensor: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Convert tensor by tensor from a lazy mapping (e.g. `SafetensorsReader`), planning on `specs` (default
+    """Convert tensor by tensor from a lazy mapping (e.g. `safetensors_io.PreadReader`), planning on `specs` (default
     `reader.specs`) first; only the Flax buffers and one torch tensor are alive at a time."""
     specs = specs if specs is not None else getattr(reader, "specs", None)
     if specs is None:

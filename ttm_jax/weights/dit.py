@@ -6,12 +6,16 @@ either layout: `scan_layers=True` (one `blocks` stack, torch `blocks.{i}` stacke
 zero-pads the new input channels and keeps the (zero-output) TTM layers of a fresh init; `python -m ttm_jax.convert`
 does both and writes the Orbax params checkpoint that `config.train.init_from` reads.
 
-Reading streams the safetensors shards tensor by tensor (`wan_vae.PreadReader`: no memory map, so the peak is the
-Flax params plus one tensor); writing streams one safetensors file tensor by tensor.
+Reading streams the safetensors shards tensor by tensor (`safetensors_io.PreadReader`: no memory map, so the peak is
+the Flax params plus one tensor); writing streams one safetensors file tensor by tensor.
+
+A converted checkpoint (`save_converted`) is an Orbax params checkpoint `<dir>/params` with `<dir>/ttm_convert.json`
+beside it (the source, the `DiTConfig`, the channels): what `config.train.init_from` and the export read.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping
@@ -19,15 +23,16 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 
-from ttm_jax.convert import rulebook as rb
-from ttm_jax.convert import wan_vae as vae_convert
 from ttm_jax.models import dit as dit_lib
+from ttm_jax.weights import rulebook as rb
+from ttm_jax.weights import safetensors_io
 
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 CONFIG_FILE = "config.json"
+CONVERTED_META_FILE = "ttm_convert.json"  # beside a converted Orbax params checkpoint
 
 
 def _linear(t: str, f: str, **kw: Any) -> list[rb.Rule]:
@@ -96,28 +101,16 @@ def read_config(path: str, **kw: Any) -> tuple[dit_lib.DiTConfig, int, int]:
         return config_from_diffusers(json.load(f), source=file, **kw)
 
 
-def init_inputs(cfg: dit_lib.DiTConfig, in_channels: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Smallest (args, kwargs) that `DiT.init` accepts: one patch, one text token, TTM inputs when needed."""
-    pt, ph, pw = cfg.patch_size
-    args = (jnp.zeros((1, pt, ph, pw, in_channels), jnp.float32), jnp.zeros((1,)), jnp.zeros((1, 1, cfg.text_dim)))
-    kwargs: dict[str, Any] = {}
-    if cfg.ttm_layers:
-        one = jnp.zeros((1, 1), jnp.int32)  # one patch -> one token
-        kwargs = dict(local_context=jnp.zeros((1, 1, cfg.text_dim)), token_ids=one, cross_token_ids=one,
-                      local_ids=one)
-    return args, kwargs
-
-
 def template(cfg: dit_lib.DiTConfig, in_channels: int, out_channels: int) -> Any:
     """The DiT's unboxed parameter tree as `jax.ShapeDtypeStruct`s (no memory spent)."""
     model = dit_lib.DiT(cfg, in_channels, out_channels)
-    args, kwargs = init_inputs(cfg, in_channels)
+    args, kwargs = dit_lib.init_inputs(cfg, in_channels)
     return nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), *args, **kwargs)["params"]))
 
 
 def _check_backbone(cfg: dit_lib.DiTConfig) -> None:
     if cfg.ttm_layers:
-        raise ValueError(f"convert/dit.py: the rulebook maps the backbone (ttm_layers=0), got ttm_layers="
+        raise ValueError(f"weights/dit.py: the rulebook maps the backbone (ttm_layers=0), got ttm_layers="
                          f"{cfg.ttm_layers}; convert the backbone, then dit.graft_backbone into the stage model")
 
 
@@ -125,7 +118,7 @@ def torch_to_flax(tensors: Mapping[str, Any], cfg: dit_lib.DiTConfig, in_channel
                   out_channels: int) -> dict[str, Any]:
     """{torch key: array or tensor} -> unboxed backbone params (numpy, the template's dtypes)."""
     _check_backbone(cfg)
-    arrays = {k: vae_convert._numpy(v) for k, v in tensors.items()}
+    arrays = {k: rb.as_numpy(v) for k, v in tensors.items()}
     return rulebook(cfg.scan_layers).to_flax(arrays, template(cfg, in_channels, out_channels))
 
 
@@ -141,7 +134,7 @@ def load_diffusers_folder(path: str, *, scan_layers: bool = True,
     """(config, in_channels, out_channels, unboxed params) from a diffusers transformer folder (sharded or not),
     streamed tensor by tensor; bfloat16 checkpoints are cast to `param_dtype` on the way."""
     cfg, cin, cout = read_config(path, scan_layers=scan_layers, param_dtype=param_dtype)
-    reader = vae_convert.PreadReader(path)
+    reader = safetensors_io.PreadReader(path)
     params = rb.stream_to_flax(rulebook(scan_layers), reader, template(cfg, cin, cout))
     return cfg, cin, cout, params
 
@@ -169,5 +162,35 @@ def save_diffusers_folder(params: Mapping[str, Any], cfg: dit_lib.DiTConfig, in_
     specs = {mv.torch_key: (mv.torch_shape, rb.as_dtype(dtype if dtype is not None else flat[mv.flax_path].dtype))
              for mv in book.plan(flat, None, "flax -> torch")}
     file = os.path.join(out_dir, WEIGHTS_FILE)
-    vae_convert.write_safetensors(file, specs, book.iter_torch(params), metadata={"format": "pt"})
+    safetensors_io.write_safetensors(file, specs, book.iter_torch(params), metadata={"format": "pt"})
     return file
+
+
+def save_converted(target: str, params: Any, cfg: dit_lib.DiTConfig, in_channels: int, out_channels: int,
+                   source: str) -> str:
+    """Writes a converted checkpoint: the (unboxed) DiT `params` as an Orbax params checkpoint at `target`, and
+    `ttm_convert.json` beside it ({source, model: `cfg` as a dict, in_channels, out_channels, params: the absolute
+    `target`}), which `read_converted` reads back. Returns the absolute `target`."""
+    target = os.path.abspath(target)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(target, params)
+        ckptr.wait_until_finished()
+    meta = {"source": os.path.abspath(source), "model": dataclasses.asdict(cfg), "in_channels": in_channels,
+            "out_channels": out_channels, "params": target}
+    with open(os.path.join(os.path.dirname(target), CONVERTED_META_FILE), "w") as fh:
+        json.dump(meta, fh, indent=2)
+    return target
+
+
+def converted_meta_file(params_path: str) -> str:
+    """The `ttm_convert.json` that `save_converted` writes beside the Orbax params checkpoint `params_path`."""
+    return os.path.join(os.path.dirname(os.path.abspath(params_path)), CONVERTED_META_FILE)
+
+
+def read_converted(params_path: str) -> tuple[dit_lib.DiTConfig, int, int]:
+    """(`DiTConfig`, in_channels, out_channels) of the converted checkpoint `params_path` from the `ttm_convert.json`
+    beside it (`converted_meta_file`; FileNotFoundError when there is none)."""
+    with open(converted_meta_file(params_path)) as fh:
+        meta = json.load(fh)
+    return dit_lib.DiTConfig.from_config(meta["model"]), int(meta["in_channels"]), int(meta["out_channels"])

@@ -2,11 +2,15 @@
 
     params = load_diffusers_folder("<Wan2.1-T2V-1.3B-Diffusers>/vae")            # torch -> Flax, streamed
     save_diffusers_folder(params, cfg, "out/vae")                                 # Flax -> torch, streamed
+    ae = make_wan_autoencoder(config.autoencoder)                                 # the project's autoencoder
 
 Every torch key is mapped (no `Ignore`s: the VAE has no buffers), every Flax param produced, every shape checked
 before any data moves (`rulebook.RuleBook.plan`). Reading goes tensor by tensor with `pread` (no memory map, so the
-peak resident memory is the Flax params plus one tensor); writing streams a safetensors file tensor by tensor from
-the Flax params. `bench/convert.py` measures both.
+peak resident memory is the Flax params plus one tensor: `safetensors_io.PreadReader`); writing streams a
+safetensors file tensor by tensor from the Flax params. `bench/convert.py` measures both.
+
+`make_wan_autoencoder(config.autoencoder)` is the `autoencoder.name="wan"` entry point: the `WanAutoencoder` of
+`ttm_jax.models.wan_vae` with the weights of the diffusers folder `config.autoencoder.path`, converted on load.
 """
 
 from __future__ import annotations
@@ -14,14 +18,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
-from ttm_jax.convert import rulebook as rb
 from ttm_jax.models import wan_vae
+from ttm_jax.weights import rulebook as rb
+from ttm_jax.weights import safetensors_io
 
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 
@@ -97,25 +101,6 @@ def _rules() -> list[rb.Rule]:
 RULES = rb.RuleBook("wan_vae", _rules())
 
 
-class PreadReader(rb.SafetensorsReader):
-    """`rulebook.SafetensorsReader` that reads each tensor with `os.pread` into a fresh array instead of a memory
-    map, so pages of tensors already converted do not stay resident (a memory map would count the whole file in the
-    process's resident memory by the end of a conversion)."""
-
-    def __getitem__(self, key: str) -> np.ndarray:
-        f, shape, dt, b, e = self._where[key]
-        out = np.empty(shape, dt)
-        view = memoryview(out.reshape(-1).view(np.uint8))
-        with open(f, "rb", buffering=0) as fh:
-            pos = 0
-            while pos < e - b:
-                n = os.preadv(fh.fileno(), [view[pos:]], b + pos)
-                if n <= 0:
-                    raise OSError(f"{f}: unexpected end of file reading tensor {key!r}")
-                pos += n
-        return out
-
-
 def template(cfg: wan_vae.WanVAEConfig) -> Any:
     """The Flax parameter tree of `cfg` as shapes (`jax.ShapeDtypeStruct`), float32."""
     return wan_vae.param_shapes(wan_vae.WanVAE(cfg))
@@ -123,7 +108,7 @@ def template(cfg: wan_vae.WanVAEConfig) -> Any:
 
 def torch_to_flax(tensors: Mapping[str, Any], cfg: wan_vae.WanVAEConfig) -> dict[str, Any]:
     """{torch key: array or tensor} (e.g. `AutoencoderKLWan.state_dict()`) -> nested Flax params (numpy float32)."""
-    arrays = {k: _numpy(v) for k, v in tensors.items()}
+    arrays = {k: rb.as_numpy(v) for k, v in tensors.items()}
     return RULES.to_flax(arrays, template(cfg))
 
 
@@ -135,7 +120,7 @@ def flax_to_torch(params: Mapping[str, Any], torch_specs: Mapping[str, Any] | No
 def load_diffusers_folder(path: str, cfg: wan_vae.WanVAEConfig | None = None) -> dict[str, Any]:
     """Flax params (numpy float32) from a diffusers VAE folder or a `.safetensors` file, streamed tensor by tensor."""
     cfg = cfg or wan_vae.read_config(path)
-    reader = PreadReader(path)
+    reader = safetensors_io.PreadReader(path)
     try:
         return rb.stream_to_flax(RULES, reader, template(cfg))
     except rb.ConversionError as e:
@@ -155,48 +140,6 @@ def diffusers_config(cfg: wan_vae.WanVAEConfig) -> dict[str, Any]:
     if cfg.latents_std is not None:
         out["latents_std"] = list(cfg.latents_std)
     return out
-
-
-_ST_NAMES = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
-             np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.int64): "I64", np.dtype(np.int32): "I32"}
-
-
-def write_safetensors(path: str, specs: Mapping[str, tuple[tuple[int, ...], Any]],
-                      tensors: Iterable[tuple[str, np.ndarray]], metadata: Mapping[str, str] | None = None) -> None:
-    """Streams a `.safetensors` file: the header from `specs` ({key: (shape, dtype)}) first, then each tensor of
-    `tensors` (any order) written at its offset, so only one tensor is in memory at a time."""
-    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
-    offsets, pos = {}, 0
-    for key in sorted(specs):
-        shape, dtype = specs[key]
-        dtype = np.dtype(dtype)
-        if dtype not in _ST_NAMES:
-            raise ValueError(f"{path}: tensor {key!r} has dtype {dtype}, which safetensors cannot store")
-        n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        header[key] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [pos, pos + n]}
-        offsets[key] = (pos, n, tuple(shape), dtype)
-        pos += n
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the data start stays 8-byte aligned, as the safetensors writer does
-    base = 8 + len(blob)
-    seen = set()
-    with open(path, "wb") as fh:
-        fh.write(len(blob).to_bytes(8, "little"))
-        fh.write(blob)
-        fh.truncate(base + pos)
-        for key, x in tensors:
-            if key not in offsets:
-                raise ValueError(f"{path}: tensor {key!r} is not in the planned header")
-            off, n, shape, dtype = offsets[key]
-            x = np.ascontiguousarray(x, dtype=dtype)
-            if x.shape != shape:
-                raise ValueError(f"{path}: tensor {key!r} is {x.shape}, the header says {shape}")
-            fh.seek(base + off)
-            fh.write(memoryview(x.reshape(-1).view(np.uint8)))
-            seen.add(key)
-    missing = sorted(set(offsets) - seen)
-    if missing:
-        raise ValueError(f"{path}: {len(missing)} tensor(s) were never written: {missing[:10]}")
 
 
 def torch_specs(params: Mapping[str, Any], dtype: Any = None) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -219,7 +162,7 @@ def save_diffusers_folder(params: Mapping[str, Any], cfg: wan_vae.WanVAEConfig, 
         json.dump(diffusers_config(cfg), f, indent=2)
     specs = torch_specs(params, dtype)
     file = os.path.join(out_dir, WEIGHTS_FILE)
-    write_safetensors(file, specs, iter_torch(params), metadata={"format": "pt"})
+    safetensors_io.write_safetensors(file, specs, iter_torch(params), metadata={"format": "pt"})
     return file
 
 
@@ -228,7 +171,32 @@ def iter_torch(params: Mapping[str, Any]) -> Iterator[tuple[str, np.ndarray]]:
     return RULES.iter_torch(params)
 
 
-def _numpy(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):  # a torch tensor; no torch import needed here
-        return x.detach().cpu().numpy()
-    return np.asarray(x)
+
+def load_params(path: str, cfg: wan_vae.WanVAEConfig | None = None) -> tuple[wan_vae.WanVAEConfig, Any]:
+    """(config, params) from a diffusers `AutoencoderKLWan` folder; every tensor mapped and shape-checked."""
+    cfg = cfg or wan_vae.read_config(path)
+    return cfg, load_diffusers_folder(path, cfg)
+
+
+def make_wan_autoencoder(config: Any) -> wan_vae.WanAutoencoder:
+    """The autoencoder of `config.autoencoder` (name "wan"): weights from `config.autoencoder.path`.
+
+    Reads `path` (diffusers folder), `dtype` (compute dtype, default float32), `chunk_frames` (latent frames per
+    chunk, default 1), and checks `latent_channels`, `time_factor`, `space_factor` against the folder's config.json.
+    `encode` maps video `[B, T, H, W, 3]` to normalised latents `[B, 1 + (T-1)/4, H/8, W/8, z_dim]`.
+    """
+    path = config.get("path", "")
+    if not path:
+        raise ValueError("config.autoencoder.path: empty, but autoencoder.name='wan' needs weights; set it to a "
+                         "diffusers AutoencoderKLWan folder (config.json + diffusion_pytorch_model.safetensors), "
+                         "e.g. <Wan2.1-T2V-1.3B-Diffusers>/vae")
+    cfg = wan_vae.read_config(path)  # check the config against config.json before reading any weight
+    for field, want in (("latent_channels", cfg.z_dim), ("time_factor", cfg.time_factor),
+                        ("space_factor", cfg.space_factor)):
+        have = config.get(field, want)
+        if have != want:
+            raise ValueError(f"config.autoencoder.{field}: {have}, but {os.path.join(path, wan_vae.CONFIG_FILE)} "
+                             f"makes {want}; set config.autoencoder.{field}={want}")
+    _, params = load_params(path, cfg)
+    return wan_vae.WanAutoencoder(cfg, params, dtype=config.get("dtype", "float32"),
+                                  chunk=config.get("chunk_frames", 1))
