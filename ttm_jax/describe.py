@@ -18,6 +18,7 @@ from flax import traverse_util
 from flax.core import meta
 
 from ttm_jax import config as config_lib
+from ttm_jax.models import dit, text_encoder, wan_vae
 
 
 def _flat_shapes(tree: Any) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
@@ -35,32 +36,20 @@ def _size(shapes: dict) -> int:
     return total
 
 
-def dit_inputs(config: ml_collections.ConfigDict, batch: int) -> dict[str, jax.ShapeDtypeStruct]:
-    """Abstract DiT inputs for `batch` clips of the config's size."""
-    t, h, w, _ = config_lib.latent_shape(config)
-    m, te = config.model, config.text_encoder
-    pt, ph, pw = m.patch_size
-    n = (t // pt) * (h // ph) * (w // pw)
-    f32, i32 = jnp.float32, jnp.int32
-    x = {
-        "x": jax.ShapeDtypeStruct((batch, t, h, w, config_lib.in_channels(config)), f32),
-        "timestep": jax.ShapeDtypeStruct((batch,), f32),
-        "context": jax.ShapeDtypeStruct((batch, te.max_length, m.text_dim), f32),
-    }
-    if m.ttm_layers > 0:
-        ll = (config.data.max_objects + 1) * te.local_max_length
-        x.update(
-            local_context=jax.ShapeDtypeStruct((batch, ll, m.text_dim), f32),
-            token_ids=jax.ShapeDtypeStruct((batch, n), i32),
-            cross_token_ids=jax.ShapeDtypeStruct((batch, n), i32),
-            local_ids=jax.ShapeDtypeStruct((batch, ll), i32),
-        )
-    return x
+def dit_inputs(config: ml_collections.ConfigDict, batch: int, in_channels: int | None = None
+               ) -> dict[str, jax.ShapeDtypeStruct]:
+    """Abstract DiT inputs for `batch` clips of the config's size (`dit.init_inputs`), as one dict: `x`,
+    `timestep`, `context` and the TTM layers' inputs."""
+    te = config.text_encoder
+    cin = config_lib.in_channels(config) if in_channels is None else in_channels
+    (x, timestep, context), kwargs = dit.init_inputs(
+        dit.DiTConfig.from_config(config.model), cin, batch=batch, grid=config_lib.latent_shape(config)[:3],
+        text_len=int(te.max_length), local_len=(int(config.data.max_objects) + 1) * int(te.local_max_length),
+        abstract=True)
+    return {"x": x, "timestep": timestep, "context": context, **kwargs}
 
 
-def make_dit(config: ml_collections.ConfigDict, **model_overrides):
-    from ttm_jax.models import dit
-
+def make_dit(config: ml_collections.ConfigDict, **model_overrides: Any) -> dit.DiT:
     m = ml_collections.ConfigDict(config.model.to_dict())
     in_ch = model_overrides.pop("in_channels", config_lib.in_channels(config))
     for k, v in model_overrides.items():
@@ -68,17 +57,14 @@ def make_dit(config: ml_collections.ConfigDict, **model_overrides):
     return dit.DiT(config=m, in_channels=in_ch, out_channels=config.autoencoder.latent_channels)
 
 
-def dit_param_shapes(config: ml_collections.ConfigDict, **model_overrides) -> dict:
+def dit_param_shapes(config: ml_collections.ConfigDict, **model_overrides: Any) -> dict:
     """Flat {path: ShapeDtypeStruct} of the DiT's parameters, by `jax.eval_shape` (nothing allocated)."""
     model = make_dit(config, **model_overrides)
     cfg = config
     if "ttm_layers" in model_overrides:
         cfg = ml_collections.ConfigDict(config.to_dict())
         cfg.model.ttm_layers = model_overrides["ttm_layers"]
-    inputs = dit_inputs(cfg, 1)
-    if model.in_channels != inputs["x"].shape[-1]:
-        s = inputs["x"].shape
-        inputs["x"] = jax.ShapeDtypeStruct(s[:-1] + (model.in_channels,), inputs["x"].dtype)
+    inputs = dit_inputs(cfg, 1, in_channels=model.in_channels)
     variables = jax.eval_shape(
         lambda rng, inp: model.init(rng, inp.pop("x"), inp.pop("timestep"), inp.pop("context"), **inp),
         jax.random.key(0), dict(inputs),
@@ -87,8 +73,6 @@ def dit_param_shapes(config: ml_collections.ConfigDict, **model_overrides) -> di
 
 
 def text_encoder_param_shapes(config: ml_collections.ConfigDict) -> dict:
-    from ttm_jax.models import text_encoder
-
     enc = text_encoder.T5Encoder(config.text_encoder)
     ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
     mask = jax.ShapeDtypeStruct((1, 8), jnp.bool_)
@@ -99,10 +83,6 @@ def text_encoder_param_shapes(config: ml_collections.ConfigDict) -> dict:
 def autoencoder_param_shapes(config: ml_collections.ConfigDict) -> dict:
     """The frozen autoencoder's parameters (none for space_to_depth)."""
     if config.autoencoder.name == "space_to_depth":
-        return {}
-    try:
-        from ttm_jax.models import wan_vae
-    except ImportError:  # the Wan VAE port is optional for describe
         return {}
     # the architecture from the converted folder if given, else Wan 2.1's released VAE
     cfg = wan_vae.read_config(config.autoencoder.path) if config.autoencoder.path else wan_vae.WanVAEConfig()
@@ -126,8 +106,6 @@ def train_step_flops(config: ml_collections.ConfigDict, compiled: bool = False) 
     m = ml_collections.ConfigDict(config.model.to_dict())
     m.scan_layers = False  # see the module docstring
     m.remat_policy = "none"
-    from ttm_jax.models import dit
-
     model = dit.DiT(config=m, in_channels=config_lib.in_channels(config),
                     out_channels=config.autoencoder.latent_channels)
     batch = config.train.batch_size

@@ -12,14 +12,18 @@ workdir alone: without `--config`, the config saved in the workdir (`config.json
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from ttm_jax import config as config_lib
+from ttm_jax import describe
+from ttm_jax.inference import run as sample_run
+from ttm_jax.runtime import checkpoint as checkpoint_lib
+from ttm_jax.train import loop
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "stage2.py")
 
@@ -30,23 +34,17 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics, sam
 _MODE = flags.DEFINE_enum("mode", None, ["train", "describe", "sample"], "What to do; default from the config.")
 
 
-def _config_from_workdir(workdir: str):
-    """The config saved beside a run's checkpoints, so that a run restarts from its workdir alone."""
-    import ml_collections
-
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
-
-
-def resolve_config(config_flag_present: bool, config, workdir: str | None):
+def resolve_config(config_flag_present: bool, config: ml_collections.ConfigDict, workdir: str | None
+                   ) -> ml_collections.ConfigDict:
+    """`--config` when given; else the config saved in `workdir` (`checkpoint.load_config`) when there is one; else
+    the default."""
     if not config_flag_present and workdir:
-        saved = _config_from_workdir(workdir)
-        if saved is not None:
-            logging.info("Using the config saved in %s/config.json", workdir)
-            return saved
+        try:
+            saved = checkpoint_lib.load_config(workdir)
+        except FileNotFoundError:
+            return config
+        logging.info("Using the config saved in %s", workdir)
+        return saved
     return config
 
 
@@ -57,8 +55,6 @@ def main(argv):
     job = config.get("job", "train")
     mode = _MODE.value or ("sample" if job == "sample" else "train")
     if mode == "sample" or job == "sample":
-        from ttm_jax.inference import run as sample_run
-
         if _WORKDIR.value is None:
             raise app.UsageError("--workdir is required: the folder where the videos are written")
         sample_run.validate(config)
@@ -71,14 +67,10 @@ def main(argv):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if mode == "describe":
-        from ttm_jax import describe
-
         describe.describe(config)
         return
     if _WORKDIR.value is None:
         raise app.UsageError("--workdir is required for training: checkpoints, metrics and samples go there")
-    from ttm_jax.train import loop
-
     loop.train(config, _WORKDIR.value)
 
 

@@ -10,11 +10,12 @@
       -> decode                 `<name>.mp4`, `<name>_side_by_side.mp4` (input | trajectory | video),
                                 `<name>.json` (prompts, matching, settings, checkpoints)
 
-The models are rebuilt from the config saved beside each stage's checkpoints (`<workdir>/checkpoints/<step>/config`,
-the latest step), with the frozen text encoder initialised exactly as training did (`train.step.init_frozen`), and the
-conditions are made by the very functions training uses (`train.step.prepare`, `drop_text_conditions`): what the
-model sees at sampling is what it saw in training, condition dropout included ("null" image = zeros, "null" text = the
-empty prompt, for the caption and every local-prompt slot).
+Requests, images and first-frame masks are read by `requests.py`. The stages are loaded from their workdirs by
+`ttm_jax.assembly.trained.load_stage` (the config saved beside the latest checkpoint, the frozen text encoder
+initialised exactly as training did), and the conditions are made by the very functions training uses
+(`ttm_jax.assembly.inputs.prepare`, `drop_text_conditions`, `model_fn`): what the model sees at sampling is what it
+saw in training, condition dropout included ("null" image = zeros, "null" text = the empty prompt, for the caption
+and every local-prompt slot).
 
 Requests are processed `sample.batch_size` at a time (the last batch padded by repetition, so one compiled function
 serves every batch); each request's noise is drawn from its own seed (`fold_in(PRNGKey(seed), stage)`), so a video
@@ -37,274 +38,16 @@ import ml_collections
 import numpy as np
 
 from ttm_jax import config as config_lib
+from ttm_jax.assembly import inputs as inputs_lib
+from ttm_jax.assembly import objectives
+from ttm_jax.assembly.trained import Stage, load_stage
 from ttm_jax.data import trajectory as trajectory_lib
-from ttm_jax.diffusion import flow, guidance, samplers
+from ttm_jax.data import video_io
+from ttm_jax.diffusion import guidance, samplers
 from ttm_jax.inference import prompts as prompts_lib
-
-# ---------------------------------------------------------------------------------------------------------- inputs
-
-
-@dataclasses.dataclass
-class Request:
-    """One video to generate.
-
-    image: path (PNG/JPEG, any size; resized to the stage configs' data.height x data.width) or uint8 `[H, W, 3]`.
-    masks: first-frame object masks, one of: a list of PNG paths (one binary mask per object; the file name is the
-      object's label), one PNG of object ids (0 background, 1..K), an SA-V annotation json (`path.json` or
-      `path.json:i` for annotated frame i, default 0), a json of COCO RLEs (a list of `{"size", "counts"}` or of
-      `{"segmentation": rle, "label": ...}`), the same list inline, or a bool array `[H, W, K]`.
-    boxes: `[[x0, y0, x1, y1], ...]` in the input image's pixels (used when there are no masks).
-    labels: object labels (for boxes or arrays), matched to the local prompts' object phrases.
-    motion_prompt / local_prompts: skip planning and use these (local prompts in mask order).
-    """
-
-    image: Any
-    caption: str
-    masks: Any = None
-    boxes: Any = None
-    labels: list[str] | None = None
-    motion_prompt: str | None = None
-    local_prompts: list[str] | None = None
-    seed: int = 0
-    name: str = "sample"
-
-    @classmethod
-    def from_json(cls, d: dict, *, base_dir: str = "", where: str = "request") -> Request:
-        """A JSONL line: `{"image", "caption", "masks"?, "boxes"?, "labels"?, "motion_prompt"?, "local_prompts"?,
-        "seed"?, "name"?}`; relative paths are read from `base_dir`."""
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: "
-                             f"{[f.name for f in dataclasses.fields(cls)]}")
-        for key in ("image", "caption"):
-            if not d.get(key):
-                raise ValueError(f"{where}: `{key}` is required")
-
-        def rel(p):
-            return p if not isinstance(p, str) or os.path.isabs(p) or not base_dir else os.path.join(base_dir, p)
-
-        masks = d.get("masks")
-        if isinstance(masks, str):
-            masks = rel(masks)
-        elif isinstance(masks, list) and masks and isinstance(masks[0], str):
-            masks = [rel(m) for m in masks]
-        return cls(image=rel(d["image"]), caption=d["caption"], masks=masks, boxes=d.get("boxes"),
-                   labels=d.get("labels"), motion_prompt=d.get("motion_prompt"), local_prompts=d.get("local_prompts"),
-                   seed=int(d.get("seed", 0)), name=str(d.get("name", "sample")))
-
-
-def read_requests(path: str) -> list[Request]:
-    """Requests from a JSONL file (one object per line; blank lines and `#` comments skipped)."""
-    out = []
-    base = os.path.dirname(os.path.abspath(path))
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not JSON ({e})") from None
-            r = Request.from_json(d, base_dir=base, where=f"{path}:{i}")
-            if "name" not in d:
-                r.name = f"{os.path.splitext(os.path.basename(path))[0]}_{i:04d}"
-            out.append(r)
-    if not out:
-        raise ValueError(f"{path}: no requests (config.sample.requests)")
-    names = [r.name for r in out]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise ValueError(f"{path}: request names {dup} repeat; give each line a distinct `name`")
-    return out
-
-
-def load_image(image: Any, height: int, width: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """`(uint8 [height, width, 3], (original H, original W))`; bilinear resize (PIL)."""
-    from PIL import Image
-
-    if isinstance(image, (str, os.PathLike)):
-        if not os.path.exists(image):
-            raise FileNotFoundError(f"pipeline: image {image!r} does not exist (config.sample.image or the request's "
-                                    f"`image`)")
-        pil = Image.open(image).convert("RGB")
-    else:
-        arr = np.asarray(image)
-        if arr.ndim != 3 or arr.shape[-1] != 3:
-            raise ValueError(f"pipeline: image array must be uint8 [H, W, 3], got {arr.shape}")
-        pil = Image.fromarray(arr.astype(np.uint8))
-    size = (pil.height, pil.width)
-    if size != (height, width):
-        pil = pil.resize((width, height), Image.BILINEAR)
-    return np.asarray(pil, np.uint8), size
-
-
-def _resize_masks(masks: np.ndarray, height: int, width: int) -> np.ndarray:
-    """bool `[h, w, K]` -> bool `[height, width, K]`, nearest neighbour."""
-    h, w = masks.shape[:2]
-    if (h, w) == (height, width):
-        return masks.astype(bool)
-    ys = np.minimum((np.arange(height) + 0.5) * h / height, h - 1).astype(int)
-    xs = np.minimum((np.arange(width) + 0.5) * w / width, w - 1).astype(int)
-    return masks[ys][:, xs].astype(bool)
-
-
-def _decode_rles(rles: list, where: str) -> np.ndarray:
-    from pycocotools import mask as mask_utils
-
-    fixed = []
-    for i, r in enumerate(rles):
-        if not isinstance(r, dict) or "size" not in r or "counts" not in r:
-            raise ValueError(f"{where}: entry {i} is not a COCO RLE {{'size': [h, w], 'counts': ...}}")
-        if isinstance(r["counts"], list):  # uncompressed RLE
-            r = mask_utils.frPyObjects(r, *r["size"])
-        elif isinstance(r["counts"], str):
-            r = {"size": r["size"], "counts": r["counts"].encode()}
-        fixed.append(r)
-    return mask_utils.decode(fixed).astype(bool).reshape(*fixed[0]["size"], len(fixed))
-
-
-def load_masks(req: Request, image_size: tuple[int, int], height: int,
-               width: int) -> tuple[np.ndarray, list[str | None], str]:
-    """First-frame masks of a request at `[height, width, K]`, their labels and a description of the source."""
-    from PIL import Image
-
-    h0, w0 = image_size
-    labels: list[str | None]
-    m = req.masks
-    if m is None and req.boxes is None:
-        raise ValueError(f"pipeline: request {req.name!r} has neither masks nor boxes; give the first-frame object "
-                         f"masks (config.sample.masks) or boxes (config.sample.boxes)")
-    if m is None:
-        boxes = np.asarray(req.boxes, np.float64).reshape(-1, 4)
-        masks = np.zeros((h0, w0, len(boxes)), bool)
-        for k, (x0, y0, x1, y1) in enumerate(boxes):
-            if not (0 <= x0 < x1 <= w0 and 0 <= y0 < y1 <= h0):
-                raise ValueError(f"pipeline: box {k} {[x0, y0, x1, y1]} of request {req.name!r} is not inside the "
-                                 f"{w0}x{h0} image as [x0, y0, x1, y1] with x0 < x1, y0 < y1")
-            masks[int(round(y0)):int(round(y1)), int(round(x0)):int(round(x1)), k] = True
-        labels, source = list(req.labels or [None] * len(boxes)), "boxes"
-    elif isinstance(m, np.ndarray):
-        masks, labels, source = m.astype(bool), list(req.labels or [None] * m.shape[-1]), "array"
-    elif isinstance(m, list) and m and all(isinstance(x, dict) for x in m):  # inline COCO RLEs (JSONL requests)
-        masks = _decode_rles([x.get("segmentation", x) for x in m], f"request {req.name!r} masks")
-        labels = list(req.labels or [x.get("label") if "segmentation" in x else None for x in m])
-        source = "inline coco rle"
-    elif isinstance(m, str) and (m.endswith(".json") or ".json:" in m):
-        path, _, frame = m.partition(".json")
-        path += ".json"
-        frame = int(frame[1:]) if frame.startswith(":") else 0
-        with open(path) as f:
-            data = json.load(f)
-        if isinstance(data, dict) and "masklet" in data:  # SA-V annotation
-            if not 0 <= frame < len(data["masklet"]):
-                raise ValueError(f"{path}: annotated frame {frame} out of range [0, {len(data['masklet'])})")
-            masks = _decode_rles(data["masklet"][frame], f"{path} masklet[{frame}]")
-            ids = data.get("masklet_id")
-            labels, source = [None] * masks.shape[-1], f"sa-v {path} annotated frame {frame}"
-            if ids is not None:
-                source += f" (masklet ids {list(ids)})"
-        elif isinstance(data, list):
-            rles = [d.get("segmentation", d) for d in data]
-            labels = [d.get("label") or d.get("category") or d.get("name") if "segmentation" in d else None
-                      for d in data]
-            masks, source = _decode_rles(rles, path), f"coco rle {path}"
-        else:
-            raise ValueError(f"{path}: neither an SA-V annotation (with `masklet`) nor a list of COCO RLEs")
-    else:
-        paths = [m] if isinstance(m, str) else list(m)
-        arrays = []
-        for p in paths:
-            if not os.path.exists(p):
-                raise FileNotFoundError(f"pipeline: mask {p!r} does not exist (config.sample.masks)")
-            arrays.append(np.asarray(Image.open(p)))
-        if len(arrays) == 1 and arrays[0].ndim == 2 and arrays[0].max() > 1 and len(np.unique(arrays[0])) <= 27 \
-                and arrays[0].max() < 27:  # one PNG of object ids
-            ids = arrays[0].astype(np.int32)
-            masks = trajectory_lib.masks_from_ids(ids, int(ids.max()))
-            labels, source = [None] * masks.shape[-1], f"id map {paths[0]}"
-        else:
-            def binary(a):
-                if a.ndim == 3 and a.shape[-1] == 4:
-                    return a[..., 3] > 127 if a[..., 3].min() < 255 else a[..., :3].max(-1) > 127
-                return (a.max(-1) if a.ndim == 3 else a) > (127 if a.max() > 1 else 0)
-
-            masks = np.stack([binary(a) for a in arrays], -1)
-            labels = [os.path.splitext(os.path.basename(p))[0].replace("_", " ") for p in paths]
-            source = "png " + ", ".join(paths)
-        if req.labels:
-            labels = list(req.labels)
-    if masks.shape[:2] != (h0, w0):
-        raise ValueError(f"pipeline: masks of request {req.name!r} are {masks.shape[1]}x{masks.shape[0]}, the image "
-                         f"is {w0}x{h0}; they must be the first frame's masks at the image's size")
-    if labels and len(labels) != masks.shape[-1]:
-        raise ValueError(f"pipeline: {len(labels)} labels for {masks.shape[-1]} masks in request {req.name!r}")
-    return _resize_masks(masks, height, width), labels, source
-
-
-# ---------------------------------------------------------------------------------------------------------- stages
-
-
-@dataclasses.dataclass
-class Stage:
-    """A trained stage rebuilt from its workdir: config, modules, (EMA) params, frozen text encoder, mesh."""
-
-    config: ml_collections.ConfigDict
-    modules: Any
-    params: Any
-    frozen: dict[str, Any]
-    mesh: jax.sharding.Mesh
-    rules: Any
-    step: int
-    workdir: str
-
-    @property
-    def stage(self) -> int:
-        return int(self.config.stage)
-
-
-def load_stage(workdir: str, stage: int, *, field: str = "", ema: bool = True) -> Stage:
-    """The latest checkpoint of `workdir` with the config saved beside it; `stage` is checked. Only the parameters are
-    read (`checkpoint.restore_params`): the EMA ones when `ema` and the run kept an EMA, else the raw ones."""
-    from ttm_jax.runtime import checkpoint as checkpoint_lib
-    from ttm_jax.train import loop as loop_lib
-    from ttm_jax.runtime import mesh as mesh_lib
-    from ttm_jax.runtime import sharding as sharding_lib
-    from ttm_jax.train import step as step_lib
-
-    field = field or f"config.sample.stage{stage}_workdir"
-    if not workdir:
-        raise ValueError(f"{field} is empty; set it to a stage-{stage} training workdir (python -m ttm_jax.main "
-                         f"--config=configs/stage{stage}.py --workdir=DIR)")
-    ckpt = checkpoint_lib.Checkpointer(workdir, async_save=False)
-    try:
-        step = ckpt.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"{field}: {checkpoint_lib.checkpoint_dir(workdir)} holds no checkpoint; train "
-                                    f"stage {stage} there first (python -m ttm_jax.main "
-                                    f"--config=configs/stage{stage}.py --workdir={workdir})")
-        config = ckpt.restore_config(step)
-    finally:
-        ckpt.close()
-    if int(config.stage) != stage:
-        raise ValueError(f"{field}: {workdir} holds a stage-{config.stage} model; point it to a stage-{stage} "
-                         f"workdir")
-    try:
-        mesh = mesh_lib.make_mesh(config.mesh)
-    except mesh_lib.MeshError:
-        # trained on another device count: sampling only needs the parameters, so shard them over all devices here
-        fallback = ml_collections.ConfigDict({"shape": {"data": 1, "fsdp": -1, "tensor": 1}})
-        mesh = mesh_lib.make_mesh(fallback)
-    rules = sharding_lib.rules_from_config(config.mesh)
-    modules = step_lib.build_modules(config)
-    init_params = loop_lib.make_init_params(config, modules)
-    shard_unannotated = bool(config.mesh.get("shard_unannotated", True))
-    param_shardings = sharding_lib.tree_shardings(jax.eval_shape(init_params, jax.random.PRNGKey(int(config.seed))),
-                                                  mesh, rules, shard_unannotated=shard_unannotated)
-    # params only: the AdamW moments are never read
-    params = checkpoint_lib.restore_params(workdir, step, ema=ema, shardings=param_shardings).params
-    frozen, _ = step_lib.init_frozen(config, modules, mesh, rules)
-    return Stage(config, modules, params, frozen, mesh, rules, int(step), str(workdir))
+from ttm_jax.inference.requests import Request, load_image, load_masks, tokenize_prompts
+from ttm_jax.models import tokenizer as tokenizer_lib
+from ttm_jax.runtime import mesh as mesh_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,29 +59,6 @@ class Settings:
     shift: float = 1.0
     image_scale: float = 1.5
     text_scale: float = 3.0
-
-    def time_grid(self) -> np.ndarray:
-        return samplers.time_grid(int(self.num_steps), self.schedule, shift=float(self.shift))
-
-
-def tokenize_prompts(config: ml_collections.ConfigDict, tokenizer: Any, caption: str, motion: str,
-                     local: Sequence[str]) -> dict[str, np.ndarray]:
-    """Token ids and masks as the training batches hold them (`data/pipeline.py`): caption and motion prompt at
-    `max_length`; local slots `[K+1, Lp]`, slot 0 the caption, slot k the local prompt of object k, an empty prompt
-    with no tokens at all (mask all False)."""
-    t, k = config.text_encoder, int(config.data.max_objects)
-    if len(local) > k:
-        raise ValueError(f"pipeline: {len(local)} objects but the stage-{config.stage} model takes at most "
-                         f"data.max_objects={k}; give fewer masks")
-    (cap_ids, mot_ids), (cap_mask, mot_mask) = tokenizer.encode([caption, motion], int(t.max_length))
-    slots = [caption, *local, *[""] * (k - len(local))]
-    loc_ids, loc_mask = tokenizer.encode(slots, int(t.local_max_length))
-    empty = np.array([i > 0 and not s for i, s in enumerate(slots)])
-    loc_mask = np.where(empty[:, None], False, loc_mask)
-    loc_ids = np.where(loc_mask, loc_ids, 0)
-    return {"caption_tokens": cap_ids.astype(np.int32), "caption_mask": cap_mask.astype(bool),
-            "motion_tokens": mot_ids.astype(np.int32), "motion_mask": mot_mask.astype(bool),
-            "local_tokens": loc_ids.astype(np.int32), "local_mask": loc_mask.astype(bool)}
 
 
 def _check_geometry(s1: ml_collections.ConfigDict, s2: ml_collections.ConfigDict) -> None:
@@ -355,38 +75,32 @@ class StageRunner:
     def __init__(self, stage: Stage, *, guidance_mode: str = "batched"):
         """`guidance_mode`: `batched` (one forward pass over 3B, the default) or `three_calls` (the reference, for
         bench/sample.py)."""
-        from ttm_jax.models import conditioning
-        from ttm_jax.train import step as step_lib
-
         if guidance_mode not in ("batched", "three_calls"):
             raise ValueError(f"pipeline.StageRunner: guidance_mode={guidance_mode!r}; choose batched or three_calls")
         self.stage = stage
         config, modules = stage.config, stage.modules
         self.latent_shape = config_lib.latent_shape(config)
+        self.objective = objectives.make_objective(config.objective)
+        model = inputs_lib.model_fn(config, modules)
 
         def conditions(frozen, batch):
-            _, first, cond, text = step_lib.prepare(config, modules, frozen, batch)
+            _, first, cond, text = inputs_lib.prepare(config, modules, frozen, batch)
             b = first.shape[0]
-            full = step_lib.drop_text_conditions(config, modules, frozen, text, jnp.zeros((b,), bool))
-            null = step_lib.drop_text_conditions(config, modules, frozen, text, jnp.ones((b,), bool))
+            full = inputs_lib.drop_text_conditions(config, modules, frozen, text, jnp.zeros((b,), bool))
+            null = inputs_lib.drop_text_conditions(config, modules, frozen, text, jnp.ones((b,), bool))
             zeros = dict(first=jnp.zeros_like(first), cond=jnp.zeros_like(cond))
             return guidance.GuidanceConds(none={**zeros, **null}, image={"first": first, "cond": cond, **null},
                                           full={"first": first, "cond": cond, **full})
 
         def velocity(x, t, params, conds, scales):
-            def apply(x3, t3, c):
-                inp = conditioning.stage_input(config.stage, x3, c["first"], c["cond"])
-                kw = {k: v for k, v in c.items() if k not in ("first", "cond", "context")}
-                return modules.model.apply({"params": params}, inp, flow.wan_timestep(t3), c["context"], **kw)
-
             guide = guidance.guided if guidance_mode == "batched" else guidance.guided_three_calls
-            return guide(apply, x, t, conds, scales[0], scales[1])
+            return guide(lambda x3, t3, c: model(x3, t3, params, c), x, t, conds, scales[0], scales[1])
 
         def decode(latent):
             return jnp.clip(modules.autoencoder.decode(latent), -1.0, 1.0)
 
         self._conditions = jax.jit(conditions)
-        self._sample = jax.jit(lambda noise, ts, params, conds, scales: samplers.euler_sample(
+        self._sample = jax.jit(lambda noise, ts, params, conds, scales: self.objective.sample(
             velocity, noise, ts, params, conds, scales))
         self._decode = jax.jit(decode)
         self.velocity = velocity
@@ -397,13 +111,15 @@ class StageRunner:
 
     def place(self, tree: Any) -> Any:
         """Batch-leading arrays onto the stage's mesh: split over data/fsdp when the batch divides, else replicated."""
-        from ttm_jax.runtime import mesh as mesh_lib
-
         mesh = self.stage.mesh
         b = jax.tree.leaves(tree)[0].shape[0]
         if b % mesh_lib.batch_parallelism(mesh) == 0:
             return samplers.shard_batch(tree, mesh)
         return jax.device_put(tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+    def time_grid(self, settings: Settings) -> np.ndarray:
+        """The objective's sampling times for `settings` (`[num_steps + 1]`, descending)."""
+        return self.objective.time_grid(int(settings.num_steps), settings.schedule, float(settings.shift))
 
     def conditions(self, batch: dict[str, np.ndarray]) -> guidance.GuidanceConds:
         with self._ctx():
@@ -418,7 +134,7 @@ class StageRunner:
         """Latents `[B, T', H', W', C]`."""
         scales = jnp.asarray([settings.image_scale, settings.text_scale], jnp.float32)
         with self._ctx():
-            return self._sample(self.place(self.noise(seeds)), jnp.asarray(settings.time_grid()), self.stage.params,
+            return self._sample(self.place(self.noise(seeds)), jnp.asarray(self.time_grid(settings)), self.stage.params,
                                 conds, scales)
 
     def decode(self, latent: jax.Array) -> np.ndarray:
@@ -510,8 +226,6 @@ class Pipeline:
     def _batch(self, stage: Stage, items: Sequence[Prepared], trajectories: np.ndarray | None) -> dict:
         """Training-format batch: `video` = the image held still (only its first frame is used: causal encoder),
         `trajectory` = s0 held still (stage 1) or the generated trajectory (stage 2), `object_masks` from it."""
-        from ttm_jax.models import tokenizer as tokenizer_lib
-
         t, kmax = self.num_frames, int(stage.config.data.max_objects)
         tok = tokenizer_lib.make_tokenizer(stage.config.text_encoder)
         rows = []
@@ -560,8 +274,6 @@ class Pipeline:
     def generate(self, requests: Sequence[Request], out_dir: str) -> list[dict]:
         """Generate every request, `batch_size` at a time; write `<name>.mp4`, `<name>_side_by_side.mp4`,
         `<name>.json` under `out_dir`. Returns the JSON records."""
-        from ttm_jax.data import video_io
-
         os.makedirs(out_dir, exist_ok=True)
         prepared = [self.prepare(r) for r in requests]
         records = []

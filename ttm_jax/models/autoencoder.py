@@ -5,14 +5,14 @@ time compression, as the Wan 2.1 VAE: `T = 1 + n * time_factor` frames give `T' 
 covers frame 0 alone, latent frame `i > 0` covers frames `1 + (i - 1) * tf .. i * tf`. Space shrinks by
 `space_factor` on each side. `encode` and `decode` are pure functions of arrays, so they can be called inside `jit`.
 
-`make_autoencoder(config.autoencoder)` builds the one the config names: `space_to_depth` here, `wan` from
-`ttm_jax.models.wan_vae` (imported lazily; it owns its own parameters).
+`ttm_jax.assembly.registry.make_autoencoder(config.autoencoder)` builds the one the config names: `space_to_depth`
+(`make_space_to_depth`, here) or `wan` (`ttm_jax.weights.wan_vae.make_wan_autoencoder`: weights from a user path).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -110,27 +110,13 @@ class SpaceToDepth:
         return jnp.concatenate([x[:, :1], x[:, tf:]], axis=1)
 
 
-def make_autoencoder(config: ml_collections.ConfigDict) -> Any:
-    """The autoencoder named by `config.autoencoder.name` (pass `config.autoencoder`)."""
-    name = config.name
-    if name == "space_to_depth":
-        ae = SpaceToDepth(time_factor=int(config.time_factor), space_factor=int(config.space_factor))
-        if int(config.latent_channels) != ae.latent_channels:
-            raise ValueError(
-                f"config.autoencoder.latent_channels: {config.latent_channels} but space_to_depth with space_factor="
-                f"{ae.space_factor}, time_factor={ae.time_factor} makes {ae.latent_channels}; set it to "
-                f"{ae.latent_channels}")
-        return ae
-    if name == "wan":
-        try:
-            from ttm_jax.models import wan_vae
-        except ImportError as e:
-            raise ImportError(
-                f"config.autoencoder.name='wan' needs ttm_jax/models/wan_vae.py, which could not be imported ({e}); "
-                f"use autoencoder.name='space_to_depth' or install the Wan VAE module") from e
-        fn = getattr(wan_vae, "make_wan_autoencoder", None)
-        if fn is None:
-            raise ImportError("ttm_jax/models/wan_vae.py has no make_wan_autoencoder(config.autoencoder); "
-                              "it is the entry point make_autoencoder calls for autoencoder.name='wan'")
-        return fn(config)
-    raise ValueError(f"config.autoencoder.name: {name!r} is not an autoencoder; choose space_to_depth or wan")
+def make_space_to_depth(config: ml_collections.ConfigDict) -> SpaceToDepth:
+    """`SpaceToDepth` from `config.autoencoder` (the `space_to_depth` entry of `ttm_jax.assembly.registry`), its
+    `latent_channels` checked."""
+    ae = SpaceToDepth(time_factor=int(config.time_factor), space_factor=int(config.space_factor))
+    if int(config.latent_channels) != ae.latent_channels:
+        raise ValueError(
+            f"config.autoencoder.latent_channels: {config.latent_channels} but space_to_depth with space_factor="
+            f"{ae.space_factor}, time_factor={ae.time_factor} makes {ae.latent_channels}; set it to "
+            f"{ae.latent_channels}")
+    return ae

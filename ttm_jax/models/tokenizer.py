@@ -8,7 +8,7 @@ tokenizers can run in data-loader workers (they pickle).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import ml_collections
@@ -124,15 +124,19 @@ class SentencePieceTokenizer:
         return out
 
 
+# config.text_encoder.tokenizer -> `config.text_encoder -> tokenizer`; a new tokenizer is one entry
+TOKENIZERS: dict[str, Callable[[ml_collections.ConfigDict], Tokenizer]] = {
+    "byte": lambda config: ByteTokenizer(),
+    "sentencepiece": lambda config: SentencePieceTokenizer(config.get("tokenizer_path", "")),
+}
+
+
 def make_tokenizer(config: ml_collections.ConfigDict) -> ByteTokenizer | SentencePieceTokenizer:
     """The tokenizer `config.text_encoder.tokenizer` names (pass `config.text_encoder`); checks its ids fit the
     encoder's embedding table (`vocab_size`), which would otherwise clip them silently."""
-    if config.tokenizer == "byte":
-        tok = ByteTokenizer()
-    elif config.tokenizer == "sentencepiece":
-        tok = SentencePieceTokenizer(config.get("tokenizer_path", ""))
-    else:
-        raise ValueError(f"config.text_encoder.tokenizer: {config.tokenizer!r}; choose byte or sentencepiece")
+    if config.tokenizer not in TOKENIZERS:
+        raise ValueError(f"config.text_encoder.tokenizer: {config.tokenizer!r}; choose one of {sorted(TOKENIZERS)}")
+    tok = TOKENIZERS[config.tokenizer](config)
     if tok.vocab_size > config.vocab_size:
         raise ValueError(
             f"config.text_encoder.vocab_size: {config.vocab_size} is smaller than the {config.tokenizer} tokenizer's "

@@ -27,6 +27,7 @@ from absl import logging
 from etils import epath
 
 CHECKPOINT_DIR = "checkpoints"
+CONFIG_FILE = "config.json"  # the run's config as it started, beside the checkpoints
 
 
 def checkpoint_dir(workdir: str | epath.PathLike) -> epath.Path:
@@ -178,9 +179,17 @@ def restore_params(workdir: str | epath.PathLike, step: int | None = None, *, em
 
 
 def load_config(workdir: str | epath.PathLike) -> ml_collections.ConfigDict:
-    """The config saved with the latest checkpoint of `workdir` (a run restarts from the workdir alone)."""
-    ckpt = Checkpointer(workdir, async_save=False)
-    try:
-        return ckpt.restore_config()
-    finally:
-        ckpt.close()
+    """The config a run saved, so that it restarts from its workdir alone: the latest checkpoint's, else
+    `<workdir>/config.json` (written when the run started, before its first checkpoint). The one reader of a saved
+    config. Raises FileNotFoundError when the workdir holds neither."""
+    if checkpoint_dir(workdir).exists():
+        ckpt = Checkpointer(workdir, async_save=False)
+        try:
+            if ckpt.latest_step() is not None:
+                return ckpt.restore_config()
+        finally:
+            ckpt.close()
+    path = epath.Path(workdir) / CONFIG_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{workdir}: no checkpoint and no {CONFIG_FILE}, so no saved config; give --config")
+    return ml_collections.ConfigDict(_tuples(json.loads(path.read_text())))

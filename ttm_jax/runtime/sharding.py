@@ -26,29 +26,18 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from ttm_jax.runtime import compile as compile_lib
 from ttm_jax.runtime import mesh as mesh_lib
 
 Rules = tuple[tuple[str, Any], ...]
 
-# The default table (config.mesh.rules); order is priority.
-DEFAULT_RULES: Rules = (
-    ("batch", ("data", "fsdp")),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("mlp", "tensor"),
-    ("text_embed", None),
-    ("in_channels", None),
-    ("out_channels", None),
-    ("modulation", None),
-    ("layers", None),
-    ("length", None),
-    ("kv_length", None),
-)
-
-
 def rules_from_config(mesh_config: ml_collections.ConfigDict) -> Rules:
-    """`config.mesh.rules` as a tuple of (logical name, mesh axes or None); checks mesh axis names."""
-    raw = mesh_config.get("rules", DEFAULT_RULES)
+    """`config.mesh.rules` (the one table, `ttm_jax/config.py`; order is priority) as a tuple of (logical name, mesh
+    axes or None); checks mesh axis names."""
+    if "rules" not in mesh_config:
+        raise ValueError("config.mesh.rules: missing; it maps logical axis names to mesh axes (see ttm_jax/config.py, "
+                         "the mesh section), e.g. (('batch', ('data', 'fsdp')), ('embed', 'fsdp'), ...)")
+    raw = mesh_config.rules
     out = []
     for i, rule in enumerate(raw):
         if len(rule) != 2:
@@ -164,8 +153,7 @@ def init_sharded(init_fn: Callable[..., Any], *args: Any, mesh: jax.sharding.Mes
     abstract = jax.eval_shape(init_fn, *args)
     shardings = tree_shardings(abstract, mesh, rules, shard_unannotated=shard_unannotated)
     fn = jax.jit(lambda *a: unbox(init_fn(*a)), out_shardings=shardings)
-    tree = fn.lower(*args).compile(compiler_options=compiler_options)(*args) if compiler_options else fn(*args)
-    return tree, shardings
+    return compile_lib.call(fn, compiler_options, *args), shardings
 
 
 def per_device_bytes(tree: Any) -> int:

@@ -13,7 +13,6 @@ losses were checked, so the last checkpoint is the last good one.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from typing import Any
 
@@ -21,15 +20,24 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
 from ttm_jax import config as config_lib
+from ttm_jax.assembly import frozen as frozen_lib
+from ttm_jax.assembly import inputs as inputs_lib
+from ttm_jax.assembly import objectives
+from ttm_jax.assembly import params as params_lib
+from ttm_jax.assembly.modules import Modules, build_modules
+from ttm_jax.data import loader as data_loader
+from ttm_jax.data import video_io
 from ttm_jax.runtime import checkpoint as checkpoint_lib
+from ttm_jax.runtime import compile as compile_lib
 from ttm_jax.runtime import mesh as mesh_lib
+from ttm_jax.runtime import sharding as sharding_lib
 from ttm_jax.train import metrics as metrics_lib
 from ttm_jax.train import preemption
-from ttm_jax.runtime import sharding as sharding_lib
 from ttm_jax.train import state as state_lib
 from ttm_jax.train import step as step_lib
 
@@ -56,45 +64,13 @@ def _say(msg: str) -> None:
 
 def default_iterator(config: ml_collections.ConfigDict, *, process_index: int, process_count: int,
                      workdir: str) -> Any:
-    """The Grain pipeline (`ttm_jax.data.pipeline`); on the embedded default (no data path) it first makes the
+    """The Grain pipeline (`ttm_jax.data.loader`); on the embedded default (no data path) it first makes the
     synthetic SA-V cache (`ensure_default_data`)."""
-    from ttm_jax.data import pipeline
-
-    return pipeline.make_train_iterator(config, process_index=process_index, process_count=process_count,
-                                        workdir=workdir)
-
-
-def dummy_model_inputs(config: ml_collections.ConfigDict) -> tuple[tuple, dict[str, Any]]:
-    """Smallest inputs that build every parameter of the DiT (params do not depend on the spatial size): batch 1,
-    one patch per axis."""
-    m, t = config.model, config.text_encoder
-    pt, ph, pw = (int(p) for p in m.patch_size)
-    c = config_lib.in_channels(config)
-    n = 1
-    x = jnp.zeros((1, pt, ph, pw, c), jnp.float32)
-    args = (x, jnp.zeros((1,), jnp.float32), jnp.zeros((1, int(t.max_length), int(m.text_dim)), jnp.float32))
-    kwargs: dict[str, Any] = {}
-    if config.stage == 2 and m.ttm_layers > 0:
-        s, lp = int(config.data.max_objects) + 1, int(t.local_max_length)
-        kwargs = dict(local_context=jnp.zeros((1, s * lp, int(m.text_dim)), jnp.float32),
-                      token_ids=jnp.zeros((1, n), jnp.int32), cross_token_ids=jnp.zeros((1, n), jnp.int32),
-                      local_ids=jnp.zeros((1, s * lp), jnp.int32))
-    return args, kwargs
-
-
-def make_init_params(config: ml_collections.ConfigDict, modules: step_lib.Modules) -> Callable[[jax.Array], Any]:
-    """`rng -> boxed params` of the trained model."""
-    args, kwargs = dummy_model_inputs(config)
-
-    def init_params(rng):
-        return modules.model.init(rng, *args, **kwargs)["params"]
-
-    return init_params
+    return data_loader.make_train_iterator(config, process_index=process_index, process_count=process_count,
+                                             workdir=workdir)
 
 
 def _load_init_from(path: str, abstract: state_lib.TrainState) -> Any:
-    import orbax.checkpoint as ocp
-
     target = abstract.params
     with ocp.StandardCheckpointer() as ckptr:
         try:
@@ -108,35 +84,28 @@ def _sample_dir(workdir: str) -> epath.Path:
     return epath.Path(workdir) / "samples"
 
 
-def write_samples(config: ml_collections.ConfigDict, modules: step_lib.Modules, params: Any,
+def write_samples(config: ml_collections.ConfigDict, modules: Modules, params: Any,
                   frozen: dict[str, Any], batch: dict[str, jax.Array], step: int, workdir: str,
                   mesh: jax.sharding.Mesh, num: int = 2) -> list[str]:
-    """Euler-sample `num` clips conditioned on the first rows of `batch` with the current params; write mp4s of
-    `[generated | reference]` side by side to `<workdir>/samples/step_<step>_<i>.mp4` (process 0)."""
-    from ttm_jax.data import video_io
-    from ttm_jax.diffusion import flow, samplers
-
+    """Sample `num` clips (the objective's sampler, `config.sample` grid) conditioned on the first rows of `batch` with
+    the current params; write mp4s of `[generated | reference]` side by side to `<workdir>/samples/step_<step>_<i>.mp4`
+    (process 0)."""
     rep = sharding_lib.replicated(mesh)
     num = min(num, next(iter(batch.values())).shape[0])
     rows = jax.jit(lambda b: {k: v[:num] for k, v in b.items()}, out_shardings=rep)(batch)
 
     def conditions(frozen, rows):
-        target, first, cond, text = step_lib.prepare(config, modules, frozen, rows)
-        text.pop("local_mask", None)
-        return target, first, cond, text
+        target, first, cond, text = inputs_lib.prepare(config, modules, frozen, rows)
+        return target, inputs_lib.conditions(first, cond, text)
 
-    target, first, cond, text = jax.jit(conditions, out_shardings=rep)(frozen, rows)
-
-    def velocity(x, t, params, first, cond, text):
-        inp = step_lib._stage_input(config.stage, x, first, cond)
-        return modules.model.apply({"params": params}, inp, flow.wan_timestep(t), text["context"],
-                                   **{k: v for k, v in text.items() if k != "context"})
-
+    target, conds = jax.jit(conditions, out_shardings=rep)(frozen, rows)
+    apply = inputs_lib.model_fn(config, modules)
+    objective = objectives.make_objective(config.objective)
     s = config.sample
-    ts = samplers.time_grid(int(s.num_steps), schedule=s.schedule, shift=float(s.get("shift", 1.0)))
+    ts = objective.time_grid(int(s.num_steps), s.schedule, float(s.get("shift", 1.0)))
     noise = jax.random.normal(jax.random.PRNGKey(int(s.seed)), target.shape, jnp.float32)
-    sample = jax.jit(lambda n, ts, *a: samplers.euler_sample(velocity, n, ts, *a), out_shardings=rep)
-    latents = sample(noise, jnp.asarray(ts), params, first, cond, text)
+    sample = jax.jit(lambda n, ts, *a: objective.sample(apply, n, ts, *a), out_shardings=rep)
+    latents = sample(noise, jnp.asarray(ts), params, conds)
     video = modules.autoencoder.decode(latents)
     ref = modules.autoencoder.decode(target)
     to_u8 = lambda v: np.asarray(jnp.clip((v + 1.0) * 127.5, 0, 255).round().astype(jnp.uint8))  # noqa: E731
@@ -182,7 +151,7 @@ def check_resumable(saved: ml_collections.ConfigDict, config: ml_collections.Con
                          f"--workdir={workdir}, no --config) or start a new workdir")
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *, modules: step_lib.Modules | None = None,
+def train(config: ml_collections.ConfigDict, workdir: str, *, modules: Modules | None = None,
           make_iterator: IteratorFactory | None = None, devices: list[jax.Device] | None = None) -> TrainResult:
     """Train `config` in `workdir` until `train.total_steps`, resuming from its latest checkpoint.
 
@@ -203,8 +172,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, modules: step_lib.
     workdir = str(workdir)
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
-        (epath.Path(workdir) / "config.json").write_text(config.to_json(indent=2))
-    modules = modules or step_lib.build_modules(config)
+        (epath.Path(workdir) / checkpoint_lib.CONFIG_FILE).write_text(config.to_json(indent=2))
+    modules = modules or build_modules(config)
     make_iterator = make_iterator or default_iterator
     iterator = make_iterator(config, process_index=jax.process_index(), process_count=jax.process_count(),
                              workdir=workdir)
@@ -212,7 +181,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, modules: step_lib.
     # --- state -------------------------------------------------------------------------------------------------------
     tx = state_lib.make_optimizer(config.optim)
     ema_decay = float(config.optim.ema_decay)
-    init_params = make_init_params(config, modules)
+    init_params = params_lib.make_init_params(config, modules)
     rng = jax.random.PRNGKey(int(config.seed))
     shard_unannotated = bool(config.mesh.get("shard_unannotated", True))
     abstract_boxed = jax.eval_shape(init_params, rng)
@@ -225,11 +194,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, modules: step_lib.
         state = ckpt.restore(latest, abstract, iterator)
         _say(f"resuming from step {latest} ({checkpoint_lib.checkpoint_dir(workdir) / str(latest)})")
     else:
-        init_jit = step_lib.cached(
-            step_lib.cache_key(config, modules, mesh, "init_state", rules),
-            lambda: jax.jit(lambda r: state_lib.create(sharding_lib.unbox(init_params(r)), tx, ema_decay),
-                            out_shardings=shardings))
-        state = step_lib.jit_call(init_jit, step_lib.compiler_options(config), rng)
+        state, _ = state_lib.init_state(init_params, rng, tx, ema_decay, mesh, rules, shard_unannotated,
+                                        compile_lib.compiler_options(config),
+                                        cache_key=compile_lib.cache_key(config, modules, mesh, "init_state", rules))
         if t.get("init_from", ""):
             state = state.replace(params=_load_init_from(t.init_from, abstract))
             if state.ema_params is not None:
@@ -238,7 +205,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, modules: step_lib.
         _say(f"starting from step 0: {state_lib.param_count(state.params):,} trainable params, mesh "
              f"{dict(mesh.shape)}, {jax.process_count()} process(es)")
     start = int(jax.device_get(state.step))
-    frozen, frozen_sh = step_lib.init_frozen(config, modules, mesh, rules)
+    frozen, frozen_sh = frozen_lib.init_frozen(config, modules, mesh, rules)
 
     result = TrainResult(start_step=start, final_step=start, preempted=False, history=[], state=state,
                          checkpoint_steps=[])
@@ -325,9 +292,3 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, modules: step_lib.
     result.final_step = step
     result.state = state
     return result
-
-
-def read_config_json(workdir: str) -> ml_collections.ConfigDict:
-    """`<workdir>/config.json` as written at the start of a run (the checkpoint's copy is `checkpoint.load_config`)."""
-    return ml_collections.ConfigDict(json.loads((epath.Path(workdir) / "config.json").read_text()))
-

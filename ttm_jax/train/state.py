@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from ttm_jax.runtime import compile as compile_lib
 from ttm_jax.runtime import sharding as sharding_lib
 
 
@@ -85,19 +86,21 @@ def state_shardings(abstract_boxed_params: Any, tx: optax.GradientTransformation
 
 def init_state(init_params: Callable[[jax.Array], Any], rng: jax.Array, tx: optax.GradientTransformation,
                ema_decay: float, mesh: jax.sharding.Mesh, rules: sharding_lib.Rules,
-               shard_unannotated: bool = True, compiler_options: dict[str, Any] | None = None
-               ) -> tuple[TrainState, TrainState]:
-    """Build the state born sharded: `init_params(rng)` returns the (boxed) params. Returns (state, shardings)."""
+               shard_unannotated: bool = True, compiler_options: dict[str, Any] | None = None,
+               cache_key: tuple | None = None) -> tuple[TrainState, TrainState]:
+    """Build the state born sharded: `init_params(rng)` returns the (boxed) params. Returns (state, shardings).
+
+    The one way a fresh state is made (training, tests, benchmarks). `cache_key` (`runtime.compile.cache_key`) keeps
+    the jitted init for later calls in the same process."""
     abstract = jax.eval_shape(init_params, rng)
     shardings = state_shardings(abstract, tx, ema_decay, mesh, rules, shard_unannotated)
 
-    def init(r):
-        return create(sharding_lib.unbox(init_params(r)), tx, ema_decay)
+    def build():
+        # no mesh context: the init forward pass runs on dummy inputs whose batch need not divide the mesh
+        return jax.jit(lambda r: create(sharding_lib.unbox(init_params(r)), tx, ema_decay), out_shardings=shardings)
 
-    # no mesh context: the init forward pass runs on dummy inputs whose batch need not divide the mesh
-    fn = jax.jit(init, out_shardings=shardings)
-    state = fn.lower(rng).compile(compiler_options=compiler_options)(rng) if compiler_options else fn(rng)
-    return state, shardings
+    fn = build() if cache_key is None else compile_lib.cached(cache_key, build)
+    return compile_lib.call(fn, compiler_options, rng), shardings
 
 
 def abstract_state(init_params: Callable[[jax.Array], Any], rng: jax.Array, tx: optax.GradientTransformation,

@@ -1,0 +1,195 @@
+"""A stage's inputs from a batch, and the model call given its conditions.
+
+  1. latents: the batch's cached `video_latent`/`trajectory_latent` when present, else the frozen autoencoder on the
+     uint8 videos (mapped to [-1, 1]); text: the frozen text encoder on the token ids (padding rows zeroed);
+  2. the stage kind (`STAGE_KINDS`, by `config.stage`) picks the target and the conditions (DESIGN.md):
+       stage 1  target E(trajectory); conditions E(x0), E(s0) (first frames); text = motion prompt
+       stage 2  target E(video);      conditions E(x0), E(trajectory);        text = caption, plus local prompts and
+                per-token object ids for the added masked layers (`config.model.cross_ids_from`: bbox | mask)
+  3. the objective (`objectives.py`): times, the noisy input, the loss target; condition dropout (null image = zeros,
+     null text = the empty prompt, for the caption and every local-prompt slot).
+
+`prepare` and `drop_text_conditions` are what both training and sampling call, so that what the model sees at
+sampling is what it saw in training; `model_fn` is the one model call given conditions (training samples, guided
+sampling).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from ttm_jax.assembly import objectives
+from ttm_jax.assembly.modules import Modules
+from ttm_jax.assembly.registry import Registry
+from ttm_jax.diffusion import flow
+from ttm_jax.models import conditioning, masks
+
+# Batch keys a stage reads (CONTRIBUTING.md "Batches"); anything else in a batch is ignored.
+BATCH_KEYS = ("video", "trajectory", "object_masks", "num_objects", "caption_tokens", "caption_mask",
+              "motion_tokens", "motion_mask", "local_tokens", "local_mask", "video_latent", "trajectory_latent")
+
+
+def to_unit_range(video: jax.Array) -> jax.Array:
+    """uint8 `[..., 3]` -> float32 in [-1, 1]."""
+    return video.astype(jnp.float32) / 127.5 - 1.0
+
+
+def encode_text(modules: Modules, te_params: Any, ids: jax.Array, mask: jax.Array) -> jax.Array:
+    """Frozen text embeddings `[B, L, d]`, padding positions zeroed (as Wan feeds umT5 outputs)."""
+    emb = modules.text_encoder.apply({"params": te_params}, ids, mask.astype(bool))
+    emb = emb * mask[..., None].astype(emb.dtype)
+    return jax.lax.stop_gradient(emb)
+
+
+# ----------------------------------------------------------------------------------------------------- stage kinds
+
+
+@dataclasses.dataclass(frozen=True)
+class StageKind:
+    """What a stage denoises and what conditions it.
+
+    latents: `(autoencoder, batch, encode) -> (target [B,T',H',W',C], first [B,1,...], cond [B,1 or T',...],
+      text_ids [B, L], text_mask [B, L])`, where `encode(key)` is the latent of `batch[key]` (cached or encoded).
+    model_input: `(noisy, first, cond) -> [B, T', H', W', in_channels]`, the backbone's channel-concatenated input.
+    object_layers: whether the stage feeds local prompts and object ids to the added masked layers.
+    """
+
+    latents: Callable[..., tuple[jax.Array, ...]]
+    model_input: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+    object_layers: bool
+
+
+def _image_to_motion(ae: Any, batch: dict[str, jax.Array], encode: Callable[[str], jax.Array]) -> tuple:
+    target = encode("trajectory")
+    if "video_latent" in batch:
+        first = batch["video_latent"][:, :1].astype(jnp.float32)
+    else:  # causal autoencoder: latent frame 0 is the first frame alone
+        first = jax.lax.stop_gradient(ae.encode(to_unit_range(batch["video"][:, :1])).astype(jnp.float32))
+    return target, first, target[:, :1], batch["motion_tokens"], batch["motion_mask"]
+
+
+def _motion_to_video(ae: Any, batch: dict[str, jax.Array], encode: Callable[[str], jax.Array]) -> tuple:
+    del ae
+    target = encode("video")
+    return target, target[:, :1], encode("trajectory"), batch["caption_tokens"], batch["caption_mask"]
+
+
+STAGE_KINDS: Registry[StageKind] = Registry("stage")
+STAGE_KINDS.register(1, StageKind(_image_to_motion, lambda x, f, c: conditioning.stage_input(1, x, f, c), False))
+STAGE_KINDS.register(2, StageKind(_motion_to_video, lambda x, f, c: conditioning.stage_input(2, x, f, c), True))
+
+
+def stage_kind(config: ml_collections.ConfigDict) -> StageKind:
+    return STAGE_KINDS.get(config.stage)
+
+
+# ----------------------------------------------------------------------------------------------------------- inputs
+
+
+def prepare(config: ml_collections.ConfigDict, modules: Modules, frozen: dict[str, Any],
+            batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array, dict[str, Any]]:
+    """The deterministic part of a stage's inputs: `(target [B,T',H',W',C], first [B,1,H',W',C], cond [B,1 or T',
+    H',W',C], text)` where `text` holds `context` and, for a stage with added layers, `local_context`, `token_ids`,
+    `cross_token_ids`, `local_ids`, `local_mask`."""
+    kind, ae = stage_kind(config), modules.autoencoder
+    te = frozen["text_encoder"]
+
+    def encode(key):
+        if f"{key}_latent" in batch:
+            return batch[f"{key}_latent"].astype(jnp.float32)
+        return jax.lax.stop_gradient(ae.encode(to_unit_range(batch[key])).astype(jnp.float32))
+
+    target, first, cond, text_ids, text_mask = kind.latents(ae, batch, encode)
+    b = target.shape[0]
+    text: dict[str, Any] = {"context": encode_text(modules, te, text_ids, text_mask)}
+    if kind.object_layers and config.model.ttm_layers > 0:
+        geometry = dict(time_factor=ae.time_factor, space_factor=ae.space_factor,
+                        patch_size=tuple(config.model.patch_size))
+        om = batch["object_masks"].astype(bool)
+        text["token_ids"] = masks.token_ids_from_masks(om, **geometry)
+        by = masks.token_ids_from_boxes if config.model.cross_ids_from == "bbox" else masks.token_ids_from_masks
+        text["cross_token_ids"] = by(om, **geometry)
+        lt, lm = batch["local_tokens"], batch["local_mask"].astype(bool)
+        s, lp = lt.shape[1], lt.shape[2]
+        text["local_context"] = encode_text(modules, te, lt.reshape(b * s, lp), lm.reshape(b * s, lp)).reshape(
+            b, s * lp, -1)
+        text["local_mask"] = lm
+        text["local_ids"] = masks.local_prompt_ids(lm)
+    return target, first, cond, text
+
+
+def drop_text_conditions(config: ml_collections.ConfigDict, modules: Modules, frozen: dict[str, Any],
+                         text: dict[str, Any], drop: jax.Array) -> dict[str, Any]:
+    """Replace the text of the examples where `drop [B]` is true by the empty prompt: the caption / motion prompt
+    and every local-prompt slot (its ids follow the empty prompt's mask). Returns the model kwargs (without
+    `local_mask`)."""
+    del config, modules
+    out = dict(text)
+    out["context"] = flow.drop_text(text["context"], frozen["empty_context"], drop)
+    lm = out.pop("local_mask", None)
+    if lm is not None:
+        s = lm.shape[1]
+        empty_local = frozen["empty_local_context"]  # [1, Lp, d]
+        out["local_context"] = flow.drop_text(text["local_context"], jnp.tile(empty_local, (1, s, 1)), drop)
+        empty_mask = jnp.broadcast_to(frozen["empty_local_mask"].astype(bool)[:, None, :], lm.shape)
+        out["local_ids"] = masks.local_prompt_ids(jnp.where(drop[:, None, None], empty_mask, lm))
+    return out
+
+
+def draw(rng: jax.Array, batch_size: int, latent: tuple[int, ...], objective: ml_collections.ConfigDict
+         ) -> dict[str, jax.Array]:
+    """All of a step's randomness for the *global* batch at once: `t [B]`, `eps [B, T', H', W', C]`, `drop_image
+    [B]`, `drop_text [B]`. Drawn before any split (threefry is partitionable), so every mesh and every
+    gradient-accumulation split sees exactly the same values for the same example. `objective`: `config.objective`."""
+    k_t, k_eps, k_drop = jax.random.split(rng, 3)
+    drop_image, drop_text = flow.dropout_masks(k_drop, batch_size, objective)
+    return {"t": objectives.make_objective(objective).sample_time(k_t, batch_size),
+            "eps": jax.random.normal(k_eps, (batch_size, *latent), jnp.float32),
+            "drop_image": drop_image, "drop_text": drop_text}
+
+
+def model_inputs(config: ml_collections.ConfigDict, modules: Modules, frozen: dict[str, Any],
+                 batch: dict[str, jax.Array], rand: dict[str, jax.Array]
+                 ) -> tuple[jax.Array, dict[str, Any], jax.Array]:
+    """Noisy stage input, the model's other arguments and the loss target for one (micro-)batch.
+
+    `rand`: this (micro-)batch's rows of `draw`. Returns `(x [B,T',H',W',3C], kwargs for model.__call__
+    (timestep, context, ...), target [B,T',H',W',C])`.
+    """
+    objective = objectives.make_objective(config.objective)
+    target, first, cond, text = prepare(config, modules, frozen, batch)
+    t, eps = rand["t"], rand["eps"]
+    if eps.shape != target.shape:
+        raise ValueError(f"train step: latents {target.shape} but config.autoencoder/config.data give "
+                         f"{eps.shape}; cached latents must match ttm_jax.config.latent_shape(config)")
+    noisy = objective.noisy(target, eps, t)
+    y = objective.target(target, eps, t)
+    drop_img = rand["drop_image"]
+    x = stage_kind(config).model_input(noisy, flow.drop_image(first, drop_img), flow.drop_image(cond, drop_img))
+    kwargs = drop_text_conditions(config, modules, frozen, text, rand["drop_text"])
+    kwargs["timestep"] = objective.model_time(t)
+    return x, kwargs, y
+
+
+def conditions(first: jax.Array, cond: jax.Array, text: dict[str, Any]) -> dict[str, Any]:
+    """The conditions `model_fn` takes: `first`, `cond`, `context` and the model's other kwargs (no `local_mask`)."""
+    return {"first": first, "cond": cond, **{k: v for k, v in text.items() if k != "local_mask"}}
+
+
+def model_fn(config: ml_collections.ConfigDict, modules: Modules) -> Callable[..., jax.Array]:
+    """The model call given conditions: `(x [B,T',H',W',C] noisy, t [B] objective time, params, conds) -> the
+    model's prediction`, `conds` as made by `conditions` (the stage input is concatenated here)."""
+    objective, kind = objectives.make_objective(config.objective), stage_kind(config)
+
+    def apply(x, t, params, conds):
+        inp = kind.model_input(x, conds["first"], conds["cond"])
+        kw = {k: v for k, v in conds.items() if k not in ("first", "cond", "context")}
+        return modules.model.apply({"params": params}, inp, objective.model_time(t), conds["context"], **kw)
+
+    return apply

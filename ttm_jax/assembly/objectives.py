@@ -1,0 +1,88 @@
+"""Training objectives behind one interface: what the model is trained to predict and how samples are drawn.
+
+An `Objective` owns the four places where a diffusion formulation shows up:
+  time sampling     `sample_time(rng, B) -> t [B]` (training times, in the objective's own units)
+  noisy input       `noisy(x0, eps, t) -> x_t`
+  loss target       `target(x0, eps, t) -> y` and `loss(pred, y)` (the model regresses `y`)
+  model time        `model_time(t) -> timestep` as the backbone takes it
+  sampling          `time_grid(num_steps, schedule, shift) -> ts [N + 1]` and `sample(model_fn, noise, ts, *args)`
+                    (`model_fn(x, t, *args)` -> the model's prediction; the objective's sampler turns it into steps)
+
+`rectified_flow` (the DiT, Wan 2.1 / Movie Gen): `x_t = (1 - t) x0 + t eps`, target `eps - x0`, logit-normal times
+shifted by `objective.shift`, timestep `1000 t`, first-order Euler from t = 1 to 0 (`ttm_jax.diffusion.flow`,
+`ttm_jax.diffusion.samplers`). A new objective (DDIM v-prediction with zero terminal SNR, for the U-Net) is a class
+with these methods, registered in `OBJECTIVES`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import jax
+import ml_collections
+import numpy as np
+
+from ttm_jax.assembly.registry import Registry
+from ttm_jax.diffusion import flow, samplers
+
+
+class Objective(Protocol):
+    name: str
+
+    def sample_time(self, rng: jax.Array, batch_size: int) -> jax.Array: ...
+
+    def noisy(self, x0: jax.Array, eps: jax.Array, t: jax.Array) -> jax.Array: ...
+
+    def target(self, x0: jax.Array, eps: jax.Array, t: jax.Array) -> jax.Array: ...
+
+    def loss(self, pred: jax.Array, target: jax.Array) -> jax.Array: ...
+
+    def model_time(self, t: jax.Array) -> jax.Array: ...
+
+    def time_grid(self, num_steps: int, schedule: str, shift: float = 1.0) -> np.ndarray: ...
+
+    def sample(self, model_fn: Callable[..., jax.Array], noise: jax.Array, ts: jax.Array, *args: Any) -> jax.Array: ...
+
+
+class RectifiedFlow:
+    """Rectified flow (module docstring); `objective` is `config.objective` (t_sampling, logit_mean/std, shift)."""
+
+    name = "rectified_flow"
+
+    def __init__(self, objective: ml_collections.ConfigDict):
+        self.config = objective
+
+    def sample_time(self, rng: jax.Array, batch_size: int) -> jax.Array:
+        """float32 `[B]` in (0, 1)."""
+        return flow.sample_time(rng, batch_size, self.config)
+
+    def noisy(self, x0: jax.Array, eps: jax.Array, t: jax.Array) -> jax.Array:
+        return flow.interpolate(x0, eps, t)
+
+    def target(self, x0: jax.Array, eps: jax.Array, t: jax.Array) -> jax.Array:
+        del t  # the velocity of a straight path is constant along it
+        return flow.velocity_target(x0, eps)
+
+    def loss(self, pred: jax.Array, target: jax.Array) -> jax.Array:
+        return flow.loss(pred, target)
+
+    def model_time(self, t: jax.Array) -> jax.Array:
+        return flow.wan_timestep(t)
+
+    def time_grid(self, num_steps: int, schedule: str, shift: float = 1.0) -> np.ndarray:
+        return samplers.time_grid(int(num_steps), schedule, shift=float(shift))
+
+    def sample(self, model_fn: Callable[..., jax.Array], noise: jax.Array, ts: jax.Array, *args: Any) -> jax.Array:
+        """Euler along the predicted velocity from `ts[0]` to `ts[-1]`; `model_fn(x, t [B], *args) -> v`."""
+        return samplers.euler_sample(model_fn, noise, ts, *args)
+
+
+OBJECTIVES: Registry[Callable[[ml_collections.ConfigDict], Objective]] = Registry("objective.name")
+OBJECTIVES.register("rectified_flow", RectifiedFlow)
+
+
+def make_objective(objective: ml_collections.ConfigDict) -> Objective:
+    """The objective `config.objective.name` names (pass `config.objective`; default `rectified_flow`, for configs
+    saved before the field existed)."""
+    return OBJECTIVES.get(objective.get("name", "rectified_flow"))(objective)

@@ -1,0 +1,154 @@
+"""Registries: the modules and rules a stage is assembled from, chosen by name in the config.
+
+  BACKBONES       `config.model.backbone`          ("dit")            the trained model and its init inputs
+  TEXT_ENCODERS   `config.text_encoder.name`       ("t5", "umt5")     the frozen text encoder module and its weights
+  AUTOENCODERS    `config.autoencoder.name`        ("space_to_depth", "wan")
+  OBJECTIVES      `config.objective.name`          ("rectified_flow"), in `objectives.py`
+  STAGE_KINDS     `config.stage`                   (1: image-to-motion, 2: motion-to-video), in `inputs.py`
+
+Adding a backbone (e.g. a U-Net with DDIM v-prediction) is `BACKBONES.register("unet", Backbone(...))` plus an
+objective entry; nothing in `train/` or `inference/` changes. Tokenizers are chosen by name too
+(`config.text_encoder.tokenizer`), in `models/tokenizer.py`'s table, because the data pipeline (below this layer)
+tokenizes the prompts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any, Generic, TypeVar
+
+import flax.linen as nn
+import jax
+import ml_collections
+
+from ttm_jax import config as config_lib
+from ttm_jax.models import autoencoder as autoencoder_lib
+from ttm_jax.models import dit as dit_lib
+from ttm_jax.models import text_encoder as text_encoder_lib
+from ttm_jax.weights import t5 as t5_weights
+from ttm_jax.weights import wan_vae as wan_vae_weights
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """Name -> entry, for the config field `field`; an unknown name is an error naming the field and the choices."""
+
+    def __init__(self, field: str):
+        self.field = field
+        self._entries: dict[str, T] = {}
+
+    def register(self, name: str, entry: T) -> T:
+        if name in self._entries:
+            raise ValueError(f"registry {self.field}: {name!r} is registered twice")
+        self._entries[name] = entry
+        return entry
+
+    def get(self, name: str) -> T:
+        if name not in self._entries:
+            raise ValueError(f"config.{self.field}: {name!r} is not registered; choose one of {sorted(self._entries)}")
+        return self._entries[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+
+# ------------------------------------------------------------------------------------------------------- backbones
+
+
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+    """A trained model family.
+
+    build: `config -> nn.Module` with the call `(x, timestep, context, **kwargs) -> [B, T', H', W', C]`.
+    init_inputs: `(config, *, batch, full, abstract) -> (args, kwargs)` for `init`/`apply`: the smallest inputs that
+      build every parameter (`full=False`), or inputs of the configured clip size (`full=True`, for FLOPs).
+    """
+
+    build: Callable[[ml_collections.ConfigDict], nn.Module]
+    init_inputs: Callable[..., tuple[tuple, dict[str, Any]]]
+
+
+def backbone_name(config: ml_collections.ConfigDict) -> str:
+    return config.model.get("backbone", "dit")
+
+
+def _dit_config(config: ml_collections.ConfigDict) -> dit_lib.DiTConfig:
+    return dit_lib.DiTConfig.from_config(config.model)
+
+
+def _build_dit(config: ml_collections.ConfigDict) -> nn.Module:
+    return dit_lib.DiT(config.model, config_lib.in_channels(config), config.autoencoder.latent_channels)
+
+
+def _dit_init_inputs(config: ml_collections.ConfigDict, *, batch: int = 1, full: bool = False,
+                     abstract: bool = False) -> tuple[tuple, dict[str, Any]]:
+    """The DiT's inputs: one patch (`full=False`; text at `max_length`, local prompts at `(K+1) * Lp`, as training
+    feeds them) or the configured latent grid (`full=True`)."""
+    t = config.text_encoder
+    grid = config_lib.latent_shape(config)[:3] if full else None
+    local_len = (int(config.data.max_objects) + 1) * int(t.local_max_length)
+    return dit_lib.init_inputs(_dit_config(config), config_lib.in_channels(config), batch=batch, grid=grid,
+                               text_len=int(t.max_length), local_len=local_len, abstract=abstract)
+
+
+BACKBONES: Registry[Backbone] = Registry("model.backbone")
+BACKBONES.register("dit", Backbone(build=_build_dit, init_inputs=_dit_init_inputs))
+
+
+def build_backbone(config: ml_collections.ConfigDict) -> nn.Module:
+    return BACKBONES.get(backbone_name(config)).build(config)
+
+
+def init_inputs(config: ml_collections.ConfigDict, **kw: Any) -> tuple[tuple, dict[str, Any]]:
+    """The configured backbone's `(args, kwargs)` (`Backbone.init_inputs`)."""
+    return BACKBONES.get(backbone_name(config)).init_inputs(config, **kw)
+
+
+# --------------------------------------------------------------------------------------------------- text encoders
+
+
+@dataclasses.dataclass(frozen=True)
+class TextEncoder:
+    """A frozen text encoder: `build(config.text_encoder) -> nn.Module` `(ids [B, L], mask [B, L]) -> [B, L, d]`;
+    `is_converted_folder(path)` / `load(config.text_encoder, path) -> params` for weights at a user path (a
+    transformers folder); any other path is read as an Orbax checkpoint of converted params."""
+
+    build: Callable[[ml_collections.ConfigDict], nn.Module]
+    is_converted_folder: Callable[[str], bool]
+    load: Callable[[ml_collections.ConfigDict, str], Any]
+
+
+TEXT_ENCODERS: Registry[TextEncoder] = Registry("text_encoder.name")
+_T5 = TextEncoder(build=text_encoder_lib.T5Encoder, is_converted_folder=t5_weights.is_transformers_checkpoint,
+                  load=t5_weights.load_params)
+TEXT_ENCODERS.register("t5", _T5)  # T5 v1.1 / ByT5 layout
+TEXT_ENCODERS.register("umt5", _T5)  # umT5 (Wan 2.1): per-layer relative position bias, same code
+
+
+def text_encoder(config: ml_collections.ConfigDict) -> TextEncoder:
+    return TEXT_ENCODERS.get(config.text_encoder.name)
+
+
+# ---------------------------------------------------------------------------------------------------- autoencoders
+
+AUTOENCODERS: Registry[Callable[[ml_collections.ConfigDict], Any]] = Registry("autoencoder.name")
+AUTOENCODERS.register("space_to_depth", autoencoder_lib.make_space_to_depth)
+AUTOENCODERS.register("wan", wan_vae_weights.make_wan_autoencoder)  # weights from config.autoencoder.path
+
+
+def make_autoencoder(autoencoder_config: ml_collections.ConfigDict) -> Any:
+    """The frozen autoencoder `config.autoencoder.name` names (pass `config.autoencoder`), its weights loaded from
+    `config.autoencoder.path` where it has any (`models/autoencoder.py`'s interface)."""
+    return AUTOENCODERS.get(autoencoder_config.name)(autoencoder_config)
+
+
+def abstract_params(config: ml_collections.ConfigDict, model: nn.Module | None = None) -> Any:
+    """The (boxed) parameter tree of the configured backbone as `jax.ShapeDtypeStruct`s; nothing allocated."""
+    model = model or build_backbone(config)
+    args, kwargs = init_inputs(config)
+    return jax.eval_shape(lambda r: model.init(r, *args, **kwargs)["params"], jax.random.PRNGKey(int(config.seed)))
