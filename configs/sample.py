@@ -8,13 +8,17 @@
 or many videos from a JSONL of requests (`--config.sample.requests=requests.jsonl`, one
 `{"image", "caption", "masks" | "boxes", "labels"?, "seed"?, "name"?}` per line). The model shapes come from the
 configs saved beside the checkpoints; this file holds only the sampling settings. `arg` may be `key=value` pairs of
-the `sample` section (`configs/sample.py:num_steps=50,schedule=uniform`).
+the `sample` section (`configs/sample.py:num_steps=50,schedule=uniform`), parsed as the stage configs' argument
+(`ttm_jax.config.parse_arg`): each value typed as its default, booleans true for 1/true/yes.
 """
 
 import ml_collections
 
+from ttm_jax import config as config_lib
 
-def get_config(arg=None):
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """The sampling job's config; `arg`: `key=value` pairs of the `sample` section (`config_lib.parse_arg`)."""
     c = ml_collections.ConfigDict()
     c.job = "sample"
     s = c.sample = ml_collections.ConfigDict()
@@ -49,14 +53,5 @@ def get_config(arg=None):
     s.ema = True  # the EMA parameters when the training run kept them (else the raw ones)
     s.batch_size = 1  # requests per batch (split over the devices when it divides)
     s.anchor_first_frame = True  # trajectory frame 0 := the given first-frame masks
-    if arg:
-        for part in str(arg).split(","):
-            if not part.strip():
-                continue
-            if "=" not in part:
-                raise ValueError(f"configs/sample.py: argument {part!r} is not key=value (e.g. num_steps=50)")
-            k, v = (x.strip() for x in part.split("=", 1))
-            if k not in s:
-                raise ValueError(f"configs/sample.py: unknown key {k!r}; choose from {sorted(s.keys())}")
-            s[k] = type(s[k])(v) if not isinstance(s[k], bool) else v.lower() in ("1", "true", "yes")
+    s.update(config_lib.parse_arg(arg, s.to_dict(), bare_key=None, where="configs/sample.py"))
     return c

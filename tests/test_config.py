@@ -1,5 +1,6 @@
 """Configs: every variant validates; bad values fail at start-up naming the field and the fix."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -12,6 +13,32 @@ from ttm_jax import config as config_lib
 from ttm_jax import main as main_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# What `runlocal` sets, for every variant; everything else stays the variant's.
+RUNLOCAL = {
+    "data.num_frames": 5, "data.height": 32, "data.width": 32, "data.synthetic_num_videos": 8,
+    "train.batch_size": 2, "train.total_steps": 8, "train.checkpoint_every_steps": 4, "train.log_every_steps": 1,
+    "train.sample_every_steps": 8, "train.compiler_options": {"xla_backend_optimization_level": 0},
+    "optim.warmup_steps": 2, "sample.num_steps": 2,
+}
+
+
+def _flat(c: ml_collections.ConfigDict) -> dict:
+    """`section.key` -> value of a stage config (top-level scalars under their own name)."""
+    out = {}
+    for name, value in c.to_dict().items():
+        if isinstance(value, dict):
+            out.update({f"{name}.{k}": v for k, v in value.items()})
+        else:
+            out[name] = value
+    return out
+
+
+def _sample_config(arg=None) -> ml_collections.ConfigDict:
+    spec = importlib.util.spec_from_file_location("sample_config", os.path.join(ROOT, "configs", "sample.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
 
 
 @pytest.mark.parametrize("stage", [1, 2])
@@ -54,6 +81,68 @@ def test_bad_values_name_the_field(field, value, needle):
     c[section][key] = value
     with pytest.raises(config_lib.ConfigError, match=needle.replace(".", r"\.")):
         config_lib.validate(c)
+
+
+def test_variant_table_entries_set_the_same_keys():
+    # a variant is one entry of the table: every entry sets the same sections and keys
+    table = config_lib._VARIANT_TABLE
+    assert config_lib.VARIANTS == tuple(table) == ("tiny", "mid", "wan1.3b")
+    shape = {v: {section: sorted(values) for section, values in row.items()} for v, row in table.items()}
+    assert all(s == shape["tiny"] for s in shape.values())
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("variant", config_lib.VARIANTS)
+def test_runlocal_shrinks_the_run_not_the_model(stage, variant):
+    full = _flat(config_lib.build(stage, variant))
+    local = config_lib.validate(config_lib.build(stage, f"{variant},runlocal"))
+    assert _flat(local) == {**full, **RUNLOCAL}
+    assert local.variant == variant
+    # the other spellings agree; runlocal=0 is no runlocal
+    for arg in (f"runlocal,{variant}", f"variant={variant},runlocal=1", f"variant={variant},runlocal=True"):
+        assert config_lib.build(stage, arg).to_dict() == local.to_dict()
+    assert config_lib.build(stage, f"{variant},runlocal=0").to_dict() == config_lib.build(stage, variant).to_dict()
+
+
+def test_parse_arg():
+    assert config_lib.parse_arg(None) == {"variant": "tiny", "runlocal": False}
+    assert config_lib.parse_arg(" mid , runlocal ") == {"variant": "mid", "runlocal": True}
+    spec = {"n": 3, "x": 1.5, "flag": False, "name": ""}
+    assert config_lib.parse_arg("n=7,x=2,flag=yes,name=a=b", spec, bare_key=None) == {
+        "n": 7, "x": 2.0, "flag": True, "name": "a=b"}
+    assert config_lib.parse_arg("flag", spec, bare_key=None)["flag"] is True
+    with pytest.raises(config_lib.ConfigError, match=r"^here: n='x' does not parse as int"):
+        config_lib.parse_arg("n=x", spec, where="here")
+    with pytest.raises(config_lib.ConfigError, match=r"argument 'word' is not key=value"):
+        config_lib.parse_arg("word", spec, bare_key=None)
+
+
+def test_sample_config_arg():
+    default = _sample_config()
+    c = _sample_config("num_steps=50, schedule=uniform,shift=2,ema=no,anchor_first_frame=1,caption=a cat")
+    s = c.sample
+    assert (s.num_steps, s.schedule, s.shift, s.ema, s.anchor_first_frame, s.caption) == (
+        50, "uniform", 2.0, False, True, "a cat")
+    assert isinstance(s.num_steps, int) and isinstance(s.shift, float)
+    # nothing else moved
+    changed = {k for k in s if s[k] != default.sample[k]}
+    assert changed == {"num_steps", "schedule", "shift", "ema", "caption"}
+    with pytest.raises(ValueError, match=r"configs/sample\.py: unknown key 'steps'; choose from \[.*'num_steps'"):
+        _sample_config("steps=50")
+    with pytest.raises(ValueError, match=r"configs/sample\.py: argument 'uniform' is not key=value"):
+        _sample_config("uniform")
+
+
+def test_first_error_is_reported_in_section_order():
+    # validate checks model, autoencoder, data, text_encoder, sample, train, optim, objective, mesh in that order
+    bad = [("mesh", "distributed", "x"), ("objective", "shift", 0.0), ("optim", "learning_rate", 0.0),
+           ("train", "total_steps", 0), ("sample", "schedule", "x"), ("text_encoder", "tokenizer", "x"),
+           ("data", "crop", "x"), ("autoencoder", "dtype", "x"), ("model", "dtype", "x")]
+    c = config_lib.build(2, "tiny")
+    for section, key, value in bad:
+        c[section][key] = value
+        with pytest.raises(config_lib.ConfigError, match=rf"^config\.{section}\.{key}:"):
+            config_lib.validate(c)
 
 
 def test_unknown_variant_and_arg_key():

@@ -6,69 +6,163 @@
   mid      between tiny and wan1.3b, for benchmarks
   wan1.3b  the shapes of Wan2.1-T2V-1.3B (dim 1536, 30 layers, 12 heads of 128, FFN 8960, text dim 4096)
 
-`arg` is either a bare variant name (`tiny`) or comma-separated `key=value` pairs (`variant=tiny,stage=1`).
+Each variant is one entry of `_VARIANT_TABLE`: the values that differ between variants, section by section; every
+other value is common to all variants and set by the section builders (`_model`, `_autoencoder`, ...). A new variant
+is one new entry.
+
+`arg` is comma-separated `key=value` pairs and bare words (`parse_arg`): `variant=<name>` or the bare name picks the
+variant (`tiny`, `variant=mid`), and the bare word `runlocal` (or `runlocal=1`) asks, as in big_vision, for a tiny,
+fast local run of that variant (`configs/stage2.py:mid,runlocal`): the variant's model, autoencoder and text
+encoder unchanged, on 2 latent frames of at most 32x32 pixels, batch 2, 8 steps (warm-up 2, a checkpoint every 4, a
+log line every step, training samples of 2 sampler steps at the end), 8 synthetic videos, and XLA's fastest compile
+(`_RUNLOCAL`). The batch of 2 fits one or two devices; on more, set `--config.train.batch_size`.
+
 `validate(config)` checks every value and raises `ConfigError` naming the field and the fix; `main` calls it before
 any compute is spent.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
 import ml_collections
 
-VARIANTS = ("tiny", "mid", "wan1.3b")
 ATTENTION_IMPLS = ("xla", "splash", "gpu")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 AUTOENCODERS = ("space_to_depth", "wan")
 CROSS_IDS_FROM = ("bbox", "mask")
+# The keys of a stage config's argument and their defaults (`parse_arg`).
+STAGE_ARGS: dict[str, Any] = {"variant": "tiny", "runlocal": False}
+_TRUE = ("1", "true", "yes")
 
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the field and the fix."""
 
 
-def parse_arg(arg: str | None) -> dict[str, str]:
-    """`"tiny"` -> {"variant": "tiny"}; `"variant=mid,foo=1"` -> {"variant": "mid", "foo": "1"}."""
-    out: dict[str, str] = {}
-    if not arg:
-        return out
-    for part in arg.split(","):
+def parse_arg(arg: str | None, defaults: Mapping[str, Any] | None = None, *, bare_key: str | None = "variant",
+              where: str = "config argument") -> dict[str, Any]:
+    """`defaults` (default `STAGE_ARGS`) updated by `arg`, comma-separated `key=value` pairs and bare words.
+
+    A value takes the type of its key's default (a bool is true for 1/true/yes, any case). A bare word is `True` for a
+    bool key (`runlocal`), else the value of `bare_key` (`"mid"` -> variant=mid); without `bare_key` it is an error.
+    A key not in `defaults` raises `ConfigError` naming it and the choices; `where` starts every message.
+    """
+    defaults = STAGE_ARGS if defaults is None else defaults
+    out = dict(defaults)
+    for part in (arg or "").split(","):
         part = part.strip()
         if not part:
             continue
         if "=" in part:
-            k, v = part.split("=", 1)
-            out[k.strip()] = v.strip()
+            key, value = (x.strip() for x in part.split("=", 1))
+        elif isinstance(defaults.get(part), bool):
+            key, value = part, "true"
+        elif bare_key is not None:
+            key, value = bare_key, part
         else:
-            out["variant"] = part
-    unknown = set(out) - {"variant", "runlocal"}
-    if unknown:
-        raise ConfigError(f"config argument: unknown key(s) {sorted(unknown)}; use e.g. `configs/stage2.py:tiny` "
-                          f"or `configs/stage2.py:variant=mid`")
+            raise ConfigError(f"{where}: argument {part!r} is not key=value; keys: {sorted(defaults)}")
+        if key not in defaults:
+            raise ConfigError(f"{where}: unknown key {key!r}; choose from {sorted(defaults)}")
+        default = defaults[key]
+        if isinstance(default, bool):
+            out[key] = value.lower() in _TRUE
+            continue
+        try:
+            out[key] = type(default)(value)
+        except ValueError:
+            raise ConfigError(f"{where}: {key}={value!r} does not parse as {type(default).__name__} "
+                              f"(default {default!r})") from None
     return out
 
 
-def _model(variant: str) -> ml_collections.ConfigDict:
-    m = ml_collections.ConfigDict()
-    if variant == "tiny":
-        m.dim, m.num_layers, m.num_heads, m.ffn_dim = 128, 2, 2, 256
-        m.text_dim, m.freq_dim = 32, 32
-        m.ttm_layers = 1
-    elif variant == "mid":
-        m.dim, m.num_layers, m.num_heads, m.ffn_dim = 512, 8, 4, 1536
-        m.text_dim, m.freq_dim = 256, 256
-        m.ttm_layers = 3
-    elif variant == "wan1.3b":
-        m.dim, m.num_layers, m.num_heads, m.ffn_dim = 1536, 30, 12, 8960
-        m.text_dim, m.freq_dim = 4096, 256
+# ------------------------------------------------------------------------------------------------------ variants
+
+
+def _space_to_depth(*, time_factor: int, space_factor: int) -> dict[str, Any]:
+    """The exact, parameter-free autoencoder: pixels (s x s x t patches) become channels."""
+    return {"name": "space_to_depth", "time_factor": time_factor, "space_factor": space_factor,
+            "latent_channels": 3 * space_factor**2 * time_factor}
+
+
+def _byte_t5(*, d_model: int, num_heads: int, d_kv: int, d_ff: int) -> dict[str, Any]:
+    """A small T5, randomly initialised and frozen; ByT5's byte tokenizer needs no files."""
+    return {"name": "t5", "vocab_size": 384, "d_model": d_model, "num_layers": 2, "num_heads": num_heads,
+            "d_kv": d_kv, "d_ff": d_ff, "per_layer_bias": False, "tokenizer": "byte",
+            # bytes: the synthetic captions run to ~300, motion prompts ~240, local prompts ~90
+            "max_length": 256, "dtype": "float32"}
+
+
+# variant -> section -> the values that differ between variants (every other value: the section builders below).
+# Every entry sets the same keys.
+_VARIANT_TABLE: dict[str, dict[str, dict[str, Any]]] = {
+    "tiny": {
+        # A token must carry fewer values (latent channels x patch volume) than the model has dims, or the output
+        # head is a bottleneck that cannot represent the per-pixel noise it must remove (Wan: 64 values, dim 1536).
+        # The tiny config's exact space_to_depth latent has 48 channels, so it patchifies 1x1x1 (48 values, dim 128).
+        "model": {"dim": 128, "num_layers": 2, "num_heads": 2, "ffn_dim": 256, "text_dim": 32, "freq_dim": 32,
+                  "ttm_layers": 1, "patch_size": (1, 1, 1)},
+        "autoencoder": _space_to_depth(time_factor=4, space_factor=2),
+        "text_encoder": _byte_t5(d_model=32, num_heads=2, d_kv=16, d_ff=64),
+        "data": {"num_frames": 9, "height": 32, "width": 32},  # latent 3 x 16 x 16 x 48: 768 tokens
+        # ~2 minutes on a 2-core CPU (the README's first command)
+        "train": {"batch_size": 4, "total_steps": 600, "checkpoint_every_steps": 100, "sample_every_steps": 300},
+        # tiny runs learn faster with a larger learning rate than the paper's
+        "optim": {"learning_rate": 1e-3, "warmup_steps": 20},
+        "objective": {"shift": 1.0},
+        "sample": {"num_steps": 20, "text_scale": 3.0},
+    },
+    "mid": {
+        "model": {"dim": 512, "num_layers": 8, "num_heads": 4, "ffn_dim": 1536, "text_dim": 256, "freq_dim": 256,
+                  "ttm_layers": 3, "patch_size": (1, 2, 2)},
+        "autoencoder": _space_to_depth(time_factor=4, space_factor=4),
+        "text_encoder": _byte_t5(d_model=256, num_heads=4, d_kv=64, d_ff=512),
+        "data": {"num_frames": 17, "height": 128, "width": 128},
+        "train": {"batch_size": 8, "total_steps": 2000, "checkpoint_every_steps": 100, "sample_every_steps": 300},
+        "optim": {"learning_rate": 1e-3, "warmup_steps": 20},
+        "objective": {"shift": 3.0},
+        "sample": {"num_steps": 20, "text_scale": 3.0},
+    },
+    "wan1.3b": {
         # The paper adds masked layers to 10 of 40 DiT blocks; the same quarter of Wan-1.3B's 30 is 8.
-        m.ttm_layers = 8
-    else:
-        raise ConfigError(f"config argument: unknown variant {variant!r}; choose one of {VARIANTS}")
-    # A token must carry fewer values (latent channels x patch volume) than the model has dims, or the output head
-    # is a bottleneck that cannot represent the per-pixel noise it must remove (Wan: 64 values, dim 1536). The tiny
-    # config's exact space_to_depth latent has 48 channels, so it patchifies 1x1x1 (48 values, dim 128).
-    m.patch_size = (1, 1, 1) if variant == "tiny" else (1, 2, 2)
+        "model": {"dim": 1536, "num_layers": 30, "num_heads": 12, "ffn_dim": 8960, "text_dim": 4096, "freq_dim": 256,
+                  "ttm_layers": 8, "patch_size": (1, 2, 2)},
+        "autoencoder": {"name": "wan", "latent_channels": 16, "time_factor": 4, "space_factor": 8},
+        # umT5-XXL encoder, as Wan 2.1
+        "text_encoder": {"name": "umt5", "vocab_size": 256384, "d_model": 4096, "num_layers": 24, "num_heads": 64,
+                         "d_kv": 64, "d_ff": 10240, "per_layer_bias": True, "tokenizer": "sentencepiece",
+                         "max_length": 512, "dtype": "bfloat16"},
+        "data": {"num_frames": 81, "height": 480, "width": 832},
+        "train": {"batch_size": 32, "total_steps": 50_000, "checkpoint_every_steps": 1000, "sample_every_steps": 5000},
+        # paper: constant LR 2e-5 after 2,000 warm-up steps
+        "optim": {"learning_rate": 2e-5, "warmup_steps": 2000},
+        "objective": {"shift": 3.0},
+        "sample": {"num_steps": 50, "text_scale": 5.0},
+    },
+}
+VARIANTS = tuple(_VARIANT_TABLE)
+
+# `runlocal`: the run-size values it sets (data shape: `_runlocal`). Small enough for seconds on a CPU, large enough
+# to pass through every part of the loop: several steps, a checkpoint mid-run and at the end, one round of samples.
+_RUNLOCAL: dict[str, dict[str, Any]] = {
+    "data": {"synthetic_num_videos": 8},
+    "train": {"batch_size": 2, "total_steps": 8, "checkpoint_every_steps": 4, "log_every_steps": 1,
+              "sample_every_steps": 8, "compiler_options": {"xla_backend_optimization_level": 0}},
+    "optim": {"warmup_steps": 2},
+    "sample": {"num_steps": 2},
+}
+_RUNLOCAL_SIDE = 32  # pixels: the largest height and width of a runlocal clip
+
+
+# ---------------------------------------------------------------------------------------------- section builders
+# Each takes its section of a `_VARIANT_TABLE` entry and adds the values common to all variants.
+
+
+def _model(v: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    m = ml_collections.ConfigDict(dict(v))
     m.rope_max_seq_len = 1024
     m.eps = 1e-6
     m.qk_norm = True  # RMSNorm across heads on q and k, as Wan 2.1
@@ -85,44 +179,17 @@ def _model(variant: str) -> ml_collections.ConfigDict:
     return m
 
 
-def _autoencoder(variant: str) -> ml_collections.ConfigDict:
-    a = ml_collections.ConfigDict()
-    if variant == "wan1.3b":
-        a.name = "wan"
-        a.latent_channels, a.time_factor, a.space_factor = 16, 4, 8
-    else:
-        # exact, parameter-free: pixels (s x s x t patches) become channels
-        a.name = "space_to_depth"
-        a.time_factor, a.space_factor = 4, (2 if variant == "tiny" else 4)
-        a.latent_channels = 3 * a.space_factor**2 * a.time_factor
+def _autoencoder(v: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    a = ml_collections.ConfigDict(dict(v))
     a.path = ""  # Wan VAE: a diffusers AutoencoderKLWan folder (config.json + safetensors); unused by space_to_depth
     a.dtype = "float32"  # Wan VAE compute dtype (params stay float32); bfloat16 on accelerators
     a.chunk_frames = 1  # Wan VAE: latent frames per causal time chunk (memory ~ chunk); 0: whole clip in one pass
     return a
 
 
-def _text_encoder(variant: str) -> ml_collections.ConfigDict:
-    t = ml_collections.ConfigDict()
-    if variant == "wan1.3b":
-        # umT5-XXL encoder, as Wan 2.1
-        t.name = "umt5"
-        t.vocab_size, t.d_model, t.num_layers, t.num_heads, t.d_kv, t.d_ff = 256384, 4096, 24, 64, 64, 10240
-        t.per_layer_bias = True
-        t.tokenizer = "sentencepiece"
-        t.max_length = 512
-    else:
-        # small, randomly initialised and frozen; ByT5's byte tokenizer needs no files
-        t.name = "t5"
-        t.vocab_size = 384
-        t.d_model = 32 if variant == "tiny" else 256
-        t.num_layers = 2
-        t.num_heads = 2 if variant == "tiny" else 4
-        t.d_kv = 16 if variant == "tiny" else 64
-        t.d_ff = 64 if variant == "tiny" else 512
-        t.per_layer_bias = False
-        t.tokenizer = "byte"
-        # bytes: the synthetic captions run to ~300, motion prompts ~240, local prompts ~90
-        t.max_length = 256
+def _text_encoder(v: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    # `dtype`: compute dtype (norms and softmax stay float32); parameters are stored in param_dtype
+    t = ml_collections.ConfigDict(dict(v))
     t.relative_attention_num_buckets = 32
     t.relative_attention_max_distance = 128
     t.feed_forward = "gated-gelu"
@@ -131,20 +198,12 @@ def _text_encoder(variant: str) -> ml_collections.ConfigDict:
     t.path = ""  # converted weights; empty: random init from `seed` (tiny configs)
     # tokens per local prompt (bytes for the byte tokenizer: "the red square: the square slides left" ~ 40-90)
     t.local_max_length = 96 if t.tokenizer == "byte" else 32
-    # compute dtype (norms and softmax stay float32); parameters are stored in param_dtype
-    t.dtype = "bfloat16" if variant == "wan1.3b" else "float32"
     t.param_dtype = "float32"
     return t
 
 
-def _data(variant: str) -> ml_collections.ConfigDict:
-    d = ml_collections.ConfigDict()
-    if variant == "wan1.3b":
-        d.num_frames, d.height, d.width = 81, 480, 832
-    elif variant == "mid":
-        d.num_frames, d.height, d.width = 17, 128, 128
-    else:
-        d.num_frames, d.height, d.width = 9, 32, 32  # latent 3 x 16 x 16 x 48: 768 tokens
+def _data(v: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    d = ml_collections.ConfigDict(dict(v))
     d.fps = 12.0  # clip frame rate sampled from SA-V's 24 fps videos
     d.max_objects = 4  # K: objects per clip (background is id 0 and not counted)
     d.annotation = "manual"  # manual | auto | both
@@ -163,17 +222,13 @@ def _data(variant: str) -> ml_collections.ConfigDict:
     return d
 
 
-def _train(variant: str) -> ml_collections.ConfigDict:
-    t = ml_collections.ConfigDict()
-    t.batch_size = 32 if variant == "wan1.3b" else (8 if variant == "mid" else 4)  # global batch
+def _train(v: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    # `batch_size`: global batch; `sample_every_steps`: sample videos (mp4) at intervals, 0: never
+    t = ml_collections.ConfigDict(dict(v))
     t.grad_accum_steps = 1
-    # tiny: ~2 minutes on a 2-core CPU (the README's first command)
-    t.total_steps = {"tiny": 600, "mid": 2000}.get(variant, 50_000)
-    t.checkpoint_every_steps = 1000 if variant == "wan1.3b" else 100
     t.keep_checkpoints = 3  # keep the last N ...
     t.keep_period = 10_000  # ... and every M-th step
     t.log_every_steps = 10
-    t.sample_every_steps = 5000 if variant == "wan1.3b" else 300  # sample videos (mp4) at intervals; 0: never
     t.init_from = ""  # Orbax checkpoint (e.g. from `python -m ttm_jax.convert`) to start the weights from
     t.async_checkpointing = True  # Orbax writes while training continues
     t.tensorboard = True  # scalars under <workdir>/tensorboard (tensorboardX)
@@ -182,11 +237,8 @@ def _train(variant: str) -> ml_collections.ConfigDict:
     return t
 
 
-def _optim(variant: str) -> ml_collections.ConfigDict:
-    o = ml_collections.ConfigDict()
-    # paper: constant LR 2e-5 after 2,000 warm-up steps; tiny runs learn faster with a larger one
-    o.learning_rate = 2e-5 if variant == "wan1.3b" else 1e-3
-    o.warmup_steps = 2000 if variant == "wan1.3b" else 20
+def _optim(v: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    o = ml_collections.ConfigDict(dict(v))
     o.b1, o.b2, o.eps = 0.9, 0.999, 1e-8
     o.weight_decay = 0.0
     o.grad_clip_norm = 1.0
@@ -194,11 +246,11 @@ def _optim(variant: str) -> ml_collections.ConfigDict:
     return o
 
 
-def _objective(variant: str) -> ml_collections.ConfigDict:
-    j = ml_collections.ConfigDict()
+def _objective(v: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    # `shift`: timestep shift t' = s t / (1 + (s - 1) t)
+    j = ml_collections.ConfigDict(dict(v))
     j.t_sampling = "logit_normal"  # logit_normal | uniform
     j.logit_mean, j.logit_std = 0.0, 1.0
-    j.shift = 1.0 if variant == "tiny" else 3.0  # timestep shift t' = s t / (1 + (s - 1) t)
     # condition dropout for InstructPix2Pix guidance
     j.drop_image_prob = 0.05
     j.drop_text_prob = 0.05
@@ -206,8 +258,8 @@ def _objective(variant: str) -> ml_collections.ConfigDict:
     return j
 
 
-def _mesh(variant: str) -> ml_collections.ConfigDict:
-    h = ml_collections.ConfigDict()
+def _mesh(v: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    h = ml_collections.ConfigDict(dict(v))
     # one size may be -1: "all remaining devices"
     h.shape = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
     h.distributed = "auto"  # auto | skip  (jax.distributed.initialize from the environment)
@@ -220,38 +272,53 @@ def _mesh(variant: str) -> ml_collections.ConfigDict:
     return h
 
 
-def _sample(variant: str) -> ml_collections.ConfigDict:
-    s = ml_collections.ConfigDict()
-    s.num_steps = 50 if variant == "wan1.3b" else 20
+def _sample(v: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    s = ml_collections.ConfigDict(dict(v))
     s.schedule = "linear_quadratic"  # linear_quadratic (Movie Gen) | uniform
     s.image_scale = 1.5
-    s.text_scale = 5.0 if variant == "wan1.3b" else 3.0
     s.seed = 0
     return s
 
 
+# section name -> builder, in the config's order
+_SECTIONS: dict[str, Callable[[Mapping[str, Any]], ml_collections.ConfigDict]] = {
+    "model": _model, "autoencoder": _autoencoder, "text_encoder": _text_encoder, "data": _data, "train": _train,
+    "optim": _optim, "objective": _objective, "mesh": _mesh, "sample": _sample,
+}
+
+
+def _runlocal(c: ml_collections.ConfigDict) -> None:
+    """Shrink `c` in place to a tiny, fast local run of its variant (module docstring): `_RUNLOCAL`, plus the
+    shortest clip with motion (2 latent frames, rounded up to the time patch) of at most `_RUNLOCAL_SIDE` pixels."""
+    for section, values in _RUNLOCAL.items():
+        c[section].update(values)
+    a, d, patch = c.autoencoder, c.data, tuple(c.model.patch_size)
+    latent_frames = patch[0] * math.ceil(2 / patch[0])
+    d.num_frames = min(d.num_frames, 1 + (latent_frames - 1) * a.time_factor)
+    for name, p in (("height", patch[1]), ("width", patch[2])):
+        step = a.space_factor * p
+        d[name] = min(d[name], step * math.ceil(_RUNLOCAL_SIDE / step))
+
+
 def build(stage: int, arg: str | None = None) -> ml_collections.ConfigDict:
-    """The full default config of `stage` (1: image-to-motion, 2: motion-to-video) for the variant in `arg`."""
+    """The full default config of `stage` (1: image-to-motion, 2: motion-to-video) for the variant in `arg`, shrunk
+    to a local run when `arg` holds `runlocal` (module docstring)."""
     args = parse_arg(arg)
-    variant = args.get("variant", "tiny")
+    variant = args["variant"]
     if variant not in VARIANTS:
         raise ConfigError(f"config argument: unknown variant {variant!r}; choose one of {VARIANTS}")
+    row = _VARIANT_TABLE[variant]
     c = ml_collections.ConfigDict()
     c.stage = stage
     c.variant = variant
     c.seed = 0
-    c.model = _model(variant)
-    c.autoencoder = _autoencoder(variant)
-    c.text_encoder = _text_encoder(variant)
-    c.data = _data(variant)
-    c.train = _train(variant)
-    c.optim = _optim(variant)
-    c.objective = _objective(variant)
-    c.mesh = _mesh(variant)
-    c.sample = _sample(variant)
+    for section, make in _SECTIONS.items():
+        c[section] = make(row.get(section, {}))
     if stage == 1:
         # stage 1 sees no local prompts: the added masked layers are a stage-2 feature
         c.model.ttm_layers = 0
+    if args["runlocal"]:
+        _runlocal(c)
     return c
 
 
@@ -272,35 +339,9 @@ def _check(cond: bool, field: str, msg: str) -> None:
         raise ConfigError(f"config.{field}: {msg}")
 
 
-def _check_training(config: ml_collections.ConfigDict) -> None:
-    """train / optim / objective / mesh sections (ttm_jax/train, ttm_jax/diffusion/flow.py)."""
-    tr, o, j, h = config.train, config.optim, config.objective, config.mesh
-    for name in ("batch_size", "grad_accum_steps", "total_steps", "checkpoint_every_steps", "log_every_steps"):
-        _check(isinstance(tr[name], int) and tr[name] > 0, f"train.{name}", f"{tr[name]!r} must be a positive int")
-    _check(tr.batch_size % tr.grad_accum_steps == 0, "train.grad_accum_steps",
-           f"{tr.grad_accum_steps} does not divide train.batch_size={tr.batch_size}; pick a divisor")
-    _check(tr.sample_every_steps >= 0, "train.sample_every_steps", f"{tr.sample_every_steps} must be >= 0 (0: never)")
-    _check(o.learning_rate > 0, "optim.learning_rate", f"{o.learning_rate} must be > 0")
-    _check(o.warmup_steps >= 0, "optim.warmup_steps", f"{o.warmup_steps} must be >= 0")
-    _check(0.0 <= o.ema_decay < 1.0, "optim.ema_decay", f"{o.ema_decay} must be in [0, 1) (0: no EMA)")
-    _check(o.grad_clip_norm >= 0, "optim.grad_clip_norm", f"{o.grad_clip_norm} must be >= 0 (0: no clipping)")
-    _check(j.t_sampling in ("logit_normal", "uniform"), "objective.t_sampling",
-           f"{j.t_sampling!r}; choose logit_normal or uniform")
-    _check(j.shift > 0, "objective.shift", f"{j.shift} must be > 0 (1: no shift)")
-    probs = (j.drop_image_prob, j.drop_text_prob, j.drop_both_prob)
-    _check(all(0 <= p <= 1 for p in probs) and sum(probs) <= 1, "objective.drop_image_prob",
-           f"condition dropout rates {probs} (image, text, both) must be in [0, 1] and sum to <= 1")
-    _check(h.distributed in ("auto", "skip"), "mesh.distributed", f"{h.distributed!r}; choose auto or skip")
-    sizes = dict(h.shape)
-    _check(set(sizes) <= {"data", "fsdp", "tensor"}, "mesh.shape", f"{sorted(sizes)}: the axes are data, fsdp, tensor")
-    _check(sum(1 for v in sizes.values() if v == -1) <= 1 and all(v == -1 or v > 0 for v in sizes.values()),
-           "mesh.shape", f"{sizes}: sizes must be positive, at most one -1 (all remaining devices)")
-
-
-def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Check every value that could otherwise fail after compute has been spent; returns the config."""
-    _check(config.stage in (1, 2), "stage", f"{config.stage!r} is not 1 or 2")
-    m, a, t, d = config.model, config.autoencoder, config.text_encoder, config.data
+def _check_model(config: ml_collections.ConfigDict) -> None:
+    """model section (ttm_jax/models/dit.py), and its agreement with the stage and the text encoder."""
+    m, t = config.model, config.text_encoder
     for name in ("dim", "num_layers", "num_heads", "ffn_dim", "text_dim", "freq_dim"):
         _check(isinstance(m[name], int) and m[name] > 0, f"model.{name}", f"{m[name]!r} must be a positive int")
     _check(m.dim % m.num_heads == 0, "model.dim",
@@ -325,6 +366,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check(m.text_dim == t.d_model, "model.text_dim",
            f"{m.text_dim} but text_encoder.d_model={t.d_model}; the DiT's text embedder reads the encoder's output, "
            f"set model.text_dim={t.d_model}")
+
+
+def _check_autoencoder(config: ml_collections.ConfigDict) -> None:
+    """autoencoder section (ttm_jax/models/autoencoder.py, ttm_jax/models/wan_vae.py)."""
+    a = config.autoencoder
     _check(a.name in AUTOENCODERS, "autoencoder.name", f"{a.name!r}; choose one of {AUTOENCODERS}")
     _check(a.get("dtype", "float32") in DTYPES, "autoencoder.dtype", f"{a.get('dtype')!r}; choose one of {DTYPES}")
     _check(isinstance(a.get("chunk_frames", 1), int) and a.get("chunk_frames", 1) >= 0, "autoencoder.chunk_frames",
@@ -338,6 +384,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         _check(a.latent_channels == want, "autoencoder.latent_channels",
                f"{a.latent_channels} but space_to_depth with space_factor={a.space_factor}, "
                f"time_factor={a.time_factor} makes {want}; set it to {want}")
+
+
+def _check_data(config: ml_collections.ConfigDict) -> None:
+    """data section (ttm_jax/data), and the clip shape against the autoencoder and the model's patch."""
+    m, a, d = config.model, config.autoencoder, config.data
     _check(d.num_frames >= 1 and (d.num_frames - 1) % a.time_factor == 0, "data.num_frames",
            f"{d.num_frames} must be 1 + a multiple of autoencoder.time_factor={a.time_factor} "
            f"(e.g. {1 + a.time_factor * max(1, (d.num_frames - 1) // a.time_factor)})")
@@ -366,6 +417,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
            f"{d.read_threads!r} must be an int >= 1")
     _check(0 <= d.shuffle_seed < 2**32, "data.shuffle_seed", f"{d.shuffle_seed} must be in [0, 2**32) (Grain's range)")
     _check(d.synthetic_num_videos >= 1, "data.synthetic_num_videos", f"{d.synthetic_num_videos} must be >= 1")
+
+
+def _check_text_encoder(config: ml_collections.ConfigDict) -> None:
+    """text_encoder section (ttm_jax/models/text_encoder.py, ttm_jax/models/tokenizer.py). A sentencepiece tokenizer
+    without `tokenizer_path` passes: describe mode needs none, and `main` checks it again before training."""
+    t = config.text_encoder
     _check(t.d_model > 0 and t.num_layers > 0, "text_encoder", "d_model and num_layers must be positive")
     _check(t.tokenizer in ("byte", "sentencepiece"), "text_encoder.tokenizer",
            f"{t.tokenizer!r}; choose byte or sentencepiece")
@@ -383,6 +440,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check(t.get("dtype", "float32") in DTYPES, "text_encoder.dtype", f"{t.get('dtype')!r}; choose one of {DTYPES}")
     _check(t.get("param_dtype", "float32") in DTYPES, "text_encoder.param_dtype",
            f"{t.get('param_dtype')!r}; choose one of {DTYPES}")
+
+
+def _check_sample(config: ml_collections.ConfigDict) -> None:
+    """sample section: the sampler of training samples (ttm_jax/diffusion)."""
     s = config.sample
     _check(isinstance(s.num_steps, int) and s.num_steps >= 1, "sample.num_steps",
            f"{s.num_steps!r} must be an int >= 1")
@@ -390,8 +451,58 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
            f"{s.schedule!r}; choose linear_quadratic (Movie Gen) or uniform")
     _check(s.image_scale >= 0 and s.text_scale >= 0, "sample.image_scale",
            f"image_scale={s.image_scale}, text_scale={s.text_scale} must be >= 0 (1 and 1: no guidance)")
-    _check_training(config)
-    if t.tokenizer == "sentencepiece" and not t.tokenizer_path and not t.path:
-        # describe mode builds shapes only and needs no tokenizer; main checks this again before training
-        pass
+
+
+def _check_train(config: ml_collections.ConfigDict) -> None:
+    """train section (ttm_jax/train)."""
+    tr = config.train
+    for name in ("batch_size", "grad_accum_steps", "total_steps", "checkpoint_every_steps", "log_every_steps"):
+        _check(isinstance(tr[name], int) and tr[name] > 0, f"train.{name}", f"{tr[name]!r} must be a positive int")
+    _check(tr.batch_size % tr.grad_accum_steps == 0, "train.grad_accum_steps",
+           f"{tr.grad_accum_steps} does not divide train.batch_size={tr.batch_size}; pick a divisor")
+    _check(tr.sample_every_steps >= 0, "train.sample_every_steps", f"{tr.sample_every_steps} must be >= 0 (0: never)")
+
+
+def _check_optim(config: ml_collections.ConfigDict) -> None:
+    """optim section (ttm_jax/train)."""
+    o = config.optim
+    _check(o.learning_rate > 0, "optim.learning_rate", f"{o.learning_rate} must be > 0")
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", f"{o.warmup_steps} must be >= 0")
+    _check(0.0 <= o.ema_decay < 1.0, "optim.ema_decay", f"{o.ema_decay} must be in [0, 1) (0: no EMA)")
+    _check(o.grad_clip_norm >= 0, "optim.grad_clip_norm", f"{o.grad_clip_norm} must be >= 0 (0: no clipping)")
+
+
+def _check_objective(config: ml_collections.ConfigDict) -> None:
+    """objective section (ttm_jax/diffusion/flow.py)."""
+    j = config.objective
+    _check(j.t_sampling in ("logit_normal", "uniform"), "objective.t_sampling",
+           f"{j.t_sampling!r}; choose logit_normal or uniform")
+    _check(j.shift > 0, "objective.shift", f"{j.shift} must be > 0 (1: no shift)")
+    probs = (j.drop_image_prob, j.drop_text_prob, j.drop_both_prob)
+    _check(all(0 <= p <= 1 for p in probs) and sum(probs) <= 1, "objective.drop_image_prob",
+           f"condition dropout rates {probs} (image, text, both) must be in [0, 1] and sum to <= 1")
+
+
+def _check_mesh(config: ml_collections.ConfigDict) -> None:
+    """mesh section (ttm_jax/runtime/mesh.py)."""
+    h = config.mesh
+    _check(h.distributed in ("auto", "skip"), "mesh.distributed", f"{h.distributed!r}; choose auto or skip")
+    sizes = dict(h.shape)
+    _check(set(sizes) <= {"data", "fsdp", "tensor"}, "mesh.shape", f"{sorted(sizes)}: the axes are data, fsdp, tensor")
+    _check(sum(1 for v in sizes.values() if v == -1) <= 1 and all(v == -1 or v > 0 for v in sizes.values()),
+           "mesh.shape", f"{sizes}: sizes must be positive, at most one -1 (all remaining devices)")
+
+
+# In the order `validate` runs them: a config with several bad values reports the first of this order.
+_CHECKERS: tuple[Callable[[ml_collections.ConfigDict], None], ...] = (
+    _check_model, _check_autoencoder, _check_data, _check_text_encoder, _check_sample, _check_train, _check_optim,
+    _check_objective, _check_mesh,
+)
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Check every value that could otherwise fail after compute has been spent; returns the config."""
+    _check(config.stage in (1, 2), "stage", f"{config.stage!r} is not 1 or 2")
+    for check in _CHECKERS:
+        check(config)
     return config
