@@ -18,9 +18,14 @@ import numpy as np
 from absl import app, flags
 
 from ttm_jax import config as config_lib
+from ttm_jax.assembly import frozen as frozen_lib
+from ttm_jax.assembly import modules as modules_lib
+from ttm_jax.assembly import params as params_lib
+from ttm_jax.assembly import trained as trained_lib
 from ttm_jax.data import synthetic, trajectory
 from ttm_jax.inference import pipeline as pipeline_lib
 from ttm_jax.inference import prompts
+from ttm_jax.inference import requests as requests_lib
 
 _VARIANTS = flags.DEFINE_list("variants", ["tiny", "mid"], "Config variants to time.")
 _STEPS = flags.DEFINE_integer("num_steps", 0, "Sampling steps; 0: each config's sample.num_steps.")
@@ -28,19 +33,17 @@ _BATCH = flags.DEFINE_integer("batch", 1, "Videos per batch.")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed runs after the warm-up; the best is reported.")
 
 
-def random_stage(config) -> pipeline_lib.Stage:
-    from ttm_jax.train import loop
+def random_stage(config) -> trained_lib.Stage:
     from ttm_jax.runtime import mesh as mesh_lib
     from ttm_jax.runtime import sharding as sharding_lib
-    from ttm_jax.train import step as step_lib
 
     mesh = mesh_lib.make_mesh(config.mesh)
     rules = sharding_lib.rules_from_config(config.mesh)
-    modules = step_lib.build_modules(config)
-    params, _ = sharding_lib.init_sharded(loop.make_init_params(config, modules), jax.random.PRNGKey(0), mesh=mesh,
-                                          rules=rules)
-    frozen, _ = step_lib.init_frozen(config, modules, mesh, rules)
-    return pipeline_lib.Stage(config, modules, params, frozen, mesh, rules, 0, "<random init>")
+    modules = modules_lib.build_modules(config)
+    init = params_lib.make_init_params(config, modules)
+    params, _ = sharding_lib.init_sharded(init, jax.random.PRNGKey(0), mesh=mesh, rules=rules)
+    frozen, _ = frozen_lib.init_frozen(config, modules, mesh, rules)
+    return trained_lib.Stage(config, modules, params, frozen, mesh, rules, 0, "<random init>")
 
 
 def prepared(config, batch: int) -> list[pipeline_lib.Prepared]:
@@ -49,12 +52,12 @@ def prepared(config, batch: int) -> list[pipeline_lib.Prepared]:
     masks = v.masks[0][..., : d.max_objects]
     plan = prompts.plan_offline(v.caption_entry["caption"])
     match = prompts.match_prompts_to_masks(plan, masks.shape[-1])
-    req = pipeline_lib.Request(image=v.frames[0], caption=plan.caption, masks=masks)
+    req = requests_lib.Request(image=v.frames[0], caption=plan.caption, masks=masks)
     return [pipeline_lib.Prepared(req, v.frames[0], masks, [None] * masks.shape[-1], "synthetic", plan, match,
                                   match.local_prompts(plan))] * batch
 
 
-def time_stage(stage: pipeline_lib.Stage, items, settings, mode: str) -> float:
+def time_stage(stage: trained_lib.Stage, items, settings, mode: str) -> float:
     runner = pipeline_lib.StageRunner(stage, guidance_mode=mode)
     pipe = object.__new__(pipeline_lib.Pipeline)  # only `_batch` is used, which needs the frame count
     pipe.num_frames = int(stage.config.data.num_frames)

@@ -39,7 +39,9 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from ttm_jax import config as config_lib  # noqa: E402
-from ttm_jax.train import loop  # noqa: E402
+from ttm_jax.assembly import frozen as frozen_lib
+from ttm_jax.assembly import modules as modules_lib
+from ttm_jax.assembly import params as params_lib
 from ttm_jax.runtime import mesh as mesh_lib  # noqa: E402
 from ttm_jax.runtime import sharding as sharding_lib  # noqa: E402
 from ttm_jax.train import state as state_lib  # noqa: E402
@@ -98,14 +100,14 @@ def bench_full_step(variant: str, stage: int, steps: int) -> dict:
     """Table 1: the full train step of `variant` on one device."""
     c = config_lib.build(stage, variant)
     c.mesh.distributed = "skip"
-    modules = step_lib.build_modules(c)
+    modules = modules_lib.build_modules(c)
     devices = jax.devices()[:1]
     mesh = mesh_lib.make_mesh(c.mesh, devices)
     rules = sharding_lib.rules_from_config(c.mesh)
     tx = state_lib.make_optimizer(c.optim)
-    init = loop.make_init_params(c, modules)
+    init = params_lib.make_init_params(c, modules)
     state, shardings = state_lib.init_state(init, jax.random.PRNGKey(0), tx, 0.0, mesh, rules)
-    frozen, frozen_sh = step_lib.init_frozen(c, modules, mesh, rules)
+    frozen, frozen_sh = frozen_lib.init_frozen(c, modules, mesh, rules)
     local = synthetic_batch(c, np.random.default_rng(0))
     bsh = step_lib.batch_shardings(local, mesh)
     batch = step_lib.global_batch(local, bsh)
@@ -209,11 +211,11 @@ def bench_fsdp_memory(variant: str, stage: int) -> dict:
         c.mesh.distributed = "skip"
         c.mesh.shape.update(data=1, fsdp=n, tensor=1)
         c.train.batch_size = 8
-        modules = step_lib.build_modules(c)
+        modules = modules_lib.build_modules(c)
         mesh = mesh_lib.make_mesh(c.mesh, jax.devices()[:n])
         rules = sharding_lib.rules_from_config(c.mesh)
         tx = state_lib.make_optimizer(c.optim)
-        init = loop.make_init_params(c, modules)
+        init = params_lib.make_init_params(c, modules)
         abstract_boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
         sh = state_lib.state_shardings(abstract_boxed, tx, 0.0, mesh, rules)
         abstract = state_lib.abstract_state(init, jax.random.PRNGKey(0), tx, 0.0, sh)
@@ -222,7 +224,7 @@ def bench_fsdp_memory(variant: str, stage: int) -> dict:
                         donate_argnums=(0,))
         state_args = ident.lower(abstract).compile().memory_analysis().argument_size_in_bytes / MB
         # and the whole train step's arguments (state + frozen text encoder + this device's rows of the batch)
-        frozen, frozen_sh = step_lib.init_frozen(c, modules, mesh, rules)
+        frozen, frozen_sh = frozen_lib.init_frozen(c, modules, mesh, rules)
         local = synthetic_batch(c, np.random.default_rng(0))
         bsh = step_lib.batch_shardings(local, mesh)
         batch = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), local, bsh)

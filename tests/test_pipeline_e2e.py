@@ -22,7 +22,8 @@ from PIL import Image
 
 from ttm_jax import config as config_lib
 from ttm_jax.data import synthetic, trajectory, video_io
-from ttm_jax.inference import pipeline, run
+from ttm_jax.inference import requests as requests_lib
+from ttm_jax.inference import run
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 _TINY = config_lib.build(2, "tiny").data
@@ -62,7 +63,7 @@ def _batches(config, **_):
         local = list(v.caption_entry["local_prompts"].values())[:k]
         row = {"video": v.frames, "trajectory": trajectory.render(m), "object_masks": m,
                "num_objects": np.int32(len(local))}
-        row.update(pipeline.tokenize_prompts(config, tok, v.caption_entry["caption"],
+        row.update(requests_lib.tokenize_prompts(config, tok, v.caption_entry["caption"],
                                              v.caption_entry["motion_prompt"], local))
         rows.append(row)
     return _FixedBatches({key: np.stack([r[key] for r in rows]) for key in rows[0]})
@@ -137,7 +138,7 @@ def pipe():
 @pytest.fixture(scope="module")
 def generated(pipe, inputs, tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
-    req = pipeline.Request(image=inputs["image"], caption=inputs["caption"], masks=inputs["masks"], seed=5,
+    req = requests_lib.Request(image=inputs["image"], caption=inputs["caption"], masks=inputs["masks"], seed=5,
                            name="one")
     return pipe.generate([req], str(out))[0]
 
@@ -164,7 +165,7 @@ def test_writes_mp4s_of_the_configured_size_and_a_json(generated, inputs):
 
 def test_deterministic_per_seed(pipe, inputs):
     """A request's trajectory depends on its own seed only, not on its batch neighbour."""
-    item = pipe.prepare(pipeline.Request(image=inputs["image"], caption=inputs["caption"], masks=inputs["masks"]))
+    item = pipe.prepare(requests_lib.Request(image=inputs["image"], caption=inputs["caption"], masks=inputs["masks"]))
     conds = pipe.s1.conditions(pipe._batch(pipe.s1.stage, [item, item], None))
     a = pipe.s1.decode(pipe.s1.sample(conds, [5, 6], pipe.settings))
     b = pipe.s1.decode(pipe.s1.sample(conds, [7, 5], pipe.settings))
@@ -173,7 +174,7 @@ def test_deterministic_per_seed(pipe, inputs):
 
 
 def test_trajectory_drives_the_video(pipe, inputs):
-    item = pipe.prepare(pipeline.Request(image=inputs["image"], caption=inputs["caption"], masks=inputs["masks"]))
+    item = pipe.prepare(requests_lib.Request(image=inputs["image"], caption=inputs["caption"], masks=inputs["masks"]))
     still = np.broadcast_to(trajectory.ids_from_masks(item.masks), (FRAMES, SIZE, SIZE)).copy()
     moved = still.copy()
     for f in range(1, FRAMES):  # every object slides right by 3 px per frame
@@ -191,7 +192,7 @@ def test_local_prompt_changes_only_its_objects_tokens(pipe, inputs):
     from ttm_jax.models import conditioning, dit, layers
 
     stage = pipe.s2.stage
-    req = pipeline.Request(image=inputs["image"], caption=inputs["caption"], masks=inputs["masks"])
+    req = requests_lib.Request(image=inputs["image"], caption=inputs["caption"], masks=inputs["masks"])
     a = pipe.prepare(req)
     b = pipe.prepare(req)
     b.local_prompts = [a.local_prompts[0], "the object spins wildly in place"]
@@ -278,9 +279,9 @@ def test_masks_from_sav_json_and_coco_rle(tmp_path, inputs):
     ann = v.annotation["manual"]
     path = tmp_path / "sav_000001_manual.json"
     path.write_text(json.dumps(ann))
-    req = pipeline.Request(image=v.frames[0], caption="x", masks=str(path))
+    req = requests_lib.Request(image=v.frames[0], caption="x", masks=str(path))
     half = SIZE // 2
-    masks, labels, source = pipeline.load_masks(req, (SIZE, SIZE), half, half)
+    masks, labels, source = requests_lib.load_masks(req, (SIZE, SIZE), half, half)
     assert masks.shape == (half, half, len(v.scene.objects)) and "sa-v" in source
     want = v.masks[0, ::2, ::2]  # annotated frame 0, nearest-neighbour halving
     assert (masks == want).mean() > 0.97
@@ -290,16 +291,16 @@ def test_masks_from_sav_json_and_coco_rle(tmp_path, inputs):
         r["segmentation"]["counts"] = r["segmentation"]["counts"].decode()
     path = tmp_path / "coco.json"
     path.write_text(json.dumps(rles))
-    masks, labels, _ = pipeline.load_masks(pipeline.Request(image=v.frames[0], caption="x", masks=str(path)),
+    masks, labels, _ = requests_lib.load_masks(requests_lib.Request(image=v.frames[0], caption="x", masks=str(path)),
                                            (SIZE, SIZE), SIZE, SIZE)
     np.testing.assert_array_equal(masks, v.masks[0])
     assert labels == [f"obj{k}" for k in range(len(rles))]
-    inline, inline_labels, _ = pipeline.load_masks(pipeline.Request(image=v.frames[0], caption="x", masks=rles),
+    inline, inline_labels, _ = requests_lib.load_masks(requests_lib.Request(image=v.frames[0], caption="x", masks=rles),
                                                    (SIZE, SIZE), SIZE, SIZE)  # a JSONL request's inline RLEs
     np.testing.assert_array_equal(inline, v.masks[0])
     assert inline_labels == labels
     with pytest.raises(ValueError, match="neither masks nor boxes"):
-        pipeline.load_masks(pipeline.Request(image=v.frames[0], caption="x"), (SIZE, SIZE), SIZE, SIZE)
+        requests_lib.load_masks(requests_lib.Request(image=v.frames[0], caption="x"), (SIZE, SIZE), SIZE, SIZE)
 
 
 def test_requests_jsonl_errors_name_the_line(tmp_path):
@@ -307,12 +308,12 @@ def test_requests_jsonl_errors_name_the_line(tmp_path):
     path.write_text('{"image": "a.png", "caption": "the cat jumps", "boxes": [[0, 0, 4, 4]]}\n\n'
                     '{"image": "a.png", "caption": "x", "colour": "red"}\n')
     with pytest.raises(ValueError, match=r"r.jsonl:3: unknown key\(s\) \['colour'\]"):
-        pipeline.read_requests(str(path))
+        requests_lib.read_requests(str(path))
     path.write_text('{"image": "a.png", "caption": "x", "name": "v"}\n'
                     '{"image": "b.png", "caption": "y", "name": "v"}\n')
     with pytest.raises(ValueError, match=r"names \['v'\] repeat"):
-        pipeline.read_requests(str(path))
+        requests_lib.read_requests(str(path))
     path.write_text('# two requests\n{"image": "a.png", "caption": "x"}\n{"image": "/abs/b.png", "caption": "y"}\n')
-    reqs = pipeline.read_requests(str(path))
+    reqs = requests_lib.read_requests(str(path))
     assert [r.image for r in reqs] == [str(tmp_path / "a.png"), "/abs/b.png"]  # relative to the JSONL's folder
     assert [r.name for r in reqs] == ["r_0002", "r_0003"]

@@ -11,13 +11,14 @@ import numpy as np
 import optax
 import pytest
 import tensorstore as ts
-import test_train_fixtures as fx
+import train_fixtures as fx
 from jax.sharding import PartitionSpec as P
 
+from ttm_jax.assembly import params as params_lib
 from ttm_jax.runtime import checkpoint as checkpoint_lib
-from ttm_jax.train import loop
 from ttm_jax.runtime import mesh as mesh_lib
 from ttm_jax.runtime import sharding as sharding_lib
+from ttm_jax.train import loop
 from ttm_jax.train import state as state_lib
 
 STEPS = 3
@@ -105,7 +106,7 @@ def test_optimizer_state_is_not_read(run):
 
     c = got.config
     modules = fx.make_modules(c)
-    init = loop.make_init_params(c, modules)
+    init = params_lib.make_init_params(c, modules)
     rng = jax.random.PRNGKey(int(c.seed))
     tx = state_lib.make_optimizer(c.optim)
     mesh = mesh_lib.make_mesh(c.mesh, jax.devices()[:1])
@@ -128,7 +129,7 @@ def test_checkpoint_from_8_devices_restores_onto_one_device_and_another_mesh(mod
     c.mesh.shape.update(data=1, fsdp=8, tensor=1)
     rules = sharding_lib.rules_from_config(c.mesh)
     tx = optax.adamw(1e-2)  # no warm-up: the first update moves the params (and so the EMA off them)
-    init = loop.make_init_params(c, modules)
+    init = params_lib.make_init_params(c, modules)
     rng = jax.random.PRNGKey(5)
     state, _ = state_lib.init_state(init, rng, tx, EMA, mesh_lib.make_mesh(c.mesh), rules,
                                     compiler_options={"xla_backend_optimization_level": 0})

@@ -11,13 +11,14 @@ import textwrap
 import jax
 import numpy as np
 import pytest
-import test_train_fixtures as fx
+import train_fixtures as fx
 from jax.sharding import PartitionSpec as P
 
+from ttm_jax.assembly import params as params_lib
 from ttm_jax.runtime import checkpoint as checkpoint_lib
-from ttm_jax.train import loop
 from ttm_jax.runtime import mesh as mesh_lib
 from ttm_jax.runtime import sharding as sharding_lib
+from ttm_jax.train import loop
 from ttm_jax.train import state as state_lib
 
 TOTAL = 5
@@ -80,7 +81,7 @@ _KILLED = textwrap.dedent("""
     from absl import flags
     flags.FLAGS.mark_as_parsed()
     import jax
-    import test_train_fixtures as fx
+    import train_fixtures as fx
     from ttm_jax.train import loop
     wd = sys.argv[1]
 
@@ -124,7 +125,7 @@ def test_checkpoint_from_8_devices_restores_onto_2x4_and_one_device(modules, tmp
     c.mesh.shape.update(data=1, fsdp=8, tensor=1)
     rules = sharding_lib.rules_from_config(c.mesh)
     tx = state_lib.make_optimizer(c.optim)
-    init = loop.make_init_params(c, modules)
+    init = params_lib.make_init_params(c, modules)
     rng = jax.random.PRNGKey(3)
     opts = {"xla_backend_optimization_level": 0}
     state, _ = state_lib.init_state(init, rng, tx, 0.0, mesh_lib.make_mesh(c.mesh), rules, compiler_options=opts)

@@ -8,14 +8,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import test_train_fixtures as fx
+import train_fixtures as fx
 
 from ttm_jax import config as config_lib
+from ttm_jax.assembly import frozen as frozen_lib
+from ttm_jax.assembly import inputs as inputs_lib
 from ttm_jax.models import masks
-from ttm_jax.train import loop
 from ttm_jax.runtime import mesh as mesh_lib
 from ttm_jax.runtime import sharding as sharding_lib
-from ttm_jax.train import step as step_lib
+from ttm_jax.train import loop
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +24,8 @@ def setup():
     c = fx.tiny_config(2)
     mods = fx.make_modules(c)
     m = mesh_lib.make_mesh(c.mesh, jax.devices()[:1])
-    frozen, _ = step_lib.init_frozen(c, mods, m, sharding_lib.rules_from_config(c.mesh))
-    batch = {k: jnp.asarray(v) for k, v in next(iter(fx.make_dataset(c))).items() if k in step_lib.BATCH_KEYS}
+    frozen, _ = frozen_lib.init_frozen(c, mods, m, sharding_lib.rules_from_config(c.mesh))
+    batch = {k: jnp.asarray(v) for k, v in next(iter(fx.make_dataset(c))).items() if k in inputs_lib.BATCH_KEYS}
     return c, mods, frozen, batch
 
 
@@ -34,7 +35,7 @@ def _compiled(fn, *args):
 
 
 def _prepare(config, mods, frozen, batch):
-    return _compiled(lambda f, b: step_lib.prepare(config, mods, f, b), frozen, batch)
+    return _compiled(lambda f, b: inputs_lib.prepare(config, mods, f, b), frozen, batch)
 
 
 def _enc(mods, video_u8):
@@ -50,7 +51,7 @@ def test_stage_targets_and_conditions(setup):
     np.testing.assert_allclose(target, et, atol=1e-6)
     np.testing.assert_allclose(first, _enc(mods, batch["video"][:, :1]), atol=1e-6)
     np.testing.assert_allclose(cond, et[:, :1], atol=1e-6)
-    motion = _compiled(lambda te, i, m: step_lib.encode_text(mods, te, i, m), frozen["text_encoder"],
+    motion = _compiled(lambda te, i, m: inputs_lib.encode_text(mods, te, i, m), frozen["text_encoder"],
                        batch["motion_tokens"], batch["motion_mask"])
     np.testing.assert_allclose(text["context"], motion, atol=1e-6)
     assert set(text) == {"context"}
@@ -84,10 +85,10 @@ def test_cached_latents_are_used_instead_of_the_autoencoder(setup):
 def test_noise_and_dropout_reach_the_model_inputs(setup):
     c, mods, frozen, batch = setup
     b = batch["video"].shape[0]
-    rand = step_lib.draw(jax.random.PRNGKey(0), b, config_lib.latent_shape(c), c.objective)
+    rand = inputs_lib.draw(jax.random.PRNGKey(0), b, config_lib.latent_shape(c), c.objective)
     rand["drop_image"] = jnp.arange(b) % 2 == 0
     rand["drop_text"] = jnp.arange(b) < 2
-    x, kw, velocity = _compiled(lambda f, b, r: step_lib.model_inputs(c, mods, f, b, r), frozen, batch, rand)
+    x, kw, velocity = _compiled(lambda f, b, r: inputs_lib.model_inputs(c, mods, f, b, r), frozen, batch, rand)
     target, first, cond, text = _prepare(c, mods, frozen, batch)
     lc = target.shape[-1]
     tb = rand["t"][:, None, None, None, None]

@@ -16,12 +16,13 @@ import textwrap
 import jax
 import numpy as np
 import pytest
-import test_train_fixtures as fx
+import train_fixtures as fx
 from jax.sharding import PartitionSpec as P
 
-from ttm_jax.train import loop
+from ttm_jax.assembly import params as params_lib
 from ttm_jax.runtime import mesh as mesh_lib
 from ttm_jax.runtime import sharding as sharding_lib
+from ttm_jax.train import loop
 from ttm_jax.train import state as state_lib
 
 STEPS = 3
@@ -124,7 +125,7 @@ def test_params_and_adam_moments_are_born_sharded(modules):
     m = mesh_lib.make_mesh(c.mesh)
     rules = sharding_lib.rules_from_config(c.mesh)
     tx = state_lib.make_optimizer(c.optim)
-    init = loop.make_init_params(c, modules)
+    init = params_lib.make_init_params(c, modules)
     state, shardings = state_lib.init_state(init, jax.random.PRNGKey(0), tx, 0.0, m, rules,
                                             compiler_options={"xla_backend_optimization_level": 0})
     k = state.params["ffn_in"]["kernel"]  # logical (embed, mlp) = (32, 64)
@@ -153,7 +154,7 @@ def test_sharded_with_grad_accumulation_equals_single_device(modules, single_run
     a, b = _host(ref.state.params), _host(res.state.params)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-6), a, b)
     # the params moved: equality is not that of two untouched inits
-    init = loop.make_init_params(c, modules)(jax.random.PRNGKey(c.seed))
+    init = params_lib.make_init_params(c, modules)(jax.random.PRNGKey(c.seed))
     moved = max(float(np.abs(np.asarray(x) - np.asarray(y)).max())
                 for x, y in zip(jax.tree.leaves(sharding_lib.unbox(init)), jax.tree.leaves(a), strict=True))
     assert moved > 1e-3
@@ -167,7 +168,7 @@ _WORKER = textwrap.dedent("""
     flags.FLAGS.mark_as_parsed()
     import jax
     import numpy as np
-    import test_train_fixtures as fx
+    import train_fixtures as fx
     from jax.experimental import multihost_utils
     from ttm_jax.train import loop
     c = fx.tiny_config(2, **{{"train.batch_size": 16, "train.total_steps": {steps}}})

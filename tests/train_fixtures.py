@@ -1,8 +1,7 @@
 """Shared pieces of the training tests (imported by tests/test_train_*.py and their subprocesses).
 
 - `tiny_config(stage)`: the real config, shrunk to 5 frames of 16x16 (8 video tokens), a 2-layer DiT of width 32;
-- `make_modules(config)`: the real DiT, autoencoder and tokenizer; the real T5 encoder when
-  `ttm_jax/models/text_encoder.py` is importable, else `StandInTextEncoder` (an embedding + dense, frozen anyway);
+- `make_modules(config)`: the real autoencoder, tokenizer and T5 encoder; the real DiT or `StandInDiT`;
 - `make_iterator`: a real Grain `IterDataset` pipeline of synthetic examples in the batch contract of
   CONTRIBUTING.md, each carrying its `example_id`, split across processes exactly as a global batch is split across
   devices (process p gets rows [p B/P, (p+1) B/P) of the global batch);
@@ -24,7 +23,9 @@ import ml_collections
 import numpy as np
 
 from ttm_jax import config as config_lib
-from ttm_jax.train import step as step_lib
+from ttm_jax.assembly import modules as modules_lib
+from ttm_jax.assembly import registry
+from ttm_jax.models import dit, text_encoder, tokenizer
 
 NUM_EXAMPLES = 64
 
@@ -48,18 +49,6 @@ def tiny_config(stage: int = 2, **overrides: Any) -> ml_collections.ConfigDict:
         section, key = k.split(".")
         c[section][key] = v
     return config_lib.validate(c)
-
-
-class StandInTextEncoder(nn.Module):
-    """`(ids [B, L], mask [B, L]) -> [B, L, d_model]`: embedding + dense, the T5 encoder's call signature."""
-
-    config: Any
-
-    @nn.compact
-    def __call__(self, ids, mask):
-        d = int(self.config.d_model)
-        x = nn.Embed(int(self.config.vocab_size), d, name="embed")(ids)
-        return nn.Dense(d, name="proj")(jnp.tanh(x)) * mask[..., None]
 
 
 class StandInDiT(nn.Module):
@@ -104,26 +93,13 @@ class StandInDiT(nn.Module):
         return out.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, t, h, w, self.out_channels)
 
 
-def make_modules(config: ml_collections.ConfigDict, *, real_model: bool = False) -> step_lib.Modules:
-    """Real autoencoder and tokenizer; the real DiT when `real_model`, else `StandInDiT`; the real T5 encoder when
-    it is importable, else `StandInTextEncoder`."""
-    from ttm_jax.models import autoencoder, tokenizer
-
-    try:
-        from ttm_jax.models import text_encoder
-
-        te = text_encoder.T5Encoder(config.text_encoder)
-    except ImportError:
-        te = StandInTextEncoder(config.text_encoder)
-    if real_model:
-        from ttm_jax.models import dit
-
-        model_cls = dit.DiT
-    else:
-        model_cls = StandInDiT
-    return step_lib.Modules(
+def make_modules(config: ml_collections.ConfigDict, *, real_model: bool = False) -> modules_lib.Modules:
+    """Real autoencoder, tokenizer and T5 encoder; the real DiT when `real_model`, else `StandInDiT`."""
+    model_cls = dit.DiT if real_model else StandInDiT
+    return modules_lib.Modules(
         model=model_cls(config.model, config_lib.in_channels(config), config.autoencoder.latent_channels),
-        text_encoder=te, autoencoder=autoencoder.make_autoencoder(config.autoencoder),
+        text_encoder=text_encoder.T5Encoder(config.text_encoder),
+        autoencoder=registry.make_autoencoder(config.autoencoder),
         tokenizer=tokenizer.make_tokenizer(config.text_encoder))
 
 
@@ -136,8 +112,6 @@ def _text(rng: np.random.Generator, n: int) -> str:
 
 def synthetic_example(index: int, config: ml_collections.ConfigDict) -> dict[str, Any]:
     """One example in the batch contract (uint8 videos, bool masks, token ids), a pure function of `index`."""
-    from ttm_jax.models import tokenizer
-
     d, t = config.data, config.text_encoder
     rng = np.random.default_rng(index)
     f, h, w, k = d.num_frames, d.height, d.width, d.max_objects

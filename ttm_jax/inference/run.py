@@ -15,7 +15,9 @@ import ml_collections
 
 from ttm_jax.config import ConfigError
 from ttm_jax.diffusion import samplers
+from ttm_jax.inference import llm
 from ttm_jax.inference import pipeline as pipeline_lib
+from ttm_jax.inference import requests as requests_lib
 
 MATCH_RULES = ("auto", "label", "colour", "order")
 
@@ -82,16 +84,16 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return config
 
 
-def requests_from_config(s: ml_collections.ConfigDict) -> list[pipeline_lib.Request]:
+def requests_from_config(s: ml_collections.ConfigDict) -> list[requests_lib.Request]:
     if s.requests:
-        reqs = pipeline_lib.read_requests(s.requests)
+        reqs = requests_lib.read_requests(s.requests)
         for r in reqs:  # the config's seed offsets every request's own
             r.seed = int(r.seed) + int(s.seed)
         return reqs
     masks = None
     if s.masks:
         masks = s.masks if (s.masks.endswith(".json") or ".json:" in s.masks) else _split(s.masks)
-    return [pipeline_lib.Request(
+    return [requests_lib.Request(
         image=s.image, caption=s.caption, masks=masks, boxes=parse_boxes(s.boxes) if s.boxes else None,
         labels=_split(s.labels) or None, motion_prompt=s.motion_prompt or None,
         local_prompts=_split(s.local_prompts, "|") or None, seed=int(s.seed), name=s.name)]
@@ -106,8 +108,6 @@ def build_pipeline(config: ml_collections.ConfigDict) -> pipeline_lib.Pipeline:
     s = config.sample
     client = None
     if s.llm_url:
-        from ttm_jax.inference import llm
-
         client = llm.ChatClient(s.llm_url, model=s.llm_model, timeout=float(s.llm_timeout),
                                 retries=int(s.llm_retries), api_key=s.llm_api_key, seed=int(s.seed))
     return pipeline_lib.Pipeline.from_workdirs(s.stage1_workdir, s.stage2_workdir, settings_from_config(s),

@@ -341,7 +341,8 @@ class DiT(nn.Module):
 
 
 def init_inputs(cfg: DiTConfig, in_channels: int, *, batch: int = 1, grid: tuple[int, int, int] | None = None,
-                text_len: int = 1, local_len: int = 1, abstract: bool = False) -> tuple[tuple[Any, ...], dict[str, Any]]:
+                text_len: int = 1, local_len: int = 1, abstract: bool = False
+                ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """`(args, kwargs)` for `DiT.init` / `DiT.apply`: the one definition of the DiT's inputs.
 
     args `(x [B, T', H', W', in_channels] f32, timestep [B] f32, context [B, text_len, text_dim] f32)`; with TTM layers
