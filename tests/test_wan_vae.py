@@ -20,8 +20,8 @@ import torch
 from diffusers import AutoencoderKLWan
 from safetensors import safe_open
 
+from ttm_jax.assembly import registry
 from ttm_jax.convert import __main__ as convert_cli
-from ttm_jax.models import autoencoder as autoencoder_lib
 from ttm_jax.models import wan_vae
 from ttm_jax.weights import rulebook as rb
 from ttm_jax.weights import wan_vae as convert
@@ -108,7 +108,7 @@ def autoencoder(folder):
     """The project interface (`make_autoencoder`), chunked over time one latent frame at a time as diffusers."""
     config = ml_collections.ConfigDict(dict(name="wan", path=folder, latent_channels=4, time_factor=4,
                                             space_factor=8, dtype="float32", chunk_frames=1))
-    return autoencoder_lib.make_autoencoder(config)
+    return registry.make_autoencoder(config)
 
 
 MEAN, STD = np.array(TORCH_CONFIG["latents_mean"]), np.array(TORCH_CONFIG["latents_std"])
@@ -203,10 +203,10 @@ def test_make_autoencoder_errors(folder):
     config = ml_collections.ConfigDict(dict(name="wan", path=folder, latent_channels=16, time_factor=4,
                                             space_factor=8))
     with pytest.raises(ValueError, match=r"config\.autoencoder\.latent_channels: 16.*config\.json makes 4"):
-        autoencoder_lib.make_autoencoder(config)
+        registry.make_autoencoder(config)
     config.path = ""
     with pytest.raises(ValueError, match=r"config\.autoencoder\.path: empty"):
-        autoencoder_lib.make_autoencoder(config)
+        registry.make_autoencoder(config)
 
 
 def test_bad_frame_count(model, params, video):
