@@ -1,0 +1,132 @@
+"""The package's layering, read from the source: no import circle between files, no import against the layers.
+
+Layers, lowest first (CONTRIBUTING.md, "Module map"); a module imports only from its own layer or below:
+
+  config < models, diffusion, runtime < weights < data < assembly < train < inference < eval, convert, CLIs
+
+Every `import` counts, at the top of a file or inside a function. A CLI module (`__main__.py`, `main.py`,
+`describe.py`) is the top layer wherever it lives, and nothing may import it.
+"""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1] / "ttm_jax"
+
+LAYERS = (
+    ("ttm_jax.config",),
+    ("ttm_jax.models", "ttm_jax.diffusion", "ttm_jax.runtime"),
+    ("ttm_jax.weights",),
+    ("ttm_jax.data",),
+    ("ttm_jax.assembly",),
+    ("ttm_jax.train",),
+    ("ttm_jax.inference",),
+    ("ttm_jax.eval", "ttm_jax.convert", "ttm_jax.torch", "ttm_jax.main", "ttm_jax.describe"),
+)
+CLI = ("ttm_jax.main", "ttm_jax.describe")
+
+
+def module_name(path: pathlib.Path) -> str:
+    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, pathlib.Path]:
+    return {module_name(p): p for p in sorted(ROOT.rglob("*.py"))}
+
+
+def imports(path: pathlib.Path, known: set[str]) -> list[tuple[str, int]]:
+    """`(imported ttm_jax module, line)` for every import in the file; `from pkg import name` is the submodule
+    `pkg.name` when that is a module, else `pkg`."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out += [(a.name, node.lineno) for a in node.names if a.name.startswith("ttm_jax")]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ttm_jax"):
+            for a in node.names:
+                sub = f"{node.module}.{a.name}"
+                out.append((sub if sub in known else node.module, node.lineno))
+    return [(m, line) for m, line in out if m in known]
+
+
+def rank(name: str) -> int:
+    if name.endswith(".__main__") or name in CLI:
+        return len(LAYERS)  # above everything
+    if name == "ttm_jax":
+        return 0  # the package's __init__ (imports nothing)
+    for i, prefixes in enumerate(LAYERS):
+        if any(name == p or name.startswith(p + ".") for p in prefixes):
+            return i
+    raise AssertionError(f"{name}: in no layer; add its package to LAYERS (tests/test_import_layers.py) and to the "
+                         f"module map in CONTRIBUTING.md")
+
+
+@pytest.fixture(scope="module")
+def graph() -> dict[str, list[tuple[str, int]]]:
+    mods = modules()
+    known = set(mods)
+    return {name: imports(path, known) for name, path in mods.items()}
+
+
+def test_every_module_has_a_layer(graph):
+    for name in graph:
+        rank(name)
+
+
+def test_no_import_against_the_layers(graph):
+    bad = [f"{a} (layer {rank(a)}) imports {b} (layer {rank(b)}) at line {line}"
+           for a, deps in graph.items() for b, line in deps if rank(b) > rank(a)]
+    assert not bad, "imports against the layers:\n" + "\n".join(bad)
+
+
+def test_inference_never_imports_train(graph):
+    bad = [(a, b) for a, deps in graph.items() for b, _ in deps
+           if a.startswith("ttm_jax.inference") and b.startswith("ttm_jax.train")]
+    assert not bad
+
+
+def test_no_import_circle_between_files(graph):
+    """Strongly connected components of the file graph (Tarjan): every one must be a single file."""
+    index, low, on_stack, stack, circles = {}, {}, set(), [], []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w, _ in graph[v]:
+            if w == v:
+                continue
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                circles.append(sorted(comp))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    assert not circles, f"import circles between files: {circles}"
+
+
+def test_the_checks_catch_what_they_look_for(tmp_path):
+    """The reader sees imports inside functions and `from pkg import module`; the ranks order the layers."""
+    f = tmp_path / "m.py"
+    f.write_text("def f():\n    from ttm_jax.train import loop\n    import ttm_jax.config\n")
+    got = imports(f, {"ttm_jax.train.loop", "ttm_jax.train", "ttm_jax.config"})
+    assert got == [("ttm_jax.train.loop", 2), ("ttm_jax.config", 3)]
+    assert rank("ttm_jax.inference.pipeline") > rank("ttm_jax.train.loop") > rank("ttm_jax.assembly.inputs")
+    assert rank("ttm_jax.data.prepare.__main__") > rank("ttm_jax.convert.export")
