@@ -1,1 +1,0 @@
-"""ttm_jax.eval."""
