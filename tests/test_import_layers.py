@@ -89,6 +89,22 @@ def test_inference_never_imports_train(graph):
     assert not bad
 
 
+def test_package_imports_at_the_top():
+    """No `ttm_jax` import hides in a function or block: with no circle left, none is needed (heavy optional
+    third-party packages, e.g. torch, may still be imported where they are used)."""
+    hidden = []
+    for name, path in modules().items():
+        tree = ast.parse(path.read_text(), str(path))
+        top = {id(n) for n in tree.body}
+        hidden += [f"{name}:{n.lineno}" for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
+                   and id(n) not in top and any(m.startswith("ttm_jax") for m in _names(n))]
+    assert not hidden, f"ttm_jax imports inside functions: {hidden}"
+
+
+def _names(node: ast.Import | ast.ImportFrom) -> list[str]:
+    return [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+
+
 def test_no_import_circle_between_files(graph):
     """Strongly connected components of the file graph (Tarjan): every one must be a single file."""
     index, low, on_stack, stack, circles = {}, {}, set(), [], []

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 from absl import logging
 from etils import epath
+from tensorboardX import SummaryWriter
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -31,8 +32,6 @@ class MetricsWriter:
         self.console = console
         self._writer = None
         if tensorboard and jax.process_index() == 0:
-            from tensorboardX import SummaryWriter
-
             path = epath.Path(workdir) / "tensorboard"
             path.mkdir(parents=True, exist_ok=True)
             self._writer = SummaryWriter(str(path))
@@ -72,10 +71,6 @@ class MetricsWriter:
         self._sums, self._count = {}, 0
         self._last_step, self._last_time = step, now
         return avg
-
-    def scalar(self, name: str, value: float, step: int) -> None:
-        if self._writer is not None:
-            self._writer.add_scalar(name, float(value), step)
 
     def close(self) -> None:
         if self._writer is not None:
