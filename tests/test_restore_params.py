@@ -15,6 +15,7 @@ import train_fixtures as fx
 from jax.sharding import PartitionSpec as P
 
 from ttm_jax.assembly import params as params_lib
+from ttm_jax.convert import export
 from ttm_jax.runtime import checkpoint as checkpoint_lib
 from ttm_jax.runtime import mesh as mesh_lib
 from ttm_jax.runtime import sharding as sharding_lib
@@ -73,8 +74,6 @@ def test_ema_and_raw_params_bit_for_bit(run):
 
 
 def test_export_load_workdir_reads_params_only(run):
-    from ttm_jax.convert import export
-
     wd, state = run
     for ema, want in ((True, state.ema_params), (False, state.params)):
         before = _bytes_read()
