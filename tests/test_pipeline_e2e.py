@@ -189,7 +189,7 @@ def test_local_prompt_changes_only_its_objects_tokens(pipe, inputs):
     """In the first masked cross-attention layer, changing object 2's local prompt changes object-2 tokens only."""
     import flax.linen as nn
 
-    from ttm_jax.models import conditioning, dit, layers
+    from ttm_jax.models import conditioning, dit, ttm_layers
 
     stage = pipe.s2.stage
     req = requests_lib.Request(image=inputs["image"], caption=inputs["caption"], masks=inputs["masks"])
@@ -216,7 +216,7 @@ def test_local_prompt_changes_only_its_objects_tokens(pipe, inputs):
         inp = conditioning.stage_input(2, x, cond["first"], cond["cond"])
         kw = {k: v for k, v in cond.items() if k not in ("first", "cond", "context")}
         _, inter = model.apply({"params": params}, inp, np.array([500.0], np.float32), cond["context"], **kw,
-                               capture_intermediates=lambda m, _: isinstance(m, layers.MaskedCrossAttention),
+                               capture_intermediates=lambda m, _: isinstance(m, ttm_layers.MaskedCrossAttention),
                                mutable=["intermediates"])
         return np.asarray(inter["intermediates"]["blocks_0"]["masked_cross_attn"]["__call__"][0])[0]
 

@@ -1,4 +1,4 @@
-"""TTM's added layers and the DiT's building blocks (`ttm_jax/models/layers.py`).
+"""TTM's added layers (`ttm_jax/models/ttm_layers.py`); the generic building blocks: tests/test_layers.py.
 
 Isolation is shown with exact Jacobians on a tiny layer whose output projection is made non-zero: two objects (A=1,
 B=2) and background (0) on a 2 x 2 x 3 token grid, local prompts in slots 0 (caption), 1 (A), 2 (B) with padding.
@@ -13,11 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from diffusers.models.embeddings import get_timestep_embedding
-from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 
-from ttm_jax.models import layers
+from ttm_jax.models import layers, ttm_layers
 
 # LLVM -O0: compiles several times faster on CPU; these tests are about values, not speed
 _jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
@@ -61,8 +58,8 @@ def inputs():
 @pytest.fixture(scope="module")
 def self_layer(inputs):
     x, _, rope = inputs
-    masked = layers.MaskedSelfAttention(DIM, HEADS, masked=True)
-    twin = layers.MaskedSelfAttention(DIM, HEADS, masked=False)
+    masked = ttm_layers.MaskedSelfAttention(DIM, HEADS, masked=True)
+    twin = ttm_layers.MaskedSelfAttention(DIM, HEADS, masked=False)
     params = _jit(lambda x, rope: masked.init(jax.random.key(1), x, rope, jnp.asarray(TOKEN_IDS)))(x, rope)["params"]
     return masked, twin, _randomize_out(params, 2)
 
@@ -70,8 +67,8 @@ def self_layer(inputs):
 @pytest.fixture(scope="module")
 def cross_layer(inputs):
     x, local, _ = inputs
-    masked = layers.MaskedCrossAttention(DIM, HEADS, masked=True)
-    twin = layers.MaskedCrossAttention(DIM, HEADS, masked=False)
+    masked = ttm_layers.MaskedCrossAttention(DIM, HEADS, masked=True)
+    twin = ttm_layers.MaskedCrossAttention(DIM, HEADS, masked=False)
     params = _jit(lambda x, local: masked.init(jax.random.key(3), x, local, jnp.asarray(TOKEN_IDS),
                                                   jnp.asarray(LOCAL_IDS)))(x, local)["params"]
     return masked, twin, _randomize_out(params, 4)
@@ -152,8 +149,8 @@ def test_single_object_equals_unmasked_twin(inputs, self_layer, cross_layer):
 def test_fresh_added_layers_are_identity(inputs):
     x, local, rope = inputs
     ids, lids = jnp.asarray(TOKEN_IDS), jnp.asarray(LOCAL_IDS)
-    s = layers.MaskedSelfAttention(DIM, HEADS)
-    c = layers.MaskedCrossAttention(DIM, HEADS)
+    s = ttm_layers.MaskedSelfAttention(DIM, HEADS)
+    c = ttm_layers.MaskedCrossAttention(DIM, HEADS)
     ps = s.init(jax.random.key(0), x, rope, ids)
     pc = c.init(jax.random.key(0), x, local, ids, lids)
     np.testing.assert_array_equal(s.apply(ps, x, rope, ids), x)
@@ -163,64 +160,6 @@ def test_fresh_added_layers_are_identity(inputs):
 def test_masked_layers_require_ids(inputs):
     x, local, rope = inputs
     with pytest.raises(ValueError, match="token_ids"):
-        layers.MaskedSelfAttention(DIM, HEADS).init(jax.random.key(0), x, rope, None)
+        ttm_layers.MaskedSelfAttention(DIM, HEADS).init(jax.random.key(0), x, rope, None)
     with pytest.raises(ValueError, match="local_ids"):
-        layers.MaskedCrossAttention(DIM, HEADS).init(jax.random.key(0), x, local, jnp.asarray(TOKEN_IDS), None)
-
-
-@pytest.mark.parametrize("head_dim,grid", [(18, (3, 3, 5)), (128, (21, 30, 52))])
-def test_rope_tables_match_diffusers(head_dim, grid):
-    rope = WanRotaryPosEmbed(head_dim, (1, 2, 2), 1024)
-    f, h, w = grid
-    cos_ref, sin_ref = rope(torch.zeros(1, 1, f, 2 * h, 2 * w))
-    cos, sin = layers.rope_3d(head_dim, grid, 1024)
-    np.testing.assert_array_equal(np.asarray(cos), cos_ref[0, :, 0].numpy())
-    np.testing.assert_array_equal(np.asarray(sin), sin_ref[0, :, 0].numpy())
-
-
-def test_rope_is_relative_and_norm_preserving():
-    """<R(p) q, R(p') k> depends only on p - p' (per axis), and rotation keeps norms."""
-    hd, grid = 18, (4, 4, 4)
-    cos, sin = layers.rope_3d(hd, grid)
-    key = jax.random.split(jax.random.key(0))
-    q = jnp.broadcast_to(jax.random.normal(key[0], (hd,)), (1, 64, 1, hd))
-    k = jnp.broadcast_to(jax.random.normal(key[1], (hd,)), (1, 64, 1, hd))
-    rq, rk = layers.apply_rope(q, cos, sin)[0, :, 0], layers.apply_rope(k, cos, sin)[0, :, 0]
-    np.testing.assert_allclose(jnp.linalg.norm(rq, axis=-1), jnp.linalg.norm(q[0, :, 0], axis=-1), rtol=1e-5)
-    idx = lambda t, h, w: (t * 4 + h) * 4 + w
-    d1 = jnp.dot(rq[idx(2, 1, 3)], rk[idx(1, 0, 1)])
-    d2 = jnp.dot(rq[idx(3, 3, 2)], rk[idx(2, 2, 0)])  # same offset (1, 1, 2)
-    d3 = jnp.dot(rq[idx(3, 3, 3)], rk[idx(2, 2, 0)])  # another offset
-    np.testing.assert_allclose(d1, d2, rtol=1e-5)
-    assert abs(float(d1 - d3)) > 1e-3
-
-
-def test_rope_grid_beyond_max_seq_len_names_the_field():
-    with pytest.raises(ValueError, match="rope_max_seq_len"):
-        layers.rope_3d(18, (3, 70, 5), max_seq_len=64)
-
-
-def test_timestep_embedding_matches_diffusers():
-    t = np.array([0.0, 1.0, 17.5, 999.0], np.float32)
-    ref = get_timestep_embedding(torch.from_numpy(t), 32, flip_sin_to_cos=True, downscale_freq_shift=0).numpy()
-    np.testing.assert_allclose(np.asarray(layers.timestep_embedding(jnp.asarray(t), 32)), ref, atol=2e-6, rtol=0)
-
-
-def test_norms_match_torch():
-    x = np.random.default_rng(0).standard_normal((2, 5, 24)).astype(np.float32) * 3 + 1
-    rms = layers.RMSNorm(1e-6)
-    p = rms.init(jax.random.key(0), x)
-    scale = np.random.default_rng(1).standard_normal(24).astype(np.float32)
-    ref = torch.nn.RMSNorm(24, eps=1e-6)
-    with torch.no_grad():
-        ref.weight.copy_(torch.from_numpy(scale))
-        want = ref(torch.from_numpy(x)).numpy()
-    got = rms.apply({"params": {"scale": jnp.asarray(scale)}}, x)
-    assert nn.unbox(p)["params"]["scale"].shape == (24,)
-    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
-    ln = layers.LayerNorm(1e-6, affine=True)
-    bias = np.random.default_rng(2).standard_normal(24).astype(np.float32)
-    got = ln.apply({"params": {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias)}}, x)
-    want = torch.nn.functional.layer_norm(torch.from_numpy(x), (24,), torch.from_numpy(scale),
-                                          torch.from_numpy(bias), 1e-6).numpy()
-    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+        ttm_layers.MaskedCrossAttention(DIM, HEADS).init(jax.random.key(0), x, local, jnp.asarray(TOKEN_IDS), None)

@@ -64,7 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from ttm_jax.models import layers
+from ttm_jax.models import layers, ttm_layers
 
 REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block
@@ -196,7 +196,7 @@ class DiTBlock(nn.Module):
         x = (x.astype(jnp.float32) + out.astype(jnp.float32) * gate).astype(dt)
         x = layers.constrain(x, ("batch", "length", "embed"))
         if self.ttm:
-            x = layers.MaskedSelfAttention(**attn, masked=c.ttm_masked, name="masked_self_attn")(
+            x = ttm_layers.MaskedSelfAttention(**attn, masked=c.ttm_masked, name="masked_self_attn")(
                 x, rope, token_ids)
 
         # 2. cross-attention to the caption
@@ -206,7 +206,7 @@ class DiTBlock(nn.Module):
             h = x
         x = x + layers.Attention(**attn, name="attn2")(h, context=context).astype(dt)
         if self.ttm:
-            x = layers.MaskedCrossAttention(**attn, masked=c.ttm_masked, name="masked_cross_attn")(
+            x = ttm_layers.MaskedCrossAttention(**attn, masked=c.ttm_masked, name="masked_cross_attn")(
                 x, local_context, cross_token_ids, local_ids)
         x = layers.constrain(x, ("batch", "length", "embed"))
 

@@ -1,4 +1,6 @@
-"""Building blocks of the Wan 2.1-layout video DiT (`ttm_jax/models/dit.py`), in Flax Linen.
+"""Generic building blocks of the Wan 2.1-layout video DiT (`ttm_jax/models/dit.py`), in Flax Linen: dense layers
+with logical axes, norms, 3D RoPE, timestep embedding, FFN and attention. TTM's added masked layers, built from these,
+are in `ttm_jax/models/ttm_layers.py`.
 
 Each module is named for what it is and keeps diffusers' `WanTransformer3DModel` parameter names where there is one
 (`to_q`, `norm_q`, `linear_1`, ...), so that the conversion rulebook (`ttm_jax/convert/`) is a table of renames and
@@ -22,7 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from ttm_jax.models import attention as attention_ops
-from ttm_jax.models import masks
 
 Dtype = Any
 Axes = tuple[str | None, ...]
@@ -262,81 +263,3 @@ class Attention(nn.Module):
                                                   scale=head_dim**-0.5)
         out = constrain(out.reshape(*out.shape[:2], self.dim), ("batch", "length", "heads"))
         return dense(self.dim, ("heads", "embed"), name="to_out", zero_init=self.zero_init_out, **kw)(out)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# TTM's added layers
-
-
-def _added_attention(layer: nn.Module, x: jax.Array, **attend: Any) -> jax.Array:
-    """The frame both TTM layers share: `x + attn(norm(x))`, an affine LayerNorm (`norm`) and an `Attention` (`attn`)
-    with a zero-initialised output. Called inside `layer`'s compact `__call__`, so the submodules are `layer`'s."""
-    h = LayerNorm(layer.eps, affine=True, param_dtype=layer.param_dtype, name="norm")(x).astype(layer.dtype)
-    out = Attention(layer.dim, layer.num_heads, layer.eps, layer.qk_norm, layer.impl, zero_init_out=True,
-                    dtype=layer.dtype, param_dtype=layer.param_dtype, name="attn")(h, **attend)
-    return x + out.astype(x.dtype)
-
-
-class MaskedSelfAttention(nn.Module):
-    """TTM's added masked self-attention: `x + attn(LayerNorm(x))`, token i attends j iff `token_ids` are equal.
-
-    Its own affine LayerNorm (`norm`), its own q/k/v/out with q/k RMS norms and the block's RoPE (`attn`), and a
-    zero-initialised `attn/to_out`, so a fresh layer is the identity. `masked=False` is the unmasked twin (the paper's
-    TI2V baseline): the same parameters, full attention. x `[B, N, dim]`, token_ids int32 `[B, N]` -> `[B, N, dim]`.
-    """
-
-    dim: int
-    num_heads: int
-    eps: float = 1e-6
-    qk_norm: bool = True
-    masked: bool = True
-    impl: str = "xla"
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None,
-                 token_ids: jax.Array | None) -> jax.Array:
-        if self.masked and token_ids is None:
-            raise ValueError("layers.MaskedSelfAttention: masked=True needs token_ids int32 [B, N] "
-                             "(or config.model.ttm_masked=False for the unmasked baseline)")
-        ids = token_ids if self.masked else None
-        return _added_attention(self, x, rope=rope, q_ids=ids, kv_ids=ids)
-
-
-class MaskedCrossAttention(nn.Module):
-    """TTM's added masked cross-attention: `x + attn(LayerNorm(x), local_context)`.
-
-    Video token i attends local-prompt token j iff `cross_token_ids[i] == local_ids[j]` (padding -1 never); a query
-    whose object has no prompt token is remapped to slot 0, the caption (`masks.sanitize_query_ids`), so no row is
-    empty. `masked=False` attends every non-padding local token. Zero-initialised `attn/to_out`.
-
-    x `[B, N, dim]`; local_context `[B, S*Lp, dim]` (already through the DiT's text embedder); cross_token_ids int32
-    `[B, N]`; local_ids int32 `[B, S*Lp]` -> `[B, N, dim]`.
-    """
-
-    dim: int
-    num_heads: int
-    eps: float = 1e-6
-    qk_norm: bool = True
-    masked: bool = True
-    impl: str = "xla"
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, local_context: jax.Array, cross_token_ids: jax.Array | None,
-                 local_ids: jax.Array | None) -> jax.Array:
-        if self.masked:
-            if cross_token_ids is None or local_ids is None:
-                raise ValueError("layers.MaskedCrossAttention: masked=True needs cross_token_ids [B, N] and "
-                                 "local_ids [B, S*Lp] (or config.model.ttm_masked=False for the unmasked baseline)")
-            q_ids = masks.sanitize_query_ids(cross_token_ids, local_ids)
-            kv_ids = local_ids
-        elif local_ids is not None:
-            # Unmasked: one shared id for every query and real key; padding stays out.
-            q_ids = jnp.zeros(x.shape[:2], jnp.int32)
-            kv_ids = jnp.where(local_ids >= 0, 0, -1).astype(jnp.int32)
-        else:
-            q_ids = kv_ids = None
-        return _added_attention(self, x, context=local_context, q_ids=q_ids, kv_ids=kv_ids)
