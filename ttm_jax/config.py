@@ -164,6 +164,7 @@ _RUNLOCAL_SIDE = 32  # pixels: the largest height and width of a runlocal clip
 
 def _model(v: Mapping[str, Any]) -> ml_collections.ConfigDict:
     m = ml_collections.ConfigDict(dict(v))
+    m.backbone = "dit"  # the trained model, by name (ttm_jax/assembly/registry.py: BACKBONES)
     m.rope_max_seq_len = 1024
     m.eps = 1e-6
     m.qk_norm = True  # RMSNorm across heads on q and k, as Wan 2.1
@@ -250,6 +251,7 @@ def _optim(v: Mapping[str, Any]) -> ml_collections.ConfigDict:
 def _objective(v: Mapping[str, Any]) -> ml_collections.ConfigDict:
     # `shift`: timestep shift t' = s t / (1 + (s - 1) t)
     j = ml_collections.ConfigDict(dict(v))
+    j.name = "rectified_flow"  # the objective, by name (ttm_jax/assembly/objectives.py: OBJECTIVES)
     j.t_sampling = "logit_normal"  # logit_normal | uniform
     j.logit_mean, j.logit_std = 0.0, 1.0
     # condition dropout for InstructPix2Pix guidance
