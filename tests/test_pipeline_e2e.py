@@ -15,15 +15,20 @@ import shutil
 import tempfile
 import time
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 from PIL import Image
+from pycocotools import mask as mask_utils
 
 from ttm_jax import config as config_lib
 from ttm_jax.data import synthetic, trajectory, video_io
 from ttm_jax.inference import requests as requests_lib
 from ttm_jax.inference import run
+from ttm_jax.models import conditioning, dit, ttm_layers
+from ttm_jax.models import tokenizer as tokenizer_lib
+from ttm_jax.train import loop
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 _TINY = config_lib.build(2, "tiny").data
@@ -51,8 +56,6 @@ class _FixedBatches:
 
 
 def _batches(config, **_):
-    from ttm_jax.models import tokenizer as tokenizer_lib
-
     tok = tokenizer_lib.make_tokenizer(config.text_encoder)
     k = int(config.data.max_objects)
     rows = []
@@ -82,8 +85,6 @@ def tiny_config(stage):
 def tiny_checkpoints() -> tuple[str, str]:
     """Workdirs of a trained tiny stage 1 and stage 2 (one step each), cached by the hash of the package sources
     (computed once per process: a later edit of the sources does not retrain mid-run)."""
-    from ttm_jax.train import loop
-
     digest = hashlib.sha256()
     for p in sorted((ROOT / "ttm_jax").rglob("*.py")):
         digest.update(p.read_bytes())
@@ -187,10 +188,6 @@ def test_trajectory_drives_the_video(pipe, inputs):
 
 def test_local_prompt_changes_only_its_objects_tokens(pipe, inputs):
     """In the first masked cross-attention layer, changing object 2's local prompt changes object-2 tokens only."""
-    import flax.linen as nn
-
-    from ttm_jax.models import conditioning, dit, ttm_layers
-
     stage = pipe.s2.stage
     req = requests_lib.Request(image=inputs["image"], caption=inputs["caption"], masks=inputs["masks"])
     a = pipe.prepare(req)
@@ -273,8 +270,6 @@ def test_validate_names_fields(tmp_path):
 
 
 def test_masks_from_sav_json_and_coco_rle(tmp_path, inputs):
-    from pycocotools import mask as mask_utils
-
     v = synthetic.make_video(3, 0, height=SIZE, width=SIZE, frames=FRAMES)
     ann = v.annotation["manual"]
     path = tmp_path / "sav_000001_manual.json"

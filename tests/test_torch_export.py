@@ -286,7 +286,7 @@ def test_errors_name_the_fix(stage2, tmp_path):
 
 def test_unmasked_ti2v_twin_matches(stage2, tmp_path):
     """ttm_masked=False (the TI2V baseline: same layers, only prompt padding masked) exports and matches. Reference:
-    the JAX model with every video id 0 and every real prompt token id 0, which is how `layers.MaskedCrossAttention`
+    the JAX model with every video id 0 and every real prompt token id 0, which is how `ttm_layers.MaskedCrossAttention`
     defines its unmasked twin (and an all-0 self mask is no mask), so the compiled forward is reused."""
     cfg = dit_lib.DiTConfig(**{**MODEL, "ttm_masked": False})
     cin = 3 * LATENT_CHANNELS

@@ -3,7 +3,7 @@ with logical axes, norms, 3D RoPE, timestep embedding, FFN and attention. TTM's 
 are in `ttm_jax/models/ttm_layers.py`.
 
 Each module is named for what it is and keeps diffusers' `WanTransformer3DModel` parameter names where there is one
-(`to_q`, `norm_q`, `linear_1`, ...), so that the conversion rulebook (`ttm_jax/convert/`) is a table of renames and
+(`to_q`, `norm_q`, `linear_1`, ...), so that the conversion rulebook (`ttm_jax/weights/`) is a table of renames and
 transposes. Norms, RoPE and the AdaLN modulation run in float32 whatever the compute dtype, as Wan does.
 
 Logical axis names (CONTRIBUTING.md): parameters use `embed`, `heads` (fused heads x head_dim), `mlp`, `text_embed`,

@@ -2,7 +2,7 @@
 
 `TTMWanTransformer3DModel` subclasses `WanTransformer3DModel` (so its backbone weights, `config` and key names are
 diffusers' own) and adds, to each of the first `ttm_layers` blocks, TTM's two layers, exactly as the Flax DiT
-(`ttm_jax/models/layers.py`: `MaskedSelfAttention`, `MaskedCrossAttention`):
+(`ttm_jax/models/ttm_layers.py`: `MaskedSelfAttention`, `MaskedCrossAttention`):
 
   x += gate * attn1(norm1(x) * (1 + scale) + shift)                       diffusers' block, self-attention
   x  = x + masked_self_attn.attn(masked_self_attn.norm(x), rope)          token i attends j iff token_ids equal

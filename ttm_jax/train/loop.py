@@ -156,7 +156,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, modules: Modules |
     """Train `config` in `workdir` until `train.total_steps`, resuming from its latest checkpoint.
 
     `modules`, `make_iterator` and `devices` default to the config's real modules, the Grain pipeline
-    (`ttm_jax.data.pipeline.make_train_iterator`) and all devices; tests pass small stand-ins.
+    (`ttm_jax.data.loader.make_train_iterator`) and all devices; tests pass small stand-ins.
     """
     # --- setup -------------------------------------------------------------------------------------------------------
     config_lib.validate(config)
