@@ -11,8 +11,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from ttm_jax import config as config_lib
+from ttm_jax.assembly.registry import make_autoencoder
 from ttm_jax.data import loader, prepare, records, synthetic, trajectory
-from ttm_jax.models.autoencoder import make_autoencoder
 from ttm_jax.models.tokenizer import make_tokenizer
 
 N = 12  # records; batch 4 -> 3 batches per epoch on one process, 3 of 2 on each of two

@@ -12,9 +12,9 @@ import pytest
 from sample_data import synthetic_sav_without_last_caption
 
 from ttm_jax import config as config_lib
+from ttm_jax.assembly.registry import make_autoencoder
 from ttm_jax.data import captions as captions_lib
 from ttm_jax.data import clips, prepare, records, sav, synthetic
-from ttm_jax.models.autoencoder import make_autoencoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 7  # synthetic videos; plus one without a caption and one without its mp4

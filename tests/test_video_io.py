@@ -1,13 +1,18 @@
 """video_io: the real H.264 sample decodes to its documented size and length; selected frames are the right frames
 (frame-index stamps through a real libx264 encode); damaged files are SkipVideo naming the file."""
 
+import hashlib
+import io
 import os
+import pickle
+from fractions import Fraction
 
+import av
 import numpy as np
 import pytest
 from sample_data import SAV_SAMPLE
 
-from ttm_jax.data import video_io
+from ttm_jax.data import synthetic, video_io
 from ttm_jax.data.video_io import SkipVideo
 
 SAMPLE = SAV_SAMPLE
@@ -67,11 +72,6 @@ def test_stamps_survive_a_lossy_encode():
 
 def _vfr_mp4(n=30, gap_at=10, gap=5):
     """A variable-frame-rate mp4: frame i has timestamp i, then i + gap from frame `gap_at` on; gop 4."""
-    import io
-    from fractions import Fraction
-
-    import av
-
     buf = io.BytesIO()
     with av.open(buf, "w", format="mp4") as c:
         s = c.add_stream("libx264", rate=24)
@@ -134,8 +134,6 @@ def test_garbage_and_missing_files_are_skipped(tmp_path):
 
 
 def test_skipvideo_pickles_with_its_reason():
-    import pickle
-
     e = pickle.loads(pickle.dumps(SkipVideo("rle_size", "a.json", "bad")))
     assert (e.reason, e.file, str(e)) == ("rle_size", "a.json", "a.json: bad [rle_size]")
 
@@ -149,3 +147,15 @@ def test_encode_rejects_odd_sizes_and_bad_dtypes():
     odd = video_io.read_frames(video_io.encode_video(np.full((2, 15, 17, 3), 128, np.uint8), 24.0,
                                                      pix_fmt="yuv444p"))
     assert odd.shape == (2, 15, 17, 3)
+
+
+def test_reproducible_encode_ignores_what_the_process_freed_before():
+    """x264's AVX-512 code reads memory it never wrote on small frames: `reproducible=True` gives the bytes of a fresh
+    process whatever was freed before (here: the buffers of noise videos encoded in between)."""
+    frames = synthetic.make_video(7, 0, height=64, width=64, frames=24).frames
+    rng = np.random.default_rng(0)
+    digests = set()
+    for _ in range(6):
+        video_io.encode_video(rng.integers(0, 256, (24, 64, 64, 3), dtype=np.uint8), 24.0)
+        digests.add(hashlib.sha256(video_io.encode_video(frames, 24, **synthetic.MP4_SETTINGS)).hexdigest())
+    assert len(digests) == 1

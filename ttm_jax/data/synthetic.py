@@ -38,8 +38,8 @@ from ttm_jax.data import video_io
 
 FPS = 24
 ANNOTATION_STRIDE = 4  # SA-V annotates every 4th frame of its 24 fps videos (6 fps)
-# `video_io.encode_video` settings of the mp4s: H.264 yuv420p, near-lossless, single-threaded x264 (reproducible bytes)
-MP4_SETTINGS = {"crf": 12, "preset": "veryfast", "threads": 1}
+# `video_io.encode_video` settings of the mp4s: H.264 yuv420p, near-lossless, reproducible bytes
+MP4_SETTINGS = {"crf": 12, "preset": "veryfast", "reproducible": True}
 CAPTIONS_FILE = "captions.jsonl"
 DONE_FILE = "synthetic.json"
 SPLITS = ("single", "multi", "mixed")

@@ -10,11 +10,16 @@ frames (annotated frame `j` of a masklet is video frame `j * stride`).
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
+import functools
 import io
 import logging
 import os
-from collections.abc import Iterable, Sequence
+import platform
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from fractions import Fraction
 from typing import Any, BinaryIO
 
@@ -193,15 +198,23 @@ def _read_sequential(source: VideoSource, want: np.ndarray | None, name: str) ->
 
 def encode_video(frames: np.ndarray | Iterable[np.ndarray], fps: float, *, codec: str = "libx264", crf: int = 18,
                  preset: str = "ultrafast", pix_fmt: str = "yuv420p", gop: int | None = None,
-                 threads: int | None = None) -> bytes:
+                 reproducible: bool = False) -> bytes:
     """uint8 RGB frames -> mp4 bytes. `frames` is `[T, H, W, 3]` or an iterable of `[H, W, 3]` (streamed: a long
     video need not be held in memory). H and W must be even for 4:2:0 chroma (`pix_fmt="yuv420p"`).
 
     `crf` (0 = lossless for libx264) and `preset` go to x264; `pix_fmt="yuv444p"` keeps full-resolution colour, which
     palette-coloured trajectories benefit from. `gop`: frames between keyframes (None: the encoder's default, 250
-    for x264); shorter makes seeking cheaper. `threads`: x264 threads (None: its default); `threads=1` makes the
-    bytes reproducible across machines (synthetic SA-V is written so).
+    for x264); shorter makes seeking cheaper. `reproducible`: the same frames give the same bytes on this machine,
+    whatever the process did before (single-threaded x264, encoding under `_zero_filled_allocations`); synthetic
+    SA-V is written so.
     """
+    options = {"crf": str(crf), "preset": preset, **({"threads": "1"} if reproducible else {})}
+    with _zero_filled_allocations() if reproducible else contextlib.nullcontext():
+        return _encode(frames, fps, codec, options if codec == "libx264" else None, pix_fmt, gop)
+
+
+def _encode(frames: np.ndarray | Iterable[np.ndarray], fps: float, codec: str, options: dict[str, str] | None,
+            pix_fmt: str, gop: int | None) -> bytes:
     buf = io.BytesIO()
     stream = None
     with av.open(buf, mode="w", format="mp4") as container:
@@ -216,9 +229,8 @@ def encode_video(frames: np.ndarray | Iterable[np.ndarray], fps: float, *, codec
                                      f"or pad by a pixel, or pass pix_fmt='yuv444p'")
                 stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
                 stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
-                if codec == "libx264":
-                    stream.options = {"crf": str(crf), "preset": preset,
-                                      **({} if threads is None else {"threads": str(threads)})}
+                if options is not None:
+                    stream.options = options
                 if gop:
                     stream.codec_context.gop_size = int(gop)
             elif frame.shape[:2] != (stream.height, stream.width):
@@ -230,6 +242,39 @@ def encode_video(frames: np.ndarray | Iterable[np.ndarray], fps: float, *, codec
         for packet in stream.encode():
             container.mux(packet)
     return buf.getvalue()
+
+
+# glibc's mallopt parameter M_PERTURB: new blocks are filled with the complement of the byte, freed ones with the byte
+_M_PERTURB = -6
+_ZERO_FILL_LOCK = threading.Lock()
+
+
+@functools.cache
+def _glibc_mallopt() -> Callable[[int, int], int] | None:
+    """glibc's `mallopt`, or None under another C library."""
+    if platform.libc_ver()[0] != "glibc":
+        return None
+    return getattr(ctypes.CDLL(None), "mallopt", None)
+
+
+@contextlib.contextmanager
+def _zero_filled_allocations() -> Iterator[None]:
+    """While active, glibc's malloc hands out zero-filled blocks (`mallopt(M_PERTURB, 0xff)`), as a fresh process does.
+
+    x264's AVX-512 routines read memory they allocated but never wrote (seen on 64x64 and 32x48 frames): the bytes of
+    an encode then depend on whatever the process freed before. With zero-filled blocks they are the bytes of a fresh
+    process, always (one such encode at a time). Other C libraries: nothing changes.
+    """
+    mallopt = _glibc_mallopt()
+    if mallopt is None:
+        yield
+        return
+    with _ZERO_FILL_LOCK:
+        mallopt(_M_PERTURB, 0xFF)
+        try:
+            yield
+        finally:  # back to the process' setting (glibc reads MALLOC_PERTURB_ at start)
+            mallopt(_M_PERTURB, int(os.environ.get("MALLOC_PERTURB_", "0") or 0) & 0xFF)
 
 
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, **kwargs) -> None:

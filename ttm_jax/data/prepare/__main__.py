@@ -18,8 +18,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from ttm_jax import config as config_lib
+from ttm_jax.assembly.registry import make_autoencoder
 from ttm_jax.data import prepare, tfds_sav
-from ttm_jax.models.autoencoder import make_autoencoder
 
 # the repository's configs/stage2.py (this file is ttm_jax/data/prepare/__main__.py)
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
