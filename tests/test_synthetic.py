@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tarfile
 
+import av
 import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
@@ -223,6 +224,4 @@ def test_cli(tmp_path):
 
 
 def av_open(data):
-    import av
-
     return av.open(io.BytesIO(data))
