@@ -119,8 +119,8 @@ def make_example(ref: sav.VideoRef, caption_entry: CaptionEntry | None, data_con
                  seed: int) -> dict:
     """One training example (module docstring) from one SA-V video; deterministic in `seed`.
 
-    Raises `SkipVideo` (message names the file) for a video that cannot be used: no caption, bad annotation,
-    undecodable or truncated mp4, size mismatch, too short.
+    Raises `SkipVideo` (message names the file) for a video that cannot be used: no caption, bad annotation (or no
+    masklets), slower than `data.fps` (`low_fps`), undecodable or truncated mp4, size mismatch, too short.
     """
     return make_examples(ref, caption_entry, data_config, [seed])[0]
 
@@ -132,7 +132,18 @@ def make_examples(ref: sav.VideoRef, caption_entry: CaptionEntry | None, data_co
         raise SkipVideo("missing_caption", ref.video.name, f"video {ref.video_id} has no line in the captions "
                         "sidecar")
     ann = sav.read_annotation(ref)
+    check_fps(ann, float(data_config.fps))
     return [_example(ref, ann, caption_entry, data_config, int(s)) for s in seeds]
+
+
+def check_fps(ann: sav.Annotation, fps: float) -> None:
+    """Raises `SkipVideo("low_fps")`, naming the json, if the video (`ann.fps = video_frame_count / video_duration`)
+    is slower than the clips' `fps` (config.data.fps): its frames cannot be sampled at that rate."""
+    if fps > ann.fps:
+        raise SkipVideo("low_fps", ann.file, f"the video is {ann.fps:g} fps (video_frame_count / video_duration = "
+                        f"{ann.video_frame_count} / {ann.video_frame_count / ann.fps:g} s), below config.data.fps="
+                        f"{fps:g}: clips cannot be sampled at {fps:g} fps from it; lower config.data.fps to at most "
+                        f"{ann.fps:g}, or drop video {ann.video_id} (or fix its video_duration)")
 
 
 def _example(ref: sav.VideoRef, ann: sav.Annotation, caption_entry: CaptionEntry,

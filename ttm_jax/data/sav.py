@@ -7,8 +7,11 @@ folders (flat or nested, any depth), or a mix, on any `etils.epath` path (local 
 Annotation json (per video): `video_frame_count`, `video_height`, `video_width`, `video_duration`, `masklet` (outer
 list over annotated frames, inner over masklets, each a COCO compressed RLE `{"size": [H, W], "counts": str}`),
 `masklet_id`, `masklet_size_abs` (mean area in pixels over the annotated frames where the masklet is visible), ...
-Masklets are annotated at 6 fps, every 4th frame of the 24 fps video; the stride is derived here from
-`video_frame_count` and `len(masklet)` (annotated frame `j` is video frame `j * stride`), never assumed.
+Masklets are annotated at 6 fps, every 4th frame of the 24 fps video (annotated frame `j` is video frame
+`j * stride`). `annotation_stride` checks that `len(masklet)` fits `video_frame_count` at that rate (or at the rate the
+json's own fps, `video_frame_count / video_duration`, implies): a masklet list cut short (the json then has no
+`masklet_frame_count` to tell) would otherwise lay the masks over the wrong frames, so it is a skip, never a guess.
+A video without masklets (`masklet_id` empty) is a skip too: its clips would have no objects.
 
 Val/test layout: `JPEGImages_24fps/<video_id>/<frame:05d>.jpg` and `Annotations_6fps/<video_id>/<obj_id>/<frame>.png`
 (`find_frame_videos`); its PNG masks are turned into the same RLE `Annotation`, so everything downstream is shared.
@@ -23,6 +26,7 @@ import dataclasses
 import io
 import json
 import logging
+import math
 import os
 import re
 import tarfile
@@ -38,11 +42,16 @@ from ttm_jax.data import video_io
 from ttm_jax.data.video_io import SkipVideo
 
 __all__ = ["SkipVideo", "SkipCounter", "Source", "VideoRef", "Annotation", "find_videos", "find_frame_videos",
-           "read_annotation", "read_frames", "ANNOTATION_KINDS"]
+           "read_annotation", "read_frames", "derive_stride", "annotation_stride", "ANNOTATION_KINDS",
+           "ANNOTATION_FPS", "SAV_STRIDE"]
 
 ANNOTATION_KINDS = ("manual", "auto", "both")
 _JSON_RE = re.compile(r"^(?P<vid>.+)_(?P<kind>manual|auto)\.json$")
 _REQUIRED_FIELDS = ("video_frame_count", "video_height", "video_width", "masklet", "masklet_id")
+# SA-V annotates masklets at 6 fps: every 4th frame of its 24 fps videos
+ANNOTATION_FPS = 6.0
+SAV_FPS = 24.0
+SAV_STRIDE = 4
 # an auto masklet that overlaps a manual one this much (mean IoU over annotated frames) is the same object
 _DUPLICATE_IOU = 0.5
 
@@ -313,6 +322,44 @@ def derive_stride(video_frame_count: int, num_annotated: int, *, file: str = "")
     return s
 
 
+def _fits(video_frame_count: int, num_annotated: int, stride: int) -> bool:
+    """Whether annotated frames 0, s, ..., (n-1)s are every s-th frame of the video: `(n-1) s <= F-1 < n s`."""
+    return (num_annotated - 1) * stride <= video_frame_count - 1 < num_annotated * stride
+
+
+def annotation_stride(video_frame_count: int, num_annotated: int, fps: float = SAV_FPS, *, file: str = "") -> int:
+    """The annotation stride of a video whose `num_annotated` annotated frames (`len(masklet)`) cover its
+    `video_frame_count` frames at SA-V's annotation rate: every `SAV_STRIDE` (4th) frame, 6 of 24 fps, or every
+    `fps / ANNOTATION_FPS`-th frame for a video of another `fps` (`video_frame_count / video_duration`).
+
+    Unlike `derive_stride` (the largest stride that fits, whatever it is), a count that fits no plausible stride is
+    an error: a masklet list cut short without `masklet_frame_count` (121 annotated frames of a 483-frame video cut
+    to 21 would otherwise read as "every 24th frame" and put the masks on the wrong frames). Raises
+    `SkipVideo("frame_count")` naming `file`.
+    """
+    f, n = int(video_frame_count), int(num_annotated)
+    if n <= 0 or f <= 0 or n > f:
+        raise SkipVideo("frame_count", file, f"video_frame_count={f} with {n} annotated frames (len(masklet)): need "
+                        "1 <= annotated <= video frames; fix the json or drop the video")
+    plausible = []
+    if fps and math.isfinite(fps) and fps > 0:
+        r = fps / ANNOTATION_FPS
+        plausible = sorted({max(1, math.floor(r)), max(1, math.ceil(r))}, key=lambda c: (abs(c - r), c))
+    for s in plausible + [SAV_STRIDE]:
+        if _fits(f, n, s):
+            return s
+    s = plausible[0] if plausible else SAV_STRIDE
+    want = -(-f // s)
+    try:
+        got = f"they would be one frame in {derive_stride(f, n)}"
+    except SkipVideo:
+        got = "they are not every s-th frame for any whole s"
+    raise SkipVideo("frame_count", file, f"{n} annotated frames (len(masklet)) do not fit video_frame_count={f} at "
+                    f"{fps:g} fps: SA-V annotates at {ANNOTATION_FPS:g} fps (one frame in {s}), which gives {want} "
+                    f"annotated frames; {got}. The masklet list is cut short or padded (no masklet_frame_count says "
+                    "so), or video_frame_count / video_duration is wrong: fix the json or drop the video")
+
+
 def _load_json(src: Source) -> dict:
     try:
         d = json.loads(src.read_bytes())
@@ -325,6 +372,22 @@ def _load_json(src: Source) -> dict:
     return d
 
 
+def _fps(d: dict, frames: int, name: str) -> float:
+    """The video's fps, `video_frame_count / video_duration` (SA-V's 24 when the json gives no duration)."""
+    duration = d.get("video_duration")
+    if not duration:
+        return SAV_FPS
+    try:
+        seconds = float(duration)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise SkipVideo("bad_field", name, f"video_duration={duration!r} is not a positive number of seconds (the "
+                        "video's fps is video_frame_count / video_duration); fix it, or remove the field for SA-V's "
+                        "24 fps")
+    return frames / seconds
+
+
 def _parse(d: dict, name: str) -> tuple[int, int, int, float, list[int], list[list[dict]], np.ndarray]:
     for f in _REQUIRED_FIELDS:
         if f not in d:
@@ -335,9 +398,9 @@ def _parse(d: dict, name: str) -> tuple[int, int, int, float, list[int], list[li
         ids = [int(i) for i in d["masklet_id"]]
     except (TypeError, ValueError) as e:
         raise SkipVideo("bad_field", name, f"video_frame_count / video_height / video_width / masklet_id: {e}") from e
-    fps = frames / float(d["video_duration"]) if d.get("video_duration") else 24.0
+    fps = _fps(d, frames, name)
     masklet = d["masklet"]
-    if not isinstance(masklet, list) or not masklet:
+    if not isinstance(masklet, list) or (ids and not masklet):
         raise SkipVideo("bad_field", name, "field 'masklet' is empty or not a list of annotated frames")
     n = len(masklet)
     for j, row in enumerate(masklet):
@@ -351,7 +414,8 @@ def _parse(d: dict, name: str) -> tuple[int, int, int, float, list[int], list[li
             if list(rle["size"]) != [h, w]:
                 raise SkipVideo("rle_size", name, f"masklet {ids[m]} frame {j}: RLE size {list(rle['size'])} but "
                                 f"the video is [{h}, {w}] (video_height, video_width)")
-    derive_stride(frames, n, file=name)
+    if ids:  # no masklets: nothing to lay over the frames (read_annotation decides whether that is a skip)
+        annotation_stride(frames, n, fps, file=name)
     counts = d.get("masklet_frame_count")
     if counts is not None:
         for m, c in enumerate(counts):
@@ -385,7 +449,7 @@ def _read_frames_annotation(ref: VideoRef) -> Annotation:
         raise SkipVideo("missing_file", ann_root.as_posix(), "no JPEG frames or no PNG masks")
     first = Image.open(io.BytesIO((epath.Path(ref.video.path) / jpegs[0]).read_bytes()))
     w, h = first.size
-    stride = derive_stride(len(jpegs), len(frame_ids), file=os.fspath(ann_root))
+    stride = annotation_stride(len(jpegs), len(frame_ids), SAV_FPS, file=os.fspath(ann_root))
     rles = []
     for j, f in enumerate(frame_ids):
         if f != j * stride:
@@ -402,12 +466,16 @@ def _read_frames_annotation(ref: VideoRef) -> Annotation:
                     raise SkipVideo("rle_size", os.fspath(q), f"mask is {m.shape} but frames are ({h}, {w})")
             row.append(mask_utils.encode(np.asfortranarray(m)))
         rles.append(row)
-    return Annotation(ref.video_id, os.fspath(ann_root), h, w, len(jpegs), 24.0, stride, [o.name for o in objs], rles,
-                      np.full(len(objs), np.nan))
+    return Annotation(ref.video_id, os.fspath(ann_root), h, w, len(jpegs), SAV_FPS, stride, [o.name for o in objs],
+                      rles, np.full(len(objs), np.nan))
 
 
 def read_annotation(ref: VideoRef) -> Annotation:
-    """Read and check a video's annotation json(s) -> `Annotation`; raises `SkipVideo` naming the json."""
+    """Read and check a video's annotation json(s) -> `Annotation`; raises `SkipVideo` naming the json.
+
+    Skips (reasons) beside the malformed-json ones of `_parse`: `frame_count` (len(masklet) does not fit
+    video_frame_count at SA-V's annotation rate, `annotation_stride`), `no_masklets` (no json has a masklet).
+    """
     if ref.layout == "frames":
         return _read_frames_annotation(ref)
     parsed = []
@@ -417,24 +485,37 @@ def read_annotation(ref: VideoRef) -> Annotation:
             raise SkipVideo("mismatch", src.name, f"json video_id {d['video_id']!r} but the file is video "
                             f"{ref.video_id!r}; the json belongs to another video")
         parsed.append((kind, src.name, _parse(d, src.name)))
-    kind0, name0, (frames, h, w, fps, ids, masklet, size_abs) = parsed[0]
-    keys = [str(i) for i in ids]
-    rles = [list(row) for row in masklet]
-    sizes = list(size_abs)
-    for kind, name, (f2, h2, w2, _, ids2, masklet2, size2) in parsed[1:]:
-        if (f2, h2, w2) != (frames, h, w) or len(masklet2) != len(masklet):
-            raise SkipVideo("mismatch", name, f"{len(masklet2)} annotated frames of a {f2}-frame {h2}x{w2} video, but "
-                            f"{name0} has {len(masklet)} of a {frames}-frame {h}x{w} video")
-        for m, mid in enumerate(ids2):
-            col = [row[m] for row in masklet2]
-            if any(_mean_iou(col, [row[k] for row in masklet]) >= _DUPLICATE_IOU for k in range(len(ids))):
+    file = " + ".join(name for _, name, _ in parsed)
+    _, name0, (frames, h, w, fps, ids0, _, _) = parsed[0]
+    keys: list[str] = []
+    sizes: list[float] = []
+    rles: list[list[dict]] | None = None  # [annotated frame][masklet], from the first json that has masklets
+    rows_from = name0
+    for i, (kind, name, (f2, h2, w2, _, ids, masklet, size_abs)) in enumerate(parsed):
+        if (f2, h2, w2) != (frames, h, w):
+            raise SkipVideo("mismatch", name, f"a {f2}-frame {h2}x{w2} video, but {name0} has a {frames}-frame "
+                            f"{h}x{w} video")
+        if not ids:  # a json without masklets adds nothing (its masklet rows may be absent)
+            continue
+        if rles is None:
+            rles, rows_from = [[] for _ in masklet], name
+        elif len(masklet) != len(rles):
+            raise SkipVideo("mismatch", name, f"{len(masklet)} annotated frames of a {f2}-frame {h2}x{w2} video, but "
+                            f"{rows_from} has {len(rles)} of a {frames}-frame {h}x{w} video")
+        for m, mid in enumerate(ids):
+            col = [row[m] for row in masklet]
+            # later jsons (auto): a masklet that repeats one of the first json's (manual) is the same object
+            if i and any(_mean_iou(col, [row[k] for row in rles]) >= _DUPLICATE_IOU for k in range(len(ids0))):
                 continue
-            keys.append(f"{kind}:{mid}")
-            sizes.append(size2[m])
+            keys.append(str(mid) if i == 0 else f"{kind}:{mid}")
+            sizes.append(size_abs[m])
             for j, row in enumerate(rles):
                 row.append(col[j])
-    stride = derive_stride(frames, len(rles), file=name0)
-    file = " + ".join(name for _, name, _ in parsed)
+    if rles is None:
+        raise SkipVideo("no_masklets", file, f"video {ref.video_id} has no masklets (masklet_id is empty): its clips "
+                        "would have no objects, no trajectory and no masks, while its caption describes objects; drop "
+                        "the video, or annotate its objects")
+    stride = annotation_stride(frames, len(rles), fps, file=rows_from)
     return Annotation(ref.video_id, file, h, w, frames, fps, stride, keys, rles, np.asarray(sizes, np.float64))
 
 
