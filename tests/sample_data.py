@@ -1,29 +1,51 @@
-"""Test data shared by several test files: where the real SA-V sample files (`shared/data/sav_sample`) are,
-and synthetic SA-V with one video left uncaptioned.
+"""Test data shared by several test files: where the real SA-V sample files (`shared/data/sav_sample`) are, and
+synthetic SA-V with one video left uncaptioned.
 
-`$TTM_SAV_SAMPLE` if set, else `../shared/data/sav_sample` beside this checkout, else `/work/shared/data/sav_sample`.
+The sample folder is `$TTM_SAV_SAMPLE` when that is set, else `../shared/data/sav_sample` beside this checkout (the
+repository root's sibling `shared/`); nothing else is searched. A test that reads the sample marks itself
+`@needs_sample("file", ...)` (or `pytestmark = needs_sample(...)`): without those files it is skipped with a reason
+that names the missing file, where it was looked for and how to point the tests at it (`missing_reason`).
 """
 
+from __future__ import annotations
+
 import os
+from collections.abc import Mapping
+
+import pytest
 
 from ttm_jax.data import synthetic
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_CANDIDATES = (
-    os.environ.get("TTM_SAV_SAMPLE", ""),
-    os.path.join(_HERE, "..", "..", "shared", "data", "sav_sample"),
-    "/work/shared/data/sav_sample",
-)
+ENV = "TTM_SAV_SAMPLE"
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BESIDE_CHECKOUT = os.path.join(os.path.dirname(_REPO), "shared", "data", "sav_sample")
 
 
-def _find() -> str:
-    for path in _CANDIDATES:
-        if path and os.path.exists(os.path.join(path, "sav_000001_manual.json")):
-            return os.path.abspath(path)
-    return os.path.abspath(_CANDIDATES[1])
+def sample_dir(env: Mapping[str, str] = os.environ) -> str:
+    """The sample folder: `$TTM_SAV_SAMPLE` if set (non-empty), else `../shared/data/sav_sample` beside the checkout;
+    whether it exists or not."""
+    return os.path.abspath(env.get(ENV) or BESIDE_CHECKOUT)
 
 
-SAV_SAMPLE = _find()
+SAV_SAMPLE = sample_dir()
+
+
+def missing_reason(*names: str, env: Mapping[str, str] = os.environ) -> str | None:
+    """None if the sample folder holds every file in `names`, else why not and the fix (a skip reason)."""
+    folder = sample_dir(env)
+    missing = [n for n in names if not os.path.exists(os.path.join(folder, n))]
+    if not missing:
+        return None
+    where = (f"${ENV}={env[ENV]}" if env.get(ENV) else
+             f"${ENV} is not set, so the sample is looked for beside the checkout at {folder}")
+    return (f"real SA-V sample missing: {', '.join(missing)} not in {folder} ({where}); set {ENV} to the folder "
+            f"holding the sample files (shared/data/sav_sample), or put them at {BESIDE_CHECKOUT}")
+
+
+def needs_sample(*names: str) -> pytest.MarkDecorator:
+    """Skip marker for tests that read the sample files `names` (relative to the sample folder)."""
+    reason = missing_reason(*names)
+    return pytest.mark.skipif(reason is not None, reason=reason or "")
 
 
 def synthetic_sav_without_last_caption(out: str, num_videos: int, *, frames: int) -> str:

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
-from sample_data import SAV_SAMPLE
+from sample_data import SAV_SAMPLE, needs_sample
 
 from ttm_jax import config as config_lib
 from ttm_jax.data import captions, clips, sav, video_io
@@ -16,7 +16,7 @@ from ttm_jax.data import trajectory as tj
 from ttm_jax.data.sav import SkipVideo
 
 MANUAL = os.path.join(SAV_SAMPLE, "sav_000001_manual.json")
-needs_sample = pytest.mark.skipif(not os.path.exists(MANUAL), reason=f"{MANUAL} not present")
+real_sample = needs_sample("sav_000001_manual.json")
 STRIDE = 4
 
 
@@ -61,7 +61,7 @@ def _object_ious(example, video_ids):
     return np.array(out)
 
 
-@needs_sample
+@real_sample
 @pytest.mark.parametrize("seed,crop", [(0, "center"), (3, "random")])
 def test_masks_land_on_their_frames(real_video, seed, crop):
     ref, ann, _ = real_video
@@ -109,7 +109,7 @@ def test_masks_land_on_their_frames(real_video, seed, crop):
     assert worse.mean() < ious.mean() - 0.1
 
 
-@needs_sample
+@real_sample
 def test_twelve_fps_clip_starts_on_an_annotation(real_video):
     ref, ann, _ = real_video
     d = _data_config(height=64, width=64)  # tiny: 9 frames at 12 fps, K=4
@@ -127,7 +127,7 @@ def test_twelve_fps_clip_starts_on_an_annotation(real_video):
     assert not np.array_equal(same["frame_indices"], other["frame_indices"])
 
 
-@needs_sample
+@real_sample
 def test_local_prompts_pick_and_pad_objects(real_video):
     ref, _, _ = real_video
     entry = captions.CaptionEntry("sav_000001", "c", "m", {"4": "the fourth moves", "1": "the first moves", "2": "",

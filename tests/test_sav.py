@@ -13,7 +13,7 @@ import tarfile
 import numpy as np
 import pytest
 from PIL import Image
-from sample_data import SAV_SAMPLE
+from sample_data import SAV_SAMPLE, needs_sample
 
 from ttm_jax.data import sav, video_io
 from ttm_jax.data.sav import SkipVideo
@@ -21,7 +21,7 @@ from ttm_jax.data.sav import SkipVideo
 SAMPLE = SAV_SAMPLE
 MANUAL = os.path.join(SAMPLE, "sav_000001_manual.json")
 AUTO = os.path.join(SAMPLE, "sav_000001_auto.json")
-pytestmark = pytest.mark.skipif(not os.path.exists(MANUAL), reason=f"{MANUAL} not present")
+pytestmark = needs_sample("sav_000001_manual.json", "sav_000001_auto.json")
 
 
 def _ref(vid="sav_000001", **jsons):

@@ -10,14 +10,14 @@ from fractions import Fraction
 import av
 import numpy as np
 import pytest
-from sample_data import SAV_SAMPLE
+from sample_data import SAV_SAMPLE, needs_sample
 
 from ttm_jax.data import synthetic, video_io
 from ttm_jax.data.video_io import SkipVideo
 
 SAMPLE = SAV_SAMPLE
 DOG = os.path.join(SAMPLE, "01_dog.mp4")
-needs_sample = pytest.mark.skipif(not os.path.exists(DOG), reason=f"{DOG} not present")
+real_sample = needs_sample("01_dog.mp4")
 
 N_STAMPED = 40
 
@@ -35,7 +35,7 @@ def stamped_mp4():
     return video_io.encode_video(_stamped(N_STAMPED), 24.0, crf=23)
 
 
-@needs_sample
+@real_sample
 def test_real_mp4_frame_count_and_size():
     info = video_io.probe(DOG)
     assert (info.height, info.width, info.num_frames) == (720, 1280, 289)

@@ -63,12 +63,15 @@ class SkipCounter:
         self.name = name
         self.counts: collections.Counter[str] = collections.Counter()
         self.examples: dict[str, str] = {}  # reason -> first message, for the summary
+        self.messages: list[str] = []  # every skip's message ("<file>: <detail> [<reason>]"), in order
         self._lock = threading.Lock()
 
     def add(self, err: SkipVideo) -> None:
+        """Counts `err` under its reason, keeps its message and logs it."""
         with self._lock:
             self.counts[err.reason] += 1
             self.examples.setdefault(err.reason, str(err))
+            self.messages.append(str(err))
         logging.warning("%s: skipped %s", self.name, err)
 
     @property

@@ -10,7 +10,8 @@ the same arguments, redoes only the chunks without a marker; since every clip is
 (seed, video id, clip number) (`clips.clip_seed`), the result is the same records as an uninterrupted run: none
 duplicated, none missing. `prepare.json` pins the settings (`clips.data_settings` of the config's data section, seed,
 video ids): resuming with different ones is an error. `manifest.json` is written last. The run ends with
-`videos: N ok, M skipped (reason=count, ...)`.
+`videos: N ok, M skipped (reason=count, ...)`; every skipped video's message (its file, what is wrong, the fix) is
+logged, kept in its chunk's marker and in the manifest (`skipped_videos`), and printed by the command line.
 
 `--format=tfds` builds the TFDS dataset `sav_clips` (`ttm_jax/data/tfds_sav.py`, array_record, the same clips for
 the same --seed/--clips_per_video) with --out as its data_dir, instead of this module's folder.
@@ -54,12 +55,14 @@ AutoencoderFactory = Callable[[ml_collections.ConfigDict], Any]
 
 @dataclasses.dataclass
 class Summary:
-    """What a preparation did: videos with at least one clip, skipped videos by reason, records written."""
+    """What a preparation did: videos with at least one clip, skipped videos by reason, records written, and each
+    skipped video's message (`"<file>: <detail> [<reason>]"`, in video order)."""
 
     videos_ok: int
     skipped: dict[str, int]
     num_records: int
     out: str
+    skipped_videos: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def videos_skipped(self) -> int:
@@ -135,7 +138,8 @@ def process_chunk(chunk: int, refs: Sequence[sav.VideoRef], captions: dict, conf
         video_ids.append(ref.video_id)
     writer.commit()
     stats = {"chunk": chunk, "shard": shard_name(chunk), "num_records": writer.count, "videos_ok": ok,
-             "video_ids": video_ids, "skipped": dict(counter.counts), "num_videos": len(refs)}
+             "video_ids": video_ids, "skipped": dict(counter.counts), "skipped_videos": list(counter.messages),
+             "num_videos": len(refs)}
     records.write_json_atomic(_marker(out, chunk), stats)
     return stats
 
@@ -212,16 +216,18 @@ def prepare(sav_path: str | Sequence[str], captions_path: str, out: str, config:
                 f.result()
     # every chunk has its marker now: the manifest lists the shards in chunk order
     shards, skipped, ok, total = [], collections.Counter(find_counter.counts), 0, 0
+    messages = list(find_counter.messages)
     for c in range(len(chunks)):
         stats = records.read_json(_marker(out, c))
         shards.append({"shard": stats["shard"], "num_records": stats["num_records"], "video_ids": stats["video_ids"]})
         skipped.update(stats["skipped"])
+        messages.extend(stats.get("skipped_videos", []))  # markers of older runs have only the counts
         ok += stats["videos_ok"]
         total += stats["num_records"]
-    summary = Summary(ok, dict(skipped), total, out)
+    summary = Summary(ok, dict(skipped), total, out, messages)
     records.write_json_atomic(os.path.join(out, records.MANIFEST), {
         "version": records.VERSION, "data": spec["data"], "latents": spec["latents"], "seed": seed,
         "clips_per_video": clips_per_video, "num_records": total, "videos_ok": ok, "skipped": dict(skipped),
-        "shards": shards,
+        "skipped_videos": messages, "shards": shards,
     })
     return summary

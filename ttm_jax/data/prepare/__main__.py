@@ -19,11 +19,13 @@ from ml_collections import config_flags
 
 from ttm_jax import config as config_lib
 from ttm_jax.assembly.registry import make_autoencoder
-from ttm_jax.data import prepare, tfds_sav
+from ttm_jax.data import prepare, records, tfds_sav
 
 # the repository's configs/stage2.py (this file is ttm_jax/data/prepare/__main__.py)
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 DEFAULT_CONFIG = os.path.join(_ROOT, "configs", "stage2.py")
+# skipped videos listed one per line before the summary; the manifest keeps them all
+MAX_PRINTED_SKIPS = 20
 
 
 def main(argv: Sequence[str]) -> None:
@@ -48,6 +50,11 @@ def main(argv: Sequence[str]) -> None:
                               clips_per_video=f.clips_per_video, seed=f.seed, latents=f.latents,
                               make_autoencoder=make_autoencoder)
     print(f"prepared {summary.num_records} records into {summary.out}")
+    for message in summary.skipped_videos[:MAX_PRINTED_SKIPS]:
+        print(f"skipped {message}")
+    if len(summary.skipped_videos) > MAX_PRINTED_SKIPS:
+        print(f"... and {len(summary.skipped_videos) - MAX_PRINTED_SKIPS} more skipped videos: see skipped_videos in "
+              f"{os.path.join(summary.out, records.MANIFEST)}")
     print(summary.line())
     sys.stdout.flush()
 
