@@ -354,7 +354,8 @@ def annotation_stride(video_frame_count: int, num_annotated: int, fps: float = S
     s = plausible[0] if plausible else SAV_STRIDE
     want = -(-f // s)
     try:
-        got = f"they would be one frame in {derive_stride(f, n)}"
+        got = (f"they would be one frame in {derive_stride(f, n)}" if n > 1 else
+               "one annotated frame would stand for the whole video")
     except SkipVideo:
         got = "they are not every s-th frame for any whole s"
     raise SkipVideo("frame_count", file, f"{n} annotated frames (len(masklet)) do not fit video_frame_count={f} at "
