@@ -27,11 +27,16 @@ from absl import logging
 from etils import epath
 
 CHECKPOINT_DIR = "checkpoints"
+UNUSABLE_DIR = "checkpoints_unusable"  # steps that failed to restore, moved aside by `restore_newest_usable`
 CONFIG_FILE = "config.json"  # the run's config as it started, beside the checkpoints
 
 
 def checkpoint_dir(workdir: str | epath.PathLike) -> epath.Path:
     return epath.Path(workdir) / CHECKPOINT_DIR
+
+
+class NoUsableCheckpoint(RuntimeError):
+    """Every checkpoint of a workdir fails to restore; the message lists each step and what is wrong with it."""
 
 
 class Checkpointer:
@@ -77,6 +82,49 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return restored["state"]
+
+    def restore_newest_usable(self, abstract_state: Any, data_iterator: Any | None = None
+                              ) -> tuple[Any, int | None, list[tuple[int, str]]]:
+        """The newest step that restores completely (state, iterator, config), newest first.
+
+        Returns `(state, step, bad)` where `bad` lists the newer steps that failed, with what was wrong; those are
+        moved to `<workdir>/checkpoints_unusable/<step>` (kept for inspection, out of Orbax's way: the run will save
+        those step numbers again). `(None, None, [])` when there is no checkpoint at all. Raises
+        `NoUsableCheckpoint` (and moves nothing) when every step fails.
+        """
+        bad: list[tuple[int, str]] = []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                self.restore_config(step)
+                state = self.restore(step, abstract_state, data_iterator)
+            except Exception as e:  # noqa: BLE001 - any failure to read a step makes it unusable; reported below
+                reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+                logging.warning("%s: step %d is unusable (%s)", self.directory, step, reason)
+                bad.append((step, reason))
+                continue
+            for b, reason in bad:
+                self._set_aside(b, reason)
+            if bad:
+                self.manager.reload()
+            return state, step, bad
+        if bad:
+            listing = "; ".join(f"step {b}: {r}" for b, r in bad)
+            raise NoUsableCheckpoint(f"{self.directory}: no checkpoint restores ({listing}). Move the folder aside to "
+                                     f"start again from step 0, or restore it from a backup")
+        return None, None, []
+
+    def _set_aside(self, step: int, reason: str) -> None:
+        if jax.process_index() != 0:
+            return
+        dest = self.directory.parent / UNUSABLE_DIR
+        dest.mkdir(parents=True, exist_ok=True)
+        target = dest / str(step)
+        n = 1
+        while target.exists():
+            target, n = dest / f"{step}.{n}", n + 1
+        (self.directory / str(step)).rename(target)
+        (dest / f"{target.name}.reason.txt").write_text(reason + "\n")
+        logging.warning("moved unusable step %d to %s", step, target)
 
     def restore_config(self, step: int | None = None) -> ml_collections.ConfigDict:
         step = self.latest_step() if step is None else step

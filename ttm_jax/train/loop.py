@@ -36,6 +36,7 @@ from ttm_jax.runtime import checkpoint as checkpoint_lib
 from ttm_jax.runtime import compile as compile_lib
 from ttm_jax.runtime import mesh as mesh_lib
 from ttm_jax.runtime import sharding as sharding_lib
+from ttm_jax.train import lock as lock_lib
 from ttm_jax.train import metrics as metrics_lib
 from ttm_jax.train import preemption
 from ttm_jax.train import state as state_lib
@@ -164,21 +165,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, modules: Modules |
     mesh = mesh_lib.make_mesh(config.mesh, devices)
     rules = sharding_lib.rules_from_config(config.mesh)
     t = config.train
-    total_steps = int(t.total_steps)
     bp = mesh_lib.batch_parallelism(mesh)
     if int(t.batch_size) % bp or int(t.batch_size) % jax.process_count():
         raise ValueError(f"config.train.batch_size: {t.batch_size} must be divisible by the {bp} batch shards of the "
                          f"mesh {dict(mesh.shape)} and the {jax.process_count()} processes; change it or mesh.shape")
     workdir = str(workdir)
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        (epath.Path(workdir) / checkpoint_lib.CONFIG_FILE).write_text(config.to_json(indent=2))
     modules = modules or build_modules(config)
-    make_iterator = make_iterator or default_iterator
-    iterator = make_iterator(config, process_index=jax.process_index(), process_count=jax.process_count(),
-                             workdir=workdir)
-
-    # --- state -------------------------------------------------------------------------------------------------------
     tx = state_lib.make_optimizer(config.optim)
     ema_decay = float(config.optim.ema_decay)
     init_params = params_lib.make_init_params(config, modules)
@@ -187,11 +179,55 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, modules: Modules |
     abstract_boxed = jax.eval_shape(init_params, rng)
     shardings = state_lib.state_shardings(abstract_boxed, tx, ema_decay, mesh, rules, shard_unannotated)
     abstract = state_lib.abstract_state(init_params, rng, tx, ema_decay, shardings)
+    # a resume that would change what the checkpoints hold is refused before anything is written
+    saved = _newest_saved_config(workdir)
+    if saved is not None:
+        check_resumable(saved, config, workdir)
+
+    lock = lock_lib.WorkdirLock(workdir) if jax.process_index() == 0 else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        return _train(config, workdir, modules, make_iterator or default_iterator, mesh, rules, tx, init_params, rng,
+                      shard_unannotated, shardings, abstract)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _newest_saved_config(workdir: str) -> ml_collections.ConfigDict | None:
+    """The config of the newest checkpoint whose config reads (None without checkpoints); nothing is created."""
+    if not checkpoint_lib.checkpoint_dir(workdir).exists():
+        return None
+    ckpt = checkpoint_lib.Checkpointer(workdir, async_save=False)
+    try:
+        for step in sorted(ckpt.all_steps(), reverse=True):
+            try:
+                return ckpt.restore_config(step)
+            except Exception as e:  # noqa: BLE001 - an unreadable step is reported when the state is restored
+                logging.warning("%s: step %d: config unreadable (%s)", workdir, step, e)
+        return None
+    finally:
+        ckpt.close()
+
+
+def _train(config, workdir, modules, make_iterator, mesh, rules, tx, init_params, rng, shard_unannotated, shardings,
+           abstract) -> TrainResult:
+    t = config.train
+    total_steps = int(t.total_steps)
+    ema_decay = float(config.optim.ema_decay)
+    if jax.process_index() == 0:
+        (epath.Path(workdir) / checkpoint_lib.CONFIG_FILE).write_text(config.to_json(indent=2))
+    iterator = make_iterator(config, process_index=jax.process_index(), process_count=jax.process_count(),
+                             workdir=workdir)
+
+    # --- state -------------------------------------------------------------------------------------------------------
     ckpt = checkpoint_lib.Checkpointer.from_config(workdir, config)
-    latest = ckpt.latest_step()
+    state, latest, bad = ckpt.restore_newest_usable(abstract, iterator)
+    for step, reason in bad:
+        _say(f"warning: checkpoint step {step} is unusable ({reason}); moved to "
+             f"{epath.Path(workdir) / checkpoint_lib.UNUSABLE_DIR}")
     if latest is not None:
-        check_resumable(ckpt.restore_config(latest), config, workdir)
-        state = ckpt.restore(latest, abstract, iterator)
         _say(f"resuming from step {latest} ({checkpoint_lib.checkpoint_dir(workdir) / str(latest)})")
     else:
         state, _ = state_lib.init_state(init_params, rng, tx, ema_decay, mesh, rules, shard_unannotated,
@@ -229,14 +265,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, modules: Modules |
         host = jax.device_get(pending)
         pending.clear()
         for s, m in host:
-            if not np.isfinite(m["loss"]):
+            if not np.isfinite(m["loss"]) or m.get("nonfinite", 0.0) > 0:
                 ckpt.wait()
                 last = ckpt.latest_step()
                 raise FloatingPointError(
-                    f"train: loss is {m['loss']} at step {s}; stopped. The last good checkpoint is "
-                    f"{'step ' + str(last) if last is not None else 'none'} in {checkpoint_lib.checkpoint_dir(workdir)}"
-                    f". Lower config.optim.learning_rate or raise config.optim.warmup_steps, check the data, then "
-                    f"run again (it resumes from that checkpoint)")
+                    f"train: step {s} gave a non-finite update (loss {m['loss']}, gradient norm {m['grad_norm']}); it "
+                    f"was not applied, and no state with a non-finite update is ever saved. Stopped. The last "
+                    f"checkpoint is {'step ' + str(last) if last is not None else 'none'} in "
+                    f"{checkpoint_lib.checkpoint_dir(workdir)}. Lower config.optim.learning_rate or raise "
+                    f"config.optim.warmup_steps, check the data, then run again (it resumes from that checkpoint)")
+            m = {k: v for k, v in m.items() if k != "nonfinite"}
             writer.accumulate(m)
         avg = writer.write(step) if host else {}
         if host:

@@ -7,7 +7,9 @@ One step:
   2. the stage's inputs and loss target (`ttm_jax.assembly.inputs.model_inputs`: latents, text, object ids, the
      objective's noisy input and target, condition dropout);
   3. the objective's loss; gradients averaged over `train.grad_accum_steps` micro-batches (`lax.scan`; micro-batch i
-     takes examples i, i+A, i+2A, ..., so each device keeps working on its own rows), one optimizer update.
+     takes examples i, i+A, i+2A, ..., so each device keeps working on its own rows), one optimizer update;
+  4. the update is kept only when the loss, the gradient norm and the new parameters' norm are finite (metric
+     `nonfinite` = 1 otherwise, and the state is returned unchanged; the loop stops on it before saving).
 The state is donated; in/out shardings are explicit (`state_shardings`, batch split over data x fsdp).
 """
 
@@ -99,9 +101,15 @@ def _make_train_step(config, modules, tx, mesh, rules, state_shardings, frozen_s
             (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro)
             loss = loss / accum
             grads = jax.tree.map(lambda g, p: (g / accum).astype(p.dtype), grads, state.params)
+        grad_norm = optax.global_norm(grads)
         new_state = state_lib.apply_gradients(state, grads, tx, ema_decay)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "learning_rate": schedule(state.step),
-                   "param_norm": optax.global_norm(new_state.params)}
+        param_norm = optax.global_norm(new_state.params)
+        # an update with a non-finite loss, gradient or resulting parameter norm is never applied: the state stays
+        # as it was (the loop then stops before any save), so no checkpoint ever holds it
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
+        new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.step),
+                   "param_norm": param_norm, "nonfinite": 1.0 - finite.astype(jnp.float32)}
         return new_state, metrics
 
     replicated = sharding_lib.replicated(mesh)
