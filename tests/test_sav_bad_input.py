@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from sample_data import SAV_SAMPLE, needs_sample
 
@@ -138,6 +139,18 @@ def test_a_masklet_list_cut_short_is_a_skip_not_stride_23(folders, videos, tmp_p
         ref = sav.VideoRef(CUT_SHORT, sav.Source(os.path.join(bad, f"{CUT_SHORT}.mp4")), (("manual", sav.Source(p)),))
         with pytest.raises(SkipVideo, match="frame_count"):
             sav.read_annotation(ref)
+
+
+def test_a_short_video_keeps_the_sav_stride(videos, tmp_path):
+    """12 frames annotated at 0, 4, 8: the largest stride that fits is 5 (masks claimed for frames 5 and 10, which
+    are not annotated); the stride is SA-V's 4, and each annotated row is the mask of its frame."""
+    v = synthetic.make_video(5, 0, split="multi", height=64, width=64, frames=12)
+    folder = _write_folder(str(tmp_path), [v], {})
+    assert sav.derive_stride(12, 3) == 5
+    a = sav.read_annotation(_refs(folder)[v.video_id])
+    assert a.stride == 4 and a.num_annotated == 3
+    np.testing.assert_array_equal(a.annotated_frames, [0, 4, 8])
+    np.testing.assert_array_equal(a.masks(), v.masks[a.annotated_frames])
 
 
 @needs_sample("sav_000001_manual.json")
