@@ -10,7 +10,12 @@
       -> decode                 `<name>.mp4`, `<name>_side_by_side.mp4` (input | trajectory | video),
                                 `<name>.json` (prompts, matching, settings, checkpoints)
 
-Requests, images and first-frame masks are read by `requests.py`. The stages are loaded from their workdirs by
+Requests, images and first-frame masks are read and checked by `requests.py` (`load_inputs`: an image of another
+aspect ratio is centre-cropped as training crops clips, its masks the same); `prepare_request` does that and the
+planning for the models' `Geometry`, which `Geometry.from_workdirs` reads from the configs saved in the stage workdirs
+without loading any parameter, so every request can be checked before a model is loaded. `Pipeline.generate` checks
+and plans every request before it runs a stage; a request that fails is recorded (`skipped: <reason>` before
+generation, `failed: <reason>` during it) and the others are generated. The stages are loaded from their workdirs by
 `ttm_jax.assembly.trained.load_stage` (the config saved beside the latest checkpoint, the frozen text encoder
 initialised exactly as training did), and the conditions are made by the very functions training uses
 (`ttm_jax.assembly.inputs.prepare`, `drop_text_conditions`, `model_fn`): what the model sees at sampling is what it
@@ -28,7 +33,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -36,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
 from ttm_jax import config as config_lib
 from ttm_jax.assembly import inputs as inputs_lib
@@ -45,8 +52,9 @@ from ttm_jax.data import trajectory as trajectory_lib
 from ttm_jax.data import video_io
 from ttm_jax.diffusion import guidance, samplers
 from ttm_jax.inference import prompts as prompts_lib
-from ttm_jax.inference.requests import Request, load_image, load_masks, tokenize_prompts
+from ttm_jax.inference.requests import Inputs, Request, RequestError, field_name, load_inputs, tokenize_prompts
 from ttm_jax.models import tokenizer as tokenizer_lib
+from ttm_jax.runtime import checkpoint as checkpoint_lib
 from ttm_jax.runtime import mesh as mesh_lib
 
 
@@ -67,6 +75,46 @@ def _check_geometry(s1: ml_collections.ConfigDict, s2: ml_collections.ConfigDict
             raise ValueError(f"pipeline: stage 1 was trained with data.{key}={s1.data[key]}, stage 2 with "
                              f"{s2.data[key]}; the trajectory of one must fit the other: train them with the same "
                              f"data.num_frames/height/width")
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """What a request must fit, from the two stages' configs: frames, frame size, fps, the most objects both take."""
+
+    num_frames: int
+    height: int
+    width: int
+    fps: float
+    max_objects: int
+    models: str = "the stage models"  # where the values come from, for messages
+
+    @classmethod
+    def from_configs(cls, stage1: ml_collections.ConfigDict, stage2: ml_collections.ConfigDict, *,
+                     models: str = "the stage models") -> Geometry:
+        """The geometry of stage configs (stage 1's and stage 2's frames and size must agree)."""
+        _check_geometry(stage1, stage2)
+        d = stage2.data
+        k = min(int(stage1.data.max_objects), int(stage2.data.max_objects))
+        return cls(int(d.num_frames), int(d.height), int(d.width), float(d.fps), k, models)
+
+    @classmethod
+    def from_workdirs(cls, stage1_workdir: str, stage2_workdir: str) -> Geometry:
+        """The geometry of the configs saved in two stage workdirs (`checkpoint.load_config`: no parameter is read);
+        errors name `config.sample.stage<N>_workdir`."""
+        configs = []
+        for stage, workdir in ((1, stage1_workdir), (2, stage2_workdir)):
+            field = f"config.sample.stage{stage}_workdir"
+            try:
+                config = checkpoint_lib.load_config(workdir)
+            except FileNotFoundError as e:
+                raise config_lib.ConfigError(f"{field}: {e}; point it to a trained stage-{stage} workdir (python -m "
+                                             f"ttm_jax.main --config=configs/stage{stage}.py --workdir=DIR)") from None
+            if int(config.get("stage", stage)) != stage:
+                raise config_lib.ConfigError(f"{field}: {workdir} holds a stage-{config.stage} model; point it to a "
+                                             f"stage-{stage} workdir")
+            configs.append(config)
+        return cls.from_configs(*configs, models=f"the stage models (configs saved in {stage1_workdir} and "
+                                                 f"{stage2_workdir})")
 
 
 class StageRunner:
@@ -162,7 +210,7 @@ def to_uint8(video: np.ndarray) -> np.ndarray:
 
 @dataclasses.dataclass
 class Prepared:
-    """A request after planning and mask loading, at the stages' resolution."""
+    """A request after checking, mask loading and planning, at the stages' resolution."""
 
     request: Request
     image: np.ndarray  # uint8 [H, W, 3]
@@ -172,6 +220,59 @@ class Prepared:
     plan: prompts_lib.Plan
     match: prompts_lib.Match
     local_prompts: list[str]  # in object-id order (mask order)
+    inputs: Inputs | None = None  # the checked inputs (size, crop)
+
+
+def prepare_request(req: Request, geometry: Geometry, *, llm_client: Any = None, match: str = "auto") -> Prepared:
+    """Check and load a request for models of `geometry` (`requests.load_inputs`), then plan its prompts (the LLM
+    client's `complete`, else the offline planner) and match them to its masks. Needs no model: run it on every
+    request before the stages are loaded. Raises `RequestError` (or the planner's error) naming the request."""
+    inputs = load_inputs(req, geometry.height, geometry.width, geometry.max_objects, models=geometry.models)
+    image, masks, labels = inputs.image, inputs.masks, inputs.labels
+    k = masks.shape[-1]
+    if req.local_prompts is not None:
+        motion = req.motion_prompt
+        if not motion:
+            try:
+                motion = prompts_lib.plan_offline(req.caption).motion_prompt
+            except prompts_lib.PlanningError:
+                motion = req.caption  # no clause structure to strip: the caption itself carries the motion
+        plan = prompts_lib.Plan(req.caption, motion, list(req.local_prompts),
+                                [prompts_lib.object_phrase(p) for p in req.local_prompts], "given")
+        matched = prompts_lib.Match(list(range(k)), "given")
+    else:
+        if llm_client is not None:
+            names = labels if all(labels) else None
+            plan = prompts_lib.plan_with_llm(req.caption, llm_client.complete, num_objects=k, object_names=names)
+        else:
+            try:
+                plan = prompts_lib.plan_offline(req.caption)
+            except prompts_lib.PlanningError as e:
+                raise RequestError(f"{field_name(req, 'caption')}: {e}") from None
+        if req.motion_prompt:
+            plan.motion_prompt = req.motion_prompt
+        matched = prompts_lib.match_prompts_to_masks(plan, k, labels=labels, image=image, masks=masks, rule=match)
+    return Prepared(req, image, masks, labels, inputs.mask_source, plan, matched, matched.local_prompts(plan), inputs)
+
+
+def reason(error: BaseException) -> str:
+    """An exception as one line for a request's status: the message of a user error (`ValueError`, `OSError`, the
+    LLM client's errors), else `<type>: <message>`."""
+    text = " ".join(str(error).split())
+    if isinstance(error, (ValueError, OSError)):
+        return text
+    return f"{type(error).__name__}: {text}"
+
+
+def status_record(req: Request | None, status: str, *, name: str = "", source: str = "") -> dict:
+    """The record of a request that was not generated (`status` = `skipped: <reason>` or `failed: <reason>`, or
+    `pending`): its name, where it came from, no outputs."""
+    image = None
+    if req is not None:
+        image = req.image if isinstance(req.image, str) else "<array>"
+    return {"name": req.name if req is not None else name, "status": status,
+            "source": req.source if req is not None else source, "image": image,
+            "video": None, "side_by_side": None, "json": None}
 
 
 class Pipeline:
@@ -179,13 +280,14 @@ class Pipeline:
 
     def __init__(self, stage1: Stage, stage2: Stage, settings: Settings = Settings(), *, llm_client: Any = None,
                  match: str = "auto", anchor_first_frame: bool = True, batch_size: int = 1):
-        _check_geometry(stage1.config, stage2.config)
+        self.geometry = Geometry.from_configs(
+            stage1.config, stage2.config,
+            models=f"the stage models (configs saved in {stage1.workdir} and {stage2.workdir})")
         self.s1, self.s2 = StageRunner(stage1), StageRunner(stage2)
         self.settings, self.llm, self.match = settings, llm_client, match
         self.anchor_first_frame, self.batch_size = anchor_first_frame, max(1, int(batch_size))
-        d = stage2.config.data
-        self.num_frames, self.height, self.width = int(d.num_frames), int(d.height), int(d.width)
-        self.fps = float(d.fps)
+        g = self.geometry
+        self.num_frames, self.height, self.width, self.fps = g.num_frames, g.height, g.width, g.fps
 
     @classmethod
     def from_workdirs(cls, stage1_workdir: str, stage2_workdir: str, settings: Settings = Settings(),
@@ -194,33 +296,8 @@ class Pipeline:
 
     # ---- planning
     def prepare(self, req: Request) -> Prepared:
-        image, size = load_image(req.image, self.height, self.width)
-        masks, labels, source = load_masks(req, size, self.height, self.width)
-        k = masks.shape[-1]
-        if req.local_prompts is not None:
-            if len(req.local_prompts) != k:
-                raise ValueError(f"pipeline: request {req.name!r} gives {len(req.local_prompts)} local prompts for "
-                                 f"{k} masks; give one per mask, in mask order")
-            motion = req.motion_prompt
-            if not motion:
-                try:
-                    motion = prompts_lib.plan_offline(req.caption).motion_prompt
-                except prompts_lib.PlanningError:
-                    motion = req.caption  # no clause structure to strip: the caption itself carries the motion
-            plan = prompts_lib.Plan(req.caption, motion, list(req.local_prompts),
-                                    [prompts_lib.object_phrase(p) for p in req.local_prompts], "given")
-            match = prompts_lib.Match(list(range(k)), "given")
-        else:
-            if self.llm is not None:
-                names = labels if all(labels) else None
-                plan = prompts_lib.plan_with_llm(req.caption, self.llm.complete, num_objects=k, object_names=names)
-            else:
-                plan = prompts_lib.plan_offline(req.caption)
-            if req.motion_prompt:
-                plan.motion_prompt = req.motion_prompt
-            match = prompts_lib.match_prompts_to_masks(plan, k, labels=labels, image=image, masks=masks,
-                                                       rule=self.match)
-        return Prepared(req, image, masks, labels, source, plan, match, match.local_prompts(plan))
+        """`prepare_request` for this pipeline's geometry, LLM client and matching rule."""
+        return prepare_request(req, self.geometry, llm_client=self.llm, match=self.match)
 
     # ---- batches for the stages
     def _batch(self, stage: Stage, items: Sequence[Prepared], trajectories: np.ndarray | None) -> dict:
@@ -271,34 +348,73 @@ class Pipeline:
         return to_uint8(self.s2.decode(self.s2.sample(conds, [p.request.seed for p in items], self.settings)))
 
     # ---- end to end
-    def generate(self, requests: Sequence[Request], out_dir: str) -> list[dict]:
+    def generate(self, requests: Sequence[Request | Prepared], out_dir: str, *, keep_going: bool = True,
+                 progress: Callable[[int, dict], None] | None = None) -> list[dict]:
         """Generate every request, `batch_size` at a time; write `<name>.mp4`, `<name>_side_by_side.mp4`,
-        `<name>.json` under `out_dir`. Returns the JSON records."""
+        `<name>.json` under `out_dir`. Every request is checked and planned (`prepare`; a `Prepared` one is taken as
+        is) before any stage runs. Returns one record per request, in order, each with its `status`: `done` (with
+        the output paths), `skipped: <reason>` (its check or planning failed) or `failed: <reason>` (generation of
+        its batch raised; the traceback is logged). `keep_going=False` raises the first error instead. `progress(i,
+        record)` is called as request i's record is final."""
         os.makedirs(out_dir, exist_ok=True)
-        prepared = [self.prepare(r) for r in requests]
-        records = []
-        for start in range(0, len(prepared), self.batch_size):
-            group = prepared[start:start + self.batch_size]
-            padded = group + [group[-1]] * (self.batch_size - len(group))
-            ids, _ = self.run_stage1(padded)
-            videos = self.run_stage2(padded, ids)
-            for i, p in enumerate(group):
-                traj = trajectory_lib.render_ids(ids[i])
-                still = np.broadcast_to(p.image, videos[i].shape)
-                base = os.path.join(out_dir, p.request.name)
-                video_io.write_video(base + ".mp4", videos[i], fps=self.fps)
-                video_io.write_video(base + "_side_by_side.mp4", np.concatenate([still, traj, videos[i]], axis=2),
-                                     fps=self.fps)
-                rec = self.record(p, base)
-                with open(base + ".json", "w") as f:
-                    json.dump(rec, f, indent=2)
-                records.append(rec)
+        records: list[dict | None] = [None] * len(requests)
+
+        def finish(i: int, rec: dict) -> None:
+            records[i] = rec
+            if progress is not None:
+                progress(i, rec)
+
+        ready: list[tuple[int, Prepared]] = []
+        for i, item in enumerate(requests):
+            if isinstance(item, Prepared):
+                ready.append((i, item))
+                continue
+            try:
+                ready.append((i, self.prepare(item)))
+            except Exception as e:  # noqa: BLE001 - any per-request error skips that request only
+                if not keep_going:
+                    raise
+                finish(i, status_record(item, f"skipped: {reason(e)}"))
+        for start in range(0, len(ready), self.batch_size):
+            group = ready[start:start + self.batch_size]
+            try:
+                self._generate_batch(group, out_dir, finish)
+            except Exception as e:  # noqa: BLE001 - a failed batch fails its requests only
+                if not keep_going:
+                    raise
+                logging.error("generation of %s failed:\n%s", [p.request.name for _, p in group],
+                              traceback.format_exc())
+                for i, p in group:
+                    if records[i] is None:
+                        finish(i, status_record(p.request, f"failed: {reason(e)}"))
         return records
 
+    def _generate_batch(self, group: Sequence[tuple[int, Prepared]], out_dir: str,
+                        finish: Callable[[int, dict], None]) -> None:
+        """Both stages over one batch (padded to `batch_size` by repetition); writes each request's files."""
+        items = [p for _, p in group]
+        padded = items + [items[-1]] * (self.batch_size - len(items))
+        ids, _ = self.run_stage1(padded)
+        videos = self.run_stage2(padded, ids)
+        for j, (i, p) in enumerate(group):
+            traj = trajectory_lib.render_ids(ids[j])
+            still = np.broadcast_to(p.image, videos[j].shape)
+            base = os.path.join(out_dir, p.request.name)
+            video_io.write_video(base + ".mp4", videos[j], fps=self.fps)
+            video_io.write_video(base + "_side_by_side.mp4", np.concatenate([still, traj, videos[j]], axis=2),
+                                 fps=self.fps)
+            rec = self.record(p, base)
+            with open(base + ".json", "w") as f:
+                json.dump(rec, f, indent=2)
+            finish(i, rec)
+
     def record(self, p: Prepared, base: str) -> dict:
+        """The JSON record of a generated request (written to `<name>.json`; a line of `samples.jsonl`)."""
         return {
-            "name": p.request.name, "video": base + ".mp4", "side_by_side": base + "_side_by_side.mp4",
+            "name": p.request.name, "status": "done", "source": p.request.source,
+            "video": base + ".mp4", "side_by_side": base + "_side_by_side.mp4", "json": base + ".json",
             "image": p.request.image if isinstance(p.request.image, str) else "<array>",
+            "crop": p.inputs.crop_json() if p.inputs is not None else None,
             "caption": p.plan.caption, "motion_prompt": p.plan.motion_prompt, "planner": p.plan.source,
             "local_prompts": p.local_prompts, "objects": p.match.to_json(p.plan, p.labels),
             "masks": p.mask_source, "seed": p.request.seed,
