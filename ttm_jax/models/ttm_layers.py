@@ -28,13 +28,8 @@ def _added_attention(layer: nn.Module, x: jax.Array, **attend: Any) -> jax.Array
     return x + out.astype(x.dtype)
 
 
-class MaskedSelfAttention(nn.Module):
-    """TTM's added masked self-attention: `x + attn(LayerNorm(x))`, token i attends j iff `token_ids` are equal.
-
-    Its own affine LayerNorm (`norm`), its own q/k/v/out with q/k RMS norms and the block's RoPE (`attn`), and a
-    zero-initialised `attn/to_out`, so a fresh layer is the identity. `masked=False` is the unmasked twin (the paper's
-    TI2V baseline): the same parameters, full attention. x `[B, N, dim]`, token_ids int32 `[B, N]` -> `[B, N, dim]`.
-    """
+class _AddedLayer(nn.Module):
+    """The fields both added layers share: width, heads, norms, whether the mask applies, kernel, dtypes."""
 
     dim: int
     num_heads: int
@@ -44,6 +39,15 @@ class MaskedSelfAttention(nn.Module):
     impl: str = "xla"
     dtype: layers.Dtype = jnp.float32
     param_dtype: layers.Dtype = jnp.float32
+
+
+class MaskedSelfAttention(_AddedLayer):
+    """TTM's added masked self-attention: `x + attn(LayerNorm(x))`, token i attends j iff `token_ids` are equal.
+
+    Its own affine LayerNorm (`norm`), its own q/k/v/out with q/k RMS norms and the block's RoPE (`attn`), and a
+    zero-initialised `attn/to_out`, so a fresh layer is the identity. `masked=False` is the unmasked twin (the paper's
+    TI2V baseline): the same parameters, full attention. x `[B, N, dim]`, token_ids int32 `[B, N]` -> `[B, N, dim]`.
+    """
 
     @nn.compact
     def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None,
@@ -55,7 +59,7 @@ class MaskedSelfAttention(nn.Module):
         return _added_attention(self, x, rope=rope, q_ids=ids, kv_ids=ids)
 
 
-class MaskedCrossAttention(nn.Module):
+class MaskedCrossAttention(_AddedLayer):
     """TTM's added masked cross-attention: `x + attn(LayerNorm(x), local_context)`.
 
     Video token i attends local-prompt token j iff `cross_token_ids[i] == local_ids[j]` (padding -1 never); a query
@@ -65,15 +69,6 @@ class MaskedCrossAttention(nn.Module):
     x `[B, N, dim]`; local_context `[B, S*Lp, dim]` (already through the DiT's text embedder); cross_token_ids int32
     `[B, N]`; local_ids int32 `[B, S*Lp]` -> `[B, N, dim]`.
     """
-
-    dim: int
-    num_heads: int
-    eps: float = 1e-6
-    qk_norm: bool = True
-    masked: bool = True
-    impl: str = "xla"
-    dtype: layers.Dtype = jnp.float32
-    param_dtype: layers.Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, local_context: jax.Array, cross_token_ids: jax.Array | None,
