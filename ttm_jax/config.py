@@ -169,9 +169,12 @@ def _model(v: Mapping[str, Any]) -> ml_collections.ConfigDict:
     m.eps = 1e-6
     m.qk_norm = True  # RMSNorm across heads on q and k, as Wan 2.1
     m.cross_attn_norm = True  # affine LayerNorm before cross-attention, as Wan 2.1
-    # TTM added layers in the first `ttm_layers` blocks; `ttm_masked=False` is the paper's TI2V baseline (same
-    # layers, no masks, no trajectory).
+    # TTM added layers in the first `ttm_layers` blocks, and which of them are masked (the paper's Table 3 rows):
+    # both (TTM); ttm_masked=False: neither ("no masked attention"); ttm_masked_self=False: "masked cross-attention
+    # only"; ttm_masked_cross=False: "masked self-attention only". The single-stage TI2V baseline is stage 0.
     m.ttm_masked = True
+    m.ttm_masked_self = True
+    m.ttm_masked_cross = True
     m.cross_ids_from = "bbox"  # per-token ids for masked cross-attention: objects' boxes (paper) or masks
     m.attention = "xla"  # xla (reference) | splash (TPU) | gpu (Pallas Triton)
     m.scan_layers = True

@@ -17,7 +17,10 @@ Forward, for x `[B, T', H', W', in_channels]` (the noisy latent channel-concaten
   norm_out(x) * (1 + scale) + shift, (shift, scale) = scale_shift_table + temb -> proj_out -> unpatchify
   -> `[B, T', H', W', out_channels]` float32.
 
-`config.model.ttm_masked=False` keeps the added layers but drops their masks (the paper's TI2V baseline).
+Masking switches (the paper's Table 3 rows): `ttm_masked=False` keeps the added layers but drops both masks ("no
+masked attention"); `ttm_masked_self=False` / `ttm_masked_cross=False` drop one ("masked cross-attention only" /
+"masked self-attention only"). The single-stage TI2V baseline is stage 0 (`configs/ti2v.py`): no trajectory input,
+the added layers unmasked.
 
 Parameter tree (unboxed; `D = dim`, `F = ffn_dim`, `Tx = text_dim`, `P = pt*ph*pw`; Dense kernels are `[in, out]`,
 i.e. the transpose of torch's `weight`; norm weights are `scale`):
@@ -91,6 +94,8 @@ class DiTConfig:
     qk_norm: bool = True
     cross_attn_norm: bool = True
     ttm_masked: bool = True
+    ttm_masked_self: bool = True
+    ttm_masked_cross: bool = True
     attention: str = "xla"
     scan_layers: bool = True
     remat_policy: str = "none"
@@ -112,6 +117,16 @@ class DiTConfig:
         if "patch_size" in kw:
             kw["patch_size"] = tuple(int(p) for p in kw["patch_size"])
         return cls(**kw)
+
+    @property
+    def mask_self(self) -> bool:
+        """Whether the added self-attention is masked (`ttm_masked` and `ttm_masked_self`)."""
+        return bool(self.ttm_masked and self.ttm_masked_self)
+
+    @property
+    def mask_cross(self) -> bool:
+        """Whether the added cross-attention is masked (`ttm_masked` and `ttm_masked_cross`)."""
+        return bool(self.ttm_masked and self.ttm_masked_cross)
 
     def __post_init__(self) -> None:
         def need(cond: bool, field: str, msg: str) -> None:
@@ -196,7 +211,7 @@ class DiTBlock(nn.Module):
         x = (x.astype(jnp.float32) + out.astype(jnp.float32) * gate).astype(dt)
         x = layers.constrain(x, ("batch", "length", "embed"))
         if self.ttm:
-            x = ttm_layers.MaskedSelfAttention(**attn, masked=c.ttm_masked, name="masked_self_attn")(
+            x = ttm_layers.MaskedSelfAttention(**attn, masked=c.mask_self, name="masked_self_attn")(
                 x, rope, token_ids)
 
         # 2. cross-attention to the caption
@@ -206,7 +221,7 @@ class DiTBlock(nn.Module):
             h = x
         x = x + layers.Attention(**attn, name="attn2")(h, context=context).astype(dt)
         if self.ttm:
-            x = ttm_layers.MaskedCrossAttention(**attn, masked=c.ttm_masked, name="masked_cross_attn")(
+            x = ttm_layers.MaskedCrossAttention(**attn, masked=c.mask_cross, name="masked_cross_attn")(
                 x, local_context, cross_token_ids, local_ids)
         x = layers.constrain(x, ("batch", "length", "embed"))
 
@@ -237,7 +252,8 @@ class DiT(nn.Module):
                  cross_token_ids: jax.Array | None = None, local_ids: jax.Array | None = None) -> jax.Array:
         """x `[B, T', H', W', in_channels]`, timestep `[B]` (0..1000), context `[B, Lc, text_dim]`;
         local_context `[B, S*Lp, text_dim]`, token_ids / cross_token_ids int32 `[B, N]`, local_ids int32 `[B, S*Lp]`
-        (all needed when `ttm_layers > 0` and `ttm_masked`; only local_context when not masked)
+        (local_context when `ttm_layers > 0`; token_ids with masked self-attention; cross_token_ids and local_ids
+        with masked cross-attention)
         -> `[B, T', H', W', out_channels]` float32."""
         c = DiTConfig.from_config(self.config)
         dt, pdt = c.compute_dtype, c.weight_dtype
@@ -261,8 +277,10 @@ class DiT(nn.Module):
             local_context = embedder.text(local_context)
         else:
             local_context = token_ids = cross_token_ids = local_ids = None
-        if not c.ttm_masked:
-            token_ids = cross_token_ids = None
+        if not c.mask_self:
+            token_ids = None
+        if not c.mask_cross:
+            cross_token_ids = None
         args = (context, modulation, rope_cos, rope_sin, local_context, token_ids, cross_token_ids, local_ids)
 
         block = _block_class(c)
@@ -322,16 +340,17 @@ class DiT(nn.Module):
             raise ValueError(f"{where}: local_context must be [B={b}, S*Lp, text_dim={c.text_dim}], "
                              f"got {local_context.shape}")
         ll = local_context.shape[1]
-        if c.ttm_masked:
-            for name, ids, length in (("token_ids", token_ids, n_tok), ("cross_token_ids", cross_token_ids, n_tok),
-                                      ("local_ids", local_ids, ll)):
-                if ids is None:
-                    raise ValueError(f"{where}: config.model.ttm_layers={c.ttm_layers} with ttm_masked=True needs "
-                                     f"{name} int32 [B, {length}] (ttm_jax/models/masks.py builds them); set "
-                                     f"ttm_masked=False for the unmasked baseline or ttm_layers=0 for none")
-                if ids.shape != (b, length):
-                    raise ValueError(f"{where}: {name} must be int32 [B, {length}] = {(b, length)}, got {ids.shape}")
-        elif local_ids is not None and local_ids.shape != (b, ll):
+        needed = [("token_ids", token_ids, n_tok)] if c.mask_self else []
+        if c.mask_cross:
+            needed += [("cross_token_ids", cross_token_ids, n_tok), ("local_ids", local_ids, ll)]
+        for name, ids, length in needed:
+            if ids is None:
+                raise ValueError(f"{where}: config.model.ttm_layers={c.ttm_layers} with masked added layers needs "
+                                 f"{name} int32 [B, {length}] (ttm_jax/models/masks.py builds them); set "
+                                 f"ttm_masked=False for the unmasked baseline or ttm_layers=0 for none")
+            if ids.shape != (b, length):
+                raise ValueError(f"{where}: {name} must be int32 [B, {length}] = {(b, length)}, got {ids.shape}")
+        if not c.mask_cross and local_ids is not None and local_ids.shape != (b, ll):
             raise ValueError(f"{where}: local_ids must be int32 [B, {ll}], got {local_ids.shape}")
         return b, t, hh, ww, n_tok
 

@@ -94,12 +94,14 @@ class TTMWanTransformer3DModel(WanTransformer3DModel):
 
     Args: the `WanTransformer3DModel` config (`in_channels` = 3 * `latent_channels` for a stage model), plus
       ttm_layers: blocks 0..ttm_layers-1 get `masked_self_attn` and `masked_cross_attn`;
-      ttm_masked: False drops the object masks (TI2V baseline), keeping only local-prompt padding out;
+      ttm_masked: False drops the object masks of both added layers ("no masked attention"), keeping only
+        local-prompt padding out; ttm_masked_self / ttm_masked_cross: False drops one of them (Table 3's rows);
       latent_channels, stage: recorded in `ttm_config` (`save_pretrained` writes them), not used by the math.
     """
 
-    def __init__(self, *, ttm_layers: int = 0, ttm_masked: bool = True, latent_channels: int | None = None,
-                 stage: int | None = None, **wan_config: Any):
+    def __init__(self, *, ttm_layers: int = 0, ttm_masked: bool = True, ttm_masked_self: bool = True,
+                 ttm_masked_cross: bool = True, latent_channels: int | None = None, stage: int | None = None,
+                 **wan_config: Any):
         super().__init__(**wan_config)
         cfg = self.config
         num_layers = int(cfg.num_layers)
@@ -115,6 +117,7 @@ class TTMWanTransformer3DModel(WanTransformer3DModel):
             block.masked_self_attn = MaskedAttentionLayer(dim, int(cfg.num_attention_heads), float(cfg.eps), False)
             block.masked_cross_attn = MaskedAttentionLayer(dim, int(cfg.num_attention_heads), float(cfg.eps), True)
         self.ttm_config = {"ttm_layers": int(ttm_layers), "ttm_masked": bool(ttm_masked),
+                           "ttm_masked_self": bool(ttm_masked_self), "ttm_masked_cross": bool(ttm_masked_cross),
                            "in_channels": int(cfg.in_channels), "latent_channels": latent_channels,
                            "out_channels": int(cfg.out_channels), "stage": stage}
 
@@ -126,8 +129,8 @@ class TTMWanTransformer3DModel(WanTransformer3DModel):
 
     def _check(self, name: str, x: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor:
         if x is None:
-            raise ValueError(f"TTMWanTransformer3DModel.forward: ttm_layers={self.ttm_layers} with ttm_masked=True "
-                             f"needs {name} {list(shape)} (ttm_jax/models/masks.py builds the ids)")
+            raise ValueError(f"TTMWanTransformer3DModel.forward: ttm_layers={self.ttm_layers} with masked added "
+                             f"layers needs {name} {list(shape)} (ttm_jax/models/masks.py builds the ids)")
         if tuple(x.shape) != shape:
             raise ValueError(f"TTMWanTransformer3DModel.forward: {name} must be {list(shape)}, got {list(x.shape)}")
         return x
@@ -148,6 +151,8 @@ class TTMWanTransformer3DModel(WanTransformer3DModel):
         n = f * gh * gw
         k = self.ttm_layers
         masked = bool(self.ttm_config["ttm_masked"])
+        mask_self = masked and bool(self.ttm_config.get("ttm_masked_self", True))
+        mask_cross = masked and bool(self.ttm_config.get("ttm_masked_cross", True))
 
         rotary_emb = self.rope(hidden_states)
         x = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()
@@ -161,11 +166,12 @@ class TTMWanTransformer3DModel(WanTransformer3DModel):
                                  f"[B, S*Lp, text_dim] (local prompt embeddings, slot 0 = caption)")
             local = self.condition_embedder.text_embedder(local_hidden_states)
             ll = local_hidden_states.shape[1]
-            if masked:
+            if mask_self:
                 token_ids = self._check("token_ids", token_ids, (b, n))
+                self_mask = allowed(token_ids, token_ids)
+            if mask_cross:
                 cross_token_ids = self._check("cross_token_ids", cross_token_ids, (b, n))
                 local_ids = self._check("local_ids", local_ids, (b, ll))
-                self_mask = allowed(token_ids, token_ids)
                 cross_mask = allowed(sanitize_query_ids(cross_token_ids, local_ids), local_ids)
             elif local_ids is not None:
                 cross_mask = (local_ids >= 0)[:, None, None, :].expand(b, 1, n, ll)
@@ -242,6 +248,8 @@ class TTMWanTransformer3DModel(WanTransformer3DModel):
                 raise ValueError(f"{ttm_file}: in_channels={ttm['in_channels']} but {cfg_file} has "
                                  f"in_channels={wan.get('in_channels')}; re-export the folder")
         model = cls(ttm_layers=int(ttm.get("ttm_layers", 0)), ttm_masked=bool(ttm.get("ttm_masked", True)),
+                    ttm_masked_self=bool(ttm.get("ttm_masked_self", True)),
+                    ttm_masked_cross=bool(ttm.get("ttm_masked_cross", True)),
                     latent_channels=ttm.get("latent_channels"), stage=ttm.get("stage"), **wan)
         state = load_file(os.path.join(folder, WEIGHTS_FILE))
         if model.ttm_layers:
