@@ -14,6 +14,9 @@ The main form names both ends:
       (`ttm_layers.safetensors`, `ttm_config.json`), loadable by `ttm_jax.torch.TTMWanTransformer3DModel`.
   python -m ttm_jax.convert --from=torch:PATH --to=orbax:DIR      an exported TTM folder back (bit-identical)
 
+A destination that already holds something is refused before any source is read: a non-empty `torch:` folder, an
+existing Orbax params checkpoint; `--overwrite` replaces what is there (the export's files; the whole params folder).
+
 Subcommands for the single pieces:
 
   python -m ttm_jax.convert dit --src <Wan2.1-T2V-1.3B-Diffusers>/transformer --out <dir> \\
@@ -36,6 +39,7 @@ import dataclasses
 import importlib.util
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -78,10 +82,36 @@ def _load_config(spec: str) -> ml_collections.ConfigDict:
     return module.get_config(arg or None)
 
 
+def check_destination(kind: str, path: str, overwrite: bool) -> None:
+    """Refuse (`SystemExit` naming the fix) a destination that holds something unless `overwrite`: a `torch` folder
+    that exists and is not empty, an `orbax` params checkpoint that exists. Called before any source is read."""
+    if overwrite or not os.path.exists(path):
+        return
+    if kind == "torch":
+        if not os.path.isdir(path):
+            raise SystemExit(f"--to=torch:{path}: exists and is not a folder; choose a folder path")
+        entries = sorted(os.listdir(path))
+        if not entries:
+            return
+        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        raise SystemExit(f"--to=torch:{path}: the folder is not empty ({shown}); pass --overwrite to replace the "
+                         f"export there, or choose a new folder")
+    raise SystemExit(f"--to=orbax:{path}: an Orbax checkpoint is already there; pass --overwrite to replace it, or "
+                     f"choose a new folder")
+
+
+def _clear_orbax(target: str) -> None:
+    """With `--overwrite`: remove the Orbax params checkpoint at `target` just before the new one is written."""
+    if os.path.isdir(target):
+        shutil.rmtree(target)
+
+
 # ------------------------------------------------------------------------------------------------------ subcommands
 
 
 def _dit(args: argparse.Namespace) -> None:
+    overwrite = getattr(args, "overwrite", False)
+    check_destination("orbax", os.path.join(args.out, "params"), overwrite)
     t0 = time.perf_counter()
     backbone_cfg, cin, cout, backbone = dit_convert.load_diffusers_folder(args.src, scan_layers=args.scan_layers)
     print(f"read {args.src}: dim {backbone_cfg.dim}, {backbone_cfg.num_layers} layers, in/out channels {cin}/{cout} "
@@ -112,6 +142,8 @@ def _dit(args: argparse.Namespace) -> None:
     dtype = getattr(args, "dtype", "")
     if dtype:  # storage dtype of the checkpoint (training keeps fp32 master weights: config.model.param_dtype)
         params = jax.tree.map(lambda x: np.asarray(x).astype(jnp.dtype(dtype)), params)
+    if overwrite:
+        _clear_orbax(os.path.join(args.out, "params"))
     target = dit_convert.save_converted(os.path.join(args.out, "params"), params, stage_cfg, in_channels, cout,
                                         args.src)
     print(f"wrote {target} (set config.train.init_from to it) in {time.perf_counter() - t0:.1f}s", flush=True)
@@ -172,14 +204,18 @@ def export_main(argv: Sequence[str] | None = None) -> dict[str, str]:
     ap.add_argument("--params", choices=("ema", "raw"), default="ema", help="workdir: EMA params when kept")
     ap.add_argument("--dtype", default="", help="cast the exported tensors (default: as trained)")
     ap.add_argument("--scan_layers", default="true", choices=("true", "false"), help="torch -> orbax layout")
+    ap.add_argument("--overwrite", action="store_true", help="replace what the destination holds")
     args = ap.parse_args(argv)
     src_kind, src = _split(args.src, "--from", ("workdir", "orbax", "torch"))
     dst_kind, dst = _split(args.dst, "--to", ("torch", "orbax"))
     if (src_kind == "torch") == (dst_kind == "torch"):
         raise SystemExit(f"--from={args.src} --to={args.dst}: one side must be torch:FOLDER")
+    check_destination(dst_kind, dst, args.overwrite)
 
     if src_kind == "torch":
         cfg, cin, cout, params = export.import_folder(src, scan_layers=args.scan_layers == "true")
+        if args.overwrite:
+            _clear_orbax(dst)
         target = dit_convert.save_converted(dst, params, cfg, cin, cout, src)
         print(f"wrote {target}")
         return {"params": target}
@@ -214,6 +250,7 @@ def _from_to(argv: list[str]) -> None:
     ap.add_argument("--scan_layers", type=_bool, default=True)
     ap.add_argument("--seed", type=int, default=0, help="init of the TTM layers (--stage=2)")
     ap.add_argument("--params", choices=("ema", "raw"), default="ema", help="workdir sources: EMA params when kept")
+    ap.add_argument("--overwrite", action="store_true", help="replace what the destination holds (refused without)")
     a = ap.parse_args(argv)
     if a.dtype not in _DTYPES:
         raise SystemExit(f"--dtype={a.dtype}: choose bf16 or fp32")
@@ -222,15 +259,19 @@ def _from_to(argv: list[str]) -> None:
     dst_kind, _, dst = a.dst.partition(":")
     if not src or not dst:
         raise SystemExit(f"--from={a.src} --to={a.dst}: both need KIND:PATH (e.g. --from=diffusers:/ckpt/transformer)")
+    if dst_kind == "orbax":
+        check_destination("orbax", os.path.join(dst, "params"), a.overwrite)
+    elif dst_kind in ("torch", "diffusers"):
+        check_destination("torch", dst, a.overwrite)
     if src_kind in ("diffusers", "torch") and dst_kind == "orbax":
         if os.path.exists(os.path.join(src, export.TTM_CONFIG_FILE)):  # an exported TTM folder
             export_main([f"--from=torch:{src}", f"--to=orbax:{os.path.join(dst, 'params')}",
-                         f"--scan_layers={str(a.scan_layers).lower()}"])
+                         f"--scan_layers={str(a.scan_layers).lower()}", *(["--overwrite"] if a.overwrite else [])])
             return
         if a.stage is None and a.config:
             raise SystemExit("--config needs --stage: without it the backbone is converted as it is")
         ns = argparse.Namespace(src=src, out=dst, config=a.config, in_channels=0, ttm_layers=0,
-                                scan_layers=a.scan_layers, seed=a.seed, dtype=dtype)
+                                scan_layers=a.scan_layers, seed=a.seed, dtype=dtype, overwrite=a.overwrite)
         if a.stage is not None and not a.config:
             cfg, cin, _ = dit_convert.read_config(src, scan_layers=a.scan_layers)
             ns.in_channels = 3 * cin
@@ -245,6 +286,8 @@ def _from_to(argv: list[str]) -> None:
             args.append(f"--config={a.config}")
         if dtype:
             args.append(f"--dtype={dtype}")
+        if a.overwrite:
+            args.append("--overwrite")
         export_main(args)
         return
     raise SystemExit(f"--from={a.src} --to={a.dst}: supported: diffusers:PATH -> orbax:DIR, orbax:DIR | "
@@ -271,6 +314,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     d.add_argument("--ttm_layers", type=int, default=0, help="without --config: TTM blocks")
     d.add_argument("--scan_layers", type=_bool, default=True)
     d.add_argument("--seed", type=int, default=0, help="init of the TTM layers")
+    d.add_argument("--overwrite", action="store_true", help="replace an existing <out>/params")
     d.set_defaults(fn=_dit)
     e = sub.add_parser("dit-export", help="backbone Orbax params -> diffusers folder")
     e.add_argument("--src", required=True)

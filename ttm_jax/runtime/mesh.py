@@ -25,11 +25,15 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from ttm_jax.config import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
-class MeshError(ValueError):
-    """A mesh shape that does not fit the devices; the message names the field and the fix."""
+class MeshError(ConfigError):
+    """A mesh shape that does not fit the devices (or a distributed set-up the environment gets wrong); the message
+    names the field and the fix. A user error: a `ConfigError` (and so a `ValueError`), which `python -m ttm_jax.main`
+    prints as one line."""
 
 
 def _detected_cluster() -> str | None:
