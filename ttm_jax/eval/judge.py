@@ -150,11 +150,16 @@ class ObjectVerdict:
     scale_ok: bool
     correct: bool
     iou: float | None  # None without ground-truth masks
+    centroids: tuple[tuple[float, float], ...] = ()  # [T] (x, y) pixels of the found mask; NaN where unseen
+    areas: tuple[int, ...] = ()  # [T] pixels of the found mask
 
     def to_json(self) -> dict:
+        """JSON-ready (NaN centroids as null)."""
         d = dataclasses.asdict(self)
         d["displacement"] = [round(v, 4) for v in self.displacement]
         d["area_ratio"] = round(self.area_ratio, 4)
+        d["centroids"] = [[None if np.isnan(v) else round(float(v), 2) for v in c] for c in self.centroids]
+        d["areas"] = list(self.areas)
         return d
 
 
@@ -164,7 +169,8 @@ def judge_video(video: np.ndarray, objects: Sequence[Mapping[str, Any]], gt_mask
     """Judge one generated video.
 
     video: uint8 `[T, H, W, 3]`; objects: `[K]` mappings with `colour`, `direction`, `scale_change` (and `label`),
-    as a benchmark manifest's objects; gt_masks: bool `[T, H, W, K]` or None. Returns one verdict per object."""
+    as a benchmark manifest's objects; gt_masks: bool `[T, H, W, K]` or None. Returns one verdict per object, with
+    its centroid and area tracks."""
     colours = [o["colour"] for o in objects]
     found = find_objects(video, colours, tol=appearance)
     if gt_masks is not None and gt_masks.shape != found.shape:
@@ -178,7 +184,8 @@ def judge_video(video: np.ndarray, objects: Sequence[Mapping[str, Any]], gt_mask
         iou = None if gt_masks is None else trajectory_iou(found[..., k], gt_masks[..., k])
         out.append(ObjectVerdict(str(o.get("label", o["colour"])), o["colour"], o["direction"], o["scale_change"],
                                  m.found, m.direction, m.scale, m.displacement, m.area_ratio, m.seen_frames, d_ok,
-                                 s_ok, d_ok and s_ok, iou))
+                                 s_ok, d_ok and s_ok, iou, tuple(tuple(float(v) for v in c) for c in track.centroids),
+                                 tuple(int(a) for a in track.areas)))
     return out
 
 
