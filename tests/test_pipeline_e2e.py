@@ -312,3 +312,75 @@ def test_requests_jsonl_errors_name_the_line(tmp_path):
     reqs = requests_lib.read_requests(str(path))
     assert [r.image for r in reqs] == [str(tmp_path / "a.png"), "/abs/b.png"]  # relative to the JSONL's folder
     assert [r.name for r in reqs] == ["r_0002", "r_0003"]
+
+
+def test_jsonl_keeps_going_crops_other_aspects_and_reruns_skip_done(pipe, inputs, tmp_path, capsys):
+    """Bad lines of a requests JSONL are reported and skipped while the good ones are generated; a 2:1 image is
+    centre-cropped (its masks too) and the console line and the record say so; `samples.jsonl` holds every line's
+    status; a failed generation fails its own request only; a re-run skips the requests already done."""
+    s1, s2 = pipe.s1.stage.workdir, pipe.s2.stage.workdir
+    d = tmp_path / "in"
+    d.mkdir()
+    frame = np.asarray(Image.open(inputs["image"]))
+    pad = SIZE // 2  # the frame in the middle of a 2:1 image: its centre crop is the frame itself
+    wide = np.pad(frame, ((0, 0), (pad, pad), (0, 0)), constant_values=128)
+    Image.fromarray(wide).save(d / "wide.png")
+    wide_masks = []
+    for p in inputs["masks"]:
+        m = np.pad(np.asarray(Image.open(p)), ((0, 0), (pad, pad)))
+        Image.fromarray(m).save(d / pathlib.Path(p).name)
+        wide_masks.append(str(d / pathlib.Path(p).name))
+    Image.fromarray(np.zeros((SIZE // 2, SIZE), np.uint8)).save(d / "small.png")
+    good = {"image": inputs["image"], "caption": inputs["caption"], "masks": inputs["masks"]}
+    lines = [json.dumps({**good, "image": str(d / "wide.png"), "masks": wide_masks, "name": "wide"}),
+             '{"image": "frame.png", "caption": }',
+             json.dumps({**good, "image": str(d / "missing.png"), "name": "missing"}),
+             json.dumps({**good, "masks": [*inputs["masks"], str(d / "small.png")], "name": "sizes"}),
+             json.dumps({**good, "boxes": [[0, 0, 16, 16]], "labels": ["thing"], "masks": None, "name": "box",
+                         "caption": inputs["caption"].split(" while ")[0] + "."})]
+    jsonl = d / "requests.jsonl"
+    jsonl.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    config = run_config(s1, s2, requests=str(jsonl), batch_size=B, num_steps=3)
+    records = run.sample(config, str(out), pipe=pipe)
+    said = capsys.readouterr()
+
+    statuses = [r["status"] for r in records]
+    assert statuses[0] == "done" and statuses[4] == "done"
+    assert statuses[1].startswith("skipped: ") and "requests.jsonl:2: not JSON" in statuses[1]
+    assert statuses[2].startswith("skipped: ") and "missing.png' does not exist" in statuses[2]
+    assert statuses[3].startswith("skipped: ") and "small.png' is 32x16 (WxH) but the image is 32x32" in statuses[3]
+    for n in (2, 3, 4):
+        assert len([x for x in said.err.splitlines() if x.startswith("skipped") and f"requests.jsonl:{n}" in x]) == 1
+    saved = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert [(r["name"], r["status"]) for r in saved] == [(r["name"], r["status"]) for r in records]
+    assert all(pathlib.Path(saved[i][k]).is_file() for i in (0, 4) for k in ("video", "side_by_side", "json"))
+    assert all(saved[i]["video"] is None for i in (1, 2, 3))
+
+    # the 2:1 request: cropped as training crops clips, and said so (console line, record, <name>.json)
+    wide_rec = records[0]
+    assert wide_rec["crop"]["box"] == [pad, 0, pad + SIZE, SIZE] and "centre-cropped" in wide_rec["crop"]["note"]
+    assert json.loads(pathlib.Path(wide_rec["json"]).read_text())["crop"] == wide_rec["crop"]
+    wrote = [x for x in said.out.splitlines() if x.startswith(f"wrote {wide_rec['video']}")]
+    assert len(wrote) == 1 and "centre-cropped" in wrote[0]
+    side = video_io.read_frames(wide_rec["side_by_side"])
+    assert side.shape == (FRAMES, SIZE, 3 * SIZE, 3)
+    assert np.abs(side[:, :, :SIZE].astype(np.float32) - frame.astype(np.float32)).mean() < 8  # the crop, unsquashed
+    assert wide_rec["local_prompts"] == inputs["local"][::-1]  # masks cropped with the image, matched as before
+
+    # re-run: "sizes" fixed, and a request whose video cannot be written (its path is a folder) fails on its own
+    stamps = {k: pathlib.Path(records[i][k]).stat().st_mtime_ns for i in (0, 4) for k in ("video", "json")}
+    lines[3] = json.dumps({**good, "name": "sizes"})
+    lines.append(json.dumps({**good, "name": "blocked"}))
+    (out / "blocked.mp4").mkdir()
+    jsonl.write_text("\n".join(lines) + "\n")
+    again = run.sample(config, str(out), pipe=pipe)
+    said = capsys.readouterr()
+    assert [r["status"].split(":")[0] for r in again] == ["done", "skipped", "skipped", "done", "done", "failed"]
+    assert "blocked.mp4" in again[5]["status"] and again[5]["video"] is None
+    assert {k: pathlib.Path(again[i][k]).stat().st_mtime_ns for i in (0, 4) for k in ("video", "json")} == stamps
+    assert len([x for x in said.out.splitlines() if x.startswith("already done")]) == 2
+    assert [x.split(" ")[1] for x in said.out.splitlines() if x.startswith("wrote")] == [again[3]["video"]]
+    assert len([x for x in said.err.splitlines() if x.startswith("failed") and "requests.jsonl:6" in x]) == 1
+    saved = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in saved] == [r["status"] for r in again]

@@ -80,9 +80,8 @@ def test_mask_png_of_another_size_names_the_file(scene):
     """A mask PNG of another size than the image and the other masks: the error names that file, both sizes and the
     fix (not numpy's `all input arrays must have the same shape`)."""
     small = _png(scene["dir"] / "small.png", _square(SIZE // 2, SIZE, 0, 8, 0, 8))
-    req = requests_lib.Request(image=scene["image"], caption=CAPTION, masks=[*scene["masks"], small], name="v",
-                               source="r.jsonl:4")
-    with pytest.raises(ValueError, match=rf"request 'v' \(r.jsonl:4\) `masks`: mask '.*small.png' is {SIZE}x"
+    req = requests_lib.Request(image=scene["image"], caption=CAPTION, masks=[*scene["masks"], small], name="v")
+    with pytest.raises(ValueError, match=rf"request 'v' `masks`: mask '.*small.png' is {SIZE}x"
                                          rf"{SIZE // 2} \(WxH\) but the image is {SIZE}x{SIZE} \(as are "
                                          rf"red_square.png, blue_square.png\); .*resize small.png to {SIZE}x{SIZE}"):
         requests_lib.load_masks(req, (SIZE, SIZE), SIZE, SIZE)

@@ -211,7 +211,7 @@ def _say(status: str, line: requests_lib.RequestLine, reason: str) -> None:
 def _report_done(rec: dict) -> None:
     pairs = "; ".join(f"object {o['object_id']} ({o['mask_label'] or 'unlabelled'}) <- {o['local_prompt']!r} "
                       f"[{o['matched_by']}]" for o in rec["objects"])
-    crop = f"; {rec['crop']['note']}" if rec.get("crop") else ""
+    crop = f"; {rec['crop']['note'].split(';')[0]}" if rec.get("crop") else ""
     print(f"wrote {rec['video']} and {rec['side_by_side']}; {rec['planner']} motion prompt {rec['motion_prompt']!r}; "
           f"{pairs}{crop}", flush=True)
 
