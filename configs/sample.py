@@ -6,10 +6,11 @@
         --config.sample.caption="the red square slides left while the blue disc rises"
 
 or many videos from a JSONL of requests (`--config.sample.requests=requests.jsonl`, one
-`{"image", "caption", "masks" | "boxes", "labels"?, "seed"?, "name"?}` per line). The model shapes come from the
-configs saved beside the checkpoints; this file holds only the sampling settings. `arg` may be `key=value` pairs of
-the `sample` section (`configs/sample.py:num_steps=50,schedule=uniform`), parsed as the stage configs' argument
-(`ttm_jax.config.parse_arg`): each value typed as its default, booleans true for 1/true/yes.
+`{"image", "caption", "masks" | "boxes", "labels"?, "seed"?, "name"?}` per line; bad lines are reported and skipped,
+`OUT/samples.jsonl` holds each request's status, a re-run skips the requests already done). The model shapes come
+from the configs saved beside the checkpoints; this file holds only the sampling settings. `arg` may be `key=value`
+pairs of the `sample` section (`configs/sample.py:num_steps=50,schedule=uniform`), parsed as the stage configs'
+argument (`ttm_jax.config.parse_arg`): each value typed as its default, booleans true for 1/true/yes.
 """
 
 import ml_collections
@@ -23,7 +24,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.job = "sample"
     s = c.sample = ml_collections.ConfigDict()
     # what to generate: one request (image + caption + masks or boxes) or a JSONL of requests
-    s.image = ""  # first frame (PNG/JPEG), resized to the models' data.height x data.width
+    s.image = ""  # first frame (PNG/JPEG); centre-cropped to the models' aspect ratio (masks too), then resized
     s.caption = ""
     # comma-separated PNGs (one per object, file name = label) | ids PNG | SA-V json[:frame] | COCO RLE json
     s.masks = ""
