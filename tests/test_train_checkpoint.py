@@ -170,14 +170,17 @@ def test_retention_keeps_last_n_and_every_mth_and_config_travels(modules, tmp_pa
 
 
 def test_nan_loss_stops_with_a_clear_error_keeping_the_last_good_checkpoint(modules, tmp_path):
-    c = _cfg(**{"optim.learning_rate": 1e30, "optim.warmup_steps": 0, "optim.grad_clip_norm": 0.0,
-                "train.checkpoint_every_steps": 1})
-    with pytest.raises(FloatingPointError, match=r"loss is (nan|inf) at step 2.*last good checkpoint is step 1"):
+    """Step 1 trains normally and is saved; from step 2 the learning rate is absurd: step 2's update overflows, is
+    not applied (issue 10: the old contract saved it and called it good), and the run stops naming step 1."""
+    good = _cfg(**{"train.total_steps": 1, "train.checkpoint_every_steps": 1})
+    loop.train(good, str(tmp_path), modules=modules, make_iterator=fx.iterator_factory(), devices=_one_device())
+    c = _cfg(**{"optim.learning_rate": 1e30, "optim.warmup_steps": 0, "train.checkpoint_every_steps": 1})
+    with pytest.raises(FloatingPointError, match=r"step 2 gave a non-finite update.*last checkpoint is step 1"):
         loop.train(c, str(tmp_path), modules=modules, make_iterator=fx.iterator_factory(), devices=_one_device())
     ckpt = checkpoint_lib.Checkpointer(str(tmp_path))
     assert ckpt.all_steps() == [1]
     cfg = ckpt.restore_config()
-    assert cfg.optim.learning_rate == 1e30
+    assert cfg.optim.learning_rate == good.optim.learning_rate
     ckpt.close()
 
 

@@ -169,3 +169,16 @@ def test_a_stale_lock_on_this_host_is_taken_over(modules, tmp_path, capsys):
     assert res.final_step == 1
     assert f"stale lock of pid {dead.pid}" in capsys.readouterr().err
     assert not os.path.exists(os.path.join(wd, lock_lib.LOCK_FILE))  # released at the end
+
+
+def test_a_change_that_reshapes_the_optimizer_state_is_refused_before_anything_is_written(modules, reference,
+                                                                                          tmp_path):
+    """Switching gradient clipping off changes the optimizer state's structure though no state field names it: the
+    saved layout is compared with this run's, and the resume is refused with the workdir untouched."""
+    wd = str(tmp_path / "run")
+    shutil.copytree(reference[0], wd)
+    before = _snapshot(wd)
+    with pytest.raises(ValueError, match=r"does not fit checkpoint step 4: opt_state/.*only in the checkpoint"):
+        loop.train(_cfg(**{"optim.grad_clip_norm": 0.0, "train.total_steps": 6}), wd, modules=modules,
+                   devices=_one_device(), make_iterator=fx.iterator_factory())
+    assert _snapshot(wd) == before

@@ -306,9 +306,17 @@ def _runlocal(c: ml_collections.ConfigDict) -> None:
         d[name] = min(d[name], step * math.ceil(_RUNLOCAL_SIDE / step))
 
 
+# config.stage -> (what the stage is, how many condition latents its model input carries besides the noisy one)
+STAGES = {
+    1: ("image-to-motion: first frame + first-frame masks + motion prompt -> trajectory", 2),
+    2: ("motion-to-video: first frame + trajectory + caption + local prompts -> video", 2),
+    0: ("single-stage TI2V baseline: first frame + caption (+ local prompts, unmasked) -> video, no trajectory", 1),
+}
+
+
 def build(stage: int, arg: str | None = None) -> ml_collections.ConfigDict:
-    """The full default config of `stage` (1: image-to-motion, 2: motion-to-video) for the variant in `arg`, shrunk
-    to a local run when `arg` holds `runlocal` (module docstring)."""
+    """The full default config of `stage` (`STAGES`: 1 image-to-motion, 2 motion-to-video, 0 the single-stage TI2V
+    baseline) for the variant in `arg`, shrunk to a local run when `arg` holds `runlocal` (module docstring)."""
     args = parse_arg(arg)
     variant = args["variant"]
     if variant not in VARIANTS:
@@ -323,6 +331,9 @@ def build(stage: int, arg: str | None = None) -> ml_collections.ConfigDict:
     if stage == 1:
         # stage 1 sees no local prompts: the added masked layers are a stage-2 feature
         c.model.ttm_layers = 0
+    if stage == 0:
+        # TI2V: stage 2's added layers, unmasked (there are no object ids without a trajectory)
+        c.model.ttm_masked = False
     if args["runlocal"]:
         _runlocal(c)
     return c
@@ -336,8 +347,9 @@ def latent_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int, int]
 
 
 def in_channels(config: ml_collections.ConfigDict) -> int:
-    """Channels into the DiT: the noisy latent plus two conditions (both stages), each `latent_channels` wide."""
-    return 3 * config.autoencoder.latent_channels
+    """Channels into the DiT: the noisy latent plus the stage's conditions (`STAGES`: two for stages 1 and 2, one for
+    TI2V), each `latent_channels` wide."""
+    return (1 + STAGES[int(config.stage)][1]) * config.autoencoder.latent_channels
 
 
 def _check(cond: bool, field: str, msg: str) -> None:
@@ -367,8 +379,10 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
     _check(m.param_dtype in DTYPES, "model.param_dtype", f"{m.param_dtype!r}; choose one of {DTYPES}")
     _check(m.cross_ids_from in CROSS_IDS_FROM, "model.cross_ids_from",
            f"{m.cross_ids_from!r}; choose one of {CROSS_IDS_FROM}")
-    _check(config.stage == 2 or m.ttm_layers == 0, "model.ttm_layers",
+    _check(config.stage != 1 or m.ttm_layers == 0, "model.ttm_layers",
            f"{m.ttm_layers} but stage 1 has no local prompts or object ids for the masked layers; set 0")
+    _check(config.stage != 0 or not m.ttm_masked, "model.ttm_masked",
+           "True but the TI2V baseline (stage 0) has no trajectory, so no object ids to mask with; set False")
     _check(m.text_dim == t.d_model, "model.text_dim",
            f"{m.text_dim} but text_encoder.d_model={t.d_model}; the DiT's text embedder reads the encoder's output, "
            f"set model.text_dim={t.d_model}")
@@ -508,7 +522,8 @@ _CHECKERS: tuple[Callable[[ml_collections.ConfigDict], None], ...] = (
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Check every value that could otherwise fail after compute has been spent; returns the config."""
-    _check(config.stage in (1, 2), "stage", f"{config.stage!r} is not 1 or 2")
+    _check(config.stage in STAGES, "stage", f"{config.stage!r} is not one of {sorted(STAGES)} "
+           f"({'; '.join(f'{k}: {v[0]}' for k, v in STAGES.items())})")
     for check in _CHECKERS:
         check(config)
     return config

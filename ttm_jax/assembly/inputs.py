@@ -5,7 +5,9 @@
   2. the stage kind (`STAGE_KINDS`, by `config.stage`) picks the target and the conditions (DESIGN.md):
        stage 1  target E(trajectory); conditions E(x0), E(s0) (first frames); text = motion prompt
        stage 2  target E(video);      conditions E(x0), E(trajectory);        text = caption, plus local prompts and
-                per-token object ids for the added masked layers (`config.model.cross_ids_from`: bbox | mask)
+                per-token object ids for the added masked layers (the backbone's `object_ids`)
+       stage 0  target E(video);      condition E(x0);                        text = caption, plus local prompts for
+                the added layers, unmasked (the single-stage TI2V baseline: no trajectory, no object ids)
   3. the objective (`objectives.py`): times, the noisy input, the loss target; condition dropout (null image = zeros,
      null text = the empty prompt, for the caption and every local-prompt slot).
 
@@ -24,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from ttm_jax.assembly import objectives
+from ttm_jax.assembly import objectives, registry
 from ttm_jax.assembly.modules import Modules
 from ttm_jax.assembly.registry import Registry
 from ttm_jax.diffusion import flow
@@ -54,15 +56,17 @@ def encode_text(modules: Modules, te_params: Any, ids: jax.Array, mask: jax.Arra
 class StageKind:
     """What a stage denoises and what conditions it.
 
-    latents: `(autoencoder, batch, encode) -> (target [B,T',H',W',C], first [B,1,...], cond [B,1 or T',...],
+    latents: `(autoencoder, batch, encode) -> (target [B,T',H',W',C], first [B,1,...], cond [B,1 or T',...] or None,
       text_ids [B, L], text_mask [B, L])`, where `encode(key)` is the latent of `batch[key]` (cached or encoded).
     model_input: `(noisy, first, cond) -> [B, T', H', W', in_channels]`, the backbone's channel-concatenated input.
-    object_layers: whether the stage feeds local prompts and object ids to the added masked layers.
+    local_prompts: whether the stage feeds the local prompts to the added layers (when the model has them).
+    object_ids: whether it feeds per-token object ids from the batch's object masks (for the masks of those layers).
     """
 
-    latents: Callable[..., tuple[jax.Array, ...]]
-    model_input: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
-    object_layers: bool
+    latents: Callable[..., tuple[Any, ...]]
+    model_input: Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array]
+    local_prompts: bool
+    object_ids: bool
 
 
 def _image_to_motion(ae: Any, batch: dict[str, jax.Array], encode: Callable[[str], jax.Array]) -> tuple:
@@ -80,9 +84,20 @@ def _motion_to_video(ae: Any, batch: dict[str, jax.Array], encode: Callable[[str
     return target, target[:, :1], encode("trajectory"), batch["caption_tokens"], batch["caption_mask"]
 
 
+def _image_to_video(ae: Any, batch: dict[str, jax.Array], encode: Callable[[str], jax.Array]) -> tuple:
+    del ae
+    target = encode("video")
+    return target, target[:, :1], None, batch["caption_tokens"], batch["caption_mask"]
+
+
+def _stage_input(stage: int) -> Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array]:
+    return lambda x, first, cond: conditioning.stage_input(stage, x, first, cond)
+
+
 STAGE_KINDS: Registry[StageKind] = Registry("stage")
-STAGE_KINDS.register(1, StageKind(_image_to_motion, lambda x, f, c: conditioning.stage_input(1, x, f, c), False))
-STAGE_KINDS.register(2, StageKind(_motion_to_video, lambda x, f, c: conditioning.stage_input(2, x, f, c), True))
+STAGE_KINDS.register(1, StageKind(_image_to_motion, _stage_input(1), local_prompts=False, object_ids=False))
+STAGE_KINDS.register(2, StageKind(_motion_to_video, _stage_input(2), local_prompts=True, object_ids=True))
+STAGE_KINDS.register(0, StageKind(_image_to_video, _stage_input(0), local_prompts=True, object_ids=False))
 
 
 def stage_kind(config: ml_collections.ConfigDict) -> StageKind:
@@ -108,13 +123,10 @@ def prepare(config: ml_collections.ConfigDict, modules: Modules, frozen: dict[st
     target, first, cond, text_ids, text_mask = kind.latents(ae, batch, encode)
     b = target.shape[0]
     text: dict[str, Any] = {"context": encode_text(modules, te, text_ids, text_mask)}
-    if kind.object_layers and config.model.ttm_layers > 0:
-        geometry = dict(time_factor=ae.time_factor, space_factor=ae.space_factor,
-                        patch_size=tuple(config.model.patch_size))
-        om = batch["object_masks"].astype(bool)
-        text["token_ids"] = masks.token_ids_from_masks(om, **geometry)
-        by = masks.token_ids_from_boxes if config.model.cross_ids_from == "bbox" else masks.token_ids_from_masks
-        text["cross_token_ids"] = by(om, **geometry)
+    if kind.local_prompts and config.model.ttm_layers > 0:
+        if kind.object_ids:
+            text["token_ids"], text["cross_token_ids"] = registry.object_ids(config, ae,
+                                                                              batch["object_masks"].astype(bool))
         lt, lm = batch["local_tokens"], batch["local_mask"].astype(bool)
         s, lp = lt.shape[1], lt.shape[2]
         text["local_context"] = encode_text(modules, te, lt.reshape(b * s, lp), lm.reshape(b * s, lp)).reshape(
@@ -171,15 +183,18 @@ def model_inputs(config: ml_collections.ConfigDict, modules: Modules, frozen: di
     noisy = objective.noisy(target, eps, t)
     y = objective.target(target, eps, t)
     drop_img = rand["drop_image"]
-    x = stage_kind(config).model_input(noisy, flow.drop_image(first, drop_img), flow.drop_image(cond, drop_img))
+    cond = None if cond is None else flow.drop_image(cond, drop_img)
+    x = stage_kind(config).model_input(noisy, flow.drop_image(first, drop_img), cond)
     kwargs = drop_text_conditions(config, modules, frozen, text, rand["drop_text"])
     kwargs["timestep"] = objective.model_time(t)
     return x, kwargs, y
 
 
-def conditions(first: jax.Array, cond: jax.Array, text: dict[str, Any]) -> dict[str, Any]:
-    """The conditions `model_fn` takes: `first`, `cond`, `context` and the model's other kwargs (no `local_mask`)."""
-    return {"first": first, "cond": cond, **{k: v for k, v in text.items() if k != "local_mask"}}
+def conditions(first: jax.Array, cond: jax.Array | None, text: dict[str, Any]) -> dict[str, Any]:
+    """The conditions `model_fn` takes: `first`, `cond` (absent for a stage without one), `context` and the model's
+    other kwargs (no `local_mask`)."""
+    visual = {"first": first} if cond is None else {"first": first, "cond": cond}
+    return {**visual, **{k: v for k, v in text.items() if k != "local_mask"}}
 
 
 def model_fn(config: ml_collections.ConfigDict, modules: Modules) -> Callable[..., jax.Array]:
@@ -188,7 +203,7 @@ def model_fn(config: ml_collections.ConfigDict, modules: Modules) -> Callable[..
     objective, kind = objectives.make_objective(config.objective), stage_kind(config)
 
     def apply(x, t, params, conds):
-        inp = kind.model_input(x, conds["first"], conds["cond"])
+        inp = kind.model_input(x, conds["first"], conds.get("cond"))
         kw = {k: v for k, v in conds.items() if k not in ("first", "cond", "context")}
         return modules.model.apply({"params": params}, inp, objective.model_time(t), conds["context"], **kw)
 

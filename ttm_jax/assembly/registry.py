@@ -15,7 +15,7 @@ tokenizes the prompts.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any, Generic, TypeVar
 
 import flax.linen as nn
@@ -25,6 +25,7 @@ import ml_collections
 from ttm_jax import config as config_lib
 from ttm_jax.models import autoencoder as autoencoder_lib
 from ttm_jax.models import dit as dit_lib
+from ttm_jax.models import masks
 from ttm_jax.models import text_encoder as text_encoder_lib
 from ttm_jax.weights import t5 as t5_weights
 from ttm_jax.weights import wan_vae as wan_vae_weights
@@ -33,27 +34,33 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    """Name -> entry, for the config field `field`; an unknown name is an error naming the field and the choices."""
+    """Name -> entry, for the config field `field`; an unknown name is an error naming the field and the choices.
+    Names are strings (stage kinds: the `config.stage` numbers)."""
 
     def __init__(self, field: str):
         self.field = field
-        self._entries: dict[str, T] = {}
+        self._entries: dict[Hashable, T] = {}
 
-    def register(self, name: str, entry: T) -> T:
+    def register(self, name: Hashable, entry: T) -> T:
         if name in self._entries:
             raise ValueError(f"registry {self.field}: {name!r} is registered twice")
         self._entries[name] = entry
         return entry
 
-    def get(self, name: str) -> T:
+    def unregister(self, name: Hashable) -> T:
+        """Remove an entry (tests that register their own)."""
+        return self._entries.pop(name)
+
+    def get(self, name: Hashable) -> T:
         if name not in self._entries:
-            raise ValueError(f"config.{self.field}: {name!r} is not registered; choose one of {sorted(self._entries)}")
+            raise ValueError(f"config.{self.field}: {name!r} is not registered; choose one of "
+                             f"{sorted(self._entries, key=str)}")
         return self._entries[name]
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
 
-    def __iter__(self) -> Iterator[str]:
+    def __iter__(self) -> Iterator[Hashable]:
         return iter(self._entries)
 
 
@@ -67,10 +74,15 @@ class Backbone:
     build: `config -> nn.Module` with the call `(x, timestep, context, **kwargs) -> [B, T', H', W', C]`.
     init_inputs: `(config, *, batch, full, abstract) -> (args, kwargs)` for `init`/`apply`: the smallest inputs that
       build every parameter (`full=False`), or inputs of the configured clip size (`full=True`, for FLOPs).
+    object_ids: `(config, autoencoder, object_masks bool [B, T, H, W, K]) -> (token_ids, cross_token_ids)`, the
+      per-token object ids of the added layers in the backbone's own token layout (None: no added layers).
+    state_fields: config fields that fix the shapes of the backbone's parameters (a resume must keep them).
     """
 
     build: Callable[[ml_collections.ConfigDict], nn.Module]
     init_inputs: Callable[..., tuple[tuple, dict[str, Any]]]
+    object_ids: Callable[..., tuple[jax.Array, jax.Array]] | None = None
+    state_fields: tuple[str, ...] = ()
 
 
 def backbone_name(config: ml_collections.ConfigDict) -> str:
@@ -96,8 +108,22 @@ def _dit_init_inputs(config: ml_collections.ConfigDict, *, batch: int = 1, full:
                                text_len=int(t.max_length), local_len=local_len, abstract=abstract)
 
 
+def _dit_object_ids(config: ml_collections.ConfigDict, ae: Any, object_masks: jax.Array
+                    ) -> tuple[jax.Array, jax.Array]:
+    """Per-token ids in the DiT's `(t, h, w)` patch order: by area majority for masked self-attention, by box or mask
+    (`config.model.cross_ids_from`) for masked cross-attention (`ttm_jax/models/masks.py`)."""
+    geometry = dict(time_factor=ae.time_factor, space_factor=ae.space_factor,
+                    patch_size=tuple(config.model.patch_size))
+    by = masks.token_ids_from_boxes if config.model.cross_ids_from == "bbox" else masks.token_ids_from_masks
+    return masks.token_ids_from_masks(object_masks, **geometry), by(object_masks, **geometry)
+
+
 BACKBONES: Registry[Backbone] = Registry("model.backbone")
-BACKBONES.register("dit", Backbone(build=_build_dit, init_inputs=_dit_init_inputs))
+BACKBONES.register("dit", Backbone(
+    build=_build_dit, init_inputs=_dit_init_inputs, object_ids=_dit_object_ids,
+    state_fields=tuple(f"model.{k}" for k in ("dim", "num_layers", "num_heads", "ffn_dim", "text_dim", "freq_dim",
+                                              "ttm_layers", "patch_size", "qk_norm", "cross_attn_norm",
+                                              "scan_layers", "param_dtype"))))
 
 
 def build_backbone(config: ml_collections.ConfigDict) -> nn.Module:
@@ -107,6 +133,21 @@ def build_backbone(config: ml_collections.ConfigDict) -> nn.Module:
 def init_inputs(config: ml_collections.ConfigDict, **kw: Any) -> tuple[tuple, dict[str, Any]]:
     """The configured backbone's `(args, kwargs)` (`Backbone.init_inputs`)."""
     return BACKBONES.get(backbone_name(config)).init_inputs(config, **kw)
+
+
+def object_ids(config: ml_collections.ConfigDict, ae: Any, object_masks: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The configured backbone's per-token object ids (`Backbone.object_ids`)."""
+    fn = BACKBONES.get(backbone_name(config)).object_ids
+    if fn is None:
+        raise ValueError(f"config.model.backbone: {backbone_name(config)!r} has no added layers (no object_ids); set "
+                         f"config.model.ttm_layers=0")
+    return fn(config, ae, object_masks)
+
+
+def state_fields(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """Config fields that fix the shapes of the trained state: the backbone's plus the run's own."""
+    own = ("stage", "model.backbone", "autoencoder.latent_channels", "text_encoder.d_model", "optim.ema_decay")
+    return own + BACKBONES.get(backbone_name(config)).state_fields
 
 
 # --------------------------------------------------------------------------------------------------- text encoders

@@ -2,6 +2,7 @@
 
   stage 1 (image-to-motion):  [noisy trajectory latent ; E(x0) in latent frame 0, zeros after ; E(s0) likewise]
   stage 2 (motion-to-video):  [noisy video latent ; E(x0) in latent frame 0, zeros after ; E(trajectory), all frames]
+  stage 0 (TI2V baseline):    [noisy video latent ; E(x0) in latent frame 0, zeros after]      (no trajectory)
 
 `x0` is the first frame, `s0` the first-frame segmentation painted as a trajectory frame; E is the autoencoder.
 The noisy latent comes first, so a text-to-video backbone widened by `dit.expand_input_channels` (zero kernels for
@@ -22,26 +23,36 @@ def _first_frame_only(latent: jax.Array, frames: int) -> jax.Array:
     return jnp.concatenate([first, pad], axis=1)
 
 
-def stage_input(stage: int, noisy: jax.Array, first_frame_latent: jax.Array, cond_latent: jax.Array) -> jax.Array:
-    """The channel-concatenated DiT input `[B, T', H', W', 3C]` of `stage` (module docstring).
+def stage_input(stage: int, noisy: jax.Array, first_frame_latent: jax.Array,
+                cond_latent: jax.Array | None) -> jax.Array:
+    """The channel-concatenated DiT input `[B, T', H', W', 3C]` (`2C` for stage 0) of `stage` (module docstring).
 
     Args:
-      stage: 1 (image-to-motion) or 2 (motion-to-video).
+      stage: 1 (image-to-motion), 2 (motion-to-video) or 0 (the single-stage TI2V baseline).
       noisy: `[B, T', H', W', C]` the noisy trajectory (stage 1) or video (stage 2) latent.
       first_frame_latent: `[B, 1, H', W', C]` E(x0), the first frame encoded alone (or `[B, T', ...]`, of which only
         frame 0 is used, e.g. the latent of a whole clip: with a causal VAE its frame 0 depends on x0 only).
-      cond_latent: stage 1: E(s0), `[B, 1 or T', H', W', C]` (frame 0 used); stage 2: E(trajectory) `[B, T', ...]`.
+      cond_latent: stage 1: E(s0), `[B, 1 or T', H', W', C]` (frame 0 used); stage 2: E(trajectory) `[B, T', ...]`;
+        stage 0: None.
     """
-    if stage not in (1, 2):
-        raise ValueError(f"conditioning.stage_input: stage={stage!r} must be 1 or 2 (config.stage)")
+    if stage not in (0, 1, 2):
+        raise ValueError(f"conditioning.stage_input: stage={stage!r} must be 0, 1 or 2 (config.stage)")
+    if (cond_latent is None) != (stage == 0):
+        raise ValueError(f"conditioning.stage_input: stage {stage} takes "
+                         f"{'no cond_latent' if stage == 0 else 'a cond_latent'}, got {cond_latent is not None}")
     if noisy.ndim != 5:
         raise ValueError(f"conditioning.stage_input: noisy must be [B, T', H', W', C], got {noisy.shape}")
     b, t, h, w, c = noisy.shape
     for name, lat in (("first_frame_latent", first_frame_latent), ("cond_latent", cond_latent)):
+        if lat is None:
+            continue
         if lat.ndim != 5 or lat.shape[0] != b or lat.shape[2:] != (h, w, c) or lat.shape[1] not in (1, t):
             raise ValueError(f"conditioning.stage_input: {name} must be [B={b}, 1 or {t}, {h}, {w}, {c}] like the "
                              f"noisy latent, got {lat.shape}")
     image = _first_frame_only(first_frame_latent, t)
+    dtype = noisy.dtype
+    if stage == 0:
+        return jnp.concatenate([noisy, image.astype(dtype)], axis=-1)
     if stage == 1:
         cond = _first_frame_only(cond_latent, t)
     else:
@@ -49,5 +60,4 @@ def stage_input(stage: int, noisy: jax.Array, first_frame_latent: jax.Array, con
             raise ValueError(f"conditioning.stage_input: stage 2 needs the whole trajectory latent [B, {t}, {h}, {w}, "
                              f"{c}] as cond_latent, got {cond_latent.shape}")
         cond = cond_latent
-    dtype = noisy.dtype
     return jnp.concatenate([noisy, image.astype(dtype), cond.astype(dtype)], axis=-1)

@@ -126,6 +126,21 @@ class Checkpointer:
         (dest / f"{target.name}.reason.txt").write_text(reason + "\n")
         logging.warning("moved unusable step %d to %s", step, target)
 
+    def layout_mismatch(self, step: int, abstract_state: Any, limit: int = 5) -> list[str]:
+        """How the saved state of `step` differs in structure or shapes from `abstract_state` (empty: it fits), read
+        from the checkpoint's metadata only. A config change the named state fields miss (e.g. gradient clipping
+        switched on or off changes the optimizer state) shows up here before anything is restored."""
+        saved = ocp.PyTreeCheckpointHandler().metadata(self.directory / str(step) / "state").tree
+        is_meta = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")  # noqa: E731
+        have = {_keystr(p): tuple(m.shape) for p, m in jax.tree.flatten_with_path(saved, is_leaf=is_meta)[0]
+                if m is not None}
+        want = {_keystr(p): tuple(a.shape) for p, a in jax.tree.flatten_with_path(abstract_state)[0]}
+        out = [f"{k}: only in the checkpoint" for k in sorted(set(have) - set(want))]
+        out += [f"{k}: only in this run" for k in sorted(set(want) - set(have))]
+        out += [f"{k}: checkpoint {have[k]}, this run {want[k]}" for k in sorted(set(have) & set(want))
+                if have[k] != want[k]]
+        return out[:limit]
+
     def restore_config(self, step: int | None = None) -> ml_collections.ConfigDict:
         step = self.latest_step() if step is None else step
         if step is None:
@@ -160,7 +175,9 @@ class RestoredParams(NamedTuple):
 
 
 def _keystr(path: tuple) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    """`a/b/0/count` for a key path of dict keys, sequence indices or named-tuple attributes (Orbax's metadata trees
+    hold named tuples as dicts)."""
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
 def _params_target(meta: Any, shardings: Any, where: str) -> Any:

@@ -27,7 +27,7 @@ from etils import epath
 from ttm_jax import config as config_lib
 from ttm_jax.assembly import frozen as frozen_lib
 from ttm_jax.assembly import inputs as inputs_lib
-from ttm_jax.assembly import objectives
+from ttm_jax.assembly import objectives, registry
 from ttm_jax.assembly import params as params_lib
 from ttm_jax.assembly.modules import Modules, build_modules
 from ttm_jax.data import loader as data_loader
@@ -122,13 +122,6 @@ def write_samples(config: ml_collections.ConfigDict, modules: Modules, params: A
     return paths
 
 
-# Fields that fix the shapes or the structure of the checkpointed state: a resumed run must keep them.
-_STATE_FIELDS = ("stage", "autoencoder.latent_channels", "text_encoder.d_model", "optim.ema_decay",
-                 *(f"model.{k}" for k in ("dim", "num_layers", "num_heads", "ffn_dim", "text_dim", "freq_dim",
-                                          "ttm_layers", "patch_size", "qk_norm", "cross_attn_norm", "scan_layers",
-                                          "param_dtype")))
-
-
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(d, dict):
         out = {}
@@ -139,12 +132,13 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def check_resumable(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Raise naming every field whose change would make the checkpoint in `workdir` unloadable."""
+    """Raise naming every field whose change would make the checkpoint in `workdir` unloadable (the fields that fix
+    the state's shapes, `registry.state_fields`). A field the saved config predates is not compared."""
     a, b = _flat(saved.to_dict()), _flat(config.to_dict())
     diffs = []
-    for field in _STATE_FIELDS:
+    for field in registry.state_fields(config):
         for k in sorted(set(a) | set(b)):
-            if (k == field or k.startswith(field + ".")) and a.get(k) != b.get(k):
+            if (k == field or k.startswith(field + ".")) and k in a and a.get(k) != b.get(k):
                 diffs.append(f"config.{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}")
     if diffs:
         raise ValueError(f"{workdir}: cannot resume, the config changed what the checkpoint holds: "
@@ -182,7 +176,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, modules: Modules |
     # a resume that would change what the checkpoints hold is refused before anything is written
     saved = _newest_saved_config(workdir)
     if saved is not None:
-        check_resumable(saved, config, workdir)
+        check_resumable(saved[1], config, workdir)
+        _check_layout(workdir, saved[0], abstract)
 
     lock = lock_lib.WorkdirLock(workdir) if jax.process_index() == 0 else None
     if lock is not None:
@@ -195,20 +190,38 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, modules: Modules |
             lock.release()
 
 
-def _newest_saved_config(workdir: str) -> ml_collections.ConfigDict | None:
-    """The config of the newest checkpoint whose config reads (None without checkpoints); nothing is created."""
+def _newest_saved_config(workdir: str) -> tuple[int, ml_collections.ConfigDict] | None:
+    """`(step, config)` of the newest checkpoint whose config reads (None without checkpoints); nothing is created."""
     if not checkpoint_lib.checkpoint_dir(workdir).exists():
         return None
     ckpt = checkpoint_lib.Checkpointer(workdir, async_save=False)
     try:
         for step in sorted(ckpt.all_steps(), reverse=True):
             try:
-                return ckpt.restore_config(step)
+                return step, ckpt.restore_config(step)
             except Exception as e:  # noqa: BLE001 - an unreadable step is reported when the state is restored
                 logging.warning("%s: step %d: config unreadable (%s)", workdir, step, e)
         return None
     finally:
         ckpt.close()
+
+
+def _check_layout(workdir: str, step: int, abstract: state_lib.TrainState) -> None:
+    """Refuse (before anything is written) a config whose state does not fit the checkpoint's, field names or not."""
+    ckpt = checkpoint_lib.Checkpointer(workdir, async_save=False)
+    try:
+        diffs = ckpt.layout_mismatch(step, abstract)
+    except Exception as e:  # noqa: BLE001 - unreadable metadata: the restore reports the step as unusable
+        logging.warning("%s: step %d: state metadata unreadable (%s)", workdir, step, e)
+        return
+    finally:
+        ckpt.close()
+    if diffs:
+        raise ValueError(f"{workdir}: cannot resume, this config builds a train state that does not fit checkpoint "
+                         f"step {step}: {'; '.join(diffs)}. A changed config field shapes the state (e.g. "
+                         f"optim.grad_clip_norm switched on/off, optim.ema_decay, the model's shape): resume with the "
+                         f"saved config (python -m ttm_jax.main --workdir={workdir}, no --config) or start a new "
+                         f"workdir")
 
 
 def _train(config, workdir, modules, make_iterator, mesh, rules, tx, init_params, rng, shard_unannotated, shardings,
