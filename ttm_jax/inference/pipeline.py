@@ -89,32 +89,41 @@ class Geometry:
     models: str = "the stage models"  # where the values come from, for messages
 
     @classmethod
-    def from_configs(cls, stage1: ml_collections.ConfigDict, stage2: ml_collections.ConfigDict, *,
+    def from_configs(cls, stage1: ml_collections.ConfigDict | None, stage2: ml_collections.ConfigDict, *,
                      models: str = "the stage models") -> Geometry:
-        """The geometry of stage configs (stage 1's and stage 2's frames and size must agree)."""
-        _check_geometry(stage1, stage2)
+        """The geometry of stage configs (stage 1's and stage 2's frames and size must agree); `stage1` is None for
+        the single-stage TI2V baseline in `stage2`'s place."""
+        if stage1 is not None:
+            _check_geometry(stage1, stage2)
         d = stage2.data
-        k = min(int(stage1.data.max_objects), int(stage2.data.max_objects))
+        k = int(d.max_objects) if stage1 is None else min(int(stage1.data.max_objects), int(d.max_objects))
         return cls(int(d.num_frames), int(d.height), int(d.width), float(d.fps), k, models)
 
     @classmethod
     def from_workdirs(cls, stage1_workdir: str, stage2_workdir: str) -> Geometry:
-        """The geometry of the configs saved in two stage workdirs (`checkpoint.load_config`: no parameter is read);
-        errors name `config.sample.stage<N>_workdir`."""
-        configs = []
+        """The geometry of the configs saved in the stage workdirs (`checkpoint.load_config`: no parameter is read);
+        errors name `config.sample.stage<N>_workdir`. An empty `stage1_workdir` means `stage2_workdir` holds the
+        single-stage TI2V baseline (stage 0)."""
+        configs: list[ml_collections.ConfigDict | None] = []
         for stage, workdir in ((1, stage1_workdir), (2, stage2_workdir)):
             field = f"config.sample.stage{stage}_workdir"
+            if stage == 1 and not workdir:
+                configs.append(None)
+                continue
             try:
                 config = checkpoint_lib.load_config(workdir)
             except FileNotFoundError as e:
                 raise config_lib.ConfigError(f"{field}: {e}; point it to a trained stage-{stage} workdir (python -m "
                                              f"ttm_jax.main --config=configs/stage{stage}.py --workdir=DIR)") from None
-            if int(config.get("stage", stage)) != stage:
-                raise config_lib.ConfigError(f"{field}: {workdir} holds a stage-{config.stage} model; point it to a "
-                                             f"stage-{stage} workdir")
+            want = (stage,) if stage == 1 or configs[0] is not None else (0,)
+            if int(config.get("stage", stage)) not in want:
+                hint = (f"point it to a stage-{stage} workdir" if want != (0,) else
+                        "without config.sample.stage1_workdir it must hold the single-stage TI2V baseline "
+                        "(configs/ti2v.py); set stage1_workdir for a stage-2 model")
+                raise config_lib.ConfigError(f"{field}: {workdir} holds a stage-{config.stage} model; {hint}")
             configs.append(config)
-        return cls.from_configs(*configs, models=f"the stage models (configs saved in {stage1_workdir} and "
-                                                 f"{stage2_workdir})")
+        where = " and ".join(w for w in (stage1_workdir, stage2_workdir) if w)
+        return cls.from_configs(*configs, models=f"the stage models (configs saved in {where})")
 
 
 class StageRunner:
@@ -136,9 +145,9 @@ class StageRunner:
             b = first.shape[0]
             full = inputs_lib.drop_text_conditions(config, modules, frozen, text, jnp.zeros((b,), bool))
             null = inputs_lib.drop_text_conditions(config, modules, frozen, text, jnp.ones((b,), bool))
-            zeros = dict(first=jnp.zeros_like(first), cond=jnp.zeros_like(cond))
-            return guidance.GuidanceConds(none={**zeros, **null}, image={"first": first, "cond": cond, **null},
-                                          full={"first": first, "cond": cond, **full})
+            visual = {"first": first} if cond is None else {"first": first, "cond": cond}
+            zeros = {k: jnp.zeros_like(v) for k, v in visual.items()}
+            return guidance.GuidanceConds(none={**zeros, **null}, image={**visual, **null}, full={**visual, **full})
 
         def velocity(x, t, params, conds, scales):
             guide = guidance.guided if guidance_mode == "batched" else guidance.guided_three_calls
@@ -276,14 +285,20 @@ def status_record(req: Request | None, status: str, *, name: str = "", source: s
 
 
 class Pipeline:
-    """Both stages and the planner; `generate(requests, out_dir)` writes the videos."""
+    """Both stages and the planner; `generate(requests, out_dir)` writes the videos. With `stage1=None`, `stage2` is
+    the single-stage TI2V baseline (stage 0): image + caption (+ local prompts) -> video, no trajectory."""
 
-    def __init__(self, stage1: Stage, stage2: Stage, settings: Settings = Settings(), *, llm_client: Any = None,
-                 match: str = "auto", anchor_first_frame: bool = True, batch_size: int = 1):
-        self.geometry = Geometry.from_configs(
-            stage1.config, stage2.config,
-            models=f"the stage models (configs saved in {stage1.workdir} and {stage2.workdir})")
-        self.s1, self.s2 = StageRunner(stage1), StageRunner(stage2)
+    def __init__(self, stage1: Stage | None, stage2: Stage, settings: Settings = Settings(), *,
+                 llm_client: Any = None, match: str = "auto", anchor_first_frame: bool = True, batch_size: int = 1):
+        if (stage1 is None) != (stage2.stage == 0):
+            raise ValueError(f"pipeline: stage 2 at {stage2.workdir} is a stage-{stage2.stage} model; "
+                             + ("the TI2V baseline (stage 0) runs alone: leave config.sample.stage1_workdir empty"
+                                if stage1 is not None else "it needs a stage-1 model (config.sample.stage1_workdir)"))
+        where = " and ".join(s.workdir for s in (stage1, stage2) if s is not None)
+        self.geometry = Geometry.from_configs(None if stage1 is None else stage1.config, stage2.config,
+                                              models=f"the stage models (configs saved in {where})")
+        self.s1 = None if stage1 is None else StageRunner(stage1)
+        self.s2 = StageRunner(stage2)
         self.settings, self.llm, self.match = settings, llm_client, match
         self.anchor_first_frame, self.batch_size = anchor_first_frame, max(1, int(batch_size))
         g = self.geometry
@@ -292,6 +307,10 @@ class Pipeline:
     @classmethod
     def from_workdirs(cls, stage1_workdir: str, stage2_workdir: str, settings: Settings = Settings(),
                       *, ema: bool = True, **kw) -> Pipeline:
+        """Both stages from their workdirs; an empty `stage1_workdir` loads the TI2V baseline from `stage2_workdir`."""
+        if not stage1_workdir:
+            return cls(None, load_stage(stage2_workdir, 0, field="config.sample.stage2_workdir", ema=ema), settings,
+                       **kw)
         return cls(load_stage(stage1_workdir, 1, ema=ema), load_stage(stage2_workdir, 2, ema=ema), settings, **kw)
 
     # ---- planning
@@ -339,11 +358,11 @@ class Pipeline:
         decoded = self.s1.decode(self.s1.sample(conds, [p.request.seed for p in items], self.settings))
         return self.trajectory_ids(items, decoded), to_uint8(decoded)
 
-    def stage2_conditions(self, items: Sequence[Prepared], ids: np.ndarray) -> guidance.GuidanceConds:
+    def stage2_conditions(self, items: Sequence[Prepared], ids: np.ndarray | None) -> guidance.GuidanceConds:
         return self.s2.conditions(self._batch(self.s2.stage, items, ids))
 
-    def run_stage2(self, items: Sequence[Prepared], ids: np.ndarray) -> np.ndarray:
-        """Videos uint8 `[B, T, H, W, 3]`."""
+    def run_stage2(self, items: Sequence[Prepared], ids: np.ndarray | None) -> np.ndarray:
+        """Videos uint8 `[B, T, H, W, 3]` (`ids` None: the TI2V baseline, conditioned on the image alone)."""
         conds = self.stage2_conditions(items, ids)
         return to_uint8(self.s2.decode(self.s2.sample(conds, [p.request.seed for p in items], self.settings)))
 
@@ -394,14 +413,14 @@ class Pipeline:
         """Both stages over one batch (padded to `batch_size` by repetition); writes each request's files."""
         items = [p for _, p in group]
         padded = items + [items[-1]] * (self.batch_size - len(items))
-        ids, _ = self.run_stage1(padded)
+        ids = self.run_stage1(padded)[0] if self.s1 is not None else None
         videos = self.run_stage2(padded, ids)
         for j, (i, p) in enumerate(group):
-            traj = trajectory_lib.render_ids(ids[j])
             still = np.broadcast_to(p.image, videos[j].shape)
+            panels = [still] if ids is None else [still, trajectory_lib.render_ids(ids[j])]
             base = os.path.join(out_dir, p.request.name)
             video_io.write_video(base + ".mp4", videos[j], fps=self.fps)
-            video_io.write_video(base + "_side_by_side.mp4", np.concatenate([still, traj, videos[j]], axis=2),
+            video_io.write_video(base + "_side_by_side.mp4", np.concatenate([*panels, videos[j]], axis=2),
                                  fps=self.fps)
             rec = self.record(p, base)
             with open(base + ".json", "w") as f:
@@ -421,6 +440,6 @@ class Pipeline:
             "settings": dataclasses.asdict(self.settings) | {"anchor_first_frame": self.anchor_first_frame,
                                                              "frames": self.num_frames, "height": self.height,
                                                              "width": self.width, "fps": self.fps},
-            "stage1": {"workdir": self.s1.stage.workdir, "step": self.s1.stage.step},
+            "stage1": None if self.s1 is None else {"workdir": self.s1.stage.workdir, "step": self.s1.stage.step},
             "stage2": {"workdir": self.s2.stage.workdir, "step": self.s2.stage.step},
         }

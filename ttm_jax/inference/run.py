@@ -67,7 +67,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if config.get("job", "") != "sample" or "sample" not in config:
         raise ConfigError("config.job: sampling needs configs/sample.py (job='sample', a `sample` section)")
     s = config.sample
-    for stage in (1, 2):
+    # stage 1 may be left empty when stage2_workdir holds the single-stage TI2V baseline (configs/ti2v.py)
+    for stage in (2, 1) if s.get("stage1_workdir", "") else (2,):
         wd = s.get(f"stage{stage}_workdir", "")
         _check(bool(wd), f"stage{stage}_workdir",
                f"empty; set it to the workdir of a trained stage-{stage} run "
