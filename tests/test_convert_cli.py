@@ -86,3 +86,32 @@ def test_bad_specs_name_the_fix(source, tmp_path):
     with pytest.raises(SystemExit, match="--config needs --stage"):
         convert_cli.main([f"--from=diffusers:{src}", f"--to=orbax:{tmp_path}", "--config=configs/stage2.py"])
     assert not os.path.exists(tmp_path / "params")
+
+
+def test_existing_destinations_need_overwrite(source, tmp_path):
+    """A non-empty `--to=torch:` folder and an existing Orbax params checkpoint are refused (before any source is read)
+    and left as they were; `--overwrite` replaces the export, which loads bit-identically."""
+    src, state = source
+    orbax = tmp_path / "orbax"
+    convert_cli.main([f"--from=diffusers:{src}", f"--to=orbax:{orbax}"])
+    stamp = (orbax / "ttm_convert.json").read_text()
+    with pytest.raises(SystemExit, match=r"--to=orbax:.*/params: an Orbax checkpoint is already there; pass "
+                                         r"--overwrite"):
+        convert_cli.main([f"--from=diffusers:{src}", f"--to=orbax:{orbax}"])
+    assert (orbax / "ttm_convert.json").read_text() == stamp
+
+    dst = tmp_path / "export"
+    dst.mkdir()
+    (dst / "config.json").write_text('{"mine": true}')
+    with pytest.raises(SystemExit, match=r"--to=torch:.*export: the folder is not empty \(config.json\); pass "
+                                         r"--overwrite"):
+        convert_cli.main([f"--from=orbax:{orbax}", f"--to=torch:{dst}"])
+    with pytest.raises(SystemExit, match="not empty"):  # the export subcommand too
+        convert_cli.export_main([f"--from=orbax:{orbax}/params", f"--to=torch:{dst}"])
+    assert os.listdir(dst) == ["config.json"] and (dst / "config.json").read_text() == '{"mine": true}'
+
+    convert_cli.main([f"--from=orbax:{orbax}", f"--to=torch:{dst}", "--overwrite"])
+    back = WanTransformer3DModel.from_pretrained(str(dst)).state_dict()
+    assert set(back) == set(state) and all(torch.equal(back[k], v) for k, v in state.items())
+    convert_cli.main([f"--from=diffusers:{src}", f"--to=orbax:{orbax}", "--overwrite", "--stage=1"])
+    assert json.loads((orbax / "ttm_convert.json").read_text())["in_channels"] == 12  # replaced

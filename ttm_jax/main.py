@@ -304,6 +304,7 @@ def run_job(config: ml_collections.ConfigDict, workdir: str | None, mode: str | 
     config_lib.validate(config)
     if mode == "describe":
         logs.discard()
+        preflight_lib.check_attention(config)  # describe compiles the step: the kernel must run here
         describe.describe(config)
         return
     if workdir is None:

@@ -80,7 +80,12 @@ def check_devices(config: ml_collections.ConfigDict, devices: Sequence[jax.Devic
                           f"mesh {sizes} ({len(devices)} devices) and the {processes} process(es); set "
                           f"--config.train.batch_size to a multiple of {need}, or mesh.shape so that data x fsdp "
                           f"divides {batch}")
-    platform = devices[0].platform
+    check_attention(config, devices)
+
+
+def check_attention(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> None:
+    """`model.attention` runs on the devices' platform: the splash kernel needs a TPU."""
+    platform = (list(devices) if devices is not None else jax.devices())[0].platform
     if config.model.attention == "splash" and platform != "tpu":
         raise ConfigError(f"config.model.attention: 'splash' is a TPU kernel but the devices are {platform}; set "
                           f"--config.model.attention=xla" + (" (or gpu)" if platform == "gpu" else ""))
