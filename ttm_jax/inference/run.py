@@ -68,11 +68,13 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ConfigError("config.job: sampling needs configs/sample.py (job='sample', a `sample` section)")
     s = config.sample
     # stage 1 may be left empty when stage2_workdir holds the single-stage TI2V baseline (configs/ti2v.py)
-    for stage in (2, 1) if s.get("stage1_workdir", "") else (2,):
+    single = not s.get("stage1_workdir", "") and bool(s.get("stage2_workdir", ""))
+    for stage in (2,) if single else (1, 2):
         wd = s.get(f"stage{stage}_workdir", "")
         _check(bool(wd), f"stage{stage}_workdir",
                f"empty; set it to the workdir of a trained stage-{stage} run "
-               f"(python -m ttm_jax.main --config=configs/stage{stage}.py --workdir=DIR)")
+               f"(python -m ttm_jax.main --config=configs/stage{stage}.py --workdir=DIR)"
+               + ("; for the single-stage TI2V baseline set only stage2_workdir" if stage == 1 else ""))
         _check(os.path.isdir(os.path.join(wd, "checkpoints")), f"stage{stage}_workdir",
                f"{wd!r} has no checkpoints/ folder; train stage {stage} there first")
     if s.requests:
