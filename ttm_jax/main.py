@@ -324,7 +324,8 @@ def main(argv: Sequence[str]) -> None:
         overrides = config_flags.get_override_values(flags.FLAGS["config"])
         config = resolve_config(_STATE["config_given"], _CONFIG.value, _WORKDIR.value, overrides)
         run_job(config, _WORKDIR.value, _MODE.value, logs)
-    except (config_lib.ConfigError, app.UsageError, lock_lib.WorkdirLocked) as e:  # MeshError is a ConfigError
+    except (config_lib.ConfigError, app.UsageError, lock_lib.WorkdirLocked,
+            checkpoint_lib.NoUsableCheckpoint) as e:  # MeshError is a ConfigError
         logs.undo()
         fail(e)
 

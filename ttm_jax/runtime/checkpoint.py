@@ -244,14 +244,17 @@ def restore_params(workdir: str | epath.PathLike, step: int | None = None, *, em
 
 
 def load_config(workdir: str | epath.PathLike) -> ml_collections.ConfigDict:
-    """The config a run saved, so that it restarts from its workdir alone: the latest checkpoint's, else
+    """The config a run saved, so that it restarts from its workdir alone: the newest readable checkpoint's, else
     `<workdir>/config.json` (written when the run started, before its first checkpoint). The one reader of a saved
     config. Raises FileNotFoundError when the workdir holds neither."""
     if checkpoint_dir(workdir).exists():
         ckpt = Checkpointer(workdir, async_save=False)
         try:
-            if ckpt.latest_step() is not None:
-                return ckpt.restore_config()
+            for step in sorted(ckpt.all_steps(), reverse=True):  # an unreadable step falls back to the one before
+                try:
+                    return ckpt.restore_config(step)
+                except Exception as e:  # noqa: BLE001 - reported; training moves the step aside when it restores
+                    logging.warning("%s: step %d: saved config unreadable (%s)", workdir, step, e)
         finally:
             ckpt.close()
     path = epath.Path(workdir) / CONFIG_FILE

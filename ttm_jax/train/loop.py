@@ -141,7 +141,7 @@ def check_resumable(saved: ml_collections.ConfigDict, config: ml_collections.Con
             if (k == field or k.startswith(field + ".")) and k in a and a.get(k) != b.get(k):
                 diffs.append(f"config.{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}")
     if diffs:
-        raise ValueError(f"{workdir}: cannot resume, the config changed what the checkpoint holds: "
+        raise config_lib.ConfigError(f"{workdir}: cannot resume, the config changed what the checkpoint holds: "
                          f"{'; '.join(diffs)}. Resume with the saved config (python -m ttm_jax.main "
                          f"--workdir={workdir}, no --config) or start a new workdir")
 
@@ -217,11 +217,11 @@ def _check_layout(workdir: str, step: int, abstract: state_lib.TrainState) -> No
     finally:
         ckpt.close()
     if diffs:
-        raise ValueError(f"{workdir}: cannot resume, this config builds a train state that does not fit checkpoint "
-                         f"step {step}: {'; '.join(diffs)}. A changed config field shapes the state (e.g. "
-                         f"optim.grad_clip_norm switched on/off, optim.ema_decay, the model's shape): resume with the "
-                         f"saved config (python -m ttm_jax.main --workdir={workdir}, no --config) or start a new "
-                         f"workdir")
+        raise config_lib.ConfigError(
+            f"{workdir}: cannot resume, this config builds a train state that does not fit checkpoint step {step}: "
+            f"{'; '.join(diffs)}. A changed config field shapes the state (e.g. optim.grad_clip_norm switched on/off, "
+            f"optim.ema_decay, the model's shape): resume with the saved config (python -m ttm_jax.main "
+            f"--workdir={workdir}, no --config) or start a new workdir")
 
 
 def _train(config, workdir, modules, make_iterator, mesh, rules, tx, init_params, rng, shard_unannotated, shardings,
