@@ -65,12 +65,16 @@ class X0Prediction(objectives.RectifiedFlow):
         return samplers.euler_sample(velocity, noise, ts, *args)
 
 
-if "toy" not in registry.BACKBONES:
+@pytest.fixture(scope="module", autouse=True)
+def registered():
+    """The toy entries exist while this module's tests run, and are removed after (the registries are global)."""
     registry.BACKBONES.register("toy", registry.Backbone(
         build=lambda c: ToyBackbone(config_lib.in_channels(c), c.autoencoder.latent_channels),
         init_inputs=_toy_inputs))
-if "x0_prediction" not in objectives.OBJECTIVES:
     objectives.OBJECTIVES.register("x0_prediction", X0Prediction)
+    yield
+    registry.BACKBONES.unregister("toy")
+    objectives.OBJECTIVES.unregister("x0_prediction")
 
 
 def _toy_config(steps: int = 2):

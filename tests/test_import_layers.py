@@ -83,6 +83,13 @@ def test_no_import_against_the_layers(graph):
     assert not bad, "imports against the layers:\n" + "\n".join(bad)
 
 
+def test_no_relative_imports():
+    """`from . import x` would slip past the reader above: the package imports by absolute name only."""
+    relative = [f"{name}:{n.lineno}" for name, path in modules().items()
+                for n in ast.walk(ast.parse(path.read_text(), str(path))) if isinstance(n, ast.ImportFrom) and n.level]
+    assert not relative, f"relative imports: {relative}"
+
+
 def test_inference_never_imports_train(graph):
     bad = [(a, b) for a, deps in graph.items() for b, _ in deps
            if a.startswith("ttm_jax.inference") and b.startswith("ttm_jax.train")]

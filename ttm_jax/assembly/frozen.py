@@ -65,7 +65,7 @@ def load_text_encoder(config: ml_collections.ConfigDict, init_te: Callable, rng:
     entry = registry.text_encoder(config)
     abstract = jax.eval_shape(init_te, rng)
     shardings = sharding_lib.tree_shardings(abstract, mesh, rules)
-    if entry.is_converted_folder(path):
+    if entry.is_source_folder(path):
         host = entry.load(config.text_encoder, path)
         return jax.tree.map(lambda x, sh: jax.device_put(np.asarray(x), sh), host, shardings), shardings
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),

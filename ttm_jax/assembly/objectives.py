@@ -3,7 +3,7 @@
 An `Objective` owns the four places where a diffusion formulation shows up:
   time sampling     `sample_time(rng, B) -> t [B]` (training times, in the objective's own units)
   noisy input       `noisy(x0, eps, t) -> x_t`
-  loss target       `target(x0, eps, t) -> y` and `loss(pred, y)` (the model regresses `y`)
+  loss target       `target(x0, eps, t) -> y` and `loss(pred, y, t)` (the model regresses `y`; `t` for weighting)
   model time        `model_time(t) -> timestep` as the backbone takes it
   sampling          `time_grid(num_steps, schedule, shift) -> ts [N + 1]` and `sample(model_fn, noise, ts, *args)`
                     (`model_fn(x, t, *args)` -> the model's prediction; the objective's sampler turns it into steps)
@@ -36,7 +36,7 @@ class Objective(Protocol):
 
     def target(self, x0: jax.Array, eps: jax.Array, t: jax.Array) -> jax.Array: ...
 
-    def loss(self, pred: jax.Array, target: jax.Array) -> jax.Array: ...
+    def loss(self, pred: jax.Array, target: jax.Array, t: jax.Array) -> jax.Array: ...
 
     def model_time(self, t: jax.Array) -> jax.Array: ...
 
@@ -64,7 +64,10 @@ class RectifiedFlow:
         del t  # the velocity of a straight path is constant along it
         return flow.velocity_target(x0, eps)
 
-    def loss(self, pred: jax.Array, target: jax.Array) -> jax.Array:
+    def loss(self, pred: jax.Array, target: jax.Array, t: jax.Array) -> jax.Array:
+        """Unweighted MSE (rectified flow weighs every time alike); `t [B]` is there for objectives that weigh by
+        time (e.g. SNR weighting)."""
+        del t
         return flow.loss(pred, target)
 
     def model_time(self, t: jax.Array) -> jax.Array:

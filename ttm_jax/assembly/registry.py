@@ -156,16 +156,17 @@ def state_fields(config: ml_collections.ConfigDict) -> tuple[str, ...]:
 @dataclasses.dataclass(frozen=True)
 class TextEncoder:
     """A frozen text encoder: `build(config.text_encoder) -> nn.Module` `(ids [B, L], mask [B, L]) -> [B, L, d]`;
-    `is_converted_folder(path)` / `load(config.text_encoder, path) -> params` for weights at a user path (a
-    transformers folder); any other path is read as an Orbax checkpoint of converted params."""
+    `is_source_folder(path)` (a folder in the source framework's layout, e.g. transformers', converted on the fly)
+    / `load(config.text_encoder, path) -> params`; any other path is read as an Orbax checkpoint of converted
+    params."""
 
     build: Callable[[ml_collections.ConfigDict], nn.Module]
-    is_converted_folder: Callable[[str], bool]
+    is_source_folder: Callable[[str], bool]
     load: Callable[[ml_collections.ConfigDict, str], Any]
 
 
 TEXT_ENCODERS: Registry[TextEncoder] = Registry("text_encoder.name")
-_T5 = TextEncoder(build=text_encoder_lib.T5Encoder, is_converted_folder=t5_weights.is_transformers_checkpoint,
+_T5 = TextEncoder(build=text_encoder_lib.T5Encoder, is_source_folder=t5_weights.is_transformers_checkpoint,
                   load=t5_weights.load_params)
 TEXT_ENCODERS.register("t5", _T5)  # T5 v1.1 / ByT5 layout
 TEXT_ENCODERS.register("umt5", _T5)  # umT5 (Wan 2.1): per-layer relative position bias, same code
@@ -186,10 +187,3 @@ def make_autoencoder(autoencoder_config: ml_collections.ConfigDict) -> Any:
     """The frozen autoencoder `config.autoencoder.name` names (pass `config.autoencoder`), its weights loaded from
     `config.autoencoder.path` where it has any (`models/autoencoder.py`'s interface)."""
     return AUTOENCODERS.get(autoencoder_config.name)(autoencoder_config)
-
-
-def abstract_params(config: ml_collections.ConfigDict, model: nn.Module | None = None) -> Any:
-    """The (boxed) parameter tree of the configured backbone as `jax.ShapeDtypeStruct`s; nothing allocated."""
-    model = model or build_backbone(config)
-    args, kwargs = init_inputs(config)
-    return jax.eval_shape(lambda r: model.init(r, *args, **kwargs)["params"], jax.random.PRNGKey(int(config.seed)))

@@ -11,8 +11,8 @@ three small ones; `guided_three_calls` is the same arithmetic with three passes,
 `bench/sample.py`.
 
 The conditions are any pytree whose leaves carry the batch on axis 0; the caller builds the three variants (the
-"null" image is what training's condition dropout feeds, see `ttm_jax/train`), and `apply_fn(x, t, cond)` maps them to a
-prediction. Nothing here knows about the DiT.
+"null" image and text are what training's condition dropout feeds, see `ttm_jax.assembly.inputs`), and
+`apply_fn(x, t, cond)` maps them to a prediction. Nothing here knows about the DiT.
 """
 
 from __future__ import annotations

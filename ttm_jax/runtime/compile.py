@@ -50,9 +50,11 @@ def compile_once(fn: Callable, options: dict[str, Any] | None) -> Callable:
 
 
 def cache_key(config: ml_collections.ConfigDict, modules: Any, mesh: jax.sharding.Mesh, *extra: Any) -> tuple:
-    """Everything a compiled function depends on; `train` fields that only bound or log a run are left out."""
+    """Everything a compiled function depends on; `train` fields that only bound or log a run are left out (the XLA
+    options are kept). `modules` enters by identity: every cached function closes over the modules it was built
+    from, so they stay alive with the entry and their id cannot be reused while it exists."""
     c = config.to_dict()
-    c["train"] = {k: c["train"][k] for k in ("batch_size", "grad_accum_steps")}
+    c["train"] = {k: c["train"].get(k) for k in ("batch_size", "grad_accum_steps", "compiler_options")}
     return (repr(sorted(c.items())), id(modules), tuple(d.id for d in mesh.devices.flat), tuple(mesh.shape.items()),
             *map(repr, extra))
 
@@ -62,3 +64,8 @@ def cached(key: tuple, build: Callable[[], Any]) -> Any:
     if key not in _CACHE:
         _CACHE[key] = build()
     return _CACHE[key]
+
+
+def clear_cache() -> None:
+    """Drop every cached compiled function (e.g. between sweeps in one process)."""
+    _CACHE.clear()

@@ -43,7 +43,7 @@ def make_loss_fn(config: ml_collections.ConfigDict, modules: Modules) -> Callabl
         x, kwargs, target = inputs_lib.model_inputs(config, modules, frozen, batch, rand)
         timestep, context = kwargs.pop("timestep"), kwargs.pop("context")
         pred = modules.model.apply({"params": params}, x, timestep, context, **kwargs)
-        return objective.loss(pred, target), {}
+        return objective.loss(pred, target, rand["t"]), {}
 
     return loss_fn
 

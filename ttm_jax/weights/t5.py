@@ -9,8 +9,8 @@ checkpoints load too: their decoder and LM head are ignored.
     state_dict = t5.to_torch(params, config.text_encoder)    # and back: {torch key: numpy array}
     params = t5.load_or_init(config.text_encoder, seed)       # path empty: random (tiny configs)
 
-`config.text_encoder.path` may name such a folder (`load_or_init` reads it) or an Orbax checkpoint of converted
-params (restored by the train step); `is_transformers_checkpoint` tells them apart.
+`config.text_encoder.path` may name such a folder or an Orbax checkpoint of converted params; training and sampling
+read it in `ttm_jax.assembly.frozen.load_text_encoder` (`is_transformers_checkpoint` tells the two apart).
 """
 
 from __future__ import annotations
