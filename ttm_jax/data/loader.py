@@ -34,6 +34,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import grain
@@ -49,6 +50,23 @@ SHAPE_KEYS = ("num_frames", "height", "width", "max_objects")
 LATENT_KEYS = ("name", "time_factor", "space_factor", "latent_channels", "path")
 SOURCE_FPS = 24.0
 MIN_SYNTHETIC_SIDE = 128
+
+
+def tokenize_prompts(tokenizer: Any, caption: str, motion_prompt: str, local_prompts: Sequence[str], *,
+                     max_length: int, local_max_length: int) -> dict[str, np.ndarray]:
+    """The text of one example as the batches hold it (the one tokenization of training and sampling): caption and
+    motion prompt at `max_length` (`caption_tokens`/`_mask`, `motion_tokens`/`_mask` `[L]`); local slots
+    `local_tokens`/`local_mask` `[K+1, Lp]`, slot 0 the caption, slot k object k's local prompt; an object without a
+    prompt (padding slot, uncaptioned masklet) has no tokens at all, not a lone eos."""
+    (cap_ids, mot_ids), (cap_mask, mot_mask) = tokenizer.encode([caption, motion_prompt], max_length)
+    local = [caption, *local_prompts]
+    loc_ids, loc_mask = tokenizer.encode(local, local_max_length)
+    empty = np.array([i > 0 and not t for i, t in enumerate(local)])
+    loc_mask = np.where(empty[:, None], False, loc_mask)
+    loc_ids = np.where(loc_mask, loc_ids, 0)
+    return {"caption_tokens": cap_ids.astype(np.int32), "caption_mask": cap_mask.astype(bool),
+            "motion_tokens": mot_ids.astype(np.int32), "motion_mask": mot_mask.astype(bool),
+            "local_tokens": loc_ids.astype(np.int32), "local_mask": loc_mask.astype(bool)}
 
 
 @dataclasses.dataclass
@@ -70,23 +88,14 @@ class DecodeAndTokenize(grain.transforms.Map):
     def map(self, record: bytes) -> dict[str, np.ndarray]:
         # bytes from a `prepare` folder, or an example dict from a TFDS-built one (`tfds_sav.to_example`)
         r = record if isinstance(record, dict) else records.decode(record)
-        lc, lp = int(self.text_config["max_length"]), int(self.text_config["local_max_length"])
-        tok = self._tokenizer
-        (cap_ids, mot_ids), (cap_mask, mot_mask) = tok.encode([r["caption"], r["motion_prompt"]], lc)
-        local = [r["caption"], *r["local_prompts"]]
-        loc_ids, loc_mask = tok.encode(local, lp)
-        # an object without a prompt (padding slot, or uncaptioned masklet) has no tokens at all, not a lone eos
-        empty = np.array([i > 0 and not t for i, t in enumerate(local)])
-        loc_mask = np.where(empty[:, None], False, loc_mask)
-        loc_ids = np.where(loc_mask, loc_ids, 0)
         out = {
             "video": r["video"],
             "trajectory": r["trajectory"],
             "object_masks": r["object_masks"],
             "num_objects": np.int32(r["num_objects"]),
-            "caption_tokens": cap_ids.astype(np.int32), "caption_mask": cap_mask.astype(bool),
-            "motion_tokens": mot_ids.astype(np.int32), "motion_mask": mot_mask.astype(bool),
-            "local_tokens": loc_ids.astype(np.int32), "local_mask": loc_mask.astype(bool),
+            **tokenize_prompts(self._tokenizer, r["caption"], r["motion_prompt"], r["local_prompts"],
+                               max_length=int(self.text_config["max_length"]),
+                               local_max_length=int(self.text_config["local_max_length"])),
         }
         if self.keep_latents and "video_latent" in r:
             out["video_latent"] = r["video_latent"]

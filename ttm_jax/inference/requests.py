@@ -28,7 +28,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from ttm_jax.config import ConfigError
-from ttm_jax.data import clips
+from ttm_jax.data import clips, loader
 from ttm_jax.data import trajectory as trajectory_lib
 
 CONFIG_SOURCE = "config.sample"  # `Request.source` of the one request the sample config describes
@@ -463,19 +463,12 @@ def load_inputs(req: Request, height: int, width: int, max_objects: int, *,
 
 def tokenize_prompts(config: ml_collections.ConfigDict, tokenizer: Any, caption: str, motion: str,
                      local: Sequence[str]) -> dict[str, np.ndarray]:
-    """Token ids and masks as the training batches hold them (the data loader): caption and motion prompt at
-    `max_length`; local slots `[K+1, Lp]`, slot 0 the caption, slot k the local prompt of object k, an empty prompt
-    with no tokens at all (mask all False)."""
+    """Token ids and masks as the training batches hold them (`data.loader.tokenize_prompts`, the local prompts padded
+    to `data.max_objects` slots): caption and motion prompt at `max_length`; local slots `[K+1, Lp]`, slot 0 the
+    caption, slot k the local prompt of object k, an empty prompt with no tokens at all (mask all False)."""
     t, k = config.text_encoder, int(config.data.max_objects)
     if len(local) > k:
         raise ValueError(f"pipeline: {len(local)} objects but the stage-{config.stage} model takes at most "
                          f"data.max_objects={k}; give fewer masks")
-    (cap_ids, mot_ids), (cap_mask, mot_mask) = tokenizer.encode([caption, motion], int(t.max_length))
-    slots = [caption, *local, *[""] * (k - len(local))]
-    loc_ids, loc_mask = tokenizer.encode(slots, int(t.local_max_length))
-    empty = np.array([i > 0 and not s for i, s in enumerate(slots)])
-    loc_mask = np.where(empty[:, None], False, loc_mask)
-    loc_ids = np.where(loc_mask, loc_ids, 0)
-    return {"caption_tokens": cap_ids.astype(np.int32), "caption_mask": cap_mask.astype(bool),
-            "motion_tokens": mot_ids.astype(np.int32), "motion_mask": mot_mask.astype(bool),
-            "local_tokens": loc_ids.astype(np.int32), "local_mask": loc_mask.astype(bool)}
+    return loader.tokenize_prompts(tokenizer, caption, motion, [*local, *[""] * (k - len(local))],
+                                   max_length=int(t.max_length), local_max_length=int(t.local_max_length))
