@@ -3,8 +3,12 @@ config, and the inputs they name loaded at the stages' resolution (image resized
 neighbour), with the prompts tokenized as the training batches hold them.
 
 Masks come in many forms (`load_masks`): a list of per-object PNGs (file name = label), one PNG of object ids, an
-SA-V annotation json (`path.json[:frame]`), a json of COCO RLEs, inline RLEs, a bool array, or boxes (solid
-rectangles). Every error names the request, the file and the fix.
+SA-V annotation json (`path.json[:frame]`), a json of COCO RLEs, inline RLEs, a bool array, or boxes. Given a
+`segment.Segmenter` (`segment.from_config(config.sample)`), boxes are segmented with SAM2 (each mask cropped to its
+box) and a request with neither masks nor boxes has its objects found by name with Grounding DINO (names: its labels,
+else its local prompts' object phrases, else the offline planner's objects of its caption), the overlay of the chosen
+masks saved as `<name>_masks.png` and named in the mask-source description; without one, boxes are solid rectangles.
+Every error names the request, the file and the fix.
 
 `load_inputs` checks one request against the trained models (image readable, masks of the image's size, at most
 `data.max_objects` objects, local prompts one per mask) and fits it to their frame: an image of another aspect ratio is
@@ -28,8 +32,9 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from ttm_jax.config import ConfigError
-from ttm_jax.data import clips, loader
+from ttm_jax.data import clips, loader, prompt_plan
 from ttm_jax.data import trajectory as trajectory_lib
+from ttm_jax.inference import segment
 
 CONFIG_SOURCE = "config.sample"  # `Request.source` of the one request the sample config describes
 
@@ -273,21 +278,75 @@ def _decode_rles(rles: list, where: str) -> np.ndarray:
 Masks = tuple[np.ndarray, list, str]
 
 
-def _masks_from_boxes(req: Request, size: tuple[int, int]) -> Masks:
-    """Solid rectangles, one per `[x0, y0, x1, y1]` box in image pixels."""
+def _boxes(req: Request, size: tuple[int, int]) -> np.ndarray:
+    """The request's boxes, float `[K, 4]` (x0, y0, x1, y1) in image pixels, each checked to lie inside the image."""
     h0, w0 = size
     where = field_name(req, "boxes")
     try:
         boxes = np.asarray(req.boxes, np.float64).reshape(-1, 4)
     except (TypeError, ValueError):
         raise RequestError(f"{where}: {req.boxes!r} is not a list of [x0, y0, x1, y1] boxes in image pixels") from None
-    masks = np.zeros((h0, w0, len(boxes)), bool)
     for k, (x0, y0, x1, y1) in enumerate(boxes):
         if not (0 <= x0 < x1 <= w0 and 0 <= y0 < y1 <= h0):
             raise RequestError(f"{where}: box {k} {[x0, y0, x1, y1]} is not inside the {w0}x{h0} image as "
                                f"[x0, y0, x1, y1] with x0 < x1, y0 < y1")
-        masks[int(round(y0)):int(round(y1)), int(round(x0)):int(round(x1)), k] = True
-    return masks, list(req.labels or [None] * len(boxes)), "boxes"
+    return boxes
+
+
+def _masks_from_boxes(req: Request, size: tuple[int, int]) -> Masks:
+    """Solid rectangles, one per `[x0, y0, x1, y1]` box in image pixels."""
+    boxes = _boxes(req, size)
+    return segment.box_masks(boxes, size), list(req.labels or [None] * len(boxes)), "boxes"
+
+
+def _segmented(req: Request, image: np.ndarray, boxes: np.ndarray, segmenter: segment.Segmenter,
+               found: str) -> tuple[np.ndarray, str]:
+    """SAM2's masks of `boxes` (cropped to them; `segmenter.box_masks="rectangles"`: the rectangles), the overlay
+    saved, and the source description: `found` (where the boxes came from), the model, fallbacks, the overlay path."""
+    masks, rectangles = segmenter.masks_from_boxes(image, boxes)
+    shown = [[round(float(v), 1) for v in b] for b in boxes]
+    if segmenter.box_masks == "rectangles":
+        source = f"{found} {shown} as rectangles (config.sample.box_masks=rectangles)"
+    else:
+        source = f"sam2 {segmenter.sam2_path} masks of {found} {shown}, each cropped to its box"
+        if rectangles:
+            source += f"; SAM2 found nothing in box(es) {[k + 1 for k in rectangles]}: kept as rectangles"
+    path = segmenter.save_overlay(req.name, image, masks, boxes)
+    return masks, source + (f"; overlay {path}" if path else "")
+
+
+def object_names(req: Request) -> list[str]:
+    """What a request without masks or boxes asks the detector to find: its labels, else the object phrases of its
+    local prompts, else the objects the offline planner reads from its caption."""
+    if req.labels:
+        return [str(n) for n in req.labels]
+    if req.local_prompts:
+        return [prompt_plan.object_phrase(p) for p in req.local_prompts]
+    try:
+        return prompt_plan.plan_offline(req.caption).objects
+    except prompt_plan.PlanningError as e:
+        raise RequestError(f"{field_name(req, 'labels')}: the objects to find are not given and the caption cannot be "
+                           f"split into objects ({e}); name them in labels (config.sample.labels='red square,blue "
+                           f"disc'), or give boxes or masks") from None
+
+
+def _masks_from_names(req: Request, image: np.ndarray, segmenter: segment.Segmenter) -> Masks:
+    """Grounding DINO's best box for each of `object_names(req)`, then `_segmented`; a name whose best box scores
+    below `segmenter.threshold` (or has no area) is a `RequestError`."""
+    names = object_names(req)
+    found = segmenter.boxes_from_names(image, names)
+    size = image.shape[:2]
+    missing = [d for d in found if d.score < segmenter.threshold or not segment.box_masks(
+        np.asarray([d.box]), size).any()]
+    if missing:
+        which = ", ".join(f"{d.name!r} (best score {d.score:.2f})" for d in missing)
+        raise RequestError(f"{field_name(req, 'masks')}: Grounding DINO ({segmenter.detector_path}) found no {which} "
+                           f"at config.sample.detector_threshold={segmenter.threshold:g}; give boxes or masks for "
+                           f"them, name them as the image shows them (labels), or lower the threshold")
+    boxes = np.asarray([d.box for d in found], np.float64)
+    masks, source = _segmented(req, image, boxes, segmenter,
+                               "grounding dino " + segmenter.detector_path + " boxes of " + repr(names))
+    return masks, list(names), source
 
 
 def _masks_from_inline_rles(req: Request) -> Masks:
@@ -379,13 +438,22 @@ def _masks_from_pngs(req: Request, size: tuple[int, int]) -> Masks:
     return masks, list(req.labels) if req.labels else labels, source
 
 
-def _read_masks(req: Request, size: tuple[int, int]) -> Masks:
-    """The request's masks at the image's size, from whichever source it gives."""
+def _read_masks(req: Request, size: tuple[int, int], segmenter: segment.Segmenter | None = None,
+                image: np.ndarray | None = None) -> Masks:
+    """The request's masks at the image's size, from whichever source it gives (boxes, or names, through the
+    `segmenter` when given: `image` is then the request's image, uint8 `[H, W, 3]`)."""
     m = req.masks
     if m is None and req.boxes is None:
+        if segmenter is not None and segmenter.detector_path:
+            return _masks_from_names(req, _image_for(req, image), segmenter)
         raise RequestError(f"{field_name(req, 'masks')}: the request has neither masks nor boxes; give the "
-                           f"first-frame object masks (config.sample.masks) or boxes (config.sample.boxes)")
+                           f"first-frame object masks (config.sample.masks) or boxes (config.sample.boxes), or set "
+                           f"config.sample.detector_path to find the objects by name")
     if m is None:
+        if segmenter is not None:
+            boxes = _boxes(req, size)
+            masks, source = _segmented(req, _image_for(req, image), boxes, segmenter, "boxes")
+            return masks, list(req.labels or [None] * len(boxes)), source
         return _masks_from_boxes(req, size)
     if isinstance(m, np.ndarray):
         if m.ndim != 3:
@@ -398,13 +466,20 @@ def _read_masks(req: Request, size: tuple[int, int]) -> Masks:
     return _masks_from_pngs(req, size)
 
 
-def load_masks(req: Request, image_size: tuple[int, int], height: int,
-               width: int) -> tuple[np.ndarray, list[str | None], str]:
+def _image_for(req: Request, image: np.ndarray | None) -> np.ndarray:
+    return image if image is not None else _read_image(req.image, field_name(req, "image"))
+
+
+def load_masks(req: Request, image_size: tuple[int, int], height: int, width: int, *,
+               segmenter: segment.Segmenter | None = None,
+               image: np.ndarray | None = None) -> tuple[np.ndarray, list[str | None], str]:
     """First-frame masks of a request at `[height, width, K]`, their labels and a description of the source. The
     masks are cropped with the image's box (`fit_box`: the centre crop of the models' aspect ratio) and resized by
-    nearest neighbour. Raises `RequestError` naming the request, the file and the fix."""
+    nearest neighbour. `segmenter`: boxes -> SAM2 masks, names -> Grounding DINO boxes (module docstring); `image`:
+    the request's image at `image_size` (read from the request when None and needed). Raises `RequestError` naming
+    the request, the file and the fix (`segment.SegmentError` for weights that are not set or do not load)."""
     h0, w0 = image_size
-    masks, labels, source = _read_masks(req, image_size)
+    masks, labels, source = _read_masks(req, image_size, segmenter, image)
     if masks.shape[:2] != (h0, w0):
         raise RequestError(f"{field_name(req, 'masks')}: the masks are {masks.shape[1]}x{masks.shape[0]}, the image "
                            f"is {w0}x{h0}; they must be the first frame's masks at the image's size")
@@ -444,14 +519,15 @@ class Inputs:
 
 
 def load_inputs(req: Request, height: int, width: int, max_objects: int, *,
-                models: str = "the stage models") -> Inputs:
+                models: str = "the stage models", segmenter: segment.Segmenter | None = None) -> Inputs:
     """Check a request against models of `height x width` frames taking at most `max_objects` objects, and load its
     image and masks fitted to them (`load_image`, `load_masks`), without any model. Raises `RequestError` naming the
     request, the file or field, and the fix: a missing or unreadable image or mask, a mask of another size than the
     image, more objects than `max_objects`, labels or local prompts not one per mask. `models` names where
-    `max_objects` comes from, for the message."""
-    image, size = load_image(req.image, height, width, where=field_name(req, "image"))
-    masks, labels, source = load_masks(req, size, height, width)
+    `max_objects` comes from, for the message. `segmenter`: see `load_masks`."""
+    original = _read_image(req.image, field_name(req, "image"))
+    image, size = load_image(original, height, width, where=field_name(req, "image"))
+    masks, labels, source = load_masks(req, size, height, width, segmenter=segmenter, image=original)
     k = masks.shape[-1]
     if k > max_objects:
         raise RequestError(f"{field_name(req, 'masks')}: {k} objects ({source}), but {models} take at most "
