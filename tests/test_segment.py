@@ -9,22 +9,14 @@ for box k), the cropping of each mask to its box, the overlay file, and the erro
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 
 import numpy as np
 import pytest
+import tiny_segmenters as tiny
 import torch
 from PIL import Image
-from transformers import (
-    BertTokenizer,
-    GroundingDinoConfig,
-    GroundingDinoForObjectDetection,
-    GroundingDinoProcessor,
-    Sam2Config,
-    Sam2Model,
-)
-from transformers.models.grounding_dino.image_processing_pil_grounding_dino import GroundingDinoImageProcessorPil
+from transformers import Sam2Model
 
 from ttm_jax.inference import requests as requests_lib
 from ttm_jax.inference import segment
@@ -38,46 +30,23 @@ WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "?", "a", "the", "re
          "triangle", "dog", "runs"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Torch on one thread: on a shared 2-core machine its default thread pool is many times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def sam2_path(tmp_path_factory):
-    vision = {"model_type": "sam2_vision_model", "fpn_hidden_size": 32, "backbone_channel_list": [64, 32, 16, 8],
-              "backbone_feature_sizes": [[S // 4, S // 4], [S // 8, S // 8], [S // 16, S // 16]],
-              "backbone_config": {"model_type": "sam2_hiera_det_model", "image_size": [S, S], "hidden_size": 8,
-                                  "num_attention_heads": 1, "blocks_per_stage": [1, 1, 2, 1],
-                                  "embed_dim_per_stage": [8, 16, 32, 64], "num_attention_heads_per_stage": [1] * 4,
-                                  "window_size_per_stage": [4] * 4, "global_attention_blocks": [3],
-                                  "window_positional_embedding_background_size": [4, 4]}}
-    config = Sam2Config(vision_config=vision, prompt_encoder_config={"hidden_size": 32, "image_size": S,
-                                                                     "patch_size": 16},
-                        mask_decoder_config={"hidden_size": 32, "mlp_dim": 64, "num_attention_heads": 2,
-                                             "iou_head_hidden_dim": 32})
-    torch.manual_seed(0)
-    path = str(tmp_path_factory.mktemp("sam2"))
-    Sam2Model(config).eval().save_pretrained(path)
-    with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
-        json.dump({"image_processor_type": "Sam2ImageProcessor", "size": {"height": S, "width": S},
-                   "image_mean": list(MEAN), "image_std": list(STD)}, f)
-    return path
+    return tiny.save_sam2(str(tmp_path_factory.mktemp("sam2")), size=S, mean=MEAN, std=STD)
 
 
 @pytest.fixture(scope="module")
 def detector_path(tmp_path_factory):
-    config = GroundingDinoConfig(
-        backbone_config={"model_type": "swin", "image_size": 64, "patch_size": 4, "embed_dim": 8,
-                         "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1], "window_size": 2, "out_indices": [2, 3, 4]},
-        text_config={"model_type": "bert", "vocab_size": len(WORDS), "hidden_size": 32, "num_hidden_layers": 1,
-                     "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 64},
-        d_model=32, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
-        encoder_attention_heads=2, decoder_attention_heads=2, num_queries=12, max_text_len=32, encoder_n_points=2,
-        decoder_n_points=2, disable_custom_kernels=True)
-    torch.manual_seed(1)
-    path = str(tmp_path_factory.mktemp("grounding_dino"))
-    GroundingDinoForObjectDetection(config).eval().save_pretrained(path)
-    processor = GroundingDinoProcessor(
-        image_processor=GroundingDinoImageProcessorPil(size={"shortest_edge": 64, "longest_edge": 96}),
-        tokenizer=BertTokenizer(vocab={w: i for i, w in enumerate(WORDS)}))
-    processor.save_pretrained(path)
-    return path
+    return tiny.save_grounding_dino(str(tmp_path_factory.mktemp("grounding_dino")), WORDS[7:])
 
 
 @pytest.fixture(scope="module")

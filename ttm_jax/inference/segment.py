@@ -151,6 +151,64 @@ class Sam2:
         return (up[0] > 0).numpy().transpose(1, 2, 0)
 
 
+class Sam2Video:
+    """SAM2 video propagation from a transformers `Sam2VideoModel` folder: `propagate(frames, boxes)` -> each box's
+    object tracked through the frames (the first frame prompted with the boxes)."""
+
+    def __init__(self, path: str, *, device: str | None = None, field: str = "config.sample.sam2_path"):
+        _check_folder(path, field, "objects are tracked through the video with SAM2 (transformers Sam2VideoModel)",
+                      "facebook/sam2.1-hiera-large")
+        import torch  # noqa: PLC0415 - optional heavy dependency
+        from transformers import Sam2VideoModel  # noqa: PLC0415
+
+        self.device = _device(device)
+        try:
+            self.model = Sam2VideoModel.from_pretrained(path).to(self.device).eval()
+        except (OSError, ValueError, KeyError) as e:
+            raise SegmentError(f"{field}: {path!r} does not load as a transformers Sam2VideoModel ({e}); point it at a "
+                               f"SAM2 folder such as facebook/sam2.1-hiera-large") from None
+        self.size = int(self.model.config.prompt_encoder_config.image_size)
+        pre = _preprocessor(path)
+        self.mean = np.asarray(pre.get("image_mean", IMAGENET_MEAN), np.float32)
+        self.std = np.asarray(pre.get("image_std", IMAGENET_STD), np.float32)
+        self._torch = torch
+
+    def pixel_values(self, frames: np.ndarray) -> np.ndarray:
+        """`frames uint8 [T, H, W, 3]` -> float32 `[T, 3, S, S]` (as `Sam2.pixel_values`, frame by frame)."""
+        out = np.empty((len(frames), 3, self.size, self.size), np.float32)
+        for t, f in enumerate(frames):
+            x = np.asarray(Image.fromarray(f).resize((self.size, self.size), Image.BILINEAR), np.float32) / 255.0
+            out[t] = ((x - self.mean) / self.std).transpose(2, 0, 1)
+        return out
+
+    def propagate(self, frames: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        """bool `[T, H, W, K]`: object k, prompted by `boxes[k]` (x0, y0, x1, y1, image pixels) on frame 0, on every
+        frame of `frames uint8 [T, H, W, 3]` (SAM2's low-resolution logits resized bilinearly to H x W, > 0)."""
+        torch = self._torch
+        from transformers.models.sam2_video.modeling_sam2_video import Sam2VideoInferenceSession  # noqa: PLC0415
+
+        t, h, w = frames.shape[:3]
+        boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+        session = Sam2VideoInferenceSession(video=torch.from_numpy(self.pixel_values(frames)), video_height=h,
+                                            video_width=w, inference_device=self.device,
+                                            video_storage_device=self.device, inference_state_device=self.device,
+                                            dtype=torch.float32)
+        scaled = boxes * np.asarray([self.size / w, self.size / h] * 2, np.float32)
+        ids = list(range(1, len(boxes) + 1))
+        for k, obj_id in enumerate(ids):  # a box is the two corner points with labels 2 and 3, as SAM2 encodes it
+            session.add_point_inputs(session.obj_id_to_idx(obj_id), 0, {
+                "point_coords": torch.from_numpy(scaled[k].reshape(1, 1, 2, 2)).to(self.device),
+                "point_labels": torch.tensor([[[2, 3]]], dtype=torch.int32, device=self.device)})
+        session.obj_with_new_inputs = ids
+        out = np.zeros((t, h, w, len(boxes)), bool)
+        with torch.no_grad():
+            for step in self.model.propagate_in_video_iterator(session, start_frame_idx=0):
+                logits = step.pred_masks[:, 0].float()[None]  # [1, K, h', w']
+                up = torch.nn.functional.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+                out[int(step.frame_idx)] = (up[0] > 0).cpu().numpy().transpose(1, 2, 0)
+        return out
+
+
 @dataclasses.dataclass(frozen=True)
 class Detection:
     """One named object found by the detector: `box` (x0, y0, x1, y1) in image pixels, its `score` in [0, 1]."""
