@@ -6,6 +6,8 @@ mask per box, each cropped to its box; when a request gives neither masks nor bo
 `GroundingDinoForObjectDetection`, `config.sample.detector_path`) finds the objects the request names (its labels,
 else its local prompts' object phrases, else the offline planner's objects of its caption) and SAM2 segments them.
 The chosen masks are drawn over the image (`overlay`) and saved beside the video, `<overlay_dir>/<name>_masks.png`.
+`Sam2Video` (transformers `Sam2VideoModel`) tracks boxed objects through a clip; labelling videos for training
+(`python -m ttm_jax.data.label`) uses it with `GroundingDino`.
 
 Both models are the optional torch extra (`pip install -e .[torch]`): torch and transformers are imported where they
 are used. Pre- and post-processing are written here with numpy and PIL (transformers' SAM2 image processor needs
