@@ -46,7 +46,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     s.match = "auto"  # local prompts -> masks: auto | label | colour | order
     # first-frame segmentation (the optional torch extra; ttm_jax/inference/segment.py): boxes -> SAM2 masks, and, with
     # neither masks nor boxes, the objects named by the labels / local prompts / caption -> Grounding DINO boxes
-    s.box_masks = "sam2"  # sam2 (masks from SAM2 at sam2_path) | rectangles (boxes used as solid masks)
+    # boxes -> masks: auto (SAM2 when sam2_path is set, else solid rectangles) | sam2 (SAM2 at sam2_path; an error
+    # naming sam2_path without it) | rectangles (boxes used as solid masks, which the models never saw in training)
+    s.box_masks = "auto"
     s.sam2_path = ""  # transformers Sam2Model folder, e.g. facebook/sam2.1-hiera-large downloaded
     s.detector_path = ""  # transformers GroundingDinoForObjectDetection folder, e.g. IDEA-Research/grounding-dino-base
     s.detector_threshold = 0.3  # a named object whose best box scores below this is not found

@@ -223,3 +223,16 @@ def test_single_request_error_names_the_config_field_before_any_model(workdirs, 
     with pytest.raises(config_lib.ConfigError, match=rf"^config.sample.masks: {MAX_OBJECTS + 1} objects .*configs "
                                                      rf"saved in .*stage1 .* data.max_objects={MAX_OBJECTS};"):
         run.sample(config, str(tmp_path / "out"))
+
+
+def test_the_sample_job_segments_boxes_as_configured(workdirs, scene, tmp_path):
+    """`run.sample` hands `config.sample`'s segmenter to every request: asked for SAM2 masks of boxes without SAM2
+    weights, the request fails naming `config.sample.sam2_path`, before any model; with `box_masks=rectangles` the
+    boxes are read as before (this request then fails only for lack of checkpoints, later)."""
+    config = sample_config(*workdirs, image=scene["image"], caption=CAPTION, boxes="0,0,8,8", box_masks="sam2")
+    with pytest.raises(config_lib.ConfigError, match=r"config\.sample\.sam2_path"):
+        run.sample(config, str(tmp_path / "out"))
+    config = sample_config(*workdirs, image=scene["image"], caption=CAPTION, boxes="0,0,8,8", box_masks="rectangles")
+    with pytest.raises(Exception) as e:
+        run.sample(config, str(tmp_path / "out2"))
+    assert "sam2_path" not in str(e.value)

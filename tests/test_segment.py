@@ -242,11 +242,15 @@ def test_sample_config_fields():
     spec.loader.exec_module(module)
     c = module.get_config("sam2_path=/w/sam2,detector_threshold=0.5")
     assert (c.sample.box_masks, c.sample.sam2_path, c.sample.detector_path, c.sample.detector_threshold) == (
-        "sam2", "/w/sam2", "", 0.5)
+        "auto", "/w/sam2", "", 0.5)
     seg = segment.from_config(c.sample, overlay_dir="/out")
     assert (seg.sam2_path, seg.threshold, seg.overlay_dir, seg.box_masks) == ("/w/sam2", 0.5, "/out", "sam2")
     c.sample.box_masks = "rectangles"
     assert segment.from_config(c.sample) is None
+    c.sample.box_masks, c.sample.sam2_path = "auto", ""  # auto without SAM2 weights: the boxes stay rectangles
+    assert segment.from_config(c.sample) is None
+    c.sample.box_masks = "sam2"  # asked for SAM2 without weights: the error names the path (when a box is read)
+    assert segment.from_config(c.sample).box_masks == "sam2"
     c.sample.box_masks = "polygons"
     with pytest.raises(segment.SegmentError, match=r"config\.sample\.box_masks: 'polygons'"):
         segment.from_config(c.sample)

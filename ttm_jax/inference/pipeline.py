@@ -52,6 +52,7 @@ from ttm_jax.data import trajectory as trajectory_lib
 from ttm_jax.data import video_io
 from ttm_jax.diffusion import guidance, samplers
 from ttm_jax.inference import prompts as prompts_lib
+from ttm_jax.inference import segment
 from ttm_jax.inference.requests import Inputs, Request, RequestError, field_name, load_inputs, tokenize_prompts
 from ttm_jax.models import tokenizer as tokenizer_lib
 from ttm_jax.runtime import checkpoint as checkpoint_lib
@@ -232,11 +233,14 @@ class Prepared:
     inputs: Inputs | None = None  # the checked inputs (size, crop)
 
 
-def prepare_request(req: Request, geometry: Geometry, *, llm_client: Any = None, match: str = "auto") -> Prepared:
+def prepare_request(req: Request, geometry: Geometry, *, llm_client: Any = None, match: str = "auto",
+                    segmenter: segment.Segmenter | None = None) -> Prepared:
     """Check and load a request for models of `geometry` (`requests.load_inputs`), then plan its prompts (the LLM
     client's `complete`, else the offline planner) and match them to its masks. Needs no model: run it on every
-    request before the stages are loaded. Raises `RequestError` (or the planner's error) naming the request."""
-    inputs = load_inputs(req, geometry.height, geometry.width, geometry.max_objects, models=geometry.models)
+    request before the stages are loaded. Raises `RequestError` (or the planner's error) naming the request.
+    `segmenter` (`segment.from_config`): boxes -> SAM2 masks, names -> boxes (Grounding DINO)."""
+    inputs = load_inputs(req, geometry.height, geometry.width, geometry.max_objects, models=geometry.models,
+                         segmenter=segmenter)
     image, masks, labels = inputs.image, inputs.masks, inputs.labels
     k = masks.shape[-1]
     if req.local_prompts is not None:

@@ -28,7 +28,7 @@ import numpy as np
 
 from ttm_jax.config import ConfigError
 from ttm_jax.diffusion import samplers
-from ttm_jax.inference import llm
+from ttm_jax.inference import llm, segment
 from ttm_jax.inference import pipeline as pipeline_lib
 from ttm_jax.inference import requests as requests_lib
 
@@ -83,9 +83,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         _check(bool(s.image), "image", "empty; give the first frame (or a JSONL in config.sample.requests)")
         _check(os.path.exists(s.image), "image", f"{s.image!r} does not exist")
         _check(bool(s.caption.strip()), "caption", "empty; describe the motion, e.g. 'the red square slides left'")
-        _check(bool(s.masks) or bool(s.boxes), "masks",
+        _check(bool(s.masks) or bool(s.boxes) or bool(s.get("detector_path", "")), "masks",
                "neither masks nor boxes given; set config.sample.masks (PNGs, SA-V json, COCO RLE json) or "
-               "config.sample.boxes ('x0,y0,x1,y1;...')")
+               "config.sample.boxes ('x0,y0,x1,y1;...'), or config.sample.detector_path to find the objects")
         if s.boxes:
             parse_boxes(s.boxes)
         if s.masks and not s.masks.endswith(".json") and ".json:" not in s.masks:
@@ -233,6 +233,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str, *,
     geometry = pipe.geometry if pipe is not None else pipeline_lib.Geometry.from_workdirs(s.stage1_workdir,
                                                                                          s.stage2_workdir)
     client = pipe.llm if pipe is not None else llm_client(s)
+    segmenter = segment.from_config(s, overlay_dir=workdir)
     previous = previous_records(workdir)
     records: list[dict] = []
     todo: list[tuple[int, pipeline_lib.Prepared]] = []
@@ -249,7 +250,8 @@ def sample(config: ml_collections.ConfigDict, workdir: str, *,
             print(f"already done {line.source} ({line.name!r}): {rec['video']}", flush=True)
         else:
             try:
-                prepared = pipeline_lib.prepare_request(line.request, geometry, llm_client=client, match=s.match)
+                prepared = pipeline_lib.prepare_request(line.request, geometry, llm_client=client, match=s.match,
+                                                        segmenter=segmenter)
             except Exception as e:  # noqa: BLE001 - any per-request error skips that request only
                 if single:
                     raise

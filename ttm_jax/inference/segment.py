@@ -382,9 +382,13 @@ class Segmenter:
 
 
 def from_config(sample: ml_collections.ConfigDict, *, overlay_dir: str = "") -> Segmenter | None:
-    """The segmenter `config.sample` asks for: None when boxes stay rectangles and no detector is set (the requests
-    are read as before)."""
-    mode, detector = sample.get("box_masks", "sam2"), sample.get("detector_path", "")
+    """The segmenter `config.sample` asks for (`box_masks`: auto = SAM2 when `sam2_path` is set, else rectangles):
+    None when boxes stay rectangles and no detector is set (the requests are read as before)."""
+    mode, detector = sample.get("box_masks", "auto"), sample.get("detector_path", "")
+    if mode not in ("auto", "sam2", "rectangles"):
+        raise SegmentError(f"config.sample.box_masks: {mode!r}; choose auto, sam2 or rectangles")
+    if mode == "auto":  # SAM2 when its weights are given, else the boxes stay rectangles (as before SAM2 existed)
+        mode = "sam2" if sample.get("sam2_path", "") else "rectangles"
     if mode == "rectangles" and not detector:
         return None
     return Segmenter(sample.get("sam2_path", ""), detector, box_masks=mode,
