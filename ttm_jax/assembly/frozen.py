@@ -11,11 +11,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
 from ttm_jax.assembly import registry
 from ttm_jax.assembly.inputs import encode_text
 from ttm_jax.assembly.modules import Modules
+from ttm_jax.runtime import checkpoint as checkpoint_lib
 from ttm_jax.runtime import compile as compile_lib
 from ttm_jax.runtime import sharding as sharding_lib
 
@@ -70,6 +70,7 @@ def load_text_encoder(config: ml_collections.ConfigDict, init_te: Callable, rng:
         return jax.tree.map(lambda x, sh: jax.device_put(np.asarray(x), sh), host, shardings), shardings
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           sharding_lib.unbox(abstract), shardings)
-    with ocp.StandardCheckpointer() as ckptr:
-        params = ckptr.restore(path, target)
+    params = checkpoint_lib.restore_tree(path, target, field="config.text_encoder.path",
+                                         fix="it must be a transformers encoder folder or an Orbax checkpoint of "
+                                             "converted params of this encoder's shapes")
     return params, shardings

@@ -50,12 +50,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
 from ttm_jax import config as config_lib
 from ttm_jax.convert import export
 from ttm_jax.models import dit as dit_lib
 from ttm_jax.models import wan_vae
+from ttm_jax.runtime import checkpoint as checkpoint_lib
 from ttm_jax.weights import dit as dit_convert
 from ttm_jax.weights import rulebook as rb
 from ttm_jax.weights import wan_vae as vae_convert
@@ -152,8 +152,8 @@ def _dit(args: argparse.Namespace) -> None:
 def _dit_export(args: argparse.Namespace) -> None:
     cfg, cin, cout = dit_convert.read_config(args.like, scan_layers=args.scan_layers)
     abstract = dit_convert.template(cfg, cin, cout)
-    with ocp.StandardCheckpointer() as ckptr:
-        params = ckptr.restore(os.path.abspath(args.src), abstract)
+    params = checkpoint_lib.restore_tree(args.src, abstract, field="--src",
+                                         fix="it must be an Orbax params checkpoint of the model --like describes")
     file = dit_convert.save_diffusers_folder(params, cfg, cin, cout, args.out)
     print(f"wrote {file}")
 

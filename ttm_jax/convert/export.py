@@ -35,7 +35,6 @@ from typing import Any
 
 import jax
 import ml_collections
-import orbax.checkpoint as ocp
 
 from ttm_jax import config as config_lib
 from ttm_jax.models import dit as dit_lib
@@ -195,12 +194,9 @@ def load_orbax_params(path: str, cfg: dit_lib.DiTConfig, in_channels: int, out_c
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
                             dit_convert.template(cfg, in_channels, out_channels))
-    with ocp.StandardCheckpointer() as ckptr:
-        try:
-            return ckptr.restore(os.path.abspath(path), abstract)
-        except Exception as e:  # noqa: BLE001 - re-raised naming the source and the fix
-            raise ValueError(f"{path}: could not restore DiT params of config {cfg} ({e}); is it an Orbax params "
-                             f"checkpoint of that model (check --config / ttm_convert.json)?") from e
+    return checkpoint_lib.restore_tree(path, abstract, field="--from=orbax:",
+                                       fix=f"is it an Orbax params checkpoint of DiT config {cfg} (check --config / "
+                                           f"ttm_convert.json)?")
 
 
 def load_workdir(workdir: str, *, step: int | None = None, ema: bool = True) -> tuple[Any, dict[str, Any], int]:

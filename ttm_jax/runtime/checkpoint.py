@@ -17,6 +17,7 @@ rename), so a half-written checkpoint is never picked up (SIGTERM: `ttm_jax.trai
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, NamedTuple
 
 import grain
@@ -163,6 +164,17 @@ def _tuples(x: Any) -> Any:
     if isinstance(x, list):
         return tuple(_tuples(v) for v in x)
     return x
+
+
+def restore_tree(path: str | epath.PathLike, target: Any, *, field: str, fix: str) -> Any:
+    """A standalone Orbax checkpoint of a pytree (converted params, a frozen encoder's params) restored onto `target`
+    (`jax.ShapeDtypeStruct`s, with shardings where they should land). The one reader of such checkpoints; a failure
+    raises ValueError naming `field` (the config field or flag that gave `path`) and `fix`."""
+    with ocp.StandardCheckpointer() as ckptr:
+        try:
+            return ckptr.restore(os.path.abspath(os.fspath(path)), target)
+        except Exception as e:  # noqa: BLE001 - re-raised naming the field and the fix
+            raise ValueError(f"{field}: could not restore {str(path)!r} ({e}); {fix}") from e
 
 
 class RestoredParams(NamedTuple):

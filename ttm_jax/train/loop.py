@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
@@ -72,13 +71,9 @@ def default_iterator(config: ml_collections.ConfigDict, *, process_index: int, p
 
 
 def _load_init_from(path: str, abstract: state_lib.TrainState) -> Any:
-    target = abstract.params
-    with ocp.StandardCheckpointer() as ckptr:
-        try:
-            return ckptr.restore(path, target)
-        except Exception as e:  # noqa: BLE001 - re-raised with the field to fix
-            raise ValueError(f"config.train.init_from: could not restore params from {path!r} ({e}); it must be an "
-                             f"Orbax params checkpoint of this model's shapes (python -m ttm_jax.convert)") from e
+    return checkpoint_lib.restore_tree(path, abstract.params, field="config.train.init_from",
+                                       fix="it must be an Orbax params checkpoint of this model's shapes (python -m "
+                                           "ttm_jax.convert)")
 
 
 def _sample_dir(workdir: str) -> epath.Path:
