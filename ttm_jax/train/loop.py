@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 from ttm_jax import config as config_lib
 from ttm_jax.assembly import frozen as frozen_lib
@@ -169,7 +170,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, modules: Modules |
     shardings = state_lib.state_shardings(abstract_boxed, tx, ema_decay, mesh, rules, shard_unannotated)
     abstract = state_lib.abstract_state(init_params, rng, tx, ema_decay, shardings)
     # a resume that would change what the checkpoints hold is refused before anything is written
-    saved = _newest_saved_config(workdir)
+    # every process takes the same branch (Orbax's managers synchronise the processes): process 0's view decides
+    resuming = checkpoint_lib.checkpoint_dir(workdir).exists()
+    if jax.process_count() > 1:
+        resuming = bool(multihost_utils.broadcast_one_to_all(np.int32(resuming)))
+    saved = _newest_saved_config(workdir) if resuming else None
     if saved is not None:
         check_resumable(saved[1], config, workdir)
         _check_layout(workdir, saved[0], abstract)
@@ -186,9 +191,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, modules: Modules |
 
 
 def _newest_saved_config(workdir: str) -> tuple[int, ml_collections.ConfigDict] | None:
-    """`(step, config)` of the newest checkpoint whose config reads (None without checkpoints); nothing is created."""
-    if not checkpoint_lib.checkpoint_dir(workdir).exists():
-        return None
+    """`(step, config)` of the newest checkpoint whose config reads (None without one); call it only when the
+    checkpoint folder exists (nothing is created)."""
     ckpt = checkpoint_lib.Checkpointer(workdir, async_save=False)
     try:
         for step in sorted(ckpt.all_steps(), reverse=True):
