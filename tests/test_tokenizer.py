@@ -3,6 +3,7 @@
 import io
 import pickle
 import random
+import zlib
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import sentencepiece as spm
 from transformers import ByT5Tokenizer, T5Tokenizer
 
 from ttm_jax import config as config_lib
+from ttm_jax.data import synthetic
 from ttm_jax.models import tokenizer as tok_lib
 
 TEXTS = [
@@ -59,6 +61,40 @@ def test_byte_tokenizer_layout_and_decode():
     assert ids[0, -1] == tok_lib.EOS_ID and mask.all()
 
 
+def test_word_tokenizer_layout_truncation_and_pickling():
+    tok = tok_lib.WordTokenizer(2048)
+    ids, mask = tok.encode(["The red square slides LEFT, the blue disc rises.", ""], 12)
+    words = ["the", "red", "square", "slides", "left", ",", "the", "blue", "disc", "rises", "."]
+    want = [3 + zlib.crc32(w.encode()) % (2048 - 3) for w in words]
+    assert ids[0].tolist() == want + [tok_lib.EOS_ID] and mask[0].all()
+    assert ids[1].tolist() == [tok_lib.EOS_ID] + [tok_lib.PAD_ID] * 11 and mask[1].sum() == 1
+    assert ids[0, 0] == ids[0, 6]  # one word, one id wherever it stands (case folded: "LEFT" is "left")
+    assert ids.max() < tok.vocab_size and ids[mask].min() >= tok_lib.EOS_ID
+    short, _ = tok.encode(["the red square slides left"], 3)
+    assert short[0].tolist() == want[:2] + [tok_lib.EOS_ID]  # cut to max_length - 1 words, eos last
+    again = pickle.loads(pickle.dumps(tok))
+    np.testing.assert_array_equal(again.encode(TEXTS, 16)[0], tok.encode(TEXTS, 16)[0])
+    with pytest.raises(ValueError, match="vocab_size: 10.*at least 64"):
+        tok_lib.WordTokenizer(10)
+
+
+def test_word_tokenizer_keeps_the_synthetic_prompts_words_apart():
+    """The tiny configs' table size gives every word of the synthetic captions and prompts its own id; a table half
+    that size would merge "up" and "down" (the collision check sees it)."""
+    cfg = config_lib.build(1, "tiny").text_encoder
+    tok = tok_lib.make_tokenizer(cfg)
+    words = set()
+    for i in range(500):
+        entry = synthetic.caption_entry("v", synthetic.sample_scene(0, i, height=32, width=32, frames=48))
+        for text in [entry["caption"], entry["motion_prompt"], *entry["local_prompts"].values()]:
+            words.update(tok.words(text))
+            assert len(tok.words(text)) < (cfg.local_max_length if text in entry["local_prompts"].values()
+                                           else cfg.max_length)  # never truncated
+    assert {"up", "down", "left", "right", "red", "blue", "still"} <= words
+    assert tok.collisions(sorted(words)) == {}
+    assert tok_lib.WordTokenizer(1024).collisions(sorted(words)) != {}
+
+
 def test_sentencepiece_matches_transformers_t5tokenizer(sp_dir):
     tok = tok_lib.SentencePieceTokenizer(str(sp_dir))
     hf = T5Tokenizer.from_pretrained(str(sp_dir), extra_ids=0)
@@ -87,6 +123,8 @@ def test_sentencepiece_accepts_model_file_and_pickles(sp_dir, tmp_path):
 
 def test_make_tokenizer_from_config_and_errors(sp_dir, tmp_path):
     cfg = config_lib.build(2, "tiny").text_encoder
+    assert isinstance(tok_lib.make_tokenizer(cfg), tok_lib.WordTokenizer)
+    cfg.tokenizer = "byte"
     assert isinstance(tok_lib.make_tokenizer(cfg), tok_lib.ByteTokenizer)
     cfg.tokenizer = "sentencepiece"
     cfg.tokenizer_path = str(tmp_path / "missing")

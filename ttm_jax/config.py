@@ -89,12 +89,13 @@ def _space_to_depth(*, time_factor: int, space_factor: int) -> dict[str, Any]:
             "latent_channels": 3 * space_factor**2 * time_factor}
 
 
-def _byte_t5(*, d_model: int, num_heads: int, d_kv: int, d_ff: int) -> dict[str, Any]:
-    """A small T5, randomly initialised and frozen; ByT5's byte tokenizer needs no files."""
-    return {"name": "t5", "vocab_size": 384, "d_model": d_model, "num_layers": 2, "num_heads": num_heads,
-            "d_kv": d_kv, "d_ff": d_ff, "per_layer_bias": False, "tokenizer": "byte",
-            # bytes: the synthetic captions run to ~300, motion prompts ~240, local prompts ~90
-            "max_length": 256, "dtype": "float32"}
+def _word_t5(*, d_model: int, num_heads: int, d_kv: int, d_ff: int) -> dict[str, Any]:
+    """A small T5, randomly initialised and frozen, over hashed words (`models/tokenizer.py:WordTokenizer`): no files.
+    2048 ids keep the synthetic prompts' 50 words apart (at 1024 "up" and "down" share an id)."""
+    return {"name": "t5", "vocab_size": 2048, "d_model": d_model, "num_layers": 2, "num_heads": num_heads,
+            "d_kv": d_kv, "d_ff": d_ff, "per_layer_bias": False, "tokenizer": "word",
+            # words: the synthetic captions run to <= 60, motion prompts <= 48, local prompts <= 14
+            "max_length": 64, "local_max_length": 16, "dtype": "float32"}
 
 
 # variant -> section -> the values that differ between variants (every other value: the section builders below).
@@ -107,7 +108,7 @@ _VARIANT_TABLE: dict[str, dict[str, dict[str, Any]]] = {
         "model": {"dim": 128, "num_layers": 2, "num_heads": 2, "ffn_dim": 256, "text_dim": 32, "freq_dim": 32,
                   "ttm_layers": 1, "patch_size": (1, 1, 1)},
         "autoencoder": _space_to_depth(time_factor=4, space_factor=2),
-        "text_encoder": _byte_t5(d_model=32, num_heads=2, d_kv=16, d_ff=64),
+        "text_encoder": _word_t5(d_model=32, num_heads=2, d_kv=16, d_ff=64),
         "data": {"num_frames": 9, "height": 32, "width": 32},  # latent 3 x 16 x 16 x 48: 768 tokens
         # ~2 minutes on a 2-core CPU (the README's first command)
         "train": {"batch_size": 4, "total_steps": 600, "checkpoint_every_steps": 100, "sample_every_steps": 300},
@@ -120,7 +121,7 @@ _VARIANT_TABLE: dict[str, dict[str, dict[str, Any]]] = {
         "model": {"dim": 512, "num_layers": 8, "num_heads": 4, "ffn_dim": 1536, "text_dim": 256, "freq_dim": 256,
                   "ttm_layers": 3, "patch_size": (1, 2, 2)},
         "autoencoder": _space_to_depth(time_factor=4, space_factor=4),
-        "text_encoder": _byte_t5(d_model=256, num_heads=4, d_kv=64, d_ff=512),
+        "text_encoder": _word_t5(d_model=256, num_heads=4, d_kv=64, d_ff=512),
         "data": {"num_frames": 17, "height": 128, "width": 128},
         "train": {"batch_size": 8, "total_steps": 2000, "checkpoint_every_steps": 100, "sample_every_steps": 300},
         "optim": {"learning_rate": 1e-3, "warmup_steps": 20},
@@ -202,7 +203,7 @@ def _text_encoder(v: Mapping[str, Any]) -> ml_collections.ConfigDict:
     t.tokenizer_path = ""  # sentencepiece model file, for tokenizer=sentencepiece
     t.path = ""  # converted weights; empty: random init from `seed` (tiny configs)
     # tokens per local prompt (bytes for the byte tokenizer: "the red square: the square slides left" ~ 40-90)
-    t.local_max_length = 96 if t.tokenizer == "byte" else 32
+    t.local_max_length = v.get("local_max_length", 96 if t.tokenizer == "byte" else 32)
     t.param_dtype = "float32"
     return t
 
@@ -444,8 +445,8 @@ def _check_text_encoder(config: ml_collections.ConfigDict) -> None:
     without `tokenizer_path` passes: describe mode needs none, and `main` checks it again before training."""
     t = config.text_encoder
     _check(t.d_model > 0 and t.num_layers > 0, "text_encoder", "d_model and num_layers must be positive")
-    _check(t.tokenizer in ("byte", "sentencepiece"), "text_encoder.tokenizer",
-           f"{t.tokenizer!r}; choose byte or sentencepiece")
+    _check(t.tokenizer in ("byte", "word", "sentencepiece"), "text_encoder.tokenizer",
+           f"{t.tokenizer!r}; choose byte, word or sentencepiece")
     for name in ("vocab_size", "num_heads", "d_kv", "d_ff", "relative_attention_num_buckets",
                  "relative_attention_max_distance", "max_length", "local_max_length"):
         _check(isinstance(t[name], int) and t[name] > 0, f"text_encoder.{name}", f"{t[name]!r} must be a positive int")
@@ -455,6 +456,9 @@ def _check_text_encoder(config: ml_collections.ConfigDict) -> None:
            f"{t.relative_attention_max_distance} larger than a quarter of it (T5 uses 32 and 128)")
     _check(t.tokenizer != "byte" or t.vocab_size >= 259, "text_encoder.vocab_size",
            f"{t.vocab_size} is too small for the byte tokenizer's 259 ids (ByT5 uses 384); set it to >= 259")
+    _check(t.tokenizer != "word" or t.vocab_size >= 64, "text_encoder.vocab_size",
+           f"{t.vocab_size} is too small for the word tokenizer's hash table; set it to >= 64 (2048 keeps "
+           f"the synthetic prompts' words apart)")
     _check(t.get("feed_forward", "gated-gelu") == "gated-gelu", "text_encoder.feed_forward",
            f"{t.get('feed_forward')!r}; only gated-gelu (T5 v1.1, ByT5, umT5) is implemented")
     _check(t.get("dtype", "float32") in DTYPES, "text_encoder.dtype", f"{t.get('dtype')!r}; choose one of {DTYPES}")

@@ -1,4 +1,5 @@
-"""Text -> token ids for the T5-family text encoder: ByT5's byte tokenizer (no files) and SentencePiece (T5/umT5).
+"""Text -> token ids for the T5-family text encoder: ByT5's byte tokenizer and a hashed word tokenizer (no files),
+and SentencePiece (T5/umT5).
 
 Both follow the T5 conventions of the transformers tokenizers they stand in for (`ByT5Tokenizer`, `T5Tokenizer`
 with `padding="max_length", truncation=True`): an end-of-sequence id is appended, a text longer than `max_length`
@@ -8,6 +9,8 @@ tokenizers can run in data-loader workers (they pickle).
 
 from __future__ import annotations
 
+import re
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -74,6 +77,45 @@ class ByteTokenizer:
         return out
 
 
+class WordTokenizer:
+    """Words hashed into a fixed table: id = 3 + crc32(word) mod (vocab_size - 3) (0 pad, 1 eos, 2 unk).
+
+    For the tiny configs, whose text encoder is a randomly initialised, frozen T5 (no weights can be downloaded): a
+    random encoder over bytes hands the DiT letters it would have to assemble into words before it could read "left"
+    from "right", which a small model trained for minutes does not learn (stage 1 ignored its motion prompt: the same
+    x0 predictions with the right, another scene's, or the null prompt). Over hashed words, every word is one token
+    with its own random embedding. Lower-cased; a word is a run of letters or digits, other non-space characters are
+    one token each. Collisions are possible (a hash, not a vocabulary): `collisions` lists them for a word list.
+    """
+
+    offset = 3
+    _split = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
+
+    def __init__(self, vocab_size: int):
+        if not isinstance(vocab_size, int) or vocab_size < 64:
+            raise ValueError(f"config.text_encoder.vocab_size: {vocab_size!r}; the word tokenizer hashes words into "
+                             f"this many ids, set it to at least 64 (1024+ keeps collisions rare)")
+        self.vocab_size = vocab_size
+
+    def words(self, text: str) -> list[str]:
+        return self._split.findall(text.lower())
+
+    def word_id(self, word: str) -> int:
+        return self.offset + zlib.crc32(word.encode("utf-8")) % (self.vocab_size - self.offset)
+
+    def encode(self, texts: Sequence[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
+        """`B` texts -> (ids int32 `[B, max_length]`, mask bool `[B, max_length]`)."""
+        rows = [[self.word_id(w) for w in self.words(t)] for t in _texts(texts)]
+        return _pack(rows, max_length, EOS_ID, PAD_ID)
+
+    def collisions(self, words: Sequence[str]) -> dict[int, list[str]]:
+        """Ids shared by more than one of `words`."""
+        by_id: dict[int, set[str]] = {}
+        for w in words:
+            by_id.setdefault(self.word_id(w.lower()), set()).add(w.lower())
+        return {i: sorted(ws) for i, ws in by_id.items() if len(ws) > 1}
+
+
 class SentencePieceTokenizer:
     """A SentencePiece model (e.g. umT5's `spiece.model`); `path` is the `.model` file, a folder holding
     `spiece.model`, or a diffusers pipeline folder holding `tokenizer/spiece.model`; any `etils.epath` path."""
@@ -127,11 +169,12 @@ class SentencePieceTokenizer:
 # config.text_encoder.tokenizer -> `config.text_encoder -> tokenizer`; a new tokenizer is one entry
 TOKENIZERS: dict[str, Callable[[ml_collections.ConfigDict], Tokenizer]] = {
     "byte": lambda config: ByteTokenizer(),
+    "word": lambda config: WordTokenizer(int(config.vocab_size)),
     "sentencepiece": lambda config: SentencePieceTokenizer(config.get("tokenizer_path", "")),
 }
 
 
-def make_tokenizer(config: ml_collections.ConfigDict) -> ByteTokenizer | SentencePieceTokenizer:
+def make_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
     """The tokenizer `config.text_encoder.tokenizer` names (pass `config.text_encoder`); checks its ids fit the
     encoder's embedding table (`vocab_size`), which would otherwise clip them silently."""
     if config.tokenizer not in TOKENIZERS:
