@@ -15,9 +15,12 @@ the initialisation and the noise, changes between seeds):
 then builds the held-out multi-object benchmark (`ttm_jax.eval.motion_bench`: generator seeds never used in
 training), generates every scene with every row (`configs/sample.py` requests; TTM rows run stage 1 then stage 2),
 judges the videos by the objects' known colours (`ttm_jax.eval.judge`: binding accuracy, trajectory IoU; for TTM rows
-also stage 1's trajectory IoU against the ground-truth masks), and writes `DIR/results.json`, `DIR/results.md`
-(mean and 95% interval over seeds, numbers of scenes and objects) and `DIR/side_by_side.gif` (first frame | ground
-truth | each row, a few scenes). Every step is resumable: re-running skips trained runs (their workdirs reach
+also stage 1's trajectory IoU against the ground-truth masks); every stage-2 row also generates each scene from the
+ground-truth trajectory in place of stage 1's (rows "<row> (GT trajectory)": what stage 2 and its masked layers do
+with a right trajectory, the stage-2 half of Table 3 with stage 1's errors taken out), and writes
+`DIR/results.json`, `DIR/results.md` (mean and 95% interval over seeds, numbers of scenes and objects) and
+`DIR/side_by_side.gif` (first frame | ground truth | each row, a few scenes). Every step is resumable: re-running
+skips trained runs (their workdirs reach
 `total_steps`), generated videos (`samples.jsonl`) and a finished benchmark.
 
 Presets: `smoke` (minutes: checks the machinery, says nothing about the claim), `quick` (the CPU preset), `full`
@@ -46,8 +49,11 @@ from absl import flags  # noqa: E402
 flags.FLAGS.mark_as_parsed()  # Grain reads absl flags
 
 from ttm_jax import config as config_lib  # noqa: E402
+from ttm_jax.data import trajectory as trajectory_lib  # noqa: E402
 from ttm_jax.data import video_io  # noqa: E402
 from ttm_jax.eval import judge, motion_bench  # noqa: E402
+from ttm_jax.inference import pipeline as pipeline_lib  # noqa: E402
+from ttm_jax.inference import requests as requests_lib  # noqa: E402
 from ttm_jax.inference import run as sample_run  # noqa: E402
 from ttm_jax.train import loop  # noqa: E402
 
@@ -59,13 +65,18 @@ class Preset:
     scenes: int  # held-out benchmark scenes
     sample_steps: int  # sampler steps at generation
     variant: str = "tiny"
+    model: tuple = ()  # (config.model field, value) overrides of every run
 
 
 PRESETS = {
     "smoke": Preset(steps=30, num_videos=16, scenes=4, sample_steps=4),
-    "quick": Preset(steps=600, num_videos=256, scenes=16, sample_steps=20),
+    # the tiny variant at 2x2 patches and dim 256: 4x fewer tokens, about twice the tiny default's steps/s here
+    "quick": Preset(steps=600, num_videos=1000, scenes=16, sample_steps=20,
+                    model=(("dim", 256), ("ffn_dim", 512), ("num_heads", 4), ("patch_size", (1, 2, 2)))),
     "full": Preset(steps=20_000, num_videos=4096, scenes=64, sample_steps=50),
 }
+
+GT = " (GT trajectory)"  # rows of stage 2 given the ground-truth trajectory instead of stage 1's
 
 # row -> (stage, config overrides)
 ROWS = {
@@ -84,6 +95,8 @@ def run_config(stage: int, seed: int, preset: Preset, data_dir: str, overrides: 
     c.train.checkpoint_every_steps = max(1, preset.steps // 2)
     c.train.sample_every_steps = 0
     c.data.synthetic_num_videos = preset.num_videos
+    for field, value in preset.model:
+        c.model[field] = value
     c.data.synthetic_dir = data_dir  # one synthetic dataset for every run and seed; data order fixed by shuffle_seed
     for key, value in overrides.items():
         section, field = key.split(".")
@@ -107,6 +120,27 @@ def sample_config(**fields):
     config = module.get_config()
     config.sample.update(fields)
     return config
+
+
+def oracle_videos(config, bench: motion_bench.Benchmark, out_dir: str) -> dict[str, str]:
+    """Stage 2 of `config.sample` given each scene's ground-truth trajectory instead of stage 1's (the same requests,
+    seeds and sampler settings as the two-stage run): what stage 2 and its masked layers do with a right trajectory.
+    Writes `<out_dir>/<scene>.mp4`; returns scene name -> path."""
+    s = config.sample
+    os.makedirs(out_dir, exist_ok=True)
+    pipe = pipeline_lib.Pipeline.from_workdirs(s.stage1_workdir, s.stage2_workdir, sample_run.settings_from_config(s))
+    out = {}
+    for req in requests_lib.read_requests(s.requests):
+        path = os.path.join(out_dir, f"{req.name}.mp4")
+        if not os.path.exists(path):
+            req.seed = int(req.seed) + int(s.seed)
+            item = pipe.prepare(req)
+            ids = trajectory_lib.ids_from_masks(bench.scene(req.name).masks())[None]
+            video = pipe.run_stage2([item], ids)[0]
+            video_io.write_video(path + ".tmp.mp4", video, fps=pipe.fps)
+            os.replace(path + ".tmp.mp4", path)
+        out[req.name] = path
+    return out
 
 
 def middle_panel(side_by_side: np.ndarray, width: int) -> np.ndarray:
@@ -178,6 +212,7 @@ def main() -> None:
                                         frames=int(d.num_frames), fps=float(d.fps))
     requests = os.path.join(bench_dir, "requests.jsonl")
     per_seed: dict[str, list[dict]] = {row: [] for row in ROWS}
+    per_seed.update({row + GT: [] for row, (stage, _) in ROWS.items() if stage != 0})
     videos_seed0: dict[str, dict[str, str]] = {}
     for seed in seeds:
         for row, (stage, _) in ROWS.items():
@@ -200,6 +235,16 @@ def main() -> None:
                 videos_seed0[row] = videos
             print(f"[seed {seed}] {row}: binding accuracy {verdict['overall']['binding_accuracy']}, "
                   f"trajectory IoU {verdict['overall']['trajectory_iou']}", flush=True)
+            if stage != 0:  # the same stage 2 given the ground-truth trajectory: its own share of the errors
+                start = time.time()
+                gt_videos = oracle_videos(config, bench, os.path.join(root, f"seed{seed}", "samples_gt_trajectory",
+                                                                      row))
+                timings[f"generate/{row}+gt"] = timings.get(f"generate/{row}+gt", 0.0) + time.time() - start
+                verdict = judge.judge_benchmark(bench_dir, gt_videos)
+                per_seed[row + GT].append(verdict["overall"])
+                if seed == seeds[0]:
+                    videos_seed0[row + GT] = gt_videos
+                print(f"[seed {seed}] {row}{GT}: binding accuracy {verdict['overall']['binding_accuracy']}", flush=True)
 
     # --- report ---------------------------------------------------------------------------------------------------
     table = {}
@@ -230,7 +275,7 @@ def main() -> None:
               + ", ".join(f"{k} {v / 60:.1f} min" for k, v in sorted(timings.items()))]
     with open(os.path.join(root, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    write_gif(os.path.join(root, "side_by_side.gif"), bench, videos_seed0, list(ROWS))
+    write_gif(os.path.join(root, "side_by_side.gif"), bench, videos_seed0, list(per_seed))
     print("\n".join(lines))
     print(f"wrote {root}/results.md, results.json, side_by_side.gif")
 

@@ -136,7 +136,7 @@ _VARIANT_TABLE: dict[str, dict[str, dict[str, Any]]] = {
         # umT5-XXL encoder, as Wan 2.1
         "text_encoder": {"name": "umt5", "vocab_size": 256384, "d_model": 4096, "num_layers": 24, "num_heads": 64,
                          "d_kv": 64, "d_ff": 10240, "per_layer_bias": True, "tokenizer": "sentencepiece",
-                         "max_length": 512, "dtype": "bfloat16"},
+                         "max_length": 512, "local_max_length": 32, "dtype": "bfloat16"},
         "data": {"num_frames": 81, "height": 480, "width": 832},
         "train": {"batch_size": 32, "total_steps": 50_000, "checkpoint_every_steps": 1000, "sample_every_steps": 5000},
         # paper: constant LR 2e-5 after 2,000 warm-up steps
@@ -202,8 +202,8 @@ def _text_encoder(v: Mapping[str, Any]) -> ml_collections.ConfigDict:
     t.eps = 1e-6
     t.tokenizer_path = ""  # sentencepiece model file, for tokenizer=sentencepiece
     t.path = ""  # converted weights; empty: random init from `seed` (tiny configs)
-    # tokens per local prompt (bytes for the byte tokenizer: "the red square: the square slides left" ~ 40-90)
-    t.local_max_length = v.get("local_max_length", 96 if t.tokenizer == "byte" else 32)
+    # tokens per local prompt (words: "the red striped square drifts up and to the left while growing" ~ 14)
+    t.local_max_length = v["local_max_length"]
     t.param_dtype = "float32"
     return t
 
