@@ -256,8 +256,15 @@ def _objective(v: Mapping[str, Any]) -> ml_collections.ConfigDict:
     # `shift`: timestep shift t' = s t / (1 + (s - 1) t)
     j = ml_collections.ConfigDict(dict(v))
     j.name = "rectified_flow"  # the objective, by name (ttm_jax/assembly/objectives.py: OBJECTIVES)
+    # rectified_flow: training times and the time shift
     j.t_sampling = "logit_normal"  # logit_normal | uniform
     j.logit_mean, j.logit_std = 0.0, 1.0
+    # ddim_v (ttm_jax/diffusion/ddim.py): DDPM betas, zero terminal SNR, DDIM timestep spacing (AnimateDiff / SD 1.5)
+    j.num_train_timesteps = 1000
+    j.beta_start, j.beta_end = 0.00085, 0.012
+    j.beta_schedule = "scaled_linear"  # scaled_linear | linear
+    j.rescale_zero_terminal_snr = True
+    j.timestep_spacing = "trailing"  # trailing | leading | linspace
     # condition dropout for InstructPix2Pix guidance
     j.drop_image_prob = 0.05
     j.drop_text_prob = 0.05
@@ -497,8 +504,21 @@ def _check_optim(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_objective(config: ml_collections.ConfigDict) -> None:
-    """objective section (ttm_jax/diffusion/flow.py)."""
+    """objective section (ttm_jax/assembly/objectives.py, ttm_jax/diffusion/flow.py, ttm_jax/diffusion/ddim.py)."""
     j = config.objective
+    _check(j.get("name", "rectified_flow") in ("rectified_flow", "ddim_v"), "objective.name",
+           f"{j.get('name')!r}; choose rectified_flow (the DiT's flow matching) or ddim_v (DDPM, v-prediction, DDIM)")
+    if j.get("name") == "ddim_v":
+        _check(isinstance(j.num_train_timesteps, int) and j.num_train_timesteps >= 2, "objective.num_train_timesteps",
+               f"{j.num_train_timesteps!r} must be an int >= 2 (1000 for SD 1.5 / AnimateDiff)")
+        _check(0 < j.beta_start < j.beta_end < 1, "objective.beta_start",
+               f"beta_start={j.beta_start}, beta_end={j.beta_end}: need 0 < beta_start < beta_end < 1")
+        _check(j.beta_schedule in ("scaled_linear", "linear"), "objective.beta_schedule",
+               f"{j.beta_schedule!r}; choose scaled_linear or linear")
+        _check(j.timestep_spacing in ("trailing", "leading", "linspace"), "objective.timestep_spacing",
+               f"{j.timestep_spacing!r}; choose trailing (zero terminal SNR needs it), leading or linspace")
+        _check(int(config.sample.num_steps) <= j.num_train_timesteps, "sample.num_steps",
+               f"{config.sample.num_steps} exceeds objective.num_train_timesteps={j.num_train_timesteps}")
     _check(j.t_sampling in ("logit_normal", "uniform"), "objective.t_sampling",
            f"{j.t_sampling!r}; choose logit_normal or uniform")
     _check(j.shift > 0, "objective.shift", f"{j.shift} must be > 0 (1: no shift)")

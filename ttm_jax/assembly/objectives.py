@@ -10,8 +10,15 @@ An `Objective` owns the four places where a diffusion formulation shows up:
 
 `rectified_flow` (the DiT, Wan 2.1 / Movie Gen): `x_t = (1 - t) x0 + t eps`, target `eps - x0`, logit-normal times
 shifted by `objective.shift`, timestep `1000 t`, first-order Euler from t = 1 to 0 (`ttm_jax.diffusion.flow`,
-`ttm_jax.diffusion.samplers`). A new objective (DDIM v-prediction with zero terminal SNR, for the U-Net) is a class
-with these methods, registered in `OBJECTIVES`.
+`ttm_jax.diffusion.samplers`).
+
+`ddim_v` (the paper's U-Net, AnimateDiff): DDPM betas (`scaled_linear`) rescaled to zero terminal SNR, v-prediction,
+integer timesteps drawn uniformly from 0..T-1 (the model takes them as they are), deterministic DDIM over
+`trailing` timesteps (`ttm_jax.diffusion.ddim`; equal to diffusers' `DDIMScheduler(rescale_betas_zero_snr=True,
+timestep_spacing="trailing", prediction_type="v_prediction", clip_sample=False)`). Its sampling grid is its own
+(`objective.timestep_spacing`): the flow schedules' names and shift do not apply to it.
+
+A new objective is a class with these methods, registered in `OBJECTIVES`.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import ml_collections
 import numpy as np
 
 from ttm_jax.assembly.registry import Registry
-from ttm_jax.diffusion import flow, samplers
+from ttm_jax.diffusion import ddim, flow, samplers
 
 
 class Objective(Protocol):
@@ -81,8 +88,55 @@ class RectifiedFlow:
         return samplers.euler_sample(model_fn, noise, ts, *args)
 
 
+class DDIMVPrediction:
+    """DDPM with zero terminal SNR, v-prediction, DDIM sampling (module docstring); `objective` is `config.objective`
+    (num_train_timesteps, beta_start, beta_end, beta_schedule, rescale_zero_terminal_snr, timestep_spacing)."""
+
+    name = "ddim_v"
+
+    def __init__(self, objective: ml_collections.ConfigDict):
+        self.config = objective
+        self.num_train_timesteps = int(objective.get("num_train_timesteps", 1000))
+        self.alphas_cumprod = ddim.alphas_cumprod(
+            num_train_timesteps=self.num_train_timesteps, beta_start=float(objective.get("beta_start", 0.00085)),
+            beta_end=float(objective.get("beta_end", 0.012)),
+            schedule=objective.get("beta_schedule", "scaled_linear"),
+            rescale_zero_terminal_snr=bool(objective.get("rescale_zero_terminal_snr", True)))
+        self.spacing = objective.get("timestep_spacing", "trailing")
+
+    def sample_time(self, rng: jax.Array, batch_size: int) -> jax.Array:
+        """Integer timesteps in [0, T) as float32 `[B]`."""
+        return jax.random.randint(rng, (batch_size,), 0, self.num_train_timesteps).astype(jax.numpy.float32)
+
+    def noisy(self, x0: jax.Array, eps: jax.Array, t: jax.Array) -> jax.Array:
+        return ddim.add_noise(x0, eps, ddim.gather(self.alphas_cumprod, t))
+
+    def target(self, x0: jax.Array, eps: jax.Array, t: jax.Array) -> jax.Array:
+        return ddim.velocity(x0, eps, ddim.gather(self.alphas_cumprod, t))
+
+    def loss(self, pred: jax.Array, target: jax.Array, t: jax.Array) -> jax.Array:
+        """Unweighted MSE on v."""
+        del t
+        return flow.loss(pred, target)
+
+    def model_time(self, t: jax.Array) -> jax.Array:
+        return t
+
+    def time_grid(self, num_steps: int, schedule: str = "", shift: float = 1.0) -> np.ndarray:
+        """Descending timesteps float32 `[num_steps]` (`objective.timestep_spacing`; `schedule`/`shift` are the flow
+        grids' and are not used)."""
+        del schedule, shift
+        return ddim.timesteps(int(num_steps), self.num_train_timesteps, self.spacing).astype(np.float32)
+
+    def sample(self, model_fn: Callable[..., jax.Array], noise: jax.Array, ts: jax.Array, *args: Any) -> jax.Array:
+        """DDIM (eta = 0) over `ts` (from `time_grid`); `model_fn(x, t [B], *args) -> v`."""
+        a_t, a_prev = ddim.step_alphas(ts, self.alphas_cumprod, self.num_train_timesteps)
+        return ddim.ddim_sample(model_fn, noise, ts, a_t, a_prev, *args)
+
+
 OBJECTIVES: Registry[Callable[[ml_collections.ConfigDict], Objective]] = Registry("objective.name")
 OBJECTIVES.register("rectified_flow", RectifiedFlow)
+OBJECTIVES.register("ddim_v", DDIMVPrediction)
 
 
 def make_objective(objective: ml_collections.ConfigDict) -> Objective:

@@ -176,7 +176,8 @@ class StageRunner:
         return jax.device_put(tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
     def time_grid(self, settings: Settings) -> np.ndarray:
-        """The objective's sampling times for `settings` (`[num_steps + 1]`, descending)."""
+        """The objective's sampling times for `settings`, descending (rectified flow: `[num_steps + 1]` times from 1 to
+        0; ddim_v: `[num_steps]` timesteps)."""
         return self.objective.time_grid(int(settings.num_steps), settings.schedule, float(settings.shift))
 
     def conditions(self, batch: dict[str, np.ndarray]) -> guidance.GuidanceConds:

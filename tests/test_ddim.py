@@ -1,0 +1,136 @@
+"""The `ddim_v` objective against diffusers' DDIMScheduler (zero terminal SNR, trailing timesteps, v-prediction), and
+trained end to end through the stage-assembly layer."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import train_fixtures as fx
+from diffusers import DDIMScheduler
+
+from ttm_jax import config as config_lib
+from ttm_jax.assembly import inputs as inputs_lib
+from ttm_jax.assembly import objectives, trained
+from ttm_jax.diffusion import ddim
+from ttm_jax.inference import pipeline
+from ttm_jax.train import loop
+
+
+def _scheduler(**kw) -> DDIMScheduler:
+    args = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="v_prediction",
+                clip_sample=False, set_alpha_to_one=True)
+    args.update(kw)
+    return DDIMScheduler(**args)
+
+
+def _objective(**kw) -> objectives.DDIMVPrediction:
+    c = config_lib.build(1, "tiny")
+    c.objective.name = "ddim_v"
+    c.objective.update(kw)
+    obj = objectives.make_objective(c.objective)
+    assert isinstance(obj, objectives.DDIMVPrediction)
+    return obj
+
+
+@pytest.mark.parametrize("schedule,rescale", [("scaled_linear", True), ("scaled_linear", False), ("linear", True)])
+def test_alphas_cumprod_match_diffusers(schedule, rescale):
+    ref = _scheduler(beta_schedule=schedule, rescale_betas_zero_snr=rescale).alphas_cumprod.double().numpy()
+    got = ddim.alphas_cumprod(schedule=schedule, rescale_zero_terminal_snr=rescale)
+    np.testing.assert_allclose(got, ref, rtol=2e-5, atol=1e-7)  # diffusers computes in float32
+    if rescale:
+        assert got[-1] == 0.0 and ref[-1] < 1e-10  # zero terminal SNR: the last step is pure noise
+        assert got[0] == pytest.approx(ddim.alphas_cumprod(schedule=schedule, rescale_zero_terminal_snr=False)[0])
+    else:
+        assert got[-1] > 1e-3
+
+
+@pytest.mark.parametrize("spacing", ["trailing", "leading", "linspace"])
+@pytest.mark.parametrize("num_steps", [1, 20, 30, 50])
+def test_timesteps_match_diffusers(spacing, num_steps):
+    s = _scheduler(timestep_spacing=spacing)
+    s.set_timesteps(num_steps)
+    np.testing.assert_array_equal(ddim.timesteps(num_steps, 1000, spacing), s.timesteps.numpy())
+    np.testing.assert_array_equal(_objective(timestep_spacing=spacing).time_grid(num_steps, "linear_quadratic", 3.0),
+                                  s.timesteps.numpy().astype(np.float32))
+
+
+def test_noise_and_velocity_match_diffusers():
+    s, obj = _scheduler(), _objective()
+    rng = np.random.default_rng(0)
+    x0 = rng.standard_normal((4, 3, 5, 6)).astype(np.float32)
+    eps = rng.standard_normal(x0.shape).astype(np.float32)
+    t = np.array([0, 257, 998, 999])
+    tt = torch.from_numpy(t)
+    np.testing.assert_allclose(np.asarray(obj.noisy(jnp.asarray(x0), jnp.asarray(eps), jnp.asarray(t, jnp.float32))),
+                               s.add_noise(torch.from_numpy(x0), torch.from_numpy(eps), tt).numpy(), atol=2e-6)
+    v = np.asarray(obj.target(jnp.asarray(x0), jnp.asarray(eps), jnp.asarray(t, jnp.float32)))
+    np.testing.assert_allclose(v, s.get_velocity(torch.from_numpy(x0), torch.from_numpy(eps), tt).numpy(), atol=2e-6)
+    np.testing.assert_allclose(v[3], -x0[3], atol=1e-6)  # at the terminal step v = -x0: a target even at pure noise
+    assert obj.model_time(jnp.asarray(t, jnp.float32)).tolist() == t.tolist()
+
+
+def _toy_model(x, t):
+    """A deterministic stand-in for the network: depends on x and t the way a v-predictor may."""
+    return 0.6 * x - 0.4 * jnp.tanh(x * (t[:, None, None, None] / 1000.0 + 0.2))
+
+
+@pytest.mark.parametrize("num_steps", [4, 30])
+def test_ddim_sampling_matches_diffusers_step_by_step(num_steps):
+    """The whole DDIM loop (trailing, from pure noise at t=999) equals diffusers' `step` loop; 30 steps do not divide
+    1000, where diffusers steps to `t - T // N` rather than to the next timestep."""
+    s, obj = _scheduler(), _objective()
+    s.set_timesteps(num_steps)
+    noise = np.random.default_rng(1).standard_normal((2, 3, 4, 4)).astype(np.float32)
+    x = torch.from_numpy(noise)
+    for t in s.timesteps:
+        tb = jnp.full((2,), float(t), jnp.float32)
+        v = torch.from_numpy(np.array(_toy_model(jnp.asarray(x.numpy()), tb)))
+        x = s.step(v, t, x, eta=0.0).prev_sample
+    ts = obj.time_grid(num_steps)
+    got = jax.jit(lambda n, ts: obj.sample(lambda x, t: _toy_model(x, t), n, ts))(jnp.asarray(noise), jnp.asarray(ts))
+    np.testing.assert_allclose(np.asarray(got), x.numpy(), atol=2e-5, rtol=1e-5)
+
+
+def test_rescale_guidance_matches_the_papers_formula():
+    rng = np.random.default_rng(2)
+    cond = rng.standard_normal((3, 2, 4, 4)).astype(np.float32)
+    guided = 3.0 * cond + rng.standard_normal(cond.shape).astype(np.float32)
+    out = np.asarray(ddim.rescale_guidance(jnp.asarray(guided), jnp.asarray(cond), 0.7))
+    std = lambda a: a.reshape(a.shape[0], -1).std(axis=1)[:, None, None, None]  # noqa: E731
+    want = 0.7 * guided * std(cond) / std(guided) + 0.3 * guided
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(ddim.rescale_guidance(jnp.asarray(guided), jnp.asarray(cond), 0.0)),
+                                  guided)
+
+
+def test_config_errors_name_the_field():
+    c = config_lib.build(1, "tiny")
+    c.objective.name = "ddpm"
+    with pytest.raises(config_lib.ConfigError, match=r"objective.name: 'ddpm'; choose rectified_flow .* or ddim_v"):
+        config_lib.validate(c)
+    c.objective.name = "ddim_v"
+    c.objective.beta_end = 0.0001
+    with pytest.raises(config_lib.ConfigError, match=r"objective.beta_start: .*beta_start < beta_end"):
+        config_lib.validate(c)
+    with pytest.raises(ValueError, match=r"num_steps=1001 must be an int in \[1, 1000\]"):
+        ddim.timesteps(1001)
+
+
+def test_a_stage_trains_and_samples_with_ddim_v(tmp_path):
+    """The objective plugs in by name: a tiny stage 1 trains with it (loss finite, checkpointed) and the sampler of
+    the generation pipeline runs DDIM over its trailing timesteps from the saved config."""
+    c = fx.tiny_config(1, **{"objective.name": "ddim_v", "train.total_steps": 2, "train.checkpoint_every_steps": 2})
+    res = loop.train(c, str(tmp_path / "run"), modules=fx.make_modules(c, real_model=True),
+                     make_iterator=fx.iterator_factory(), devices=jax.devices()[:1])
+    assert res.final_step == 2 and all(np.isfinite(m["loss"]) for _, m in res.history)
+    stage = trained.load_stage(str(tmp_path / "run"), 1)
+    runner = pipeline.StageRunner(stage)
+    assert isinstance(runner.objective, objectives.DDIMVPrediction)
+    settings = pipeline.Settings(num_steps=3)
+    np.testing.assert_array_equal(runner.time_grid(settings), [999, 666, 332])  # round(1000 - 1000 k / 3) - 1
+    batch = {k: np.asarray(v) for k, v in fx.synthetic_example(0, stage.config).items()}
+    batch = {k: v[None] for k, v in batch.items() if k in inputs_lib.BATCH_KEYS}
+    latent = np.asarray(runner.sample(runner.conditions(batch), [0], settings))
+    assert latent.shape == (1, *runner.latent_shape) and np.isfinite(latent).all()
