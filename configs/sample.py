@@ -57,6 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     s.schedule = "linear_quadratic"  # linear_quadratic (Movie Gen) | uniform
     s.shift = 1.0  # time shift of the grid (1: none)
     s.image_scale = 1.5  # InstructPix2Pix image guidance
+    s.guidance_rescale = 0.0  # CFG rescale towards the conditional prediction's std (0: off; 0.7 with ddim_v)
     s.text_scale = 3.0  # InstructPix2Pix text guidance
     s.seed = 0
     s.ema = True  # the EMA parameters when the training run kept them (else the raw ones)

@@ -12,7 +12,7 @@ from diffusers import DDIMScheduler
 from ttm_jax import config as config_lib
 from ttm_jax.assembly import inputs as inputs_lib
 from ttm_jax.assembly import objectives, trained
-from ttm_jax.diffusion import ddim
+from ttm_jax.diffusion import ddim, guidance
 from ttm_jax.inference import pipeline
 from ttm_jax.train import loop
 
@@ -93,16 +93,17 @@ def test_ddim_sampling_matches_diffusers_step_by_step(num_steps):
     np.testing.assert_allclose(np.asarray(got), x.numpy(), atol=2e-5, rtol=1e-5)
 
 
-def test_rescale_guidance_matches_the_papers_formula():
+def test_guidance_rescale_matches_the_papers_formula():
     rng = np.random.default_rng(2)
-    cond = rng.standard_normal((3, 2, 4, 4)).astype(np.float32)
-    guided = 3.0 * cond + rng.standard_normal(cond.shape).astype(np.float32)
-    out = np.asarray(ddim.rescale_guidance(jnp.asarray(guided), jnp.asarray(cond), 0.7))
+    e0, ei, ef = (rng.standard_normal((3, 2, 4, 4)).astype(np.float32) for _ in range(3))
+    plain = np.asarray(guidance.combine(*map(jnp.asarray, (e0, ei, ef)), 1.5, 5.0))
+    out = np.asarray(guidance.combine(*map(jnp.asarray, (e0, ei, ef)), 1.5, 5.0, 0.7))
     std = lambda a: a.reshape(a.shape[0], -1).std(axis=1)[:, None, None, None]  # noqa: E731
-    want = 0.7 * guided * std(cond) / std(guided) + 0.3 * guided
-    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(np.asarray(ddim.rescale_guidance(jnp.asarray(guided), jnp.asarray(cond), 0.0)),
-                                  guided)
+    np.testing.assert_allclose(out, 0.7 * plain * std(ef) / std(plain) + 0.3 * plain, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(out, plain, atol=1e-3)
+    # 0 is off, exactly, traced or not
+    traced = jax.jit(lambda *a: guidance.combine(*a, 1.5, 5.0, jnp.float32(0.0)))(e0, ei, ef)
+    np.testing.assert_array_equal(np.asarray(traced), jax.jit(lambda *a: guidance.combine(*a, 1.5, 5.0))(e0, ei, ef))
 
 
 def test_config_errors_name_the_field():

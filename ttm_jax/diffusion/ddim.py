@@ -129,13 +129,3 @@ def ddim_sample(model_fn: Callable[..., jax.Array], noise: jax.Array, ts: jax.Ar
         return ddim_step(x, v, a_t[i], a_prev[i])
 
     return jax.lax.fori_loop(0, ts.shape[0], body, noise)
-
-
-def rescale_guidance(guided: jax.Array, cond: jax.Array, phi: float) -> jax.Array:
-    """CFG rescale (Lin et al. 2024, eq. 15-16): the guided prediction brought back to the conditional prediction's
-    per-example std, blended with weight `phi` (0: off)."""
-    axes = tuple(range(1, guided.ndim))
-    std_c = jnp.std(cond.astype(jnp.float32), axis=axes, keepdims=True)
-    std_g = jnp.std(guided.astype(jnp.float32), axis=axes, keepdims=True)
-    rescaled = guided.astype(jnp.float32) * (std_c / jnp.maximum(std_g, 1e-12))
-    return (phi * rescaled + (1.0 - phi) * guided.astype(jnp.float32)).astype(guided.dtype)

@@ -35,12 +35,27 @@ class GuidanceConds(NamedTuple):
     full: Any  # image and text: e(I, T)
 
 
+def rescale(guided: jax.Array, cond: jax.Array, phi: float | jax.Array) -> jax.Array:
+    """CFG rescale (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", eq. 15-16): the
+    guided prediction scaled to the conditional prediction's per-example std, blended with weight `phi` (0: off,
+    exactly); float32."""
+    axes = tuple(range(1, guided.ndim))
+    g, c = guided.astype(jnp.float32), cond.astype(jnp.float32)
+    std_c = jnp.std(c, axis=axes, keepdims=True)
+    std_g = jnp.std(g, axis=axes, keepdims=True)
+    return phi * (g * (std_c / jnp.maximum(std_g, 1e-12))) + (1.0 - phi) * g
+
+
 def combine(e_none: jax.Array, e_image: jax.Array, e_full: jax.Array, image_scale: float | jax.Array,
-            text_scale: float | jax.Array) -> jax.Array:
-    """`e(0,0) + s_img (e(I,0) - e(0,0)) + s_txt (e(I,T) - e(I,0))`, computed in float32, returned in e_full's dtype."""
+            text_scale: float | jax.Array, guidance_rescale: float | jax.Array = 0.0) -> jax.Array:
+    """`e(0,0) + s_img (e(I,0) - e(0,0)) + s_txt (e(I,T) - e(I,0))`, computed in float32, returned in e_full's dtype;
+    `guidance_rescale > 0` then rescales it towards `e(I,T)`'s std (`rescale`; the zero-terminal-SNR paper's fix for
+    over-exposure at high guidance)."""
     f32 = lambda a: a.astype(jnp.float32)
     e0, ei, ef = f32(e_none), f32(e_image), f32(e_full)
     out = e0 + image_scale * (ei - e0) + text_scale * (ef - ei)
+    if not (isinstance(guidance_rescale, (int, float)) and guidance_rescale == 0):
+        out = rescale(out, ef, guidance_rescale)
     return out.astype(e_full.dtype)
 
 
@@ -55,7 +70,7 @@ def _check_same_structure(conds: GuidanceConds) -> None:
 
 
 def guided(apply_fn: ApplyFn, x: jax.Array, t: jax.Array, conds: GuidanceConds, image_scale: float | jax.Array,
-           text_scale: float | jax.Array) -> jax.Array:
+           text_scale: float | jax.Array, guidance_rescale: float | jax.Array = 0.0) -> jax.Array:
     """The guided prediction from one forward pass over `[3B, ...]`.
 
     Args:
@@ -72,14 +87,15 @@ def guided(apply_fn: ApplyFn, x: jax.Array, t: jax.Array, conds: GuidanceConds, 
     out = apply_fn(cat(x, x, x), cat(t, t, t), cond3)
     if out.shape[0] != 3 * b:
         raise ValueError(f"guidance.guided: apply_fn returned batch {out.shape[0]}, expected 3 x {b}")
-    return combine(out[:b], out[b:2 * b], out[2 * b:], image_scale, text_scale)
+    return combine(out[:b], out[b:2 * b], out[2 * b:], image_scale, text_scale, guidance_rescale)
 
 
 def guided_three_calls(apply_fn: ApplyFn, x: jax.Array, t: jax.Array, conds: GuidanceConds,
-                       image_scale: float | jax.Array, text_scale: float | jax.Array) -> jax.Array:
+                       image_scale: float | jax.Array, text_scale: float | jax.Array,
+                       guidance_rescale: float | jax.Array = 0.0) -> jax.Array:
     """`guided` with three separate forward passes of batch `B` (reference and benchmark baseline)."""
     _check_same_structure(conds)
     e0 = apply_fn(x, t, conds.none)
     ei = apply_fn(x, t, conds.image)
     ef = apply_fn(x, t, conds.full)
-    return combine(e0, ei, ef, image_scale, text_scale)
+    return combine(e0, ei, ef, image_scale, text_scale, guidance_rescale)

@@ -68,6 +68,7 @@ class Settings:
     shift: float = 1.0
     image_scale: float = 1.5
     text_scale: float = 3.0
+    guidance_rescale: float = 0.0  # CFG rescale (guidance.rescale); 0: off
 
 
 def _check_geometry(s1: ml_collections.ConfigDict, s2: ml_collections.ConfigDict) -> None:
@@ -152,7 +153,8 @@ class StageRunner:
 
         def velocity(x, t, params, conds, scales):
             guide = guidance.guided if guidance_mode == "batched" else guidance.guided_three_calls
-            return guide(lambda x3, t3, c: model(x3, t3, params, c), x, t, conds, scales[0], scales[1])
+            return guide(lambda x3, t3, c: model(x3, t3, params, c), x, t, conds, scales[0], scales[1],
+                         scales[2] if scales.shape[0] > 2 else 0.0)
 
         def decode(latent):
             return jnp.clip(modules.autoencoder.decode(latent), -1.0, 1.0)
@@ -191,7 +193,9 @@ class StageRunner:
 
     def sample(self, conds: guidance.GuidanceConds, seeds: Sequence[int], settings: Settings) -> jax.Array:
         """Latents `[B, T', H', W', C]`."""
-        scales = jnp.asarray([settings.image_scale, settings.text_scale], jnp.float32)
+        scales = [settings.image_scale, settings.text_scale] + ([settings.guidance_rescale]
+                                                                 if settings.guidance_rescale else [])
+        scales = jnp.asarray(scales, jnp.float32)
         with self._ctx():
             return self._sample(self.place(self.noise(seeds)), jnp.asarray(self.time_grid(settings)), self.stage.params,
                                 conds, scales)

@@ -96,6 +96,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check(s.shift > 0, "shift", f"{s.shift} must be > 0 (1: no shift)")
     _check(s.image_scale >= 0 and s.text_scale >= 0, "image_scale",
            f"image_scale={s.image_scale}, text_scale={s.text_scale} must be >= 0 (1, 1: no guidance)")
+    _check(0.0 <= float(s.get("guidance_rescale", 0.0)) <= 1.0, "guidance_rescale",
+           f"{s.get('guidance_rescale')} must be in [0, 1] (0: off; 0.7 in the zero-terminal-SNR paper)")
     _check(s.match in MATCH_RULES, "match", f"{s.match!r}; choose one of {MATCH_RULES}")
     _check(isinstance(s.batch_size, int) and s.batch_size >= 1, "batch_size", f"{s.batch_size!r} must be >= 1")
     if s.llm_url:
@@ -140,7 +142,8 @@ def requests_from_config(s: ml_collections.ConfigDict) -> list[requests_lib.Requ
 
 def settings_from_config(s: ml_collections.ConfigDict) -> pipeline_lib.Settings:
     return pipeline_lib.Settings(num_steps=int(s.num_steps), schedule=s.schedule, shift=float(s.shift),
-                                 image_scale=float(s.image_scale), text_scale=float(s.text_scale))
+                                 image_scale=float(s.image_scale), text_scale=float(s.text_scale),
+                                 guidance_rescale=float(s.get("guidance_rescale", 0.0)))
 
 
 def llm_client(s: ml_collections.ConfigDict) -> llm.ChatClient | None:
