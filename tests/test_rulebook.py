@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from safetensors.numpy import load_file
 from safetensors.torch import save_file
 
 from ttm_jax.weights import rulebook as rb
@@ -248,3 +249,15 @@ def test_flax_only_params_keep_their_initial_values(toy):
     np.testing.assert_array_equal(params["blocks"]["scale"], init["blocks"]["scale"])
     np.testing.assert_array_equal(params["conv"]["bias"], sd["conv.bias"])
     assert set(book.to_torch(params, no_scale)) == set(no_scale) - {"freqs"}
+
+
+def test_write_safetensors_keeps_0d_tensors(tmp_path):
+    """A 0-d tensor (CLIPModel's logit_scale) is written 0-d and reads back equal, also in safetensors' own reader."""
+    path = str(tmp_path / "t.safetensors")
+    tensors = {"logit_scale": np.float32(2.6592), "w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    safetensors_io.write_safetensors(path, {k: rb.spec_of(np.asarray(v)) for k, v in tensors.items()},
+                                     [(k, np.asarray(v)) for k, v in tensors.items()])
+    ours, theirs = safetensors_io.SafetensorsReader(path), load_file(path)
+    for k, v in tensors.items():
+        assert np.asarray(ours[k]).shape == np.shape(v) == theirs[k].shape
+        np.testing.assert_array_equal(theirs[k], v)

@@ -182,7 +182,7 @@ def write_safetensors(path: str, specs: Mapping[str, Spec], tensors: Iterable[tu
             if key not in offsets:
                 raise ValueError(f"{path}: tensor {key!r} is not in the planned header")
             off, n, shape, dtype = offsets[key]
-            x = np.ascontiguousarray(x, dtype=dtype)
+            x = np.require(np.asarray(x, dtype=dtype), requirements="C")  # keeps 0-d tensors 0-d
             if x.shape != shape:
                 raise ValueError(f"{path}: tensor {key!r} is {x.shape}, the header says {shape}")
             fh.seek(base + off)
