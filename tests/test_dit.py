@@ -20,6 +20,7 @@ from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
 from ttm_jax import config as config_lib
+from ttm_jax.assembly import inputs as inputs_lib
 from ttm_jax.models import conditioning, dit, masks
 
 # LLVM -O0: compiles several times faster on CPU; these tests are about values, not speed
@@ -297,6 +298,34 @@ def test_stage_inputs(batch):
         conditioning.stage_input(2, noisy, ff, s0)
     with pytest.raises(ValueError, match="cond_latent"):
         conditioning.stage_input(1, noisy, ff, s0[..., :2])
+
+
+def test_stage_inputs_with_the_first_frame_in_every_frame(batch):
+    """`frames="all"` (stage 1's default): E(x0) and E(s0) fill every latent frame; the trajectory of stage 2 and the
+    noisy latent are as before; a whole-clip latent still gives its frame 0 only."""
+    noisy, ff, traj = batch["noisy"], batch["first_frame"], batch["trajectory"]
+    s0 = traj[:, :1] * 2.0
+    x1 = np.asarray(conditioning.stage_input(1, noisy, ff, s0, frames="all"))
+    x2 = np.asarray(conditioning.stage_input(2, noisy, traj, traj, frames="all"))
+    x0 = np.asarray(conditioning.stage_input(0, noisy, ff, None, frames="all"))
+    for f in range(T):
+        np.testing.assert_array_equal(x1[:, f, ..., :C], noisy[:, f])
+        np.testing.assert_array_equal(x1[:, f, ..., C:2 * C], ff[:, 0])
+        np.testing.assert_array_equal(x1[:, f, ..., 2 * C:], s0[:, 0])
+        np.testing.assert_array_equal(x2[:, f, ..., C:2 * C], traj[:, 0])
+        np.testing.assert_array_equal(x0[:, f, ..., C:], ff[:, 0])
+    np.testing.assert_array_equal(x2[..., 2 * C:], traj)
+    with pytest.raises(ValueError, match="frames='last'.*condition_frames"):
+        conditioning.stage_input(1, noisy, ff, s0, frames="last")
+
+
+def test_condition_frames_reach_the_model_from_the_config():
+    """The stage-1 default is `all`, stages 2 and 0 keep `first`; a config saved before the field existed reads as
+    `first` (its checkpoints were trained that way)."""
+    assert [config_lib.build(s, "tiny").model.condition_frames for s in (1, 2, 0)] == ["all", "first", "first"]
+    c = config_lib.build(1, "tiny")
+    del c.model["condition_frames"]
+    assert inputs_lib.condition_frames(c) == "first"
 
 
 def test_expand_input_channels_keeps_old_and_zeroes_new():

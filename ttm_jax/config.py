@@ -176,6 +176,8 @@ def _model(v: Mapping[str, Any]) -> ml_collections.ConfigDict:
     m.ttm_masked = True
     m.ttm_masked_self = True
     m.ttm_masked_cross = True
+    # first-frame conditions in latent frame 0 only (Wan I2V) or in every frame (SVD); stage 1: all (build)
+    m.condition_frames = "first"
     m.cross_ids_from = "bbox"  # per-token ids for masked cross-attention: objects' boxes (paper) or masks
     m.attention = "xla"  # xla (reference) | splash (TPU) | gpu (Pallas Triton)
     m.scan_layers = True
@@ -339,6 +341,9 @@ def build(stage: int, arg: str | None = None) -> ml_collections.ConfigDict:
     if stage == 1:
         # stage 1 sees no local prompts: the added masked layers are a stage-2 feature
         c.model.ttm_layers = 0
+        # E(x0), E(s0) in every latent frame: frames 1+ of a trajectory have no other local condition
+        # (ttm_jax/models/conditioning.py)
+        c.model.condition_frames = "all"
     if stage == 0:
         # TI2V: stage 2's added layers, unmasked (there are no object ids without a trajectory)
         c.model.ttm_masked = False
@@ -385,6 +390,8 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
            f"{m.remat_policy!r}; choose one of {REMAT_POLICIES}")
     _check(m.dtype in DTYPES, "model.dtype", f"{m.dtype!r}; choose one of {DTYPES}")
     _check(m.param_dtype in DTYPES, "model.param_dtype", f"{m.param_dtype!r}; choose one of {DTYPES}")
+    _check(m.get("condition_frames", "first") in ("first", "all"), "model.condition_frames",
+           f"{m.get('condition_frames')!r}; choose first (latent frame 0, zeros after) or all (every latent frame)")
     _check(m.cross_ids_from in CROSS_IDS_FROM, "model.cross_ids_from",
            f"{m.cross_ids_from!r}; choose one of {CROSS_IDS_FROM}")
     _check(config.stage != 1 or m.ttm_layers == 0, "model.ttm_layers",

@@ -58,7 +58,8 @@ class StageKind:
 
     latents: `(autoencoder, batch, encode) -> (target [B,T',H',W',C], first [B,1,...], cond [B,1 or T',...] or None,
       text_ids [B, L], text_mask [B, L])`, where `encode(key)` is the latent of `batch[key]` (cached or encoded).
-    model_input: `(noisy, first, cond) -> [B, T', H', W', in_channels]`, the backbone's channel-concatenated input.
+    model_input: `(noisy, first, cond, frames) -> [B, T', H', W', in_channels]`, the backbone's channel-concatenated
+      input (`frames`: `config.model.condition_frames`, see `conditioning.stage_input`).
     local_prompts: whether the stage feeds the local prompts to the added layers (when the model has them).
     object_ids: whether it feeds per-token object ids from the batch's object masks (for the masks of those layers).
     """
@@ -90,8 +91,8 @@ def _image_to_video(ae: Any, batch: dict[str, jax.Array], encode: Callable[[str]
     return target, target[:, :1], None, batch["caption_tokens"], batch["caption_mask"]
 
 
-def _stage_input(stage: int) -> Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array]:
-    return lambda x, first, cond: conditioning.stage_input(stage, x, first, cond)
+def _stage_input(stage: int) -> Callable[..., jax.Array]:
+    return lambda x, first, cond, frames="first": conditioning.stage_input(stage, x, first, cond, frames=frames)
 
 
 STAGE_KINDS: Registry[StageKind] = Registry("stage")
@@ -166,6 +167,11 @@ def draw(rng: jax.Array, batch_size: int, latent: tuple[int, ...], objective: ml
             "drop_image": drop_image, "drop_text": drop_text}
 
 
+def condition_frames(config: ml_collections.ConfigDict) -> str:
+    """`config.model.condition_frames` (`first` for configs saved before the field existed)."""
+    return config.model.get("condition_frames", "first")
+
+
 def model_inputs(config: ml_collections.ConfigDict, modules: Modules, frozen: dict[str, Any],
                  batch: dict[str, jax.Array], rand: dict[str, jax.Array]
                  ) -> tuple[jax.Array, dict[str, Any], jax.Array]:
@@ -184,7 +190,7 @@ def model_inputs(config: ml_collections.ConfigDict, modules: Modules, frozen: di
     y = objective.target(target, eps, t)
     drop_img = rand["drop_image"]
     cond = None if cond is None else flow.drop_image(cond, drop_img)
-    x = stage_kind(config).model_input(noisy, flow.drop_image(first, drop_img), cond)
+    x = stage_kind(config).model_input(noisy, flow.drop_image(first, drop_img), cond, condition_frames(config))
     kwargs = drop_text_conditions(config, modules, frozen, text, rand["drop_text"])
     kwargs["timestep"] = objective.model_time(t)
     return x, kwargs, y
@@ -201,9 +207,10 @@ def model_fn(config: ml_collections.ConfigDict, modules: Modules) -> Callable[..
     """The model call given conditions: `(x [B,T',H',W',C] noisy, t [B] objective time, params, conds) -> the
     model's prediction`, `conds` as made by `conditions` (the stage input is concatenated here)."""
     objective, kind = objectives.make_objective(config.objective), stage_kind(config)
+    frames = condition_frames(config)
 
     def apply(x, t, params, conds):
-        inp = kind.model_input(x, conds["first"], conds.get("cond"))
+        inp = kind.model_input(x, conds["first"], conds.get("cond"), frames)
         kw = {k: v for k, v in conds.items() if k not in ("first", "cond", "context")}
         return modules.model.apply({"params": params}, inp, objective.model_time(t), conds["context"], **kw)
 
