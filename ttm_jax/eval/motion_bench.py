@@ -54,7 +54,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from ttm_jax.data import clips, synthetic, video_io
+from ttm_jax.data import clips, records, synthetic, video_io
 from ttm_jax.data import trajectory as trajectory_lib
 from ttm_jax.eval import motion as motion_lib
 from ttm_jax.inference import requests as requests_lib
@@ -193,21 +193,24 @@ def label(obj: synthetic.ObjectSpec) -> str:
     return obj.name
 
 
-def _png(array: np.ndarray) -> bytes:
+def png_bytes(array: np.ndarray) -> bytes:
+    """uint8 `[H, W]` or `[H, W, 3]` -> PNG file bytes."""
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG", optimize=False)
     return buf.getvalue()
 
 
-def _write_atomic(path: str, data: bytes) -> None:
+def write_atomic(path: str, data: bytes) -> None:
+    """Writes `data` to `path` through a temporary name (`records.tmp_name`) and a rename: all or nothing."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
+    tmp = records.tmp_name(path)
     with open(tmp, "wb") as f:
         f.write(data)
     os.replace(tmp, path)
 
 
-def _npz(**arrays: np.ndarray) -> bytes:
+def npz_bytes(**arrays: np.ndarray) -> bytes:
+    """Arrays -> compressed `.npz` file bytes."""
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
     return buf.getvalue()
@@ -232,11 +235,11 @@ def _write_scene(folder: str, name: str, index: int, scene: synthetic.SceneSpec,
     mask_files = []
     for k, o in enumerate(scene.objects):
         rel = f"masks/{label(o).replace(' ', '_')}.png"
-        _write_atomic(os.path.join(folder, rel), _png(np.where(masks[0, :, :, k], 255, 0).astype(np.uint8)))
+        write_atomic(os.path.join(folder, rel), png_bytes(np.where(masks[0, :, :, k], 255, 0).astype(np.uint8)))
         mask_files.append(rel)
-    _write_atomic(os.path.join(folder, "first_frame.png"), _png(video[0]))
-    _write_atomic(os.path.join(folder, "video.mp4"), video_io.encode_video(video, p["fps"], **MP4_SETTINGS))
-    _write_atomic(os.path.join(folder, "masks.npz"), _npz(masks=masks))
+    write_atomic(os.path.join(folder, "first_frame.png"), png_bytes(video[0]))
+    write_atomic(os.path.join(folder, "video.mp4"), video_io.encode_video(video, p["fps"], **MP4_SETTINGS))
+    write_atomic(os.path.join(folder, "masks.npz"), npz_bytes(masks=masks))
     out = {
         "name": name, "index": int(index), "params": p, "rejected_before": rejected,
         "caption": entry["caption"], "motion_prompt": entry["motion_prompt"],
@@ -246,11 +249,12 @@ def _write_scene(folder: str, name: str, index: int, scene: synthetic.SceneSpec,
                   "masks_npz": "masks.npz"},
         "scene_spec": dataclasses.asdict(scene),
     }
-    _write_atomic(os.path.join(folder, SCENE_FILE), json.dumps(out, indent=1).encode())
+    write_atomic(os.path.join(folder, SCENE_FILE), json.dumps(out, indent=1).encode())
     return out
 
 
-def _read_json(path: str) -> dict | None:
+def read_json(path: str) -> dict | None:
+    """The JSON object in `path`, or None when it is missing or unreadable."""
     try:
         with open(path) as f:
             return json.load(f)
@@ -280,7 +284,7 @@ def make_benchmark(out_dir: str, num_scenes: int, *, seed: int = 0, height: int 
     p = params(seed=seed, height=height, width=width, frames=frames, fps=fps)
     geometry = clip_geometry(height, width, frames, fps)
     manifest_path = os.path.join(out_dir, MANIFEST)
-    old = _read_json(manifest_path)
+    old = read_json(manifest_path)
     if old is not None and old.get("params") != p:
         raise ValueError(f"{manifest_path}: a benchmark of parameters {old.get('params')} is there, not {p}; give "
                          f"another --out or the same parameters")
@@ -292,7 +296,7 @@ def make_benchmark(out_dir: str, num_scenes: int, *, seed: int = 0, height: int 
     for i in range(num_scenes):
         name = scene_name(i)
         folder = os.path.join(out_dir, SCENES, name)
-        done = _read_json(os.path.join(folder, SCENE_FILE))
+        done = read_json(os.path.join(folder, SCENE_FILE))
         if done is not None and done.get("params") == p and done.get("index", -1) >= index:
             entries.append(done)
             index = done["index"] + 1
@@ -320,13 +324,13 @@ def make_benchmark(out_dir: str, num_scenes: int, *, seed: int = 0, height: int 
                "motion_prompt": e["motion_prompt"], "local_prompts": e["local_prompts"]}
         requests_lib.Request.from_json(req, where=f"{REQUESTS}:{e['name']}")  # the reader accepts it
         lines.append(json.dumps(req))
-    _write_atomic(os.path.join(out_dir, REQUESTS), ("\n".join(lines) + "\n").encode())
+    write_atomic(os.path.join(out_dir, REQUESTS), ("\n".join(lines) + "\n").encode())
     manifest = {"params": p, "num_scenes": num_scenes, "held_out": (
                     f"generator seed {gen_seed} = {BENCH_SEED_OFFSET} + seed; training uses generator seed = "
                     f"config.seed (< {BENCH_SEED_OFFSET})"),
                 "geometry": dataclasses.asdict(geometry),
                 "rejected": _total_rejections(entries), "scenes": entries}
-    _write_atomic(manifest_path, json.dumps(manifest, indent=1).encode())
+    write_atomic(manifest_path, json.dumps(manifest, indent=1).encode())
     return load_benchmark(out_dir)
 
 
@@ -406,7 +410,7 @@ class Benchmark:
 def load_benchmark(out_dir: str) -> Benchmark:
     """A finished benchmark folder; raises FileNotFoundError naming the manifest and the fix when there is none."""
     path = os.path.join(out_dir, MANIFEST)
-    m = _read_json(path)
+    m = read_json(path)
     if m is None:
         raise FileNotFoundError(f"{path}: no benchmark manifest; make one with `python -m ttm_jax.eval.motion_bench "
                                 f"--out={out_dir} --num_scenes=N`")

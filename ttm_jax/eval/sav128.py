@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import os
@@ -59,7 +58,6 @@ from collections.abc import Sequence
 
 import numpy as np
 from absl import app, flags
-from PIL import Image
 
 from ttm_jax.data import captions as captions_lib
 from ttm_jax.data import clips, prompt_plan, records, sav, video_io
@@ -177,32 +175,10 @@ def labels_for(local_prompts: Sequence[str]) -> list[str]:
 # ------------------------------------------------------------------------------------------------------ writing
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = records.tmp_name(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
-def _png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG", optimize=False)
-    return buf.getvalue()
-
-
-def _npz(**arrays: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
-    return buf.getvalue()
-
-
-def _read_json(path: str) -> dict | None:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return None
+_write_atomic = motion_bench.write_atomic
+_png = motion_bench.png_bytes
+_npz = motion_bench.npz_bytes
+_read_json = motion_bench.read_json
 
 
 def clip_arrays(ref: sav.VideoRef, ann: sav.Annotation, a: select.Analysis,
