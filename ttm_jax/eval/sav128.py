@@ -65,6 +65,7 @@ from ttm_jax.data import trajectory as trajectory_lib
 from ttm_jax.data.video_io import SkipVideo
 from ttm_jax.eval import motion_bench
 from ttm_jax.eval import sav128_select as select
+from ttm_jax.eval.motion_bench import npz_bytes, png_bytes, read_json, write_atomic
 from ttm_jax.inference import requests as requests_lib
 
 FORMAT = 1
@@ -175,12 +176,6 @@ def labels_for(local_prompts: Sequence[str]) -> list[str]:
 # ------------------------------------------------------------------------------------------------------ writing
 
 
-_write_atomic = motion_bench.write_atomic
-_png = motion_bench.png_bytes
-_npz = motion_bench.npz_bytes
-_read_json = motion_bench.read_json
-
-
 def clip_arrays(ref: sav.VideoRef, ann: sav.Annotation, a: select.Analysis,
                 rule: select.Rule) -> tuple[np.ndarray, np.ndarray]:
     """(video uint8 [T, H, W, 3], masks bool [T, H, W, K]) of a selected video's clip at the rule's geometry; raises
@@ -220,21 +215,21 @@ def write_video(out: str, ref: sav.VideoRef, ann: sav.Annotation, a: select.Anal
     """Writes one video's folder (video.json last) unless it is there already with this entry; returns the entry."""
     entry = _entry(a, ann, cap, p)
     folder = os.path.join(out, VIDEOS, a.video_id)
-    if _read_json(os.path.join(folder, VIDEO_FILE)) == entry:
+    if read_json(os.path.join(folder, VIDEO_FILE)) == entry:
         return entry
     video, masks = clip_arrays(ref, ann, a, rule)
     if os.path.isdir(os.path.join(folder, "masks")):  # labels of an older entry
         shutil.rmtree(os.path.join(folder, "masks"))
     for k, rel in enumerate(entry["files"]["masks"]):
-        _write_atomic(os.path.join(folder, rel), _png(np.where(masks[0, :, :, k], 255, 0).astype(np.uint8)))
-    _write_atomic(os.path.join(folder, "first_frame.png"), _png(video[0]))
-    _write_atomic(os.path.join(folder, "first_frame_masks.npz"), _npz(masks=masks[0]))
-    _write_atomic(os.path.join(folder, "video.mp4"), video_io.encode_video(video, rule.fps, **MP4_SETTINGS))
+        write_atomic(os.path.join(folder, rel), png_bytes(np.where(masks[0, :, :, k], 255, 0).astype(np.uint8)))
+    write_atomic(os.path.join(folder, "first_frame.png"), png_bytes(video[0]))
+    write_atomic(os.path.join(folder, "first_frame_masks.npz"), npz_bytes(masks=masks[0]))
+    write_atomic(os.path.join(folder, "video.mp4"), video_io.encode_video(video, rule.fps, **MP4_SETTINGS))
     frame_idx = np.asarray(a.frame_indices, np.int32)
     mask_idx = np.asarray(entry["mask_frame_indices"], np.int32)
-    _write_atomic(os.path.join(folder, "masks.npz"), _npz(masks=masks, frame_indices=frame_idx,
+    write_atomic(os.path.join(folder, "masks.npz"), npz_bytes(masks=masks, frame_indices=frame_idx,
                                                           mask_frame_indices=mask_idx))
-    _write_atomic(os.path.join(folder, VIDEO_FILE), json.dumps(entry, indent=1).encode())
+    write_atomic(os.path.join(folder, VIDEO_FILE), json.dumps(entry, indent=1).encode())
     return entry
 
 
@@ -280,7 +275,7 @@ def _remove_stale_tmp(out: str) -> None:
 
 def _check_spec(out: str, p: dict, overwrite: bool) -> bool:
     """True when `out` is a finished build of `p`; raises ValueError for other arguments without `overwrite`."""
-    manifest, spec = _read_json(os.path.join(out, MANIFEST)), _read_json(os.path.join(out, SPEC))
+    manifest, spec = read_json(os.path.join(out, MANIFEST)), read_json(os.path.join(out, SPEC))
     old = (manifest or {}).get("params", spec)
     if old is None or old == p:
         return manifest is not None and manifest.get("params") == p
@@ -304,10 +299,10 @@ def build(sav_path: str | Sequence[str], captions_path: str, out: str, *, ids: s
         raise ValueError(f"sav128 --num_single={num_single} --num_multi={num_multi}: give counts >= 0, not both 0")
     p = params(sav_path, captions_path, rule, ids=ids, num_single=num_single, num_multi=num_multi)
     if _check_spec(out, p, overwrite):
-        return Summary(out, _read_json(os.path.join(out, MANIFEST)), 0, True)
+        return Summary(out, read_json(os.path.join(out, MANIFEST)), 0, True)
     os.makedirs(out, exist_ok=True)
     _remove_stale_tmp(out)
-    _write_atomic(os.path.join(out, SPEC), json.dumps(p, indent=1).encode())
+    write_atomic(os.path.join(out, SPEC), json.dumps(p, indent=1).encode())
     counter = sav.SkipCounter("sav128")
     refs = find_refs(sav_path, counter)
     caps = captions_lib.load_captions(captions_path)
@@ -324,7 +319,7 @@ def build(sav_path: str | Sequence[str], captions_path: str, out: str, *, ids: s
         for a in plan.get(split, []):
             if not ids and taken == want[split]:
                 break
-            folder_done = _read_json(os.path.join(out, VIDEOS, a.video_id, VIDEO_FILE))
+            folder_done = read_json(os.path.join(out, VIDEOS, a.video_id, VIDEO_FILE))
             ann = anns[a.video_id]
             try:
                 e = write_video(out, by_id[a.video_id], ann, a, caps[a.video_id], rule, p)
@@ -349,7 +344,7 @@ def build(sav_path: str | Sequence[str], captions_path: str, out: str, *, ids: s
         req = request_of(e)
         requests_lib.Request.from_json(req, where=f"{REQUESTS}:{e['video_id']}")  # the reader accepts it
         lines.append(json.dumps(req))
-    _write_atomic(os.path.join(out, REQUESTS), ("\n".join(lines) + "\n").encode())
+    write_atomic(os.path.join(out, REQUESTS), ("\n".join(lines) + "\n").encode())
     manifest = {
         "params": p, "rule": {"name": "ids" if ids else "sav128_select", "parameters": rule.to_json(),
                               "description": f"the published selection in --ids={ids}" if ids else
@@ -358,7 +353,7 @@ def build(sav_path: str | Sequence[str], captions_path: str, out: str, *, ids: s
         "candidates": candidates, "skipped": dict(sorted(counter.counts.items())),
         "skipped_videos": list(counter.messages), "videos": entries,
     }
-    _write_atomic(os.path.join(out, MANIFEST), json.dumps(manifest, indent=1).encode())
+    write_atomic(os.path.join(out, MANIFEST), json.dumps(manifest, indent=1).encode())
     return Summary(out, manifest, built, False)
 
 
@@ -419,7 +414,7 @@ def _plan_ids(path: str, refs: Sequence[sav.VideoRef], caps: dict,
 
 def load_manifest(out: str) -> dict:
     """A finished benchmark folder's manifest; FileNotFoundError naming it and the fix when there is none."""
-    m = _read_json(os.path.join(out, MANIFEST))
+    m = read_json(os.path.join(out, MANIFEST))
     if m is None:
         raise FileNotFoundError(f"{os.path.join(out, MANIFEST)}: no SA-V-128 manifest; build one with `python -m "
                                 f"ttm_jax.eval.sav128 --sav=... --captions=... --out={out}`")
