@@ -180,6 +180,9 @@ def _model(v: Mapping[str, Any]) -> ml_collections.ConfigDict:
     m.condition_frames = "first"
     m.cross_ids_from = "bbox"  # per-token ids for masked cross-attention: objects' boxes (paper) or masks
     m.attention = "xla"  # xla (reference) | splash (TPU) | gpu (Pallas Triton)
+    # masked self-attention over tokens sorted by object id, only the (query block, key block) pairs of one object:
+    # exact, work sum_k n_k^2 instead of N^2 (ttm_jax/models/sparse_attention.py); any backend
+    m.attention_sparse = False
     m.scan_layers = True
     m.remat_policy = "none"
     m.dtype = "float32"  # compute dtype; bfloat16 on accelerators
@@ -386,6 +389,8 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
     _check(len(tuple(m.patch_size)) == 3 and all(int(p) > 0 for p in m.patch_size), "model.patch_size",
            f"{m.patch_size!r} must be three positive ints (t, h, w)")
     _check(m.attention in ATTENTION_IMPLS, "model.attention", f"{m.attention!r}; choose one of {ATTENTION_IMPLS}")
+    _check(isinstance(m.get("attention_sparse", False), bool), "model.attention_sparse",
+           f"{m.get('attention_sparse')!r} must be True or False")
     _check(m.remat_policy in REMAT_POLICIES, "model.remat_policy",
            f"{m.remat_policy!r}; choose one of {REMAT_POLICIES}")
     _check(m.dtype in DTYPES, "model.dtype", f"{m.dtype!r}; choose one of {DTYPES}")
