@@ -1,0 +1,423 @@
+"""Stable Diffusion's `AutoencoderKL` (SD 1.x / 2.x, AnimateDiff's frozen VAE) in Flax, channels-last, numerically equal
+to diffusers' `AutoencoderKL`.
+
+Layout (diffusers `autoencoders/vae.py`, `resnet.py`, `attention_processor.py`):
+- encoder: 3x3 `conv_in`; per level i a `DownEncoderBlock2D` of `layers_per_block` residual blocks (GroupNorm, SiLU,
+  3x3 conv, twice; 1x1 `conv_shortcut` when the width changes) and, except on the last level, a stride-2 3x3 conv after
+  zero padding of one row / column at the bottom / right (diffusers' `Downsample2D(padding=0)`); a mid block (residual,
+  single-head self-attention over the `H*W` positions with a GroupNorm in front, residual); GroupNorm, SiLU, 3x3
+  `conv_out` to `2 * latent_channels` (posterior mean, log-variance);
+- `quant_conv` / `post_quant_conv`: 1x1 convs (absent with `use_quant_conv=false` / `use_post_quant_conv=false`);
+- decoder: 3x3 `conv_in`, the mid block, per level (widest first) `layers_per_block + 1` residual blocks and, except on
+  the last level, nearest 2x upsampling followed by a 3x3 conv; GroupNorm, SiLU, 3x3 `conv_out`.
+Every GroupNorm has eps 1e-6 and `norm_num_groups` groups; statistics are computed in float32 (two-pass variance).
+
+The VAE is 2D: a video `[B, T, H, W, 3]` is encoded frame by frame (`time_factor` 1), in chunks of `chunk` images
+(`lax.map`, so memory follows the chunk, not the clip). Encoding is deterministic: the posterior mean, as the
+latents a frozen SD/AnimateDiff U-Net is trained on. `SDAutoencoder.encode` returns what the backbone sees,
+`(mean - shift_factor) * scaling_factor` (SD 1.5: shift 0, scale 0.18215); `decode` undoes it and clamps to [-1, 1].
+The clip-level `encode` / `decode` functions of this file work on raw latents, like `AutoencoderKL.encode(...)
+.latent_dist.mean` and `AutoencoderKL.decode(...).sample` (unclamped).
+
+Weights: `ttm_jax.weights.sd_vae` (a diffusers `AutoencoderKL` folder, converted on load).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+CONFIG_FILE = "config.json"
+EPS = 1e-6  # every GroupNorm of diffusers' Encoder / Decoder
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Architecture description
+
+
+@dataclasses.dataclass(frozen=True)
+class SDVAEConfig:
+    """The architecture fields of diffusers' `AutoencoderKL` config.json (defaults: SD 1.5's VAE)."""
+
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    in_channels: int = 3
+    out_channels: int = 3
+    scaling_factor: float = 0.18215
+    shift_factor: float = 0.0
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    mid_block_add_attention: bool = True
+
+    time_factor = 1  # a 2D VAE, applied per frame
+
+    @property
+    def space_factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    @classmethod
+    def from_diffusers(cls, cfg: dict[str, Any], source: str = CONFIG_FILE) -> SDVAEConfig:
+        """Reads an `AutoencoderKL` config dict; raises, naming `source` and the field, on what this port does not
+        implement."""
+        channels = tuple(int(c) for c in cfg.get("block_out_channels", cls.block_out_channels))
+        n = len(channels)
+        for field, want in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+            kinds = list(cfg.get(field, [want] * n))
+            if kinds != [want] * n:
+                raise ValueError(f"{source}: {field}={kinds} is not supported; ttm_jax.models.sd_vae implements "
+                                 f"{n} x {want!r} (SD's AutoencoderKL)")
+        if cfg.get("act_fn", "silu") != "silu":
+            raise ValueError(f"{source}: act_fn={cfg['act_fn']!r} is not supported; SD's AutoencoderKL uses 'silu'")
+        for name in ("latents_mean", "latents_std"):
+            if cfg.get(name) is not None:
+                raise ValueError(f"{source}: {name} is set; per-channel latent statistics are not supported "
+                                 f"(SD 1.x / 2.x VAEs use scaling_factor alone); use such a VAE")
+        groups = int(cfg.get("norm_num_groups", cls.norm_num_groups))
+        if any(c % groups for c in channels):
+            raise ValueError(f"{source}: block_out_channels={list(channels)} are not all multiples of "
+                             f"norm_num_groups={groups}")
+        shift = cfg.get("shift_factor")
+        return cls(block_out_channels=channels, layers_per_block=int(cfg.get("layers_per_block", 1)),
+                   latent_channels=int(cfg.get("latent_channels", 4)), norm_num_groups=groups,
+                   in_channels=int(cfg.get("in_channels", 3)), out_channels=int(cfg.get("out_channels", 3)),
+                   scaling_factor=float(cfg.get("scaling_factor", 0.18215)),
+                   shift_factor=0.0 if shift is None else float(shift),
+                   use_quant_conv=bool(cfg.get("use_quant_conv", True)),
+                   use_post_quant_conv=bool(cfg.get("use_post_quant_conv", True)),
+                   mid_block_add_attention=bool(cfg.get("mid_block_add_attention", True)))
+
+
+def read_config(path: str) -> SDVAEConfig:
+    """`SDVAEConfig` from a diffusers `AutoencoderKL` folder (`<path>/config.json`)."""
+    file = os.path.join(path, CONFIG_FILE)
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"{file}: not found; config.autoencoder.path must be a diffusers AutoencoderKL folder "
+                                "(config.json + diffusion_pytorch_model.safetensors), e.g. the `vae` folder of "
+                                "stable-diffusion-v1-5")
+    with open(file) as f:
+        cfg = json.load(f)
+    if cfg.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+        raise ValueError(f"{file}: _class_name={cfg['_class_name']!r}, expected AutoencoderKL (SD's VAE); set "
+                         "config.autoencoder.path to an AutoencoderKL folder")
+    return SDVAEConfig.from_diffusers(cfg, source=file)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Layers (images `[N, H, W, C]`)
+
+
+def _dtype(x: Any) -> Any:
+    return jnp.dtype(x) if x is not None else jnp.float32
+
+
+class Conv(nn.Module):
+    """torch `nn.Conv2d` channels-last: `kernel [k, k, C_in, C_out]`, `bias [C_out]`, explicit `padding`
+    ((top, bottom), (left, right))."""
+
+    features: int
+    kernel_size: int = 3
+    strides: int = 1
+    padding: tuple[tuple[int, int], tuple[int, int]] = ((1, 1), (1, 1))
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = self.kernel_size
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features),
+                            self.param_dtype)
+        bias = self.param("bias", nn.initializers.normal(0.02), (self.features,), self.param_dtype)
+        y = jax.lax.conv_general_dilated(x.astype(self.dtype), kernel.astype(self.dtype), (self.strides,) * 2,
+                                         self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                         precision=self.precision)
+        return y + bias.astype(self.dtype)
+
+
+class GroupNorm(nn.Module):
+    """torch `nn.GroupNorm(groups, C, eps)` over `[N, H, W, C]`: statistics per image and group in float32,
+    two-pass variance; params `scale [C]`, `bias [C]`."""
+
+    groups: int
+    eps: float = EPS
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n, h, w, c = x.shape
+        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+        g = x.astype(jnp.float32).reshape(n, h, w, self.groups, c // self.groups)
+        mean = jnp.mean(g, axis=(1, 2, 4), keepdims=True)
+        var = jnp.mean(jnp.square(g - mean), axis=(1, 2, 4), keepdims=True)
+        y = ((g - mean) * jax.lax.rsqrt(var + self.eps)).reshape(n, h, w, c)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+class _Base(nn.Module):
+    cfg: SDVAEConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+
+    @property
+    def kw(self) -> dict[str, Any]:
+        return dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+
+    def norm(self, name: str) -> GroupNorm:
+        return GroupNorm(self.cfg.norm_num_groups, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+
+
+class ResnetBlock(_Base):
+    """`ResnetBlock2D` without a time embedding: `x + conv2(silu(norm2(conv1(silu(norm1(x))))))`, the skip through a
+    1x1 `conv_shortcut` when the width changes."""
+
+    out_channels: int = 0
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = Conv(self.out_channels, name="conv1", **self.kw)(nn.silu(self.norm("norm1")(x)))
+        h = Conv(self.out_channels, name="conv2", **self.kw)(nn.silu(self.norm("norm2")(h)))
+        if x.shape[-1] != self.out_channels:
+            x = Conv(self.out_channels, 1, padding=((0, 0), (0, 0)), name="conv_shortcut", **self.kw)(x)
+        return x + h
+
+
+class Attention(_Base):
+    """The mid block's `Attention` (one head of width C, scale 1/sqrt(C)) over the `H*W` positions of an image, with
+    a GroupNorm in front and a residual: `to_q`, `to_k`, `to_v`, `to_out_0` are `[C, C]` Dense layers."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n, h, w, c = x.shape
+        y = self.norm("group_norm")(x).reshape(n, h * w, c)
+        dense = functools.partial(nn.Dense, c, dtype=self.dtype, param_dtype=self.param_dtype,
+                                  precision=self.precision)
+        q, k, v = (dense(name=f"to_{p}")(y) for p in "qkv")
+        # written out so `precision` reaches both matmuls; logits and softmax in float32
+        logits = jnp.einsum("bqc,bkc->bqk", q, k, precision=self.precision, preferred_element_type=jnp.float32)
+        probs = jax.nn.softmax(logits * (c ** -0.5), axis=-1).astype(v.dtype)
+        y = jnp.einsum("bqk,bkc->bqc", probs, v, precision=self.precision)
+        return dense(name="to_out_0")(y).reshape(n, h, w, c) + x
+
+
+class MidBlock(_Base):
+    """`UNetMidBlock2D`: residual, attention (unless `mid_block_add_attention=false`), residual."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        x = ResnetBlock(self.cfg, out_channels=c, name="resnets_0", **self.kw)(x)
+        if self.cfg.mid_block_add_attention:
+            x = Attention(self.cfg, name="attentions_0", **self.kw)(x)
+        return ResnetBlock(self.cfg, out_channels=c, name="resnets_1", **self.kw)(x)
+
+
+class Downsample(_Base):
+    """diffusers' `Downsample2D(padding=0)`: zero padding of one row / column at the bottom / right, then a stride-2
+    3x3 conv (`conv`)."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return Conv(x.shape[-1], 3, strides=2, padding=((0, 1), (0, 1)), name="conv", **self.kw)(x)
+
+
+class Upsample(_Base):
+    """diffusers' `Upsample2D(use_conv=True)`: nearest 2x, then a 3x3 conv (`conv`)."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return Conv(x.shape[-1], name="conv", **self.kw)(x)
+
+
+class Encoder(_Base):
+    """Image `[N, H, W, in_channels]` -> `[N, H/s, W/s, 2 * latent_channels]` (mean, log-variance; before
+    `quant_conv`)."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg, kw = self.cfg, self.kw
+        x = Conv(cfg.block_out_channels[0], name="conv_in", **kw)(x)
+        last = len(cfg.block_out_channels) - 1
+        for i, c in enumerate(cfg.block_out_channels):
+            for j in range(cfg.layers_per_block):
+                x = ResnetBlock(cfg, out_channels=c, name=f"down_blocks_{i}_resnets_{j}", **kw)(x)
+            if i != last:
+                x = Downsample(cfg, name=f"down_blocks_{i}_downsamplers_0", **kw)(x)
+        x = MidBlock(cfg, name="mid_block", **kw)(x)
+        x = nn.silu(self.norm("conv_norm_out")(x))
+        return Conv(2 * cfg.latent_channels, name="conv_out", **kw)(x)
+
+
+class Decoder(_Base):
+    """Latent `[N, h, w, latent_channels]` (after `post_quant_conv`) -> image `[N, h*s, w*s, out_channels]`."""
+
+    @nn.compact
+    def __call__(self, z: jax.Array) -> jax.Array:
+        cfg, kw = self.cfg, self.kw
+        x = Conv(cfg.block_out_channels[-1], name="conv_in", **kw)(z)
+        x = MidBlock(cfg, name="mid_block", **kw)(x)
+        widths = tuple(reversed(cfg.block_out_channels))
+        for i, c in enumerate(widths):
+            for j in range(cfg.layers_per_block + 1):
+                x = ResnetBlock(cfg, out_channels=c, name=f"up_blocks_{i}_resnets_{j}", **kw)(x)
+            if i != len(widths) - 1:
+                x = Upsample(cfg, name=f"up_blocks_{i}_upsamplers_0", **kw)(x)
+        x = nn.silu(self.norm("conv_norm_out")(x))
+        return Conv(cfg.out_channels, name="conv_out", **kw)(x)
+
+
+class SDVAE(_Base):
+    """The whole `AutoencoderKL`, on images; see `encode` / `decode` for videos."""
+
+    def setup(self) -> None:
+        kw, cfg = self.kw, self.cfg
+        one = dict(kernel_size=1, padding=((0, 0), (0, 0)))
+        self.encoder = Encoder(cfg, **kw)
+        self.decoder = Decoder(cfg, **kw)
+        if cfg.use_quant_conv:
+            self.quant_conv = Conv(2 * cfg.latent_channels, **one, **kw)
+        if cfg.use_post_quant_conv:
+            self.post_quant_conv = Conv(cfg.latent_channels, **one, **kw)
+
+    def encode_images(self, x: jax.Array) -> jax.Array:
+        """`[N, H, W, in_channels]` in [-1, 1] -> posterior mean `[N, H/s, W/s, latent_channels]` (not scaled)."""
+        moments = self.encoder(x)
+        if self.cfg.use_quant_conv:
+            moments = self.quant_conv(moments)
+        return moments[..., : self.cfg.latent_channels]
+
+    def decode_images(self, z: jax.Array) -> jax.Array:
+        """Latent `[N, h, w, latent_channels]` (not scaled) -> `[N, h*s, w*s, out_channels]`, not clamped."""
+        if self.cfg.use_post_quant_conv:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Encode and decode (used for `init`)."""
+        return self.decode_images(self.encode_images(x))
+
+
+def init_params(model: SDVAE, rng: jax.Array) -> dict[str, Any]:
+    """Random parameters (for tests; real weights come from `ttm_jax.weights.sd_vae.load_params`)."""
+    s = model.cfg.space_factor
+    return model.init(rng, jnp.zeros((1, s, s, model.cfg.in_channels), jnp.float32))["params"]
+
+
+def param_shapes(model: SDVAE) -> dict[str, Any]:
+    """The parameter tree as `jax.ShapeDtypeStruct`s, without allocating it."""
+    return jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Video-level functions: frame by frame, in chunks
+
+
+def _per_image(fn: Any, x: jax.Array, chunk: int) -> jax.Array:
+    """`fn([n, ...]) -> [n, ...]` over the `B*T` images of `x [B, T, ...]`, `chunk` images at a time (0: all)."""
+    b, t = x.shape[:2]
+    flat = x.reshape(b * t, *x.shape[2:])
+    n = flat.shape[0]
+    if chunk <= 0 or n <= chunk:
+        y = fn(flat)
+    else:
+        k = n // chunk
+        body = flat[: k * chunk].reshape(k, chunk, *flat.shape[1:])
+        ys = jax.lax.map(fn, body)
+        parts = [ys.reshape(k * chunk, *ys.shape[2:])]
+        if n > k * chunk:
+            parts.append(fn(flat[k * chunk:]))
+        y = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
+    return y.reshape(b, t, *y.shape[1:])
+
+
+def encode(model: SDVAE, params: Any, video: jax.Array, *, chunk: int = 1) -> jax.Array:
+    """Video `[B, T, H, W, 3]` in [-1, 1] -> posterior mean `[B, T, H/s, W/s, latent_channels]`, not scaled (as
+    `AutoencoderKL.encode(frames).latent_dist.mean`); `chunk` frames per step (0: all at once)."""
+    cfg = model.cfg
+    s = cfg.space_factor
+    if video.ndim != 5 or video.shape[2] % s or video.shape[3] % s or video.shape[-1] != cfg.in_channels:
+        raise ValueError(f"sd_vae.encode: video must be [B, T, H, W, {cfg.in_channels}] with H and W multiples of "
+                         f"{s}, got {video.shape}")
+    fn = functools.partial(model.apply, {"params": params}, method=SDVAE.encode_images)
+    return _per_image(fn, video, chunk)
+
+
+def decode(model: SDVAE, params: Any, latent: jax.Array, *, chunk: int = 1) -> jax.Array:
+    """Latent `[B, T, h, w, latent_channels]` (not scaled) -> video `[B, T, h*s, w*s, 3]`, not clamped (as
+    `AutoencoderKL.decode(z).sample`)."""
+    if latent.ndim != 5 or latent.shape[-1] != model.cfg.latent_channels:
+        raise ValueError(f"sd_vae.decode: latent must be [B, T, h, w, {model.cfg.latent_channels}], got "
+                         f"{latent.shape}")
+    fn = functools.partial(model.apply, {"params": params}, method=SDVAE.decode_images)
+    return _per_image(fn, latent, chunk)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The project's autoencoder interface
+
+
+class SDAutoencoder:
+    """`make_autoencoder` object for `config.autoencoder.name == "sd"` (built, with the converted weights of a
+    diffusers folder, by `ttm_jax.weights.sd_vae.make_sd_autoencoder`).
+
+    `encode(video [B, T, H, W, 3] in [-1, 1]) -> [B, T, H/8, W/8, 4]`: the posterior mean of each frame,
+    `(mean - shift_factor) * scaling_factor` (what an SD 1.5 / AnimateDiff U-Net sees); `decode(latent) -> video`
+    clamped to [-1, 1]. Both jitted; `chunk` frames per step. Inside another `jit` prefer `encode_with(params, video)`
+    / `decode_with(params, latent)` so the weights are arguments, not constants. Float32 compute runs the
+    convolutions and matmuls at `Precision.HIGHEST`; bfloat16 at the backend's default.
+    """
+
+    def __init__(self, cfg: SDVAEConfig, params: Any, *, dtype: Any = jnp.float32, chunk: int = 1,
+                 precision: Any = None) -> None:
+        self.cfg = cfg
+        dtype = _dtype(dtype)
+        if precision is None and dtype == jnp.float32:
+            precision = jax.lax.Precision.HIGHEST
+        self.model = SDVAE(cfg, dtype=dtype, precision=precision)
+        self.params = jax.tree.map(jnp.asarray, params)  # on device once, not per call
+        self.chunk = int(chunk)
+        self.time_factor = cfg.time_factor
+        self.space_factor = cfg.space_factor
+        self.latent_channels = cfg.latent_channels
+        self.scaling_factor = cfg.scaling_factor
+        self.shift_factor = cfg.shift_factor
+        self._encode = jax.jit(functools.partial(_encode_scaled, self.model, chunk=self.chunk))
+        self._decode = jax.jit(functools.partial(_decode_scaled, self.model, chunk=self.chunk))
+
+    def encode(self, video: jax.Array) -> jax.Array:
+        """`[B, T, H, W, 3]` float in [-1, 1] -> scaled latent mean `[B, T, H/8, W/8, 4]` float32."""
+        return self.encode_with(self.params, video)
+
+    def decode(self, latent: jax.Array) -> jax.Array:
+        """Scaled latent `[B, T, h, w, 4]` -> video `[B, T, 8h, 8w, 3]` float32 in [-1, 1]."""
+        return self.decode_with(self.params, latent)
+
+    def encode_with(self, params: Any, video: jax.Array) -> jax.Array:
+        """`encode` with explicit params (a pure function of its arguments)."""
+        return self._encode(params, video)
+
+    def decode_with(self, params: Any, latent: jax.Array) -> jax.Array:
+        """`decode` with explicit params (a pure function of its arguments)."""
+        return self._decode(params, latent)
+
+
+def _encode_scaled(model: SDVAE, params: Any, video: jax.Array, *, chunk: int) -> jax.Array:
+    mu = encode(model, params, video, chunk=chunk).astype(jnp.float32)
+    return (mu - model.cfg.shift_factor) * model.cfg.scaling_factor
+
+
+def _decode_scaled(model: SDVAE, params: Any, latent: jax.Array, *, chunk: int) -> jax.Array:
+    z = latent.astype(jnp.float32) / model.cfg.scaling_factor + model.cfg.shift_factor
+    return jnp.clip(decode(model, params, z, chunk=chunk).astype(jnp.float32), -1.0, 1.0)
