@@ -167,7 +167,9 @@ def to_torch(params: dict, spec: viclip_model.ViCLIPSpec,
     """`ViCLIP(spec)` params -> the reference state dict as numpy arrays (with `torch_specs`, e.g. the reference
     model's `state_dict()`, every key, shape and dtype is checked)."""
     del spec  # the rules are size-independent; kept for symmetry with from_torch
-    return rulebook().to_torch(params, torch_specs)
+    out = rulebook().to_torch(params, torch_specs)
+    out["temp"] = out["temp"].reshape(())  # a 0-d tensor (the rulebook's contiguous copy makes it 1-d)
+    return out
 
 
 def _to_numpy(x: Any) -> np.ndarray:
