@@ -33,7 +33,7 @@ import ml_collections
 ATTENTION_IMPLS = ("xla", "splash", "gpu")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
-AUTOENCODERS = ("space_to_depth", "wan")
+AUTOENCODERS = ("space_to_depth", "wan", "sd")
 CROSS_IDS_FROM = ("bbox", "mask")
 # The keys of a stage config's argument and their defaults (`parse_arg`).
 STAGE_ARGS: dict[str, Any] = {"variant": "tiny", "runlocal": False}
@@ -192,7 +192,7 @@ def _model(v: Mapping[str, Any]) -> ml_collections.ConfigDict:
 
 def _autoencoder(v: Mapping[str, Any]) -> ml_collections.ConfigDict:
     a = ml_collections.ConfigDict(dict(v))
-    a.path = ""  # Wan VAE: a diffusers AutoencoderKLWan folder (config.json + safetensors); unused by space_to_depth
+    a.path = ""  # Wan / SD VAE: a diffusers AutoencoderKLWan / AutoencoderKL folder; unused by space_to_depth
     a.dtype = "float32"  # Wan VAE compute dtype (params stay float32); bfloat16 on accelerators
     a.chunk_frames = 1  # Wan VAE: latent frames per causal time chunk (memory ~ chunk); 0: whole clip in one pass
     return a
@@ -419,6 +419,12 @@ def _check_autoencoder(config: ml_collections.ConfigDict) -> None:
         _check(a.latent_channels > 0 and a.time_factor > 0 and a.space_factor > 0, "autoencoder",
                "latent_channels, time_factor and space_factor must be positive (Wan 2.1: 16, 4, 8); the weights' "
                "config.json is checked against them when the VAE loads")
+    if a.name == "sd":
+        _check(a.time_factor == 1, "autoencoder.time_factor",
+               f"{a.time_factor} but the SD VAE is 2D (applied per frame); set autoencoder.time_factor=1")
+        _check(a.latent_channels > 0 and a.space_factor > 0, "autoencoder",
+               "latent_channels and space_factor must be positive (SD 1.5: 4 and 8); the weights' config.json is "
+               "checked against them when the VAE loads")
     if a.name == "space_to_depth":
         want = 3 * a.space_factor**2 * a.time_factor
         _check(a.latent_channels == want, "autoencoder.latent_channels",
@@ -464,8 +470,11 @@ def _check_text_encoder(config: ml_collections.ConfigDict) -> None:
     without `tokenizer_path` passes: describe mode needs none, and `main` checks it again before training."""
     t = config.text_encoder
     _check(t.d_model > 0 and t.num_layers > 0, "text_encoder", "d_model and num_layers must be positive")
-    _check(t.tokenizer in ("byte", "word", "sentencepiece"), "text_encoder.tokenizer",
-           f"{t.tokenizer!r}; choose byte, word or sentencepiece")
+    _check(t.tokenizer in ("byte", "word", "sentencepiece", "clip"), "text_encoder.tokenizer",
+           f"{t.tokenizer!r}; choose byte, word, sentencepiece or clip")
+    _check((t.get("name") == "clip") == (t.tokenizer == "clip"), "text_encoder.tokenizer",
+           f"{t.tokenizer!r} with text_encoder.name={t.get('name')!r}; the CLIP text encoder reads CLIP's BPE ids "
+           f"and only it does: use name='clip' with tokenizer='clip' (ttm_jax/weights/clip_text.py)")
     for name in ("vocab_size", "num_heads", "d_kv", "d_ff", "relative_attention_num_buckets",
                  "relative_attention_max_distance", "max_length", "local_max_length"):
         _check(isinstance(t[name], int) and t[name] > 0, f"text_encoder.{name}", f"{t[name]!r} must be a positive int")

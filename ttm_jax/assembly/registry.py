@@ -1,8 +1,8 @@
 """Registries: the modules and rules a stage is assembled from, chosen by name in the config.
 
   BACKBONES       `config.model.backbone`          ("dit")            the trained model and its init inputs
-  TEXT_ENCODERS   `config.text_encoder.name`       ("t5", "umt5")     the frozen text encoder module and its weights
-  AUTOENCODERS    `config.autoencoder.name`        ("space_to_depth", "wan")
+  TEXT_ENCODERS   `config.text_encoder.name`       ("t5", "umt5", "clip")  the frozen text encoder and its weights
+  AUTOENCODERS    `config.autoencoder.name`        ("space_to_depth", "wan", "sd")
   OBJECTIVES      `config.objective.name`          ("rectified_flow"), in `objectives.py`
   STAGE_KINDS     `config.stage`                   (1: image-to-motion, 2: motion-to-video), in `inputs.py`
 
@@ -27,6 +27,8 @@ from ttm_jax.models import autoencoder as autoencoder_lib
 from ttm_jax.models import dit as dit_lib
 from ttm_jax.models import masks
 from ttm_jax.models import text_encoder as text_encoder_lib
+from ttm_jax.weights import clip_text as clip_text_weights
+from ttm_jax.weights import sd_vae as sd_vae_weights
 from ttm_jax.weights import t5 as t5_weights
 from ttm_jax.weights import wan_vae as wan_vae_weights
 
@@ -170,6 +172,10 @@ _T5 = TextEncoder(build=text_encoder_lib.T5Encoder, is_source_folder=t5_weights.
                   load=t5_weights.load_params)
 TEXT_ENCODERS.register("t5", _T5)  # T5 v1.1 / ByT5 layout
 TEXT_ENCODERS.register("umt5", _T5)  # umT5 (Wan 2.1): per-layer relative position bias, same code
+# CLIP ViT-L/14 text tower (SD 1.5 / AnimateDiff): last_hidden_state; tokenizer="clip"
+TEXT_ENCODERS.register("clip", TextEncoder(build=clip_text_weights.build,
+                                           is_source_folder=clip_text_weights.is_source_folder,
+                                           load=clip_text_weights.load))
 
 
 def text_encoder(config: ml_collections.ConfigDict) -> TextEncoder:
@@ -181,6 +187,7 @@ def text_encoder(config: ml_collections.ConfigDict) -> TextEncoder:
 AUTOENCODERS: Registry[Callable[[ml_collections.ConfigDict], Any]] = Registry("autoencoder.name")
 AUTOENCODERS.register("space_to_depth", autoencoder_lib.make_space_to_depth)
 AUTOENCODERS.register("wan", wan_vae_weights.make_wan_autoencoder)  # weights from config.autoencoder.path
+AUTOENCODERS.register("sd", sd_vae_weights.make_sd_autoencoder)  # SD 1.5 / AnimateDiff, per frame; same path field
 
 
 def make_autoencoder(autoencoder_config: ml_collections.ConfigDict) -> Any:

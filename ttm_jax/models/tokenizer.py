@@ -166,11 +166,52 @@ class SentencePieceTokenizer:
         return out
 
 
+class ClipTokenizer:
+    """CLIP's BPE tokenizer (transformers' `CLIPTokenizer`, local files only: `vocab.json` + `merges.txt`) from a
+    folder: a transformers CLIP folder, a tokenizer folder, or a diffusers pipeline folder holding `tokenizer/`.
+    As SD 1.5's pipeline: `<|startoftext|>` ... `<|endoftext|>`, truncated and padded to `max_length` with the
+    folder's pad token (SD 1.5: `<|endoftext|>`); the mask is True from the start token to the end token."""
+
+    def __init__(self, path: str, field: str = "config.text_encoder.tokenizer_path"):
+        p = epath.Path(path) if path else None
+        if p is not None and not (p / "vocab.json").exists() and (p / "tokenizer" / "vocab.json").exists():
+            p = p / "tokenizer"
+        if p is None or not (p / "vocab.json").exists():
+            raise FileNotFoundError(
+                f"{field}: {str(p / 'vocab.json') if p is not None else repr(path)} does not exist; set {field} (or "
+                f"config.text_encoder.path) to a folder with CLIP's vocab.json and merges.txt, e.g. "
+                f"<stable-diffusion-v1-5>/tokenizer or openai/clip-vit-large-patch14")
+        self.path = str(p)
+        self._load()
+
+    def _load(self):
+        import transformers  # optional dependency: only for CLIP's BPE
+
+        self._tok = transformers.CLIPTokenizer.from_pretrained(self.path, local_files_only=True)
+        self.vocab_size = len(self._tok)
+
+    def __getstate__(self):
+        return {"path": self.path}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._load()
+
+    def encode(self, texts: Sequence[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
+        """`B` texts -> (ids int32 `[B, max_length]`, mask bool `[B, max_length]`)."""
+        _pack([], max_length, 0, 0)  # checks max_length
+        out = self._tok(_texts(texts), padding="max_length", truncation=True, max_length=max_length,
+                        return_tensors="np")
+        return out["input_ids"].astype(np.int32), out["attention_mask"].astype(bool)
+
+
 # config.text_encoder.tokenizer -> `config.text_encoder -> tokenizer`; a new tokenizer is one entry
 TOKENIZERS: dict[str, Callable[[ml_collections.ConfigDict], Tokenizer]] = {
     "byte": lambda config: ByteTokenizer(),
     "word": lambda config: WordTokenizer(int(config.vocab_size)),
     "sentencepiece": lambda config: SentencePieceTokenizer(config.get("tokenizer_path", "")),
+    # CLIP's BPE (SD 1.5 / AnimateDiff): tokenizer_path, else the text encoder's own folder
+    "clip": lambda config: ClipTokenizer(config.get("tokenizer_path", "") or config.get("path", "")),
 }
 
 
