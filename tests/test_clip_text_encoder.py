@@ -15,8 +15,12 @@ import torch
 from transformers import CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ttm_jax import config as config_lib
+from ttm_jax.assembly import frozen as frozen_lib
+from ttm_jax.assembly import modules as modules_lib
 from ttm_jax.assembly import registry
 from ttm_jax.models import tokenizer as tokenizer_lib
+from ttm_jax.runtime import mesh as mesh_lib
+from ttm_jax.runtime import sharding as sharding_lib
 from ttm_jax.weights import rulebook as rb
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -154,3 +158,19 @@ def test_errors_name_the_field(saved):
     with pytest.raises(config_lib.ConfigError, match=r"config\.text_encoder\.tokenizer: 'word' with "
                                                      r"text_encoder\.name='clip'"):
         _config(folder, tokenizer="word")
+
+
+def test_stage_frozen_inputs_use_the_clip_encoder(saved):
+    """The stage's own path (`build_modules` -> `init_frozen`: the folder converted on the fly, placed on the mesh):
+    the empty prompt's context is transformers' `last_hidden_state` of the tokenized "", with its padding positions
+    zeroed by the stage (`inputs.encode_text`, Wan's convention; SD 1.5's pipeline keeps them)."""
+    model, folder = saved
+    config = _config(folder)
+    modules = modules_lib.build_modules(config)
+    mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[:1])
+    frozen, _ = frozen_lib.init_frozen(config, modules, mesh, sharding_lib.rules_from_config(config.mesh))
+    ids, mask = modules.tokenizer.encode([""], MAX_LENGTH)
+    with torch.no_grad():
+        want = model(input_ids=torch.from_numpy(ids).long()).last_hidden_state.numpy() * mask[..., None]
+    np.testing.assert_allclose(np.asarray(frozen["empty_context"]), want, atol=TOL, rtol=0)
+    assert frozen["empty_local_context"].shape == (1, LOCAL_MAX_LENGTH, 32)
