@@ -11,6 +11,11 @@
   gpu     GPU Pallas (Triton) flash attention `mha` with segment ids, for masked self-attention (the same ids array
           for q and kv). Cross-attention (different ids) goes through cuDNN/XLA with a boolean mask, see `_gpu`.
 
+Masked self-attention over object-sorted tokens (`config.model.attention_sparse`): pass a
+`sparse_attention.ObjectSort` (built once per forward pass by `sparse_attention.sort_objects(ids)`) as `q_ids`
+(and `kv_ids`, or None); whatever `impl`, only the (query block, key chunk) pairs of one object are computed
+(`ttm_jax/models/sparse_attention.py`), exact against `xla`.
+
 Without ids (unmasked) every impl is `jax.nn.dot_product_attention` (cuDNN where it applies under "gpu").
 Under a mesh (`jax.set_mesh`) the Pallas kernels run per (batch, heads) shard in `shard_map`. Pallas kernels take
 `interpret=True` to run on CPU. Every implementation is tested against `xla` (tests/test_attention.py).
@@ -28,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from ttm_jax.models import masks
+from ttm_jax.models import masks, sparse_attention
 
 AttentionFn = Callable[..., jax.Array]
 
@@ -237,6 +242,21 @@ def _same_ids(a: jax.Array, b: jax.Array) -> bool:
     return a.shape == b.shape and bool(jnp.array_equal(a, b))
 
 
+def _sparse(q: jax.Array, k: jax.Array, v: jax.Array, sort: sparse_attention.ObjectSort,
+            kv_ids: jax.Array | sparse_attention.ObjectSort | None, scale: float | None) -> jax.Array:
+    """Object-sparse masked self-attention (sparse_attention.py), per (batch, heads) shard under a mesh."""
+    if kv_ids is not None and kv_ids is not sort:
+        raise ValueError("attention: q_ids is a sparse_attention.ObjectSort (object-sparse masked self-attention); "
+                         "pass kv_ids=None or the same ObjectSort")
+    _check(q, k, v, None, None)
+    if q.shape[1] != k.shape[1] or sort.shape != q.shape[:2]:
+        raise ValueError(f"attention: object-sparse self-attention needs Lq == Lk and ids [B, L] = {q.shape[:2]}; "
+                         f"got q {q.shape}, k {k.shape}, ids {sort.shape}")
+    scale = float(q.shape[-1]) ** -0.5 if scale is None else float(scale)
+    kernel = functools.partial(sparse_attention.masked_self_attention, scale=scale)
+    return _per_shard(kernel, q, k, v, sort)
+
+
 IMPLS: dict[str, AttentionFn] = {"xla": _xla, "splash": _splash, "gpu": _gpu}
 _BACKEND = {"splash": "tpu", "gpu": "gpu"}  # the backend each Pallas kernel compiles for (unless interpret=True)
 
@@ -248,7 +268,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_ids: ja
 
     Args:
       q: `[B, Lq, H, D]`; k, v: `[B, Lk, H, D]`.
-      q_ids: int32 `[B, Lq]` object ids of the queries, or None for unmasked attention.
+      q_ids: int32 `[B, Lq]` object ids of the queries, or None for unmasked attention, or a
+        `sparse_attention.ObjectSort` of the ids for object-sparse masked self-attention (any impl; kv_ids None or
+        the same object).
       kv_ids: int32 `[B, Lk]` ids of the keys (-1: padding, never attended); None with `q_ids` given means
         self-attention with `kv_ids = q_ids` (needs Lq == Lk). impl="gpu" recognises masked self-attention by
         identity (`kv_ids is q_ids` or None; under jit two equal arrays are two tracers), so pass the same array.
@@ -262,6 +284,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_ids: ja
     if impl not in IMPLS:
         raise ValueError(f"attention: impl={impl!r} is unknown (config.model.attention); choose one of "
                          f"{sorted(IMPLS)}")
+    if isinstance(q_ids, sparse_attention.ObjectSort):
+        return _sparse(q, k, v, q_ids, kv_ids, scale)
     if q_ids is not None and kv_ids is None:
         if q.shape[1] != k.shape[1]:
             raise ValueError(f"attention: q_ids given without kv_ids means self-attention, but Lq={q.shape[1]} "

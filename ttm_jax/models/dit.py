@@ -67,7 +67,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from ttm_jax.models import layers, ttm_layers
+from ttm_jax.models import layers, sparse_attention, ttm_layers
 
 REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block
@@ -97,6 +97,7 @@ class DiTConfig:
     ttm_masked_self: bool = True
     ttm_masked_cross: bool = True
     attention: str = "xla"
+    attention_sparse: bool = False
     scan_layers: bool = True
     remat_policy: str = "none"
     dtype: str = "float32"
@@ -184,7 +185,8 @@ class DiTBlock(nn.Module):
     """One Wan block, with TTM's two added layers when `ttm`. x `[B, N, D]` -> (x, None) (the `nn.scan` carry form).
 
     context `[B, Lc, D]`, modulation `[B, 6, D]` f32, rope cos/sin `[N, head_dim]`, local_context `[B, Ll, D]`,
-    token_ids / cross_token_ids `[B, N]`, local_ids `[B, Ll]` (None where unused).
+    token_ids / cross_token_ids `[B, N]`, local_ids `[B, Ll]` (None where unused); token_ids is a
+    `sparse_attention.ObjectSort` of them under `attention_sparse`.
     """
 
     cfg: DiTConfig
@@ -281,6 +283,10 @@ class DiT(nn.Module):
             token_ids = None
         if not c.mask_cross:
             cross_token_ids = None
+        if c.attention_sparse and token_ids is not None:
+            # Object-sparse masked self-attention: sort the tokens by id once here, and every masked self-attention
+            # layer (scanned or not) reuses the permutation and block ranges (the ObjectSort rides in token_ids).
+            token_ids = sparse_attention.sort_objects(token_ids)
         args = (context, modulation, rope_cos, rope_sin, local_context, token_ids, cross_token_ids, local_ids)
 
         block = _block_class(c)

@@ -46,7 +46,9 @@ class MaskedSelfAttention(_AddedLayer):
 
     Its own affine LayerNorm (`norm`), its own q/k/v/out with q/k RMS norms and the block's RoPE (`attn`), and a
     zero-initialised `attn/to_out`, so a fresh layer is the identity. `masked=False` is the unmasked twin (the paper's
-    TI2V baseline): the same parameters, full attention. x `[B, N, dim]`, token_ids int32 `[B, N]` -> `[B, N, dim]`.
+    TI2V baseline): the same parameters, full attention. x `[B, N, dim]`, token_ids int32 `[B, N]` -> `[B, N, dim]`;
+    token_ids may be a `sparse_attention.ObjectSort` of the ids (`config.model.attention_sparse`, built once by the
+    DiT): the same result, computing only same-object (query block, key chunk) pairs.
     """
 
     @nn.compact

@@ -1,0 +1,238 @@
+"""Object-sparse masked self-attention (ttm_jax/models/sparse_attention.py) against the dense reference.
+
+Values and gradients (q, k, v; and the DiT's parameters) equal `attention.dot_product_attention(impl="xla")` for:
+random ids, ids with empty objects (ids that never occur, gaps, large ids), a single object, all background,
+objects present in some frames only, padding ids -1 (no allowed key: the reference's uniform weights, the mean of
+v), a block size that divides nothing. The (query block, key chunk) pairs computed are pinned for a known layout
+(the work is skipped, not masked), and the DiT sorts once per forward pass however many TTM layers it has.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from ttm_jax import config as config_lib
+from ttm_jax.models import attention, dit, masks, sparse_attention
+
+B, T, HH, WW, H, D = 2, 3, 8, 8, 2, 16  # token grid 3 x 8 x 8 = 192 tokens
+N = T * HH * WW
+BLOCK, BLOCK_KV = 32, 48  # BLOCK_KV does not divide N: the last chunks run into the padding
+TOL = 2e-5
+
+
+def _grid_ids(fill) -> np.ndarray:
+    """`[B, N]` ids from a per-example `[T, HH, WW]` grid built by `fill(grid, example)`."""
+    out = np.zeros((B, T, HH, WW), np.int32)
+    for e in range(B):
+        fill(out[e], e)
+    return out.reshape(B, N)
+
+
+def _frames_only(g, e):
+    g[0:2, :4, :4] = 1  # object 1 in frames 0 and 1 only
+    g[2, 4:, 4:] = 2  # object 2 in frame 2 only
+    g[1:, :2, 6:] = 3 + e  # a third object in the last two frames, a different id per example
+
+
+def _padding(g, e):
+    rng = np.random.default_rng(20 + e)
+    g[...] = rng.integers(0, 3, g.shape)
+    g[rng.random(g.shape) < 0.15] = -1  # prompt padding: never a key, and a query with no allowed key
+
+
+def _empty_objects(g, e):
+    rng = np.random.default_rng(30 + e)
+    g[...] = rng.choice([0, 3, 7, 1000 + e], g.shape, p=[0.5, 0.2, 0.2, 0.1])  # 1, 2, 4..6, ... never occur
+
+
+CASES = {
+    "random": _grid_ids(lambda g, e: g.__setitem__(..., np.random.default_rng(e).integers(0, 5, g.shape))),
+    "empty_objects": _grid_ids(_empty_objects),
+    "single_object": np.ones((B, N), np.int32),
+    "all_background": np.zeros((B, N), np.int32),
+    "frames_only": _grid_ids(_frames_only),
+    "padding": _grid_ids(_padding),
+    "one_token_objects": _grid_ids(lambda g, e: g.reshape(-1).__setitem__(slice(None, None, 7 + e), 9)),
+}
+
+
+@pytest.fixture(scope="module")
+def qkvw():
+    rng = np.random.default_rng(0)
+    return tuple(jnp.asarray(rng.standard_normal((B, N, H, D)), jnp.float32) for _ in range(4))
+
+
+def _loss(fn):
+    return lambda q, k, v, w, ids: jnp.sum(fn(q, k, v, ids) * w)
+
+
+def _dense(q, k, v, ids):
+    return attention.dot_product_attention(q, k, v, q_ids=ids, kv_ids=ids, impl="xla")
+
+
+def _sparse(q, k, v, ids):
+    sort = sparse_attention.sort_objects(ids, BLOCK, BLOCK_KV)
+    return attention.dot_product_attention(q, k, v, q_ids=sort, kv_ids=sort, impl="xla")
+
+
+@pytest.fixture(scope="module")
+def fns():
+    """(dense, sparse) jitted once each: value and grad w.r.t. q, k, v."""
+    vg = lambda f: jax.jit(jax.value_and_grad(_loss(f), argnums=(0, 1, 2)))  # noqa: E731
+    return vg(_dense), vg(_sparse), jax.jit(_dense), jax.jit(_sparse)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_values_and_gradients_equal_dense(case, qkvw, fns):
+    q, k, v, w = qkvw
+    ids = jnp.asarray(CASES[case])
+    dense_vg, sparse_vg, dense, sparse = fns
+    np.testing.assert_allclose(sparse(q, k, v, ids), dense(q, k, v, ids), atol=TOL, rtol=0)
+    (want_loss, want), (got_loss, got) = dense_vg(q, k, v, w, ids), sparse_vg(q, k, v, w, ids)
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+    for name, g, r in zip("qkv", got, want, strict=True):
+        assert np.abs(np.asarray(r)).max() > 0 or name != "v"
+        np.testing.assert_allclose(g, r, atol=TOL, rtol=0, err_msg=f"d{name} ({case})")
+
+
+def test_padding_rows_get_the_mean_of_v(qkvw, fns):
+    """The reference's behaviour for a row with no allowed key, pinned: uniform weights over every key."""
+    q, k, v, _ = qkvw
+    ids = jnp.asarray(CASES["padding"])
+    out = np.asarray(fns[3](q, k, v, ids))
+    rows = np.asarray(ids) < 0
+    want = np.broadcast_to(np.asarray(v).mean(axis=1, keepdims=True), out.shape)[rows]
+    np.testing.assert_allclose(out[rows], want, atol=1e-5)
+
+
+def test_default_block_and_ids_as_array(qkvw):
+    """`masked_self_attention` sorts raw ids itself (default block); bfloat16 in gives bfloat16 out, close."""
+    q, k, v, _ = qkvw
+    ids = jnp.asarray(CASES["frames_only"])
+    got = jax.jit(sparse_attention.masked_self_attention)(q, k, v, ids)
+    np.testing.assert_allclose(got, _dense(q, k, v, ids), atol=TOL, rtol=0)
+    bf = jax.jit(sparse_attention.masked_self_attention)(*(x.astype(jnp.bfloat16) for x in (q, k, v)), ids)
+    assert bf.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(bf, np.float32), _dense(q, k, v, ids), atol=5e-2, rtol=0)
+
+
+def test_sort_and_work_skipped():
+    """Sorted ids ascend, inv inverts perm, and only same-object pairs run: three objects of 64 tokens with
+    32-token blocks are 6 query blocks x 2 key chunks = 12 pairs (dense: 6 x 6 = 36)."""
+    ids = np.repeat(np.array([2, 0, 5], np.int32), 64)
+    ids = np.stack([ids, np.random.default_rng(1).permutation(ids)])
+    sort = sparse_attention.sort_objects(jnp.asarray(ids), 32)
+    perm, inv = np.asarray(sort.perm), np.asarray(sort.inv)
+    for e in range(2):
+        assert np.all(np.diff(ids[e][perm[e]]) >= 0)
+        np.testing.assert_array_equal(inv[e][perm[e]], np.arange(ids.shape[1]))
+    np.testing.assert_array_equal(sort.pairs(), [12, 12])
+    straddle = sparse_attention.sort_objects(jnp.asarray(np.repeat(np.array([[0, 1]], np.int32), [48, 48], axis=1)),
+                                             32)
+    np.testing.assert_array_equal(straddle.kv_chunks, [[2, 3, 2]])  # the middle block holds both objects
+
+
+def test_under_a_mesh_per_shard():
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    rng = np.random.default_rng(6)
+    q, k, v = (jnp.asarray(rng.standard_normal((4, 64, 2, D)), jnp.float32) for _ in range(3))
+    ids = jnp.asarray(rng.integers(0, 3, (4, 64)), jnp.int32)
+    f = lambda q, k, v, ids: _sparse(q, k, v, ids)  # noqa: E731
+    with jax.set_mesh(mesh):
+        assert "shard_map" in str(jax.make_jaxpr(f)(q, k, v, ids))
+        got = jax.jit(f)(q, k, v, ids)
+    np.testing.assert_allclose(got, _dense(q, k, v, ids), atol=TOL, rtol=0)
+
+
+def test_kv_ids_must_be_the_same_sort(qkvw):
+    q, k, v, _ = qkvw
+    sort = sparse_attention.sort_objects(jnp.asarray(CASES["random"]))
+    with pytest.raises(ValueError, match="same ObjectSort"):
+        attention.dot_product_attention(q, k, v, q_ids=sort, kv_ids=sort.ids)
+
+
+def test_config_field_checked():
+    cfg = config_lib.build(2, "tiny")
+    assert cfg.model.attention_sparse is False
+    # ConfigDict keeps a field's type; a config read back from JSON need not, so the check is by value
+    cfg.model = ml_collections.ConfigDict({**cfg.model.to_dict(), "attention_sparse": "yes"})
+    with pytest.raises(config_lib.ConfigError, match="model.attention_sparse"):
+        config_lib.validate(cfg)
+
+
+# ---- the DiT: sparse == dense, and one sort per forward pass ---------------------------------------------------------
+
+C = 4
+PATCH = (1, 2, 2)
+LT, LH, LW = 3, 8, 8  # latent grid -> 3 x 4 x 4 = 48 tokens
+TEXT_DIM, LC, S, LP = 16, 3, 3, 2
+CFG = dit.DiTConfig(dim=24, num_layers=3, num_heads=2, ffn_dim=32, text_dim=TEXT_DIM, freq_dim=16, ttm_layers=2,
+                    patch_size=PATCH)
+
+
+def _randomize(params, seed):
+    """Every all-zero leaf (the TTM layers' zero-initialised `to_out`, biases) random, so the added layers act."""
+    rng = np.random.default_rng(seed)
+    flat = traverse_util.flatten_dict(params)
+    for key, v in flat.items():
+        if not np.any(np.asarray(v)):
+            flat[key] = jnp.asarray(0.3 * rng.standard_normal(v.shape), v.dtype)
+    return traverse_util.unflatten_dict(flat)
+
+
+@pytest.fixture(scope="module")
+def dit_case():
+    """Params of a 3-block DiT with 2 TTM blocks (unrolled layout; `dit.scan_layout` for the scanned one) and
+    inputs: two examples, ids with background, two objects and padding."""
+    rng = np.random.default_rng(0)
+    normal = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)  # noqa: E731
+    cfg = dataclasses.replace(CFG, scan_layers=False)
+    args, init_kw = dit.init_inputs(cfg, 3 * C)
+    boxed = jax.jit(dit.DiT(cfg, 3 * C, C).init).lower(jax.random.key(0), *args, **init_kw).compile(
+        compiler_options=O0)(jax.random.key(0), *args, **init_kw)
+    params = _randomize(jax.tree.map(np.asarray, nn.unbox(boxed)["params"]), 1)
+    x, timestep, context = normal(2, LT, LH, LW, 3 * C), jnp.array([300.0, 700.0]), normal(2, LC, TEXT_DIM)
+    local_mask = np.zeros((2, S, LP), bool)
+    local_mask[:, :, 0] = True
+    ids = rng.integers(-1, 3, (2, LT * (LH // 2) * (LW // 2))).astype(np.int32)
+    ids[1, :20] = 0
+    kw = dict(local_context=normal(2, S * LP, TEXT_DIM), local_ids=masks.local_prompt_ids(jnp.asarray(local_mask)),
+              token_ids=jnp.asarray(ids), cross_token_ids=jnp.asarray(np.maximum(ids, 0)))
+    return params, (x, timestep, context), kw
+
+
+O0 = {"xla_backend_optimization_level": 0}
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_dit_sparse_equals_dense(scan, dit_case):
+    params, args, kw = dit_case
+    if scan:
+        params = dit.scan_layout(params, ttm_layers=CFG.ttm_layers)
+    outs = {}
+    for sparse in (False, True):
+        model = dit.DiT(dataclasses.replace(CFG, scan_layers=scan, attention_sparse=sparse), 3 * C, C)
+        f = jax.jit(lambda p, *a: model.apply({"params": p}, *a, **kw))  # noqa: B023
+        outs[sparse] = np.asarray(f.lower(params, *args).compile(compiler_options=O0)(params, *args))
+    assert np.abs(outs[False]).max() > 0
+    np.testing.assert_allclose(outs[True], outs[False], atol=1e-4, rtol=1e-5)
+
+
+def test_dit_sorts_once_per_forward(dit_case):
+    """One sort of the token ids per forward pass, shared by both masked self-attention layers: the sparse model has
+    exactly one more `sort` than the dense one (the cross-attention's sanitize_query_ids sorts in both)."""
+    params, args, kw = dit_case
+
+    def sorts(sparse):
+        model = dit.DiT(dataclasses.replace(CFG, scan_layers=False, attention_sparse=sparse), 3 * C, C)
+        return str(jax.make_jaxpr(lambda p: model.apply({"params": p}, *args, **kw))(params)).count(" sort[")
+
+    assert sorts(True) == sorts(False) + 1
