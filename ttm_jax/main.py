@@ -5,6 +5,7 @@ Modes:
   describe  build the model with `jax.eval_shape` (no parameter memory): per-module parameter table, totals,
             FLOPs per training step from the compiled cost analysis
   sample    (default for `configs/sample.py`) two-stage generation from trained workdirs
+  (eval)    `configs/eval.py` (job "eval"): generate an SA-V-128 benchmark's videos and score them (Table 1)
 
 Overrides: `--config.train.total_steps=500`, `--config.model.attention=splash`, ..., typed by the config file's values.
 
@@ -41,6 +42,7 @@ from ml_collections import config_flags
 
 from ttm_jax import config as config_lib
 from ttm_jax import describe
+from ttm_jax.eval import run as eval_run
 from ttm_jax.inference import run as sample_run
 from ttm_jax.runtime import checkpoint as checkpoint_lib
 from ttm_jax.train import lock as lock_lib
@@ -293,6 +295,13 @@ def run_job(config: ml_collections.ConfigDict, workdir: str | None, mode: str | 
     """Check `config` (and, for training, the devices and files: `preflight`), then sample, describe or train."""
     job = config.get("job", "train")
     mode = mode or ("sample" if job == "sample" else "train")
+    if job == "eval":
+        if workdir is None:
+            raise app.UsageError("--workdir is required: the folder where the videos and results are written")
+        eval_run.validate(config)
+        logs.to_file(workdir)
+        eval_run.evaluate(config, workdir)
+        return
     if mode == "sample" or job == "sample":
         if workdir is None:
             raise app.UsageError("--workdir is required: the folder where the videos are written")

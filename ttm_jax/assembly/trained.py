@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -35,10 +36,13 @@ class Stage:
         return int(self.config.stage)
 
 
-def load_stage(workdir: str, stage: int, *, field: str = "", ema: bool = True) -> Stage:
+def load_stage(workdir: str, stage: int, *, field: str = "", ema: bool = True,
+               devices: Sequence[jax.Device] | None = None) -> Stage:
     """The latest checkpoint of `workdir` with the config saved beside it; `stage` is checked. Only the parameters are
     read (`checkpoint.restore_params`): the EMA ones when `ema` and the run kept an EMA, else the raw ones. `field`
-    names the config field that gave `workdir` in errors (default `config.sample.stage<N>_workdir`)."""
+    names the config field that gave `workdir` in errors (default `config.sample.stage<N>_workdir`). `devices`: the
+    devices of the stage's mesh (default all of every process; `jax.local_devices()` lets each process of a
+    multi-host job run its own requests, as the evaluation run does)."""
     field = field or f"config.sample.stage{stage}_workdir"
     if not workdir:
         raise ValueError(f"{field} is empty; set it to a stage-{stage} training workdir (python -m ttm_jax.main "
@@ -57,11 +61,11 @@ def load_stage(workdir: str, stage: int, *, field: str = "", ema: bool = True) -
         raise ValueError(f"{field}: {workdir} holds a stage-{config.stage} model; point it to a stage-{stage} "
                          f"workdir")
     try:
-        mesh = mesh_lib.make_mesh(config.mesh)
+        mesh = mesh_lib.make_mesh(config.mesh, devices)
     except mesh_lib.MeshError:
         # trained on another device count: sampling only needs the parameters, so shard them over all devices here
         fallback = ml_collections.ConfigDict({"shape": {"data": 1, "fsdp": -1, "tensor": 1}})
-        mesh = mesh_lib.make_mesh(fallback)
+        mesh = mesh_lib.make_mesh(fallback, devices)
     rules = sharding_lib.rules_from_config(config.mesh)
     modules = build_modules(config)
     shardings = params_lib.param_shardings(config, modules, mesh, rules)

@@ -315,12 +315,14 @@ class Pipeline:
 
     @classmethod
     def from_workdirs(cls, stage1_workdir: str, stage2_workdir: str, settings: Settings = Settings(),
-                      *, ema: bool = True, **kw) -> Pipeline:
-        """Both stages from their workdirs; an empty `stage1_workdir` loads the TI2V baseline from `stage2_workdir`."""
+                      *, ema: bool = True, devices: Sequence[jax.Device] | None = None, **kw) -> Pipeline:
+        """Both stages from their workdirs; an empty `stage1_workdir` loads the TI2V baseline from `stage2_workdir`.
+        `devices`: the stages' mesh devices (`load_stage`; default all)."""
         if not stage1_workdir:
-            return cls(None, load_stage(stage2_workdir, 0, field="config.sample.stage2_workdir", ema=ema), settings,
-                       **kw)
-        return cls(load_stage(stage1_workdir, 1, ema=ema), load_stage(stage2_workdir, 2, ema=ema), settings, **kw)
+            return cls(None, load_stage(stage2_workdir, 0, field="config.sample.stage2_workdir", ema=ema,
+                                        devices=devices), settings, **kw)
+        return cls(load_stage(stage1_workdir, 1, ema=ema, devices=devices),
+                   load_stage(stage2_workdir, 2, ema=ema, devices=devices), settings, **kw)
 
     # ---- planning
     def prepare(self, req: Request) -> Prepared:

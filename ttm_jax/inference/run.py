@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import sys
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import ml_collections
@@ -154,14 +155,17 @@ def llm_client(s: ml_collections.ConfigDict) -> llm.ChatClient | None:
                           api_key=s.llm_api_key, seed=int(s.seed))
 
 
-def build_pipeline(config: ml_collections.ConfigDict, *, client: Any = None) -> pipeline_lib.Pipeline:
-    """Both stages loaded from their workdirs (`client`: the LLM client, default `llm_client(config.sample)`)."""
+def build_pipeline(config: ml_collections.ConfigDict, *, client: Any = None,
+                   devices: Sequence[Any] | None = None) -> pipeline_lib.Pipeline:
+    """Both stages loaded from their workdirs (`client`: the LLM client, default `llm_client(config.sample)`;
+    `devices`: the stages' mesh, default all devices)."""
     s = config.sample
     client = client if client is not None else llm_client(s)
     return pipeline_lib.Pipeline.from_workdirs(s.stage1_workdir, s.stage2_workdir, settings_from_config(s),
                                                llm_client=client, match=s.match,
                                                anchor_first_frame=bool(s.anchor_first_frame),
-                                               batch_size=int(s.batch_size), ema=bool(s.get("ema", True)))
+                                               batch_size=int(s.batch_size), ema=bool(s.get("ema", True)),
+                                               devices=devices)
 
 
 def request_key(req: requests_lib.Request, s: ml_collections.ConfigDict) -> str:
@@ -223,11 +227,13 @@ def _report_done(rec: dict) -> None:
 
 
 def sample(config: ml_collections.ConfigDict, workdir: str, *,
-           pipe: pipeline_lib.Pipeline | None = None) -> list[dict]:
+           pipe: pipeline_lib.Pipeline | None = None,
+           on_record: Callable[[dict], None] | None = None) -> list[dict]:
     """Generate every request of `config.sample` into `workdir` (module docstring); returns one record per request
     (line), in order, each with its `status`. Every request is checked and planned before any model is loaded; the
     stages are loaded only when some request is left to generate. `pipe`: an already built `build_pipeline(config)`
-    (notebooks and tests reuse its compiled functions across calls)."""
+    (notebooks and tests reuse its compiled functions across calls). `on_record(record)` is called as each generated
+    request finishes (done or failed), for a caller's progress line."""
     validate(config)
     s = config.sample
     lines = request_lines(s)
@@ -274,6 +280,8 @@ def sample(config: ml_collections.ConfigDict, workdir: str, *,
             j = todo[i][0]
             records[j] = {**rec, "request_key": keys[j]}
             write_records(workdir, records)
+            if on_record is not None:
+                on_record(records[j])
             if rec["status"] == "done":
                 _report_done(rec)
             else:
