@@ -48,13 +48,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
+from flax import struct, traverse_util
 
 from ttm_jax.models import attention as attention_ops
 from ttm_jax.models import layers, masks, ttm_layers
@@ -650,3 +651,58 @@ def init_inputs(cfg: UNetConfig, in_channels: int, *, batch: int = 1, grid: tupl
         kwargs = dict(local_context=make((batch, local_len, d), f32), token_ids=make((batch, n), i32),
                       cross_token_ids=make((batch, n), i32), local_ids=make((batch, local_len), i32))
     return args, kwargs
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Parameter surgery (unboxed trees: plain arrays; use `nn.unbox` first)
+
+
+def _is_ttm(path: tuple[str, ...]) -> bool:
+    return any(part in TTM_MODULES for part in path)
+
+
+def expand_input_channels(params: Mapping, in_channels: int) -> dict:
+    """Widens `conv_in/kernel [3, 3, C, C0]` to `in_channels`, the new channels zero: a backbone with C latent
+    inputs then sees only the first C channels (the noisy latent, as `conditioning.stage_input` orders them) and
+    computes what it did before. Other leaves are returned as they are."""
+    flat = traverse_util.flatten_dict(dict(params))
+    key = ("conv_in", "kernel")
+    if key not in flat:
+        raise KeyError("unet.expand_input_channels: params have no conv_in/kernel; pass the U-Net's 'params' "
+                       "collection (unboxed)")
+    kernel = jnp.asarray(flat[key])
+    have = kernel.shape[2]
+    if in_channels < have:
+        raise ValueError(f"unet.expand_input_channels: conv_in has {have} input channels, more than "
+                         f"in_channels={in_channels}")
+    flat[key] = jnp.pad(kernel, [(0, 0), (0, 0), (0, in_channels - have), (0, 0)])
+    return traverse_util.unflatten_dict(flat)
+
+
+def graft_backbone(params: Mapping, backbone: Mapping) -> dict:
+    """A stage U-Net's params whose backbone is `backbone` and whose TTM layers stay as in `params`.
+
+    params: a fresh (unboxed) init of the U-Net with TTM layers and the stage's `in_channels`; backbone: (unboxed)
+    params of the same config with `ttm_layers=0` (e.g. converted AnimateDiff weights, `weights/unet.py`), whose
+    `conv_in` may have fewer input channels (zero-padded here). Every leaf outside `masked_self_attn` /
+    `masked_cross_attn` must come from `backbone` with its shape, or this raises naming it. Since the TTM layers'
+    output projections start at zero, the result computes exactly what the backbone does.
+    """
+    fresh = traverse_util.flatten_dict(dict(params))
+    in_channels = fresh[("conv_in", "kernel")].shape[2]
+    back = traverse_util.flatten_dict(expand_input_channels(backbone, in_channels))
+    out = dict(fresh)
+    for key, value in back.items():
+        if key not in fresh:
+            raise KeyError(f"unet.graft_backbone: backbone leaf {'/'.join(key)} has no place in the stage model; "
+                           f"was the backbone built with the same config.model (block_out_channels, layers, ...)?")
+        if tuple(fresh[key].shape) != tuple(np.shape(value)):
+            raise ValueError(f"unet.graft_backbone: {'/'.join(key)} is {tuple(fresh[key].shape)} in the stage model "
+                             f"but {tuple(np.shape(value))} in the backbone; check config.model against the "
+                             f"converted checkpoint")
+        out[key] = jnp.asarray(value, fresh[key].dtype)
+    left = [k for k in fresh if k not in back and not _is_ttm(k)]
+    if left:
+        raise KeyError(f"unet.graft_backbone: backbone lacks {['/'.join(k) for k in left[:5]]} ({len(left)} "
+                       f"leaves); was it converted with the same config.model?")
+    return traverse_util.unflatten_dict(out)

@@ -1,0 +1,367 @@
+"""The AnimateDiff U-Net (`ttm_jax/models/unet.py`) against diffusers' `UNetMotionModel` (the oracle), its rulebook
+(`ttm_jax/weights/unet.py`), and its TTM layers.
+
+What is pinned: forward parity in fp32 on a tiny random model whose every parameter is perturbed (zero- and
+one-initialised ones included); a bit-identical round trip back to the torch state dict (frame-embedding buffers
+included) that diffusers loads strictly; the SD 1.5 `unet/` + `MotionAdapter` two-folder load; errors naming the
+key; logical axis names; a stage model with TTM layers grafted onto the converted backbone computes the backbone at
+step 0; the U-Net's id layout per level, and isolation of the masked layers (an object's tokens and prompt never
+reach another object's outputs), across frames or per frame.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
+from flax import traverse_util
+
+from ttm_jax.models import masks, ttm_layers, unet
+from ttm_jax.weights import rulebook as rb
+from ttm_jax.weights import unet as convert
+
+# LLVM -O0: compiles several times faster on CPU; these tests are about values, not speed
+_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+
+TORCH_CONFIG = dict(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlockMotion", "DownBlockMotion"),
+                    up_block_types=("UpBlockMotion", "CrossAttnUpBlockMotion"), layers_per_block=1,
+                    norm_num_groups=8, cross_attention_dim=16, num_attention_heads=2, motion_num_attention_heads=2,
+                    motion_max_seq_length=8, in_channels=4, out_channels=4)
+B, T, H, W, C, L = 2, 4, 16, 16, 4, 5
+
+
+def _perturb(model: torch.nn.Module, seed: int) -> None:
+    """Random values on top of every parameter: zero biases, unit norm scales and zero projections all move."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * (0.02 if p.ndim > 1 else 0.1))
+
+
+@pytest.fixture(scope="module")
+def torch_unet() -> UNetMotionModel:
+    torch.manual_seed(0)
+    model = UNetMotionModel(**TORCH_CONFIG).eval()
+    _perturb(model, 0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def state_dict(torch_unet) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in torch_unet.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def converted(torch_unet, state_dict):
+    cfg, cin, cout = convert.config_from_diffusers(dict(torch_unet.config))
+    return cfg, cin, cout, convert.torch_to_flax(state_dict, cfg, cin, cout)
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    rng = np.random.RandomState(0)
+    x = rng.standard_normal((B, T, H, W, C)).astype(np.float32)
+    t = np.array([10.0, 730.0], np.float32)
+    ctx = rng.standard_normal((B, L, 16)).astype(np.float32)
+    return x, t, ctx
+
+
+@pytest.fixture(scope="module")
+def torch_out(torch_unet, inputs):
+    x, t, ctx = inputs
+    with torch.no_grad():  # diffusers takes [B, C, T, H, W] and the text repeated per frame
+        out = torch_unet(torch.from_numpy(x.transpose(0, 4, 1, 2, 3).copy()), torch.from_numpy(t),
+                         torch.from_numpy(np.repeat(ctx, T, axis=0)), return_dict=False)[0]
+    return out.numpy().transpose(0, 2, 3, 4, 1)
+
+
+@pytest.fixture(scope="module")
+def jax_out(converted, inputs):
+    cfg, cin, cout, params = converted
+    return np.asarray(_jit(unet.UNet(cfg, cin, cout).apply)({"params": params}, *inputs))
+
+
+def test_forward_matches_diffusers(torch_out, jax_out):
+    assert torch_out.shape == jax_out.shape == (B, T, H, W, C)
+    assert np.abs(torch_out).max() > 0.1
+    np.testing.assert_allclose(jax_out, torch_out, rtol=0, atol=1e-5)
+
+
+def test_round_trip_bit_identical(torch_unet, state_dict, converted):
+    cfg, cin, cout, params = converted
+    back = convert.flax_to_torch(params, cfg, state_dict)
+    assert set(back) == set(state_dict)
+    for k, v in state_dict.items():
+        assert torch.equal(torch.from_numpy(back[k]), torch.from_numpy(v)), k
+    # without the target's specs too, and the written config rebuilds the same model, which loads strictly
+    back = convert.flax_to_torch(params, cfg)
+    assert set(back) == set(state_dict)
+    rebuilt = UNetMotionModel.from_config(convert.diffusers_config(cfg, cin, cout))
+    rebuilt.load_state_dict({k: torch.from_numpy(v) for k, v in back.items()}, strict=True)
+    for k, v in rebuilt.state_dict().items():
+        assert torch.equal(v, torch.from_numpy(state_dict[k])), k
+
+
+def test_sd15_unet_plus_motion_adapter_folders(tmp_path):
+    # the real-world source: SD 1.5's unet/ (UNet2DConditionModel, head count in `attention_head_dim`) + a
+    # MotionAdapter folder; their keys together are UNetMotionModel.from_unet2d's
+    torch.manual_seed(1)
+    unet2d = UNet2DConditionModel(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
+                                  norm_num_groups=8, cross_attention_dim=16, attention_head_dim=2, sample_size=16)
+    adapter = MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=1, motion_num_attention_heads=2,
+                            motion_norm_num_groups=8, motion_max_seq_length=8, use_motion_mid_block=False)
+    _perturb(unet2d, 1)
+    _perturb(adapter, 2)
+    unet2d.save_pretrained(tmp_path / "unet", safe_serialization=True)
+    adapter.save_pretrained(tmp_path / "adapter", safe_serialization=True)
+    merged = UNetMotionModel.from_unet2d(unet2d, adapter)
+    sd = {k: v.numpy() for k, v in merged.state_dict().items()}
+    cfg, cin, cout, params = convert.load_diffusers_folders(str(tmp_path / "unet"), str(tmp_path / "adapter"))
+    assert (cfg.use_motion_mid_block, cfg.heads, cfg.motion_max_seq_length) == (False, (2, 2), 8)
+    want = convert.torch_to_flax(sd, cfg, cin, cout)
+    got, ref = rb.flatten(params), rb.flatten(want)
+    assert set(got) == set(ref)
+    for k in ref:
+        assert np.array_equal(got[k], ref[k]), k
+    back = convert.flax_to_torch(params, cfg, sd)
+    assert all(np.array_equal(back[k], v) for k, v in sd.items())
+
+
+def test_errors_name_the_key(state_dict, converted):
+    cfg, cin, cout, _ = converted
+    sd = dict(state_dict)
+    del sd["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"]
+    sd["up_blocks.1.resnets.1.conv1.weight"] = sd["up_blocks.1.resnets.1.conv1.weight"][:, :-1]
+    sd["down_blocks.0.motion_modules.0.extra.weight"] = np.zeros(3, np.float32)
+    with pytest.raises(rb.ConversionError) as e:
+        convert.torch_to_flax(sd, cfg, cin, cout)
+    for key in ("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight",
+                "up_blocks.1.resnets.1.conv1.weight", "down_blocks.0.motion_modules.0.extra.weight"):
+        assert repr(key) in str(e.value)
+    sd = dict(state_dict)
+    key = "mid_block.motion_modules.0.transformer_blocks.0.pos_embed.pe"
+    sd[key] = np.zeros((1, 32, 64), np.float32)
+    with pytest.raises(rb.ConversionError, match="motion_max_seq_length=8"):
+        convert.torch_to_flax(sd, cfg, cin, cout)
+    with pytest.raises(ValueError, match="addition_embed_type"):
+        convert.config_from_diffusers({**TORCH_CONFIG, "addition_embed_type": "text_time"})
+
+
+def test_logical_axis_names(converted):
+    cfg, cin, cout, _ = converted
+    cfg = unet.UNetConfig(**{**cfg.__dict__, "ttm_layers": 1})
+    args, kwargs = unet.init_inputs(cfg, cin, abstract=True)
+    boxed = jax.eval_shape(unet.UNet(cfg, cin, cout).init, jax.random.key(0), *args, **kwargs)["params"]
+    leaves = jax.tree_util.tree_leaves_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    assert len(leaves) > 100
+    for path, leaf in leaves:
+        name = jax.tree_util.keystr(path)
+        assert isinstance(leaf, nn.LogicallyPartitioned), name
+        assert len(leaf.names) == len(leaf.value.shape), name
+        named = [n for n in leaf.names if n is not None]
+        assert named and len(set(named)) == len(named), (name, leaf.names)
+
+
+def test_input_errors(converted, inputs):
+    cfg, cin, cout, params = converted
+    x, t, ctx = inputs
+    model = unet.UNet(cfg, cin, cout)
+    with pytest.raises(ValueError, match="multiples of 2"):
+        model.apply({"params": params}, x[:, :, :15, :15], t, ctx)
+    with pytest.raises(ValueError, match="motion_max_seq_length=8"):
+        model.apply({"params": params}, np.concatenate([x, x, x], axis=1), t, ctx)
+    with pytest.raises(ValueError, match="cross_attention_dim=16"):
+        model.apply({"params": params}, x, t, ctx[..., :8])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# TTM layers
+
+
+def test_stage_model_equals_backbone_at_step_0(converted, inputs, jax_out, torch_out):
+    # the stage-2 input (noisy latent + first frame + trajectory: 3x the channels) and TTM layers in the encoder's
+    # spatial transformer, grafted onto the converted AnimateDiff backbone: the same function as the backbone
+    cfg, cin, cout, backbone = converted
+    stage = unet.UNetConfig(**{**cfg.__dict__, "ttm_layers": 1})
+    model = unet.UNet(stage, 3 * cin, cout)
+    args, kwargs = unet.init_inputs(stage, 3 * cin)
+    fresh = nn.unbox(_jit(model.init)(jax.random.key(3), *args, **kwargs)["params"])
+    ttm = {k: v for k, v in traverse_util.flatten_dict(fresh).items() if any(m in k for m in unet.TTM_MODULES)}
+    assert ttm and all(np.abs(v).max() == 0 for k, v in ttm.items() if "to_out" in k)
+    params = unet.graft_backbone(fresh, backbone)
+    x, t, ctx = inputs
+    rng = np.random.RandomState(1)
+    extra = rng.standard_normal((B, T, H, W, 2 * cin)).astype(np.float32)
+    n = T * H * W  # one TTM level, the first
+    ll = 6
+    local_ids = np.tile(np.array([0, 0, 1, 1, 2, -1], np.int32), (B, 1))
+    ids = rng.randint(0, 3, (B, n)).astype(np.int32)
+    got = np.asarray(_jit(model.apply)({"params": params}, np.concatenate([x, extra], axis=-1), t, ctx,
+                                       local_context=rng.standard_normal((B, ll, 16)).astype(np.float32),
+                                       token_ids=ids, cross_token_ids=ids, local_ids=local_ids))
+    np.testing.assert_allclose(got, jax_out, rtol=0, atol=2e-6)
+    np.testing.assert_allclose(got, torch_out, rtol=0, atol=1e-5)
+    with pytest.raises(KeyError, match="conv_out/kernel"):
+        unet.graft_backbone(fresh, {k: v for k, v in backbone.items() if k != "conv_out"})
+
+
+# Two TTM levels (both down blocks carry a spatial transformer); object masks at pixel resolution (space factor 2).
+TTM_T, TTM_H, TTM_W, SF = 3, 8, 8, 2
+TTM_CFG = unet.UNetConfig(block_out_channels=(16, 32), down_block_types=(unet.CROSS_DOWN, unet.CROSS_DOWN),
+                          up_block_types=(unet.PLAIN_UP, unet.CROSS_UP), layers_per_block=1, norm_num_groups=8,
+                          cross_attention_dim=16, num_attention_heads=2, motion_num_attention_heads=2,
+                          motion_max_seq_length=8, ttm_layers=2)
+LOCAL_IDS = np.array([[0, 0, 1, 1, 2, 2, -1]], np.int32)  # caption, object 1, object 2, padding
+
+
+def _object_masks() -> np.ndarray:
+    """bool [1, T, 16, 16, 2]: object 1 the left half, object 2 the top right quadrant, background the rest."""
+    m = np.zeros((1, TTM_T, TTM_H * SF, TTM_W * SF, 2), bool)
+    m[0, :, :, :8, 0] = True
+    m[0, :, :8, 8:, 1] = True
+    return m
+
+
+def _expected_ids(level: int) -> np.ndarray:
+    """int32 [1, T, h, w] of `_object_masks` at `level` (H / 2^level)."""
+    h, w = TTM_H >> level, TTM_W >> level
+    ids = np.zeros((1, TTM_T, h, w), np.int32)
+    ids[..., : w // 2] = 1
+    ids[..., : h // 2, w // 2:] = 2
+    return ids
+
+
+def _random_params(cfg: unet.UNetConfig, seed: int) -> dict:
+    """Random values for every parameter (TTM output projections included), from shapes only (no init compile)."""
+    args, kwargs = unet.init_inputs(cfg, C, abstract=True)
+    shapes = rb.flatten(jax.eval_shape(unet.UNet(cfg, C, C).init, jax.random.key(0), *args, **kwargs)["params"])
+    rng = np.random.RandomState(seed)
+    out = {}
+    for k, s in shapes.items():
+        if k.endswith("scale"):
+            out[k] = (1 + 0.1 * rng.standard_normal(s.shape)).astype(np.float32)
+        else:
+            fan_in = int(np.prod(s.shape[:-1])) if len(s.shape) > 1 else 10
+            out[k] = (rng.standard_normal(s.shape) / np.sqrt(fan_in)).astype(np.float32)
+    return rb.unflatten(out)
+
+
+def _captured_ttm_calls(cfg: unet.UNetConfig, params: dict) -> tuple[list, list]:
+    """Runs the U-Net once and returns, per masked layer in call order, `(module path, args)` of its call."""
+    rng = np.random.RandomState(2)
+    token_ids, cross_ids = unet.object_ids(cfg, jnp.asarray(_object_masks()), time_factor=1, space_factor=SF)
+    x = rng.standard_normal((1, TTM_T, TTM_H, TTM_W, C)).astype(np.float32)
+    ctx = rng.standard_normal((1, 4, 16)).astype(np.float32)
+    local = rng.standard_normal((1, LOCAL_IDS.shape[1], 16)).astype(np.float32)
+    names: list[tuple[str, tuple[str, ...]]] = []
+
+    def run(params):
+        captured = []
+
+        def interceptor(next_fun, args, kwargs, context):
+            if isinstance(context.module, ttm_layers.MaskedSelfAttention | ttm_layers.MaskedCrossAttention):
+                if len(names) < 2 * cfg.ttm_layers:
+                    names.append((type(context.module).__name__, context.module.path))
+                captured.append(args)
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(interceptor):
+            unet.UNet(cfg, C, C).apply({"params": params}, x, jnp.array([500.0]), ctx, local_context=local,
+                                       token_ids=token_ids, cross_token_ids=cross_ids, local_ids=LOCAL_IDS)
+        return captured
+
+    calls = _jit(run)(params)
+    return names, calls
+
+
+def _layer(kind: str, cfg: unet.UNetConfig, dim: int) -> nn.Module:
+    cls = ttm_layers.MaskedSelfAttention if kind == "MaskedSelfAttention" else ttm_layers.MaskedCrossAttention
+    return cls(dim, 2, qk_norm=cfg.ttm_qk_norm)
+
+
+def _sub(params: dict, path: tuple[str, ...]) -> dict:
+    for p in path:
+        params = params[p]
+    return params
+
+
+@pytest.mark.parametrize("across_frames", [True, False])
+def test_masked_self_attention_ids_and_isolation(across_frames):
+    cfg = unet.UNetConfig(**{**TTM_CFG.__dict__, "ttm_self_across_frames": across_frames})
+    params = _random_params(cfg, 0)
+    names, calls = _captured_ttm_calls(cfg, params)
+    selfs = [(n, a) for (kind, n), a in zip(names, calls, strict=True) if kind == "MaskedSelfAttention"]
+    assert [n[0] for n, _ in selfs] == ["down_blocks_0_attentions_0", "down_blocks_1_attentions_0"]
+    for level, (path, (x, _, ids)) in enumerate(selfs):
+        want = _expected_ids(level)  # [1, T, h, w]
+        x, ids = np.asarray(x), np.asarray(ids)
+        t, hw = TTM_T, want.shape[2] * want.shape[3]
+        if across_frames:  # one sequence per video, (t, h, w) order
+            assert x.shape[:2] == ids.shape == (1, t * hw)
+            np.testing.assert_array_equal(ids, want.reshape(1, t * hw))
+        else:  # one sequence per frame
+            assert x.shape[:2] == ids.shape == (t, hw)
+            np.testing.assert_array_equal(ids, want.reshape(t, hw))
+        layer = _layer("MaskedSelfAttention", cfg, x.shape[-1])
+        variables = {"params": _sub(params, path)}
+        apply = _jit(layer.apply)
+        base = np.asarray(apply(variables, x, None, ids))
+        # change object 1's tokens in frame 0 only
+        in_frame0 = np.zeros((t, hw), bool)
+        in_frame0[0] = True
+        hit = (ids == 1) & in_frame0.reshape(ids.shape)
+        noise = np.random.RandomState(level).standard_normal(x.shape).astype(np.float32)  # not a shift: normed away
+        moved = np.asarray(apply(variables, np.where(hit[..., None], x + noise, x), None, ids))
+        changed = np.abs(moved - base).max(axis=-1) > 1e-4
+        assert not changed[ids != 1].any()  # no other object, in any frame, sees it
+        own_later = (ids == 1) & ~in_frame0.reshape(ids.shape)
+        # across frames object 1 sees itself in every frame; per frame only in frame 0
+        assert changed[own_later].all() if across_frames else not changed[own_later].any()
+        assert changed[hit].all()
+
+
+def test_masked_cross_attention_isolation():
+    params = _random_params(TTM_CFG, 1)
+    names, calls = _captured_ttm_calls(TTM_CFG, params)
+    crosses = [(n, a) for (kind, n), a in zip(names, calls, strict=True) if kind == "MaskedCrossAttention"]
+    assert len(crosses) == 2
+    for level, (path, (x, local, cross_ids, local_ids)) in enumerate(crosses):
+        x, local, cross_ids, local_ids = (np.asarray(a) for a in (x, local, cross_ids, local_ids))
+        want = _expected_ids(level)
+        np.testing.assert_array_equal(cross_ids, want.reshape(TTM_T, -1))  # per frame, boxes = masks here
+        np.testing.assert_array_equal(local_ids, np.repeat(LOCAL_IDS, TTM_T, axis=0))
+        layer = _layer("MaskedCrossAttention", TTM_CFG, x.shape[-1])
+        variables = {"params": _sub(params, path)}
+        apply = _jit(layer.apply)
+        base = np.asarray(apply(variables, x, local, cross_ids, local_ids))
+        # object 2's prompt changes: only object 2's tokens move
+        noise = np.random.RandomState(level).standard_normal(local.shape).astype(np.float32)
+        moved = np.asarray(apply(variables, x, np.where((local_ids == 2)[..., None], local + noise, local),
+                                 cross_ids, local_ids))
+        changed = np.abs(moved - base).max(axis=-1) > 1e-4
+        assert changed[cross_ids == 2].all() and not changed[cross_ids != 2].any()
+
+
+def test_ttm_inputs_are_checked():
+    cfg = TTM_CFG
+    params = _random_params(cfg, 2)
+    (x, t, ctx), kwargs = unet.init_inputs(cfg, C, grid=(TTM_T, TTM_H, TTM_W), text_len=4, local_len=7)
+    assert kwargs["token_ids"].shape == (1, TTM_T * (64 + 16))
+    model = unet.UNet(cfg, C, C)
+    bad = dict(kwargs, token_ids=kwargs["token_ids"][:, :-1])
+    with pytest.raises(ValueError, match=r"token_ids must be int32 \[B, 240\].*TTM levels \(0, 1\)"):
+        model.apply({"params": params}, x, t, ctx, **bad)
+    with pytest.raises(ValueError, match="local_context"):
+        model.apply({"params": params}, x, t, ctx)
+    ids, _ = unet.object_ids(cfg, jnp.asarray(_object_masks()), time_factor=1, space_factor=SF)
+    assert ids.shape == (1, 240)
+    np.testing.assert_array_equal(ids[:, 192:], _expected_ids(1).reshape(1, -1))
+    np.testing.assert_array_equal(ids[:, :192], masks.token_ids_from_masks(
+        jnp.asarray(_object_masks()), time_factor=1, space_factor=SF, patch_size=(1, 1, 1)))
