@@ -335,16 +335,18 @@ def find_sparse() -> tuple[Any, Any, str]:
     return op, (lambda ids: ids), "sparse_attention.masked_self_attention on the ids"
 
 
-def _time_fn(fn: Callable[[], Any], repeats: int) -> float:
-    """Best seconds of `fn()` (blocked) over `repeats` runs after one warm-up run (load from other processes only
-    ever adds time)."""
+def _time_fn(fn: Callable[[], Any], repeats: int, max_s: float = 10.0) -> tuple[float, int]:
+    """(best seconds of `fn()` (blocked), runs) over up to `repeats` runs after one warm-up run (load from other
+    processes only ever adds time); fewer runs when the warm-up says they would take more than `max_s`."""
+    t0 = time.perf_counter()
     jax.block_until_ready(fn())
+    warm = time.perf_counter() - t0
     times = []
-    for _ in range(repeats):
+    for _ in range(max(1, min(repeats, int(max_s / max(warm, 1e-9))))):
         t0 = time.perf_counter()
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - t0)
-    return min(times)
+    return min(times), len(times)
 
 
 def section_sparse(report: Report, quick: bool) -> None:
@@ -379,11 +381,12 @@ def section_sparse(report: Report, quick: bool) -> None:
     repeats = 3 if quick else 5
     where = f"{n} tokens, {heads}x{head_dim} heads, {jnp.dtype(dtype).name}, segments {counts.tolist()}"
     for label, table in (("forward", fwd), ("forward+backward", grad)):
-        t_dense, t_sparse = (_time_fn(functools.partial(table[name], q, k, v, prepared[name]), repeats)
-                             for name in ("dense", "sparse"))
+        (t_dense, r_dense), (t_sparse, r_sparse) = (
+            _time_fn(functools.partial(table[name], q, k, v, prepared[name]), repeats) for name in ("dense", "sparse"))
         report.add("b", f"object-sparse vs dense masked self-attn ({dense_impl}), {label}: speed-up",
                    f"{t_dense / t_sparse:.2f}x",
-                   f"best of {repeats}: {t_dense * 1e3:.2f} ms dense vs {t_sparse * 1e3:.2f} ms sparse ({how}); "
+                   f"best of {r_dense} / {r_sparse} runs: {t_dense * 1e3:.2f} ms dense vs {t_sparse * 1e3:.2f} ms "
+                   f"sparse ({how}); "
                    f"{where}; ideal "
                    f"{ideal:.2f}x" + ("; CPU timings of tiny shapes, not a measurement" if interpret else ""))
     report.add("b", "object-sparse vs dense: max abs diff of the values", _fmt(err), where)
