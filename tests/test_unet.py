@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
-from flax import traverse_util
 
 from ttm_jax.models import masks, ttm_layers, unet
 from ttm_jax.weights import rulebook as rb
@@ -185,26 +184,50 @@ def test_input_errors(converted, inputs):
 # TTM layers
 
 
+def _fresh_stage_params(stage: unet.UNetConfig, in_channels: int, out_channels: int) -> dict:
+    """A stage U-Net's params as `graft_backbone` receives them: shapes from the U-Net's init (`eval_shape`), the TTM
+    layers' values from a real init of the U-Net's `TransformerBlock` with `ttm=True` (the code that builds them in
+    the U-Net; a whole-U-Net init compiles for a minute on CPU), the rest placeholders the graft replaces."""
+    args, kwargs = unet.init_inputs(stage, in_channels, abstract=True)
+    shapes = rb.flatten(jax.eval_shape(unet.UNet(stage, in_channels, out_channels).init, jax.random.key(0), *args,
+                                       **kwargs)["params"])
+    dim, heads = stage.block_out_channels[0], stage.heads[0]
+    block = unet.TransformerBlock(dim, heads, ttm=True, cfg=stage)
+    ttm_in = unet.TTMInputs(frames=1, local_context=jnp.zeros((1, 2, stage.cross_attention_dim)),
+                            self_ids=jnp.zeros((1, 4), jnp.int32), cross_ids=jnp.zeros((1, 4), jnp.int32),
+                            local_ids=jnp.zeros((1, 2), jnp.int32))
+    init = _jit(block.init)(jax.random.key(3), jnp.zeros((1, 4, dim)), jnp.zeros((1, 2, stage.cross_attention_dim)),
+                            ttm_in)
+    block_ttm = {k: v for k, v in rb.flatten(init["params"]).items() if k.split("/")[0] in unet.TTM_MODULES}
+    assert block_ttm and all(np.abs(v).max() == 0 for k, v in block_ttm.items() if "to_out" in k)
+    fresh = {}
+    for k, s in shapes.items():
+        tail = k.split("/transformer_blocks_0/")[-1]
+        if any(m in k for m in unet.TTM_MODULES):
+            assert block_ttm[tail].shape == s.shape, k
+            fresh[k] = np.asarray(block_ttm[tail])
+        else:
+            fresh[k] = np.full(s.shape, np.nan, s.dtype)  # must all be replaced
+    return rb.unflatten(fresh)
+
+
 def test_stage_model_equals_backbone_at_step_0(converted, inputs, jax_out, torch_out):
     # the stage-2 input (noisy latent + first frame + trajectory: 3x the channels) and TTM layers in the encoder's
     # spatial transformer, grafted onto the converted AnimateDiff backbone: the same function as the backbone
     cfg, cin, cout, backbone = converted
     stage = unet.UNetConfig(**{**cfg.__dict__, "ttm_layers": 1})
-    model = unet.UNet(stage, 3 * cin, cout)
-    args, kwargs = unet.init_inputs(stage, 3 * cin)
-    fresh = nn.unbox(_jit(model.init)(jax.random.key(3), *args, **kwargs)["params"])
-    ttm = {k: v for k, v in traverse_util.flatten_dict(fresh).items() if any(m in k for m in unet.TTM_MODULES)}
-    assert ttm and all(np.abs(v).max() == 0 for k, v in ttm.items() if "to_out" in k)
+    fresh = _fresh_stage_params(stage, 3 * cin, cout)
     params = unet.graft_backbone(fresh, backbone)
+    assert not any(np.isnan(v).any() for v in rb.flatten(params).values())
     x, t, ctx = inputs
     rng = np.random.RandomState(1)
     extra = rng.standard_normal((B, T, H, W, 2 * cin)).astype(np.float32)
     n = T * H * W  # one TTM level, the first
-    ll = 6
     local_ids = np.tile(np.array([0, 0, 1, 1, 2, -1], np.int32), (B, 1))
     ids = rng.randint(0, 3, (B, n)).astype(np.int32)
+    model = unet.UNet(stage, 3 * cin, cout)
     got = np.asarray(_jit(model.apply)({"params": params}, np.concatenate([x, extra], axis=-1), t, ctx,
-                                       local_context=rng.standard_normal((B, ll, 16)).astype(np.float32),
+                                       local_context=rng.standard_normal((B, 6, 16)).astype(np.float32),
                                        token_ids=ids, cross_token_ids=ids, local_ids=local_ids))
     np.testing.assert_allclose(got, jax_out, rtol=0, atol=2e-6)
     np.testing.assert_allclose(got, torch_out, rtol=0, atol=1e-5)
@@ -292,11 +315,21 @@ def _sub(params: dict, path: tuple[str, ...]) -> dict:
     return params
 
 
+@pytest.fixture(scope="module")
+def ttm_run():
+    """(params, names, calls) of the across-frames TTM U-Net (the default)."""
+    params = _random_params(TTM_CFG, 0)
+    return (params, *_captured_ttm_calls(TTM_CFG, params))
+
+
 @pytest.mark.parametrize("across_frames", [True, False])
-def test_masked_self_attention_ids_and_isolation(across_frames):
+def test_masked_self_attention_ids_and_isolation(across_frames, ttm_run):
     cfg = unet.UNetConfig(**{**TTM_CFG.__dict__, "ttm_self_across_frames": across_frames})
-    params = _random_params(cfg, 0)
-    names, calls = _captured_ttm_calls(cfg, params)
+    if across_frames:
+        params, names, calls = ttm_run
+    else:
+        params = ttm_run[0]  # the same parameters: only the layout differs
+        names, calls = _captured_ttm_calls(cfg, params)
     selfs = [(n, a) for (kind, n), a in zip(names, calls, strict=True) if kind == "MaskedSelfAttention"]
     assert [n[0] for n, _ in selfs] == ["down_blocks_0_attentions_0", "down_blocks_1_attentions_0"]
     for level, (path, (x, _, ids)) in enumerate(selfs):
@@ -327,9 +360,8 @@ def test_masked_self_attention_ids_and_isolation(across_frames):
         assert changed[hit].all()
 
 
-def test_masked_cross_attention_isolation():
-    params = _random_params(TTM_CFG, 1)
-    names, calls = _captured_ttm_calls(TTM_CFG, params)
+def test_masked_cross_attention_isolation(ttm_run):
+    params, names, calls = ttm_run
     crosses = [(n, a) for (kind, n), a in zip(names, calls, strict=True) if kind == "MaskedCrossAttention"]
     assert len(crosses) == 2
     for level, (path, (x, local, cross_ids, local_ids)) in enumerate(crosses):
@@ -349,9 +381,8 @@ def test_masked_cross_attention_isolation():
         assert changed[cross_ids == 2].all() and not changed[cross_ids != 2].any()
 
 
-def test_ttm_inputs_are_checked():
-    cfg = TTM_CFG
-    params = _random_params(cfg, 2)
+def test_ttm_inputs_are_checked(ttm_run):
+    cfg, params = TTM_CFG, ttm_run[0]
     (x, t, ctx), kwargs = unet.init_inputs(cfg, C, grid=(TTM_T, TTM_H, TTM_W), text_len=4, local_len=7)
     assert kwargs["token_ids"].shape == (1, TTM_T * (64 + 16))
     model = unet.UNet(cfg, C, C)
