@@ -230,6 +230,9 @@ def _data(v: Mapping[str, Any]) -> ml_collections.ConfigDict:
     d.shuffle_seed = 0
     d.num_workers = 0  # Grain worker processes (mp_prefetch); 0: decode in the training process
     d.read_threads = 4  # Grain threads reading and decoding records in each process
+    # True: `prepared_path` is a folder of `python -m ttm_jax.data.encode` (cached VAE latents and text embeddings);
+    # the train step then runs neither the autoencoder's encoder nor the text encoder (not even loaded)
+    d.cached = False
     return d
 
 
@@ -463,6 +466,10 @@ def _check_data(config: ml_collections.ConfigDict) -> None:
            f"{d.read_threads!r} must be an int >= 1")
     _check(0 <= d.shuffle_seed < 2**32, "data.shuffle_seed", f"{d.shuffle_seed} must be in [0, 2**32) (Grain's range)")
     _check(d.synthetic_num_videos >= 1, "data.synthetic_num_videos", f"{d.synthetic_num_videos} must be >= 1")
+    _check(isinstance(d.get("cached", False), bool), "data.cached", f"{d.get('cached')!r} must be True or False")
+    _check(not d.get("cached", False) or bool(d.prepared_path), "data.cached",
+           "True needs data.prepared_path: set it to the --out folder of `python -m ttm_jax.data.encode "
+           "--prepared=... --out=...`, or set data.cached=False")
 
 
 def _check_text_encoder(config: ml_collections.ConfigDict) -> None:

@@ -1,7 +1,9 @@
 """A stage's inputs from a batch, and the model call given its conditions.
 
   1. latents: the batch's cached `video_latent`/`trajectory_latent` when present, else the frozen autoencoder on the
-     uint8 videos (mapped to [-1, 1]); text: the frozen text encoder on the token ids (padding rows zeroed);
+     uint8 videos (mapped to [-1, 1]); text: the batch's cached `<text>_embedding` / `local_embedding` when present
+     (`python -m ttm_jax.data.encode`, `config.data.cached`), else the frozen text encoder on the token ids
+     (padding rows zeroed) -- with both cached, neither encoder is in the traced step;
   2. the stage kind (`STAGE_KINDS`, by `config.stage`) picks the target and the conditions (DESIGN.md):
        stage 1  target E(trajectory); conditions E(x0), E(s0) (first frames); text = motion prompt
        stage 2  target E(video);      conditions E(x0), E(trajectory);        text = caption, plus local prompts and
@@ -34,7 +36,8 @@ from ttm_jax.models import conditioning, masks
 
 # Batch keys a stage reads (CONTRIBUTING.md "Batches"); anything else in a batch is ignored.
 BATCH_KEYS = ("video", "trajectory", "object_masks", "num_objects", "caption_tokens", "caption_mask",
-              "motion_tokens", "motion_mask", "local_tokens", "local_mask", "video_latent", "trajectory_latent")
+              "motion_tokens", "motion_mask", "local_tokens", "local_mask", "video_latent", "trajectory_latent",
+              "caption_embedding", "motion_embedding", "local_embedding")
 
 
 def to_unit_range(video: jax.Array) -> jax.Array:
@@ -62,12 +65,15 @@ class StageKind:
       input (`frames`: `config.model.condition_frames`, see `conditioning.stage_input`).
     local_prompts: whether the stage feeds the local prompts to the added layers (when the model has them).
     object_ids: whether it feeds per-token object ids from the batch's object masks (for the masks of those layers).
+    text: the batch prefix of the text `latents` returns (`caption` / `motion`): its cached `<text>_embedding` is used
+      when the batch has it; "" for a kind that never reads cached text.
     """
 
     latents: Callable[..., tuple[Any, ...]]
     model_input: Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array]
     local_prompts: bool
     object_ids: bool
+    text: str = ""
 
 
 def _image_to_motion(ae: Any, batch: dict[str, jax.Array], encode: Callable[[str], jax.Array]) -> tuple:
@@ -96,9 +102,12 @@ def _stage_input(stage: int) -> Callable[..., jax.Array]:
 
 
 STAGE_KINDS: Registry[StageKind] = Registry("stage")
-STAGE_KINDS.register(1, StageKind(_image_to_motion, _stage_input(1), local_prompts=False, object_ids=False))
-STAGE_KINDS.register(2, StageKind(_motion_to_video, _stage_input(2), local_prompts=True, object_ids=True))
-STAGE_KINDS.register(0, StageKind(_image_to_video, _stage_input(0), local_prompts=True, object_ids=False))
+STAGE_KINDS.register(1, StageKind(_image_to_motion, _stage_input(1), local_prompts=False, object_ids=False,
+                                  text="motion"))
+STAGE_KINDS.register(2, StageKind(_motion_to_video, _stage_input(2), local_prompts=True, object_ids=True,
+                                  text="caption"))
+STAGE_KINDS.register(0, StageKind(_image_to_video, _stage_input(0), local_prompts=True, object_ids=False,
+                                  text="caption"))
 
 
 def stage_kind(config: ml_collections.ConfigDict) -> StageKind:
@@ -112,9 +121,18 @@ def prepare(config: ml_collections.ConfigDict, modules: Modules, frozen: dict[st
             batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array, dict[str, Any]]:
     """The deterministic part of a stage's inputs: `(target [B,T',H',W',C], first [B,1,H',W',C], cond [B,1 or T',
     H',W',C], text)` where `text` holds `context` and, for a stage with added layers, `local_context`, `token_ids`,
-    `cross_token_ids`, `local_ids`, `local_mask`."""
+    `cross_token_ids`, `local_ids`, `local_mask`. Cached latents and embeddings in the batch are used as they are
+    (`frozen` then need not hold the text encoder: `init_frozen(..., cached=True)`)."""
     kind, ae = stage_kind(config), modules.autoencoder
-    te = frozen["text_encoder"]
+
+    def text_encoder(ids, mask, cached_key):
+        if cached_key in batch:
+            return batch[cached_key].astype(jnp.float32)
+        if "text_encoder" not in frozen:
+            raise ValueError(f"inputs.prepare: the batch has no cached {cached_key!r} and the frozen inputs hold no "
+                             f"text encoder (config.data.cached=True); point config.data.prepared_path at a folder of "
+                             f"`python -m ttm_jax.data.encode`, or set config.data.cached=False")
+        return encode_text(modules, frozen["text_encoder"], ids, mask)
 
     def encode(key):
         if f"{key}_latent" in batch:
@@ -123,14 +141,14 @@ def prepare(config: ml_collections.ConfigDict, modules: Modules, frozen: dict[st
 
     target, first, cond, text_ids, text_mask = kind.latents(ae, batch, encode)
     b = target.shape[0]
-    text: dict[str, Any] = {"context": encode_text(modules, te, text_ids, text_mask)}
+    text: dict[str, Any] = {"context": text_encoder(text_ids, text_mask, f"{kind.text}_embedding")}
     if kind.local_prompts and config.model.ttm_layers > 0:
         if kind.object_ids:
             text["token_ids"], text["cross_token_ids"] = registry.object_ids(config, ae,
                                                                               batch["object_masks"].astype(bool))
         lt, lm = batch["local_tokens"], batch["local_mask"].astype(bool)
         s, lp = lt.shape[1], lt.shape[2]
-        text["local_context"] = encode_text(modules, te, lt.reshape(b * s, lp), lm.reshape(b * s, lp)).reshape(
+        text["local_context"] = text_encoder(lt.reshape(b * s, lp), lm.reshape(b * s, lp), "local_embedding").reshape(
             b, s * lp, -1)
         text["local_mask"] = lm
         text["local_ids"] = masks.local_prompt_ids(lm)

@@ -21,6 +21,9 @@ Batch (per process, `B = train.batch_size // process_count`; CONTRIBUTING.md "Ba
     motion_tokens    int32   [B, Lc]      motion_mask  bool [B, Lc]
     local_tokens     int32   [B, K+1, Lp] local_mask   bool [B, K+1, Lp] (slot 0 = caption; Lp = local_max_length)
     video_latent, trajectory_latent  float32 [B, T', H', W', C]   only when the records carry cached latents
+    caption_embedding, motion_embedding float32 [B, Lc, d], local_embedding float32 [B, K+1, Lp, d]
+                     only with `config.data.cached` (a folder of `python -m ttm_jax.data.encode`): the text
+                     encoder's output, padding zero; tokens and masks then come from the records (no tokenizer)
 
 Grain worker processes re-import this module: scripts that set `num_workers > 0` need an
 `if __name__ == "__main__":` guard and parsed absl flags (`app.run`).
@@ -40,6 +43,7 @@ from typing import Any
 import grain
 import ml_collections
 import numpy as np
+from etils import epath
 
 from ttm_jax.data import clips, prepare, records, synthetic, tfds_sav
 from ttm_jax.models.tokenizer import make_tokenizer
@@ -69,33 +73,62 @@ def tokenize_prompts(tokenizer: Any, caption: str, motion_prompt: str, local_pro
             "local_tokens": loc_ids.astype(np.int32), "local_mask": loc_mask.astype(bool)}
 
 
+# the fields of a record the batch takes when the text is not cached (embeddings are not even decoded)
+_PIXEL_FIELDS = tuple(f for f in records.ARRAY_FIELDS if f not in records.TEXT_FIELDS)
+
+
+def text_settings(config: ml_collections.ConfigDict) -> dict:
+    """What cached text embeddings depend on: the text encoder config, and the seed of a randomly initialised one
+    (`data/encode` pins it in its manifest as `text_embeddings`)."""
+    t = config.text_encoder.to_dict()
+    return {"text_encoder": t, "seed": None if t.get("path") else int(config.seed)}
+
+
 @dataclasses.dataclass
 class DecodeAndTokenize(grain.transforms.Map):
-    """Record bytes -> one example of the batch dict (no batch axis); picklable for Grain workers."""
+    """Record bytes -> one example of the batch dict (no batch axis); picklable for Grain workers. `cached`: the
+    records carry the text (tokens, masks, embeddings of `data/encode`), taken as they are (no tokenizer)."""
 
     text_config: dict
     keep_latents: bool = True
+    cached: bool = False
 
     def __post_init__(self):
-        self._tokenizer = make_tokenizer(ml_collections.ConfigDict(self.text_config))
+        self._tokenizer = None if self.cached else make_tokenizer(ml_collections.ConfigDict(self.text_config))
 
     def __getstate__(self):
-        return {"text_config": self.text_config, "keep_latents": self.keep_latents}
+        return {"text_config": self.text_config, "keep_latents": self.keep_latents, "cached": self.cached}
 
     def __setstate__(self, state):
         self.__init__(**state)
 
+    def _cached_text(self, r: dict) -> dict[str, np.ndarray]:
+        lc, lp = int(self.text_config["max_length"]), int(self.text_config["local_max_length"])
+        out = {k: r[k] for k in ("caption_tokens", "caption_mask", "motion_tokens", "motion_mask", "local_tokens",
+                                 "local_mask")}
+        out["caption_embedding"] = records.pad_embedding(r["caption_embedding"], lc)
+        out["motion_embedding"] = records.pad_embedding(r["motion_embedding"], lc)
+        out["local_embedding"] = records.pad_embedding(r["local_embedding"], lp)
+        return out
+
     def map(self, record: bytes) -> dict[str, np.ndarray]:
         # bytes from a `prepare` folder, or an example dict from a TFDS-built one (`tfds_sav.to_example`)
-        r = record if isinstance(record, dict) else records.decode(record)
+        if isinstance(record, dict):
+            r = record
+        else:
+            r = records.decode(record, fields=None if self.cached else _PIXEL_FIELDS)
+        if self.cached:
+            text = self._cached_text(r)
+        else:
+            text = tokenize_prompts(self._tokenizer, r["caption"], r["motion_prompt"], r["local_prompts"],
+                                    max_length=int(self.text_config["max_length"]),
+                                    local_max_length=int(self.text_config["local_max_length"]))
         out = {
             "video": r["video"],
             "trajectory": r["trajectory"],
             "object_masks": r["object_masks"],
             "num_objects": np.int32(r["num_objects"]),
-            **tokenize_prompts(self._tokenizer, r["caption"], r["motion_prompt"], r["local_prompts"],
-                               max_length=int(self.text_config["max_length"]),
-                               local_max_length=int(self.text_config["local_max_length"])),
+            **text,
         }
         if self.keep_latents and "video_latent" in r:
             out["video_latent"] = r["video_latent"]
@@ -124,6 +157,21 @@ def check_manifest(manifest: dict, config: ml_collections.ConfigDict, folder: st
                              f"{ {k: lat.get(k) for k in differ} } but config.autoencoder has "
                              f"{ {k: ae.get(k) for k in differ} }; prepare again with this config (--latents) or "
                              f"without --latents")
+    if config.data.get("cached", False):
+        missing = [k for k in ("latents", "text_embeddings") if manifest.get(k) is None]
+        if missing:
+            raise ValueError(f"{where}: config.data.cached is True but these records have no cached "
+                             f"{' / '.join(missing)}; run `python -m ttm_jax.data.encode --prepared={folder} "
+                             f"--out=<new folder> --config=...` and set config.data.prepared_path to that folder, or "
+                             f"set config.data.cached=False")
+        want, got = text_settings(config), manifest["text_embeddings"]
+        if got != want:
+            differ = sorted(k for k in set(got["text_encoder"]) | set(want["text_encoder"])
+                            if got["text_encoder"].get(k) != want["text_encoder"].get(k))
+            differ += ["seed"] if got.get("seed") != want["seed"] else []
+            raise ValueError(f"{where}: cached text embeddings were made with other text encoder settings "
+                             f"(text_encoder.{', text_encoder.'.join(differ)} differ from the config); encode again "
+                             f"with this config (python -m ttm_jax.data.encode) or set config.data.cached=False")
     if manifest.get("num_records", 0) < 1:
         raise ValueError(f"{where}: no records (all videos skipped: {manifest.get('skipped')}); check the SA-V "
                          f"path and captions it was prepared from")
@@ -150,7 +198,24 @@ def make_dataset(config: ml_collections.ConfigDict, path: str, *, process_index:
     ds = ds.shuffle(seed=int(config.data.shuffle_seed)).repeat(None)
     if to_example is not None:
         ds = ds.map(to_example)
-    return ds.map(DecodeAndTokenize(config.text_encoder.to_dict()))
+    return ds.map(DecodeAndTokenize(config.text_encoder.to_dict(), cached=bool(config.data.get("cached", False))))
+
+
+def check_cached(config: ml_collections.ConfigDict) -> None:
+    """With `config.data.cached`: `config.data.prepared_path` holds cached latents and text embeddings made with
+    this config's autoencoder and text encoder (a `ValueError` naming the file and the fix otherwise)."""
+    if not config.data.get("cached", False):
+        return
+    path = config.data.prepared_path
+    if epath.Path(os.path.join(path, "dataset_info.json")).exists():
+        raise ValueError(f"{path}: config.data.cached is True but this is a TFDS folder, which holds no cached "
+                         f"embeddings; encode a `python -m ttm_jax.data.prepare` folder with `python -m "
+                         f"ttm_jax.data.encode` or set config.data.cached=False")
+    check_manifest(records.load_manifest(path), config, path)
+    encode_empty = epath.Path(os.path.join(path, "empty_text.npz"))
+    if not encode_empty.exists():
+        raise ValueError(f"{encode_empty}: missing (the empty prompt's embeddings of `python -m ttm_jax.data.encode`);"
+                         f" resume the encoding into {path}, or set config.data.cached=False")
 
 
 def local_batch_size(config: ml_collections.ConfigDict, process_count: int) -> int:

@@ -17,6 +17,12 @@ Fields of a record (shapes of one clip; T = data.num_frames, K = data.max_object
     mask_frame_indices int32 [T]        (when the example has it)
     video_latent     float32 [T', H', W', C]   only with cached latents
     trajectory_latent float32 [T', H', W', C]  only with cached latents
+    caption_tokens / motion_tokens int32 [Lc], caption_mask / motion_mask bool [Lc],
+    local_tokens int32 [K+1, Lp], local_mask bool [K+1, Lp]      only with cached text embeddings
+    caption_embedding / motion_embedding float32 [n, d], local_embedding float32 [K+1, n, d]
+                     only with cached text embeddings (`python -m ttm_jax.data.encode`): the text encoder's output
+                     cut after the last real token (n <= Lc or Lp; the rest is padding, zero); `pad_embedding`
+                     restores [Lc, d] / [K+1, Lp, d]
     meta: caption, motion_prompt, local_prompts [K], num_objects, video_id, masklet_keys [K], clip
 
 A prepared folder holds `records-XXXXX.array_record` shards (one per chunk of videos), `records-XXXXX.json` (that
@@ -30,21 +36,27 @@ import json
 import os
 import socket
 import struct
+import tempfile
 import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+from etils import epath
 
 MAGIC = b"TTMR"
 VERSION = 1
 MANIFEST = "manifest.json"
 SPEC = "prepare.json"
 # field -> codec; fields not listed are stored raw
-CODECS = {"trajectory": "zlib", "object_masks": "packbits"}
+CODECS = {"trajectory": "zlib", "object_masks": "packbits", "caption_mask": "packbits", "motion_mask": "packbits",
+          "local_mask": "packbits"}
+# the cached text of `python -m ttm_jax.data.encode`: tokens, masks and the text encoder's embeddings
+TEXT_FIELDS = ("caption_tokens", "caption_mask", "motion_tokens", "motion_mask", "local_tokens", "local_mask",
+               "caption_embedding", "motion_embedding", "local_embedding")
 ARRAY_FIELDS = ("video", "trajectory", "object_masks", "frame_indices", "mask_frame_indices", "video_latent",
-                "trajectory_latent")
+                "trajectory_latent", *TEXT_FIELDS)
 META_FIELDS = ("caption", "motion_prompt", "local_prompts", "num_objects", "video_id", "masklet_keys", "clip")
 
 
@@ -76,7 +88,7 @@ def encode(example: Mapping[str, Any]) -> bytes:
         if name not in example:
             continue
         a = np.asarray(example[name])
-        if name.endswith("_latent"):
+        if name.endswith("_latent") or name.endswith("_embedding"):
             a = a.astype(np.float32)
         codec = CODECS.get(name, "raw")
         if codec == "packbits":
@@ -151,25 +163,40 @@ def is_stale_tmp(filename: str) -> bool:
     return False
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-    tmp = tmp_name(path)
+def is_remote(path: str | os.PathLike) -> bool:
+    """True for a URL path (`gs://...`): written whole through `etils.epath`, no local rename."""
+    return "://" in os.fspath(path)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Writes `obj` as JSON so that a reader sees the old file or the new one, never half of it: a local file
+    through a temporary name and a rename; a `gs://` object in one upload (objects appear whole)."""
+    text = json.dumps(obj, indent=1, sort_keys=True)
+    if is_remote(path):
+        epath.Path(path).write_text(text)
+        return
+    tmp = tmp_name(os.fspath(path))
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write(text)
     os.replace(tmp, path)
 
 
-def read_json(path: str) -> Any:
-    with open(path) as f:
-        return json.load(f)
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(epath.Path(path).read_text())
 
 
 class ShardWriter:
     """Writes records to `path` through a temporary file that is renamed into place by `commit()`: a reader (or a
-    resumed preparation) never sees a partial shard."""
+    resumed preparation) never sees a partial shard. A `gs://` path is written to a local temporary file and
+    uploaded by `commit()`."""
 
-    def __init__(self, path: str):
-        self.path = path
-        self.tmp = tmp_name(path)
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        if is_remote(self.path):
+            fd, self.tmp = tempfile.mkstemp(suffix=".array_record")
+            os.close(fd)
+        else:
+            self.tmp = tmp_name(self.path)
         # group_size:1: each record its own chunk, for cheap random access by Grain
         self._writer = ArrayRecordWriter(self.tmp, "group_size:1")
         self.count = 0
@@ -180,12 +207,16 @@ class ShardWriter:
 
     def commit(self) -> None:
         self._writer.close()
-        os.replace(self.tmp, self.path)
+        if is_remote(self.path):
+            epath.Path(self.tmp).copy(epath.Path(self.path), overwrite=True)
+            os.remove(self.tmp)
+        else:
+            os.replace(self.tmp, self.path)
 
 
-def read_shard(path: str) -> list[bytes]:
+def read_shard(path: str | os.PathLike) -> list[bytes]:
     """All records of one shard, in order (for tests and inspection; training reads through Grain)."""
-    r = ArrayRecordReader(path)
+    r = ArrayRecordReader(os.fspath(path))
     try:
         return [r.read() for _ in range(r.num_records())]
     finally:
@@ -195,7 +226,7 @@ def read_shard(path: str) -> list[bytes]:
 def load_manifest(folder: str) -> dict:
     """The manifest of a prepared folder; raises `RecordError` naming the fix if the folder is not complete."""
     path = os.path.join(folder, MANIFEST)
-    if not os.path.exists(path):
+    if not epath.Path(path).exists():
         raise RecordError(f"{path}: no manifest, so {folder} is not a finished preparation; run (or resume) "
                           f"`python -m ttm_jax.data.prepare --out={folder} ...`, or fix config.data.prepared_path")
     m = read_json(path)
@@ -210,7 +241,30 @@ def shard_paths(folder: str, manifest: Mapping[str, Any] | None = None) -> list[
     manifest = manifest or load_manifest(folder)
     paths = [os.path.join(folder, s["shard"]) for s in manifest["shards"] if s["num_records"] > 0]
     for p in paths:
-        if not os.path.exists(p):
+        if not epath.Path(p).exists():
             raise RecordError(f"{p}: listed in {os.path.join(folder, MANIFEST)} but missing; resume "
                               f"`python -m ttm_jax.data.prepare --out={folder}` to rewrite it")
     return paths
+
+
+# ---------------------------------------------------------------------------------------------- cached text fields
+
+
+def trim_embedding(emb: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """`emb [..., L, d]` cut after the last real token of `mask [..., L]` (over all leading slots): what a record
+    stores; everything after it is padding (zero in the text encoder's output as the stage uses it)."""
+    real = np.flatnonzero(np.asarray(mask).reshape(-1, mask.shape[-1]).any(0))
+    n = int(real[-1]) + 1 if real.size else 0
+    return np.ascontiguousarray(np.asarray(emb, np.float32)[..., :n, :])
+
+
+def pad_embedding(emb: np.ndarray, length: int) -> np.ndarray:
+    """A stored embedding `[..., n, d]` back to `[..., length, d]` (zeros after the n stored positions)."""
+    n = emb.shape[-2]
+    if n > length:
+        raise RecordError(f"records: a cached text embedding has {n} positions but the config's text length is "
+                          f"{length}; encode again (python -m ttm_jax.data.encode) with this config")
+    if n == length:
+        return np.asarray(emb)
+    pad = [(0, 0)] * (emb.ndim - 2) + [(0, length - n), (0, 0)]
+    return np.pad(emb, pad)

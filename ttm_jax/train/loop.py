@@ -253,7 +253,9 @@ def _train(config, workdir, modules, make_iterator, mesh, rules, tx, init_params
         _say(f"starting from step 0: {state_lib.param_count(state.params):,} trainable params, mesh "
              f"{dict(mesh.shape)}, {jax.process_count()} process(es)")
     start = int(jax.device_get(state.step))
-    frozen, frozen_sh = frozen_lib.init_frozen(config, modules, mesh, rules)
+    # config.data.cached: latents and text embeddings come with the batches; no text encoder is loaded
+    frozen, frozen_sh = frozen_lib.init_frozen(config, modules, mesh, rules,
+                                               cached=bool(config.data.get("cached", False)))
 
     result = TrainResult(start_step=start, final_step=start, preempted=False, history=[], state=state,
                          checkpoint_steps=[])

@@ -20,7 +20,7 @@ from absl import logging
 from etils import epath
 
 from ttm_jax.config import ConfigError
-from ttm_jax.data import records
+from ttm_jax.data import loader, records
 from ttm_jax.runtime import checkpoint as checkpoint_lib
 from ttm_jax.runtime import mesh as mesh_lib
 from ttm_jax.train import loop
@@ -45,6 +45,11 @@ def check_paths(config: ml_collections.ConfigDict, workdir: str | None = None) -
         _check_exists("data.prepared_path", d.prepared_path,
                       "set it to a folder made by `python -m ttm_jax.data.prepare` (or leave it empty for the "
                       "synthetic default)")
+        if d.get("cached", False):  # the folder holds the cached latents and embeddings of this config's encoders
+            try:
+                loader.check_cached(config)
+            except ValueError as e:
+                raise ConfigError(f"config.data.cached: {e}") from None
     elif d.sav_path:
         prepared = workdir is not None and os.path.exists(os.path.join(workdir, "prepared", records.MANIFEST))
         if not prepared:

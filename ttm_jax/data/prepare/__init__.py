@@ -4,14 +4,16 @@ line is `ttm_jax/data/prepare/__main__.py`).
     python -m ttm_jax.data.prepare --sav=PATH --captions=JSONL --out=DIR [--config=configs/stage2.py[:variant]]
         [--workers=N] [--chunk_size=8] [--clips_per_video=1] [--seed=0] [--latents] [--format=records|tfds]
 
-Videos (sorted by id) are split into chunks of `chunk_size`; chunk c becomes `records-c.array_record` (written to a
-temporary name, then renamed) and then `records-c.json` (its done-marker with statistics). A killed run, re-run with
-the same arguments, redoes only the chunks without a marker; since every clip is a pure function of
-(seed, video id, clip number) (`clips.clip_seed`), the result is the same records as an uninterrupted run: none
-duplicated, none missing. `prepare.json` pins the settings (`clips.data_settings` of the config's data section, seed,
-video ids): resuming with different ones is an error. `manifest.json` is written last. The run ends with
-`videos: N ok, M skipped (reason=count, ...)`; every skipped video's message (its file, what is wrong, the fix) is
-logged, kept in its chunk's marker and in the manifest (`skipped_videos`), and printed by the command line.
+Output goes through `etils.epath` (`--out=gs://bucket/prepared` works: shards are written locally and uploaded whole,
+JSON files in one write). Videos (sorted by id) are split into chunks of `chunk_size`; chunk c becomes
+`records-c.array_record` (written to a temporary name, then renamed) and then `records-c.json` (its done-marker with
+statistics). A killed run, re-run with the same arguments, redoes only the chunks without a marker; since every clip
+is a pure function of (seed, video id, clip number) (`clips.clip_seed`), the result is the same records as an
+uninterrupted run: none duplicated, none missing. `prepare.json` pins the settings (`clips.data_settings` of the
+config's data section, seed, video ids): resuming with different ones is an error. `manifest.json` is written last.
+The run ends with `videos: N ok, M skipped (reason=count, ...)`; every skipped video's message (its file, what is
+wrong, the fix) is logged, kept in its chunk's marker and in the manifest (`skipped_videos`), and printed by the
+command line.
 
 `--format=tfds` builds the TFDS dataset `sav_clips` (`ttm_jax/data/tfds_sav.py`, array_record, the same clips for
 the same --seed/--clips_per_video) with --out as its data_dir, instead of this module's folder.
@@ -39,6 +41,7 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 
 from ttm_jax.data import captions as captions_lib
 from ttm_jax.data import clips, records, sav
@@ -146,11 +149,14 @@ def process_chunk(chunk: int, refs: Sequence[sav.VideoRef], captions: dict, conf
 
 def _remove_stale_tmp(out: str) -> None:
     """Deletes temporary files of killed runs on this host; files of a live process (a concurrent preparation of
-    the same, deterministic folder) and of other hosts are left alone."""
-    for fn in os.listdir(out):
-        if records.is_stale_tmp(fn):
+    the same, deterministic folder) and of other hosts are left alone. A `gs://` folder has none (shards are
+    uploaded whole)."""
+    if records.is_remote(out):
+        return
+    for p in epath.Path(out).iterdir():
+        if records.is_stale_tmp(p.name):
             try:
-                os.remove(os.path.join(out, fn))
+                p.unlink()
             except FileNotFoundError:
                 pass
 
@@ -170,7 +176,7 @@ def prepare(sav_path: str | Sequence[str], captions_path: str, out: str, config:
         raise ValueError("prepare: latents=True needs make_autoencoder, the factory `make_autoencoder("
                          "config.autoencoder)` of the latents (a module-level function; the command line "
                          "`python -m ttm_jax.data.prepare --latents` passes the registry's)")
-    os.makedirs(out, exist_ok=True)
+    epath.Path(out).mkdir(parents=True, exist_ok=True)
     find_counter = sav.SkipCounter("prepare")
     if isinstance(sav_path, str) and "," in sav_path:
         sav_path = sav_path.split(",")
@@ -187,7 +193,7 @@ def prepare(sav_path: str | Sequence[str], captions_path: str, out: str, config:
         "num_videos": len(refs),
     }
     spec_path = os.path.join(out, records.SPEC)
-    if os.path.exists(spec_path):
+    if epath.Path(spec_path).exists():
         old = records.read_json(spec_path)
         if old != spec:
             diff = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k))
@@ -197,7 +203,7 @@ def prepare(sav_path: str | Sequence[str], captions_path: str, out: str, config:
     else:
         records.write_json_atomic(spec_path, spec)
     chunks = [refs[i:i + chunk_size] for i in range(0, len(refs), chunk_size)]
-    todo = [c for c in range(len(chunks)) if not os.path.exists(_marker(out, c))]
+    todo = [c for c in range(len(chunks)) if not epath.Path(_marker(out, c)).exists()]
     if len(todo) < len(chunks):
         logging.info("prepare: resuming %s: %d of %d chunks already done", out, len(chunks) - len(todo), len(chunks))
     _remove_stale_tmp(out)

@@ -1,0 +1,278 @@
+"""The encoding program (`ttm_jax.data.encode`): cached latents and text embeddings keep the prepared records' ids
+and equal the frozen encoders applied directly; processes' shares make the same folder; an interrupted run resumes
+to the same output; training from the cache gives the loss of training from pixels, with no encoder in the step."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+import train_fixtures as fx
+
+from ttm_jax import config as config_lib
+from ttm_jax.assembly import frozen as frozen_lib
+from ttm_jax.assembly import inputs as inputs_lib
+from ttm_jax.assembly import modules as modules_lib
+from ttm_jax.assembly.registry import make_autoencoder
+from ttm_jax.data import encode, loader, prepare, records, synthetic
+from ttm_jax.runtime import mesh as mesh_lib
+from ttm_jax.runtime import sharding as sharding_lib
+from ttm_jax.train import loop, preflight
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+N = 6  # records; 4 per output shard -> shards of 4 and 2
+PER_SHARD = 4
+TEXT_FIELDS = ("caption_embedding", "motion_embedding", "local_embedding")
+
+
+@pytest.fixture(scope="module")
+def config():
+    return fx.tiny_config(2)
+
+
+@pytest.fixture(scope="module")
+def prepared(config, tmp_path_factory):
+    root = tmp_path_factory.mktemp("enc")
+    sav_dir = str(root / "sav")
+    synthetic.generate(sav_dir, N, seed=2, height=64, width=64, frames=24, videos_per_shard=N)
+    out = str(root / "prepared")
+    prepare.prepare(sav_dir, os.path.join(sav_dir, synthetic.CAPTIONS_FILE), out, config, chunk_size=4)
+    return out
+
+
+@pytest.fixture(scope="module")
+def encoders(config):
+    """The frozen encoders on this process' 8 devices."""
+    return frozen_lib.make_encoders(config, frozen_lib.encoding_mesh(config))
+
+
+@pytest.fixture(scope="module")
+def encoded(config, prepared, encoders, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("encoded") / "out")
+    summary = encode.encode(prepared, out, config, encoders, records_per_shard=PER_SHARD)
+    assert summary.complete and summary.records == N and summary.shards_done == 2
+    return out
+
+
+def _records(folder):
+    return [records.decode(r) for p in records.shard_paths(folder) for r in records.read_shard(p)]
+
+
+def _assert_same_records(got_folder, want_folder, *, exact=True):
+    got, want = _records(got_folder), _records(want_folder)
+    assert [(r["video_id"], r["clip"]) for r in got] == [(r["video_id"], r["clip"]) for r in want]
+    for g, w in zip(got, want, strict=True):
+        assert set(g) == set(w)
+        for k, v in w.items():
+            if isinstance(v, np.ndarray) and v.dtype == np.float32 and not exact:
+                np.testing.assert_allclose(g[k], v, rtol=1e-5, atol=1e-5, err_msg=k)
+            elif isinstance(v, np.ndarray):
+                np.testing.assert_array_equal(g[k], v, err_msg=k)
+            else:
+                assert g[k] == v, k
+
+
+def test_same_record_ids_latents_and_embeddings_as_the_encoders_applied_directly(config, prepared, encoded):
+    src, out = _records(prepared), _records(encoded)
+    assert [(r["video_id"], r["clip"]) for r in out] == [(r["video_id"], r["clip"]) for r in src]
+    for s, o in zip(src, out, strict=True):  # everything of the prepared record is kept as it was
+        for k, v in s.items():
+            np.testing.assert_array_equal(o[k], v, err_msg=k)
+    # the latents: the configured autoencoder on the pixels, applied here on its own
+    ae = make_autoencoder(config.autoencoder)
+    for key in ("video", "trajectory"):
+        want = ae.encode(jnp.asarray(np.stack([r[key] for r in src]), jnp.float32) / 127.5 - 1.0)
+        got = np.stack([r[f"{key}_latent"] for r in out])
+        assert got.dtype == np.float32 and got.shape == (N, *config_lib.latent_shape(config))
+        np.testing.assert_allclose(got, want, atol=1e-6)
+    # the text: the loader's tokens, the stage's encode_text with the training run's frozen text encoder (one device)
+    mods = modules_lib.build_modules(config)
+    mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[:1])
+    frozen, _ = frozen_lib.init_frozen(config, mods, mesh, sharding_lib.rules_from_config(config.mesh))
+    t = config.text_encoder
+    for s, o in zip(src, out, strict=True):
+        toks = loader.tokenize_prompts(mods.tokenizer, s["caption"], s["motion_prompt"], s["local_prompts"],
+                                       max_length=t.max_length, local_max_length=t.local_max_length)
+        for k, v in toks.items():
+            np.testing.assert_array_equal(o[k], v, err_msg=k)
+        for name, ids, mask, length in (("caption", toks["caption_tokens"], toks["caption_mask"], t.max_length),
+                                        ("motion", toks["motion_tokens"], toks["motion_mask"], t.max_length),
+                                        ("local", toks["local_tokens"], toks["local_mask"], t.local_max_length)):
+            ids2, mask2 = ids.reshape(-1, ids.shape[-1]), mask.reshape(-1, mask.shape[-1])
+            want = np.asarray(inputs_lib.encode_text(mods, frozen["text_encoder"], ids2, mask2)).reshape(
+                *ids.shape, -1)
+            got = records.pad_embedding(o[f"{name}_embedding"], length)
+            assert o[f"{name}_embedding"].shape[-2] <= length  # stored cut after the last real token
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)
+    empty = encode.read_empty_text(encoded)
+    for k in encode.EMPTY_KEYS:
+        np.testing.assert_allclose(empty[k], np.asarray(frozen[k]), rtol=1e-5, atol=1e-6, err_msg=k)
+    m = records.load_manifest(encoded)
+    assert m["num_records"] == N and [s["num_records"] for s in m["shards"]] == [4, 2]
+    assert m["latents"] == config.autoencoder.to_dict()
+    assert m["text_embeddings"] == loader.text_settings(config)
+
+
+def test_process_shares_make_the_one_process_folder(config, prepared, encoders, encoded, tmp_path):
+    """Process p encodes the shards j with j % P == p; the last to finish writes the manifest, and the folder is
+    the one process' folder. (The real 2 processes x 4 devices run: the slow test below.)"""
+    out = str(tmp_path / "shares")
+    first = encode.encode(prepared, out, config, encoders, records_per_shard=PER_SHARD, process_index=1,
+                          process_count=2)
+    assert first.records == 2 and not first.complete  # shard 1 only; shard 0 is process 0's
+    assert not os.path.exists(os.path.join(out, records.MANIFEST))
+    second = encode.encode(prepared, out, config, encoders, records_per_shard=PER_SHARD, process_index=0,
+                           process_count=2)
+    assert second.records == 4 and second.complete
+    _assert_same_records(out, encoded)
+    # one device instead of eight: the same records (batches split differently, same values)
+    one = frozen_lib.make_encoders(config, frozen_lib.encoding_mesh(config, jax.devices()[:1]))
+    encode.encode(prepared, str(tmp_path / "one"), config, one, records_per_shard=PER_SHARD, batch_size=3)
+    _assert_same_records(str(tmp_path / "one"), encoded, exact=False)
+
+
+def test_interrupted_encoding_resumes_to_the_same_output(config, prepared, encoders, encoded, tmp_path):
+    out = str(tmp_path / "killed")
+    with pytest.raises(encode.EncodeInterrupted):
+        encode.encode(prepared, out, config, encoders, records_per_shard=PER_SHARD, interrupt_at_shard=1)
+    names = os.listdir(out)
+    assert "records-00000.json" in names and "records-00001.json" not in names
+    assert any(records.TMP_MARK in n for n in names)  # the partial shard, as a kill leaves it
+    assert records.MANIFEST not in names
+    summary = encode.encode(prepared, out, config, encoders, records_per_shard=PER_SHARD)
+    assert summary.complete and summary.shards_skipped == 1 and summary.shards_done == 1
+    _assert_same_records(out, encoded)
+    # other settings into the same folder: refused, naming the file
+    with pytest.raises(ValueError, match=r"encode\.json.*records_per_shard"):
+        encode.encode(prepared, out, config, encoders, records_per_shard=3)
+
+
+class _NoEncoder:
+    """An autoencoder whose encoder must not run (its factors for the object ids; its decoder for samples)."""
+
+    def __init__(self, ae):
+        self.time_factor, self.space_factor, self.latent_channels = ae.time_factor, ae.space_factor, ae.latent_channels
+        self.decode = ae.decode
+
+    def encode(self, video):
+        raise AssertionError("the autoencoder's encoder ran in a step that has cached latents")
+
+
+def test_training_from_the_cache_equals_training_from_pixels(config, prepared, encoded, tmp_path):
+    pixels = config_lib.validate(_with(config, prepared_path=prepared, cached=False, total_steps=2))
+    cached = config_lib.validate(_with(config, prepared_path=encoded, cached=True, total_steps=2))
+    # the same examples reach both runs, the cached batches with the embeddings
+    b_pix = next(loader.make_train_iterator(pixels, process_index=0, process_count=1, workdir="/x"))
+    b_cache = next(loader.make_train_iterator(cached, process_index=0, process_count=1, workdir="/x"))
+    np.testing.assert_array_equal(b_cache["video"], b_pix["video"])
+    for k in ("caption_tokens", "caption_mask", "local_tokens", "local_mask"):
+        np.testing.assert_array_equal(b_cache[k], b_pix[k], err_msg=k)
+    t = config.text_encoder
+    assert b_cache["caption_embedding"].shape == (config.train.batch_size, t.max_length, t.d_model)
+    assert b_cache["local_embedding"].shape == (config.train.batch_size, config.data.max_objects + 1,
+                                                t.local_max_length, t.d_model)
+    assert "caption_embedding" not in b_pix
+    ref = loop.train(pixels, str(tmp_path / "pixels"), modules=fx.make_modules(pixels))
+    mods = fx.make_modules(cached)
+    # no text encoder and no autoencoder encoder: anything that ran them would fail
+    mods = modules_lib.Modules(model=mods.model, text_encoder=None, autoencoder=_NoEncoder(mods.autoencoder),
+                               tokenizer=None)
+    res = loop.train(cached, str(tmp_path / "cached"), modules=mods)
+    losses = [[h[1]["loss"] for h in r.history] for r in (ref, res)]
+    assert len(losses[0]) == 2
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+
+
+def _with(config, *, prepared_path, cached, total_steps):
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.data.prepared_path = prepared_path
+    c.data.cached = cached
+    c.data.num_workers = 0
+    c.train.total_steps = total_steps
+    return c
+
+
+def test_cached_config_checks_name_the_file_and_the_fix(config, prepared, encoded):
+    c = _with(config, prepared_path="", cached=True, total_steps=1)
+    with pytest.raises(config_lib.ConfigError, match=r"data\.cached.*prepared_path.*ttm_jax\.data\.encode"):
+        config_lib.validate(c)
+    # a prepared folder without the cached fields: refused at preflight, naming its manifest and the encoder
+    c = config_lib.validate(_with(config, prepared_path=prepared, cached=True, total_steps=1))
+    with pytest.raises(config_lib.ConfigError, match=r"manifest\.json.*text_embeddings.*python -m ttm_jax\.data\."
+                                                     r"encode"):
+        preflight.check_paths(c)
+    # embeddings of another text encoder: refused, naming the field
+    other = _with(config, prepared_path=encoded, cached=True, total_steps=1)
+    other.text_encoder.num_layers = 2
+    with pytest.raises(config_lib.ConfigError, match=r"text_encoder\.num_layers"):
+        preflight.check_paths(config_lib.validate(other))
+    preflight.check_paths(config_lib.validate(_with(config, prepared_path=encoded, cached=True, total_steps=1)))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cli(prepared, out, *extra, env=None):
+    cmd = [sys.executable, "-m", "ttm_jax.data.encode", f"--prepared={prepared}", f"--out={out}",
+           f"--config={os.path.join(ROOT, 'configs', 'stage2.py')}:tiny", f"--records_per_shard={PER_SHARD}",
+           "--config.mesh.distributed=auto", *_TINY_FLAGS, *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+# the command line's config is train_fixtures.tiny_config(2), as flags
+_TINY_FLAGS = [
+    "--config.model.dim=32", "--config.model.num_layers=2", "--config.model.num_heads=2", "--config.model.ffn_dim=64",
+    "--config.model.text_dim=16", "--config.model.freq_dim=16", "--config.model.ttm_layers=1",
+    "--config.text_encoder.d_model=16", "--config.text_encoder.num_layers=1", "--config.text_encoder.num_heads=2",
+    "--config.text_encoder.d_kv=8", "--config.text_encoder.d_ff=32", "--config.text_encoder.max_length=8",
+    "--config.text_encoder.local_max_length=4", "--config.data.num_frames=5", "--config.data.height=16",
+    "--config.data.width=16", "--config.data.max_objects=2", "--config.autoencoder.space_factor=4",
+    "--config.autoencoder.latent_channels=192", "--config.model.patch_size=(1, 2, 2)",
+]
+
+
+def _wait(procs):
+    outs = []
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        outs.append(out)
+    return outs
+
+
+@pytest.mark.slow
+def test_two_processes_and_a_killed_command_line(prepared, encoded, tmp_path):
+    """2 processes x 4 CPU devices through `jax.distributed` encode exactly the one-process records; the command
+    line SIGKILLed mid-shard resumes to them too."""
+    out = str(tmp_path / "two")
+    port = _free_port()
+    procs = [_cli(prepared, out, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+                                      "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+                                      "JAX_PROCESS_ID": str(i)}) for i in range(2)]
+    for p, o in zip(procs, _wait(procs), strict=True):
+        assert p.returncode == 0, o[-4000:]
+        assert "clips/s" in o
+    _assert_same_records(out, encoded, exact=False)
+    killed = str(tmp_path / "killed")
+    p = _cli(prepared, killed, env={"TTM_ENCODE_KILL_AT_SHARD": "1"})
+    (o,) = _wait([p])
+    assert p.returncode != 0 and not os.path.exists(os.path.join(killed, records.MANIFEST)), o[-2000:]
+    p = _cli(prepared, killed)
+    (o,) = _wait([p])
+    assert p.returncode == 0 and "1 already done" in o, o[-4000:]
+    _assert_same_records(killed, encoded, exact=False)
+    shutil.rmtree(killed)
