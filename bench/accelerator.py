@@ -17,13 +17,14 @@ Prints ONE markdown table (progress lines go to stderr), headed by the device, w
      tokens (ideal speed-up 3x: sum n_k^2 / N^2 = 1/4 + 3/36); "not available" when this checkout has no sparse path.
   c  the `wan1.3b` stage-2 train step (`ttm_jax.train.step.make_train_step`: DiT forward + backward + AdamW) at
      480x832, 81 frames (21x30x52 = 32,760 tokens), batch 1, bf16 compute, fp32 params, full remat, the backend's
-     attention kernel; random weights, synthetic latents fed straight into the jitted step (no data pipeline, no VAE:
-     the batch carries `video_latent`/`trajectory_latent`; the frozen umT5 is cut to 1 layer of its real width, under
-     0.1% of the step's FLOPs). Reports steps/s (median of timed steps after compile and a warm-up step), MFU against
-     the device's bf16 dense peak (`PEAK_BF16_TFLOPS`; model FLOPs from the DiT's shapes, `dit_train_flops`: matmuls
-     and attention, masked attention counted dense, remat recompute not counted), the compiled step's
-     `cost_analysis()` FLOPs (remat included; custom calls such as Pallas/cuDNN attention count as 0 there), the
-     peak device memory (`memory_stats()['peak_bytes_in_use']`, the process' peak so far) and XLA's planned peak.
+     attention kernel; random weights, a synthetic batch fed straight into the jitted step (no data pipeline) that
+     carries what `data/encode` caches (`video_latent`/`trajectory_latent`, `caption_embedding`/`local_embedding`), so
+     neither the VAE nor the umT5 text encoder is in the step (`config.data.cached` training). Reports steps/s
+     (median of timed steps after compile and a warm-up step), MFU against the device's bf16 dense peak
+     (`PEAK_BF16_TFLOPS`; model FLOPs from the DiT's shapes, `dit_train_flops`: matmuls and attention, masked
+     attention counted dense, remat recompute not counted), the compiled step's `cost_analysis()` FLOPs (remat
+     included; custom calls such as Pallas/cuDNN attention count as 0 there), the peak device memory
+     (`memory_stats()['peak_bytes_in_use']`, the process' peak so far) and XLA's planned peak.
   d  a tiny end-to-end run: the `tiny` stage-2 config (`runlocal` size) on synthetic SA-V through the real loop
      (`ttm_jax.train.loop.train`: Grain pipeline, checkpoints, the loop's sampler writing mp4s) in a temporary workdir,
      with the loss at the first and the last step; the backend's attention kernel, and `xla` again if that fails.
@@ -62,13 +63,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ttm_jax import config as config_lib  # noqa: E402
-from ttm_jax.assembly import frozen as frozen_lib  # noqa: E402
 from ttm_jax.assembly import params as params_lib  # noqa: E402
 from ttm_jax.assembly import registry  # noqa: E402
 from ttm_jax.assembly.modules import Modules  # noqa: E402
 from ttm_jax.models import attention as attention_lib  # noqa: E402
 from ttm_jax.models import masks as masks_lib  # noqa: E402
-from ttm_jax.models import tokenizer as tokenizer_lib  # noqa: E402
 from ttm_jax.runtime import compile as compile_lib  # noqa: E402
 from ttm_jax.runtime import mesh as mesh_lib  # noqa: E402
 from ttm_jax.runtime import sharding as sharding_lib  # noqa: E402
@@ -410,15 +409,13 @@ class LatentsOnly:
 
 
 def step_config(quick: bool, backend: str) -> Any:
-    """wan1.3b stage 2 (tiny at 5x16x16 with --quick): batch 1, bf16 compute, full remat, the backend's kernel, the
-    umT5 cut to one layer and a word tokenizer (only the empty prompt is tokenized; the step gets token ids)."""
+    """wan1.3b stage 2 (tiny at 5x16x16 with --quick): batch 1, bf16 compute, full remat, the backend's kernel."""
     c = config_lib.build(2, "tiny" if quick else "wan1.3b")
     if quick:
         c.data.update(num_frames=5, height=16, width=16)
         c.train.compiler_options = {"xla_backend_optimization_level": 0}  # fast CPU compiles (as runlocal)
     c.model.update(attention=model_impl(backend), dtype="bfloat16", param_dtype="float32", remat_policy="full",
                    scan_layers=True)
-    c.text_encoder.update(num_layers=1, tokenizer="word", vocab_size=2048)
     c.train.batch_size = 1
     c.mesh.distributed = "skip"
     c.mesh.shape = {"data": 1, "fsdp": 1, "tensor": 1}
@@ -426,7 +423,9 @@ def step_config(quick: bool, backend: str) -> Any:
 
 
 def synthetic_latent_batch(c: Any, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """A stage-2 batch with cached latents (CONTRIBUTING.md "Batches"): latents, object masks (boxes), token ids."""
+    """A stage-2 batch as `config.data.cached` training gets it (CONTRIBUTING.md "Batches", `data/loader.py`): cached
+    latents and text embeddings (padding zeroed), object masks (boxes), token ids and masks (only their masks and
+    shapes are read when the embeddings are there)."""
     d, t = c.data, c.text_encoder
     lt, lh, lw, ch = config_lib.latent_shape(c)
     k, f, h, w = int(d.max_objects), int(d.num_frames), int(d.height), int(d.width)
@@ -442,7 +441,13 @@ def synthetic_latent_batch(c: Any, rng: np.random.Generator) -> dict[str, np.nda
 
     cap, cap_m = tokens((1, lc), min(lc, 64))
     loc, loc_m = tokens((1, k + 1, lp), min(lp, 12))
-    return {"video_latent": rng.standard_normal((1, lt, lh, lw, ch)).astype(np.float32),
+    dim = int(t.d_model)
+
+    def embedding(mask):
+        return (rng.standard_normal((*mask.shape, dim)) * mask[..., None]).astype(np.float32)
+
+    return {"caption_embedding": embedding(cap_m), "local_embedding": embedding(loc_m),
+            "video_latent": rng.standard_normal((1, lt, lh, lw, ch)).astype(np.float32),
             "trajectory_latent": rng.standard_normal((1, lt, lh, lw, ch)).astype(np.float32),
             "object_masks": masks, "num_objects": np.full((1,), k, np.int32),
             "caption_tokens": cap, "caption_mask": cap_m, "local_tokens": loc, "local_mask": loc_m}
@@ -477,10 +482,28 @@ def dit_train_flops(c: Any) -> float:
 
 
 def _step_modules(c: Any) -> Modules:
+    """The DiT; the text encoder as a module only (no parameters: the batch carries embeddings); no tokenizer."""
     a = c.autoencoder
     return Modules(model=registry.build_backbone(c), text_encoder=registry.text_encoder(c).build(c.text_encoder),
                    autoencoder=LatentsOnly(int(a.time_factor), int(a.space_factor), int(a.latent_channels)),
-                   tokenizer=tokenizer_lib.make_tokenizer(c.text_encoder))
+                   tokenizer=None)
+
+
+def empty_text(c: Any, mesh: jax.sharding.Mesh) -> tuple[dict[str, jax.Array], dict[str, Any]]:
+    """The frozen inputs of cached-text training (`frozen.init_frozen(..., cached=True)`'s keys, no text encoder):
+    the empty prompt's embeddings `[1, Lc, d]`, `[1, Lp, d]` (random here) and its local mask `[1, Lp]` (one token,
+    as the tokenizer's end-of-sequence)."""
+    t = c.text_encoder
+    lc, lp, dim = int(t.max_length), int(t.local_max_length), int(t.d_model)
+    mask = np.zeros((1, lp), bool)
+    mask[0, 0] = True
+    rng = np.random.default_rng(1)
+    host = {"empty_context": np.zeros((1, lc, dim), np.float32),
+            "empty_local_context": (rng.standard_normal((1, lp, dim)) * mask[..., None]).astype(np.float32),
+            "empty_local_mask": mask}
+    host["empty_context"][0, 0] = rng.standard_normal(dim)
+    rep = sharding_lib.replicated(mesh)
+    return {k: jax.device_put(v, rep) for k, v in host.items()}, {k: rep for k in host}
 
 
 def _cost_flops(compiled: Any) -> float | None:
@@ -513,7 +536,7 @@ def section_step(report: Report, quick: bool) -> None:
     options = compile_lib.compiler_options(c)
     state, shardings = state_lib.init_state(params_lib.make_init_params(c, modules), jax.random.PRNGKey(0), tx, 0.0,
                                             mesh, rules, compiler_options=options)
-    frozen, frozen_sh = frozen_lib.init_frozen(c, modules, mesh, rules)
+    frozen, frozen_sh = empty_text(c, mesh)
     params = state_lib.param_count(state.params)
     local = synthetic_latent_batch(c, np.random.default_rng(0))
     bsh = step_lib.batch_shardings(local, mesh)
@@ -568,8 +591,8 @@ def section_step(report: Report, quick: bool) -> None:
     else:
         util = "" if peak is None else f"; {100 * cost * rate / (peak[1] * 1e12):.1f}% of peak"
         report.add("c", "compiled step FLOPs (cost analysis)", f"{cost:.3e}",
-                   f"{cost / model_flops:.2f}x the model FLOPs (remat recompute, optimizer and 1-layer text encoder "
-                   f"in; custom-call attention kernels count 0){util}")
+                   f"{cost / model_flops:.2f}x the model FLOPs (remat recompute and optimizer in; "
+                   f"custom-call attention kernels count 0){util}")
     stats = device.memory_stats() or {}
     mem = compiled.memory_analysis()
     planned = None
