@@ -6,8 +6,13 @@ same edge-padded frames (2 rows before, 3 after; 2 columns each side) and is cro
 
 torchvision's PyPI wheel is a CUDA build: on a CPU-only torch its compiled ops (nms, roi_align, ...) do not load and
 its import fails registering fake kernels for `torchvision::nms` / `qnms`. RAFT is pure Python, so this file defines
-those two op schemas when the extension does not load (nothing else of torchvision's ops is used)."""
+those two op schemas when the extension does not load (nothing else of torchvision's ops is used).
 
+With real weights (`$TTM_RAFT_WEIGHTS`: torchvision's raft_large_C_T_SKHT_V2-ff5fadd5.pth or
+raft_small_C_T_V2-01064c6d.pth, downloaded by hand; slow, `pytest -m slow`): a texture translated by k pixels per frame
+measures k within PRETRAINED_TOL (not yet run here: no weights on this machine)."""
+
+import functools
 import glob
 import importlib.util
 import os
@@ -41,11 +46,15 @@ def _import_optical_flow():
 
 optical_flow = _import_optical_flow()
 
+from test_displacement import translated_texture  # noqa: E402
+
 from ttm_jax.eval import displacement, raft  # noqa: E402
 from ttm_jax.weights import rulebook as rb  # noqa: E402
 
 FLOW_TOL = 1e-4  # pixels, max abs difference of the flow
 ITERS = 3
+WEIGHTS_ENV = "TTM_RAFT_WEIGHTS"
+PRETRAINED_TOL = 0.1  # pixels per frame
 H, W = 131, 140
 
 
@@ -151,3 +160,18 @@ def test_small_frames_are_refused():
     with pytest.raises(ValueError, match="resize"):
         raft.check_size(120, 200)
     raft.check_size(121, 128)  # pads to 128
+
+
+@functools.lru_cache(maxsize=1)
+def pretrained() -> raft.RaftFlow:
+    return raft.RaftFlow.from_checkpoint(os.environ[WEIGHTS_ENV], batch_size=4)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get(WEIGHTS_ENV),
+                    reason=f"set ${WEIGHTS_ENV} to torchvision's raft_large_C_T_SKHT_V2-ff5fadd5.pth (download it)")
+@pytest.mark.parametrize("speed, angle", [(0.0, 0.0), (1.0, 0.0), (1.5, 90.0), (2.0, 30.0), (4.0, 200.0)])
+def test_pretrained_raft_measures_a_translation(speed, angle):
+    video = translated_texture(speed, angle, size=128, frames=5)
+    got = displacement.video_displacement(video, estimator=pretrained())
+    assert got == pytest.approx(speed, abs=PRETRAINED_TOL)
