@@ -139,6 +139,9 @@ def test_missing_key_and_wrong_variant_name_the_file(case, tmp_path):
         raft.load(path, other)
     with pytest.raises(FileNotFoundError, match="download"):
         raft.load(str(tmp_path / "absent.pth"))
+    torch.save({"module.fnet.conv1.weight": torch.zeros(1)}, str(tmp_path / "princeton.pth"))
+    with pytest.raises(rb.ConversionError, match=r"princeton\.pth: no feature_encoder"):
+        raft.load(str(tmp_path / "princeton.pth"), "large")
 
 
 @pytest.mark.parametrize("case", ["small"], indirect=True)  # the plumbing is the same for both variants

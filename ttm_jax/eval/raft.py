@@ -511,15 +511,15 @@ def load(path: str, variant: str | None = None) -> tuple[RaftSpec, dict]:
     """`(spec, params)` of the torchvision RAFT weights file `path`; `variant` "large" / "small", or None to read it
     from the keys. A missing, unexpected or mis-shaped key raises `rulebook.ConversionError` naming the file."""
     sd = read_state_dict(path)
+    if not any(k.startswith("feature_encoder.") for k in sd):
+        raise rb.ConversionError(f"{path}: no feature_encoder.* keys (first keys: {list(sd)[:4]}): not a torchvision "
+                                 f"RAFT state dict (the original princeton-vl checkpoints use other names); fix: "
+                                 f"{WEIGHTS_HINT}")
     found = variant_of(sd)
     if variant is not None and get_spec(variant).name != found:
         raise ValueError(f"{path}: a raft_{found} state dict ({'has' if found == 'large' else 'no'} mask_predictor.* "
                          f"keys), but variant={variant!r}; fix: variant={found!r} (or None to detect it)")
     spec = get_spec(found)
-    if not any(k.startswith("feature_encoder.") for k in sd):
-        raise rb.ConversionError(f"{path}: no feature_encoder.* keys (first keys: {list(sd)[:4]}): not a torchvision "
-                                 f"RAFT state dict (the original princeton-vl checkpoints use other names); fix: "
-                                 f"{WEIGHTS_HINT}")
     try:
         return spec, from_torch(sd, spec)
     except rb.ConversionError as e:
