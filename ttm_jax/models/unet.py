@@ -60,6 +60,11 @@ from flax import struct, traverse_util
 from ttm_jax.models import attention as attention_ops
 from ttm_jax.models import layers, masks, ttm_layers
 
+REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole module
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
 CROSS_DOWN, PLAIN_DOWN = "CrossAttnDownBlockMotion", "DownBlockMotion"
 CROSS_UP, PLAIN_UP = "CrossAttnUpBlockMotion", "UpBlockMotion"
 TTM_MODULES = ("masked_self_attn", "masked_cross_attn")
@@ -104,7 +109,7 @@ class UNetConfig:
     ttm_self_across_frames: bool = True
     ttm_qk_norm: bool = True
     attention: str = "xla"
-    remat: bool = False  # rematerialise each resnet / transformer / motion module in the backward pass
+    remat_policy: str = "none"  # or one of REMAT_POLICIES: per resnet / spatial transformer / motion module
     dtype: str = "float32"
     param_dtype: str = "float32"
 
@@ -143,6 +148,8 @@ class UNetConfig:
         for field, heads in (("num_attention_heads", self.heads), ("motion_num_attention_heads", self.motion_heads)):
             for c, h in zip(self.block_out_channels, heads, strict=True):
                 need(c % h == 0, field, f"{h} heads do not divide {c} channels")
+        need(self.remat_policy == "none" or self.remat_policy in REMAT_POLICIES, "remat_policy",
+             f"{self.remat_policy!r}; choose none or one of {sorted(REMAT_POLICIES)}")
         need(0 <= self.ttm_layers <= self.num_encoder_transformers, "ttm_layers",
              f"{self.ttm_layers} must be in [0, {self.num_encoder_transformers}] (the encoder's spatial "
              f"transformers: layers_per_block x the {CROSS_DOWN} blocks)")
@@ -454,7 +461,10 @@ class MotionModule(nn.Module):
 
 
 def _maybe_remat(cls: type[nn.Module], cfg: UNetConfig, static: tuple[int, ...] = ()) -> type[nn.Module]:
-    return nn.remat(cls, static_argnums=static) if cfg.remat else cls
+    """`cls` rematerialised under `cfg.remat_policy` (`static`: argnums, self = 0, of non-array arguments)."""
+    if cfg.remat_policy == "none":
+        return cls
+    return nn.remat(cls, policy=REMAT_POLICIES[cfg.remat_policy], static_argnums=static)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
