@@ -104,12 +104,20 @@ def rulebook(cfg: unet_lib.UNetConfig) -> rb.RuleBook:
 # Config
 
 
-_SUPPORTED_DEFAULTS = {"act_fn": "silu", "downsample_padding": 1, "encoder_hid_dim": None,
-                       "encoder_hid_dim_type": None, "addition_embed_type": None, "addition_time_embed_dim": None,
-                       "projection_class_embeddings_input_dim": None, "time_cond_proj_dim": None,
-                       "reverse_transformer_layers_per_block": None,
-                       "reverse_temporal_transformer_layers_per_block": None,
-                       "reverse_motion_num_attention_heads": None}
+_SUPPORTED_DEFAULTS = {
+    # UNetMotionModel fields
+    "act_fn": "silu", "downsample_padding": 1, "encoder_hid_dim": None, "encoder_hid_dim_type": None,
+    "addition_embed_type": None, "addition_time_embed_dim": None, "projection_class_embeddings_input_dim": None,
+    "time_cond_proj_dim": None, "reverse_transformer_layers_per_block": None,
+    "reverse_temporal_transformer_layers_per_block": None, "reverse_motion_num_attention_heads": None,
+    # SD 1.5 UNet2DConditionModel fields (the unet/ folder of the two-folder form)
+    "center_input_sample": False, "flip_sin_to_cos": True, "freq_shift": 0, "time_embedding_type": "positional",
+    "class_embed_type": None, "num_class_embeds": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
+    "resnet_time_scale_shift": "default", "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
+    "time_embedding_act_fn": None, "timestep_post_act": None, "dual_cross_attention": False,
+    "only_cross_attention": False, "mid_block_type": "UNetMidBlock2DCrossAttn", "attention_type": "default",
+    "class_embeddings_concat": False, "cross_attention_norm": None,
+}
 
 
 def config_from_diffusers(cfg: Mapping[str, Any], *, source: str = CONFIG_FILE,
@@ -117,7 +125,10 @@ def config_from_diffusers(cfg: Mapping[str, Any], *, source: str = CONFIG_FILE,
     """(`UNetConfig` with `ttm_layers=0`, in_channels, out_channels) of a `UNetMotionModel` config dict; raises
     naming `source` and the field for what the Flax U-Net does not implement."""
     for key, want in _SUPPORTED_DEFAULTS.items():
-        if cfg.get(key, want) != want:
+        value = cfg.get(key, want)
+        if isinstance(value, list | tuple) and all(v == want for v in value):  # per-level lists
+            continue
+        if value != want:
             raise ValueError(f"{source}: {key}={cfg[key]!r} is not implemented by ttm_jax/models/unet.py "
                              f"(it supports {want!r}: SD 1.5 + AnimateDiff)")
     ints = {}
