@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 import train_fixtures as fx
 
@@ -19,11 +20,13 @@ from ttm_jax import config as config_lib
 from ttm_jax.assembly import frozen as frozen_lib
 from ttm_jax.assembly import inputs as inputs_lib
 from ttm_jax.assembly import modules as modules_lib
+from ttm_jax.assembly import params as params_lib
 from ttm_jax.assembly.registry import make_autoencoder
 from ttm_jax.data import encode, loader, prepare, records, synthetic
 from ttm_jax.runtime import mesh as mesh_lib
 from ttm_jax.runtime import sharding as sharding_lib
 from ttm_jax.train import loop, preflight
+from ttm_jax.train import step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 6  # records; 4 per output shard -> shards of 4 and 2
@@ -53,6 +56,16 @@ def encoders(config):
 
 
 @pytest.fixture(scope="module")
+def stage(config):
+    """The training run's modules (`StandInDiT`, the real autoencoder and text encoder) and frozen inputs, one
+    device."""
+    mods = fx.make_modules(config)
+    mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[:1])
+    rules = sharding_lib.rules_from_config(config.mesh)
+    return mods, frozen_lib.init_frozen(config, mods, mesh, rules)[0], mesh, rules
+
+
+@pytest.fixture(scope="module")
 def encoded(config, prepared, encoders, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("encoded") / "out")
     summary = encode.encode(prepared, out, config, encoders, records_per_shard=PER_SHARD)
@@ -78,7 +91,7 @@ def _assert_same_records(got_folder, want_folder, *, exact=True):
                 assert g[k] == v, k
 
 
-def test_same_record_ids_latents_and_embeddings_as_the_encoders_applied_directly(config, prepared, encoded):
+def test_same_record_ids_latents_and_embeddings_as_the_encoders_applied_directly(config, prepared, encoded, stage):
     src, out = _records(prepared), _records(encoded)
     assert [(r["video_id"], r["clip"]) for r in out] == [(r["video_id"], r["clip"]) for r in src]
     for s, o in zip(src, out, strict=True):  # everything of the prepared record is kept as it was
@@ -92,24 +105,22 @@ def test_same_record_ids_latents_and_embeddings_as_the_encoders_applied_directly
         assert got.dtype == np.float32 and got.shape == (N, *config_lib.latent_shape(config))
         np.testing.assert_allclose(got, want, atol=1e-6)
     # the text: the loader's tokens, the stage's encode_text with the training run's frozen text encoder (one device)
-    mods = modules_lib.build_modules(config)
-    mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[:1])
-    frozen, _ = frozen_lib.init_frozen(config, mods, mesh, sharding_lib.rules_from_config(config.mesh))
+    mods, frozen, _, _ = stage
     t = config.text_encoder
-    for s, o in zip(src, out, strict=True):
-        toks = loader.tokenize_prompts(mods.tokenizer, s["caption"], s["motion_prompt"], s["local_prompts"],
-                                       max_length=t.max_length, local_max_length=t.local_max_length)
-        for k, v in toks.items():
+    toks = [loader.tokenize_prompts(mods.tokenizer, s["caption"], s["motion_prompt"], s["local_prompts"],
+                                    max_length=t.max_length, local_max_length=t.local_max_length) for s in src]
+    for o, tk in zip(out, toks, strict=True):
+        for k, v in tk.items():
             np.testing.assert_array_equal(o[k], v, err_msg=k)
-        for name, ids, mask, length in (("caption", toks["caption_tokens"], toks["caption_mask"], t.max_length),
-                                        ("motion", toks["motion_tokens"], toks["motion_mask"], t.max_length),
-                                        ("local", toks["local_tokens"], toks["local_mask"], t.local_max_length)):
-            ids2, mask2 = ids.reshape(-1, ids.shape[-1]), mask.reshape(-1, mask.shape[-1])
-            want = np.asarray(inputs_lib.encode_text(mods, frozen["text_encoder"], ids2, mask2)).reshape(
-                *ids.shape, -1)
-            got = records.pad_embedding(o[f"{name}_embedding"], length)
+    text = jax.jit(lambda te, i, m: inputs_lib.encode_text(mods, te, i, m))
+    for name, length in (("caption", t.max_length), ("motion", t.max_length), ("local", t.local_max_length)):
+        ids = np.stack([tk[f"{name}_tokens"] for tk in toks]).reshape(-1, length)  # all records in one call
+        mask = np.stack([tk[f"{name}_mask"] for tk in toks]).reshape(-1, length)
+        want = np.asarray(text(frozen["text_encoder"], ids, mask)).reshape(N, -1, length, t.d_model)
+        for i, o in enumerate(out):
             assert o[f"{name}_embedding"].shape[-2] <= length  # stored cut after the last real token
-            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)
+            got = records.pad_embedding(o[f"{name}_embedding"], length).reshape(-1, length, t.d_model)
+            np.testing.assert_allclose(got, want[i], rtol=1e-5, atol=1e-5, err_msg=name)
     empty = encode.read_empty_text(encoded)
     for k in encode.EMPTY_KEYS:
         np.testing.assert_allclose(empty[k], np.asarray(frozen[k]), rtol=1e-5, atol=1e-6, err_msg=k)
@@ -131,10 +142,6 @@ def test_process_shares_make_the_one_process_folder(config, prepared, encoders, 
                            process_count=2)
     assert second.records == 4 and second.complete
     _assert_same_records(out, encoded)
-    # one device instead of eight: the same records (batches split differently, same values)
-    one = frozen_lib.make_encoders(config, frozen_lib.encoding_mesh(config, jax.devices()[:1]))
-    encode.encode(prepared, str(tmp_path / "one"), config, one, records_per_shard=PER_SHARD, batch_size=3)
-    _assert_same_records(str(tmp_path / "one"), encoded, exact=False)
 
 
 def test_interrupted_encoding_resumes_to_the_same_output(config, prepared, encoders, encoded, tmp_path):
@@ -164,26 +171,63 @@ class _NoEncoder:
         raise AssertionError("the autoencoder's encoder ran in a step that has cached latents")
 
 
-def test_training_from_the_cache_equals_training_from_pixels(config, prepared, encoded, tmp_path):
-    pixels = config_lib.validate(_with(config, prepared_path=prepared, cached=False, total_steps=2))
-    cached = config_lib.validate(_with(config, prepared_path=encoded, cached=True, total_steps=2))
-    # the same examples reach both runs, the cached batches with the embeddings
+def _compiled(fn, *args):
+    """`fn(*args)` compiled with LLVM -O0 (fast CPU compiles; values as eager)."""
+    return jax.jit(fn).lower(*args).compile(compiler_options={"xla_backend_optimization_level": 0})(*args)
+
+
+def _configs(config, prepared, encoded, total_steps=1):
+    pixels = config_lib.validate(_with(config, prepared_path=prepared, cached=False, total_steps=total_steps))
+    cached = config_lib.validate(_with(config, prepared_path=encoded, cached=True, total_steps=total_steps))
+    return pixels, cached
+
+
+def _no_encoders(mods):
+    """The modules without a text encoder or an autoencoder encoder: a step that ran either would fail."""
+    return modules_lib.Modules(model=mods.model, text_encoder=None, autoencoder=_NoEncoder(mods.autoencoder),
+                               tokenizer=None)
+
+
+def test_training_from_the_cache_equals_training_from_pixels(config, prepared, encoded, stage):
+    """The train step's loss (and gradients) on the same examples: from pixels + the text encoder, and from the
+    cache with no text encoder loaded (`init_frozen(..., cached=True)`) and no encoder in the modules."""
+    pixels, cached = _configs(config, prepared, encoded)
     b_pix = next(loader.make_train_iterator(pixels, process_index=0, process_count=1, workdir="/x"))
     b_cache = next(loader.make_train_iterator(cached, process_index=0, process_count=1, workdir="/x"))
-    np.testing.assert_array_equal(b_cache["video"], b_pix["video"])
+    np.testing.assert_array_equal(b_cache["video"], b_pix["video"])  # the same examples reach both runs
     for k in ("caption_tokens", "caption_mask", "local_tokens", "local_mask"):
         np.testing.assert_array_equal(b_cache[k], b_pix[k], err_msg=k)
-    t = config.text_encoder
-    assert b_cache["caption_embedding"].shape == (config.train.batch_size, t.max_length, t.d_model)
-    assert b_cache["local_embedding"].shape == (config.train.batch_size, config.data.max_objects + 1,
-                                                t.local_max_length, t.d_model)
-    assert "caption_embedding" not in b_pix
+    t, b = config.text_encoder, config.train.batch_size
+    assert b_cache["caption_embedding"].shape == (b, t.max_length, t.d_model)
+    assert b_cache["local_embedding"].shape == (b, config.data.max_objects + 1, t.local_max_length, t.d_model)
+    assert "caption_embedding" not in b_pix and "video_latent" not in b_pix
+    mods, frozen_pixels, mesh, rules = stage  # the text encoder of the pixels run
+    init = params_lib.make_init_params(pixels, mods)
+    params = _compiled(lambda r: sharding_lib.unbox(init(r)), jax.random.key(0))
+    frozen_cached, _ = frozen_lib.init_frozen(cached, mods, mesh, rules, cached=True)  # as loop.train calls it
+    assert "text_encoder" not in frozen_cached and "text_encoder" in frozen_pixels
+    out = []
+    for c, m, batch, frozen in ((pixels, mods, b_pix, frozen_pixels),
+                                (cached, _no_encoders(mods), b_cache, frozen_cached)):
+        batch = {k: v for k, v in batch.items() if k in inputs_lib.BATCH_KEYS}
+        grad = jax.value_and_grad(step_lib.make_loss_fn(c, m), has_aux=True)
+
+        def loss_and_norm(p, f, bt, grad=grad, c=c):  # the step's randomness (`inputs.draw`) and loss
+            rand = inputs_lib.draw(jax.random.key(1), b, config_lib.latent_shape(c), c.objective)
+            (loss, _), g = grad(p, f, bt, rand)
+            return loss, optax.global_norm(g)
+
+        out.append([float(x) for x in _compiled(loss_and_norm, params, frozen, batch)])
+    np.testing.assert_allclose(out[1][0], out[0][0], rtol=1e-5)
+    np.testing.assert_allclose(out[1][1], out[0][1], rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_training_loop_from_the_cache_equals_training_from_pixels(config, prepared, encoded, tmp_path):
+    """Two steps of `loop.train` each way: the same losses; the cached run without any encoder."""
+    pixels, cached = _configs(config, prepared, encoded, total_steps=2)
     ref = loop.train(pixels, str(tmp_path / "pixels"), modules=fx.make_modules(pixels))
-    mods = fx.make_modules(cached)
-    # no text encoder and no autoencoder encoder: anything that ran them would fail
-    mods = modules_lib.Modules(model=mods.model, text_encoder=None, autoencoder=_NoEncoder(mods.autoencoder),
-                               tokenizer=None)
-    res = loop.train(cached, str(tmp_path / "cached"), modules=mods)
+    res = loop.train(cached, str(tmp_path / "cached"), modules=_no_encoders(fx.make_modules(cached)))
     losses = [[h[1]["loss"] for h in r.history] for r in (ref, res)]
     assert len(losses[0]) == 2
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5, atol=1e-6)
@@ -255,9 +299,10 @@ def _wait(procs):
 
 
 @pytest.mark.slow
-def test_two_processes_and_a_killed_command_line(prepared, encoded, tmp_path):
-    """2 processes x 4 CPU devices through `jax.distributed` encode exactly the one-process records; the command
-    line SIGKILLed mid-shard resumes to them too."""
+def test_two_processes_one_device_and_a_killed_command_line(config, prepared, encoded, tmp_path):
+    """2 processes x 4 CPU devices through `jax.distributed` encode exactly the one-process records (8 devices), as
+    does one device; the command line SIGKILLed mid-shard resumes to them too."""
+    encoded_config = config
     out = str(tmp_path / "two")
     port = _free_port()
     procs = [_cli(prepared, out, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4",
@@ -267,6 +312,10 @@ def test_two_processes_and_a_killed_command_line(prepared, encoded, tmp_path):
         assert p.returncode == 0, o[-4000:]
         assert "clips/s" in o
     _assert_same_records(out, encoded, exact=False)
+    # one device instead of eight, other batches: the same records
+    one = frozen_lib.make_encoders(encoded_config, frozen_lib.encoding_mesh(encoded_config, jax.devices()[:1]))
+    encode.encode(prepared, str(tmp_path / "one"), encoded_config, one, records_per_shard=PER_SHARD, batch_size=3)
+    _assert_same_records(str(tmp_path / "one"), encoded, exact=False)
     killed = str(tmp_path / "killed")
     p = _cli(prepared, killed, env={"TTM_ENCODE_KILL_AT_SHARD": "1"})
     (o,) = _wait([p])

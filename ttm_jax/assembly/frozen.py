@@ -65,6 +65,20 @@ def encoding_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Devic
     return mesh_lib.make_mesh(ml_collections.ConfigDict({"shape": shape}), devices)
 
 
+def _per_shape(jitted: Any, options: dict[str, Any] | None) -> Callable[..., Any]:
+    """`jitted` compiled with the config's XLA options once per shapes of the last argument(s) (the batch; the first
+    argument, parameters, never changes shape)."""
+    compiled: dict[Any, Any] = {}
+
+    def call(*args):
+        key = tuple((tuple(a.shape), str(a.dtype), str(getattr(a, "sharding", ""))) for a in args[-2:])
+        if key not in compiled:
+            compiled[key] = jitted.lower(*args).compile(compiler_options=options) if options else jitted
+        return compiled[key](*args)
+
+    return call
+
+
 def make_encoders(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                   modules: Modules | None = None) -> encode_lib.Encoders:
     """The run's frozen encoders as `data/encode` runs them on `mesh` (`encoding_mesh`): the autoencoder's encoder
@@ -75,21 +89,26 @@ def make_encoders(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
     rules = sharding_lib.rules_from_config(config.mesh)
     frozen, _ = init_frozen(config, modules, mesh, rules)
     ae = modules.autoencoder
+    options = compile_lib.compiler_options(config)
     if hasattr(ae, "encode_with"):
         params = jax.device_put(ae.params, sharding_lib.replicated(mesh))
-        jitted = jax.jit(lambda p, v: ae.encode_with(p, to_unit_range(v)).astype(jnp.float32))
+        encode_ae = _per_shape(jax.jit(lambda p, v: ae.encode_with(p, to_unit_range(v)).astype(jnp.float32)), options)
 
         def latents(video):
-            return jitted(params, video)
+            return encode_ae(params, video)
     else:
-        latents = jax.jit(lambda v: ae.encode(to_unit_range(v)).astype(jnp.float32))
+        encode_plain = _per_shape(jax.jit(lambda v: ae.encode(to_unit_range(v)).astype(jnp.float32)), options)
+
+        def latents(video):
+            return encode_plain(video)
 
     te = frozen["text_encoder"]
-    jitted_te = jax.jit(lambda p, ids, mask: encode_text(modules, p, ids, mask).astype(jnp.float32))
+    encode_te = _per_shape(jax.jit(lambda p, ids, mask: encode_text(modules, p, ids, mask).astype(jnp.float32)),
+                           options)
 
     def text(ids, mask):
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            return jitted_te(te, ids, mask)
+            return encode_te(te, ids, mask)
 
     empty = {k: frozen[k] for k in encode_lib.EMPTY_KEYS}
     return encode_lib.Encoders(latents=latents, text=text, tokenizer=modules.tokenizer, empty=empty, mesh=mesh)

@@ -144,13 +144,17 @@ def _run(fn: Callable, encoders: Encoders, *arrays: np.ndarray) -> np.ndarray:
     return np.asarray(jax.device_get(out), np.float32)[:placed[0][1]]
 
 
-def encode_batch(encoders: Encoders, config: ml_collections.ConfigDict, recs: Sequence[dict]) -> list[dict]:
-    """Decoded records -> the same records with latents, tokens, masks and (trimmed) text embeddings."""
+def encode_batch(encoders: Encoders, config: ml_collections.ConfigDict, recs: Sequence[dict], *,
+                 pad_to: int = 0) -> list[dict]:
+    """Decoded records -> the same records with latents, tokens, masks and (trimmed) text embeddings. `pad_to`:
+    encode at least this many rows (the last record repeated, its copies dropped), so that a short last batch has the
+    shapes of the others (one compilation)."""
     t = config.text_encoder
     out = [dict(r) for r in recs]
+    recs = list(recs) + [recs[-1]] * max(0, pad_to - len(recs))
     for key in ("video", "trajectory"):
         lat = _run(encoders.latents, encoders, np.stack([r[key] for r in recs]))
-        for o, z in zip(out, lat, strict=True):
+        for o, z in zip(out, lat, strict=False):
             o[f"{key}_latent"] = z
     toks = [loader.tokenize_prompts(encoders.tokenizer, r["caption"], r["motion_prompt"], r["local_prompts"],
                                     max_length=int(t.max_length), local_max_length=int(t.local_max_length))
@@ -163,7 +167,7 @@ def encode_batch(encoders: Encoders, config: ml_collections.ConfigDict, recs: Se
     lm = np.stack([x["local_mask"] for x in toks])
     s, lp = lt.shape[1], lt.shape[2]
     lemb = _run(encoders.text, encoders, lt.reshape(b * s, lp), lm.reshape(b * s, lp)).reshape(b, s, lp, -1)
-    for i, (o, x) in enumerate(zip(out, toks, strict=True)):
+    for i, (o, x) in enumerate(zip(out, toks, strict=False)):
         o.update(x)
         o["caption_embedding"] = records.trim_embedding(emb[i], x["caption_mask"])
         o["motion_embedding"] = records.trim_embedding(emb[b + i], x["motion_mask"])
@@ -265,7 +269,7 @@ def encode(prepared: str, out: str, config: ml_collections.ConfigDict, encoders:
             ids = []
             for b0 in range(0, len(rows), batch):
                 recs = [records.decode(reader.read(path, i)) for path, i in rows[b0:b0 + batch]]
-                for r in encode_batch(encoders, config, recs):
+                for r in encode_batch(encoders, config, recs, pad_to=batch):
                     writer.write(records.encode(r))
                     ids.append(f"{r['video_id']}/{r.get('clip', 0)}")
                     if interrupt_at_shard == k:
