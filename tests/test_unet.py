@@ -12,6 +12,7 @@ reach another object's outputs), across frames or per frame.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -56,10 +57,21 @@ def state_dict(torch_unet) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in torch_unet.state_dict().items()}
 
 
+@functools.lru_cache
+def _boxed_shapes(cfg: unet.UNetConfig, in_channels: int, out_channels: int) -> dict:
+    """`eval_shape` of the U-Net's init (boxed params): traced once per model, the slow part of making a template."""
+    args, kwargs = unet.init_inputs(cfg, in_channels, abstract=True)
+    return jax.eval_shape(unet.UNet(cfg, in_channels, out_channels).init, jax.random.key(0), *args, **kwargs)["params"]
+
+
+def _template(cfg: unet.UNetConfig, in_channels: int, out_channels: int) -> dict:
+    return rb.unflatten(rb.flatten(_boxed_shapes(cfg, in_channels, out_channels)))
+
+
 @pytest.fixture(scope="module")
 def converted(torch_unet, state_dict):
     cfg, cin, cout = convert.config_from_diffusers(dict(torch_unet.config))
-    return cfg, cin, cout, convert.torch_to_flax(state_dict, cfg, cin, cout)
+    return cfg, cin, cout, convert.torch_to_flax(state_dict, cfg, cin, cout, _template(cfg, cin, cout))
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +136,7 @@ def test_sd15_unet_plus_motion_adapter_folders(tmp_path):
     sd = {k: v.numpy() for k, v in merged.state_dict().items()}
     cfg, cin, cout, params = convert.load_diffusers_folders(str(tmp_path / "unet"), str(tmp_path / "adapter"))
     assert (cfg.use_motion_mid_block, cfg.heads, cfg.motion_max_seq_length) == (False, (2, 2), 8)
-    want = convert.torch_to_flax(sd, cfg, cin, cout)
+    want = convert.torch_to_flax(sd, cfg, cin, cout, params)  # the loaded params serve as the template
     got, ref = rb.flatten(params), rb.flatten(want)
     assert set(got) == set(ref)
     for k in ref:
@@ -140,7 +152,7 @@ def test_errors_name_the_key(state_dict, converted):
     sd["up_blocks.1.resnets.1.conv1.weight"] = sd["up_blocks.1.resnets.1.conv1.weight"][:, :-1]
     sd["down_blocks.0.motion_modules.0.extra.weight"] = np.zeros(3, np.float32)
     with pytest.raises(rb.ConversionError) as e:
-        convert.torch_to_flax(sd, cfg, cin, cout)
+        convert.torch_to_flax(sd, cfg, cin, cout, _template(cfg, cin, cout))
     for key in ("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight",
                 "up_blocks.1.resnets.1.conv1.weight", "down_blocks.0.motion_modules.0.extra.weight"):
         assert repr(key) in str(e.value)
@@ -148,16 +160,14 @@ def test_errors_name_the_key(state_dict, converted):
     key = "mid_block.motion_modules.0.transformer_blocks.0.pos_embed.pe"
     sd[key] = np.zeros((1, 32, 64), np.float32)
     with pytest.raises(rb.ConversionError, match="motion_max_seq_length=8"):
-        convert.torch_to_flax(sd, cfg, cin, cout)
+        convert.torch_to_flax(sd, cfg, cin, cout, _template(cfg, cin, cout))
     with pytest.raises(ValueError, match="addition_embed_type"):
         convert.config_from_diffusers({**TORCH_CONFIG, "addition_embed_type": "text_time"})
 
 
 def test_logical_axis_names(converted):
     cfg, cin, cout, _ = converted
-    cfg = unet.UNetConfig(**{**cfg.__dict__, "ttm_layers": 1})
-    args, kwargs = unet.init_inputs(cfg, cin, abstract=True)
-    boxed = jax.eval_shape(unet.UNet(cfg, cin, cout).init, jax.random.key(0), *args, **kwargs)["params"]
+    boxed = _boxed_shapes(unet.UNetConfig(**{**cfg.__dict__, "ttm_layers": 1}), 3 * cin, cout)  # the stage model
     leaves = jax.tree_util.tree_leaves_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
     assert len(leaves) > 100
     for path, leaf in leaves:
@@ -184,13 +194,67 @@ def test_input_errors(converted, inputs):
 # TTM layers
 
 
+SF = 2  # pixel -> latent space factor of the synthetic object masks (time factor 1)
+LOCAL_IDS = np.array([0, 0, 1, 1, 2, 2, -1], np.int32)  # caption, object 1, object 2, padding
+
+
+def _object_masks(b: int, t: int, h: int, w: int) -> np.ndarray:
+    """bool [b, t, h*SF, w*SF, 2]: object 1 the left half, object 2 the top right quadrant, background the rest."""
+    m = np.zeros((b, t, h * SF, w * SF, 2), bool)
+    m[:, :, :, : w * SF // 2, 0] = True
+    m[:, :, : h * SF // 2, w * SF // 2:, 1] = True
+    return m
+
+
+def _expected_ids(level: int, b: int, t: int, h: int, w: int) -> np.ndarray:
+    """int32 [b, t, h_l, w_l] of `_object_masks` at `level` (h_l = h / 2^level)."""
+    hl, wl = h >> level, w >> level
+    ids = np.zeros((b, t, hl, wl), np.int32)
+    ids[..., : wl // 2] = 1
+    ids[..., : hl // 2, wl // 2:] = 2
+    return ids
+
+
+def _randomised(tree: Any, seed: int) -> dict:
+    """Random values of `tree`'s shapes (norm scales near 1, the rest ~ 1/sqrt(fan-in)): output projections too."""
+    rng = np.random.RandomState(seed)
+    out = {}
+    for k, v in rb.flatten(tree).items():
+        shape = tuple(np.shape(v)) if not hasattr(v, "shape") else tuple(v.shape)
+        if k.endswith("scale"):
+            out[k] = (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+        else:
+            fan_in = int(np.prod(shape[:-1])) if len(shape) > 1 else 10
+            out[k] = (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
+    return rb.unflatten(out)
+
+
+def _apply_capturing(model: unet.UNet, params: dict, *args: Any, **kwargs: Any) -> tuple[np.ndarray, list, list]:
+    """`model.apply` (jitted) and, for every TTM layer call in order, its (kind, module path) and its arguments."""
+    names: list[tuple[str, tuple[str, ...]]] = []
+
+    def run(params, args, kwargs):
+        captured = []
+
+        def interceptor(next_fun, a, kw, context):
+            if isinstance(context.module, ttm_layers.MaskedSelfAttention | ttm_layers.MaskedCrossAttention):
+                names.append((type(context.module).__name__, context.module.path))
+                captured.append(a)
+            return next_fun(*a, **kw)
+
+        with nn.intercept_methods(interceptor):
+            out = model.apply({"params": params}, *args, **kwargs)
+        return out, captured
+
+    out, calls = _jit(run)(params, args, kwargs)
+    return np.asarray(out), names, calls
+
+
 def _fresh_stage_params(stage: unet.UNetConfig, in_channels: int, out_channels: int) -> dict:
     """A stage U-Net's params as `graft_backbone` receives them: shapes from the U-Net's init (`eval_shape`), the TTM
     layers' values from a real init of the U-Net's `TransformerBlock` with `ttm=True` (the code that builds them in
     the U-Net; a whole-U-Net init compiles for a minute on CPU), the rest placeholders the graft replaces."""
-    args, kwargs = unet.init_inputs(stage, in_channels, abstract=True)
-    shapes = rb.flatten(jax.eval_shape(unet.UNet(stage, in_channels, out_channels).init, jax.random.key(0), *args,
-                                       **kwargs)["params"])
+    shapes = rb.flatten(_boxed_shapes(stage, in_channels, out_channels))
     dim, heads = stage.block_out_channels[0], stage.heads[0]
     block = unet.TransformerBlock(dim, heads, ttm=True, cfg=stage)
     ttm_in = unet.TTMInputs(frames=1, local_context=jnp.zeros((1, 2, stage.cross_attention_dim)),
@@ -211,166 +275,115 @@ def _fresh_stage_params(stage: unet.UNetConfig, in_channels: int, out_channels: 
     return rb.unflatten(fresh)
 
 
-def test_stage_model_equals_backbone_at_step_0(converted, inputs, jax_out, torch_out):
-    # the stage-2 input (noisy latent + first frame + trajectory: 3x the channels) and TTM layers in the encoder's
-    # spatial transformer, grafted onto the converted AnimateDiff backbone: the same function as the backbone
+@pytest.fixture(scope="module")
+def stage_run(converted, inputs):
+    """The stage-2 model of the parity config (3x the input channels: noisy latent + first frame + trajectory; TTM
+    layers in the encoder's spatial transformer, masked self-attention per frame), grafted onto the converted
+    backbone and run on the parity inputs: (fresh, params, output, names, calls)."""
     cfg, cin, cout, backbone = converted
-    stage = unet.UNetConfig(**{**cfg.__dict__, "ttm_layers": 1})
+    stage = unet.UNetConfig(**{**cfg.__dict__, "ttm_layers": 1, "ttm_self_across_frames": False})
     fresh = _fresh_stage_params(stage, 3 * cin, cout)
     params = unet.graft_backbone(fresh, backbone)
-    assert not any(np.isnan(v).any() for v in rb.flatten(params).values())
     x, t, ctx = inputs
     rng = np.random.RandomState(1)
     extra = rng.standard_normal((B, T, H, W, 2 * cin)).astype(np.float32)
-    n = T * H * W  # one TTM level, the first
-    local_ids = np.tile(np.array([0, 0, 1, 1, 2, -1], np.int32), (B, 1))
-    ids = rng.randint(0, 3, (B, n)).astype(np.int32)
-    model = unet.UNet(stage, 3 * cin, cout)
-    got = np.asarray(_jit(model.apply)({"params": params}, np.concatenate([x, extra], axis=-1), t, ctx,
-                                       local_context=rng.standard_normal((B, 6, 16)).astype(np.float32),
-                                       token_ids=ids, cross_token_ids=ids, local_ids=local_ids))
+    token_ids, cross_ids = unet.object_ids(stage, jnp.asarray(_object_masks(B, T, H, W)), time_factor=1,
+                                           space_factor=SF)
+    out = _apply_capturing(unet.UNet(stage, 3 * cin, cout), params, np.concatenate([x, extra], axis=-1), t, ctx,
+                           local_context=rng.standard_normal((B, LOCAL_IDS.size, 16)).astype(np.float32),
+                           token_ids=token_ids, cross_token_ids=cross_ids, local_ids=np.tile(LOCAL_IDS, (B, 1)))
+    return (stage, fresh, params, *out)
+
+
+def test_stage_model_equals_backbone_at_step_0(converted, stage_run, jax_out, torch_out):
+    backbone = converted[3]
+    stage, fresh, params, got, names, _ = stage_run
+    assert not any(np.isnan(v).any() for v in rb.flatten(params).values())
+    assert [n for _, n in names] == [("down_blocks_0_attentions_0", "transformer_blocks_0", m)
+                                     for m in unet.TTM_MODULES]
     np.testing.assert_allclose(got, jax_out, rtol=0, atol=2e-6)
     np.testing.assert_allclose(got, torch_out, rtol=0, atol=1e-5)
     with pytest.raises(KeyError, match="conv_out/kernel"):
         unet.graft_backbone(fresh, {k: v for k, v in backbone.items() if k != "conv_out"})
 
 
-# Two TTM levels (both down blocks carry a spatial transformer); object masks at pixel resolution (space factor 2).
-TTM_T, TTM_H, TTM_W, SF = 3, 8, 8, 2
+# Two TTM levels (both down blocks carry a spatial transformer), masked self-attention across frames (the default).
+TTM_B, TTM_T, TTM_H, TTM_W = 1, 3, 8, 8
 TTM_CFG = unet.UNetConfig(block_out_channels=(16, 32), down_block_types=(unet.CROSS_DOWN, unet.CROSS_DOWN),
                           up_block_types=(unet.PLAIN_UP, unet.CROSS_UP), layers_per_block=1, norm_num_groups=8,
                           cross_attention_dim=16, num_attention_heads=2, motion_num_attention_heads=2,
                           motion_max_seq_length=8, ttm_layers=2)
-LOCAL_IDS = np.array([[0, 0, 1, 1, 2, 2, -1]], np.int32)  # caption, object 1, object 2, padding
-
-
-def _object_masks() -> np.ndarray:
-    """bool [1, T, 16, 16, 2]: object 1 the left half, object 2 the top right quadrant, background the rest."""
-    m = np.zeros((1, TTM_T, TTM_H * SF, TTM_W * SF, 2), bool)
-    m[0, :, :, :8, 0] = True
-    m[0, :, :8, 8:, 1] = True
-    return m
-
-
-def _expected_ids(level: int) -> np.ndarray:
-    """int32 [1, T, h, w] of `_object_masks` at `level` (H / 2^level)."""
-    h, w = TTM_H >> level, TTM_W >> level
-    ids = np.zeros((1, TTM_T, h, w), np.int32)
-    ids[..., : w // 2] = 1
-    ids[..., : h // 2, w // 2:] = 2
-    return ids
-
-
-def _random_params(cfg: unet.UNetConfig, seed: int) -> dict:
-    """Random values for every parameter (TTM output projections included), from shapes only (no init compile)."""
-    args, kwargs = unet.init_inputs(cfg, C, abstract=True)
-    shapes = rb.flatten(jax.eval_shape(unet.UNet(cfg, C, C).init, jax.random.key(0), *args, **kwargs)["params"])
-    rng = np.random.RandomState(seed)
-    out = {}
-    for k, s in shapes.items():
-        if k.endswith("scale"):
-            out[k] = (1 + 0.1 * rng.standard_normal(s.shape)).astype(np.float32)
-        else:
-            fan_in = int(np.prod(s.shape[:-1])) if len(s.shape) > 1 else 10
-            out[k] = (rng.standard_normal(s.shape) / np.sqrt(fan_in)).astype(np.float32)
-    return rb.unflatten(out)
-
-
-def _captured_ttm_calls(cfg: unet.UNetConfig, params: dict) -> tuple[list, list]:
-    """Runs the U-Net once and returns, per masked layer in call order, `(module path, args)` of its call."""
-    rng = np.random.RandomState(2)
-    token_ids, cross_ids = unet.object_ids(cfg, jnp.asarray(_object_masks()), time_factor=1, space_factor=SF)
-    x = rng.standard_normal((1, TTM_T, TTM_H, TTM_W, C)).astype(np.float32)
-    ctx = rng.standard_normal((1, 4, 16)).astype(np.float32)
-    local = rng.standard_normal((1, LOCAL_IDS.shape[1], 16)).astype(np.float32)
-    names: list[tuple[str, tuple[str, ...]]] = []
-
-    def run(params):
-        captured = []
-
-        def interceptor(next_fun, args, kwargs, context):
-            if isinstance(context.module, ttm_layers.MaskedSelfAttention | ttm_layers.MaskedCrossAttention):
-                if len(names) < 2 * cfg.ttm_layers:
-                    names.append((type(context.module).__name__, context.module.path))
-                captured.append(args)
-            return next_fun(*args, **kwargs)
-
-        with nn.intercept_methods(interceptor):
-            unet.UNet(cfg, C, C).apply({"params": params}, x, jnp.array([500.0]), ctx, local_context=local,
-                                       token_ids=token_ids, cross_token_ids=cross_ids, local_ids=LOCAL_IDS)
-        return captured
-
-    calls = _jit(run)(params)
-    return names, calls
-
-
-def _layer(kind: str, cfg: unet.UNetConfig, dim: int) -> nn.Module:
-    cls = ttm_layers.MaskedSelfAttention if kind == "MaskedSelfAttention" else ttm_layers.MaskedCrossAttention
-    return cls(dim, 2, qk_norm=cfg.ttm_qk_norm)
-
-
-def _sub(params: dict, path: tuple[str, ...]) -> dict:
-    for p in path:
-        params = params[p]
-    return params
 
 
 @pytest.fixture(scope="module")
 def ttm_run():
-    """(params, names, calls) of the across-frames TTM U-Net (the default)."""
-    params = _random_params(TTM_CFG, 0)
-    return (params, *_captured_ttm_calls(TTM_CFG, params))
+    """(params, output, names, calls) of the two-level TTM U-Net with random parameters."""
+    params = _randomised(_boxed_shapes(TTM_CFG, C, C), 0)
+    rng = np.random.RandomState(2)
+    token_ids, cross_ids = unet.object_ids(TTM_CFG, jnp.asarray(_object_masks(TTM_B, TTM_T, TTM_H, TTM_W)),
+                                           time_factor=1, space_factor=SF)
+    x = rng.standard_normal((TTM_B, TTM_T, TTM_H, TTM_W, C)).astype(np.float32)
+    ctx = rng.standard_normal((TTM_B, 4, 16)).astype(np.float32)
+    local = rng.standard_normal((TTM_B, LOCAL_IDS.size, 16)).astype(np.float32)
+    out = _apply_capturing(unet.UNet(TTM_CFG, C, C), params, x, jnp.array([500.0]), ctx, local_context=local,
+                           token_ids=token_ids, cross_token_ids=cross_ids, local_ids=LOCAL_IDS[None])
+    return (params, *out)
+
+
+def _calls(names: list, calls: list, kind: str) -> list:
+    return [(path, args) for (k, path), args in zip(names, calls, strict=True) if k == kind]
 
 
 @pytest.mark.parametrize("across_frames", [True, False])
-def test_masked_self_attention_ids_and_isolation(across_frames, ttm_run):
-    cfg = unet.UNetConfig(**{**TTM_CFG.__dict__, "ttm_self_across_frames": across_frames})
-    if across_frames:
-        params, names, calls = ttm_run
-    else:
-        params = ttm_run[0]  # the same parameters: only the layout differs
-        names, calls = _captured_ttm_calls(cfg, params)
-    selfs = [(n, a) for (kind, n), a in zip(names, calls, strict=True) if kind == "MaskedSelfAttention"]
-    assert [n[0] for n, _ in selfs] == ["down_blocks_0_attentions_0", "down_blocks_1_attentions_0"]
-    for level, (path, (x, _, ids)) in enumerate(selfs):
-        want = _expected_ids(level)  # [1, T, h, w]
+def test_masked_self_attention_ids_and_isolation(across_frames, ttm_run, stage_run):
+    if across_frames:  # two levels, (B, T, H, W) = (1, 3, 8, 8)
+        _, _, names, calls = ttm_run
+        b, t, h, w = TTM_B, TTM_T, TTM_H, TTM_W
+    else:  # the stage model: one level, per frame, (2, 4, 16, 16)
+        *_, names, calls = stage_run
+        b, t, h, w = B, T, H, W
+    selfs = _calls(names, calls, "MaskedSelfAttention")
+    assert [p[0] for p, _ in selfs] == [f"down_blocks_{i}_attentions_0" for i in range(len(selfs))]
+    assert len(selfs) == (2 if across_frames else 1)
+    for level, (_, (x, _, ids)) in enumerate(selfs):
+        want = _expected_ids(level, b, t, h, w)  # [b, t, hl, wl]
         x, ids = np.asarray(x), np.asarray(ids)
-        t, hw = TTM_T, want.shape[2] * want.shape[3]
-        if across_frames:  # one sequence per video, (t, h, w) order
-            assert x.shape[:2] == ids.shape == (1, t * hw)
-            np.testing.assert_array_equal(ids, want.reshape(1, t * hw))
-        else:  # one sequence per frame
-            assert x.shape[:2] == ids.shape == (t, hw)
-            np.testing.assert_array_equal(ids, want.reshape(t, hw))
-        layer = _layer("MaskedSelfAttention", cfg, x.shape[-1])
-        variables = {"params": _sub(params, path)}
+        hw = want.shape[2] * want.shape[3]
+        shape = (b, t * hw) if across_frames else (b * t, hw)  # one sequence per video / per frame
+        assert x.shape[:2] == ids.shape == shape
+        np.testing.assert_array_equal(ids, want.reshape(shape))
+        layer = ttm_layers.MaskedSelfAttention(x.shape[-1], 2)
+        variables = {"params": _randomised(_boxed_shapes_of(layer, x, None, ids), 10 + level)}
         apply = _jit(layer.apply)
         base = np.asarray(apply(variables, x, None, ids))
-        # change object 1's tokens in frame 0 only
-        in_frame0 = np.zeros((t, hw), bool)
-        in_frame0[0] = True
-        hit = (ids == 1) & in_frame0.reshape(ids.shape)
-        noise = np.random.RandomState(level).standard_normal(x.shape).astype(np.float32)  # not a shift: normed away
+        # change object 1's tokens in frame 0 only (with noise: a constant shift would be normed away)
+        frame = np.broadcast_to(np.arange(t)[None, :, None], (b, t, hw)).reshape(shape)
+        hit = (ids == 1) & (frame == 0)
+        noise = np.random.RandomState(level).standard_normal(x.shape).astype(np.float32)
         moved = np.asarray(apply(variables, np.where(hit[..., None], x + noise, x), None, ids))
         changed = np.abs(moved - base).max(axis=-1) > 1e-4
-        assert not changed[ids != 1].any()  # no other object, in any frame, sees it
-        own_later = (ids == 1) & ~in_frame0.reshape(ids.shape)
-        # across frames object 1 sees itself in every frame; per frame only in frame 0
-        assert changed[own_later].all() if across_frames else not changed[own_later].any()
         assert changed[hit].all()
+        assert not changed[ids != 1].any()  # no other object, in any frame, sees it
+        own_later = (ids == 1) & (frame > 0)
+        # across frames object 1 sees itself in every frame; per frame only in its own
+        assert changed[own_later].all() if across_frames else not changed[own_later].any()
+
+
+def _boxed_shapes_of(layer: nn.Module, *args: Any) -> dict:
+    return jax.eval_shape(layer.init, jax.random.key(0), *args)["params"]
 
 
 def test_masked_cross_attention_isolation(ttm_run):
-    params, names, calls = ttm_run
-    crosses = [(n, a) for (kind, n), a in zip(names, calls, strict=True) if kind == "MaskedCrossAttention"]
+    _, _, names, calls = ttm_run
+    crosses = _calls(names, calls, "MaskedCrossAttention")
     assert len(crosses) == 2
-    for level, (path, (x, local, cross_ids, local_ids)) in enumerate(crosses):
+    for level, (_, (x, local, cross_ids, local_ids)) in enumerate(crosses):
         x, local, cross_ids, local_ids = (np.asarray(a) for a in (x, local, cross_ids, local_ids))
-        want = _expected_ids(level)
-        np.testing.assert_array_equal(cross_ids, want.reshape(TTM_T, -1))  # per frame, boxes = masks here
-        np.testing.assert_array_equal(local_ids, np.repeat(LOCAL_IDS, TTM_T, axis=0))
-        layer = _layer("MaskedCrossAttention", TTM_CFG, x.shape[-1])
-        variables = {"params": _sub(params, path)}
+        want = _expected_ids(level, TTM_B, TTM_T, TTM_H, TTM_W)
+        np.testing.assert_array_equal(cross_ids, want.reshape(TTM_B * TTM_T, -1))  # per frame; boxes = masks here
+        np.testing.assert_array_equal(local_ids, np.tile(LOCAL_IDS, (TTM_B * TTM_T, 1)))
+        layer = ttm_layers.MaskedCrossAttention(x.shape[-1], 2)
+        variables = {"params": _randomised(_boxed_shapes_of(layer, x, local, cross_ids, local_ids), 20 + level)}
         apply = _jit(layer.apply)
         base = np.asarray(apply(variables, x, local, cross_ids, local_ids))
         # object 2's prompt changes: only object 2's tokens move
@@ -382,17 +395,18 @@ def test_masked_cross_attention_isolation(ttm_run):
 
 
 def test_ttm_inputs_are_checked(ttm_run):
-    cfg, params = TTM_CFG, ttm_run[0]
-    (x, t, ctx), kwargs = unet.init_inputs(cfg, C, grid=(TTM_T, TTM_H, TTM_W), text_len=4, local_len=7)
+    params = ttm_run[0]
+    (x, t, ctx), kwargs = unet.init_inputs(TTM_CFG, C, grid=(TTM_T, TTM_H, TTM_W), text_len=4, local_len=7)
     assert kwargs["token_ids"].shape == (1, TTM_T * (64 + 16))
-    model = unet.UNet(cfg, C, C)
+    model = unet.UNet(TTM_CFG, C, C)
     bad = dict(kwargs, token_ids=kwargs["token_ids"][:, :-1])
     with pytest.raises(ValueError, match=r"token_ids must be int32 \[B, 240\].*TTM levels \(0, 1\)"):
         model.apply({"params": params}, x, t, ctx, **bad)
     with pytest.raises(ValueError, match="local_context"):
         model.apply({"params": params}, x, t, ctx)
-    ids, _ = unet.object_ids(cfg, jnp.asarray(_object_masks()), time_factor=1, space_factor=SF)
+    object_masks = jnp.asarray(_object_masks(TTM_B, TTM_T, TTM_H, TTM_W))
+    ids, _ = unet.object_ids(TTM_CFG, object_masks, time_factor=1, space_factor=SF)
     assert ids.shape == (1, 240)
-    np.testing.assert_array_equal(ids[:, 192:], _expected_ids(1).reshape(1, -1))
+    np.testing.assert_array_equal(ids[:, 192:], _expected_ids(1, TTM_B, TTM_T, TTM_H, TTM_W).reshape(1, -1))
     np.testing.assert_array_equal(ids[:, :192], masks.token_ids_from_masks(
-        jnp.asarray(_object_masks()), time_factor=1, space_factor=SF, patch_size=(1, 1, 1)))
+        object_masks, time_factor=1, space_factor=SF, patch_size=(1, 1, 1)))
