@@ -38,6 +38,18 @@ Masked self-attention runs over all tokens of the video at that level (`ttm_self
 (`False`, T times cheaper, the U-Net's own spatial attention pattern). Masked cross-attention is per frame (keys are
 prompt tokens, so this is the same function either way).
 
+The added layers are `ttm_layers.MaskedSelfAttention` / `MaskedCrossAttention` as in the DiT (own affine LayerNorm,
+q/k/v/out with biases, q/k RMS norms when `ttm_qk_norm`, no RoPE: the U-Net has no positional embedding in space);
+their keys/values for the cross layer are the raw local-prompt text states (`cross_attention_dim` wide), as the
+U-Net's own cross-attention reads the caption's.
+
+Inputs differ from diffusers' in layout only: diffusers takes `[B, C, T, H, W]` and the text repeated per frame
+(`[B*T, L, D]`, as its AnimateDiff pipeline does); here `[B, T, H, W, C]` and `[B, L, D]` (repeated inside).
+
+Helpers: `UNetConfig.from_config(config.model)`, `init_inputs` (the one definition of the inputs), `object_ids`
+(masks -> the concatenated per-level ids), `expand_input_channels` / `graft_backbone` (a stage model from a converted
+backbone, `ttm_jax/weights/unet.py`), `sinusoid_table`.
+
 Logical axis names (CONTRIBUTING.md): conv kernels `(None, None, None, "embed")` (`in_channels` on `conv_in`,
 `out_channels` on `conv_out`), Dense `("embed", "heads")` / `("heads", "embed")` in attention, `("text_embed",
 "heads")` for cross-attention keys/values, `("embed", "mlp")` / `("mlp", "embed")` in the feed-forward, norms
