@@ -138,6 +138,8 @@ def test_sort_and_work_skipped():
     straddle = sparse_attention.sort_objects(jnp.asarray(np.repeat(np.array([[0, 1]], np.int32), [48, 48], axis=1)),
                                              32)
     np.testing.assert_array_equal(straddle.kv_chunks, [[2, 3, 2]])  # the middle block holds both objects
+    assert [sparse_attention.default_block(n, "cpu") for n in (256, 1024, 4096)] == [64, 128, 256]
+    assert sparse_attention.default_block(32760, "gpu") == 1024
 
 
 def test_under_a_mesh_per_shard():
