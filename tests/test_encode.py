@@ -308,9 +308,9 @@ def test_two_processes_one_device_and_a_killed_command_line(config, prepared, en
     procs = [_cli(prepared, out, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4",
                                       "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
                                       "JAX_PROCESS_ID": str(i)}) for i in range(2)]
-    for p, o in zip(procs, _wait(procs), strict=True):
+    for i, (p, o) in enumerate(zip(procs, _wait(procs), strict=True)):
         assert p.returncode == 0, o[-4000:]
-        assert "clips/s" in o
+        assert f"encode: process {i}/2: shard {i} " in o and "clips/s" in o, o[-4000:]  # its own share
     _assert_same_records(out, encoded, exact=False)
     # one device instead of eight, other batches: the same records
     one = frozen_lib.make_encoders(encoded_config, frozen_lib.encoding_mesh(encoded_config, jax.devices()[:1]))
