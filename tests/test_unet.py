@@ -145,6 +145,22 @@ def test_sd15_unet_plus_motion_adapter_folders(tmp_path):
     assert all(np.array_equal(back[k], v) for k, v in sd.items())
 
 
+def test_full_size_layout_matches_diffusers():
+    # SD 1.5 + AnimateDiff V3 at full size (4 levels, 2 layers, no motion mid block), on shapes only: the parameter
+    # count equals diffusers' and the rulebook maps every tensor of the real state dict both ways
+    with torch.device("meta"):
+        model = UNetMotionModel(cross_attention_dim=768, use_motion_mid_block=False, motion_max_seq_length=32)
+    cfg, cin, cout = convert.config_from_diffusers(dict(model.config))
+    assert cfg.num_encoder_transformers == 6  # where TTM's layers go: the 6 spatial transformers of the encoder
+    flat = rb.flatten(_template(cfg, cin, cout))
+    assert sum(int(np.prod(v.shape)) for v in flat.values()) == sum(p.numel() for p in model.parameters())
+    assert sum(int(np.prod(v.shape)) for v in flat.values()) == 1_276_658_564
+    book = convert.rulebook(cfg)
+    params = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith(convert.PE_SUFFIX)}
+    book.plan(flat, params, "torch -> flax")
+    assert {m.torch_key for m in book.plan(flat, None, "flax -> torch")} == set(params)
+
+
 def test_errors_name_the_key(state_dict, converted):
     cfg, cin, cout, _ = converted
     sd = dict(state_dict)
