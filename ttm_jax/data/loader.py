@@ -23,7 +23,8 @@ Batch (per process, `B = train.batch_size // process_count`; CONTRIBUTING.md "Ba
     video_latent, trajectory_latent  float32 [B, T', H', W', C]   only when the records carry cached latents
     caption_embedding, motion_embedding float32 [B, Lc, d], local_embedding float32 [B, K+1, Lp, d]
                      only with `config.data.cached` (a folder of `python -m ttm_jax.data.encode`): the text
-                     encoder's output, padding zero; tokens and masks then come from the records (no tokenizer)
+                     encoder's output, padding zero; tokens and masks then come from the records (no tokenizer),
+                     and `video` / `trajectory` are left out (the step reads the cached latents)
 
 Grain worker processes re-import this module: scripts that set `num_workers > 0` need an
 `if __name__ == "__main__":` guard and parsed absl flags (`app.run`).
@@ -73,8 +74,10 @@ def tokenize_prompts(tokenizer: Any, caption: str, motion_prompt: str, local_pro
             "local_tokens": loc_ids.astype(np.int32), "local_mask": loc_mask.astype(bool)}
 
 
-# the fields of a record the batch takes when the text is not cached (embeddings are not even decoded)
+# the fields of a record the batch takes when the text is not cached (embeddings are not even decoded) and when it is
+# (pixels are not: the step reads the cached latents, and a clip's pixels are the bulk of a record)
 _PIXEL_FIELDS = tuple(f for f in records.ARRAY_FIELDS if f not in records.TEXT_FIELDS)
+_CACHED_FIELDS = tuple(f for f in records.ARRAY_FIELDS if f not in ("video", "trajectory"))
 
 
 def text_settings(config: ml_collections.ConfigDict) -> dict:
@@ -116,20 +119,20 @@ class DecodeAndTokenize(grain.transforms.Map):
         if isinstance(record, dict):
             r = record
         else:
-            r = records.decode(record, fields=None if self.cached else _PIXEL_FIELDS)
+            r = records.decode(record, fields=_CACHED_FIELDS if self.cached else _PIXEL_FIELDS)
         if self.cached:
-            text = self._cached_text(r)
+            out = {"object_masks": r["object_masks"], "num_objects": np.int32(r["num_objects"]),
+                   **self._cached_text(r)}
         else:
-            text = tokenize_prompts(self._tokenizer, r["caption"], r["motion_prompt"], r["local_prompts"],
-                                    max_length=int(self.text_config["max_length"]),
-                                    local_max_length=int(self.text_config["local_max_length"]))
-        out = {
-            "video": r["video"],
-            "trajectory": r["trajectory"],
-            "object_masks": r["object_masks"],
-            "num_objects": np.int32(r["num_objects"]),
-            **text,
-        }
+            out = {
+                "video": r["video"],
+                "trajectory": r["trajectory"],
+                "object_masks": r["object_masks"],
+                "num_objects": np.int32(r["num_objects"]),
+                **tokenize_prompts(self._tokenizer, r["caption"], r["motion_prompt"], r["local_prompts"],
+                                   max_length=int(self.text_config["max_length"]),
+                                   local_max_length=int(self.text_config["local_max_length"])),
+            }
         if self.keep_latents and "video_latent" in r:
             out["video_latent"] = r["video_latent"]
             out["trajectory_latent"] = r["trajectory_latent"]
