@@ -17,6 +17,7 @@ import pytest
 import train_fixtures as fx
 
 from ttm_jax import config as config_lib
+from ttm_jax import describe
 from ttm_jax.assembly import frozen as frozen_lib
 from ttm_jax.assembly import inputs as inputs_lib
 from ttm_jax.assembly import modules as modules_lib
@@ -327,3 +328,16 @@ def test_two_processes_one_device_and_a_killed_command_line(config, prepared, en
     assert p.returncode == 0 and "1 already done" in o, o[-4000:]
     _assert_same_records(killed, encoded, exact=False)
     shutil.rmtree(killed)
+
+
+def test_describe_shows_the_frozen_encoders_gone_with_cached_data(config):
+    full = describe.describe(config, flops=False, print_fn=lambda line: None)
+    lines = []
+    c = _with(config, prepared_path="/encoded", cached=True, total_steps=1)
+    out = describe.describe(config_lib.validate(c), flops=False, print_fn=lines.append)
+    assert full["text_encoder"] > 0 and out["text_encoder"] == 0 and out["autoencoder"] == 0
+    assert out["params"] == out["trainable"] == full["trainable"] == full["params"] - full["text_encoder"]
+    assert any(line.startswith("text encoder (t5): cached, not loaded") for line in lines)
+    # the encoders' FLOPs per step that the cache saves: the text encoder's (space_to_depth spends none)
+    flops = describe.frozen_encoder_flops(config)
+    assert flops["text_encoder"] > 0 and flops["autoencoder"] == 0

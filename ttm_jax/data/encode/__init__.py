@@ -40,6 +40,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -112,19 +113,34 @@ def _index(prepared: str, manifest: dict) -> list[tuple[str, int]]:
 
 
 class _Reader:
-    """Random access to the input shards (one open reader per shard)."""
+    """Random access to the input shards (one open reader per shard; a `gs://` shard is first copied to a local
+    temporary file, since ArrayRecord reads local files)."""
 
     def __init__(self):
         self._readers: dict[str, ArrayRecordReader] = {}
+        self._local: dict[str, str] = {}
 
     def read(self, path: str, i: int) -> bytes:
         if path not in self._readers:
-            self._readers[path] = ArrayRecordReader(path)
+            local = path
+            if records.is_remote(path):
+                fd, local = tempfile.mkstemp(suffix=".array_record")
+                os.close(fd)
+                epath.Path(path).copy(epath.Path(local), overwrite=True)
+                self._local[path] = local
+            self._readers[path] = ArrayRecordReader(local)
         return self._readers[path].read([i])[0]
 
+    def release(self, keep: set[str] | frozenset = frozenset()) -> None:
+        """Closes the readers (and deletes the local copies) of shards not in `keep`."""
+        for path in [p for p in self._readers if p not in keep]:
+            self._readers.pop(path).close()
+            local = self._local.pop(path, None)
+            if local is not None:
+                os.remove(local)
+
     def close(self):
-        for r in self._readers.values():
-            r.close()
+        self.release()
 
 
 def _put(encoders: Encoders, x: np.ndarray) -> tuple[jax.Array, int]:
@@ -138,35 +154,42 @@ def _put(encoders: Encoders, x: np.ndarray) -> tuple[jax.Array, int]:
     return jax.device_put(x, jax.sharding.NamedSharding(encoders.mesh, spec)), n
 
 
-def _run(fn: Callable, encoders: Encoders, *arrays: np.ndarray) -> np.ndarray:
+def _dispatch(fn: Callable, encoders: Encoders, *arrays: np.ndarray) -> tuple[jax.Array, int]:
+    """`fn` on the rows split over the devices, dispatched (not waited for); returns the result and the row count."""
     placed = [_put(encoders, a) for a in arrays]
-    out = fn(*(p for p, _ in placed))
-    return np.asarray(jax.device_get(out), np.float32)[:placed[0][1]]
+    return fn(*(p for p, _ in placed)), placed[0][1]
+
+
+def _fetch(result: tuple[jax.Array, int]) -> np.ndarray:
+    out, n = result
+    return np.asarray(jax.device_get(out), np.float32)[:n]
 
 
 def encode_batch(encoders: Encoders, config: ml_collections.ConfigDict, recs: Sequence[dict], *,
                  pad_to: int = 0) -> list[dict]:
     """Decoded records -> the same records with latents, tokens, masks and (trimmed) text embeddings. `pad_to`:
     encode at least this many rows (the last record repeated, its copies dropped), so that a short last batch has the
-    shapes of the others (one compilation)."""
+    shapes of the others (one compilation). The four encoder calls are dispatched before any result is fetched."""
     t = config.text_encoder
     out = [dict(r) for r in recs]
     recs = list(recs) + [recs[-1]] * max(0, pad_to - len(recs))
-    for key in ("video", "trajectory"):
-        lat = _run(encoders.latents, encoders, np.stack([r[key] for r in recs]))
-        for o, z in zip(out, lat, strict=False):
-            o[f"{key}_latent"] = z
+    lat = {key: _dispatch(encoders.latents, encoders, np.stack([r[key] for r in recs]))
+           for key in ("video", "trajectory")}
     toks = [loader.tokenize_prompts(encoders.tokenizer, r["caption"], r["motion_prompt"], r["local_prompts"],
                                     max_length=int(t.max_length), local_max_length=int(t.local_max_length))
             for r in recs]
     b = len(recs)
     ids = np.concatenate([np.stack([x["caption_tokens"] for x in toks]), np.stack([x["motion_tokens"] for x in toks])])
     mask = np.concatenate([np.stack([x["caption_mask"] for x in toks]), np.stack([x["motion_mask"] for x in toks])])
-    emb = _run(encoders.text, encoders, ids, mask)
+    emb = _dispatch(encoders.text, encoders, ids, mask)
     lt = np.stack([x["local_tokens"] for x in toks])  # [B, K+1, Lp]
     lm = np.stack([x["local_mask"] for x in toks])
     s, lp = lt.shape[1], lt.shape[2]
-    lemb = _run(encoders.text, encoders, lt.reshape(b * s, lp), lm.reshape(b * s, lp)).reshape(b, s, lp, -1)
+    lemb = _dispatch(encoders.text, encoders, lt.reshape(b * s, lp), lm.reshape(b * s, lp))
+    for key, res in lat.items():
+        for o, z in zip(out, _fetch(res), strict=False):
+            o[f"{key}_latent"] = z
+    emb, lemb = _fetch(emb), _fetch(lemb).reshape(b, s, lp, -1)
     for i, (o, x) in enumerate(zip(out, toks, strict=False)):
         o.update(x)
         o["caption_embedding"] = records.trim_embedding(emb[i], x["caption_mask"])
@@ -278,6 +301,9 @@ def encode(prepared: str, out: str, config: ml_collections.ConfigDict, encoders:
             video_ids = list(dict.fromkeys(i.rsplit("/", 1)[0] for i in ids))
             records.write_json_atomic(_marker(out, j), {"shard": shard_name(j), "num_records": writer.count,
                                                         "record_ids": ids, "video_ids": video_ids})
+            nxt = todo[k + 1] if k + 1 < len(todo) else None
+            reader.release({path for path, _ in index[nxt * records_per_shard:(nxt + 1) * records_per_shard]}
+                           if nxt is not None else frozenset())
             done_records += writer.count
             rate = done_records / max(time.perf_counter() - start, 1e-9)
             _progress(f"encode: process {p}/{n_proc}: shard {j} ({k + 1}/{len(todo)} to do): {done_records} clips, "
