@@ -70,7 +70,7 @@ import numpy as np
 from flax import struct, traverse_util
 
 from ttm_jax.models import attention as attention_ops
-from ttm_jax.models import layers, masks, ttm_layers
+from ttm_jax.models import layers, masks, sparse_attention, ttm_layers
 
 REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole module
@@ -121,6 +121,7 @@ class UNetConfig:
     ttm_self_across_frames: bool = True
     ttm_qk_norm: bool = True
     attention: str = "xla"
+    attention_sparse: bool = False  # object-sparse masked self-attention (`sparse_attention`), one sort per level
     remat_policy: str = "none"  # or one of REMAT_POLICIES: per resnet / spatial transformer / motion module
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -343,12 +344,13 @@ class GEGLUFeedForward(nn.Module):
 @struct.dataclass
 class TTMInputs:
     """What a TTM transformer's added layers need, already laid out per frame / per video for its level:
-    `self_ids` `[B, T*h*w]` (across frames) or `[B*T, h*w]` (per frame) or None (unmasked); `local_context`
+    `self_ids` `[B, T*h*w]` (across frames) or `[B*T, h*w]` (per frame), a `sparse_attention.ObjectSort` of them
+    (`attention_sparse`), or None (unmasked); `local_context`
     `[B*T, Ll, Dt]`; `cross_ids` `[B*T, h*w]` and `local_ids` `[B*T, Ll]` (None: unmasked); `frames` T."""
 
     frames: int = struct.field(pytree_node=False)
     local_context: jax.Array
-    self_ids: jax.Array | None
+    self_ids: jax.Array | sparse_attention.ObjectSort | None
     cross_ids: jax.Array | None
     local_ids: jax.Array | None
 
@@ -587,6 +589,8 @@ class UNet(nn.Module):
                 self_ids = token_ids[:, off:off + n]
                 if not c.ttm_self_across_frames:
                     self_ids = self_ids.reshape(b * t, hw)
+                if c.attention_sparse:  # sorted once per level; every masked layer there reuses it
+                    self_ids = sparse_attention.sort_objects(self_ids)
             if c.mask_cross:
                 cross = cross_token_ids[:, off:off + n].reshape(b * t, hw)
             out[level] = TTMInputs(t, lc, self_ids, cross, lids)
