@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
+from safetensors.torch import load_file
 
 from ttm_jax.models import masks, ttm_layers, unet
 from ttm_jax.weights import rulebook as rb
@@ -104,19 +105,22 @@ def test_forward_matches_diffusers(torch_out, jax_out):
     np.testing.assert_allclose(jax_out, torch_out, rtol=0, atol=1e-5)
 
 
-def test_round_trip_bit_identical(torch_unet, state_dict, converted):
+def test_round_trip_bit_identical(torch_unet, state_dict, converted, tmp_path):
     cfg, cin, cout, params = converted
     back = convert.flax_to_torch(params, cfg, state_dict)
     assert set(back) == set(state_dict)
     for k, v in state_dict.items():
         assert torch.equal(torch.from_numpy(back[k]), torch.from_numpy(v)), k
-    # without the target's specs too, and the written config rebuilds the same model, which loads strictly
-    back = convert.flax_to_torch(params, cfg)
-    assert set(back) == set(state_dict)
-    rebuilt = UNetMotionModel.from_config(convert.diffusers_config(cfg, cin, cout))
-    rebuilt.load_state_dict({k: torch.from_numpy(v) for k, v in back.items()}, strict=True)
+    # and through a written folder: its config rebuilds the same model, which loads the streamed file strictly
+    file = convert.save_diffusers_folder(params, cfg, cin, cout, str(tmp_path / "unet"))
+    rebuilt = UNetMotionModel.from_config(UNetMotionModel.load_config(str(tmp_path / "unet")))
+    rebuilt.load_state_dict(load_file(file), strict=True)
+    assert set(rebuilt.state_dict()) == set(state_dict)
     for k, v in rebuilt.state_dict().items():
         assert torch.equal(v, torch.from_numpy(state_dict[k])), k
+    cfg2, cin2, cout2, params2 = convert.load_diffusers_folders(str(tmp_path / "unet"))
+    assert (cfg2, cin2, cout2) == (cfg, cin, cout)
+    assert all(np.array_equal(a, rb.flatten(params)[k]) for k, a in rb.flatten(params2).items())
 
 
 def test_sd15_unet_plus_motion_adapter_folders(tmp_path):

@@ -16,6 +16,7 @@ a `UNetMotionModel`'s (`load_diffusers_folders` reads both).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -31,6 +32,7 @@ from ttm_jax.weights import rulebook as rb
 from ttm_jax.weights import safetensors_io
 
 CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 PE_SUFFIX = ".pos_embed.pe"
 
 
@@ -343,3 +345,24 @@ def load_diffusers_folders(*paths: str, param_dtype: str = "float32",
             return len(specs)
 
     return cfg, cin, cout, rb.stream_to_flax(rulebook(cfg), _Joined(), template(cfg, cin, cout), specs)
+
+
+def save_diffusers_folder(params: Mapping[str, Any], cfg: unet_lib.UNetConfig, in_channels: int, out_channels: int,
+                          out_dir: str, dtype: Any = None) -> str:
+    """Writes `out_dir/config.json` (`diffusers_config`) + one streamed `diffusion_pytorch_model.safetensors` with
+    every tensor of the backbone (frame-embedding buffers included, TTM layers dropped), which
+    `UNetMotionModel.from_config(...)` + `load_state_dict(strict=True)` (or `from_pretrained`) loads. `dtype`: the
+    file's float dtype (default the params'). Returns the weights path."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
+        json.dump(diffusers_config(cfg, in_channels, out_channels), f, indent=2)
+    book = rulebook(cfg)
+    flat = rb.flatten(params)
+    specs = {mv.torch_key: (mv.torch_shape, rb.as_dtype(dtype if dtype is not None else flat[mv.flax_path].dtype))
+             for mv in book.plan(flat, None, "flax -> torch")}
+    pes = position_buffers(params, cfg)
+    specs.update({k: (v.shape, np.float32) for k, v in pes.items()})
+    file = os.path.join(out_dir, WEIGHTS_FILE)
+    tensors = itertools.chain(book.iter_torch(params), pes.items())
+    safetensors_io.write_safetensors(file, specs, tensors, metadata={"format": "pt"})
+    return file
