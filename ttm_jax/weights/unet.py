@@ -11,7 +11,11 @@ TTM's added layers (`masked_self_attn` / `masked_cross_attn`) have no diffusers 
 
 A diffusers AnimateDiff checkpoint is either a saved `UNetMotionModel` folder, or SD 1.5's `unet/` folder plus a
 `MotionAdapter` folder (`guoyww/animatediff-motion-adapter-v1-5-3`): their keys are disjoint and together are exactly
-a `UNetMotionModel`'s (`load_diffusers_folders` reads both).
+a `UNetMotionModel`'s (`load_diffusers_folders` reads both, streamed tensor by tensor). `save_diffusers_folder`
+writes a `UNetMotionModel` folder back (config.json + one streamed safetensors file).
+
+    cfg, cin, cout, params = load_diffusers_folders("sd15/unet", "animatediff-motion-adapter-v1-5-3")
+    stage = unet.graft_backbone(fresh_stage_params, params)   # TTM layers + 3x input channels, zero at step 0
 """
 
 from __future__ import annotations
