@@ -268,8 +268,9 @@ def encode(prepared: str, out: str, config: ml_collections.ConfigDict, encoders:
     spec_path = os.path.join(out, SPEC)
     if epath.Path(spec_path).exists():
         old = records.read_json(spec_path)
-        if old != spec:
-            diff = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k))
+        # the input's path may be spelled differently by another host or run: its manifest's hash decides
+        diff = sorted(k for k in set(old) | set(spec) if k != "prepared" and old.get(k) != spec.get(k))
+        if diff:
             raise ValueError(f"{spec_path}: {out} was encoded with other settings ({', '.join(diff)} differ); resume "
                              f"with the same --prepared/--config/--records_per_shard, or use a new --out")
     else:
