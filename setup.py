@@ -39,6 +39,14 @@ EVAL_REQUIRES = [
     "opencv-python-headless==5.0.0.93",
 ]
 
+# Apache Beam for the TFDS build on Beam (`prepare --format=tfds --beam_pipeline_options=...`, data/beam_sav.py).
+# 2.71.0 is the newest that resolves with the pins above: 2.72+ require pillow<13 (Pillow==13.0.0 here); 2.70 and
+# older numpy<2.3. It requires protobuf<7 and pyarrow<19, so it installs protobuf 6.33 and pyarrow 18.1 (the main
+# environment without it has protobuf 7 and pyarrow 26): use a separate environment for Beam builds.
+BEAM_REQUIRES = [
+    "apache-beam==2.71.0",
+]
+
 TEST_REQUIRES = TORCH_REQUIRES + EVAL_REQUIRES + [
     "pytest==9.2.0",
     "pytest-xdist==3.8.0",
@@ -55,5 +63,6 @@ setup(
     packages=find_packages(include=["ttm_jax", "ttm_jax.*"]),
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
-    extras_require={"torch": TORCH_REQUIRES, "eval": EVAL_REQUIRES, "test": TEST_REQUIRES},
+    extras_require={"torch": TORCH_REQUIRES, "eval": EVAL_REQUIRES, "test": TEST_REQUIRES,
+                    "beam": BEAM_REQUIRES},
 )

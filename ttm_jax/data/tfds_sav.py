@@ -32,6 +32,15 @@ same clips `python -m ttm_jax.data.prepare` writes for the same seed; the key of
 Skipped videos (no caption line, broken annotation or mp4, too short, ...) are logged with their file, counted by
 reason, and the counts are kept in the dataset's metadata (`builder.info.metadata["skipped"]`, `metadata.json`).
 
+On Apache Beam (`pip install -e .[beam]`): give the build pipeline options, and the same records are made by Beam
+transforms (`data/beam_sav.py`: decode, rasterise, cut, skips as Beam counters read back into the same metadata),
+on the DirectRunner locally or unchanged on Dataflow / Spark / Flink:
+
+    python -m ttm_jax.data.prepare --format=tfds ... --beam_pipeline_options="runner=DirectRunner,direct_num_workers=2"
+    tfds_sav.build(..., beam_options="runner=DataflowRunner,project=P,region=R,temp_location=gs://...,setup_file=...")
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(beam_options=PipelineOptions(...)))
+    tfds build --imports=ttm_jax.data.tfds_sav sav_clips/tiny --manual_dir=PATH --beam_pipeline_options=...
+
 Without TensorFlow (tensorflow-datasets 4.9.10): `GeneratorBasedBuilder.download_and_prepare(file_format=
 "array_record")`, `as_data_source` and `tfds.data_source` work with TF absent (examples are serialized as
 tf.train.Example protos by TFDS' own pure-Python path); `as_dataset` (tf.data) and the `tfds.features.Video`/`Image`
@@ -42,6 +51,7 @@ features need TF, so this builder uses only `Tensor`/`Text` features and is read
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -56,8 +66,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from ttm_jax import config as config_lib
+from ttm_jax.data import beam_sav, clips, sav
 from ttm_jax.data import captions as captions_lib
-from ttm_jax.data import clips, sav
 from ttm_jax.data.video_io import SkipVideo
 
 NAME = "sav_clips"
@@ -122,6 +132,8 @@ class SavClips(tfds.core.GeneratorBasedBuilder):
         self._captions = captions
         self._seed = int(seed)
         self._clips_per_video = int(clips_per_video)
+        self._use_beam = False  # set per build by `_generate_splits`
+        self._find_skips: dict[str, int] = {}  # skips of `sav.find_videos` on the launching host (Beam builds)
         super().__init__(**kwargs)
 
     @property
@@ -169,7 +181,35 @@ class SavClips(tfds.core.GeneratorBasedBuilder):
         if not epath.Path(captions).exists():
             raise FileNotFoundError(f"SavClips: captions sidecar {captions} not found; pass captions= or put "
                                     f"captions.jsonl in the manual dir")
-        return {"train": self._generate_examples(refs, captions_lib.load_captions(captions), counter)}
+        caps = captions_lib.load_captions(captions)
+        if self._use_beam:  # the same records from Beam transforms; counts read back at the end
+            self._find_skips = dict(counter.counts)
+            return {"train": beam_sav.clips_transform(refs, caps, self.data_config, seed=self._seed,
+                                                      clips_per_video=self._clips_per_video)}
+        return {"train": self._generate_examples(refs, caps, counter)}
+
+    def _generate_splits(self, dl_manager: tfds.download.DownloadManager,
+                         download_config: tfds.download.DownloadConfig) -> Any:
+        # Beam when the build was given pipeline options or a runner (TFDS then runs the PTransform of
+        # `_split_generators` in its pipeline), else the single-process generator
+        self._use_beam = download_config.beam_options is not None or download_config.beam_runner is not None
+        if self._use_beam:
+            beam_sav.require_beam()
+        return super()._generate_splits(dl_manager, download_config)
+
+    def _process_pipeline_result(self, pipeline_result: Any) -> None:
+        """After the Beam run: the `sav_clips` counters -> the same metadata the single-process build writes."""
+        ok, num, skipped = beam_sav.counts(pipeline_result)
+        counts = collections.Counter(self._find_skips)
+        counts.update(skipped)
+        logging.info("SavClips (beam): videos: %d ok, %d records, skipped %s", ok, num, dict(sorted(counts.items())))
+        self._set_metadata(ok, num, dict(counts))
+
+    def _set_metadata(self, ok: int, num: int, skipped: Mapping[str, int]) -> None:
+        self.info.metadata.update({
+            "data": dict(self.builder_config.data), "seed": self._seed, "clips_per_video": self._clips_per_video,
+            "videos_ok": ok, "skipped": dict(skipped), "num_records": num, "latents": None,
+        })
 
     def _generate_examples(self, refs: Sequence[sav.VideoRef], captions: Mapping[str, captions_lib.CaptionEntry],
                            counter: sav.SkipCounter) -> Iterator[tuple[str, dict]]:
@@ -191,10 +231,7 @@ class SavClips(tfds.core.GeneratorBasedBuilder):
                 num += 1
                 yield f"{ref.video_id}/{c}", e
         logging.info("SavClips: videos: %d ok, %s", ok, counter.summary())
-        self.info.metadata.update({
-            "data": dict(self.builder_config.data), "seed": self._seed, "clips_per_video": self._clips_per_video,
-            "videos_ok": ok, "skipped": dict(counter.counts), "num_records": num, "latents": None,
-        })
+        self._set_metadata(ok, num, dict(counter.counts))
 
 
 def to_example(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -241,12 +278,17 @@ def data_source(path: str, split: str = "train") -> Sequence[dict]:
 
 
 def build(sav_path: str | Sequence[str], captions: str, data_dir: str, config: ml_collections.ConfigDict, *,
-          seed: int = 0, clips_per_video: int = 1) -> SavClips:
+          seed: int = 0, clips_per_video: int = 1, beam_options: Any = None) -> SavClips:
     """Builds `SavClips` for `config.data` into `data_dir` (array_record); returns the builder (`builder.data_dir` is
-    the folder to set as `config.data.prepared_path`). Idempotent: a finished folder is left as it is."""
+    the folder to set as `config.data.prepared_path`). Idempotent: a finished folder is left as it is.
+
+    `beam_options`: None (single process), or Beam pipeline options (`"runner=DirectRunner,direct_num_workers=2"`,
+    `--key=value` flags, or `PipelineOptions`; `beam_sav.pipeline_options`): the same records made on Apache Beam.
+    """
+    options = None if beam_options is None else beam_sav.pipeline_options(beam_options)
     builder = SavClips(data_dir=data_dir, config=builder_config(config.data), sav_path=sav_path, captions=captions,
                        seed=seed, clips_per_video=clips_per_video, file_format="array_record")
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig())
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(beam_options=options))
     meta = builder.info.metadata or {}
     if meta.get("seed") != seed or meta.get("clips_per_video") != clips_per_video:
         raise ValueError(f"{builder.data_dir}: built with seed={meta.get('seed')}, clips_per_video="

@@ -2,10 +2,12 @@
 
     python -m ttm_jax.data.prepare --sav=PATH --captions=JSONL --out=DIR [--config=configs/stage2.py[:variant]]
         [--workers=N] [--chunk_size=8] [--clips_per_video=1] [--seed=0] [--latents] [--format=records|tfds]
+        [--beam_pipeline_options="runner=DirectRunner,direct_num_workers=2"]
 
 `--format=records` (default) writes the ArrayRecord folder of `prepare.prepare`, `--format=tfds` the TFDS dataset
-`sav_clips` of `tfds_sav.build` with --out as its data_dir. A command line sits above every layer, so it hands the
-preparation the autoencoder factory for `--latents`.
+`sav_clips` of `tfds_sav.build` with --out as its data_dir; with `--beam_pipeline_options` that build runs on Apache
+Beam (`pip install -e .[beam]`; the same records, `data/beam_sav.py`). A command line sits above every layer, so it
+hands the preparation the autoencoder factory for `--latents`.
 """
 
 from __future__ import annotations
@@ -33,11 +35,14 @@ def main(argv: Sequence[str]) -> None:
     del argv
     f = flags.FLAGS
     config = config_lib.validate(f.config)
+    if f.beam_pipeline_options is not None and f.format != "tfds":
+        raise ValueError("prepare --beam_pipeline_options: Beam builds the TFDS dataset; add --format=tfds")
     if f.format == "tfds":  # a TFDS dataset (array_record) under --out: data/tfds_sav.py
         if f.latents:
             raise ValueError("prepare --format=tfds: --latents is not supported by the TFDS builder; use "
                              "--format=records for cached latents")
-        builder = tfds_sav.build(f.sav, f.captions, f.out, config, seed=f.seed, clips_per_video=f.clips_per_video)
+        builder = tfds_sav.build(f.sav, f.captions, f.out, config, seed=f.seed, clips_per_video=f.clips_per_video,
+                                 beam_options=f.beam_pipeline_options)
         meta = builder.info.metadata
         reasons = ", ".join(f"{r}={n}" for r, n in sorted(meta["skipped"].items()))
         print(f"prepared {meta['num_records']} records into {builder.data_dir} (TFDS {tfds_sav.NAME}/"
@@ -73,6 +78,9 @@ def define_flags() -> None:
     flags.DEFINE_bool("latents", False, "also store VAE latents of video and trajectory")
     flags.DEFINE_enum("format", "records", ["records", "tfds"], "records: this module's ArrayRecord folder; tfds: "
                       "the TFDS dataset sav_clips (array_record) under --out as data_dir (ttm_jax/data/tfds_sav.py)")
+    flags.DEFINE_string("beam_pipeline_options", None, "with --format=tfds: build on Apache Beam with these pipeline "
+                        "options, comma-separated key=value (runner=DirectRunner,direct_num_workers=2; "
+                        "runner=DataflowRunner,project=...); needs pip install -e .[beam]")
 
 
 if __name__ == "__main__":
