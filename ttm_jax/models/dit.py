@@ -99,6 +99,7 @@ class DiTConfig:
     attention: str = "xla"
     attention_sparse: bool = False
     scan_layers: bool = True
+    scan_unroll: int = 0
     remat_policy: str = "none"
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -141,6 +142,8 @@ class DiTConfig:
              f"{self.ttm_layers} must be in [0, num_layers={self.num_layers}]")
         need(self.remat_policy == "none" or self.remat_policy in REMAT_POLICIES, "remat_policy",
              f"{self.remat_policy!r}; choose none or one of {sorted(REMAT_POLICIES)}")
+        need(isinstance(self.scan_unroll, int) and self.scan_unroll >= 0, "scan_unroll",
+             f"{self.scan_unroll!r} must be an int >= 0 (0: per backend, see dit.unroll_for)")
 
     @property
     def head_dim(self) -> int:
@@ -234,11 +237,24 @@ class DiTBlock(nn.Module):
         return layers.constrain(x, ("batch", "length", "embed")), None
 
 
-def _block_class(cfg: DiTConfig) -> type[nn.Module]:
+def unroll_for(cfg: DiTConfig, count: int) -> int:
+    """How many of the `count` scanned blocks one loop iteration runs (`nn.scan(unroll=...)`).
+
+    `config.model.scan_unroll` when > 0; 0 (the default) picks per backend: on CPU all of them (no loop: the XLA CPU
+    while loop slices every layer's params and stacked activations in and out of the loop, ~35% of the tiny step's
+    op time in a profile, and blocks fusion across layers), one on GPU / TPU (a loop: one compiled block, fast
+    compiles). The params keep the stacked `scan_layers` layout either way.
+    """
+    if cfg.scan_unroll > 0:
+        return min(cfg.scan_unroll, count)
+    return count if jax.default_backend() == "cpu" else 1
+
+
+def _block_class(cfg: DiTConfig, unrolled: bool) -> type[nn.Module]:
     if cfg.remat_policy == "none":
         return DiTBlock
-    # Under scan, CSE across iterations cannot undo remat, so prevent_cse is only needed in the unrolled loop.
-    return nn.remat(DiTBlock, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
+    # Inside a scan loop, CSE across iterations cannot undo remat, so prevent_cse is only needed when unrolled.
+    return nn.remat(DiTBlock, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=unrolled)
 
 
 class DiT(nn.Module):
@@ -289,17 +305,18 @@ class DiT(nn.Module):
             token_ids = sparse_attention.sort_objects(token_ids)
         args = (context, modulation, rope_cos, rope_sin, local_context, token_ids, cross_token_ids, local_ids)
 
-        block = _block_class(c)
         groups = [(c.ttm_layers, True, "ttm_blocks", 0), (c.num_layers - c.ttm_layers, False, "blocks", c.ttm_layers)]
         for count, ttm, scan_name, first in groups:
             if count == 0:
                 continue
             if c.scan_layers:
-                stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                                in_axes=(nn.broadcast,) * len(args), length=count,
-                                metadata_params={nn.PARTITION_NAME: "layers"})
+                unroll = unroll_for(c, count)
+                stack = nn.scan(_block_class(c, unroll > 1), variable_axes={"params": 0},
+                                split_rngs={"params": True}, in_axes=(nn.broadcast,) * len(args), length=count,
+                                unroll=unroll, metadata_params={nn.PARTITION_NAME: "layers"})
                 x, _ = stack(c, ttm, name=scan_name)(x, *args)
             else:
+                block = _block_class(c, True)
                 for i in range(first, first + count):
                     x, _ = block(c, ttm, name=f"blocks_{i}")(x, *args)
 

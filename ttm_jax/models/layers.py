@@ -14,6 +14,7 @@ may not appear twice in a parameter.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ttm_jax.models import attention as attention_ops
+from ttm_jax.models import masks, sparse_attention
 
 Dtype = Any
 Axes = tuple[str | None, ...]
@@ -221,6 +223,80 @@ class FeedForward(nn.Module):
 # Attention
 
 
+def _masked_logits(s: jax.Array, ids: tuple[jax.Array, jax.Array] | tuple[()]) -> jax.Array:
+    """Logits `[B, H, Lq, Lk]` f32 with disallowed (query, key) pairs set to `jax.nn.dot_product_attention`'s large
+    finite negative (a fully masked row averages uniformly instead of giving NaN, as the `xla` reference)."""
+    if not ids:
+        return s
+    allowed = masks.allowed(*ids)[:, None]
+    return jnp.where(allowed, s, jnp.asarray(-0.7 * float(jnp.finfo(jnp.float32).max), s.dtype))
+
+
+def _attend_fwd(q: jax.Array, k: jax.Array, v: jax.Array, ids: tuple, scale: float
+                ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    # q, k, v [B, H, L, D] (q already scaled); logits and softmax in f32, P cast to v's dtype for P @ V
+    s = _masked_logits(jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32), ids)
+    m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
+    p = jnp.exp(s - m)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    o = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32) / denom
+    return o.astype(v.dtype), m + jnp.log(denom)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, ids: tuple, scale: float) -> jax.Array:
+    return _attend_fwd(q, k, v, ids, scale)[0]
+
+
+def _attend_vjp_fwd(q, k, v, ids, scale):
+    o, lse = _attend_fwd(q, k, v, ids, scale)
+    return o, (q, k, v, ids, o, lse)
+
+
+def _attend_vjp_bwd(scale, res, do):
+    # recomputes P from the saved log-sum-exp (flash-attention style): only O(L) residuals live between the passes
+    q, k, v, ids, o, lse = res
+    s = _masked_logits(jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32), ids)
+    p = jnp.exp(s - lse)
+    dv = jnp.einsum("bhqk,bhqd->bhkd", p.astype(do.dtype), do, preferred_element_type=jnp.float32)
+    dp = jnp.einsum("bhqd,bhkd->bhqk", do, v, preferred_element_type=jnp.float32)
+    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)
+    ds = (p * (dp - delta)).astype(q.dtype)
+    dq = jnp.einsum("bhqk,bhkd->bhqd", ds, k, preferred_element_type=jnp.float32)
+    dk = jnp.einsum("bhqk,bhqd->bhkd", ds, q, preferred_element_type=jnp.float32)
+    ids_ct = jax.tree.map(lambda i: np.zeros(i.shape, jax.dtypes.float0), ids)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), ids_ct
+
+
+_attend.defvjp(_attend_vjp_fwd, _attend_vjp_bwd)
+
+
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, q_ids: jax.Array | None = None,
+                    kv_ids: jax.Array | None = None) -> jax.Array:
+    """Exact softmax attention whose backward recomputes the probabilities (the `xla` reference's semantics and
+    masks: query i sees key j iff `q_ids[i] == kv_ids[j] >= 0`; `kv_ids=None` with `q_ids`: self-attention).
+
+    q `[B, Lq, H, D]`, k / v `[B, Lk, H, D]` -> `[B, Lq, H, D]`. Heads-major `[B, H, L, D]` inside, so every matmul
+    is a plain batched GEMM; between the forward and backward passes only q, k, v, the output and the per-row
+    log-sum-exp are kept (autodiff of `jax.nn.dot_product_attention` keeps `[B, H, Lq, Lk]` logits and
+    probabilities per layer). What `Attention` runs for `impl="xla"` on CPU (`use_fused_attention`).
+    """
+    if q_ids is not None and kv_ids is None:
+        kv_ids = q_ids
+    ids = () if q_ids is None else (jnp.asarray(q_ids, jnp.int32), jnp.asarray(kv_ids, jnp.int32))
+    qt, kt, vt = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
+    out = _attend((qt.astype(jnp.float32) * scale).astype(q.dtype), kt, vt, ids, float(scale))
+    return out.transpose(0, 2, 1, 3)
+
+
+def use_fused_attention(impl: str, q_ids: Any) -> bool:
+    """Whether `Attention` runs `fused_attention`: impl "xla" on the CPU backend with dense (or no) ids. Elsewhere
+    `attention.dot_product_attention` (cuDNN / Pallas / XLA on GPU and TPU; the object-sparse path for an
+    `ObjectSort`)."""
+    return (impl == "xla" and jax.default_backend() == "cpu"
+            and not isinstance(q_ids, sparse_attention.ObjectSort))
+
+
 class Attention(nn.Module):
     """Wan attention: `to_q/to_k/to_v` -> RMS-norm of q and k across heads -> RoPE (self) -> attention -> `to_out`.
 
@@ -259,7 +335,10 @@ class Attention(nn.Module):
         if rope is not None:
             q = apply_rope(q, *rope)
             k = apply_rope(k, *rope)
-        out = attention_ops.dot_product_attention(q, k, v, q_ids=q_ids, kv_ids=kv_ids, impl=self.impl,
-                                                  scale=head_dim**-0.5)
+        if use_fused_attention(self.impl, q_ids):
+            out = fused_attention(q, k, v, scale=head_dim**-0.5, q_ids=q_ids, kv_ids=kv_ids)
+        else:
+            out = attention_ops.dot_product_attention(q, k, v, q_ids=q_ids, kv_ids=kv_ids, impl=self.impl,
+                                                      scale=head_dim**-0.5)
         out = constrain(out.reshape(*out.shape[:2], self.dim), ("batch", "length", "heads"))
         return dense(self.dim, ("heads", "embed"), name="to_out", zero_init=self.zero_init_out, **kw)(out)
