@@ -184,6 +184,8 @@ def _model(v: Mapping[str, Any]) -> ml_collections.ConfigDict:
     # exact, work sum_k n_k^2 instead of N^2 (ttm_jax/models/sparse_attention.py); any backend
     m.attention_sparse = False
     m.scan_layers = True
+    # scanned blocks per loop iteration; 0: per backend (all of them on CPU, no loop; 1 on GPU / TPU): dit.unroll_for
+    m.scan_unroll = 0
     m.remat_policy = "none"
     m.dtype = "float32"  # compute dtype; bfloat16 on accelerators
     m.param_dtype = "float32"
@@ -396,6 +398,8 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
            f"{m.get('attention_sparse')!r} must be True or False")
     _check(m.remat_policy in REMAT_POLICIES, "model.remat_policy",
            f"{m.remat_policy!r}; choose one of {REMAT_POLICIES}")
+    _check(isinstance(m.get("scan_unroll", 0), int) and m.get("scan_unroll", 0) >= 0, "model.scan_unroll",
+           f"{m.get('scan_unroll')!r} must be an int >= 0 (0: per backend, all blocks unrolled on CPU)")
     _check(m.dtype in DTYPES, "model.dtype", f"{m.dtype!r}; choose one of {DTYPES}")
     _check(m.param_dtype in DTYPES, "model.param_dtype", f"{m.param_dtype!r}; choose one of {DTYPES}")
     _check(m.get("condition_frames", "first") in ("first", "all"), "model.condition_frames",
