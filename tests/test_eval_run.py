@@ -37,6 +37,10 @@ def _load_eval_config(**fields):
     return c
 
 
+def _entries(bench):
+    return sav128.load_manifest(bench)["videos"]
+
+
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     """2 single-object + 2 multi-object videos at the tiny models' geometry (32x32, 9 frames at 12 fps)."""
@@ -90,7 +94,7 @@ def evaluated(bench, clip_folder, checkpoints, tmp_path_factory):
 def test_every_video_generated_and_scored_per_split(bench, evaluated):
     config, workdir, results, _ = evaluated
     manifest = sav128.load_manifest(bench)
-    fake = eval_run.generated_videos(workdir, 0)
+    fake = eval_run.generated_videos(config, workdir, _entries(bench), 0)
     assert sorted(fake) == sorted(v["video_id"] for v in manifest["videos"])
     rows = results["rows"]
     assert {s: rows[s]["n"] for s in eval_run.SPLITS} == {"single": 2, "multi": 2, "all": 4}
@@ -108,10 +112,10 @@ def test_every_video_generated_and_scored_per_split(bench, evaluated):
 def test_metrics_are_computed_on_the_right_videos(bench, clip_folder, evaluated):
     """Each number of the `multi` row recomputed here from the files: the generated mp4s of the multi-object videos,
     their reference clips and captions."""
-    _, workdir, results, _ = evaluated
+    config, workdir, results, _ = evaluated
     manifest = sav128.load_manifest(bench)
     multi = [v for v in manifest["videos"] if v["split"] == "multi"]
-    fake_paths = eval_run.generated_videos(workdir, 0)
+    fake_paths = eval_run.generated_videos(config, workdir, _entries(bench), 0)
     fake = metrics.read_videos([fake_paths[v["video_id"]] for v in multi])
     real = metrics.read_videos([os.path.join(bench, "videos", v["video_id"], "video.mp4") for v in multi])
     assert fake.shape == (2, _TINY.num_frames, _TINY.height, _TINY.width, 3)
@@ -141,28 +145,44 @@ def test_reports(evaluated):
     assert sheet.shape == (3 * (2 * h + 2), 8 * w, 3)  # 3 videos: reference row, generated row, a white gap
 
 
-def test_rerun_keeps_finished_videos_and_regenerates_a_lost_one(bench, evaluated, capsys):
+def test_rerun_keeps_finished_videos_regenerates_a_lost_one_and_adds_a_seed(bench, evaluated, capsys):
     config, workdir, _, pipe = evaluated
-    fake = eval_run.generated_videos(workdir, 0)
+    entries = _entries(bench)
+    fake = eval_run.generated_videos(config, workdir, entries, 0)
     lost = sorted(fake)[1]
     kept = {n: os.path.getmtime(p) for n, p in fake.items() if n != lost}
     os.remove(fake[lost])
     capsys.readouterr()
     config.eval.i3d = "none"  # FVD off: its reason is reported instead
+    config.eval.seeds = "0,1"
     results = eval_run.evaluate(config, workdir, pipe=pipe)
     out = capsys.readouterr().out
-    assert "eval: 4/4 videos" in out and "eval: 3/4" not in out  # three counted as done, one generated
-    again = eval_run.generated_videos(workdir, 0)
+    # three of seed 0 counted as done; the lost one and seed 1's four generated
+    assert "eval: 8/8 videos" in out and "eval: 3/8" not in out and "eval: 4/8" in out
+    again = eval_run.generated_videos(config, workdir, entries, 0)
     assert sorted(again) == sorted(fake) and os.path.isfile(again[lost])
     assert {n: os.path.getmtime(p) for n, p in again.items() if n != lost} == kept
-    assert results["rows"]["all"]["fvd"]["mean"] is None
-    assert "config.eval.i3d" in results["not_computed"]["fvd"]
+    seed1 = eval_run.generated_videos(config, workdir, entries, 1)
+    assert sorted(seed1) == sorted(fake) and all("seed1" in p for p in seed1.values())
+    name = sorted(fake)[0]
+    assert not np.array_equal(metrics.read_videos([again[name]]), metrics.read_videos([seed1[name]]))
+    row = results["rows"]["all"]
+    assert row["n_per_seed"] == [4, 4] and len(row["clip_frame"]["per_seed"]) == 2
+    np.testing.assert_allclose(row["clip_frame"]["mean"], np.mean(row["clip_frame"]["per_seed"]))
+    np.testing.assert_allclose(row["clip_frame"]["std"], np.std(row["clip_frame"]["per_seed"]))
+    assert row["fvd"]["mean"] is None and "config.eval.i3d" in results["not_computed"]["fvd"]
+    # videos of other settings (another step count) or another process layout are not scored as this run's
+    config.sample.num_steps = 3
+    assert eval_run.generated_videos(config, workdir, entries, 0) == {}
+    config.sample.num_steps = 2
+    assert eval_run.generated_videos(config, workdir, entries, 0, count=2) == {}
+    config.eval.seeds = "0"
 
 
 def test_metrics_cli_scores_a_folder_pair_as_the_run_does(bench, clip_folder, evaluated):
-    _, workdir, results, _ = evaluated
+    config, workdir, results, _ = evaluated
     scorers = metrics.load_scorers(i3d_weights="none", clip_path=clip_folder)
-    fake_dir = os.path.dirname(next(iter(eval_run.generated_videos(workdir, 0).values())))
+    fake_dir = os.path.dirname(next(iter(eval_run.generated_videos(config, workdir, _entries(bench), 0).values())))
     out = metrics.score_folders(bench, fake_dir, scorers)
     assert out["n"] == 4 and out["only_real"] == [] and out["fvd"] is None
     np.testing.assert_allclose(out["clip_text"], results["rows"]["all"]["clip_text"]["mean"], rtol=1e-5)
@@ -193,9 +213,14 @@ def test_validate_names_fields(bench, checkpoints, tmp_path):
 def test_selection_shares_and_seed_statistics():
     videos = [{"video_id": f"v{i}", "split": "single" if i % 3 else "multi"} for i in range(9)]
     assert [v["video_id"] for v in eval_run.selected({"videos": videos}, 2)] == ["v0", "v1", "v2", "v3"]
-    shares = [eval_run.process_share(videos, i, 2) for i in range(2)]
-    assert sorted(v["video_id"] for s in shares for v in s) == sorted(v["video_id"] for v in videos)
-    assert not {v["video_id"] for v in shares[0]} & {v["video_id"] for v in shares[1]}
+    for count in (2, 3, 16):  # a partition, stable under another selection; more processes than videos: empty shares
+        shares = [eval_run.process_share(videos, i, count) for i in range(count)]
+        assert sorted(v["video_id"] for s in shares for v in s) == sorted(v["video_id"] for v in videos)
+        assert sum(len(s) for s in shares) == len(videos)
+        sub = [eval_run.process_share(videos[:4], i, count) for i in range(count)]
+        assert all({v["video_id"] for v in a} <= {v["video_id"] for v in b} for a, b in zip(sub, shares, strict=True))
+    assert any(not s for s in shares)
+    assert eval_run.process_share(videos, 0, 1) == videos
     stat = eval_run._mean_std([1.0, 3.0, None])
     assert stat["mean"] == 2.0 and stat["std"] == 1.0 and stat["per_seed"] == [1.0, 3.0, None]
     assert eval_run._cell(stat, "fvd") == "2.0 ± 1.0"

@@ -137,10 +137,21 @@ def read_videos(paths: Sequence[str]) -> np.ndarray:
     return np.stack(videos)
 
 
-def score_set(real: np.ndarray | None, fake: np.ndarray, texts: Sequence[str] | None, scorers: Scorers) -> dict:
+def fvd_of(real: np.ndarray, fake: np.ndarray, scorers: Scorers) -> dict[str, Any]:
+    """`{"fvd": ..., ["fvd_resampled_from": T]}` of two uint8 sets `[N, T, H, W, 3]` (features cached per video)."""
+    out: dict[str, Any] = {}
+    short = min(real.shape[1], fake.shape[1])
+    if short < fvd.CLIP_FRAMES:
+        out["fvd_resampled_from"] = short
+    out["fvd"] = fvd.frechet_distance(scorers.i3d_features(fvd_clips(real)), scorers.i3d_features(fvd_clips(fake)))
+    return out
+
+
+def score_set(real: np.ndarray | None, fake: np.ndarray, texts: Sequence[str] | None, scorers: Scorers, *,
+              with_fvd: bool = True) -> dict:
     """The metrics of one set: `fake` (and its paired `real`) uint8 `[N, T, H, W, 3]`, `texts` one caption per video.
     Returns `{metric: value or None}` plus `per_video` (`{metric: [N] list}`) and `fvd_resampled_from` when
-    resampled."""
+    resampled; `with_fvd=False` leaves FVD out (a caller computing it per subset with `fvd_of`)."""
     values: dict[str, Any] = dict.fromkeys(METRICS)
     per_video: dict[str, list[float]] = {}
 
@@ -148,13 +159,8 @@ def score_set(real: np.ndarray | None, fake: np.ndarray, texts: Sequence[str] | 
         values[name] = float(score.mean)
         per_video[name] = [float(x) for x in np.asarray(score.per_video)]
 
-    if scorers.fvd is not None and real is not None:
-        frames = fvd.CLIP_FRAMES
-        short = min(real.shape[1], fake.shape[1])
-        if short < frames:
-            values["fvd_resampled_from"] = short
-        values["fvd"] = fvd.frechet_distance(scorers.i3d_features(fvd_clips(real)),
-                                             scorers.i3d_features(fvd_clips(fake)))
+    if with_fvd and scorers.fvd is not None and real is not None:
+        values.update(fvd_of(real, fake, scorers))
     if scorers.clip is not None:
         put("clip_frame", scorers.clip.clip_frame(fake))
         if texts is not None:

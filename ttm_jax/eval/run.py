@@ -16,6 +16,7 @@ Progress (videos done, seconds per video, ETA) goes to the console.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -59,12 +60,15 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def sample_config(config: ml_collections.ConfigDict, requests: str = "", seed: int = 0) -> ml_collections.ConfigDict:
-    """The sampling job's config for one seed: `config.sample`'s settings with the evaluation's stages and requests."""
+def sample_config(config: ml_collections.ConfigDict, requests: str = "", seed: int = 0,
+                  steps: str = "") -> ml_collections.ConfigDict:
+    """The sampling job's config for one seed: `config.sample`'s settings with the evaluation's stages and requests;
+    `steps` (`checkpoint_steps`) goes into every request's key (`inference.run.request_key`)."""
     c = ml_collections.ConfigDict({"job": "sample", "sample": config.sample.to_dict()})
     s = c.sample
     s.stage1_workdir, s.stage2_workdir = config.eval.stage1_workdir, config.eval.stage2_workdir
     s.requests, s.seed = requests or os.path.join(config.eval.benchmark, sav128.REQUESTS), int(seed)
+    s.checkpoint_steps = steps
     return c
 
 
@@ -153,47 +157,96 @@ class Progress:
 
 
 def process_share(entries: Sequence[dict], index: int, count: int) -> list[dict]:
-    """The videos process `index` of `count` generates: every `count`-th, from its index."""
-    return [e for i, e in enumerate(entries) if i % count == index]
+    """The videos process `index` of `count` generates: those whose id hashes to it (stable when the selection or
+    `max_videos` changes, so a re-run keeps each video where it was generated)."""
+    if count == 1:
+        return list(entries)
+    return [e for e in entries if int(hashlib.sha1(e["video_id"].encode()).hexdigest()[:8], 16) % count == index]
+
+
+def latest_step(workdir: str) -> int | None:
+    """The newest finished checkpoint step of a training workdir, read from the folder names (no Orbax manager: that
+    would be a collective across processes)."""
+    if not workdir:
+        return None
+    folder = checkpoint_lib.checkpoint_dir(workdir)
+    steps = [int(p.name) for p in folder.iterdir() if p.name.isdigit()] if folder.exists() else []
+    return max(steps) if steps else None
+
+
+def seed_dir(workdir: str, seed: int, index: int, count: int) -> str:
+    """Where process `index` of `count` writes seed `seed`'s videos (`generated/seed<s>[/process<i>of<n>]`)."""
+    out = os.path.join(workdir, GENERATED, f"seed{seed}")
+    return os.path.join(out, f"process{index}of{count}") if count > 1 else out
+
+
+def _plan(config: ml_collections.ConfigDict, out: str, share: Sequence[dict], seed: int,
+          steps: str) -> tuple[ml_collections.ConfigDict, list, dict]:
+    """Seed `seed`'s sampling config over `share` (requests file written in `out`), its request lines and the
+    previous records there."""
+    requests = _requests_file(config.eval.benchmark, share, os.path.join(out, "requests.jsonl"))
+    scfg = sample_config(config, requests, seed, steps)
+    return scfg, sample_run.request_lines(scfg.sample), sample_run.previous_records(out)
+
+
+def _done(scfg: ml_collections.ConfigDict, lines: Sequence, previous: dict) -> dict[str, str]:
+    """`{name: mp4}` of the requests already generated with these settings (`inference.run.is_done`)."""
+    return {line.name: previous[line.name]["video"] for line in lines if line.request is not None
+            and sample_run.is_done(previous.get(line.name), sample_run.request_key(line.request, scfg.sample))}
+
+
+def checkpoint_steps(config: ml_collections.ConfigDict) -> str:
+    """`"stage1:<step>,stage2:<step>"` of the checkpoints the pipeline loads: part of every video's request key, so
+    videos of an older checkpoint are regenerated, never mixed in."""
+    e = config.eval
+    return f"stage1:{latest_step(e.stage1_workdir)},stage2:{latest_step(e.stage2_workdir)}"
 
 
 def generate(config: ml_collections.ConfigDict, workdir: str, entries: Sequence[dict], seeds: Sequence[int], *,
              pipe: Any = None) -> None:
     """Every entry once per seed (this process' share), resumable (module docstring, 2). `pipe`: an already built
-    `inference.run.build_pipeline` of these stages (else built here when some video is left to generate)."""
+    `inference.run.build_pipeline` of these stages (else built here when some video is left to generate; with several
+    processes every process builds it when any has work, as loading the stages is collective)."""
     pid, count = jax.process_index(), jax.process_count()
     share = process_share(entries, pid, count)
-    devices = jax.local_devices() if count > 1 else None
+    steps = checkpoint_steps(config)
     progress = Progress(len(share) * len(seeds))
+    plans = []
     for seed in seeds:
-        out = os.path.join(workdir, GENERATED, f"seed{seed}")
-        if count > 1:
-            out = os.path.join(out, f"process{pid}of{count}")
-        requests = _requests_file(config.eval.benchmark, share, os.path.join(out, "requests.jsonl"))
-        scfg = sample_config(config, requests, seed)
-        previous = sample_run.previous_records(out)
-        done = sum(sample_run.is_done(previous.get(line.name), sample_run.request_key(line.request, scfg.sample))
-                   for line in sample_run.request_lines(scfg.sample) if line.request is not None)
+        out = seed_dir(workdir, seed, pid, count)
+        if not share:
+            continue
+        scfg, lines, previous = _plan(config, out, share, seed, steps)
+        done = len(_done(scfg, lines, previous))
         progress.skip(done)
         if done == len(share):
             print(f"eval: seed {seed}: all {done} videos already generated in {out}", flush=True)
-            continue
-        if pipe is None:
-            pipe = sample_run.build_pipeline(scfg, devices=devices)
+        else:
+            plans.append((out, scfg))
+    work = bool(plans)
+    if count > 1:  # loading the stages reads Orbax checkpoints, a collective: all build when any has work
+        work = bool(np.any(multihost_utils.process_allgather(np.asarray(work))))
+    if work and pipe is None:
+        first = plans[0][1] if plans else sample_config(config, "", seeds[0], steps)
+        pipe = sample_run.build_pipeline(first, devices=jax.local_devices() if count > 1 else None)
+    for out, scfg in plans:
         sample_run.sample(scfg, out, pipe=pipe, on_record=progress)
     if count > 1:
         multihost_utils.sync_global_devices("ttm_jax.eval: generated")
 
 
-def generated_videos(workdir: str, seed: int) -> dict[str, str]:
-    """`{video_id: mp4}` of the videos generated (status done) for `seed`, by every process."""
-    root = os.path.join(workdir, GENERATED, f"seed{seed}")
-    out = {}
-    for folder, _, files in sorted(os.walk(root)):
-        if sample_run.SAMPLES_FILE in files:
-            for name, rec in sample_run.previous_records(folder).items():
-                if rec.get("status") == "done" and rec.get("video") and os.path.isfile(rec["video"]):
-                    out[name] = rec["video"]
+def generated_videos(config: ml_collections.ConfigDict, workdir: str, entries: Sequence[dict], seed: int, *,
+                     count: int | None = None) -> dict[str, str]:
+    """`{video_id: mp4}` of the videos generated for `seed` by the `count` processes of this run (default
+    `jax.process_count()`) with the current settings and checkpoints; anything else in the folder is ignored."""
+    count = jax.process_count() if count is None else count
+    steps = checkpoint_steps(config)
+    out: dict[str, str] = {}
+    for i in range(count):
+        share = process_share(entries, i, count)
+        folder = seed_dir(workdir, seed, i, count)
+        if share and os.path.isdir(folder):
+            out.update(_done(*_plan(config, folder, share, seed, steps)))
     return out
 
 
@@ -201,6 +254,7 @@ def generated_videos(workdir: str, seed: int) -> dict[str, str]:
 
 
 def _mean_std(values: Sequence[float | None]) -> dict[str, Any]:
+    """Mean and population standard deviation (ddof 0) over the seeds that have the value."""
     vals = [v for v in values if v is not None]
     if not vals:
         return {"mean": None, "std": None, "per_seed": list(values)}
@@ -209,36 +263,48 @@ def _mean_std(values: Sequence[float | None]) -> dict[str, Any]:
 
 def score(config: ml_collections.ConfigDict, workdir: str, entries: Sequence[dict], seeds: Sequence[int],
           scorers: metrics_lib.Scorers) -> dict:
-    """Per split and seed, `metrics.score_set` of the generated videos against their references; the rows hold
-    mean +- std over seeds."""
+    """Per seed: every metric of every generated video against its reference once (`metrics.score_set` over all),
+    then per split the per-video metrics averaged over its videos and FVD from its videos' (cached) I3D features; the
+    rows hold mean +- std over seeds."""
     bench = config.eval.benchmark
     real_path = {e["video_id"]: os.path.join(bench, sav128.VIDEOS, e["video_id"], e["files"]["video"])
                  for e in entries}
+    split_of = {e["video_id"]: e["split"] for e in entries}
     per_seed: dict[str, list[dict]] = {s: [] for s in SPLITS}
     missing: dict[int, list[str]] = {}
     for seed in seeds:
-        fake = generated_videos(workdir, seed)
+        fake = generated_videos(config, workdir, entries, seed)
         missing[seed] = [e["video_id"] for e in entries if e["video_id"] not in fake]
-        if scorers.fvd is not None:  # every video's I3D features in as few calls as the shapes allow; rows reuse them
-            have = [e["video_id"] for e in entries if e["video_id"] in fake]
-            scorers.prefetch_i3d([metrics_lib.read_videos([real_path[n] for n in have]),
-                                  metrics_lib.read_videos([fake[n] for n in have])])
+        names = [e["video_id"] for e in entries if e["video_id"] in fake]
+        if not names:
+            for split in SPLITS:
+                per_seed[split].append({"n": 0})
+            continue
+        real = metrics_lib.read_videos([real_path[n] for n in names])
+        gen = metrics_lib.read_videos([fake[n] for n in names])
+        texts = [next(e["caption"] for e in entries if e["video_id"] == n) for n in names]
+        if scorers.fvd is not None:  # every video's I3D features in one call per shape; the splits reuse them
+            scorers.prefetch_i3d([real, gen])
+        every = metrics_lib.score_set(real, gen, texts, scorers, with_fvd=False)
         for split in SPLITS:
-            names = [e["video_id"] for e in entries if (split == "all" or e["split"] == split)
-                     and e["video_id"] in fake]
-            if not names:
+            idx = [i for i, n in enumerate(names) if split == "all" or split_of[n] == split]
+            if not idx:
                 per_seed[split].append({"n": 0})
                 continue
-            texts = [next(e["caption"] for e in entries if e["video_id"] == n) for n in names]
-            result = metrics_lib.score_set(metrics_lib.read_videos([real_path[n] for n in names]),
-                                           metrics_lib.read_videos([fake[n] for n in names]), texts, scorers)
-            per_seed[split].append({"n": len(names), **result, "names": names})
+            result: dict[str, Any] = {m: None for m in metrics_lib.METRICS}
+            result["per_video"] = {m: [v[i] for i in idx] for m, v in every["per_video"].items()}
+            for m, v in result["per_video"].items():
+                result[m] = float(np.mean(v))
+            if scorers.fvd is not None:
+                result.update(metrics_lib.fvd_of(real[idx], gen[idx], scorers))
+            per_seed[split].append({"n": len(idx), **result, "names": [names[i] for i in idx]})
             print(f"eval: seed {seed} {split}: " + ", ".join(
                 f"{m}={result[m]:.4f}" for m in metrics_lib.METRICS if result[m] is not None), flush=True)
+        del real, gen
     rows = {}
     for split in SPLITS:
         runs = per_seed[split]
-        rows[split] = {"n": max(r["n"] for r in runs),
+        rows[split] = {"n": max(r["n"] for r in runs), "n_per_seed": [r["n"] for r in runs],
                        **{m: _mean_std([r.get(m) for r in runs]) for m in metrics_lib.METRICS}}
         resampled = [r["fvd_resampled_from"] for r in runs if "fvd_resampled_from" in r]
         if resampled:
@@ -249,11 +315,7 @@ def score(config: ml_collections.ConfigDict, workdir: str, entries: Sequence[dic
 def _checkpoint(workdir: str) -> dict | None:
     if not workdir:
         return None
-    ckpt = checkpoint_lib.Checkpointer(workdir, async_save=False)
-    try:
-        return {"workdir": os.path.abspath(workdir), "step": ckpt.latest_step()}
-    finally:
-        ckpt.close()
+    return {"workdir": os.path.abspath(workdir), "step": latest_step(workdir)}
 
 
 def _cell(stat: dict, metric: str) -> str:
@@ -277,7 +339,8 @@ def markdown(results: dict) -> str:
         lines.append(f"| {split} | {row['n']} | " + " | ".join(_cell(row[m], m) for m in ms) + " |")
     lines.append("")
     lines.append("Mean ± std over seeds (one number per seed: FVD over the set, the others averaged over its "
-                 f"videos). n/c: not computed. Displacement: mean optical-flow magnitude by {results['flow']}.")
+                 "videos; std over seeds with ddof 0). n/c: not computed. Displacement: mean optical-flow magnitude "
+                 f"by {results['flow']}.")
     for m, why in sorted(results["not_computed"].items()):
         lines.append(f"- {m}: {why}")
     resampled = {s: r["fvd_resampled_from"] for s, r in results["rows"].items() if "fvd_resampled_from" in r}
@@ -320,16 +383,15 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, pipe: Any = Non
     counts = {s: sum(v["split"] == s for v in entries) for s in ("single", "multi")}
     print(f"eval: {len(entries)} videos ({counts['single']} single, {counts['multi']} multi) x {len(seeds)} seed(s) "
           f"from {e.benchmark}", flush=True)
-    # metric weights are read before any video is generated: a bad path fails now
-    scorers = (metrics_lib.load_scorers(i3d_weights=e.i3d, clip_path=e.clip_path, viclip_path=e.viclip_path,
-                                        viclip_tokenizer=e.viclip_tokenizer, raft_path=e.raft_path,
-                                        where="config.eval.",
-                                        devices=jax.local_devices(), fvd_batch=int(e.fvd_batch))
-               if jax.process_index() == 0 else None)
     os.makedirs(workdir, exist_ok=True)
     generate(config, workdir, entries, seeds, pipe=pipe)
-    if scorers is None:
+    del pipe  # the stages' parameters leave the devices before the metric models arrive (the caller's stay)
+    if jax.process_index() != 0:
         return {}
+    # the metric weights' files were checked by `validate`; loading them after generation keeps the devices free
+    scorers = metrics_lib.load_scorers(i3d_weights=e.i3d, clip_path=e.clip_path, viclip_path=e.viclip_path,
+                                       viclip_tokenizer=e.viclip_tokenizer, raft_path=e.raft_path,
+                                       where="config.eval.", devices=jax.local_devices(), fvd_batch=int(e.fvd_batch))
     scored = score(config, workdir, entries, seeds, scorers)
     s = config.sample
     results = {
@@ -345,7 +407,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, pipe: Any = Non
     write_atomic(os.path.join(workdir, RESULTS_MD), markdown(results).encode())
     print(f"wrote {os.path.join(workdir, RESULTS_JSON)} and {os.path.join(workdir, RESULTS_MD)}", flush=True)
     if e.contact_sheet:
-        sheet = contact_sheet(entries, e.benchmark, generated_videos(workdir, seeds[0]), int(e.contact_sheet))
+        sheet = contact_sheet(entries, e.benchmark, generated_videos(config, workdir, entries, seeds[0]),
+                              int(e.contact_sheet))
         if sheet is not None:
             write_atomic(os.path.join(workdir, CONTACT_SHEET), png_bytes(sheet))
             print(f"wrote {os.path.join(workdir, CONTACT_SHEET)}", flush=True)
