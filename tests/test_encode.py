@@ -245,7 +245,7 @@ def _with(config, *, prepared_path, cached, total_steps):
     return c
 
 
-def test_cached_config_checks_name_the_file_and_the_fix(config, prepared, encoded):
+def test_cached_config_checks_name_the_file_and_the_fix(config, prepared, encoded, monkeypatch):
     c = _with(config, prepared_path="", cached=True, total_steps=1)
     with pytest.raises(config_lib.ConfigError, match=r"data\.cached.*prepared_path.*ttm_jax\.data\.encode"):
         config_lib.validate(c)
@@ -260,6 +260,13 @@ def test_cached_config_checks_name_the_file_and_the_fix(config, prepared, encode
     with pytest.raises(config_lib.ConfigError, match=r"text_encoder\.num_layers"):
         preflight.check_paths(config_lib.validate(other))
     preflight.check_paths(config_lib.validate(_with(config, prepared_path=encoded, cached=True, total_steps=1)))
+    # the same model computed in another dtype, or its weights at another path: used, with a warning
+    loose = _with(config, prepared_path=encoded, cached=True, total_steps=1)
+    loose.text_encoder.dtype = "bfloat16" if loose.text_encoder.dtype != "bfloat16" else "float32"
+    logged = []
+    monkeypatch.setattr(loader.logging, "warning", lambda msg, *args: logged.append(msg % args))
+    preflight.check_paths(config_lib.validate(loose))
+    assert any("text_encoder.dtype" in line and "used as they are" in line for line in logged)
 
 
 def _free_port() -> int:

@@ -80,6 +80,11 @@ _PIXEL_FIELDS = tuple(f for f in records.ARRAY_FIELDS if f not in records.TEXT_F
 _CACHED_FIELDS = tuple(f for f in records.ARRAY_FIELDS if f not in ("video", "trajectory"))
 
 
+# text-encoder fields that may differ between the encoding run and training (warned, not refused): the weights' path
+# (another host's mount of the same files), the tokenizer's path, the compute dtype
+_LOOSE_TEXT_KEYS = ("path", "tokenizer_path", "dtype")
+
+
 def text_settings(config: ml_collections.ConfigDict) -> dict:
     """What cached text embeddings depend on: the text encoder config, and the seed of a randomly initialised one
     (`data/encode` pins it in its manifest as `text_embeddings`)."""
@@ -172,6 +177,14 @@ def check_manifest(manifest: dict, config: ml_collections.ConfigDict, folder: st
             differ = sorted(k for k in set(got["text_encoder"]) | set(want["text_encoder"])
                             if got["text_encoder"].get(k) != want["text_encoder"].get(k))
             differ += ["seed"] if got.get("seed") != want["seed"] else []
+            # where the weights live and the compute dtype: another host's mount, or bf16 here, is not another model
+            loose = [k for k in differ if k in _LOOSE_TEXT_KEYS]
+            if loose:
+                logging.warning("%s: cached text embeddings made with text_encoder.%s = %s; the config has %s (used "
+                                "as they are)", where, "/".join(loose), [got["text_encoder"].get(k) for k in loose],
+                                [want["text_encoder"].get(k) for k in loose])
+            differ = [k for k in differ if k not in _LOOSE_TEXT_KEYS]
+        if got != want and differ:
             raise ValueError(f"{where}: cached text embeddings were made with other text encoder settings "
                              f"(text_encoder.{', text_encoder.'.join(differ)} differ from the config); encode again "
                              f"with this config (python -m ttm_jax.data.encode) or set config.data.cached=False")
