@@ -162,8 +162,8 @@ def test_errors_name_the_field(saved):
 
 def test_stage_frozen_inputs_use_the_clip_encoder(saved):
     """The stage's own path (`build_modules` -> `init_frozen`: the folder converted on the fly, placed on the mesh):
-    the empty prompt's context is transformers' `last_hidden_state` of the tokenized "", with its padding positions
-    zeroed by the stage (`inputs.encode_text`, Wan's convention; SD 1.5's pipeline keeps them)."""
+    the empty prompt's context is transformers' `last_hidden_state` of the tokenized "", padding positions included
+    (the `clip` entry's `zero_padding=False`: `inputs.encode_text` keeps them, as SD 1.5's pipeline does)."""
     model, folder = saved
     config = _config(folder)
     modules = modules_lib.build_modules(config)
@@ -171,6 +171,7 @@ def test_stage_frozen_inputs_use_the_clip_encoder(saved):
     frozen, _ = frozen_lib.init_frozen(config, modules, mesh, sharding_lib.rules_from_config(config.mesh))
     ids, mask = modules.tokenizer.encode([""], MAX_LENGTH)
     with torch.no_grad():
-        want = model(input_ids=torch.from_numpy(ids).long()).last_hidden_state.numpy() * mask[..., None]
+        want = model(input_ids=torch.from_numpy(ids).long()).last_hidden_state.numpy()
+    assert not mask.all() and np.abs(want[~mask]).max() > 0.1  # the padding positions carry real values
     np.testing.assert_allclose(np.asarray(frozen["empty_context"]), want, atol=TOL, rtol=0)
     assert frozen["empty_local_context"].shape == (1, LOCAL_MAX_LENGTH, 32)

@@ -21,6 +21,9 @@ RUNLOCAL = {
     "train.sample_every_steps": 8, "train.compiler_options": {"xla_backend_optimization_level": 0},
     "optim.warmup_steps": 2, "sample.num_steps": 2,
 }
+# ... except the clip shape where the variant's grid needs another: the SD VAE has no time compression (2 latent
+# frames = 2 frames) and the SD 1.5 U-Net halves 8-cell latents three times (64 pixels)
+RUNLOCAL_SHAPE = {"animatediff": {"data.num_frames": 2, "data.height": 64, "data.width": 64}}
 
 
 def _flat(c: ml_collections.ConfigDict) -> dict:
@@ -85,10 +88,18 @@ def test_bad_values_name_the_field(field, value, needle):
 
 def test_variant_table_entries_set_the_same_keys():
     # a variant is one entry of the table: every entry sets the same sections and keys
+    # (the model section's keys are the backbone's: DiT variants set the DiT's fields, U-Net variants `backbone`,
+    # `ttm_layers` and the `unet` sub-section, whose keys are the same in every U-Net variant)
     table = config_lib._VARIANT_TABLE
-    assert config_lib.VARIANTS == tuple(table) == ("tiny", "mid", "wan1.3b")
+    assert config_lib.VARIANTS == tuple(table) == ("tiny", "mid", "wan1.3b", "tiny_unet", "animatediff")
     shape = {v: {section: sorted(values) for section, values in row.items()} for v, row in table.items()}
-    assert all(s == shape["tiny"] for s in shape.values())
+    first = {}
+    for v, s in shape.items():
+        backbone = table[v]["model"].get("backbone", "dit")
+        assert s == shape[first.setdefault(backbone, v)]
+        assert {k: x for k, x in s.items() if k != "model"} == {k: x for k, x in shape["tiny"].items() if k != "model"}
+    units = [sorted(table[v]["model"]["unet"]) for v in ("tiny_unet", "animatediff")]
+    assert units[0] == units[1]
 
 
 @pytest.mark.parametrize("stage", [1, 2])
@@ -96,7 +107,7 @@ def test_variant_table_entries_set_the_same_keys():
 def test_runlocal_shrinks_the_run_not_the_model(stage, variant):
     full = _flat(config_lib.build(stage, variant))
     local = config_lib.validate(config_lib.build(stage, f"{variant},runlocal"))
-    assert _flat(local) == {**full, **RUNLOCAL}
+    assert _flat(local) == {**full, **RUNLOCAL, **RUNLOCAL_SHAPE.get(variant, {})}
     assert local.variant == variant
     # the other spellings agree; runlocal=0 is no runlocal
     for arg in (f"runlocal,{variant}", f"variant={variant},runlocal=1", f"variant={variant},runlocal=True"):

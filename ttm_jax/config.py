@@ -98,6 +98,53 @@ def _word_t5(*, d_model: int, num_heads: int, d_kv: int, d_ff: int) -> dict[str,
             "max_length": 64, "local_max_length": 16, "dtype": "float32"}
 
 
+UNET_CROSS_DOWN, UNET_PLAIN_DOWN = "CrossAttnDownBlockMotion", "DownBlockMotion"
+UNET_CROSS_UP, UNET_PLAIN_UP = "CrossAttnUpBlockMotion", "UpBlockMotion"
+# `config.model.unet` keys that fix the U-Net's parameter shapes (a resume must keep them; `assembly/registry.py`)
+UNET_STATE_KEYS = ("block_out_channels", "down_block_types", "up_block_types", "layers_per_block",
+                   "num_attention_heads", "cross_attention_dim", "norm_num_groups", "transformer_layers_per_block",
+                   "use_linear_projection", "mid_block_layers", "use_motion_mid_block", "motion_num_attention_heads",
+                   "temporal_transformer_layers_per_block", "temporal_transformer_layers_per_mid_block",
+                   "ttm_qk_norm")
+
+
+def _unet(**overrides: Any) -> dict[str, Any]:
+    """`config.model.unet` of a U-Net variant (`backbone="unet"`, `ttm_jax/models/unet.py`): the architecture, by
+    default SD 1.5's U-Net + AnimateDiff V3's motion modules (no motion mid block), 1,276,658,564 parameters as
+    diffusers' `UNetMotionModel`. The U-Net's fields live in this sub-section so that DiT variants carry none of them
+    (and U-Net variants none of the DiT's `dim`, `num_layers`, ...); the fields shared with the DiT (`ttm_layers`,
+    `ttm_masked*`, `attention`, `attention_sparse`, `remat_policy`, `dtype`, `param_dtype`, `cross_ids_from`,
+    `condition_frames`) stay in `config.model`."""
+    u = {"block_out_channels": (320, 640, 1280, 1280),
+         "down_block_types": (UNET_CROSS_DOWN,) * 3 + (UNET_PLAIN_DOWN,),
+         "up_block_types": (UNET_PLAIN_UP,) + (UNET_CROSS_UP,) * 3,
+         "layers_per_block": 2, "num_attention_heads": 8, "cross_attention_dim": 768, "norm_num_groups": 32,
+         "norm_eps": 1e-5, "transformer_layers_per_block": 1, "use_linear_projection": False,
+         "mid_block_scale_factor": 1.0, "mid_block_layers": 1, "use_motion_mid_block": False,
+         "motion_num_attention_heads": 8, "motion_max_seq_length": 32, "temporal_transformer_layers_per_block": 1,
+         "temporal_transformer_layers_per_mid_block": 1,
+         # TTM's added layers: masked self-attention over every frame's tokens of an object ("spatio-temporal"),
+         # False: within each frame; RMS norms on their q and k
+         "ttm_self_across_frames": True, "ttm_qk_norm": True,
+         # diffusers folders `python -m ttm_jax.convert --from=diffusers-unet:PATH[,motion_adapter:PATH]` reads
+         # (SD 1.5's unet/ + the MotionAdapter, or one UNetMotionModel folder); training starts from the converted
+         # checkpoint (`train.init_from`), so these only document where it came from
+         "pretrained_unet": "", "pretrained_motion_adapter": ""}
+    unknown = set(overrides) - set(u)
+    if unknown:
+        raise ConfigError(f"config.model.unet: unknown keys {sorted(unknown)}; choose from {sorted(u)}")
+    u.update(overrides)
+    return u
+
+
+def _clip_l14(*, local_max_length: int) -> dict[str, Any]:
+    """CLIP ViT-L/14's text tower (SD 1.5 / AnimateDiff), from `text_encoder.path` (a transformers CLIP folder or a
+    diffusers pipeline's `text_encoder/`) with its BPE tokenizer (`tokenizer_path`: the folder with vocab.json)."""
+    return {"name": "clip", "vocab_size": 49408, "d_model": 768, "num_layers": 12, "num_heads": 12, "d_kv": 64,
+            "d_ff": 3072, "per_layer_bias": False, "tokenizer": "clip", "max_length": 77,
+            "local_max_length": local_max_length, "dtype": "float32"}
+
+
 # variant -> section -> the values that differ between variants (every other value: the section builders below).
 # Every entry sets the same keys.
 _VARIANT_TABLE: dict[str, dict[str, dict[str, Any]]] = {
@@ -114,7 +161,7 @@ _VARIANT_TABLE: dict[str, dict[str, dict[str, Any]]] = {
         "train": {"batch_size": 4, "total_steps": 600, "checkpoint_every_steps": 100, "sample_every_steps": 300},
         # tiny runs learn faster with a larger learning rate than the paper's
         "optim": {"learning_rate": 1e-3, "warmup_steps": 20},
-        "objective": {"shift": 1.0},
+        "objective": {"name": "rectified_flow", "shift": 1.0},
         "sample": {"num_steps": 20, "text_scale": 3.0},
     },
     "mid": {
@@ -125,7 +172,7 @@ _VARIANT_TABLE: dict[str, dict[str, dict[str, Any]]] = {
         "data": {"num_frames": 17, "height": 128, "width": 128},
         "train": {"batch_size": 8, "total_steps": 2000, "checkpoint_every_steps": 100, "sample_every_steps": 300},
         "optim": {"learning_rate": 1e-3, "warmup_steps": 20},
-        "objective": {"shift": 3.0},
+        "objective": {"name": "rectified_flow", "shift": 3.0},
         "sample": {"num_steps": 20, "text_scale": 3.0},
     },
     "wan1.3b": {
@@ -141,8 +188,41 @@ _VARIANT_TABLE: dict[str, dict[str, dict[str, Any]]] = {
         "train": {"batch_size": 32, "total_steps": 50_000, "checkpoint_every_steps": 1000, "sample_every_steps": 5000},
         # paper: constant LR 2e-5 after 2,000 warm-up steps
         "optim": {"learning_rate": 2e-5, "warmup_steps": 2000},
-        "objective": {"shift": 3.0},
+        "objective": {"name": "rectified_flow", "shift": 3.0},
         "sample": {"num_steps": 50, "text_scale": 5.0},
+    },
+    # U-Net variants (`backbone="unet"`): the model section is {backbone, ttm_layers, unet: `_unet(...)`}; every other
+    # section has the same keys as the DiT variants'.
+    "tiny_unet": {
+        # 2 levels (16x16 and 8x8 latent cells), the first spatial transformer with TTM's layers: 768 tokens (3 frames
+        # x 16 x 16) in its masked self-attention; a level's channels (64) exceed a latent cell's values (48)
+        "model": {"backbone": "unet", "ttm_layers": 1,
+                  "unet": _unet(block_out_channels=(64, 128), down_block_types=(UNET_CROSS_DOWN, UNET_PLAIN_DOWN),
+                                up_block_types=(UNET_PLAIN_UP, UNET_CROSS_UP), layers_per_block=1,
+                                num_attention_heads=2, cross_attention_dim=32, norm_num_groups=16,
+                                motion_num_attention_heads=2, motion_max_seq_length=8)},
+        "autoencoder": _space_to_depth(time_factor=4, space_factor=2),
+        "text_encoder": _word_t5(d_model=32, num_heads=2, d_kv=16, d_ff=64),
+        "data": {"num_frames": 9, "height": 32, "width": 32},
+        "train": {"batch_size": 4, "total_steps": 600, "checkpoint_every_steps": 100, "sample_every_steps": 300},
+        "optim": {"learning_rate": 1e-3, "warmup_steps": 20},
+        "objective": {"name": "ddim_v", "shift": 1.0},
+        "sample": {"num_steps": 20, "text_scale": 3.0},
+    },
+    "animatediff": {
+        # the paper's U-Net: SD 1.5 + AnimateDiff V3 (512x512, 16 frames), TTM's layers in all 6 spatial transformers
+        # of the encoder; SD 1.5's VAE per frame and CLIP ViT-L/14 (text_encoder.path, autoencoder.path: diffusers /
+        # transformers folders); zero-terminal-SNR v-prediction with trailing DDIM (objective section's defaults)
+        "model": {"backbone": "unet", "ttm_layers": 6, "unet": _unet()},
+        "autoencoder": {"name": "sd", "latent_channels": 4, "time_factor": 1, "space_factor": 8},
+        "text_encoder": _clip_l14(local_max_length=32),
+        "data": {"num_frames": 16, "height": 512, "width": 512},
+        # run size as wan1.3b's (paper: constant LR after warm-up)
+        "train": {"batch_size": 32, "total_steps": 50_000, "checkpoint_every_steps": 1000, "sample_every_steps": 5000},
+        "optim": {"learning_rate": 2e-5, "warmup_steps": 2000},
+        "objective": {"name": "ddim_v", "shift": 1.0},
+        # 25 DDIM steps (AnimateDiff's default); SD 1.5's text guidance scale
+        "sample": {"num_steps": 25, "text_scale": 7.5},
     },
 }
 VARIANTS = tuple(_VARIANT_TABLE)
@@ -165,7 +245,7 @@ _RUNLOCAL_SIDE = 32  # pixels: the largest height and width of a runlocal clip
 
 def _model(v: Mapping[str, Any]) -> ml_collections.ConfigDict:
     m = ml_collections.ConfigDict(dict(v))
-    m.backbone = "dit"  # the trained model, by name (ttm_jax/assembly/registry.py: BACKBONES)
+    m.backbone = v.get("backbone", "dit")  # the trained model, by name (assembly/registry.py: BACKBONES)
     m.rope_max_seq_len = 1024
     m.eps = 1e-6
     m.qk_norm = True  # RMSNorm across heads on q and k, as Wan 2.1
@@ -265,7 +345,7 @@ def _optim(v: Mapping[str, Any]) -> ml_collections.ConfigDict:
 def _objective(v: Mapping[str, Any]) -> ml_collections.ConfigDict:
     # `shift`: timestep shift t' = s t / (1 + (s - 1) t)
     j = ml_collections.ConfigDict(dict(v))
-    j.name = "rectified_flow"  # the objective, by name (ttm_jax/assembly/objectives.py: OBJECTIVES)
+    j.name = v.get("name", "rectified_flow")  # the objective, by name (assembly/objectives.py: OBJECTIVES)
     # rectified_flow: training times and the time shift
     j.t_sampling = "logit_normal"  # logit_normal | uniform
     j.logit_mean, j.logit_std = 0.0, 1.0
@@ -316,7 +396,7 @@ def _runlocal(c: ml_collections.ConfigDict) -> None:
     shortest clip with motion (2 latent frames, rounded up to the time patch) of at most `_RUNLOCAL_SIDE` pixels."""
     for section, values in _RUNLOCAL.items():
         c[section].update(values)
-    a, d, patch = c.autoencoder, c.data, tuple(c.model.patch_size)
+    a, d, patch = c.autoencoder, c.data, grid_step(c)
     latent_frames = patch[0] * math.ceil(2 / patch[0])
     d.num_frames = min(d.num_frames, 1 + (latent_frames - 1) * a.time_factor)
     for name, p in (("height", patch[1]), ("width", patch[2])):
@@ -379,20 +459,12 @@ def _check(cond: bool, field: str, msg: str) -> None:
 
 
 def _check_model(config: ml_collections.ConfigDict) -> None:
-    """model section (ttm_jax/models/dit.py), and its agreement with the stage and the text encoder."""
-    m, t = config.model, config.text_encoder
-    for name in ("dim", "num_layers", "num_heads", "ffn_dim", "text_dim", "freq_dim"):
-        _check(isinstance(m[name], int) and m[name] > 0, f"model.{name}", f"{m[name]!r} must be a positive int")
-    _check(m.dim % m.num_heads == 0, "model.dim",
-           f"{m.dim} is not divisible by model.num_heads={m.num_heads}; pick a dim that is")
-    head_dim = m.dim // m.num_heads
-    _check(head_dim % 2 == 0 and head_dim >= 6, "model.num_heads",
-           f"head dim {head_dim} (dim/num_heads) must be even and >= 6 for 3D RoPE")
-    _check(m.freq_dim % 2 == 0, "model.freq_dim", f"{m.freq_dim} must be even (sin and cos halves)")
-    _check(0 <= m.ttm_layers <= m.num_layers, "model.ttm_layers",
-           f"{m.ttm_layers} must be in [0, model.num_layers={m.num_layers}]")
-    _check(len(tuple(m.patch_size)) == 3 and all(int(p) > 0 for p in m.patch_size), "model.patch_size",
-           f"{m.patch_size!r} must be three positive ints (t, h, w)")
+    """model section: the fields shared by every backbone, then the backbone's own (`model.backbone`: the DiT's,
+    ttm_jax/models/dit.py; the U-Net's `model.unet`, ttm_jax/models/unet.py), and their agreement with the stage and
+    the text encoder. Other backbones (registered elsewhere, e.g. in tests) check their own fields."""
+    m = config.model
+    _check(isinstance(m.ttm_layers, int) and m.ttm_layers >= 0, "model.ttm_layers",
+           f"{m.ttm_layers!r} must be an int >= 0")
     _check(m.attention in ATTENTION_IMPLS, "model.attention", f"{m.attention!r}; choose one of {ATTENTION_IMPLS}")
     _check(isinstance(m.get("attention_sparse", False), bool), "model.attention_sparse",
            f"{m.get('attention_sparse')!r} must be True or False")
@@ -410,9 +482,92 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
            f"{m.ttm_layers} but stage 1 has no local prompts or object ids for the masked layers; set 0")
     _check(config.stage != 0 or not m.ttm_masked, "model.ttm_masked",
            "True but the TI2V baseline (stage 0) has no trajectory, so no object ids to mask with; set False")
+    backbone = m.get("backbone", "dit")
+    if backbone == "dit":
+        _check_dit(config)
+    elif backbone == "unet":
+        _check_unet(config)
+
+
+def _check_dit(config: ml_collections.ConfigDict) -> None:
+    """The DiT's fields (ttm_jax/models/dit.py)."""
+    m, t = config.model, config.text_encoder
+    for name in ("dim", "num_layers", "num_heads", "ffn_dim", "text_dim", "freq_dim"):
+        _check(isinstance(m[name], int) and m[name] > 0, f"model.{name}", f"{m[name]!r} must be a positive int")
+    _check(m.dim % m.num_heads == 0, "model.dim",
+           f"{m.dim} is not divisible by model.num_heads={m.num_heads}; pick a dim that is")
+    head_dim = m.dim // m.num_heads
+    _check(head_dim % 2 == 0 and head_dim >= 6, "model.num_heads",
+           f"head dim {head_dim} (dim/num_heads) must be even and >= 6 for 3D RoPE")
+    _check(m.freq_dim % 2 == 0, "model.freq_dim", f"{m.freq_dim} must be even (sin and cos halves)")
+    _check(0 <= m.ttm_layers <= m.num_layers, "model.ttm_layers",
+           f"{m.ttm_layers} must be in [0, model.num_layers={m.num_layers}]")
+    _check(len(tuple(m.patch_size)) == 3 and all(int(p) > 0 for p in m.patch_size), "model.patch_size",
+           f"{m.patch_size!r} must be three positive ints (t, h, w)")
     _check(m.text_dim == t.d_model, "model.text_dim",
            f"{m.text_dim} but text_encoder.d_model={t.d_model}; the DiT's text embedder reads the encoder's output, "
            f"set model.text_dim={t.d_model}")
+
+
+def _per_level(value: Any, n: int, field: str) -> tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * n
+    out = tuple(value) if isinstance(value, list | tuple) else ()
+    _check(len(out) == n and all(isinstance(v, int) for v in out), f"model.unet.{field}",
+           f"{value!r} must be an int or one int per level ({n}, as model.unet.block_out_channels)")
+    return out
+
+
+def _check_unet(config: ml_collections.ConfigDict) -> None:
+    """The U-Net's fields `model.unet` (ttm_jax/models/unet.py), against the text encoder and the latent grid."""
+    m, t = config.model, config.text_encoder
+    _check("unet" in m, "model.unet", "missing; a backbone='unet' config needs the U-Net section (config.py: _unet)")
+    u = m.unet
+    chans = tuple(u.block_out_channels)
+    n = len(chans)
+    _check(n >= 1 and all(isinstance(c, int) and c > 0 for c in chans), "model.unet.block_out_channels",
+           f"{u.block_out_channels!r} must be positive ints, one per level")
+    down, up = tuple(u.down_block_types), tuple(u.up_block_types)
+    _check(len(down) == n and all(k in (UNET_CROSS_DOWN, UNET_PLAIN_DOWN) for k in down),
+           "model.unet.down_block_types", f"{down!r}: one per level, each {UNET_CROSS_DOWN} or {UNET_PLAIN_DOWN}")
+    _check(len(up) == n and all(k in (UNET_CROSS_UP, UNET_PLAIN_UP) for k in up), "model.unet.up_block_types",
+           f"{up!r}: one per level, each {UNET_CROSS_UP} or {UNET_PLAIN_UP}")
+    for name in ("layers_per_block", "norm_num_groups", "transformer_layers_per_block", "mid_block_layers",
+                 "motion_max_seq_length", "temporal_transformer_layers_per_block",
+                 "temporal_transformer_layers_per_mid_block", "cross_attention_dim"):
+        _check(isinstance(u[name], int) and u[name] > 0, f"model.unet.{name}", f"{u[name]!r} must be a positive int")
+    for c in chans:
+        _check(c % u.norm_num_groups == 0, "model.unet.norm_num_groups",
+               f"{u.norm_num_groups} does not divide block_out_channels entry {c}; pick a divisor")
+    for name in ("num_attention_heads", "motion_num_attention_heads"):
+        for c, h in zip(chans, _per_level(u[name], n, name), strict=True):
+            _check(h > 0 and c % h == 0, f"model.unet.{name}", f"{h} heads do not divide a level's {c} channels")
+    encoder_transformers = u.layers_per_block * sum(k == UNET_CROSS_DOWN for k in down)
+    _check(0 <= m.ttm_layers <= encoder_transformers, "model.ttm_layers",
+           f"{m.ttm_layers} must be in [0, {encoder_transformers}]: the U-Net's encoder spatial transformers "
+           f"(model.unet.layers_per_block x the {UNET_CROSS_DOWN} blocks; SD 1.5 has 6)")
+    _check(u.cross_attention_dim == t.d_model, "model.unet.cross_attention_dim",
+           f"{u.cross_attention_dim} but text_encoder.d_model={t.d_model}; the U-Net cross-attends to the encoder's "
+           f"output, set model.unet.cross_attention_dim={t.d_model}")
+    a, d = config.autoencoder, config.data
+    frames = 1 + (d.num_frames - 1) // max(1, a.time_factor)
+    _check(frames <= u.motion_max_seq_length, "model.unet.motion_max_seq_length",
+           f"{u.motion_max_seq_length} but the clip has {frames} latent frames (data.num_frames={d.num_frames}); the "
+           f"motion modules' frame embedding has that many rows (AnimateDiff: 32): use fewer frames")
+    _check(all(isinstance(u[k], bool) for k in ("use_linear_projection", "use_motion_mid_block",
+                                                 "ttm_self_across_frames", "ttm_qk_norm")),
+           "model.unet.use_linear_projection",
+           "use_linear_projection, use_motion_mid_block, ttm_self_across_frames and ttm_qk_norm must be True/False")
+
+
+def grid_step(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+    """(t, h, w): the latent cells the backbone's grid must be a multiple of: the DiT's patch; the U-Net's one
+    halving per level but the last, `2^(levels-1)` in H and W."""
+    m = config.model
+    if m.get("backbone", "dit") == "unet" and "unet" in m:
+        s = 2 ** (len(tuple(m.unet.block_out_channels)) - 1)
+        return 1, s, s
+    return tuple(int(p) for p in m.get("patch_size", (1, 1, 1)))
 
 
 def _check_autoencoder(config: ml_collections.ConfigDict) -> None:
@@ -441,19 +596,20 @@ def _check_autoencoder(config: ml_collections.ConfigDict) -> None:
 
 def _check_data(config: ml_collections.ConfigDict) -> None:
     """data section (ttm_jax/data), and the clip shape against the autoencoder and the model's patch."""
-    m, a, d = config.model, config.autoencoder, config.data
+    a, d = config.autoencoder, config.data
     _check(d.num_frames >= 1 and (d.num_frames - 1) % a.time_factor == 0, "data.num_frames",
            f"{d.num_frames} must be 1 + a multiple of autoencoder.time_factor={a.time_factor} "
            f"(e.g. {1 + a.time_factor * max(1, (d.num_frames - 1) // a.time_factor)})")
-    step = a.space_factor * m.patch_size[1]
+    patch = grid_step(config)  # the DiT's patch; the U-Net's 2^(levels-1) cells
+    step = a.space_factor * patch[1]
     _check(d.height % step == 0, "data.height",
            f"{d.height} must be a multiple of autoencoder.space_factor x patch = {step}")
-    step = a.space_factor * m.patch_size[2]
+    step = a.space_factor * patch[2]
     _check(d.width % step == 0, "data.width",
            f"{d.width} must be a multiple of autoencoder.space_factor x patch = {step}")
     lt = 1 + (d.num_frames - 1) // a.time_factor
-    _check(lt % m.patch_size[0] == 0, "model.patch_size",
-           f"latent frames {lt} are not divisible by the time patch {m.patch_size[0]}")
+    _check(lt % patch[0] == 0, "model.patch_size",
+           f"latent frames {lt} are not divisible by the time patch {patch[0]}")
     _check(d.max_objects >= 0, "data.max_objects", f"{d.max_objects} must be >= 0")
     _check(d.annotation in ("manual", "auto", "both"), "data.annotation",
            f"{d.annotation!r}; choose manual, auto or both")

@@ -1,11 +1,16 @@
 """`--mode=describe`: what a config builds, without allocating it.
 
 Every shape comes from `jax.eval_shape(init)`: no parameter memory is spent, so the 1.3B (or 14B) configs describe on
-a laptop. With `data.cached` (latents and text embeddings from `python -m ttm_jax.data.encode`) the frozen text
-encoder and autoencoder are not in the step: their rows show 0 (and what they would be). FLOPs per training step come
-from XLA's cost analysis of the compiled forward + backward of the DiT on abstract inputs of the configured global
-batch; the layers are unrolled for that count because XLA's cost analysis counts a `while` (scan) body once, not once
-per trip. The frozen encoders' FLOPs (VAE encode, text encoder forward) are counted the same way, per step.
+a laptop. The trained model is the configured backbone (`config.model.backbone`: the DiT, the AnimateDiff U-Net, or
+any `BACKBONES` entry), built and fed through its registry entry; its table is broken down by the first levels of
+its parameter tree, and its count split into the backbone (the stage's extra condition input channels and TTM's added
+layers taken off: what a converted diffusers checkpoint holds), the added input channels (found by the logical axis
+`in_channels` of the input layer) and the added layers (`config.model.ttm_layers`). With `data.cached` (latents and
+text embeddings from `python -m ttm_jax.data.encode`) the frozen text encoder and autoencoder are not in the step:
+their rows show 0 (and what they would be). FLOPs per training step come from XLA's cost analysis of the lowered
+forward + backward of the backbone on abstract inputs of the configured global batch; the DiT's layers are unrolled
+for that count because XLA's cost analysis counts a `while` (scan) body once, not once per trip. The frozen encoders'
+FLOPs (VAE encode, text encoder forward) are counted the same way, per step.
 """
 
 from __future__ import annotations
@@ -20,7 +25,11 @@ from flax import traverse_util
 from flax.core import meta
 
 from ttm_jax import config as config_lib
-from ttm_jax.models import dit, text_encoder, wan_vae
+from ttm_jax.assembly import registry
+from ttm_jax.models import sd_vae, wan_vae
+
+# how the backbone's own count is labelled (the layout a converted checkpoint has)
+_LAYOUTS = {"dit": "Wan 2.1 layout", "unet": "diffusers UNetMotionModel layout"}
 
 
 def _flat_shapes(tree: Any) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
@@ -38,57 +47,79 @@ def _size(shapes: dict) -> int:
     return total
 
 
-def dit_inputs(config: ml_collections.ConfigDict, batch: int, in_channels: int | None = None
-               ) -> dict[str, jax.ShapeDtypeStruct]:
-    """Abstract DiT inputs for `batch` clips of the config's size (`dit.init_inputs`), as one dict: `x`,
-    `timestep`, `context` and the TTM layers' inputs."""
-    te = config.text_encoder
-    cin = config_lib.in_channels(config) if in_channels is None else in_channels
-    (x, timestep, context), kwargs = dit.init_inputs(
-        dit.DiTConfig.from_config(config.model), cin, batch=batch, grid=config_lib.latent_shape(config)[:3],
-        text_len=int(te.max_length), local_len=(int(config.data.max_objects) + 1) * int(te.local_max_length),
-        abstract=True)
-    return {"x": x, "timestep": timestep, "context": context, **kwargs}
-
-
-def make_dit(config: ml_collections.ConfigDict, **model_overrides: Any) -> dit.DiT:
-    m = ml_collections.ConfigDict(config.model.to_dict())
-    in_ch = model_overrides.pop("in_channels", config_lib.in_channels(config))
+def _with_model(config: ml_collections.ConfigDict, **model_overrides: Any) -> ml_collections.ConfigDict:
+    if not model_overrides:
+        return config
+    c = ml_collections.ConfigDict(config.to_dict())
     for k, v in model_overrides.items():
-        m[k] = v
-    return dit.DiT(config=m, in_channels=in_ch, out_channels=config.autoencoder.latent_channels)
+        c.model[k] = v
+    return c
+
+
+def model_param_shapes(config: ml_collections.ConfigDict, *, boxed: bool = False, **model_overrides: Any) -> dict:
+    """Flat {path: ShapeDtypeStruct} of the trained backbone's parameters (`config.model` with `model_overrides`),
+    by `jax.eval_shape` (nothing allocated); `boxed` keeps the logical-axis boxes (`nn.Partitioned`) as leaves."""
+    c = _with_model(config, **model_overrides)
+    model = registry.build_backbone(c)
+    args, kwargs = registry.init_inputs(c, abstract=True)
+    variables = jax.eval_shape(lambda rng, a, kw: model.init(rng, *a, **kw), jax.random.key(0), args, kwargs)
+    if boxed:
+        return traverse_util.flatten_dict(variables["params"], is_leaf=lambda _, x: isinstance(x, meta.AxisMetadata))
+    return _flat_shapes(variables["params"])
+
+
+def input_channel_params(config: ml_collections.ConfigDict, boxed_shapes: dict) -> int:
+    """Parameters of the input layer's condition channels: the share of every kernel with an `in_channels` logical
+    axis that reads channels beyond the noisy latent's `latent_channels` (the DiT's patch embedding, the U-Net's
+    conv_in)."""
+    cin, lat = config_lib.in_channels(config), int(config.autoencoder.latent_channels)
+    extra = 0
+    for leaf in boxed_shapes.values():
+        names = tuple(getattr(leaf, "names", ()) or ())
+        if "in_channels" not in names:
+            continue
+        shape = tuple(int(d) for d in meta.unbox(leaf).shape)
+        if shape[names.index("in_channels")] == cin:
+            extra += _size({"x": meta.unbox(leaf)}) // cin * (cin - lat)
+    return extra
 
 
 def dit_param_shapes(config: ml_collections.ConfigDict, **model_overrides: Any) -> dict:
-    """Flat {path: ShapeDtypeStruct} of the DiT's parameters, by `jax.eval_shape` (nothing allocated)."""
-    model = make_dit(config, **model_overrides)
-    cfg = config
-    if "ttm_layers" in model_overrides:
-        cfg = ml_collections.ConfigDict(config.to_dict())
-        cfg.model.ttm_layers = model_overrides["ttm_layers"]
-    inputs = dit_inputs(cfg, 1, in_channels=model.in_channels)
-    variables = jax.eval_shape(
-        lambda rng, inp: model.init(rng, inp.pop("x"), inp.pop("timestep"), inp.pop("context"), **inp),
-        jax.random.key(0), dict(inputs),
-    )
-    return _flat_shapes(variables["params"])
+    """The DiT's (any backbone's) flat parameter shapes: `model_param_shapes` (kept for callers of the old name)."""
+    return model_param_shapes(config, **model_overrides)
+
+
+def _text_encoder_init(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
+    """(module, abstract params) of the configured frozen text encoder (`TEXT_ENCODERS` entry), nothing loaded."""
+    enc = registry.text_encoder(config).build(config.text_encoder)
+    ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    mask = jax.ShapeDtypeStruct((1, 8), jnp.bool_)
+    return enc, jax.eval_shape(enc.init, jax.random.key(0), ids, mask)["params"]
 
 
 def text_encoder_param_shapes(config: ml_collections.ConfigDict) -> dict:
-    enc = text_encoder.T5Encoder(config.text_encoder)
-    ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
-    mask = jax.ShapeDtypeStruct((1, 8), jnp.bool_)
-    variables = jax.eval_shape(enc.init, jax.random.key(0), ids, mask)
-    return _flat_shapes(variables["params"])
+    return _flat_shapes(_text_encoder_init(config)[1])
+
+
+def _sd_vae(config: ml_collections.ConfigDict) -> sd_vae.SDVAE:
+    a = config.autoencoder
+    return sd_vae.SDVAE(sd_vae.read_config(a.path) if a.path else sd_vae.SDVAEConfig())
+
+
+def _wan_vae(config: ml_collections.ConfigDict) -> wan_vae.WanVAE:
+    a = config.autoencoder
+    return wan_vae.WanVAE(wan_vae.read_config(a.path) if a.path else wan_vae.WanVAEConfig())
 
 
 def autoencoder_param_shapes(config: ml_collections.ConfigDict) -> dict:
-    """The frozen autoencoder's parameters (none for space_to_depth)."""
-    if config.autoencoder.name == "space_to_depth":
+    """The frozen autoencoder's parameters (none for space_to_depth): the architecture from the folder
+    `autoencoder.path` if given, else the released VAE's (Wan 2.1's, SD 1.5's)."""
+    name = config.autoencoder.name
+    if name == "space_to_depth":
         return {}
-    # the architecture from the converted folder if given, else Wan 2.1's released VAE
-    cfg = wan_vae.read_config(config.autoencoder.path) if config.autoencoder.path else wan_vae.WanVAEConfig()
-    return _flat_shapes(wan_vae.param_shapes(wan_vae.WanVAE(cfg)))
+    if name == "sd":
+        return _flat_shapes(sd_vae.param_shapes(_sd_vae(config)))
+    return _flat_shapes(wan_vae.param_shapes(_wan_vae(config)))
 
 
 def _lowered_flops(fn: Any, *args: Any) -> float:
@@ -101,29 +132,31 @@ def _lowered_flops(fn: Any, *args: Any) -> float:
 
 def text_encoder_flops(config: ml_collections.ConfigDict, rows: int, length: int) -> float:
     """FLOPs of the frozen text encoder's forward pass on `rows` prompts of `length` tokens: the scanned layer's
-    cost (counted once by XLA) times the layer count (the embedding gather and final norm are negligible)."""
+    cost (counted once by XLA) times the layer count (the embedding gather and final norm are negligible); T5 and
+    CLIP both scan their layers."""
     if rows == 0:
         return 0.0
-    enc = text_encoder.T5Encoder(config.text_encoder)
-    one_ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
-    params = meta.unbox(jax.eval_shape(enc.init, jax.random.key(0), one_ids,
-                                       jax.ShapeDtypeStruct((1, 8), jnp.bool_))["params"])
+    enc, params = _text_encoder_init(config)
     ids = jax.ShapeDtypeStruct((rows, length), jnp.int32)
     mask = jax.ShapeDtypeStruct((rows, length), jnp.bool_)
-    f = _lowered_flops(lambda p, i, m: enc.apply({"params": p}, i, m), params, ids, mask)
+    f = _lowered_flops(lambda p, i, m: enc.apply({"params": p}, i, m), meta.unbox(params), ids, mask)
     return f * int(config.text_encoder.num_layers)
 
 
 def autoencoder_encode_flops(config: ml_collections.ConfigDict, clips: int, frames: int) -> float:
     """FLOPs of the frozen autoencoder's encoder on `clips` clips of `frames` frames at the data size (the Wan VAE
-    in one pass: its time chunks compute the same convolutions); 0 for space_to_depth (a reshape)."""
+    in one pass: its time chunks compute the same convolutions; the SD VAE on every frame at once); 0 for
+    space_to_depth (a reshape)."""
     a, d = config.autoencoder, config.data
     if a.name == "space_to_depth" or clips == 0:
         return 0.0
+    video = jax.ShapeDtypeStruct((clips, frames, int(d.height), int(d.width), 3), jnp.float32)
+    if a.name == "sd":
+        model = _sd_vae(config)
+        return _lowered_flops(lambda p, v: sd_vae.encode(model, p, v, chunk=0), sd_vae.param_shapes(model), video)
     if a.name != "wan":
         return float("nan")  # not counted here
-    model = wan_vae.WanVAE(wan_vae.read_config(a.path) if a.path else wan_vae.WanVAEConfig())
-    video = jax.ShapeDtypeStruct((clips, frames, int(d.height), int(d.width), 3), jnp.float32)
+    model = _wan_vae(config)
     return _lowered_flops(lambda p, v: wan_vae.encode(model, p, v, chunk=0), wan_vae.param_shapes(model), video)
 
 
@@ -157,27 +190,23 @@ def module_table(shapes: dict, depth: int = 2) -> list[tuple[str, int]]:
 
 
 def train_step_flops(config: ml_collections.ConfigDict, compiled: bool = False) -> float:
-    """FLOPs of one training step of the DiT (forward + backward) at the configured global batch."""
-    m = ml_collections.ConfigDict(config.model.to_dict())
-    m.scan_layers = False  # see the module docstring
-    m.remat_policy = "none"
-    model = dit.DiT(config=m, in_channels=config_lib.in_channels(config),
-                    out_channels=config.autoencoder.latent_channels)
-    batch = config.train.batch_size
-    inputs = dit_inputs(config, batch)
-    extra = {k: v for k, v in inputs.items() if k not in ("x", "timestep", "context")}
-    one = {k: jax.ShapeDtypeStruct((1,) + v.shape[1:], v.dtype) for k, v in inputs.items()}
-    params = jax.eval_shape(
-        lambda r, inp: model.init(r, inp.pop("x"), inp.pop("timestep"), inp.pop("context"), **inp),
-        jax.random.key(0), one,
-    )["params"]
+    """FLOPs of one training step of the backbone (forward + backward) at the configured global batch."""
+    overrides: dict[str, Any] = {"remat_policy": "none"}
+    if registry.backbone_name(config) == "dit":
+        overrides["scan_layers"] = False  # see the module docstring
+    c = _with_model(config, **overrides)
+    model = registry.build_backbone(c)
+    (x, t, ctx), extra = registry.init_inputs(c, batch=int(config.train.batch_size), full=True, abstract=True)
+    args1, kw1 = registry.init_inputs(c, abstract=True)
+    params = meta.unbox(jax.eval_shape(lambda r, a, kw: model.init(r, *a, **kw), jax.random.key(0), args1,
+                                       kw1)["params"])
 
     def loss(p, x, t, c, kw):
         out = model.apply({"params": p}, x, t, c, **kw)
         return jnp.mean(jnp.square(out.astype(jnp.float32)))
 
-    params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), meta.unbox(params))
-    lowered = jax.jit(jax.grad(loss)).lower(params, inputs["x"], inputs["timestep"], inputs["context"], extra)
+    params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), params)
+    lowered = jax.jit(jax.grad(loss)).lower(params, x, t, ctx, extra)
     # XLA's HLO cost analysis of the lowered step: the same dot/conv FLOPs as after compilation (checked on the tiny
     # config), without paying minutes of CPU compilation for a 30-layer unrolled graph at 32k tokens.
     cost = lowered.cost_analysis() if compiled is False else lowered.compile().cost_analysis()
@@ -188,25 +217,32 @@ def train_step_flops(config: ml_collections.ConfigDict, compiled: bool = False) 
 
 def describe(config: ml_collections.ConfigDict, *, flops: bool = True, print_fn=print) -> dict[str, int]:
     """Print the parameter table, `params: N`, `trainable: N` and FLOPs per step; return the counts."""
-    dit_shapes = dit_param_shapes(config)
+    name = registry.backbone_name(config)
+    boxed = model_param_shapes(config, boxed=True)
+    shapes = {k: meta.unbox(v) for k, v in boxed.items()}
+    total = _size(shapes)
+    k = int(config.model.ttm_layers)
+    no_ttm_boxed = model_param_shapes(config, boxed=True, ttm_layers=0) if k else boxed
+    no_ttm = _size({p: meta.unbox(v) for p, v in no_ttm_boxed.items()})
+    added_inputs = input_channel_params(config, no_ttm_boxed)
+    backbone = no_ttm - added_inputs
     latent = config.autoencoder.latent_channels
-    backbone = _size(dit_param_shapes(config, ttm_layers=0, in_channels=latent))
-    dit_total = _size(dit_shapes)
-    no_ttm = _size(dit_param_shapes(config, ttm_layers=0))
     cached = bool(config.data.get("cached", False))
     text_full = _size(text_encoder_param_shapes(config))
     vae_full = _size(autoencoder_param_shapes(config))
     # data.cached: the batches carry the latents and text embeddings (python -m ttm_jax.data.encode), so neither
     # frozen encoder is loaded into the step
     text, vae = (0, 0) if cached else (text_full, vae_full)
-    print_fn(f"config: stage {config.stage}, variant {config.get('variant', '?')}")
+    where = "spatial transformers" if name == "unet" else "blocks"
+    print_fn(f"config: stage {config.stage}, variant {config.get('variant', '?')}, backbone {name}")
     print_fn(f"{'module':<56} {'params':>16}")
-    for name, n in module_table(dit_shapes):
-        print_fn(f"  dit/{name:<52} {n:>16,}")
-    print_fn(f"{'dit (trainable)':<56} {dit_total:>16,}")
-    print_fn(f"  {'backbone (Wan 2.1 layout, ' + str(latent) + ' input channels)':<54} {backbone:>16,}")
-    print_fn(f"  {'added input channels (stage conditions)':<54} {no_ttm - backbone:>16,}")
-    print_fn(f"  {'added TTM layers (' + str(config.model.ttm_layers) + ' blocks)':<54} {dit_total - no_ttm:>16,}")
+    for group, n in module_table(shapes):
+        print_fn(f"  {name}/{group:<{max(1, 52 - len(name))}} {n:>16,}")
+    print_fn(f"{name + ' (trainable)':<56} {total:>16,}")
+    layout = _LAYOUTS.get(name, "its own layout")
+    print_fn(f"  {'backbone (' + layout + ', ' + str(latent) + ' input channels)':<54} {backbone:>16,}")
+    print_fn(f"  {'added input channels (stage conditions)':<54} {added_inputs:>16,}")
+    print_fn(f"  {'added TTM layers (' + str(k) + ' ' + where + ')':<54} {total - no_ttm:>16,}")
     if cached:
         print_fn(f"{'text encoder (' + config.text_encoder.name + '): cached, not loaded':<56} {0:>16,}"
                  f"   ({text_full:,} without data.cached)")
@@ -215,14 +251,16 @@ def describe(config: ml_collections.ConfigDict, *, flops: bool = True, print_fn=
     else:
         print_fn(f"{'text encoder (' + config.text_encoder.name + ', frozen)':<56} {text:>16,}")
         print_fn(f"{'autoencoder (' + config.autoencoder.name + ', frozen)':<56} {vae:>16,}")
-    total = dit_total + text + vae
-    print_fn(f"params: {total}")
-    print_fn(f"trainable: {dit_total}")
-    out = {"params": total, "trainable": dit_total, "backbone": backbone, "text_encoder": text, "autoencoder": vae,
+    params = total + text + vae
+    print_fn(f"params: {params}")
+    print_fn(f"trainable: {total}")
+    print_fn(f"frozen: {text + vae}")
+    out = {"params": params, "trainable": total, "frozen": text + vae, "backbone": backbone,
+           "added_inputs": added_inputs, "added_ttm": total - no_ttm, "text_encoder": text, "autoencoder": vae,
            "cached": cached}
     if flops:
         f = train_step_flops(config)
-        print_fn(f"flops per train step (DiT fwd+bwd, global batch {config.train.batch_size}): {f:.4g}")
+        print_fn(f"flops per train step ({name} fwd+bwd, global batch {config.train.batch_size}): {f:.4g}")
         frozen = frozen_encoder_flops(config)
         would = frozen["autoencoder"] + frozen["text_encoder"]
         fe = 0.0 if cached else would

@@ -3,7 +3,7 @@
   1. latents: the batch's cached `video_latent`/`trajectory_latent` when present, else the frozen autoencoder on the
      uint8 videos (mapped to [-1, 1]); text: the batch's cached `<text>_embedding` / `local_embedding` when present
      (`python -m ttm_jax.data.encode`, `config.data.cached`), else the frozen text encoder on the token ids
-     (padding rows zeroed) -- with both cached, neither encoder is in the traced step;
+     (padding rows zeroed, or kept for CLIP: `encode_text`) -- with both cached, neither encoder is in the traced step;
   2. the stage kind (`STAGE_KINDS`, by `config.stage`) picks the target and the conditions (DESIGN.md):
        stage 1  target E(trajectory); conditions E(x0), E(s0) (first frames); text = motion prompt
        stage 2  target E(video);      conditions E(x0), E(trajectory);        text = caption, plus local prompts and
@@ -46,9 +46,12 @@ def to_unit_range(video: jax.Array) -> jax.Array:
 
 
 def encode_text(modules: Modules, te_params: Any, ids: jax.Array, mask: jax.Array) -> jax.Array:
-    """Frozen text embeddings `[B, L, d]`, padding positions zeroed (as Wan feeds umT5 outputs)."""
+    """Frozen text embeddings `[B, L, d]`; padding positions zeroed (as Wan feeds umT5 outputs) when the text
+    encoder's registry entry says so (`modules.text_zero_padding`), else kept as the encoder returns them (CLIP: SD
+    1.5's U-Net was trained on CLIP's outputs at padded positions)."""
     emb = modules.text_encoder.apply({"params": te_params}, ids, mask.astype(bool))
-    emb = emb * mask[..., None].astype(emb.dtype)
+    if getattr(modules, "text_zero_padding", True):
+        emb = emb * mask[..., None].astype(emb.dtype)
     return jax.lax.stop_gradient(emb)
 
 

@@ -1,13 +1,13 @@
 """Registries: the modules and rules a stage is assembled from, chosen by name in the config.
 
-  BACKBONES       `config.model.backbone`          ("dit")            the trained model and its init inputs
+  BACKBONES       `config.model.backbone`          ("dit", "unet")    the trained model and its init inputs
   TEXT_ENCODERS   `config.text_encoder.name`       ("t5", "umt5", "clip")  the frozen text encoder and its weights
   AUTOENCODERS    `config.autoencoder.name`        ("space_to_depth", "wan", "sd")
   OBJECTIVES      `config.objective.name`          ("rectified_flow"), in `objectives.py`
   STAGE_KINDS     `config.stage`                   (1: image-to-motion, 2: motion-to-video), in `inputs.py`
 
-Adding a backbone (e.g. a U-Net with DDIM v-prediction) is `BACKBONES.register("unet", Backbone(...))` plus an
-objective entry; nothing in `train/` or `inference/` changes. Tokenizers are chosen by name too
+Adding a backbone is one `BACKBONES.register(name, Backbone(...))` (the AnimateDiff U-Net, "unet", with the `ddim_v`
+objective, was added so); nothing in `train/` or `inference/` changes. Tokenizers are chosen by name too
 (`config.text_encoder.tokenizer`), in `models/tokenizer.py`'s table, because the data pipeline (below this layer)
 tokenizes the prompts.
 """
@@ -27,6 +27,7 @@ from ttm_jax.models import autoencoder as autoencoder_lib
 from ttm_jax.models import dit as dit_lib
 from ttm_jax.models import masks
 from ttm_jax.models import text_encoder as text_encoder_lib
+from ttm_jax.models import unet as unet_lib
 from ttm_jax.weights import clip_text as clip_text_weights
 from ttm_jax.weights import sd_vae as sd_vae_weights
 from ttm_jax.weights import t5 as t5_weights
@@ -128,6 +129,53 @@ BACKBONES.register("dit", Backbone(
                                               "scan_layers", "param_dtype"))))
 
 
+
+# `config.model` fields the U-Net shares with the DiT; its own are in `config.model.unet` (config.py: `_unet`)
+UNET_SHARED_FIELDS = ("ttm_layers", "ttm_masked", "ttm_masked_self", "ttm_masked_cross", "attention",
+                      "attention_sparse", "remat_policy", "dtype", "param_dtype")
+
+
+def unet_config(config: ml_collections.ConfigDict) -> unet_lib.UNetConfig:
+    """The `UNetConfig` of a `backbone="unet"` config: `config.model.unet` (the architecture) with the shared
+    `config.model` fields (`UNET_SHARED_FIELDS`) on top."""
+    m = config.model
+    if "unet" not in m:
+        raise ValueError("config.model.unet: missing; a backbone='unet' config needs the U-Net section (e.g. "
+                         "configs/stage2.py:tiny_unet)")
+    fields = {k: v for k, v in m.unet.items() if not k.startswith("pretrained_")}
+    fields.update({k: m[k] for k in UNET_SHARED_FIELDS if k in m})
+    return unet_lib.UNetConfig.from_config(fields)
+
+
+def _build_unet(config: ml_collections.ConfigDict) -> nn.Module:
+    return unet_lib.UNet(unet_config(config), config_lib.in_channels(config), config.autoencoder.latent_channels)
+
+
+def _unet_init_inputs(config: ml_collections.ConfigDict, *, batch: int = 1, full: bool = False,
+                      abstract: bool = False) -> tuple[tuple, dict[str, Any]]:
+    """The U-Net's inputs: one frame of `2^(levels-1)` cells (`full=False`), or the configured latent grid; text at
+    `max_length`, local prompts at `(K+1) * Lp`."""
+    t = config.text_encoder
+    grid = config_lib.latent_shape(config)[:3] if full else None
+    local_len = (int(config.data.max_objects) + 1) * int(t.local_max_length)
+    return unet_lib.init_inputs(unet_config(config), config_lib.in_channels(config), batch=batch, grid=grid,
+                                text_len=int(t.max_length), local_len=local_len, abstract=abstract)
+
+
+def _unet_object_ids(config: ml_collections.ConfigDict, ae: Any, object_masks: jax.Array
+                     ) -> tuple[jax.Array, jax.Array]:
+    """Per-cell ids in the U-Net's layout: every TTM level's latent grid `(t, h, w)` row-major, concatenated
+    (`unet.object_ids`); cross ids by box or mask (`config.model.cross_ids_from`)."""
+    return unet_lib.object_ids(unet_config(config), object_masks, time_factor=ae.time_factor,
+                               space_factor=ae.space_factor, cross_from_boxes=config.model.cross_ids_from == "bbox")
+
+
+BACKBONES.register("unet", Backbone(
+    build=_build_unet, init_inputs=_unet_init_inputs, object_ids=_unet_object_ids,
+    state_fields=("model.ttm_layers", "model.param_dtype")
+    + tuple(f"model.unet.{k}" for k in config_lib.UNET_STATE_KEYS)))
+
+
 def build_backbone(config: ml_collections.ConfigDict) -> nn.Module:
     return BACKBONES.get(backbone_name(config)).build(config)
 
@@ -160,11 +208,13 @@ class TextEncoder:
     """A frozen text encoder: `build(config.text_encoder) -> nn.Module` `(ids [B, L], mask [B, L]) -> [B, L, d]`;
     `is_source_folder(path)` (a folder in the source framework's layout, e.g. transformers', converted on the fly)
     / `load(config.text_encoder, path) -> params`; any other path is read as an Orbax checkpoint of converted
-    params."""
+    params. `zero_padding`: the stage zeroes the outputs at padding positions (`inputs.encode_text`), as Wan feeds
+    umT5's; False keeps them, as SD 1.5 / AnimateDiff feed CLIP's (their U-Net was trained on those values)."""
 
     build: Callable[[ml_collections.ConfigDict], nn.Module]
     is_source_folder: Callable[[str], bool]
     load: Callable[[ml_collections.ConfigDict, str], Any]
+    zero_padding: bool = True
 
 
 TEXT_ENCODERS: Registry[TextEncoder] = Registry("text_encoder.name")
@@ -175,7 +225,7 @@ TEXT_ENCODERS.register("umt5", _T5)  # umT5 (Wan 2.1): per-layer relative positi
 # CLIP ViT-L/14 text tower (SD 1.5 / AnimateDiff): last_hidden_state; tokenizer="clip"
 TEXT_ENCODERS.register("clip", TextEncoder(build=clip_text_weights.build,
                                            is_source_folder=clip_text_weights.is_source_folder,
-                                           load=clip_text_weights.load))
+                                           load=clip_text_weights.load, zero_padding=False))
 
 
 def text_encoder(config: ml_collections.ConfigDict) -> TextEncoder:

@@ -14,6 +14,18 @@ The main form names both ends:
       (`ttm_layers.safetensors`, `ttm_config.json`), loadable by `ttm_jax.torch.TTMWanTransformer3DModel`.
   python -m ttm_jax.convert --from=torch:PATH --to=orbax:DIR      an exported TTM folder back (bit-identical)
 
+The AnimateDiff U-Net (`config.model.backbone="unet"`):
+
+  python -m ttm_jax.convert --from=diffusers-unet:PATH[,motion_adapter:PATH] --to=orbax:DIR [--stage=1|2]
+      [--config=configs/stage2.py:animatediff] [--dtype=bf16|fp32]
+      a diffusers `UNetMotionModel` folder, or SD 1.5's `unet/` folder plus an AnimateDiff `MotionAdapter` folder
+      (`ttm_jax/weights/unet.py`) -> `DIR/params` + `DIR/ttm_convert.json` (`backbone: "unet"`). Without --stage the
+      backbone as it is (diffusers -> orbax -> torch is bit-identical); with --stage the stage init checkpoint: the
+      input conv widened to the stage's channels (the new ones zero), stage 2 with TTM's layers (zero output) in
+      every encoder spatial transformer (SD 1.5: 6), or as --config says (its model.unet must match the folder's).
+  --from=orbax:DIR | workdir:DIR[@STEP] --to=torch:PATH exports a U-Net stage as `UNetMotionModel` folder (the
+      backbone, `in_channels` the stage's) + `ttm_layers.safetensors` + `ttm_config.json`; --from=torch:PATH back.
+
 A destination that already holds something is refused before any source is read: a non-empty `torch:` folder, an
 existing Orbax params checkpoint; `--overwrite` replaces what is there (the export's files; the whole params folder).
 
@@ -52,12 +64,15 @@ import ml_collections
 import numpy as np
 
 from ttm_jax import config as config_lib
+from ttm_jax.assembly import registry
 from ttm_jax.convert import export
 from ttm_jax.models import dit as dit_lib
+from ttm_jax.models import unet as unet_lib
 from ttm_jax.models import wan_vae
 from ttm_jax.runtime import checkpoint as checkpoint_lib
 from ttm_jax.weights import dit as dit_convert
 from ttm_jax.weights import rulebook as rb
+from ttm_jax.weights import unet as unet_convert
 from ttm_jax.weights import wan_vae as vae_convert
 
 _DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32", "": ""}
@@ -149,6 +164,77 @@ def _dit(args: argparse.Namespace) -> None:
     print(f"wrote {target} (set config.train.init_from to it) in {time.perf_counter() - t0:.1f}s", flush=True)
 
 
+# the `model.unet` fields a stage config must share with the converted backbone (ttm_layers and the input channels
+# are the stage's own)
+_UNET_ARCH = ("block_out_channels", "down_block_types", "up_block_types", "layers_per_block", "num_attention_heads",
+              "cross_attention_dim", "norm_num_groups", "norm_eps", "transformer_layers_per_block",
+              "use_linear_projection", "mid_block_scale_factor", "mid_block_layers", "use_motion_mid_block",
+              "motion_num_attention_heads", "motion_max_seq_length", "temporal_transformer_layers_per_block",
+              "temporal_transformer_layers_per_mid_block")
+
+
+def _unet_paths(src: str) -> list[str]:
+    """`PATH[,motion_adapter:PATH]` -> [unet folder, adapter folder] (one folder: a `UNetMotionModel`)."""
+    first, sep, rest = src.partition(",")
+    if not sep:
+        return [first]
+    kind, sep2, adapter = rest.partition(":")
+    if kind != "motion_adapter" or not sep2 or not adapter:
+        raise SystemExit(f"--from=diffusers-unet:{src}: expected PATH or PATH,motion_adapter:PATH (SD 1.5's unet/ "
+                         f"folder, then the AnimateDiff MotionAdapter folder)")
+    return [first, adapter]
+
+
+def _unet(args: argparse.Namespace) -> None:
+    """diffusers U-Net folder(s) -> Orbax params (the backbone, or with `stage` the stage's init checkpoint)."""
+    overwrite = getattr(args, "overwrite", False)
+    target = os.path.join(args.out, "params")
+    check_destination("orbax", target, overwrite)
+    t0 = time.perf_counter()
+    paths = _unet_paths(args.src)
+    backbone_cfg, cin, cout, backbone = unet_convert.load_diffusers_folders(*paths)
+    print(f"read {' + '.join(paths)}: levels {backbone_cfg.block_out_channels}, in/out channels {cin}/{cout} "
+          f"({time.perf_counter() - t0:.1f}s)", flush=True)
+    stage_cfg, in_channels = backbone_cfg, cin
+    if args.config:
+        config = _load_config(args.config)
+        config_lib.validate(config)
+        if registry.backbone_name(config) != "unet":
+            raise SystemExit(f"{args.config}: config.model.backbone={registry.backbone_name(config)!r}; a U-Net "
+                             f"source needs a backbone='unet' config (e.g. configs/stage2.py:animatediff)")
+        if args.stage is not None and int(config.stage) != args.stage:
+            raise SystemExit(f"--stage={args.stage} but {args.config} is a stage-{config.stage} config")
+        stage_cfg = registry.unet_config(config)
+        for f in _UNET_ARCH:
+            if getattr(stage_cfg, f) != getattr(backbone_cfg, f):
+                raise SystemExit(f"{args.config}: config.model.unet.{f}={getattr(stage_cfg, f)!r} but {paths[0]} has "
+                                 f"{getattr(backbone_cfg, f)!r}; set config.model.unet.{f} to it")
+        in_channels = config_lib.in_channels(config)
+        if int(config.autoencoder.latent_channels) != cout:
+            raise SystemExit(f"{args.config}: autoencoder.latent_channels={config.autoencoder.latent_channels} but "
+                             f"the U-Net predicts {cout} channels")
+    elif args.stage is not None:
+        in_channels = 3 * cin  # noisy latent + the stage's two conditions
+        stage_cfg = dataclasses.replace(backbone_cfg, ttm_layers=0 if args.stage == 1
+                                        else backbone_cfg.num_encoder_transformers)  # the paper: all 6 of SD 1.5
+    params = backbone
+    if stage_cfg.ttm_layers or in_channels != cin:
+        model = unet_lib.UNet(stage_cfg, in_channels, cout)
+        iargs, ikw = unet_lib.init_inputs(stage_cfg, in_channels)
+        fresh = jax.jit(lambda r: nn.unbox(model.init(r, *iargs, **ikw)["params"]))(jax.random.key(args.seed))
+        params = unet_lib.graft_backbone(fresh, backbone)
+        del fresh
+    dtype = getattr(args, "dtype", "")
+    if dtype:
+        params = jax.tree.map(lambda x: np.asarray(x).astype(jnp.dtype(dtype)), params)
+    else:
+        params = jax.tree.map(np.asarray, params)
+    if overwrite:
+        _clear_orbax(target)
+    target = dit_convert.save_converted(target, params, stage_cfg, in_channels, cout, paths[0], backbone="unet")
+    print(f"wrote {target} (set config.train.init_from to it) in {time.perf_counter() - t0:.1f}s", flush=True)
+
+
 def _dit_export(args: argparse.Namespace) -> None:
     cfg, cin, cout = dit_convert.read_config(args.like, scan_layers=args.scan_layers)
     abstract = dit_convert.template(cfg, cin, cout)
@@ -179,7 +265,7 @@ def _split(spec: str, flag: str, kinds: Sequence[str]) -> tuple[str, str]:
     return kind, path
 
 
-def _orbax_dims(path: str, config_spec: str) -> tuple[dit_lib.DiTConfig, int, int, int, int | None]:
+def _orbax_dims(path: str, config_spec: str) -> tuple[Any, int, int, int, int | None]:
     """(DiTConfig, in, out, latent channels, stage) of an Orbax params checkpoint: `--config` file, else the
     `ttm_convert.json` beside it."""
     if config_spec:
@@ -188,7 +274,7 @@ def _orbax_dims(path: str, config_spec: str) -> tuple[dit_lib.DiTConfig, int, in
     if not os.path.exists(meta_file):
         raise SystemExit(f"--from=orbax:{path}: no {meta_file} beside it; pass --config=configs/stage2.py:VARIANT "
                          f"naming the model it holds")
-    cfg, cin, cout = dit_convert.read_converted(path)
+    cfg, cin, cout = export.converted_dims(path)
     return cfg, cin, cout, cout, None
 
 
@@ -216,7 +302,7 @@ def export_main(argv: Sequence[str] | None = None) -> dict[str, str]:
         cfg, cin, cout, params = export.import_folder(src, scan_layers=args.scan_layers == "true")
         if args.overwrite:
             _clear_orbax(dst)
-        target = dit_convert.save_converted(dst, params, cfg, cin, cout, src)
+        target = dit_convert.save_converted(dst, params, cfg, cin, cout, src, backbone=export.backbone_of(cfg))
         print(f"wrote {target}")
         return {"params": target}
 
@@ -242,7 +328,9 @@ def _from_to(argv: list[str]) -> None:
     """`--from=KIND:PATH --to=KIND:PATH`: dispatch to the converters (see the module docstring)."""
     ap = argparse.ArgumentParser(prog="python -m ttm_jax.convert", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--from", dest="src", required=True, help="diffusers:PATH | torch:PATH | orbax:DIR | workdir:DIR")
+    ap.add_argument("--from", dest="src", required=True,
+                    help="diffusers:PATH | diffusers-unet:PATH[,motion_adapter:PATH] | torch:PATH | orbax:DIR | "
+                         "workdir:DIR")
     ap.add_argument("--to", dest="dst", required=True, help="orbax:DIR | torch:PATH")
     ap.add_argument("--stage", type=int, choices=(1, 2), default=None, help="graft into a stage model")
     ap.add_argument("--config", default="", help="the stage model's config (configs/stage2.py:wan1.3b)")
@@ -263,6 +351,10 @@ def _from_to(argv: list[str]) -> None:
         check_destination("orbax", os.path.join(dst, "params"), a.overwrite)
     elif dst_kind in ("torch", "diffusers"):
         check_destination("torch", dst, a.overwrite)
+    if src_kind == "diffusers-unet" and dst_kind == "orbax":
+        _unet(argparse.Namespace(src=src, out=dst, config=a.config, stage=a.stage, seed=a.seed, dtype=dtype,
+                                 overwrite=a.overwrite))
+        return
     if src_kind in ("diffusers", "torch") and dst_kind == "orbax":
         if os.path.exists(os.path.join(src, export.TTM_CONFIG_FILE)):  # an exported TTM folder
             export_main([f"--from=torch:{src}", f"--to=orbax:{os.path.join(dst, 'params')}",
@@ -290,8 +382,8 @@ def _from_to(argv: list[str]) -> None:
             args.append("--overwrite")
         export_main(args)
         return
-    raise SystemExit(f"--from={a.src} --to={a.dst}: supported: diffusers:PATH -> orbax:DIR, orbax:DIR | "
-                     f"workdir:DIR -> torch:PATH, torch:PATH -> orbax:DIR")
+    raise SystemExit(f"--from={a.src} --to={a.dst}: supported: diffusers:PATH | diffusers-unet:PATH[,motion_adapter:"
+                     f"PATH] -> orbax:DIR, orbax:DIR | workdir:DIR -> torch:PATH, torch:PATH -> orbax:DIR")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

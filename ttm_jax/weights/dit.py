@@ -166,18 +166,20 @@ def save_diffusers_folder(params: Mapping[str, Any], cfg: dit_lib.DiTConfig, in_
     return file
 
 
-def save_converted(target: str, params: Any, cfg: dit_lib.DiTConfig, in_channels: int, out_channels: int,
-                   source: str) -> str:
-    """Writes a converted checkpoint: the (unboxed) DiT `params` as an Orbax params checkpoint at `target`, and
-    `ttm_convert.json` beside it ({source, model: `cfg` as a dict, in_channels, out_channels, params: the absolute
-    `target`}), which `read_converted` reads back. Returns the absolute `target`."""
+def save_converted(target: str, params: Any, cfg: Any, in_channels: int, out_channels: int, source: str, *,
+                   backbone: str = "dit") -> str:
+    """Writes a converted checkpoint: the (unboxed) `params` as an Orbax params checkpoint at `target`, and
+    `ttm_convert.json` beside it ({source, backbone, model: `cfg` (the backbone's frozen config dataclass: a
+    `DiTConfig`, or the U-Net's `UNetConfig` with `backbone="unet"`) as a dict, in_channels, out_channels, params:
+    the absolute `target`}), which `read_converted` / `read_converted_meta` read back. Returns the absolute
+    `target`."""
     target = os.path.abspath(target)
     os.makedirs(os.path.dirname(target), exist_ok=True)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(target, params)
         ckptr.wait_until_finished()
-    meta = {"source": os.path.abspath(source), "model": dataclasses.asdict(cfg), "in_channels": in_channels,
-            "out_channels": out_channels, "params": target}
+    meta = {"source": os.path.abspath(source), "backbone": backbone, "model": dataclasses.asdict(cfg),
+            "in_channels": in_channels, "out_channels": out_channels, "params": target}
     with open(os.path.join(os.path.dirname(target), CONVERTED_META_FILE), "w") as fh:
         json.dump(meta, fh, indent=2)
     return target
@@ -188,9 +190,21 @@ def converted_meta_file(params_path: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(params_path)), CONVERTED_META_FILE)
 
 
-def read_converted(params_path: str) -> tuple[dit_lib.DiTConfig, int, int]:
-    """(`DiTConfig`, in_channels, out_channels) of the converted checkpoint `params_path` from the `ttm_convert.json`
-    beside it (`converted_meta_file`; FileNotFoundError when there is none)."""
+def read_converted_meta(params_path: str) -> dict[str, Any]:
+    """The `ttm_convert.json` beside the converted checkpoint `params_path` as a dict (`backbone` "dit" when the
+    file predates the field; FileNotFoundError when there is none)."""
     with open(converted_meta_file(params_path)) as fh:
         meta = json.load(fh)
+    meta.setdefault("backbone", "dit")
+    return meta
+
+
+def read_converted(params_path: str) -> tuple[dit_lib.DiTConfig, int, int]:
+    """(`DiTConfig`, in_channels, out_channels) of the converted DiT checkpoint `params_path` from the
+    `ttm_convert.json` beside it (`converted_meta_file`; FileNotFoundError when there is none; a U-Net's is read by
+    `convert/export.py: converted_dims`)."""
+    meta = read_converted_meta(params_path)
+    if meta["backbone"] != "dit":
+        raise ValueError(f"{converted_meta_file(params_path)}: backbone {meta['backbone']!r}, not a DiT; read it with "
+                         f"ttm_jax/convert/export.py: converted_dims")
     return dit_lib.DiTConfig.from_config(meta["model"]), int(meta["in_channels"]), int(meta["out_channels"])
