@@ -10,9 +10,10 @@ is built, so `ttm_jax.data` imports without it.
 
 The pipeline (one element per video until the clips are cut):
 
-    Create((VideoRef, CaptionEntry | None))      the refs found on the launching host (`sav.find_videos`)
+    Create(VideoRef)                             the refs found on the launching host (`sav.find_videos`)
     | Reshuffle                                  spread the videos over the workers
-    | ReadAnnotation                             caption lookup, annotation json -> RLE masklets, fps check
+    | ReadAnnotation (side input: the captions   caption lookup, annotation json -> RLE masklets, fps check
+                      sidecar, read by a worker)
     | CutClips                                   decode the clip's frames (PyAV), rasterise + select masks, crop and
                                                  resize, trajectory: `clips.make_examples` per video, its seeds
                                                  `clips.clip_seed(seed, video_id, c)`
@@ -29,6 +30,7 @@ none, as in the single-process build.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -78,11 +80,16 @@ def _skip(err: SkipVideo) -> None:
     _count(SKIP_PREFIX + err.reason)
 
 
-def read_annotation(element: tuple[sav.VideoRef, captions_lib.CaptionEntry | None], *,
+def read_annotation(element: sav.VideoRef | tuple[sav.VideoRef, captions_lib.CaptionEntry | None],
+                    captions: Mapping[str, captions_lib.CaptionEntry] | None = None, *,
                     data_config: ml_collections.ConfigDict) -> Iterator[tuple]:
-    """`(ref, caption entry or None)` -> `(ref, entry)` if the caption, the annotation and its fps are usable, else
-    nothing and a `skipped:<reason>` count (the cheap checks, before any decoding)."""
-    ref, entry = element
+    """`ref` (its caption looked up in `captions`, the side input) or `(ref, caption entry or None)` -> `(ref, entry)`
+    if the caption, the annotation and its fps are usable, else nothing and a `skipped:<reason>` count (the cheap
+    checks, before any decoding)."""
+    if isinstance(element, sav.VideoRef):
+        ref, entry = element, (captions or {}).get(element.video_id)
+    else:
+        ref, entry = element
     try:
         entry = captions_lib.lookup({} if entry is None else {ref.video_id: entry}, ref.video_id,
                                     file=ref.video.name, missing=data_config.get("missing_captions", "skip"))
@@ -113,22 +120,33 @@ def cut_clips(element: tuple, *, data_config: ml_collections.ConfigDict, seed: i
         yield f"{ref.video_id}/{c}", e
 
 
-def clips_transform(refs: Sequence[sav.VideoRef], captions: Mapping[str, captions_lib.CaptionEntry],
+def clips_transform(refs: Sequence[sav.VideoRef], captions: str | Mapping[str, captions_lib.CaptionEntry],
                     data_config: ml_collections.ConfigDict, *, seed: int, clips_per_video: int) -> Any:
-    """The `beam.PTransform` (applied to a pipeline's root) yielding `("<video_id>/<clip>", example)`; only each
-    video's own caption line travels with it."""
+    """The `beam.PTransform` (applied to a pipeline's root) yielding `("<video_id>/<clip>", example)`.
+
+    `captions`: the sidecar's path (read by a worker and given to `ReadAnnotation` as a side input: the job graph
+    holds only the refs, however many captions there are; use a path every worker reads, e.g. gs://), or a mapping
+    (each video's own entry then travels with its ref; for small inputs).
+    """
     beam = require_beam()
-    elements = [(r, captions.get(r.video_id)) for r in refs]
     data_config = ml_collections.ConfigDict(data_config.to_dict())  # a plain copy: no references to a larger config
+    by_path = isinstance(captions, str | os.PathLike)
+    elements = list(refs) if by_path else [(r, captions.get(r.video_id)) for r in refs]
+    path = os.fspath(captions) if by_path else None
 
     @beam.ptransform_fn
     def _clips(root):
-        return (root
-                | "Create" >> beam.Create(elements)
-                | "Reshuffle" >> beam.Reshuffle()
-                | "ReadAnnotation" >> beam.FlatMap(read_annotation, data_config=data_config)
-                | "CutClips" >> beam.FlatMap(cut_clips, data_config=data_config, seed=int(seed),
-                                             clips_per_video=int(clips_per_video)))
+        videos = (root
+                  | "Create" >> beam.Create(elements)
+                  | "Reshuffle" >> beam.Reshuffle())
+        if by_path:
+            side = beam.pvalue.AsSingleton(root | "CaptionsPath" >> beam.Create([path])
+                                           | "LoadCaptions" >> beam.Map(captions_lib.load_captions))
+            checked = videos | "ReadAnnotation" >> beam.FlatMap(read_annotation, side, data_config=data_config)
+        else:
+            checked = videos | "ReadAnnotation" >> beam.FlatMap(read_annotation, data_config=data_config)
+        return checked | "CutClips" >> beam.FlatMap(cut_clips, data_config=data_config, seed=int(seed),
+                                                    clips_per_video=int(clips_per_video))
 
     return _clips()
 

@@ -181,12 +181,11 @@ class SavClips(tfds.core.GeneratorBasedBuilder):
         if not epath.Path(captions).exists():
             raise FileNotFoundError(f"SavClips: captions sidecar {captions} not found; pass captions= or put "
                                     f"captions.jsonl in the manual dir")
-        caps = captions_lib.load_captions(captions)
         if self._use_beam:  # the same records from Beam transforms; counts read back at the end
             self._find_skips = dict(counter.counts)
-            return {"train": beam_sav.clips_transform(refs, caps, self.data_config, seed=self._seed,
+            return {"train": beam_sav.clips_transform(refs, captions, self.data_config, seed=self._seed,
                                                       clips_per_video=self._clips_per_video)}
-        return {"train": self._generate_examples(refs, caps, counter)}
+        return {"train": self._generate_examples(refs, captions_lib.load_captions(captions), counter)}
 
     def _generate_splits(self, dl_manager: tfds.download.DownloadManager,
                          download_config: tfds.download.DownloadConfig) -> Any:
