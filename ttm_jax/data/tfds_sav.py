@@ -39,7 +39,9 @@ on the DirectRunner locally or unchanged on Dataflow / Spark / Flink:
     python -m ttm_jax.data.prepare --format=tfds ... --beam_pipeline_options="runner=DirectRunner,direct_num_workers=2"
     tfds_sav.build(..., beam_options="runner=DataflowRunner,project=P,region=R,temp_location=gs://...,setup_file=...")
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(beam_options=PipelineOptions(...)))
-    tfds build --imports=ttm_jax.data.tfds_sav sav_clips/tiny --manual_dir=PATH --beam_pipeline_options=...
+
+(`tfds build --imports=ttm_jax.data.tfds_sav sav_clips/tiny --manual_dir=PATH --beam_pipeline_options=...` imports
+TensorFlow in tfds 4.9.10's command line, absent from this environment: use `python -m ttm_jax.data.prepare`.)
 
 Without TensorFlow (tensorflow-datasets 4.9.10): `GeneratorBasedBuilder.download_and_prepare(file_format=
 "array_record")`, `as_data_source` and `tfds.data_source` work with TF absent (examples are serialized as
