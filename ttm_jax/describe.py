@@ -16,6 +16,7 @@ FLOPs (VAE encode, text encoder forward) are counted the same way, per step.
 from __future__ import annotations
 
 import collections
+import re
 from typing import Any
 
 import jax
@@ -29,7 +30,7 @@ from ttm_jax.assembly import registry
 from ttm_jax.models import sd_vae, wan_vae
 
 # how the backbone's own count is labelled (the layout a converted checkpoint has)
-_LAYOUTS = {"dit": "Wan 2.1 layout", "unet": "diffusers UNetMotionModel layout"}
+_LAYOUTS = {"dit": "Wan 2.1 layout", "unet": "UNetMotionModel"}
 
 
 def _flat_shapes(tree: Any) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
@@ -177,11 +178,29 @@ def frozen_encoder_flops(config: ml_collections.ConfigDict) -> dict[str, float]:
     return {"autoencoder": ae, "text_encoder": text}
 
 
-def module_table(shapes: dict, depth: int = 2) -> list[tuple[str, int]]:
-    """Parameter counts grouped by the first `depth` path components, in tree order."""
+_UNET_PART = re.compile(r"^((?:down|up)_blocks_\d+|mid_block)_(resnets|attentions|motion_modules|downsamplers|"
+                        r"upsamplers)_\d+")
+
+
+def _unet_group(path: tuple[str, ...]) -> str:
+    """The U-Net's flat block names grouped per level and kind (`down_blocks_0/attentions`), TTM's added layers in
+    their own row (`down_blocks_0/attentions (TTM layers)`)."""
+    m = _UNET_PART.match(path[0])
+    if not m:
+        return path[0]
+    key = f"{m[1]}/{m[2]}"
+    return key + " (TTM layers)" if any(p in ("masked_self_attn", "masked_cross_attn") for p in path) else key
+
+
+def module_table(shapes: dict, depth: int = 2, *, backbone: str = "dit") -> list[tuple[str, int]]:
+    """Parameter counts grouped by the first `depth` path components (the U-Net's: per level and kind), in tree
+    order."""
     groups: dict[str, int] = collections.OrderedDict()
     for path, s in shapes.items():
-        key = "/".join(path[:depth]) if len(path) > depth else "/".join(path[:-1]) or path[0]
+        if backbone == "unet":
+            key = _unet_group(path)
+        else:
+            key = "/".join(path[:depth]) if len(path) > depth else "/".join(path[:-1]) or path[0]
         n = 1
         for d in s.shape:
             n *= int(d)
@@ -236,7 +255,7 @@ def describe(config: ml_collections.ConfigDict, *, flops: bool = True, print_fn=
     where = "spatial transformers" if name == "unet" else "blocks"
     print_fn(f"config: stage {config.stage}, variant {config.get('variant', '?')}, backbone {name}")
     print_fn(f"{'module':<56} {'params':>16}")
-    for group, n in module_table(shapes):
+    for group, n in module_table(shapes, backbone=name):
         print_fn(f"  {name}/{group:<{max(1, 52 - len(name))}} {n:>16,}")
     print_fn(f"{name + ' (trainable)':<56} {total:>16,}")
     layout = _LAYOUTS.get(name, "its own layout")
