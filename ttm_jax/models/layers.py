@@ -223,13 +223,15 @@ class FeedForward(nn.Module):
 # Attention
 
 
+_MASKED = -0.7 * float(np.finfo(np.float32).max)
+
+
 def _masked_logits(s: jax.Array, ids: tuple[jax.Array, jax.Array] | tuple[()]) -> jax.Array:
     """Logits `[B, H, Lq, Lk]` f32 with disallowed (query, key) pairs set to `jax.nn.dot_product_attention`'s large
     finite negative (a fully masked row averages uniformly instead of giving NaN, as the `xla` reference)."""
     if not ids:
         return s
-    allowed = masks.allowed(*ids)[:, None]
-    return jnp.where(allowed, s, jnp.asarray(-0.7 * float(jnp.finfo(jnp.float32).max), s.dtype))
+    return jnp.where(masks.allowed(*ids)[:, None], s, jnp.asarray(_MASKED, s.dtype))
 
 
 def _attend_fwd(q: jax.Array, k: jax.Array, v: jax.Array, ids: tuple, scale: float
@@ -240,7 +242,7 @@ def _attend_fwd(q: jax.Array, k: jax.Array, v: jax.Array, ids: tuple, scale: flo
     p = jnp.exp(s - m)
     denom = jnp.sum(p, axis=-1, keepdims=True)
     o = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32) / denom
-    return o.astype(v.dtype), m + jnp.log(denom)
+    return o.astype(v.dtype), m + jnp.log(denom)  # the log-sum-exp [B, H, Lq, 1]: the one softmax residual
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -249,19 +251,30 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, ids: tuple, scale: float) 
 
 
 def _attend_vjp_fwd(q, k, v, ids, scale):
-    o, lse = _attend_fwd(q, k, v, ids, scale)
-    return o, (q, k, v, ids, o, lse)
+    o, stats = _attend_fwd(q, k, v, ids, scale)
+    return o, (q, k, v, ids, o, stats)
 
 
 def _attend_vjp_bwd(scale, res, do):
     # recomputes P from the saved log-sum-exp (flash-attention style): only O(L) residuals live between the passes
     q, k, v, ids, o, lse = res
+    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)  # [B, H, Lq, 1]
+    # Tie the recomputation to the incoming gradient (q + 0 * delta): with no data dependency on it, XLA's CPU
+    # scheduler computes every layer's recomputed [B, H, Lq, Lk] probabilities as soon as the forward has made the
+    # residuals, all alive at once at the start of the backward pass (it drops optimization barriers; 0 * x is not
+    # folded for floats). A non-finite gradient makes the step's gradients non-finite either way.
+    q = q + (delta * 0).astype(q.dtype)
     s = _masked_logits(jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32), ids)
     p = jnp.exp(s - lse)
+    if ids:
+        # a fully masked row: lse = mask value + log(Lk) rounds to the mask value, so p would be 1, not 1 / Lk
+        p = jnp.where(lse < 0.5 * _MASKED, 1.0 / s.shape[-1], p)
     dv = jnp.einsum("bhqk,bhqd->bhkd", p.astype(do.dtype), do, preferred_element_type=jnp.float32)
     dp = jnp.einsum("bhqd,bhkd->bhqk", do, v, preferred_element_type=jnp.float32)
-    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)
-    ds = (p * (dp - delta)).astype(q.dtype)
+    ds = p * (dp - delta)
+    if ids:  # no gradient through masked logits (it matters in a fully masked row, where p is 1 / Lk)
+        ds = jnp.where(masks.allowed(*ids)[:, None], ds, 0.0)
+    ds = ds.astype(q.dtype)
     dq = jnp.einsum("bhqk,bhkd->bhqd", ds, k, preferred_element_type=jnp.float32)
     dk = jnp.einsum("bhqk,bhqd->bhkd", ds, q, preferred_element_type=jnp.float32)
     ids_ct = jax.tree.map(lambda i: np.zeros(i.shape, jax.dtypes.float0), ids)
