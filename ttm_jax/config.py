@@ -5,6 +5,8 @@
   tiny     (default) seconds to minutes on a 2-core CPU, synthetic SA-V data, `space_to_depth` autoencoder
   mid      between tiny and wan1.3b, for benchmarks
   wan1.3b  the shapes of Wan2.1-T2V-1.3B (dim 1536, 30 layers, 12 heads of 128, FFN 8960, text dim 4096)
+  tiny_unet    a small AnimateDiff-style U-Net (`backbone="unet"`, `config.model.unet`), `ddim_v`, synthetic SA-V
+  animatediff  the paper's U-Net: SD 1.5 + AnimateDiff V3 at 512x512, 16 frames, SD VAE, CLIP ViT-L/14, `ddim_v`
 
 Each variant is one entry of `_VARIANT_TABLE`: the values that differ between variants, section by section; every
 other value is common to all variants and set by the section builders (`_model`, `_autoencoder`, ...). A new variant
