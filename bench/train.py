@@ -1,16 +1,19 @@
 """Training throughput and memory, all measured in one run on this machine.
 
-    python bench/train.py [--variants tiny,mid] [--steps 3] [--stage 2] [--skip_torch] [--skip_fsdp]
+    python bench/train.py [--variants tiny,mid] [--steps 3] [--rounds 3] [--stage 2] [--skip_torch] [--skip_fsdp]
 
 Three tables:
 
   1. the full JAX train step (`ttm_jax.train.step`: frozen T5 on the prompts, the autoencoder on uint8 clips,
-     rectified flow, DiT forward + backward, AdamW) of each variant on one CPU device: steps/s (median of `--steps`
-     timed steps after a compile + warm-up step) and the peak memory XLA plans for the step (arguments + outputs +
-     temporaries - donated aliases, `compiled.memory_analysis()`), plus the process' peak RSS;
+     rectified flow, DiT forward + backward, AdamW) of each variant on one CPU device: steps/s (best and median of
+     `--steps` timed steps after a compile + warm-up step) and the peak memory XLA plans for the step (arguments +
+     outputs + temporaries - donated aliases, `compiled.memory_analysis()`), plus the process' peak RSS so far (the
+     variants run smallest first);
   2. the same backbone in JAX and in PyTorch (diffusers `WanTransformer3DModel`, same dim / layers / heads / FFN /
-     channels / text dim / patch, same latent and caption shapes, fp32): forward + MSE + backward + AdamW, steps/s of
-     each and the JAX / PyTorch ratio (both on this CPU, PyTorch with its default threads);
+     channels / text dim / patch, same latent and caption shapes, fp32): forward + MSE + backward + AdamW (both update
+     in place: the JAX step donates params and optimizer state), steps/s of each and the JAX / PyTorch ratio (both on
+     this CPU, PyTorch with its default threads). The two are timed interleaved, `--rounds` rounds of `--steps` steps
+     each, so that a load from other jobs on a shared machine hits both alike; best-of and median over all steps;
   3. per-device params + AdamW state of the `mid` variant on 1 device against 8 simulated devices with FSDP
      (mesh data=1, fsdp=8): bytes of the state arguments of the compiled step (`memory_analysis`) per device, and the
      1 / 8 ratio (ideal 8; replicated leaves such as norms and biases that fsdp does not divide keep it lower).
@@ -26,6 +29,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import resource  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -87,13 +91,18 @@ def _planned_peak(compiled) -> tuple[float, float]:
     return peak / MB, m.argument_size_in_bytes / MB
 
 
-def _time(fn, steps: int) -> float:
+def _times(fn, steps: int) -> list[float]:
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return 1.0 / statistics.median(times)
+    return times
+
+
+def _rates(times: list[float]) -> tuple[float, float]:
+    """(best, median) steps/s."""
+    return 1.0 / min(times), 1.0 / statistics.median(times)
 
 
 def bench_full_step(variant: str, stage: int, steps: int) -> dict:
@@ -125,8 +134,8 @@ def bench_full_step(variant: str, stage: int, steps: int) -> dict:
         jax.block_until_ready(m["loss"])
 
     one()  # compile + warm-up
-    rate = _time(one, steps)
-    return {"variant": variant, "params": state_lib.param_count(state.params), "steps_per_s": rate,
+    best, median = _rates(_times(one, steps))
+    return {"variant": variant, "params": state_lib.param_count(state.params), "best": best, "median": median,
             "planned_peak_mb": peak, "rss_mb": _rss_mb(), "batch": int(c.train.batch_size),
             "clip": f"{c.data.num_frames}x{c.data.height}x{c.data.width}"}
 
@@ -137,8 +146,8 @@ def _backbone_shapes(c) -> dict:
                 text_dim=int(c.model.text_dim))
 
 
-def bench_backbone_jax(variant: str, steps: int) -> float:
-    """Table 2, JAX side: DiT backbone (no added layers) forward + MSE + backward + AdamW."""
+def backbone_jax(variant: str):
+    """Table 2, JAX side: DiT backbone (no added layers) forward + MSE + backward + AdamW; one compiled step."""
     from ttm_jax.models import dit
 
     c = config_lib.build(1, variant)  # stage 1: the plain backbone (ttm_layers = 0)
@@ -153,7 +162,7 @@ def bench_backbone_jax(variant: str, steps: int) -> float:
     tx = optax.adamw(1e-4)
     opt = tx.init(params)
 
-    @jax.jit
+    @functools.partial(jax.jit, donate_argnums=(0, 1))  # updated in place, as torch's optimizer and the train step
     def step(params, opt, x, tt, ctx, target):  # inputs as arguments: no constant folding of the batch
         def loss(p):
             return jnp.mean((model.apply({"params": p}, x, tt, ctx) - target) ** 2)
@@ -169,11 +178,11 @@ def bench_backbone_jax(variant: str, steps: int) -> float:
         jax.block_until_ready(v)
 
     one()
-    return _time(one, steps)
+    return one
 
 
-def bench_backbone_torch(variant: str, steps: int) -> float:
-    """Table 2, PyTorch side: diffusers WanTransformer3DModel of the same shapes, fp32."""
+def backbone_torch(variant: str):
+    """Table 2, PyTorch side: diffusers WanTransformer3DModel of the same shapes, fp32; one step."""
     import torch
     from diffusers import WanTransformer3DModel
 
@@ -200,7 +209,17 @@ def bench_backbone_torch(variant: str, steps: int) -> float:
         opt.zero_grad(set_to_none=True)
 
     one()
-    return _time(one, steps)
+    return one
+
+
+def bench_backbones(variant: str, steps: int, rounds: int) -> dict[str, list[float]]:
+    """Table 2: the JAX and PyTorch steps timed interleaved, `rounds` x `steps` each (after a warm-up step)."""
+    fns = {"jax": backbone_jax(variant), "torch": backbone_torch(variant)}
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name] += _times(fn, steps)
+    return times
 
 
 def bench_fsdp_memory(variant: str, stage: int) -> dict:
@@ -243,6 +262,7 @@ def main() -> None:
     ap.add_argument("--variants", default="tiny,mid")
     ap.add_argument("--stage", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3, help="table 2: interleaved rounds of --steps steps per side")
     ap.add_argument("--skip_torch", action="store_true")
     ap.add_argument("--skip_fsdp", action="store_true")
     args = ap.parse_args()
@@ -251,20 +271,22 @@ def main() -> None:
           f"{args.steps} timed steps after a warm-up")
 
     print("\n1. full train step (T5 + autoencoder + flow + DiT fwd/bwd + AdamW), one device")
-    print(f"{'variant':8s} {'params':>11s} {'batch x clip':>14s} {'steps/s':>9s} {'planned peak':>13s} "
-          f"{'peak RSS':>10s}")
+    print(f"{'variant':8s} {'params':>11s} {'batch x clip':>14s} {'steps/s best':>13s} {'median':>7s} "
+          f"{'planned peak':>13s} {'peak RSS':>10s}")
     for v in variants:
         r = bench_full_step(v, args.stage, args.steps)
-        print(f"{v:8s} {r['params']:11,d} {str(r['batch']) + ' x ' + r['clip']:>14s} {r['steps_per_s']:9.3f} "
-              f"{r['planned_peak_mb']:10.1f} MiB {r['rss_mb']:7.0f} MiB", flush=True)
+        print(f"{v:8s} {r['params']:11,d} {str(r['batch']) + ' x ' + r['clip']:>14s} {r['best']:13.3f} "
+              f"{r['median']:7.3f} {r['planned_peak_mb']:10.1f} MiB {r['rss_mb']:7.0f} MiB", flush=True)
 
     if not args.skip_torch:
         print("\n2. backbone train step (fwd + MSE + bwd + AdamW, fp32): JAX DiT vs diffusers WanTransformer3DModel")
-        print(f"{'variant':8s} {'JAX steps/s':>12s} {'torch steps/s':>14s} {'JAX / torch':>12s}")
+        print(f"(interleaved, {args.rounds} rounds x {args.steps} steps each; steps/s best-of / median)")
+        print(f"{'variant':8s} {'JAX best':>9s} {'median':>7s} {'torch best':>11s} {'median':>7s} "
+              f"{'JAX / torch best':>17s} {'median':>7s}")
         for v in variants:
-            j = bench_backbone_jax(v, args.steps)
-            t = bench_backbone_torch(v, args.steps)
-            print(f"{v:8s} {j:12.3f} {t:14.3f} {j / t:12.2f}", flush=True)
+            t = bench_backbones(v, args.steps, args.rounds)
+            (jb, jm), (tb, tm) = _rates(t["jax"]), _rates(t["torch"])
+            print(f"{v:8s} {jb:9.3f} {jm:7.3f} {tb:11.3f} {tm:7.3f} {jb / tb:17.2f} {jm / tm:7.2f}", flush=True)
 
     if not args.skip_fsdp:
         v = "mid" if "mid" in variants else variants[-1]
