@@ -219,13 +219,23 @@ def test_dit_sparse_equals_dense(scan, dit_case):
     params, args, kw = dit_case
     if scan:
         params = dit.scan_layout(params, ttm_layers=CFG.ttm_layers)
-    outs = {}
+    outs, grads = {}, {}
     for sparse in (False, True):
         model = dit.DiT(dataclasses.replace(CFG, scan_layers=scan, attention_sparse=sparse), 3 * C, C)
-        f = jax.jit(lambda p, *a: model.apply({"params": p}, *a, **kw))  # noqa: B023
-        outs[sparse] = np.asarray(f.lower(params, *args).compile(compiler_options=O0)(params, *args))
+
+        def loss(p, *a, model=model):
+            out = model.apply({"params": p}, *a, **kw)
+            return jnp.sum(out * jnp.cos(jnp.arange(out.size).reshape(out.shape))), out
+
+        f = jax.jit(jax.value_and_grad(loss, has_aux=True))  # the parameters' gradients through the sparse op too
+        (_, out), g = f.lower(params, *args).compile(compiler_options=O0)(params, *args)
+        outs[sparse], grads[sparse] = np.asarray(out), jax.tree.map(np.asarray, g)
     assert np.abs(outs[False]).max() > 0
     np.testing.assert_allclose(outs[True], outs[False], atol=1e-4, rtol=1e-5)
+    flat_dense = jax.tree_util.tree_leaves_with_path(grads[False])
+    assert max(np.abs(g).max() for _, g in flat_dense) > 0
+    for (path, gd), gs in zip(flat_dense, jax.tree.leaves(grads[True]), strict=True):
+        np.testing.assert_allclose(gs, gd, atol=2e-4, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
 
 
 def test_dit_sorts_once_per_forward(dit_case):
