@@ -119,6 +119,7 @@ def test_config_errors_name_the_field():
         ddim.timesteps(1001)
 
 
+@pytest.mark.slow  # ~95 s; the ddim_v stage path trains in the suite through tests/test_unet_stage.py (tiny_unet)
 def test_a_stage_trains_and_samples_with_ddim_v(tmp_path):
     """The objective plugs in by name: a tiny stage 1 trains with it (loss finite, checkpointed) and the sampler of
     the generation pipeline runs DDIM over its trailing timesteps from the saved config."""

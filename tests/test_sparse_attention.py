@@ -214,7 +214,7 @@ def dit_case():
 O0 = {"xla_backend_optimization_level": 0}
 
 
-@pytest.mark.parametrize("scan", [True, False])
+@pytest.mark.parametrize("scan", [True, pytest.param(False, marks=pytest.mark.slow)])  # unrolled: slow (~15 s)
 def test_dit_sparse_equals_dense(scan, dit_case):
     params, args, kw = dit_case
     if scan:

@@ -321,6 +321,7 @@ def test_convert_cli_round_trip_is_bit_identical(sd_folders, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
+@pytest.mark.slow  # ~40 s; the backbone round trip stays in the suite
 def test_convert_cli_stage2_init_and_its_export(sd_folders, tmp_path):
     root, want = sd_folders
     src = f"diffusers-unet:{root / 'unet'},motion_adapter:{root / 'adapter'}"
