@@ -419,20 +419,8 @@ def expand_input_channels(params: Mapping, in_channels: int) -> dict:
     A T2V backbone with C = latent_channels inputs then sees only the noisy latent (channels first, as
     `conditioning.stage_input` orders them) and behaves exactly as before. Other leaves are returned as they are.
     """
-    flat = _flat(params)
-    key = ("patch_embedding", "kernel")
-    if key not in flat:
-        raise KeyError("dit.expand_input_channels: params have no patch_embedding/kernel; pass the DiT's 'params' "
-                       "collection (unboxed)")
-    kernel = flat[key]
-    have = kernel.shape[3]
-    if in_channels < have:
-        raise ValueError(f"dit.expand_input_channels: kernel has {have} input channels, more than "
-                         f"in_channels={in_channels}")
-    pad = [(0, 0)] * kernel.ndim
-    pad[3] = (0, in_channels - have)
-    flat[key] = jnp.pad(jnp.asarray(kernel), pad)
-    return traverse_util.unflatten_dict(flat)
+    return layers.widen_input_channels(params, ("patch_embedding", "kernel"), in_channels,
+                                       where="dit.expand_input_channels")
 
 
 def graft_backbone(params: Mapping, backbone: Mapping, *, ttm_layers: int, scan_layers: bool) -> dict:

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from ttm_jax.models import attention as attention_ops
 from ttm_jax.models import masks, sparse_attention
@@ -300,6 +301,24 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, q
     qt, kt, vt = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
     out = _attend((qt.astype(jnp.float32) * scale).astype(q.dtype), kt, vt, ids, float(scale))
     return out.transpose(0, 2, 1, 3)
+
+
+def widen_input_channels(params: Mapping, key: tuple[str, ...], in_channels: int, *, where: str) -> dict:
+    """`params` (unboxed) with the conv kernel at `key` (`[..., C, D]`: input channels second to last) zero-padded to
+    `in_channels` inputs: the first C inputs keep their weights, the new ones start at zero, so the model computes
+    what it did on its first C channels. Other leaves are returned as they are. `where` names the caller in errors."""
+    flat = traverse_util.flatten_dict(dict(params))
+    if key not in flat:
+        raise KeyError(f"{where}: params have no {'/'.join(key)}; pass the model's 'params' collection (unboxed)")
+    kernel = jnp.asarray(flat[key])
+    have = kernel.shape[-2]
+    if in_channels < have:
+        raise ValueError(f"{where}: {'/'.join(key[:-1])} has {have} input channels, more than "
+                         f"in_channels={in_channels}")
+    pad = [(0, 0)] * kernel.ndim
+    pad[-2] = (0, in_channels - have)
+    flat[key] = jnp.pad(kernel, pad)
+    return traverse_util.unflatten_dict(flat)
 
 
 def use_fused_attention(impl: str, q_ids: Any) -> bool:

@@ -691,18 +691,7 @@ def expand_input_channels(params: Mapping, in_channels: int) -> dict:
     """Widens `conv_in/kernel [3, 3, C, C0]` to `in_channels`, the new channels zero: a backbone with C latent
     inputs then sees only the first C channels (the noisy latent, as `conditioning.stage_input` orders them) and
     computes what it did before. Other leaves are returned as they are."""
-    flat = traverse_util.flatten_dict(dict(params))
-    key = ("conv_in", "kernel")
-    if key not in flat:
-        raise KeyError("unet.expand_input_channels: params have no conv_in/kernel; pass the U-Net's 'params' "
-                       "collection (unboxed)")
-    kernel = jnp.asarray(flat[key])
-    have = kernel.shape[2]
-    if in_channels < have:
-        raise ValueError(f"unet.expand_input_channels: conv_in has {have} input channels, more than "
-                         f"in_channels={in_channels}")
-    flat[key] = jnp.pad(kernel, [(0, 0), (0, 0), (0, in_channels - have), (0, 0)])
-    return traverse_util.unflatten_dict(flat)
+    return layers.widen_input_channels(params, ("conv_in", "kernel"), in_channels, where="unet.expand_input_channels")
 
 
 def graft_backbone(params: Mapping, backbone: Mapping) -> dict:
