@@ -64,30 +64,12 @@ def unet_config(stage: int, **overrides) -> config_lib.ml_collections.ConfigDict
     return config_lib.validate(c)
 
 
-class _FixedBatch:
-    """A checkpointable iterator (the Grain protocol the loop's checkpoint needs) over one batch of synthetic SA-V
-    videos in the batch contract (the same batch every step: the loss of a learning model falls)."""
-
-    def __init__(self, config):
-        from test_pipeline_e2e import _batches  # real synthetic videos, trajectories, masks and tokens
-
-        self.batch = _batches(config).batch
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        return self.batch
-
-    def get_state(self):
-        return b"{}"
-
-    def set_state(self, state):
-        del state
-
-
 def _iterator(config, **_):
-    return _FixedBatch(config)
+    """The same batch of real synthetic SA-V videos (trajectories, masks, tokens) every step, checkpointable
+    (test_pipeline_e2e's iterator: the loss of a learning model falls)."""
+    from test_pipeline_e2e import _batches
+
+    return _batches(config)
 
 
 # ------------------------------------------------------------------------------------------------------------ config
@@ -183,7 +165,7 @@ def test_two_stage_pipeline_samples_with_unet_stages(trained2, tmp_path):
     pipe = run.build_pipeline(run_config(wd1, wd2, num_steps=2, batch_size=1))
     assert isinstance(pipe.s1.stage.modules.model, unet_lib.UNet)
     assert isinstance(pipe.s2.stage.modules.model, unet_lib.UNet)
-    batch = _FixedBatch(unet_config(2)).batch
+    batch = _iterator(unet_config(2)).batch
     from PIL import Image
 
     Image.fromarray(batch["video"][0, 0]).save(tmp_path / "frame.png")
