@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pathlib
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -126,7 +127,8 @@ def selected(manifest: dict, max_videos: int) -> list[dict]:
 
 
 def _requests_file(benchmark: str, entries: Sequence[dict], path: str) -> str:
-    """A requests JSONL of `entries` with absolute paths (the benchmark's own, as `sav128.request_of` writes)."""
+    """A requests JSONL of `entries` with absolute paths (the benchmark's own, as `sav128.request_of` writes); left
+    as it is when it already holds them (scoring re-reads the files generation wrote)."""
     base = os.path.abspath(benchmark)
     lines = []
     for e in entries:
@@ -134,7 +136,9 @@ def _requests_file(benchmark: str, entries: Sequence[dict], path: str) -> str:
         r["image"] = os.path.join(base, r["image"])
         r["masks"] = [os.path.join(base, m) for m in r["masks"]]
         lines.append(json.dumps(r))
-    write_atomic(path, ("\n".join(lines) + "\n").encode())
+    data = ("\n".join(lines) + "\n").encode()
+    if not os.path.isfile(path) or pathlib.Path(path).read_bytes() != data:
+        write_atomic(path, data)
     return path
 
 
