@@ -13,6 +13,7 @@ import tarfile
 import numpy as np
 import pytest
 from PIL import Image
+from pycocotools import mask as mask_utils
 from sample_data import SAV_SAMPLE, needs_sample
 
 from ttm_jax.data import sav, video_io
@@ -51,6 +52,16 @@ def decoded_areas(manual_ann):
         assert m.shape == (1, 848, 480, 5) and m.dtype == bool
         areas.append(m.reshape(-1, 5).sum(0))
     return np.stack(areas)
+
+
+def test_masks_are_pycocotools_decodes_at_the_asked_positions_and_masklets(manual_ann):
+    pos, ms = [7, 0, 7, 60], [4, 1, 3]
+    m = manual_ann.masks(pos, ms)
+    assert m.shape == (4, 848, 480, 3) and m.dtype == bool
+    for i, j in enumerate(pos):
+        for c, k in enumerate(ms):
+            np.testing.assert_array_equal(m[i, ..., c], mask_utils.decode(manual_ann.rles[j][k]).astype(bool))
+    assert manual_ann.masks([3], []).shape == (1, 848, 480, 0)
 
 
 def test_real_manual_annotation_geometry(manual_ann, decoded_areas, real):

@@ -97,6 +97,23 @@ def test_vae_like_noise_and_dim_black():
     assert not tj.ids_from_trajectory(dim, 4).any()
 
 
+def test_choice_and_ids_do_not_depend_on_memory_layout():
+    """`sav.Annotation.masks` returns a transposed (masklet-major, column-major) view: scores, choice and ids read it
+    exactly as a C-contiguous copy."""
+    m = _moving_blobs(t=6, h=40, w=56, k=5)
+    strided = np.ascontiguousarray(m.transpose(0, 3, 2, 1)).transpose(0, 3, 2, 1)
+    assert not strided.flags.c_contiguous and np.array_equal(strided, m)
+    for a, b in zip(tj.object_scores(strided, motion_weight=0.7), tj.object_scores(m, motion_weight=0.7), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert tj.select_objects(strided[:, 4:36, 8:50], 3, min_area=0.01) == tj.select_objects(m[:, 4:36, 8:50], 3,
+                                                                                            min_area=0.01)
+    ids = tj.ids_from_masks(strided[..., [4, 1, 2]])
+    np.testing.assert_array_equal(ids, tj.ids_from_masks(m[..., [4, 1, 2]]))
+    assert ids.dtype == np.int32 and ids.shape == m.shape[:3] and set(np.unique(ids)) == {0, 1, 2, 3}
+    np.testing.assert_array_equal(tj.ids_from_masks(m[..., :0]), np.zeros(m.shape[:3], np.int32))
+    np.testing.assert_array_equal(tj.render_ids(ids), tj.PALETTE[ids])
+
+
 def test_object_scores_and_choice():
     t, h, w = 5, 40, 40
     m = np.zeros((t, h, w, 5), bool)

@@ -32,7 +32,9 @@ so masks and frames stay aligned. Portrait videos (SA-V has 848x480 H x W ones) 
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -146,6 +148,17 @@ def check_fps(ann: sav.Annotation, fps: float) -> None:
                         f"{ann.fps:g}, or drop video {ann.video_id} (or fix its video_duration)")
 
 
+_DECODERS: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
+
+
+def _decoder() -> concurrent.futures.ThreadPoolExecutor:
+    """This process' one video-decoding thread (per pid: a forked worker must not inherit its parent's)."""
+    pid = os.getpid()
+    if pid not in _DECODERS:
+        _DECODERS[pid] = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="clips-decode")
+    return _DECODERS[pid]
+
+
 def _example(ref: sav.VideoRef, ann: sav.Annotation, caption_entry: CaptionEntry,
              d: ml_collections.ConfigDict, seed: int) -> dict:
     rng = np.random.default_rng(seed)
@@ -165,16 +178,21 @@ def _example(ref: sav.VideoRef, ann: sav.Annotation, caption_entry: CaptionEntry
     area0 = ann.areas_at(int(pos[0]))
     need = max(1.0, min_area * (bottom - top) * (right - left))
     pool = [i for i in (range(ann.num_masklets) if candidates is None else candidates) if area0[i] >= need]
-    masks = ann.masks(uniq, pool)  # [U, h, w, len(pool)]: each annotated frame the clip uses, once
-    # choose among what the crop keeps (an object outside the box is not in the clip), scored over those frames
-    picked = trajectory.select_objects(masks[:, top:bottom, left:right], k_max, min_area=min_area,
-                                       motion_weight=float(d.get("motion_weight", 1.0)))
-    chosen = [pool[i] for i in picked]
-    frames = sav.read_frames(ref, frame_idx)
+
+    # the video decodes on a thread while the masks are worked on here (PyAV and numpy release the GIL)
+    decoding = _decoder().submit(sav.read_frames, ref, frame_idx)
+    try:
+        masks = ann.masks(uniq, pool)  # [U, h, w, len(pool)]: each annotated frame the clip uses, once
+        # choose among what the crop keeps (an object outside the box is not in the clip), scored over those frames
+        picked = trajectory.select_objects(masks[:, top:bottom, left:right], k_max, min_area=min_area,
+                                           motion_weight=float(d.get("motion_weight", 1.0)))
+        chosen = [pool[i] for i in picked]
+        ids = resize_ids(trajectory.ids_from_masks(masks[..., picked]), box, out_hw)[inverse.reshape(-1)]  # [T,H,W]
+    finally:
+        frames = decoding.result()  # a decode error wins: it says what is wrong with the file
     if frames.shape[1:3] != (ann.height, ann.width):
         raise SkipVideo("size_mismatch", ref.video.name, f"decodes to {frames.shape[1]}x{frames.shape[2]} (HxW) but "
                         f"{ann.file} says {ann.height}x{ann.width}")
-    ids = resize_ids(trajectory.ids_from_masks(masks[..., picked]), box, out_hw)[inverse.reshape(-1)]  # [T, H, W]
     # an object thinner than an output pixel can vanish in the resize; s0 must show every object, so drop it
     kept = [k for k in range(len(chosen)) if (ids[0] == k + 1).any()]
     if len(kept) < len(chosen):

@@ -171,14 +171,19 @@ class Annotation:
 
     def masks(self, positions: Sequence[int] | np.ndarray | None = None,
               masklets: Sequence[int] | None = None) -> np.ndarray:
-        """bool `[len(positions), H, W, len(masklets)]` at annotated-frame positions (not video frames)."""
+        """bool `[len(positions), H, W, len(masklets)]` at annotated-frame positions (not video frames).
+
+        A transposed view of a `[positions, masklets, W, H]` buffer: COCO RLE runs down columns, so each decoded mask
+        is copied without a transpose, and a masklet's pixels (and a crop's columns) stay contiguous; reductions over
+        the pixel axes (`trajectory.object_scores`) run several times faster than on a masklet-last copy.
+        """
         pos = np.arange(self.num_annotated) if positions is None else np.asarray(positions, np.int64).reshape(-1)
         ms = list(range(self.num_masklets)) if masklets is None else list(masklets)
-        out = np.zeros((len(pos), self.height, self.width, len(ms)), dtype=bool)
+        buf = np.zeros((len(pos), len(ms), self.width, self.height), dtype=bool)
         for i, j in enumerate(pos.tolist()):
-            if ms:
-                out[i] = mask_utils.decode([self.rles[j][m] for m in ms]).astype(bool)
-        return out
+            if ms:  # pycocotools decodes to a Fortran-order [H, W, n] uint8 array: its transpose is C-contiguous
+                buf[i] = mask_utils.decode([self.rles[j][m] for m in ms]).T.view(bool)
+        return buf.transpose(0, 3, 2, 1)
 
 
 # ----------------------------------------------------------------------------------------------- finding videos

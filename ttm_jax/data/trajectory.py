@@ -52,9 +52,10 @@ def id_of(color: Sequence[int]) -> int:
 def ids_from_masks(object_masks: np.ndarray) -> np.ndarray:
     """bool `[..., K]` -> int32 `[...]`: 1 + the lowest k whose mask is set (lower id wins), 0 where none is."""
     m = np.asarray(object_masks, dtype=bool)
-    ids = np.zeros(m.shape[:-1], np.int32)
+    # in the masks' memory order (any layout; `Annotation.masks` is a transposed view): each pass writes as it reads
+    ids = np.zeros_like(m[..., 0], np.int32) if m.shape[-1] else np.zeros(m.shape[:-1], np.int32)
     for k in range(m.shape[-1] - 1, -1, -1):  # paint the highest id first, so lower ids overwrite it
-        ids[m[..., k]] = k + 1
+        np.copyto(ids, k + 1, where=m[..., k])  # (boolean indexing is several times slower on a strided view)
     return ids
 
 
@@ -72,7 +73,7 @@ def render_ids(ids: np.ndarray) -> np.ndarray:
     ids = np.asarray(ids)
     if ids.size and (ids.min() < 0 or ids.max() > MAX_OBJECTS):
         raise ValueError(f"render_ids: ids in [{ids.min()}, {ids.max()}], outside [0, {MAX_OBJECTS}]")
-    return PALETTE[ids]
+    return np.take(PALETTE, ids, axis=0)  # = PALETTE[ids], several times faster
 
 
 def render(object_masks: np.ndarray) -> np.ndarray:
@@ -117,13 +118,14 @@ def object_scores(masks: np.ndarray, *, motion_weight: float = 1.0) -> tuple[np.
     """
     m = np.asarray(masks, dtype=bool)
     t, h, w, n = m.shape
-    area = m.reshape(t, h * w, n).sum(1).astype(np.float64)  # [T, M]
+    # counts over the pixel axes of any layout (a reshape would copy a strided view such as `Annotation.masks`)
+    area = np.count_nonzero(m, axis=(1, 2)).astype(np.float64)  # [T, M]
     vis = area > 0
     size = np.where(vis.any(0), area.sum(0) / np.maximum(vis.sum(0), 1), 0.0) / (h * w)
     if t > 1:
-        a, b = m[:-1].reshape(t - 1, h * w, n), m[1:].reshape(t - 1, h * w, n)
-        inter = (a & b).sum(1).astype(np.float64)
-        union = (a | b).sum(1).astype(np.float64)
+        a, b = m[:-1], m[1:]
+        inter = np.count_nonzero(a & b, axis=(1, 2)).astype(np.float64)
+        union = np.count_nonzero(a | b, axis=(1, 2)).astype(np.float64)
         iou = np.where(union > 0, inter / np.maximum(union, 1), 1.0)  # both empty: no change
         motion = 1.0 - iou.mean(0)
     else:
@@ -146,7 +148,7 @@ def select_objects(masks: np.ndarray, max_objects: int, *, min_area: float = 0.0
     m = np.asarray(masks, dtype=bool)
     t, h, w, n = m.shape
     cand = list(range(n)) if candidates is None else sorted(set(int(c) for c in candidates))
-    first = m[0].reshape(h * w, n).sum(0) / (h * w)
+    first = np.count_nonzero(m[0], axis=(0, 1)) / (h * w)
     cand = [c for c in cand if first[c] > 0 and first[c] >= min_area]
     if not cand or max_objects <= 0:
         return []
