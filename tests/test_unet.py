@@ -12,6 +12,7 @@ reach another object's outputs), across frames or per frame.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -43,6 +44,23 @@ def _perturb(model: torch.nn.Module, seed: int) -> None:
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=gen) * (0.02 if p.ndim > 1 else 0.1))
+
+
+def save_sd15_folders(root, *, seed: int) -> UNetMotionModel:
+    """SD 1.5's layout in small, saved as a user has it: `root/unet` (UNet2DConditionModel, head count in
+    `attention_head_dim`) and `root/adapter` (a V3-like MotionAdapter, no motion mid block), random values on every
+    parameter (torch seeded with `seed`); returns the `UNetMotionModel` diffusers makes of them."""
+    torch.manual_seed(seed)
+    unet2d = UNet2DConditionModel(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
+                                  norm_num_groups=8, cross_attention_dim=16, attention_head_dim=2, sample_size=16)
+    adapter = MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=1, motion_num_attention_heads=2,
+                            motion_norm_num_groups=8, motion_max_seq_length=8, use_motion_mid_block=False)
+    _perturb(unet2d, 1)
+    _perturb(adapter, 2)
+    unet2d.save_pretrained(os.path.join(root, "unet"), safe_serialization=True)
+    adapter.save_pretrained(os.path.join(root, "adapter"), safe_serialization=True)
+    return UNetMotionModel.from_unet2d(unet2d, adapter)
 
 
 @pytest.fixture(scope="module")
@@ -126,17 +144,7 @@ def test_round_trip_bit_identical(torch_unet, state_dict, converted, tmp_path):
 def test_sd15_unet_plus_motion_adapter_folders(tmp_path):
     # the real-world source: SD 1.5's unet/ (UNet2DConditionModel, head count in `attention_head_dim`) + a
     # MotionAdapter folder; their keys together are UNetMotionModel.from_unet2d's
-    torch.manual_seed(1)
-    unet2d = UNet2DConditionModel(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
-                                  norm_num_groups=8, cross_attention_dim=16, attention_head_dim=2, sample_size=16)
-    adapter = MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=1, motion_num_attention_heads=2,
-                            motion_norm_num_groups=8, motion_max_seq_length=8, use_motion_mid_block=False)
-    _perturb(unet2d, 1)
-    _perturb(adapter, 2)
-    unet2d.save_pretrained(tmp_path / "unet", safe_serialization=True)
-    adapter.save_pretrained(tmp_path / "adapter", safe_serialization=True)
-    merged = UNetMotionModel.from_unet2d(unet2d, adapter)
+    merged = save_sd15_folders(tmp_path, seed=1)
     sd = {k: v.numpy() for k, v in merged.state_dict().items()}
     cfg, cin, cout, params = convert.load_diffusers_folders(str(tmp_path / "unet"), str(tmp_path / "adapter"))
     assert (cfg.use_motion_mid_block, cfg.heads, cfg.motion_max_seq_length) == (False, (2, 2), 8)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
+from diffusers import UNetMotionModel
 from safetensors.torch import load_file
 
 from ttm_jax import config as config_lib
@@ -249,29 +249,14 @@ def test_encode_text_keeps_padding_for_clip_and_zeroes_it_for_t5():
 # ------------------------------------------------------------------------------------------------------------ convert
 
 
-def _perturb(model: torch.nn.Module, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * (0.02 if p.ndim > 1 else 0.1))
-
-
 @pytest.fixture(scope="module")
 def sd_folders(tmp_path_factory):
     """SD 1.5's layout in small: a `unet/` folder (UNet2DConditionModel) and a V3-like MotionAdapter folder (no
     motion mid block), random values on every parameter; and the `UNetMotionModel` diffusers makes of them."""
+    from test_unet import save_sd15_folders
+
     root = tmp_path_factory.mktemp("sd")
-    torch.manual_seed(0)
-    unet2d = UNet2DConditionModel(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
-                                  norm_num_groups=8, cross_attention_dim=16, attention_head_dim=2, sample_size=16)
-    adapter = MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=1, motion_num_attention_heads=2,
-                            motion_norm_num_groups=8, motion_max_seq_length=8, use_motion_mid_block=False)
-    _perturb(unet2d, 1)
-    _perturb(adapter, 2)
-    unet2d.save_pretrained(root / "unet", safe_serialization=True)
-    adapter.save_pretrained(root / "adapter", safe_serialization=True)
-    merged = UNetMotionModel.from_unet2d(unet2d, adapter)
+    merged = save_sd15_folders(root, seed=0)
     return root, {k: v.clone() for k, v in merged.state_dict().items()}
 
 
