@@ -25,6 +25,21 @@ def test_round_trip_is_bit_exact(tf, s, shape):
     np.testing.assert_array_equal(np.asarray(ae.decode(z)), x)
 
 
+def test_normalised_latent_is_the_shifted_scaled_pixels_and_decodes_back():
+    raw = autoencoder.SpaceToDepth(time_factor=1, space_factor=2)
+    ae = autoencoder.SpaceToDepth(time_factor=1, space_factor=2, scaling_factor=4.0, shift_factor=-0.5)
+    x = _video((2, 3, 4, 6, 3))
+    z = np.asarray(ae.encode(x))
+    np.testing.assert_array_equal(z, (np.asarray(raw.encode(x)) + 0.5) * 4.0)
+    np.testing.assert_allclose(np.asarray(ae.decode(z)), x, atol=1e-6)
+    # the config fields reach the registry's autoencoder
+    cfg = config_lib.build(2, "tiny_unet").autoencoder
+    cfg.update(scaling_factor=4.0, shift_factor=-0.5)
+    np.testing.assert_array_equal(np.asarray(registry.make_autoencoder(cfg).encode(x)), z)
+    with pytest.raises(ValueError, match=r"config\.autoencoder\.scaling_factor"):
+        autoencoder.SpaceToDepth(scaling_factor=0.0)
+
+
 def test_round_trip_inside_jit_keeps_bfloat16():
     ae = autoencoder.SpaceToDepth(time_factor=4, space_factor=2)
     x = jnp.asarray(_video((1, 5, 4, 6, 3)), jnp.bfloat16)

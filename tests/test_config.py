@@ -23,7 +23,9 @@ RUNLOCAL = {
 }
 # ... except the clip shape where the variant's grid needs another: the SD VAE has no time compression (2 latent
 # frames = 2 frames) and the SD 1.5 U-Net halves 8-cell latents three times (64 pixels)
-RUNLOCAL_SHAPE = {"animatediff": {"data.num_frames": 2, "data.height": 64, "data.width": 64}}
+# runlocal's clip is the shortest with motion: 2 latent frames (tiny_unet's latent is per frame: 2 frames)
+RUNLOCAL_SHAPE = {"animatediff": {"data.num_frames": 2, "data.height": 64, "data.width": 64},
+                  "tiny_unet": {"data.num_frames": 2}}
 
 
 def _flat(c: ml_collections.ConfigDict) -> dict:
@@ -60,6 +62,15 @@ def test_wan13b_shapes():
     assert config_lib.build(2, "wan1.3b").autoencoder.latent_channels == 16
 
 
+def test_latent_normalisation_is_space_to_depth_only():
+    c = config_lib.build(2, "wan1.3b")
+    assert (c.autoencoder.scaling_factor, c.autoencoder.shift_factor) == (1.0, 0.0)
+    c.autoencoder.shift_factor = 0.5
+    with pytest.raises(config_lib.ConfigError, match=r"config\.autoencoder\.scaling_factor: 1\.0 \(shift_factor 0\.5\) "
+                                                     r"but the wan VAE"):
+        config_lib.validate(c)
+
+
 def test_arg_forms_agree():
     assert config_lib.build(2, "mid").to_dict() == config_lib.build(2, "variant=mid").to_dict()
     assert config_lib.build(2, None).variant == "tiny"
@@ -75,6 +86,7 @@ def test_arg_forms_agree():
         ("data.height", 61, "config.data.height"),
         ("model.remat_policy", "some", "config.model.remat_policy"),
         ("autoencoder.latent_channels", 7, "config.autoencoder.latent_channels"),
+        ("autoencoder.scaling_factor", 0.0, "config.autoencoder.scaling_factor"),
         ("data.annotation", "both_", "config.data.annotation"),
     ],
 )

@@ -45,13 +45,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def unet_config(stage: int, **overrides) -> config_lib.ml_collections.ConfigDict:
-    """tiny_unet, shrunk: 2 levels of 32 / 64 channels on a 3 x 8 x 8 latent (space_to_depth 4x4x4: 192 channels),
-    text width 16; the TTM spatial transformer's masked self-attention spans the 3 frames (192 tokens)."""
+    """tiny_unet, shrunk: 2 levels of 32 / 64 channels on a 3 x 8 x 8 latent (space_to_depth 4x4x4: 192 channels;
+    the variant's own latent is per frame, 9 x 16 x 16 x 12), text width 16; the TTM spatial transformer's masked
+    self-attention spans the 3 frames (192 tokens)."""
     c = config_lib.build(stage, "tiny_unet")
-    c.model.unet.update(block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=16)
+    c.model.unet.update(block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=16,
+                        ttm_self_across_frames=True, motion_max_seq_length=8)
     c.text_encoder.update(d_model=16, num_layers=1, num_heads=2, d_kv=8, d_ff=32, max_length=8, local_max_length=4)
     c.data.update(max_objects=2)
-    c.autoencoder.update(space_factor=4, latent_channels=192)
+    c.autoencoder.update(time_factor=4, space_factor=4, latent_channels=192)
     c.train.update(batch_size=2, total_steps=2, checkpoint_every_steps=100, log_every_steps=1, sample_every_steps=0,
                    tensorboard=False)
     c.optim.update(learning_rate=1e-3, warmup_steps=2)
@@ -97,7 +99,7 @@ def test_unet_variants_validate_and_build_the_unet(stage):
     ("model.unet.norm_num_groups", 24, r"config\.model\.unet\.norm_num_groups: 24 does not divide"),
     ("model.unet.num_attention_heads", 5, r"config\.model\.unet\.num_attention_heads: 5 heads"),
     ("model.ttm_layers", 2, r"config\.model\.ttm_layers: 2 must be in \[0, 1\]"),
-    ("model.unet.motion_max_seq_length", 2, r"config\.model\.unet\.motion_max_seq_length: 2 but the clip has 3"),
+    ("model.unet.motion_max_seq_length", 2, r"config\.model\.unet\.motion_max_seq_length: 2 but the clip has 9"),
     ("data.height", 34, r"config\.data\.height: 34 must be a multiple of .* = 4"),
     ("model.unet.down_block_types", ("CrossAttnDownBlockMotion",), r"config\.model\.unet\.down_block_types"),
 ])

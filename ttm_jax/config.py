@@ -85,10 +85,20 @@ def parse_arg(arg: str | None, defaults: Mapping[str, Any] | None = None, *, bar
 # ------------------------------------------------------------------------------------------------------ variants
 
 
-def _space_to_depth(*, time_factor: int, space_factor: int) -> dict[str, Any]:
-    """The exact, parameter-free autoencoder: pixels (s x s x t patches) become channels."""
+def _space_to_depth(*, time_factor: int, space_factor: int, scaling_factor: float = 1.0,
+                    shift_factor: float = 0.0) -> dict[str, Any]:
+    """The exact, parameter-free autoencoder: pixels (s x s x t patches) become channels, then
+    `(pixels - shift_factor) * scaling_factor` (1 and 0: the raw pixels, the round trip bit-exact)."""
     return {"name": "space_to_depth", "time_factor": time_factor, "space_factor": space_factor,
-            "latent_channels": 3 * space_factor**2 * time_factor}
+            "latent_channels": 3 * space_factor**2 * time_factor, "scaling_factor": scaling_factor,
+            "shift_factor": shift_factor}
+
+
+def _vae(name: str, *, latent_channels: int, time_factor: int, space_factor: int) -> dict[str, Any]:
+    """A VAE from a user path (`autoencoder.path`): its latent normalisation is its weights' config.json's, so
+    `scaling_factor` / `shift_factor` stay 1 and 0 here."""
+    return {"name": name, "latent_channels": latent_channels, "time_factor": time_factor,
+            "space_factor": space_factor, "scaling_factor": 1.0, "shift_factor": 0.0}
 
 
 def _word_t5(*, d_model: int, num_heads: int, d_kv: int, d_ff: int) -> dict[str, Any]:
@@ -181,7 +191,7 @@ _VARIANT_TABLE: dict[str, dict[str, dict[str, Any]]] = {
         # The paper adds masked layers to 10 of 40 DiT blocks; the same quarter of Wan-1.3B's 30 is 8.
         "model": {"dim": 1536, "num_layers": 30, "num_heads": 12, "ffn_dim": 8960, "text_dim": 4096, "freq_dim": 256,
                   "ttm_layers": 8, "patch_size": (1, 2, 2)},
-        "autoencoder": {"name": "wan", "latent_channels": 16, "time_factor": 4, "space_factor": 8},
+        "autoencoder": _vae("wan", latent_channels=16, time_factor=4, space_factor=8),
         # umT5-XXL encoder, as Wan 2.1
         "text_encoder": {"name": "umt5", "vocab_size": 256384, "d_model": 4096, "num_layers": 24, "num_heads": 64,
                          "d_kv": 64, "d_ff": 10240, "per_layer_bias": True, "tokenizer": "sentencepiece",
@@ -196,14 +206,19 @@ _VARIANT_TABLE: dict[str, dict[str, dict[str, Any]]] = {
     # U-Net variants (`backbone="unet"`): the model section is {backbone, ttm_layers, unet: `_unet(...)`}; every other
     # section has the same keys as the DiT variants'.
     "tiny_unet": {
-        # 2 levels (16x16 and 8x8 latent cells), the first spatial transformer with TTM's layers: 768 tokens (3 frames
-        # x 16 x 16) in its masked self-attention; a level's channels (64) exceed a latent cell's values (48)
+        # 2 levels (16x16 and 8x8 latent cells), the first spatial transformer with TTM's layers. The latent is per
+        # frame, as SD's VAE (12 values per cell: 2 x 2 pixels x RGB, 9 latent frames): with tiny's time-grouped latent
+        # (4 frames in 48 channels) this U-Net learned to predict the clean latent from the conditions and ignored the
+        # noisy input (README, Models). Masked self-attention per frame: 256 tokens (across frames: 2,304).
         "model": {"backbone": "unet", "ttm_layers": 1,
                   "unet": _unet(block_out_channels=(64, 128), down_block_types=(UNET_CROSS_DOWN, UNET_PLAIN_DOWN),
                                 up_block_types=(UNET_PLAIN_UP, UNET_CROSS_UP), layers_per_block=1,
                                 num_attention_heads=2, cross_attention_dim=32, norm_num_groups=16,
-                                motion_num_attention_heads=2, motion_max_seq_length=8)},
-        "autoencoder": _space_to_depth(time_factor=4, space_factor=2),
+                                motion_num_attention_heads=2, motion_max_seq_length=16,
+                                ttm_self_across_frames=False)},
+        # latents of about unit variance, as SD's VAE scales its (0.18215): the synthetic SA-V pixels have mean -0.46
+        # and std 0.24 in [-1, 1]; at the raw scale the 20-step DDIM samples were still noise at step 300
+        "autoencoder": _space_to_depth(time_factor=1, space_factor=2, scaling_factor=4.0, shift_factor=-0.46),
         "text_encoder": _word_t5(d_model=32, num_heads=2, d_kv=16, d_ff=64),
         "data": {"num_frames": 9, "height": 32, "width": 32},
         "train": {"batch_size": 4, "total_steps": 600, "checkpoint_every_steps": 100, "sample_every_steps": 300},
@@ -216,7 +231,7 @@ _VARIANT_TABLE: dict[str, dict[str, dict[str, Any]]] = {
         # of the encoder; SD 1.5's VAE per frame and CLIP ViT-L/14 (text_encoder.path, autoencoder.path: diffusers /
         # transformers folders); zero-terminal-SNR v-prediction with trailing DDIM (objective section's defaults)
         "model": {"backbone": "unet", "ttm_layers": 6, "unet": _unet()},
-        "autoencoder": {"name": "sd", "latent_channels": 4, "time_factor": 1, "space_factor": 8},
+        "autoencoder": _vae("sd", latent_channels=4, time_factor=1, space_factor=8),
         "text_encoder": _clip_l14(local_max_length=32),
         "data": {"num_frames": 16, "height": 512, "width": 512},
         # run size as wan1.3b's (paper: constant LR after warm-up)
@@ -279,6 +294,8 @@ def _autoencoder(v: Mapping[str, Any]) -> ml_collections.ConfigDict:
     a.path = ""  # Wan / SD VAE: a diffusers AutoencoderKLWan / AutoencoderKL folder; unused by space_to_depth
     a.dtype = "float32"  # Wan VAE compute dtype (params stay float32); bfloat16 on accelerators
     a.chunk_frames = 1  # Wan VAE: latent frames per causal time chunk (memory ~ chunk); 0: whole clip in one pass
+    # `scaling_factor`, `shift_factor` (the table's): space_to_depth latent = (pixels - shift_factor) *
+    # scaling_factor (diffusers' names); the SD and Wan VAEs normalise as their weights' config.json says (1 and 0)
     return a
 
 
@@ -589,6 +606,13 @@ def _check_autoencoder(config: ml_collections.ConfigDict) -> None:
         _check(a.latent_channels > 0 and a.space_factor > 0, "autoencoder",
                "latent_channels and space_factor must be positive (SD 1.5: 4 and 8); the weights' config.json is "
                "checked against them when the VAE loads")
+    scale, shift = a.get("scaling_factor", 1.0), a.get("shift_factor", 0.0)
+    _check(isinstance(scale, (int, float)) and scale > 0, "autoencoder.scaling_factor", f"{scale!r} must be > 0")
+    _check(isinstance(shift, (int, float)), "autoencoder.shift_factor", f"{shift!r} must be a number")
+    if a.name != "space_to_depth":
+        _check(scale == 1.0 and shift == 0.0, "autoencoder.scaling_factor",
+               f"{scale} (shift_factor {shift}) but the {a.name} VAE normalises its latents as its weights' "
+               "config.json says; leave scaling_factor=1 and shift_factor=0")
     if a.name == "space_to_depth":
         want = 3 * a.space_factor**2 * a.time_factor
         _check(a.latent_channels == want, "autoencoder.latent_channels",

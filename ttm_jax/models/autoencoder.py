@@ -55,17 +55,29 @@ class SpaceToDepth:
     Latent channels are ordered `(dt, dy, dx, rgb)` with `dt` the frame slot inside the latent frame's `time_factor`
     slots, `dy, dx` the pixel inside the `space_factor x space_factor` patch. Frame 0 has no frames to group with, so
     it is repeated in all `time_factor` slots of latent frame 0 (every channel is a real pixel value, not padding);
-    `decode` reads it back from slot 0. `decode(encode(x)) == x` bit for bit, any dtype.
+    `decode` reads it back from slot 0. `decode(encode(x)) == x` bit for bit, any dtype, at the default
+    `scaling_factor=1, shift_factor=0` (otherwise to rounding).
     """
 
     time_factor: int = 4
     space_factor: int = 4
+    # latent = (pixels - shift_factor) * scaling_factor, as diffusers' VAEs normalise theirs (SD 1.5: scale 0.18215):
+    # the noise schedule assumes latents of about unit variance. 1 and 0 (the default) keep the round trip exact.
+    scaling_factor: float = 1.0
+    shift_factor: float = 0.0
 
     def __post_init__(self):
         for name in ("time_factor", "space_factor"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"autoencoder.{name}: {v!r} must be a positive int; fix config.autoencoder.{name}")
+        if not self.scaling_factor > 0:
+            raise ValueError(f"autoencoder.scaling_factor: {self.scaling_factor!r} must be > 0; fix "
+                             f"config.autoencoder.scaling_factor")
+
+    @property
+    def _normalised(self) -> bool:
+        return self.scaling_factor != 1.0 or self.shift_factor != 0.0
 
     @property
     def latent_channels(self) -> int:
@@ -93,7 +105,10 @@ class SpaceToDepth:
         lt = frames.shape[1] // tf
         x = frames.reshape(b, lt, tf, h // s, s, w // s, s, c)
         x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7)  # [B, T', H', W', dt, dy, dx, rgb]
-        return x.reshape(b, lt, h // s, w // s, tf * s * s * c)
+        x = x.reshape(b, lt, h // s, w // s, tf * s * s * c)
+        if self._normalised:
+            x = ((x - self.shift_factor) * self.scaling_factor).astype(x.dtype)
+        return x
 
     def decode(self, latent: jax.Array) -> jax.Array:
         """`[B, T', H', W', 3*s*s*tf]` -> `[B, 1 + (T'-1)*tf, H'*s, W'*s, 3]`; dtype kept."""
@@ -104,6 +119,8 @@ class SpaceToDepth:
                 f"SpaceToDepth.decode: latent must be [B, T', H', W', {self.latent_channels}] (3 * space_factor^2 * "
                 f"time_factor), got shape {tuple(latent.shape)}")
         b, lt, hh, ww, _ = latent.shape
+        if self._normalised:
+            latent = (latent / self.scaling_factor + self.shift_factor).astype(latent.dtype)
         x = latent.reshape(b, lt, hh, ww, tf, s, s, 3)
         x = x.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, lt * tf, hh * s, ww * s, 3)
         # latent frame 0 holds frame 0 in every slot; slot 0 is the frame itself
@@ -113,7 +130,9 @@ class SpaceToDepth:
 def make_space_to_depth(config: ml_collections.ConfigDict) -> SpaceToDepth:
     """`SpaceToDepth` from `config.autoencoder` (the `space_to_depth` entry of `ttm_jax.assembly.registry`), its
     `latent_channels` checked."""
-    ae = SpaceToDepth(time_factor=int(config.time_factor), space_factor=int(config.space_factor))
+    ae = SpaceToDepth(time_factor=int(config.time_factor), space_factor=int(config.space_factor),
+                      scaling_factor=float(config.get("scaling_factor", 1.0)),
+                      shift_factor=float(config.get("shift_factor", 0.0)))
     if int(config.latent_channels) != ae.latent_channels:
         raise ValueError(
             f"config.autoencoder.latent_channels: {config.latent_channels} but space_to_depth with space_factor="
