@@ -53,7 +53,7 @@ def unet_config(stage: int, **overrides) -> config_lib.ml_collections.ConfigDict
                         ttm_self_across_frames=True, motion_max_seq_length=8)
     c.text_encoder.update(d_model=16, num_layers=1, num_heads=2, d_kv=8, d_ff=32, max_length=8, local_max_length=4)
     c.data.update(max_objects=2)
-    c.autoencoder.update(time_factor=4, space_factor=4, latent_channels=192)
+    c.autoencoder.update(time_factor=4, space_factor=4, latent_channels=192, scaling_factor=1.0, shift_factor=0.0)
     c.train.update(batch_size=2, total_steps=2, checkpoint_every_steps=100, log_every_steps=1, sample_every_steps=0,
                    tensorboard=False)
     c.optim.update(learning_rate=1e-3, warmup_steps=2)
