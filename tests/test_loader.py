@@ -221,3 +221,9 @@ def test_cached_latents_reach_the_batch(tmp_path):
     other.autoencoder.latent_channels = 3 * 8 * 8 * 4
     with pytest.raises(ValueError, match=r"cached latents.*space_factor"):
         loader.make_train_iterator(other, process_index=0, process_count=1, workdir="/x")
+    # ... and latents of another normalisation
+    other = _config(out)
+    other.autoencoder.scaling_factor = 4.0
+    with pytest.raises(ValueError, match=r"cached latents.*\{'scaling_factor': 1\.0\} but config\.autoencoder has "
+                                         r"\{'scaling_factor': 4\.0\}"):
+        loader.make_train_iterator(other, process_index=0, process_count=1, workdir="/x")
