@@ -36,6 +36,9 @@ ATTENTION_IMPLS = ("xla", "splash", "gpu")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 AUTOENCODERS = ("space_to_depth", "wan", "sd")
+# the latent normalisation that leaves an autoencoder's latents as they are: space_to_depth's default, a cache
+# manifest's before the fields existed, and the only one the Wan / SD VAEs take here (theirs: their config.json's)
+IDENTITY_LATENT_NORM = {"scaling_factor": 1.0, "shift_factor": 0.0}
 CROSS_IDS_FROM = ("bbox", "mask")
 # The keys of a stage config's argument and their defaults (`parse_arg`).
 STAGE_ARGS: dict[str, Any] = {"variant": "tiny", "runlocal": False}
@@ -98,7 +101,7 @@ def _vae(name: str, *, latent_channels: int, time_factor: int, space_factor: int
     """A VAE from a user path (`autoencoder.path`): its latent normalisation is its weights' config.json's, so
     `scaling_factor` / `shift_factor` stay 1 and 0 here."""
     return {"name": name, "latent_channels": latent_channels, "time_factor": time_factor,
-            "space_factor": space_factor, "scaling_factor": 1.0, "shift_factor": 0.0}
+            "space_factor": space_factor, **IDENTITY_LATENT_NORM}
 
 
 def _word_t5(*, d_model: int, num_heads: int, d_kv: int, d_ff: int) -> dict[str, Any]:
@@ -606,11 +609,11 @@ def _check_autoencoder(config: ml_collections.ConfigDict) -> None:
         _check(a.latent_channels > 0 and a.space_factor > 0, "autoencoder",
                "latent_channels and space_factor must be positive (SD 1.5: 4 and 8); the weights' config.json is "
                "checked against them when the VAE loads")
-    scale, shift = a.get("scaling_factor", 1.0), a.get("shift_factor", 0.0)
+    scale, shift = (a.get(k, d) for k, d in IDENTITY_LATENT_NORM.items())
     _check(isinstance(scale, (int, float)) and scale > 0, "autoencoder.scaling_factor", f"{scale!r} must be > 0")
     _check(isinstance(shift, (int, float)), "autoencoder.shift_factor", f"{shift!r} must be a number")
     if a.name != "space_to_depth":
-        _check(scale == 1.0 and shift == 0.0, "autoencoder.scaling_factor",
+        _check((scale, shift) == tuple(IDENTITY_LATENT_NORM.values()), "autoencoder.scaling_factor",
                f"{scale} (shift_factor {shift}) but the {a.name} VAE normalises its latents as its weights' "
                "config.json says; leave scaling_factor=1 and shift_factor=0")
     if a.name == "space_to_depth":

@@ -46,15 +46,14 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+from ttm_jax import config as config_lib
 from ttm_jax.data import clips, prepare, records, synthetic, tfds_sav
 from ttm_jax.models.tokenizer import make_tokenizer
 
 # data-config keys whose mismatch with the prepared records changes batch shapes: an error, not a warning
 SHAPE_KEYS = ("num_frames", "height", "width", "max_objects")
-# autoencoder keys that make cached latents mean something else
+# autoencoder keys that make cached latents mean something else (and `config.IDENTITY_LATENT_NORM`'s, absent = identity)
 LATENT_KEYS = ("name", "time_factor", "space_factor", "latent_channels", "path")
-# ... and the latent normalisation, with the value a manifest written before the field existed meant
-LATENT_NORM_KEYS = {"scaling_factor": 1.0, "shift_factor": 0.0}
 SOURCE_FPS = 24.0
 MIN_SYNTHETIC_SIDE = 128
 
@@ -162,7 +161,7 @@ def check_manifest(manifest: dict, config: ml_collections.ConfigDict, folder: st
     if lat is not None:
         ae = config.autoencoder.to_dict()
         differ = sorted([k for k in LATENT_KEYS if lat.get(k) != ae.get(k)]
-                        + [k for k, d in LATENT_NORM_KEYS.items() if lat.get(k, d) != ae.get(k, d)])
+                        + [k for k, d in config_lib.IDENTITY_LATENT_NORM.items() if lat.get(k, d) != ae.get(k, d)])
         if differ:
             raise ValueError(f"{where}: cached latents were made by autoencoder "
                              f"{ {k: lat.get(k) for k in differ} } but config.autoencoder has "

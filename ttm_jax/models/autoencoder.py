@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from ttm_jax.config import IDENTITY_LATENT_NORM
+
 
 @runtime_checkable
 class Autoencoder(Protocol):
@@ -77,7 +79,7 @@ class SpaceToDepth:
 
     @property
     def _normalised(self) -> bool:
-        return self.scaling_factor != 1.0 or self.shift_factor != 0.0
+        return (self.scaling_factor, self.shift_factor) != tuple(IDENTITY_LATENT_NORM.values())
 
     @property
     def latent_channels(self) -> int:
@@ -131,8 +133,7 @@ def make_space_to_depth(config: ml_collections.ConfigDict) -> SpaceToDepth:
     """`SpaceToDepth` from `config.autoencoder` (the `space_to_depth` entry of `ttm_jax.assembly.registry`), its
     `latent_channels` checked."""
     ae = SpaceToDepth(time_factor=int(config.time_factor), space_factor=int(config.space_factor),
-                      scaling_factor=float(config.get("scaling_factor", 1.0)),
-                      shift_factor=float(config.get("shift_factor", 0.0)))
+                      **{k: float(config.get(k, d)) for k, d in IDENTITY_LATENT_NORM.items()})
     if int(config.latent_channels) != ae.latent_channels:
         raise ValueError(
             f"config.autoencoder.latent_channels: {config.latent_channels} but space_to_depth with space_factor="
