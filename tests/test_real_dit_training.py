@@ -86,6 +86,7 @@ def test_resume_equals_uninterrupted(modules, uninterrupted, step_two):
         assert np.abs(ttm[layer]["attn"]["to_out"]["kernel"]).max() > 1e-4, layer
 
 
+@pytest.mark.slow  # ~26 s; in the suite: test_train_sharding's 8-device (data 2 x fsdp 4) run equals 1 device
 def test_eight_devices_fsdp_equal_one_device(modules, step_two, tmp_path):
     one, _, one_params = step_two
     eight = loop.train(_cfg(2, fsdp=8), str(tmp_path), modules=modules, make_iterator=fx.iterator_factory())
