@@ -14,7 +14,10 @@ Prints ONE markdown table (progress lines go to stderr), headed by the device, w
      as the yardstick and the tolerance the row is judged by.
   b  object-sparse masked self-attention (`config.model.attention_sparse`, ttm_jax/models/sparse_attention.py) vs the
      dense masked path of the backend, forward and forward+backward, on a scene whose largest segment holds half the
-     tokens (ideal speed-up 3x: sum n_k^2 / N^2 = 1/4 + 3/36); "not available" when this checkout has no sparse path.
+     tokens (ideal speed-up 3x: sum n_k^2 / N^2 = 1/4 + 3/36): the sparse op with the backend's kernel (splash with
+     its on-device block table on TPU, the Pallas kernel on GPU; ttm_jax/models/sparse_pallas.py) and with the XLA
+     block loop, each with its max abs difference from the dense path (values / gradients); "not available" when
+     this checkout has no sparse path.
   c  the `wan1.3b` stage-2 train step (`ttm_jax.train.step.make_train_step`: DiT forward + backward + AdamW) at
      480x832, 81 frames (21x30x52 = 32,760 tokens), batch 1, bf16 compute, fp32 params, full remat, the backend's
      attention kernel; random weights, a synthetic batch fed straight into the jitted step (no data pipeline) that
@@ -366,29 +369,40 @@ def section_sparse(report: Report, quick: bool) -> None:
     q, k, v = (jnp.asarray(rng.standard_normal((1, n, heads, head_dim)), jnp.float32).astype(dtype)
                for _ in range(3))
 
-    prepared = {"dense": ids, "sparse": jax.block_until_ready(prepare(ids))}
 
     def dense(q, k, v, ids):
         return attention_lib.dot_product_attention(q, k, v, q_ids=ids, impl=dense_impl, interpret=False)
 
-    fns = {"dense": dense, "sparse": sparse}
-    fwd = {name: jax.jit(f) for name, f in fns.items()}
-    grad = {name: jax.jit(jax.grad(lambda q, k, v, s, f=f: jnp.sum(f(q, k, v, s).astype(jnp.float32)),
-                                   argnums=(0, 1, 2))) for name, f in fns.items()}
-    outs = {name: fwd[name](q, k, v, prepared[name]).astype(jnp.float32) for name in fns}
-    err = float(jnp.max(jnp.abs(outs["sparse"] - outs["dense"])))
+    # the sparse op with the backend's kernel (splash on TPU, the Pallas kernel on GPU) and with the XLA block loop
+    takes_impl = "impl" in inspect.signature(sparse).parameters
+    impls = list(dict.fromkeys([dense_impl, "xla"])) if takes_impl else [None]
+    fns = {"dense": (dense, ids)}
+    for impl in impls:  # each kernel with the sort (block sizes) made for it, outside the timing
+        name = "sparse" if impl is None else f"sparse {impl}"
+        prepared = jax.block_until_ready(prepare(ids) if impl is None else prepare(ids, impl=impl))
+        fns[name] = ((lambda q, k, v, s, impl=impl: sparse(q, k, v, s, impl=impl)) if impl else sparse, prepared)
+    fwd = {name: jax.jit(f) for name, (f, _) in fns.items()}
+    grad = {name: jax.jit(jax.grad(lambda q, k, v, s, f=f: jnp.sum(f(q, k, v, s).astype(jnp.float32) * q[..., :1]),
+                                   argnums=(0, 1, 2))) for name, (f, _) in fns.items()}
     repeats = 3 if quick else 5
     where = f"{n} tokens, {heads}x{head_dim} heads, {jnp.dtype(dtype).name}, segments {counts.tolist()}"
-    for label, table in (("forward", fwd), ("forward+backward", grad)):
-        (t_dense, r_dense), (t_sparse, r_sparse) = (
-            _time_fn(functools.partial(table[name], q, k, v, prepared[name]), repeats) for name in ("dense", "sparse"))
-        report.add("b", f"object-sparse vs dense masked self-attn ({dense_impl}), {label}: speed-up",
-                   f"{t_dense / t_sparse:.2f}x",
-                   f"best of {r_dense} / {r_sparse} runs: {t_dense * 1e3:.2f} ms dense vs {t_sparse * 1e3:.2f} ms "
-                   f"sparse ({how}); "
-                   f"{where}; ideal "
-                   f"{ideal:.2f}x" + ("; CPU timings of tiny shapes, not a measurement" if interpret else ""))
-    report.add("b", "object-sparse vs dense: max abs diff of the values", _fmt(err), where)
+    want = fwd["dense"](q, k, v, ids).astype(jnp.float32)
+    want_g = grad["dense"](q, k, v, ids)
+    for name, (_, arg) in fns.items():
+        if name == "dense":
+            continue
+        err = float(jnp.max(jnp.abs(fwd[name](q, k, v, arg).astype(jnp.float32) - want)))
+        err_g = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+                    for a, b in zip(grad[name](q, k, v, arg), want_g, strict=True))
+        report.add("b", f"{name} vs dense: max abs diff, values / gradients", f"{_fmt(err)} / {_fmt(err_g)}", where)
+        for label, table in (("forward", fwd), ("forward+backward", grad)):
+            (t_dense, r_dense), (t_sparse, r_sparse) = (
+                _time_fn(functools.partial(table[m], q, k, v, a), repeats) for m, a in (("dense", ids), (name, arg)))
+            report.add("b", f"{name} vs dense masked self-attn ({dense_impl}), {label}: speed-up",
+                       f"{t_dense / t_sparse:.2f}x",
+                       f"best of {r_dense} / {r_sparse} runs: {t_dense * 1e3:.2f} ms dense vs {t_sparse * 1e3:.2f} ms "
+                       f"sparse ({how}); {where}; ideal {ideal:.2f}x"
+                       + ("; CPU timings of tiny shapes, not a measurement" if interpret else ""))
 
 
 # ------------------------------------------------------------------------------------------ (c) wan1.3b train step

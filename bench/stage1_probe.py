@@ -207,6 +207,14 @@ def strip(batch: dict[str, np.ndarray], decoded: np.ndarray, rows: int, scale: i
     return img.repeat(scale, 0).repeat(scale, 1)
 
 
+def model_size(config) -> str:
+    """The backbone's width and depth in words (DiT: dim x layers; U-Net: its block channels)."""
+    m = config.model
+    if "dim" in m:
+        return f"DiT dim {m.dim} x {m.num_layers} layers"
+    return f"U-Net block_out_channels {tuple(m.unet.block_out_channels)}"
+
+
 def main(argv) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
@@ -224,8 +232,7 @@ def main(argv) -> None:
     settings = parse_settings(_SETTINGS.value, config.sample)
     print(f"workdir {workdir}: step {stage.step}" + (f", trained in {wall:.0f} s" if wall else "") +
           f"; objective shift {config.objective.shift} t_sampling {config.objective.t_sampling}; "
-          f"synthetic_num_videos {config.data.synthetic_num_videos}; model dim {config.model.dim} x "
-          f"{config.model.num_layers}", flush=True)
+          f"synthetic_num_videos {config.data.synthetic_num_videos}; model {model_size(config)}", flush=True)
 
     splits = {}
     if _NUM_TRAIN.value:
@@ -238,7 +245,7 @@ def main(argv) -> None:
                      "config": {"objective.shift": config.objective.shift,
                                 "objective.t_sampling": config.objective.t_sampling,
                                 "data.synthetic_num_videos": config.data.synthetic_num_videos,
-                                "model.dim": config.model.dim, "model.num_layers": config.model.num_layers},
+                                "model": model_size(config)},
                      "splits": {}}
     rows = []
     for split, batch in splits.items():

@@ -152,9 +152,9 @@ def test_quick_run_fills_every_row(tmp_path):
     sparse_rows = by_section["b"]
     if sparse_rows[0][2] != "not available":
         speedups = [float(r[2].rstrip("x")) for r in sparse_rows if r[1].endswith("speed-up")]
-        assert len(speedups) == 2 and all(s > 0 for s in speedups)
-        (diff,) = [float(r[2]) for r in sparse_rows if "max abs diff" in r[1]]
-        assert diff < 1e-4
+        assert len(speedups) == 2 and all(s > 0 for s in speedups)  # CPU: the XLA block loop, forward and both
+        (diff,) = [r[2] for r in sparse_rows if "max abs diff" in r[1]]
+        assert max(float(x) for x in diff.split(" / ")) < 1e-4  # values / gradients
     # (c): steps/s > 0, cost-analysis FLOPs a number, memory reported
     step = {r[1]: r for r in by_section["c"]}
     assert float(step["train step: steps/s"][2]) > 0

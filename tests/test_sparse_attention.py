@@ -20,7 +20,7 @@ import pytest
 from flax import traverse_util
 
 from ttm_jax import config as config_lib
-from ttm_jax.models import attention, dit, masks, sparse_attention
+from ttm_jax.models import attention, dit, masks, sparse_attention, sparse_pallas
 
 B, T, HH, WW, H, D = 2, 3, 8, 8, 2, 16  # token grid 3 x 8 x 8 = 192 tokens
 N = T * HH * WW
@@ -124,6 +124,70 @@ def test_default_block_and_ids_as_array(qkvw):
     np.testing.assert_allclose(np.asarray(bf, np.float32), _dense(q, k, v, ids), atol=5e-2, rtol=0)
 
 
+# ---- the accelerator kernels (ttm_jax/models/sparse_pallas.py), in interpret mode ----------------------------------
+
+PALLAS_CASES = ("empty_objects", "single_object", "all_background", "frames_only", "padding")
+
+
+def _pallas(impl):
+    def f(q, k, v, ids):  # splash rounds BLOCK up to its 128-lane tile: 192 tokens are 2 blocks
+        sort = sparse_attention.sort_objects(ids, BLOCK, BLOCK_KV)
+        return attention.dot_product_attention(q, k, v, q_ids=sort, impl=impl, interpret=True)
+    return f
+
+
+@pytest.fixture(scope="module")
+def pallas_fns():
+    vg = lambda f: jax.jit(jax.value_and_grad(_loss(f), argnums=(0, 1, 2)))  # noqa: E731
+    return {impl: (vg(_pallas(impl)), jax.jit(_pallas(impl))) for impl in ("gpu", "splash")}
+
+
+@pytest.mark.parametrize("impl", ["gpu", "splash"])
+def test_pallas_kernels_equal_dense(impl, qkvw, fns, pallas_fns):
+    """Values and gradients of the GPU kernel (its forward in Pallas) and of splash with the on-device block table
+    equal the dense reference, on empty objects, one object, all background, objects in some frames, padding."""
+    q, k, v, w = qkvw
+    dense_vg, dense = fns[0], fns[2]
+    got_vg, got_fn = pallas_fns[impl]
+    for case in PALLAS_CASES:
+        ids = jnp.asarray(CASES[case])
+        np.testing.assert_allclose(got_fn(q, k, v, ids), dense(q, k, v, ids), atol=TOL, rtol=0, err_msg=case)
+        (want_loss, want), (got_loss, got) = dense_vg(q, k, v, w, ids), got_vg(q, k, v, w, ids)
+        np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+        for name, g, r in zip("qkv", got, want, strict=True):
+            np.testing.assert_allclose(g, r, atol=TOL, rtol=0, err_msg=f"d{name} ({impl}, {case})")
+
+
+@pytest.mark.parametrize("impl", ["xla", "gpu", "splash"])
+def test_skipped_blocks_are_never_read(impl):
+    """Three objects of 128 tokens (shuffled), 128-token blocks: each query block needs its own object's block only.
+    Object 2's keys and values are NaN: were any of its blocks read for another object's queries, that row would be
+    NaN (0 x NaN), as in the dense reference. Objects 0 and 1 stay finite and exact; splash visits 3 of 9 blocks."""
+    rng = np.random.default_rng(3)
+    ids = rng.permutation(np.repeat(np.array([0, 1, 2], np.int32), 128))[None]
+    q, k, v = (rng.standard_normal((1, 384, 2, D)).astype(np.float32) for _ in range(3))
+    want = np.asarray(_dense(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(ids)))
+    k[ids == 2], v[ids == 2] = np.nan, np.nan
+    sort = sparse_attention.sort_objects(jnp.asarray(ids), 128)
+    got = np.asarray(jax.jit(lambda q, k, v: attention.dot_product_attention(
+        q, k, v, q_ids=sort, impl=impl, interpret=True))(q, k, v))
+    keep = ids[0] != 2
+    assert np.isnan(got[0, ~keep]).all()
+    np.testing.assert_allclose(got[0, keep], want[0, keep], atol=TOL, rtol=0)
+    visited = sparse_pallas.visited_blocks(jnp.sort(jnp.asarray(ids), axis=1), 128)
+    np.testing.assert_array_equal(visited[0], np.eye(3, dtype=bool))
+
+
+def test_splash_block_table_straddling():
+    """A block that holds two objects visits both objects' blocks, and the table is symmetric (the dkv pass walks
+    it by columns): ids 0 x 200, 1 x 184 in 128-token blocks -> block 1 holds both."""
+    ids = jnp.asarray(np.repeat(np.array([[0, 1]], np.int32), [200, 184], axis=1))
+    visited = np.asarray(sparse_pallas.visited_blocks(ids, 128))[0]
+    np.testing.assert_array_equal(visited, [[1, 1, 0], [1, 1, 1], [0, 1, 1]])
+    assert [sparse_pallas.splash_block(n, b) for n, b in ((192, 32), (4096, 256), (32760, 1024), (100, None))] == \
+        [128, 256, 512, 128]
+
+
 def test_sort_and_work_skipped():
     """Sorted ids ascend, inv inverts perm, and only same-object pairs run: three objects of 64 tokens with
     32-token blocks are 6 query blocks x 2 key chunks = 12 pairs (dense: 6 x 6 = 36)."""
@@ -139,7 +203,10 @@ def test_sort_and_work_skipped():
                                              32)
     np.testing.assert_array_equal(straddle.kv_chunks, [[2, 3, 2]])  # the middle block holds both objects
     assert [sparse_attention.default_block(n, "cpu") for n in (256, 1024, 4096)] == [64, 128, 256]
-    assert sparse_attention.default_block(32760, "gpu") == 1024
+    assert sparse_attention.default_block(32760, "gpu") == 1024  # the XLA loop on an accelerator: launch-bound
+    # the kernels' own tiles: the Pallas GPU kernel 64 (at most N rounded up), splash 512 (rounded to 128 lanes)
+    assert [sparse_attention.default_block(n, impl="gpu") for n in (20, 32760)] == [32, 64]
+    assert sparse_attention.default_block(32760, impl="splash") == 512
 
 
 def test_under_a_mesh_per_shard():

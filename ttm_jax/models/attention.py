@@ -13,8 +13,9 @@
 
 Masked self-attention over object-sorted tokens (`config.model.attention_sparse`): pass a
 `sparse_attention.ObjectSort` (built once per forward pass by `sparse_attention.sort_objects(ids)`) as `q_ids`
-(and `kv_ids`, or None); whatever `impl`, only the (query block, key chunk) pairs of one object are computed
-(`ttm_jax/models/sparse_attention.py`), exact against `xla`.
+(and `kv_ids`, or None); only the blocks of one object are computed, exact against `xla`: under `xla` by an XLA
+block loop (`ttm_jax/models/sparse_attention.py`), under `splash` by splash with a block table built on device, under
+`gpu` by a Pallas kernel that visits only each query block's key chunks (`ttm_jax/models/sparse_pallas.py`).
 
 Without ids (unmasked) every impl is `jax.nn.dot_product_attention` (cuDNN where it applies under "gpu").
 Under a mesh (`jax.set_mesh`) the Pallas kernels run per (batch, heads) shard in `shard_map`. Pallas kernels take
@@ -243,8 +244,11 @@ def _same_ids(a: jax.Array, b: jax.Array) -> bool:
 
 
 def _sparse(q: jax.Array, k: jax.Array, v: jax.Array, sort: sparse_attention.ObjectSort,
-            kv_ids: jax.Array | sparse_attention.ObjectSort | None, scale: float | None) -> jax.Array:
-    """Object-sparse masked self-attention (sparse_attention.py), per (batch, heads) shard under a mesh."""
+            kv_ids: jax.Array | sparse_attention.ObjectSort | None, scale: float | None, impl: str,
+            interpret: bool) -> jax.Array:
+    """Object-sparse masked self-attention (sparse_attention.py: the XLA block loop under impl "xla", splash with
+    an on-device block table under "splash", the Pallas forward kernel under "gpu"), per (batch, heads) shard under
+    a mesh."""
     if kv_ids is not None and kv_ids is not sort:
         raise ValueError("attention: q_ids is a sparse_attention.ObjectSort (object-sparse masked self-attention); "
                          "pass kv_ids=None or the same ObjectSort")
@@ -253,8 +257,17 @@ def _sparse(q: jax.Array, k: jax.Array, v: jax.Array, sort: sparse_attention.Obj
         raise ValueError(f"attention: object-sparse self-attention needs Lq == Lk and ids [B, L] = {q.shape[:2]}; "
                          f"got q {q.shape}, k {k.shape}, ids {sort.shape}")
     scale = float(q.shape[-1]) ** -0.5 if scale is None else float(scale)
-    kernel = functools.partial(sparse_attention.masked_self_attention, scale=scale)
+    _check_backend(impl, interpret)
+    kernel = functools.partial(sparse_attention.masked_self_attention, scale=scale, impl=impl, interpret=interpret)
     return _per_shard(kernel, q, k, v, sort)
+
+
+def _check_backend(impl: str, interpret: bool) -> None:
+    backend = _BACKEND.get(impl)
+    if backend and not interpret and jax.default_backend() != backend:
+        raise ValueError(f"attention: impl={impl!r} runs a {backend.upper()} kernel but the JAX backend is "
+                         f"{jax.default_backend()!r}; set config.model.attention to 'xla' (any backend), "
+                         f"'splash' (TPU) or 'gpu' (GPU) to match the machine")
 
 
 IMPLS: dict[str, AttentionFn] = {"xla": _xla, "splash": _splash, "gpu": _gpu}
@@ -285,7 +298,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_ids: ja
         raise ValueError(f"attention: impl={impl!r} is unknown (config.model.attention); choose one of "
                          f"{sorted(IMPLS)}")
     if isinstance(q_ids, sparse_attention.ObjectSort):
-        return _sparse(q, k, v, q_ids, kv_ids, scale)
+        return _sparse(q, k, v, q_ids, kv_ids, scale, impl, interpret)
     if q_ids is not None and kv_ids is None:
         if q.shape[1] != k.shape[1]:
             raise ValueError(f"attention: q_ids given without kv_ids means self-attention, but Lq={q.shape[1]} "
@@ -305,11 +318,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_ids: ja
         if impl == "gpu":
             return _cudnn_or_xla(q, k, v, None, scale)
         return jax.nn.dot_product_attention(q, k, v, scale=scale)
-    backend = _BACKEND.get(impl)
-    if backend and not interpret and jax.default_backend() != backend:
-        raise ValueError(f"attention: impl={impl!r} runs a {backend.upper()} kernel but the JAX backend is "
-                         f"{jax.default_backend()!r}; set config.model.attention to 'xla' (any backend), "
-                         f"'splash' (TPU) or 'gpu' (GPU) to match the machine")
+    _check_backend(impl, interpret)
     same = kv_ids is q_ids  # keep the identity: impl="gpu" recognises self-attention by it
     q_ids = jnp.asarray(q_ids, jnp.int32)
     kv_ids = q_ids if same else jnp.asarray(kv_ids, jnp.int32)

@@ -21,9 +21,10 @@ does this op.
 
 Work: a query block straddling two objects pays for both objects' keys, and each range is rounded up to whole
 chunks, so the pairs computed are about sum_k (n_k + block) * (n_k + block); `block` trades that against per-chunk
-overhead (`default_block`: 256 at N = 4096 on CPU; bench/attention.py). Any backend (plain XLA). On TPU the same sort
-would feed a Pallas kernel that reads `kv_start` / `kv_chunks` as scalar-prefetch arguments (the ragged / block-
-sparse pattern); splash's `SegmentIds` alone would mask but not skip the pairs, so it needs that block table too.
+overhead (`default_block`: 256 at N = 4096 on CPU; bench/attention.py). Any backend (plain XLA). On TPU
+(`impl="splash"`) the sorted tokens go through splash attention with a block table built on device from the sorted
+ids, and on GPU (`impl="gpu"`) through a Pallas forward kernel that reads `kv_start` / `kv_chunks`
+(`ttm_jax/models/sparse_pallas.py`); both skip the same blocks this loop skips.
 """
 
 from __future__ import annotations
@@ -35,15 +36,24 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from ttm_jax.models import sparse_pallas
+
 _PAD_KEY = int(jnp.iinfo(jnp.int32).max)  # id of the padding keys after the sorted ones: above every real id
 DEFAULT_BLOCK = 256  # the largest block default_block picks on CPU (at N = 4096, 256 x 256 measured fastest)
 ACCELERATOR_BLOCK = 1024  # on GPU / TPU each loop step is a few small kernel launches: fewer, larger (not measured)
+GPU_BLOCK = 64  # the Pallas GPU kernel's query block and key chunk: a 64 x 64 float32 tile of logits per program
 
 
-def default_block(n: int, backend: str | None = None) -> int:
+def default_block(n: int, backend: str | None = None, impl: str = "xla") -> int:
     """The block size for N tokens: the power of two nearest 4 sqrt(N), in [16, 256] (N=256: 64, 1024: 128, 4096:
     256): fewer, larger blocks amortise the per-chunk loop overhead; smaller ones waste less at object boundaries.
-    On GPU / TPU (`backend`, default the JAX backend) 16 sqrt(N) capped at 1024 (the loop is launch-bound there)."""
+    On GPU / TPU (`backend`, default the JAX backend) 16 sqrt(N) capped at 1024 (the loop is launch-bound there).
+    The kernels have tiles of their own: `impl="gpu"` (the Pallas kernel) 64 x 64, whatever N (at most N rounded
+    up to 16); `impl="splash"` 512 (`sparse_pallas.splash_block` rounds to its 128-lane tiles)."""
+    if impl == "gpu":
+        return int(min(GPU_BLOCK, max(16, 1 << (max(n, 1) - 1).bit_length())))
+    if impl == "splash":
+        return sparse_pallas.SPLASH_MAX_BLOCK
     backend = jax.default_backend() if backend is None else backend
     if backend in ("gpu", "cuda", "rocm", "tpu"):
         return int(min(ACCELERATOR_BLOCK, max(16, 1 << round(math.log2(max(n, 1)) / 2 + 4))))
@@ -84,16 +94,18 @@ class ObjectSort:
         return jnp.sum(self.kv_chunks, axis=1)
 
 
-def sort_objects(ids: jax.Array, block: int | None = None, block_kv: int | None = None) -> ObjectSort:
+def sort_objects(ids: jax.Array, block: int | None = None, block_kv: int | None = None, *,
+                 impl: str = "xla") -> ObjectSort:
     """int32 ids `[B, N]` -> `ObjectSort` (stable sort by id, per-query-block key ranges). Jit-friendly, O(N log N).
 
-    `block` / `block_kv` (static): query block and key chunk sizes; None picks `default_block(N)` (block_kv: block).
+    `block` / `block_kv` (static): query block and key chunk sizes; None picks `default_block(N, impl=impl)`
+    (block_kv: block), `impl` being the attention implementation that will consume the sort.
     """
     ids = jnp.asarray(ids, jnp.int32)
     if ids.ndim != 2:
         raise ValueError(f"sparse_attention.sort_objects: ids must be int32 [B, N], got shape {ids.shape}")
     b_sz, n = ids.shape
-    block = default_block(n) if block is None else int(block)
+    block = default_block(n, impl=impl) if block is None else int(block)
     block_kv = block if block_kv is None else int(block_kv)
     if block <= 0 or block_kv <= 0:
         raise ValueError(f"sparse_attention.sort_objects: block={block}, block_kv={block_kv} must be positive")
@@ -116,16 +128,24 @@ def sort_objects(ids: jax.Array, block: int | None = None, block_kv: int | None 
                       block=block, block_kv=block_kv)
 
 
+IMPLS = ("xla", "splash", "gpu")
+
+
 def masked_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, sort: ObjectSort | jax.Array, *,
-                          scale: float | None = None, block: int | None = None) -> jax.Array:
+                          scale: float | None = None, block: int | None = None, impl: str = "xla",
+                          interpret: bool = False) -> jax.Array:
     """Masked self-attention (`ids[i] == ids[j] >= 0`) over the object-sorted tokens; equal to the dense reference.
 
     q, k, v `[B, N, H, D]`; sort: an `ObjectSort` of the ids (shared by the layers of a forward pass) or the ids
-    int32 `[B, N]` (sorted here, with `block`). scale: logit scale, None is `1/sqrt(D)`. Returns `[B, N, H, D]` in
-    q's dtype.
+    int32 `[B, N]` (sorted here, with `block`). scale: logit scale, None is `1/sqrt(D)`. impl: the block loop of
+    this file ("xla", any backend), splash with an on-device block table ("splash", TPU) or the Pallas forward
+    kernel ("gpu", GPU; its backward is the block loop); `interpret` runs the Pallas ones on CPU
+    (`ttm_jax/models/sparse_pallas.py`). Returns `[B, N, H, D]` in q's dtype.
     """
+    if impl not in IMPLS:
+        raise ValueError(f"sparse_attention: impl={impl!r} is unknown; choose one of {IMPLS}")
     if not isinstance(sort, ObjectSort):
-        sort = sort_objects(sort, block)
+        sort = sort_objects(sort, block, impl=impl)
     b_sz, n, h, d = q.shape
     if k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"sparse_attention: q, k, v must all be [B, N, H, D] (self-attention); got {q.shape}, "
@@ -140,9 +160,15 @@ def masked_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, sort: Object
         xs = jnp.pad(xs, ((0, 0), (0, length - n), (0, 0), (0, 0)))
         return xs.transpose(0, 2, 1, 3)
 
-    qs = to_sorted(q, sort.q_ids.shape[1])
-    ks, vs = to_sorted(k, n + bkv), to_sorted(v, n + bkv)
-    out = _block_attention(qs, ks, vs, sort.q_ids, sort.kv_ids, sort.kv_start, sort.kv_chunks, scale, blk, bkv)
+    if impl == "splash":  # splash pads to its own tiles
+        sorted_ids = jnp.take_along_axis(sort.ids, sort.perm, axis=1)
+        out = sparse_pallas.splash_sorted(to_sorted(q, n), to_sorted(k, n), to_sorted(v, n), sorted_ids,
+                                          scale=scale, block=blk, interpret=interpret)
+    else:
+        qs = to_sorted(q, sort.q_ids.shape[1])
+        ks, vs = to_sorted(k, n + bkv), to_sorted(v, n + bkv)
+        out = _block_attention(qs, ks, vs, sort.q_ids, sort.kv_ids, sort.kv_start, sort.kv_chunks, scale, blk, bkv,
+                               impl == "gpu", interpret)
     out = out.transpose(0, 2, 1, 3)[:, :n]
     out = jnp.take_along_axis(out, sort.inv[:, :, None, None], axis=1)
     # No allowed key (negative id): the reference's uniform softmax over every key, the mean of v.
@@ -208,17 +234,25 @@ def _forward(qs, ks, vs, q_ids, kv_ids, start, chunks, scale, blk, bkv):
     return jax.lax.fori_loop(0, b_sz * nq, q_block, init)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _block_attention(qs, ks, vs, q_ids, kv_ids, start, chunks, scale, blk, bkv):
-    return _forward(qs, ks, vs, q_ids, kv_ids, start, chunks, scale, blk, bkv)[0]
+def _forward_any(qs, ks, vs, q_ids, kv_ids, start, chunks, scale, blk, bkv, pallas, interpret):
+    """(out, lse) of the block loop, or of the GPU Pallas kernel (`pallas`): the same pairs, the same residuals."""
+    if pallas:
+        return sparse_pallas.gpu_forward(qs, ks, vs, q_ids, kv_ids, start, chunks, scale, blk, bkv, interpret)
+    return _forward(qs, ks, vs, q_ids, kv_ids, start, chunks, scale, blk, bkv)
 
 
-def _block_attention_fwd(qs, ks, vs, q_ids, kv_ids, start, chunks, scale, blk, bkv):
-    out, lse = _forward(qs, ks, vs, q_ids, kv_ids, start, chunks, scale, blk, bkv)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
+def _block_attention(qs, ks, vs, q_ids, kv_ids, start, chunks, scale, blk, bkv, pallas, interpret):
+    return _forward_any(qs, ks, vs, q_ids, kv_ids, start, chunks, scale, blk, bkv, pallas, interpret)[0]
+
+
+def _block_attention_fwd(qs, ks, vs, q_ids, kv_ids, start, chunks, scale, blk, bkv, pallas, interpret):
+    out, lse = _forward_any(qs, ks, vs, q_ids, kv_ids, start, chunks, scale, blk, bkv, pallas, interpret)
     return out, (qs, ks, vs, q_ids, kv_ids, start, chunks, out, lse)
 
 
-def _block_attention_bwd(scale, blk, bkv, res, g):
+def _block_attention_bwd(scale, blk, bkv, pallas, interpret, res, g):
+    del pallas, interpret  # one backward: the block loop over the same (query block, key chunk) pairs
     qs, ks, vs, q_ids, kv_ids, start, chunks, out, lse = res
     b_sz, h, lq, d = qs.shape
     nq = lq // blk

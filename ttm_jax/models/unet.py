@@ -590,7 +590,7 @@ class UNet(nn.Module):
                 if not c.ttm_self_across_frames:
                     self_ids = self_ids.reshape(b * t, hw)
                 if c.attention_sparse:  # sorted once per level; every masked layer there reuses it
-                    self_ids = sparse_attention.sort_objects(self_ids)
+                    self_ids = sparse_attention.sort_objects(self_ids, impl=c.attention)
             if c.mask_cross:
                 cross = cross_token_ids[:, off:off + n].reshape(b * t, hw)
             out[level] = TTMInputs(t, lc, self_ids, cross, lids)

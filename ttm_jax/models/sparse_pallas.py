@@ -1,0 +1,191 @@
+"""Object-sparse masked self-attention as accelerator kernels: TPU splash attention with an on-device block table,
+and a GPU Pallas kernel that visits only each query block's key chunks.
+
+Both take the tokens already sorted by object id (`sparse_attention.masked_self_attention` sorts, unsorts and
+handles rows with a negative id), so every object is one contiguous run and the keys a block of queries may attend
+are one contiguous range of key blocks:
+
+  splash_sorted(qs, ks, vs, ids, scale=, interpret=)
+      TPU. Splash's kernels walk a grid of (query block, key block) and skip a grid step whose `block_mask` entry is
+      0, without fetching its keys (`data_next` repeats the last fetched block). Splash builds that table from a
+      static numpy mask; here it is built on device, per example, from the sorted ids (`block_table`): block (i, j)
+      is visited iff query block i and key block j share an object id, and inside a visited block the segment ids
+      (`SegmentIds(q=ids, kv=ids)`) mask the pairs of different objects. No `[N, N]` mask exists at any point.
+      Values and gradients are splash's own kernels (forward, dq, dkv), each with its table.
+  gpu_sorted(qs, ks, vs, q_ids, kv_ids, start, chunks, scale=, block=, block_kv=, interpret=)
+      GPU (Triton through Pallas). One program per (example, head, query block) runs flash attention's online
+      softmax over only its `chunks` key chunks from `start` (`ObjectSort.kv_start` / `kv_chunks`), a loop with a
+      data-dependent trip count. The backward is the XLA block loop of `sparse_attention` over the same pairs
+      (same residuals: output and log-sum-exp), so both passes skip the other objects' keys.
+
+Tested in interpret mode on CPU against the dense reference, values and gradients (tests/test_sparse_attention.py);
+on a device by `bench/accelerator.py`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+_PAD_ID = int(jnp.iinfo(jnp.int32).max)  # id of the padded tokens, sorted after every real id
+
+# Splash's tiles are multiples of 128 lanes; 512 is a good TPU tile, a shorter sequence takes one tile of its length.
+SPLASH_LANES = 128
+SPLASH_MAX_BLOCK = 512
+
+
+def splash_block(n: int, block: int | None = None) -> int:
+    """Splash's block size for N sorted tokens: `block` (default 512) capped at N and at 512, rounded up to 128."""
+    block = SPLASH_MAX_BLOCK if block is None else min(int(block), SPLASH_MAX_BLOCK)
+    return -(-min(block, n) // SPLASH_LANES) * SPLASH_LANES
+
+
+def block_table(ids: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
+    """Sorted ids `[B, L]` (L a multiple of `block`) -> (first, last) int32 `[B, L / block]`: the key blocks
+    `first..last` (inclusive) hold every key that query block i may attend.
+
+    Block i holds ids `ids[i*block] .. ids[i*block + block - 1]` (sorted, so its smallest and largest); the keys of
+    those ids are one contiguous sorted run. The relation is symmetric: key block j is in query block i's range
+    iff the two blocks share an id, iff query block j's range holds key block i (a run of sorted ids that holds
+    values below and above some id also holds every token of that id)."""
+    b_sz, length = ids.shape
+    nb = length // block
+    blocks = ids.reshape(b_sz, nb, block)
+    lo, hi = blocks[:, :, 0], blocks[:, :, -1]
+    start = jax.vmap(lambda s, x: jnp.searchsorted(s, x, side="left"))(ids, lo)
+    end = jax.vmap(lambda s, x: jnp.searchsorted(s, x, side="right"))(ids, hi)
+    return (start // block).astype(jnp.int32), ((end - 1) // block).astype(jnp.int32)
+
+
+def visited_blocks(ids: jax.Array, block: int) -> jax.Array:
+    """bool `[B, nb, nb]`: the (query block, key block) grid steps `splash_sorted` computes; the rest are skipped."""
+    first, last = block_table(ids, block)
+    j = jnp.arange(ids.shape[1] // block, dtype=jnp.int32)
+    return (j[None, None, :] >= first[:, :, None]) & (j[None, None, :] <= last[:, :, None])
+
+
+def _mask_infos(ids: jax.Array, block: int):
+    """The splash `MaskInfo`s (forward / dq, and dkv) of one example's sorted ids `[L]`, built on device.
+
+    block_mask 2 ("full": no partial-mask block; the segment ids still mask) on visited steps, 0 elsewhere;
+    data_next: the key block to fetch (forward, dq: along the key axis) or the query block (dkv: along the query
+    axis), clamped to the visited range so a skipped step fetches nothing new. One table for every head (leading
+    dimension 1, which splash broadcasts)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask_info as mask_info_lib
+
+    first, last = (x[0] for x in block_table(ids[None], block))
+    nb = first.shape[0]
+    idx = jnp.arange(nb, dtype=jnp.int32)
+    visit = (idx[None, :] >= first[:, None]) & (idx[None, :] <= last[:, None])  # [query block i, key block j]
+    block_mask = jnp.where(visit, 2, 0).astype(jnp.int32)[None]
+    kv_next = jnp.clip(idx[None, :], first[:, None], last[:, None]).astype(jnp.int32)[None]
+    # dkv walks query blocks i for a key block j: by symmetry they are first[j]..last[j]
+    q_next = jnp.clip(idx[:, None], first[None, :], last[None, :]).astype(jnp.int32)[None]
+
+    def info(data_next):
+        return mask_info_lib.MaskInfo(data_next=data_next, mask_next=None, block_mask=block_mask,
+                                      partial_mask_blocks=None, q_sequence=None, is_dynamic_mask=True)
+
+    return info(kv_next), info(kv_next), info(q_next)
+
+
+def splash_sorted(qs: jax.Array, ks: jax.Array, vs: jax.Array, ids: jax.Array, *, scale: float,
+                  block: int | None = None, interpret: bool = False) -> jax.Array:
+    """Masked self-attention over sorted tokens with splash, skipping the blocks of other objects.
+
+    qs, ks, vs `[B, H, N, D]` in sorted order; ids int32 `[B, N]` sorted ascending (negative ids attend each other:
+    the caller replaces those rows); block: the tile, made a multiple of 128 up to 512 (`splash_block`). Returns
+    `[B, H, N, D]` in qs' dtype.
+    """
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
+
+    b_sz, h, n, d = qs.shape
+    block = splash_block(n, block)
+    length = -(-n // block) * block
+    pad = ((0, 0), (0, 0), (0, length - n), (0, 0))
+    qp = jnp.pad(qs * jnp.asarray(scale, qs.dtype), pad)  # splash applies no softmax scale of its own
+    kp, vp = jnp.pad(ks, pad), jnp.pad(vs, pad)
+    idp = jnp.pad(ids.astype(jnp.int32), ((0, 0), (0, length - n)), constant_values=_PAD_ID)
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                              block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+
+    def one(args):
+        q, k, v, seg = args
+        fwd, dq, dkv = _mask_infos(seg, block)
+        kernel = kernel_lib.SplashAttentionKernel(
+            fwd, dq, dkv, block_sizes=sizes, is_mqa=False, save_residuals=False,
+            mask_value=kernel_lib.DEFAULT_MASK_VALUE, attn_logits_soft_cap=None, residual_checkpoint_name=None,
+            mask_function=None, interpret=interpret)
+        return kernel(q, k, v, segment_ids=splash.SegmentIds(q=seg, kv=seg))
+
+    out = jax.lax.map(one, (qp, kp, vp, idp))  # per example: each has its own table
+    return out[:, :, :n].astype(qs.dtype)
+
+
+# ---- GPU: a Pallas (Triton) forward over each query block's key chunks ----------------------------------------------
+
+
+def _gpu_forward_kernel(start_ref, chunks_ref, q_ref, k_ref, v_ref, qid_ref, kid_ref, o_ref, lse_ref, *,
+                        scale: float, block_kv: int):
+    from jax.experimental import pallas as pl
+
+    b, i = pl.program_id(0), pl.program_id(2)
+    q = q_ref[...].astype(jnp.float32)  # [block, D]
+    iq = qid_ref[...]  # [block]
+    s0 = start_ref[b, i]
+    blk, d = q.shape
+
+    def chunk(j, carry):  # online softmax over one key chunk
+        m, total, acc = carry
+        pos = s0 + j * block_kv
+        k = k_ref[pl.ds(pos, block_kv), :].astype(jnp.float32)
+        v = v_ref[pl.ds(pos, block_kv), :].astype(jnp.float32)
+        ik = kid_ref[pl.ds(pos, block_kv)]
+        s = jnp.dot(q, k.T) * scale
+        allowed = (iq[:, None] == ik[None, :]) & (iq[:, None] >= 0)
+        s = jnp.where(allowed, s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        m_safe = jnp.where(m_new > -jnp.inf, m_new, 0.0)
+        alpha = jnp.exp(m - m_safe)
+        p = jnp.exp(s - m_safe[:, None])
+        return m_new, total * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + jnp.dot(p, v)
+
+    init = (jnp.full((blk,), -jnp.inf, jnp.float32), jnp.zeros((blk,), jnp.float32),
+            jnp.zeros((blk, d), jnp.float32))
+    m, total, acc = jax.lax.fori_loop(0, chunks_ref[b, i], chunk, init)
+    some = total > 0  # False: no allowed key (negative id or padding row); lse inf keeps the backward at 0
+    o_ref[...] = (acc / jnp.where(some, total, 1.0)[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(some, m + jnp.log(jnp.where(some, total, 1.0)), jnp.inf)
+
+
+def gpu_forward(qs, ks, vs, q_ids, kv_ids, start, chunks, scale, block, block_kv, interpret):
+    """(out float32 `[B, H, Lq, D]`, lse `[B, H, Lq]`) over sorted queries `[B, H, nq*block, D]` and keys / values
+    `[B, H, N + block_kv, D]` (the `ObjectSort` layout), visiting only `chunks[b, i]` key chunks from `start[b, i]`."""
+    from jax.experimental import pallas as pl
+
+    b_sz, h, lq, d = qs.shape
+    lk = ks.shape[2]
+    nq = lq // block
+    whole = lambda shape: pl.BlockSpec(shape, lambda b, hh, i: (0,) * len(shape))  # noqa: E731
+    kernel = functools.partial(_gpu_forward_kernel, scale=scale, block_kv=block_kv)
+    return pl.pallas_call(
+        kernel,
+        grid=(b_sz, h, nq),
+        in_specs=[
+            whole((b_sz, nq)), whole((b_sz, nq)),
+            pl.BlockSpec((None, None, block, d), lambda b, hh, i: (b, hh, i, 0)),
+            pl.BlockSpec((None, None, lk, d), lambda b, hh, i: (b, hh, 0, 0)),
+            pl.BlockSpec((None, None, lk, d), lambda b, hh, i: (b, hh, 0, 0)),
+            pl.BlockSpec((None, block), lambda b, hh, i: (b, i)),
+            pl.BlockSpec((None, lk), lambda b, hh, i: (b, 0)),
+        ],
+        out_specs=[pl.BlockSpec((None, None, block, d), lambda b, hh, i: (b, hh, i, 0)),
+                   pl.BlockSpec((None, None, block), lambda b, hh, i: (b, hh, i))],
+        out_shape=[jax.ShapeDtypeStruct((b_sz, h, lq, d), jnp.float32),
+                   jax.ShapeDtypeStruct((b_sz, h, lq), jnp.float32)],
+        interpret=interpret,
+        name="ttm_object_sparse_fwd",
+    )(start, chunks, qs, ks, vs, q_ids, kv_ids)
