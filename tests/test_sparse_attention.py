@@ -161,19 +161,27 @@ def test_pallas_kernels_equal_dense(impl, qkvw, fns, pallas_fns):
 @pytest.mark.parametrize("impl", ["xla", "gpu", "splash"])
 def test_skipped_blocks_are_never_read(impl):
     """Three objects of 128 tokens (shuffled), 128-token blocks: each query block needs its own object's block only.
-    Object 2's keys and values are NaN: were any of its blocks read for another object's queries, that row would be
-    NaN (0 x NaN), as in the dense reference. Objects 0 and 1 stay finite and exact; splash visits 3 of 9 blocks."""
+    Object 2's queries, keys and values are NaN: were any of its blocks read for another object's tokens, their
+    values or gradients would be NaN (0 x NaN), as in the dense reference. Objects 0 and 1 stay finite and exact, values and gradients (the
+    backward skips the same blocks); splash visits 3 of 9 blocks."""
     rng = np.random.default_rng(3)
     ids = rng.permutation(np.repeat(np.array([0, 1, 2], np.int32), 128))[None]
-    q, k, v = (rng.standard_normal((1, 384, 2, D)).astype(np.float32) for _ in range(3))
-    want = np.asarray(_dense(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(ids)))
-    k[ids == 2], v[ids == 2] = np.nan, np.nan
-    sort = sparse_attention.sort_objects(jnp.asarray(ids), 128)
-    got = np.asarray(jax.jit(lambda q, k, v: attention.dot_product_attention(
-        q, k, v, q_ids=sort, impl=impl, interpret=True))(q, k, v))
+    q, k, v, w = (rng.standard_normal((1, 384, 2, D)).astype(np.float32) for _ in range(4))
     keep = ids[0] != 2
+    w[:, ~keep] = 0  # the loss reads objects 0 and 1 only
+    dense = jax.jit(jax.value_and_grad(_loss(_dense), argnums=(0, 1, 2)))
+    want = np.asarray(_dense(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(ids)))
+    _, want_g = dense(q, k, v, w, jnp.asarray(ids))
+    q[ids == 2], k[ids == 2], v[ids == 2] = np.nan, np.nan, np.nan
+    sort = sparse_attention.sort_objects(jnp.asarray(ids), 128)
+    fn = lambda q, k, v, _ids: attention.dot_product_attention(q, k, v, q_ids=sort, impl=impl,  # noqa: E731
+                                                              interpret=True)
+    got = np.asarray(jax.jit(fn)(q, k, v, None))
     assert np.isnan(got[0, ~keep]).all()
     np.testing.assert_allclose(got[0, keep], want[0, keep], atol=TOL, rtol=0)
+    _, got_g = jax.jit(jax.value_and_grad(_loss(fn), argnums=(0, 1, 2)))(q, k, v, w, None)
+    for name, g, r in zip("qkv", got_g, want_g, strict=True):
+        np.testing.assert_allclose(np.asarray(g)[0, keep], np.asarray(r)[0, keep], atol=TOL, rtol=0, err_msg=name)
     visited = sparse_pallas.visited_blocks(jnp.sort(jnp.asarray(ids), axis=1), 128)
     np.testing.assert_array_equal(visited[0], np.eye(3, dtype=bool))
 

@@ -23,7 +23,7 @@ Work: a query block straddling two objects pays for both objects' keys, and each
 chunks, so the pairs computed are about sum_k (n_k + block) * (n_k + block); `block` trades that against per-chunk
 overhead (`default_block`: 256 at N = 4096 on CPU; bench/attention.py). Any backend (plain XLA). On TPU
 (`impl="splash"`) the sorted tokens go through splash attention with a block table built on device from the sorted
-ids, and on GPU (`impl="gpu"`) through a Pallas forward kernel that reads `kv_start` / `kv_chunks`
+ids, and on GPU (`impl="gpu"`) through Pallas kernels that read `kv_start` / `kv_chunks`
 (`ttm_jax/models/sparse_pallas.py`); both skip the same blocks this loop skips.
 """
 
@@ -139,7 +139,7 @@ def masked_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, sort: Object
     q, k, v `[B, N, H, D]`; sort: an `ObjectSort` of the ids (shared by the layers of a forward pass) or the ids
     int32 `[B, N]` (sorted here, with `block`). scale: logit scale, None is `1/sqrt(D)`. impl: the block loop of
     this file ("xla", any backend), splash with an on-device block table ("splash", TPU) or the Pallas forward
-    kernel ("gpu", GPU; its backward is the block loop); `interpret` runs the Pallas ones on CPU
+    kernels ("gpu", GPU: forward, dq and dk / dv); `interpret` runs the Pallas ones on CPU
     (`ttm_jax/models/sparse_pallas.py`). Returns `[B, N, H, D]` in q's dtype.
     """
     if impl not in IMPLS:
@@ -252,8 +252,11 @@ def _block_attention_fwd(qs, ks, vs, q_ids, kv_ids, start, chunks, scale, blk, b
 
 
 def _block_attention_bwd(scale, blk, bkv, pallas, interpret, res, g):
-    del pallas, interpret  # one backward: the block loop over the same (query block, key chunk) pairs
     qs, ks, vs, q_ids, kv_ids, start, chunks, out, lse = res
+    if pallas:  # the GPU kernels: dq over each query block's key chunks, dk / dv over each key block's query blocks
+        dq, dk, dv = sparse_pallas.gpu_backward(qs, ks, vs, q_ids, kv_ids, start, chunks, out, lse, g, scale, blk,
+                                                bkv, interpret)
+        return dq.astype(qs.dtype), dk.astype(ks.dtype), dv.astype(vs.dtype), None, None, None, None
     b_sz, h, lq, d = qs.shape
     nq = lq // blk
     g = g.astype(jnp.float32)

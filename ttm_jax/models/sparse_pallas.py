@@ -15,8 +15,9 @@ are one contiguous range of key blocks:
   gpu_sorted(qs, ks, vs, q_ids, kv_ids, start, chunks, scale=, block=, block_kv=, interpret=)
       GPU (Triton through Pallas). One program per (example, head, query block) runs flash attention's online
       softmax over only its `chunks` key chunks from `start` (`ObjectSort.kv_start` / `kv_chunks`), a loop with a
-      data-dependent trip count. The backward is the XLA block loop of `sparse_attention` over the same pairs
-      (same residuals: output and log-sum-exp), so both passes skip the other objects' keys.
+      data-dependent trip count. `gpu_backward`: a dq kernel over the same key chunks, and a dk / dv kernel per key
+      block over the query blocks that may attend it (`query_ranges`), both recomputing the probabilities from the
+      saved log-sum-exp; so both passes skip the other objects' keys.
 
 Tested in interpret mode on CPU against the dense reference, values and gradients (tests/test_sparse_attention.py);
 on a device by `bench/accelerator.py`.
@@ -189,3 +190,117 @@ def gpu_forward(qs, ks, vs, q_ids, kv_ids, start, chunks, scale, block, block_kv
         interpret=interpret,
         name="ttm_object_sparse_fwd",
     )(start, chunks, qs, ks, vs, q_ids, kv_ids)
+
+
+def _gpu_dq_kernel(start_ref, chunks_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, qid_ref, kid_ref,
+                   dq_ref, *, scale: float, block_kv: int):
+    from jax.experimental import pallas as pl
+
+    b, i = pl.program_id(0), pl.program_id(2)
+    q = q_ref[...].astype(jnp.float32)
+    do = do_ref[...].astype(jnp.float32)
+    lse, delta, iq = lse_ref[...], delta_ref[...], qid_ref[...]
+    s0 = start_ref[b, i]
+
+    def chunk(j, dq):
+        pos = s0 + j * block_kv
+        k = k_ref[pl.ds(pos, block_kv), :].astype(jnp.float32)
+        v = v_ref[pl.ds(pos, block_kv), :].astype(jnp.float32)
+        ik = kid_ref[pl.ds(pos, block_kv)]
+        allowed = (iq[:, None] == ik[None, :]) & (iq[:, None] >= 0)
+        p = jnp.where(allowed, jnp.exp(jnp.dot(q, k.T) * scale - lse[:, None]), 0.0)
+        ds = p * (jnp.dot(do, v.T) - delta[:, None])
+        return dq + jnp.dot(ds, k) * scale
+
+    dq_ref[...] = jax.lax.fori_loop(0, chunks_ref[b, i], chunk, jnp.zeros(q.shape, jnp.float32))
+
+
+def _gpu_dkv_kernel(qstart_ref, qchunks_ref, k_ref, v_ref, kid_ref, q_ref, do_ref, lse_ref, delta_ref, qid_ref,
+                    dk_ref, dv_ref, *, scale: float, block: int):
+    from jax.experimental import pallas as pl
+
+    b, j = pl.program_id(0), pl.program_id(2)
+    k = k_ref[...].astype(jnp.float32)  # [block_kv, D]
+    v = v_ref[...].astype(jnp.float32)
+    ik = kid_ref[...]
+    q0 = qstart_ref[b, j]
+
+    def q_block(i, carry):
+        dk, dv = carry
+        pos = (q0 + i) * block
+        q = q_ref[pl.ds(pos, block), :].astype(jnp.float32)
+        do = do_ref[pl.ds(pos, block), :].astype(jnp.float32)
+        lse, delta = lse_ref[pl.ds(pos, block)], delta_ref[pl.ds(pos, block)]
+        iq = qid_ref[pl.ds(pos, block)]
+        allowed = (iq[:, None] == ik[None, :]) & (iq[:, None] >= 0)
+        p = jnp.where(allowed, jnp.exp(jnp.dot(q, k.T) * scale - lse[:, None]), 0.0)  # [block, block_kv]
+        ds = p * (jnp.dot(do, v.T) - delta[:, None])
+        return dk + jnp.dot(ds.T, q) * scale, dv + jnp.dot(p.T, do)
+
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    dk, dv = jax.lax.fori_loop(0, qchunks_ref[b, j], q_block, (zeros, zeros))
+    dk_ref[...], dv_ref[...] = dk, dv
+
+
+def query_ranges(kv_ids: jax.Array, n: int, block: int, block_kv: int) -> tuple[jax.Array, jax.Array]:
+    """For each aligned key block j of the sorted keys (`kv_ids` `[B, N + block_kv]`, padded with int32 max):
+    (first query block, number of query blocks) int32 `[B, ceil(N / block_kv)]` whose queries may attend it; the
+    queries sit at the same sorted positions as the keys, in blocks of `block`. 0 blocks: no real key in it."""
+    b_sz = kv_ids.shape[0]
+    nkv = -(-n // block_kv)
+    ids = kv_ids[:, :n]
+    blocks = jnp.pad(ids, ((0, 0), (0, nkv * block_kv - n)), constant_values=_PAD_ID).reshape(b_sz, nkv, block_kv)
+    real = (blocks >= 0) & (blocks != _PAD_ID)  # negative ids are never attended, padding is not a key
+    lo = jnp.min(jnp.where(real, blocks, _PAD_ID), axis=2)
+    hi = jnp.max(jnp.where(real, blocks, -1), axis=2)
+    start = jax.vmap(lambda s, x: jnp.searchsorted(s, x, side="left"))(ids, lo)
+    end = jax.vmap(lambda s, x: jnp.searchsorted(s, x, side="right"))(ids, hi)
+    empty = hi < 0
+    first = jnp.where(empty, 0, start // block)
+    count = jnp.where(empty, 0, -(-end // block) - start // block)
+    return first.astype(jnp.int32), count.astype(jnp.int32)
+
+
+def gpu_backward(qs, ks, vs, q_ids, kv_ids, start, chunks, out, lse, g, scale, block, block_kv, interpret):
+    """(dq, dk, dv) float32 of `gpu_forward` given the cotangent `g`: a dq kernel over each query block's key chunks
+    and a dk / dv kernel over each key block's query blocks (`query_ranges`), probabilities recomputed from the
+    saved log-sum-exp (flash attention's backward). Only the pairs the forward computed are visited."""
+    from jax.experimental import pallas as pl
+
+    b_sz, h, lq, d = qs.shape
+    lk = ks.shape[2]
+    n = lk - block_kv
+    nq, nkv = lq // block, -(-n // block_kv)
+    g = g.astype(jnp.float32)
+    delta = jnp.sum(g * out, axis=-1)  # rowsum(dO * O)
+    qstart, qchunks = query_ranges(kv_ids, n, block, block_kv)
+    whole = lambda shape: pl.BlockSpec(shape, lambda b, hh, i: (0,) * len(shape))  # noqa: E731
+    rows = lambda length: pl.BlockSpec((None, None, length, d), lambda b, hh, i: (b, hh, 0, 0))  # noqa: E731
+    vec = lambda length: pl.BlockSpec((None, None, length), lambda b, hh, i: (b, hh, 0))  # noqa: E731
+    q_blk = pl.BlockSpec((None, None, block, d), lambda b, hh, i: (b, hh, i, 0))
+    q_vec = pl.BlockSpec((None, None, block), lambda b, hh, i: (b, hh, i))
+    dq = pl.pallas_call(
+        functools.partial(_gpu_dq_kernel, scale=scale, block_kv=block_kv),
+        grid=(b_sz, h, nq),
+        in_specs=[whole((b_sz, nq)), whole((b_sz, nq)), q_blk, q_blk, q_vec, q_vec, rows(lk), rows(lk),
+                  pl.BlockSpec((None, block), lambda b, hh, i: (b, i)),
+                  pl.BlockSpec((None, lk), lambda b, hh, i: (b, 0))],
+        out_specs=q_blk,
+        out_shape=jax.ShapeDtypeStruct(qs.shape, jnp.float32),
+        interpret=interpret,
+        name="ttm_object_sparse_dq",
+    )(start, chunks, qs, g, lse, delta, ks, vs, q_ids, kv_ids)
+    kv_blk = pl.BlockSpec((None, None, block_kv, d), lambda b, hh, j: (b, hh, j, 0))
+    dk, dv = pl.pallas_call(
+        functools.partial(_gpu_dkv_kernel, scale=scale, block=block),
+        grid=(b_sz, h, nkv),
+        in_specs=[whole((b_sz, nkv)), whole((b_sz, nkv)), kv_blk, kv_blk,
+                  pl.BlockSpec((None, block_kv), lambda b, hh, j: (b, j)), rows(lq), rows(lq), vec(lq), vec(lq),
+                  pl.BlockSpec((None, lq), lambda b, hh, j: (b, 0))],
+        out_specs=[kv_blk, kv_blk],
+        out_shape=[jax.ShapeDtypeStruct((b_sz, h, nkv * block_kv, d), jnp.float32)] * 2,
+        interpret=interpret,
+        name="ttm_object_sparse_dkv",
+    )(qstart, qchunks, ks, vs, kv_ids, qs, g, lse, delta, q_ids)
+    pad = ((0, 0), (0, 0), (0, lk - nkv * block_kv), (0, 0))  # padding keys: never attended, gradient 0
+    return dq, jnp.pad(dk, pad), jnp.pad(dv, pad)
