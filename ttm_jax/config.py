@@ -449,8 +449,11 @@ def build(stage: int, arg: str | None = None) -> ml_collections.ConfigDict:
     for section, make in _SECTIONS.items():
         c[section] = make(row.get(section, {}))
     if stage == 1:
-        # stage 1 sees no local prompts: the added masked layers are a stage-2 feature
+        # the paper's stage 1 reads the motion prompt only; `model.ttm_layers > 0` adds layers whose masked
+        # cross-attention gives each object's first-frame tokens its local prompt (tokens of later frames: slot 0),
+        # and whose self-attention is unmasked (the objects' later places are what stage 1 generates)
         c.model.ttm_layers = 0
+        c.model.ttm_masked_self = False
         # E(x0), E(s0) in every latent frame: frames 1+ of a trajectory have no other local condition
         # (ttm_jax/models/conditioning.py)
         c.model.condition_frames = "all"
@@ -500,8 +503,12 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
            f"{m.get('condition_frames')!r}; choose first (latent frame 0, zeros after) or all (every latent frame)")
     _check(m.cross_ids_from in CROSS_IDS_FROM, "model.cross_ids_from",
            f"{m.cross_ids_from!r}; choose one of {CROSS_IDS_FROM}")
-    _check(config.stage != 1 or m.ttm_layers == 0, "model.ttm_layers",
-           f"{m.ttm_layers} but stage 1 has no local prompts or object ids for the masked layers; set 0")
+    _check(config.stage != 1 or m.ttm_layers == 0 or not (m.ttm_masked and m.ttm_masked_self),
+           "model.ttm_masked_self",
+           f"True with model.ttm_layers={m.ttm_layers} in stage 1: stage 1 knows the objects' ids in the first frame "
+           "only (their later places are what it generates), so its added self-attention cannot be masked; set "
+           "model.ttm_masked_self=False (its masked cross-attention gives each object's first-frame tokens its "
+           "local prompt), or model.ttm_layers=0")
     _check(config.stage != 0 or not m.ttm_masked, "model.ttm_masked",
            "True but the TI2V baseline (stage 0) has no trajectory, so no object ids to mask with; set False")
     backbone = m.get("backbone", "dit")

@@ -5,7 +5,9 @@
      (`python -m ttm_jax.data.encode`, `config.data.cached`), else the frozen text encoder on the token ids
      (padding rows zeroed, or kept for CLIP: `encode_text`) -- with both cached, neither encoder is in the traced step;
   2. the stage kind (`STAGE_KINDS`, by `config.stage`) picks the target and the conditions (DESIGN.md):
-       stage 1  target E(trajectory); conditions E(x0), E(s0) (first frames); text = motion prompt
+       stage 1  target E(trajectory); conditions E(x0), E(s0) (first frames); text = motion prompt, plus, with
+                added layers (`model.ttm_layers > 0`), local prompts for their masked cross-attention with object ids
+                from the first frame's masks only (the later places are what stage 1 generates)
        stage 2  target E(video);      conditions E(x0), E(trajectory);        text = caption, plus local prompts and
                 per-token object ids for the added masked layers (the backbone's `object_ids`)
        stage 0  target E(video);      condition E(x0);                        text = caption, plus local prompts for
@@ -67,7 +69,9 @@ class StageKind:
     model_input: `(noisy, first, cond, frames) -> [B, T', H', W', in_channels]`, the backbone's channel-concatenated
       input (`frames`: `config.model.condition_frames`, see `conditioning.stage_input`).
     local_prompts: whether the stage feeds the local prompts to the added layers (when the model has them).
-    object_ids: whether it feeds per-token object ids from the batch's object masks (for the masks of those layers).
+    object_ids: whether it feeds per-token object ids from the batch's object masks (for the masks of those layers):
+      "clip" (every frame's masks: stage 2's trajectory), "first" (the first frame's only, tokens of later frames are
+      background: stage 1, which generates the later places) or "" (none).
     text: the batch prefix of the text `latents` returns (`caption` / `motion`): its cached `<text>_embedding` is used
       when the batch has it; "" for a kind that never reads cached text.
     """
@@ -75,7 +79,7 @@ class StageKind:
     latents: Callable[..., tuple[Any, ...]]
     model_input: Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array]
     local_prompts: bool
-    object_ids: bool
+    object_ids: str
     text: str = ""
 
 
@@ -105,11 +109,11 @@ def _stage_input(stage: int) -> Callable[..., jax.Array]:
 
 
 STAGE_KINDS: Registry[StageKind] = Registry("stage")
-STAGE_KINDS.register(1, StageKind(_image_to_motion, _stage_input(1), local_prompts=False, object_ids=False,
+STAGE_KINDS.register(1, StageKind(_image_to_motion, _stage_input(1), local_prompts=True, object_ids="first",
                                   text="motion"))
-STAGE_KINDS.register(2, StageKind(_motion_to_video, _stage_input(2), local_prompts=True, object_ids=True,
+STAGE_KINDS.register(2, StageKind(_motion_to_video, _stage_input(2), local_prompts=True, object_ids="clip",
                                   text="caption"))
-STAGE_KINDS.register(0, StageKind(_image_to_video, _stage_input(0), local_prompts=True, object_ids=False,
+STAGE_KINDS.register(0, StageKind(_image_to_video, _stage_input(0), local_prompts=True, object_ids="",
                                   text="caption"))
 
 
@@ -147,8 +151,10 @@ def prepare(config: ml_collections.ConfigDict, modules: Modules, frozen: dict[st
     text: dict[str, Any] = {"context": text_encoder(text_ids, text_mask, f"{kind.text}_embedding")}
     if kind.local_prompts and config.model.ttm_layers > 0:
         if kind.object_ids:
-            text["token_ids"], text["cross_token_ids"] = registry.object_ids(config, ae,
-                                                                              batch["object_masks"].astype(bool))
+            object_masks = batch["object_masks"].astype(bool)
+            if kind.object_ids == "first":  # later frames: background (no leak of the places stage 1 generates)
+                object_masks = object_masks.at[:, 1:].set(False)
+            text["token_ids"], text["cross_token_ids"] = registry.object_ids(config, ae, object_masks)
         lt, lm = batch["local_tokens"], batch["local_mask"].astype(bool)
         s, lp = lt.shape[1], lt.shape[2]
         text["local_context"] = text_encoder(lt.reshape(b * s, lp), lm.reshape(b * s, lp), "local_embedding").reshape(
