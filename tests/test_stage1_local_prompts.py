@@ -76,6 +76,7 @@ def test_no_later_frame_masks_leak_into_stage1(prepared):
         np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]), err_msg=key)
 
 
+@pytest.mark.slow  # 17 s (the suite is near its 10 minutes); the inputs it trains on are pinned by the tests above
 def test_stage1_with_local_prompts_trains(tmp_path):
     c = _config(**{"train.total_steps": 2})
     res = loop.train(c, str(tmp_path / "run"), modules=fx.make_modules(c, real_model=True),
