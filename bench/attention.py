@@ -101,7 +101,7 @@ def build(n: int, cfg: dit.DiTConfig, ttm: bool, ids: np.ndarray | None = None,
     sparse = ttm and cfg.attention_sparse
 
     def apply(p, x, token_ids, local_ids):
-        self_ids = sparse_attention.sort_objects(token_ids) if sparse else token_ids
+        self_ids = sparse_attention.sort_objects(token_ids, impl=cfg.attention) if sparse else token_ids
         return block.apply({"params": p}, x, context, modulation, cos, sin, local, self_ids, token_ids, local_ids)[0]
 
     params = nn.unbox(jax.jit(block.init)(jax.random.key(0), x, context, modulation, cos, sin, local, token_ids,
@@ -223,7 +223,7 @@ def run_scenes(cfg: dit.DiTConfig, repeats: int, sample: str) -> None:
         n = ids.size
         slots = int(ids.max()) + 1
         sizes = np.bincount(ids.reshape(-1))
-        sort = sparse_attention.sort_objects(jnp.asarray(ids))
+        sort = sparse_attention.sort_objects(jnp.asarray(ids), impl=dense_cfg.attention)
         computed = float(sort.pairs()[0]) * sort.block * sort.block_kv / n**2
         allowed = float(np.sum(sizes.astype(np.float64) ** 2)) / n**2
         runs = {"plain": build(n, dense_cfg, False, ids, grid, slots)[0],

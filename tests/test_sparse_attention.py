@@ -129,9 +129,12 @@ def test_default_block_and_ids_as_array(qkvw):
 PALLAS_CASES = ("empty_objects", "single_object", "all_background", "frames_only", "padding")
 
 
+GPU_BLOCKS = (32, 16)  # Triton tiles are powers of two: 16-token key chunks, unaligned to the query blocks
+
+
 def _pallas(impl):
     def f(q, k, v, ids):  # splash rounds BLOCK up to its 128-lane tile: 192 tokens are 2 blocks
-        sort = sparse_attention.sort_objects(ids, BLOCK, BLOCK_KV)
+        sort = sparse_attention.sort_objects(ids, *(GPU_BLOCKS if impl == "gpu" else (BLOCK, BLOCK_KV)))
         return attention.dot_product_attention(q, k, v, q_ids=sort, impl=impl, interpret=True)
     return f
 
@@ -185,6 +188,70 @@ def test_skipped_blocks_are_never_read(impl):
         np.testing.assert_allclose(np.asarray(g)[0, keep], np.asarray(r)[0, keep], atol=TOL, rtol=0, err_msg=name)
     visited = sparse_pallas.visited_blocks(jnp.sort(jnp.asarray(ids), axis=1), 128)
     np.testing.assert_array_equal(visited[0], np.eye(3, dtype=bool))
+
+
+def test_gpu_head_size_padded_and_tiles_checked():
+    """Head size 40 (SD 1.5's) is zero-padded to 64 for Triton: values and gradients still equal the dense path; a
+    key chunk of 48 tokens is refused, naming the fix."""
+    rng = np.random.default_rng(5)
+    q, k, v, w = (jnp.asarray(rng.standard_normal((1, 96, 2, 40)), jnp.float32) for _ in range(4))
+    ids = jnp.asarray(rng.integers(0, 3, (1, 96)), jnp.int32)
+    sort = sparse_attention.sort_objects(ids, impl="gpu")
+    got_fn = lambda q, k, v, _: attention.dot_product_attention(q, k, v, q_ids=sort, impl="gpu",  # noqa: E731
+                                                                interpret=True)
+    (_, got), (_, want) = (jax.value_and_grad(_loss(f), argnums=(0, 1, 2))(q, k, v, w, ids) for f in (got_fn, _dense))
+    np.testing.assert_allclose(got_fn(q, k, v, ids), _dense(q, k, v, ids), atol=TOL, rtol=0)
+    for name, g, r in zip("qkv", got, want, strict=True):
+        np.testing.assert_allclose(g, r, atol=TOL, rtol=0, err_msg=name)
+    with pytest.raises(ValueError, match="block_kv=48 must be a power of two.*impl='gpu'"):
+        sparse_attention.masked_self_attention(q, k, v, sparse_attention.sort_objects(ids, 32, 48), impl="gpu",
+                                               interpret=True)
+
+
+@pytest.mark.parametrize("impl,platform,head", [("gpu", "cuda", 64), ("gpu", "cuda", 40), ("splash", "tpu", 128)])
+def test_kernels_lower_for_their_device(impl, platform, head):
+    """On this CPU, the jitted value and gradient lower for the device (bf16, the model's default blocks): Triton
+    for the GPU kernels (JAX's default would be Mosaic GPU, which refuses them), Mosaic TPU for splash."""
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 4, (1, 1000)), jnp.int32)
+    x = jnp.zeros((1, 1000, 2, head), jnp.bfloat16)
+
+    def f(q, k, v):
+        sort = sparse_attention.sort_objects(ids, impl=impl)
+        return jnp.sum(sparse_attention.masked_self_attention(q, k, v, sort, impl=impl).astype(jnp.float32))
+
+    for fn, calls in ((f, 1), (jax.grad(f, argnums=(0, 1, 2)), 3)):
+        text = jax.jit(fn).trace(x, x, x).lower(lowering_platforms=(platform,)).as_text()
+        name = "xla.gpu.triton" if platform == "cuda" else "tpu_custom_call"
+        assert text.count(name) >= calls, (platform, text.count(name))
+
+
+def test_splash_tables_skip_off_diagonal_and_match_upstream():
+    """Objects of 200, 184 and 128 tokens in 128-token blocks: the table visits off-diagonal steps and skips others;
+    values and gradients equal the dense path, and the tables agree with splash's own `process_dynamic_mask` (and its
+    dkv version) built from the dense [N, N] mask: the same visited steps, the same blocks fetched there."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask_info as upstream
+
+    ids = jnp.asarray(np.repeat(np.array([[0, 1, 2]], np.int32), [200, 184, 128], axis=1))
+    visited = np.asarray(sparse_pallas.visited_blocks(ids, 128))[0]
+    np.testing.assert_array_equal(visited, [[1, 1, 0, 0], [1, 1, 1, 0], [0, 1, 1, 0], [0, 0, 0, 1]])
+    dense_mask = np.asarray(ids[0, :, None] == ids[0, None, :])[None]
+    ours = sparse_pallas._mask_infos(ids[0], 128)
+    for got, fn in ((ours[0], upstream.process_dynamic_mask), (ours[2], upstream.process_dynamic_mask_dkv)):
+        want = fn(jnp.asarray(dense_mask), (128, 128))[0]
+        seen = np.asarray(want.block_mask) > 0
+        np.testing.assert_array_equal(np.asarray(got.block_mask) > 0, seen)
+        np.testing.assert_array_equal(np.asarray(got.data_next)[seen], np.asarray(want.data_next)[seen])
+    rng = np.random.default_rng(8)
+    perm = rng.permutation(512)
+    shuffled = ids[:, perm]
+    q, k, v, w = (jnp.asarray(rng.standard_normal((1, 512, 2, D)), jnp.float32) for _ in range(4))
+    sort = sparse_attention.sort_objects(shuffled, 128)
+    fn = lambda q, k, v, _: attention.dot_product_attention(q, k, v, q_ids=sort, impl="splash",  # noqa: E731
+                                                            interpret=True)
+    (_, got), (_, want) = (jax.value_and_grad(_loss(f), argnums=(0, 1, 2))(q, k, v, w, shuffled) for f in (fn, _dense))
+    np.testing.assert_allclose(fn(q, k, v, None), _dense(q, k, v, shuffled), atol=TOL, rtol=0)
+    for name, g, r in zip("qkv", got, want, strict=True):
+        np.testing.assert_allclose(g, r, atol=TOL, rtol=0, err_msg=name)
 
 
 def test_splash_block_table_straddling():

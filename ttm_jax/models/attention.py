@@ -247,8 +247,8 @@ def _sparse(q: jax.Array, k: jax.Array, v: jax.Array, sort: sparse_attention.Obj
             kv_ids: jax.Array | sparse_attention.ObjectSort | None, scale: float | None, impl: str,
             interpret: bool) -> jax.Array:
     """Object-sparse masked self-attention (sparse_attention.py: the XLA block loop under impl "xla", splash with
-    an on-device block table under "splash", the Pallas forward kernel under "gpu"), per (batch, heads) shard under
-    a mesh."""
+    an on-device block table under "splash", the Pallas kernels (forward, dq, dk/dv) under "gpu"), per (batch,
+    heads) shard under a mesh."""
     if kv_ids is not None and kv_ids is not sort:
         raise ValueError("attention: q_ids is a sparse_attention.ObjectSort (object-sparse masked self-attention); "
                          "pass kv_ids=None or the same ObjectSort")

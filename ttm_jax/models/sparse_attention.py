@@ -167,8 +167,11 @@ def masked_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, sort: Object
     else:
         qs = to_sorted(q, sort.q_ids.shape[1])
         ks, vs = to_sorted(k, n + bkv), to_sorted(v, n + bkv)
+        if impl == "gpu":  # Triton: power-of-two tiles, head size padded (exact)
+            sparse_pallas.gpu_tiles(blk, bkv)
+            qs, ks, vs = (sparse_pallas.pad_head(x) for x in (qs, ks, vs))
         out = _block_attention(qs, ks, vs, sort.q_ids, sort.kv_ids, sort.kv_start, sort.kv_chunks, scale, blk, bkv,
-                               impl == "gpu", interpret)
+                               impl == "gpu", interpret)[..., :d]
     out = out.transpose(0, 2, 1, 3)[:, :n]
     out = jnp.take_along_axis(out, sort.inv[:, :, None, None], axis=1)
     # No allowed key (negative id): the reference's uniform softmax over every key, the mean of v.

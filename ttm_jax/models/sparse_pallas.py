@@ -12,15 +12,20 @@ are one contiguous range of key blocks:
       is visited iff query block i and key block j share an object id, and inside a visited block the segment ids
       (`SegmentIds(q=ids, kv=ids)`) mask the pairs of different objects. No `[N, N]` mask exists at any point.
       Values and gradients are splash's own kernels (forward, dq, dkv), each with its table.
-  gpu_sorted(qs, ks, vs, q_ids, kv_ids, start, chunks, scale=, block=, block_kv=, interpret=)
-      GPU (Triton through Pallas). One program per (example, head, query block) runs flash attention's online
+  gpu_forward(qs, ks, vs, q_ids, kv_ids, start, chunks, scale, block, block_kv, interpret) / gpu_backward(...)
+      GPU (Pallas lowered with Triton: `compiler_params`, as jax's own GPU attention; the JAX default would be
+      Mosaic GPU). One program per (example, head, query block) runs flash attention's online
       softmax over only its `chunks` key chunks from `start` (`ObjectSort.kv_start` / `kv_chunks`), a loop with a
       data-dependent trip count. `gpu_backward`: a dq kernel over the same key chunks, and a dk / dv kernel per key
       block over the query blocks that may attend it (`query_ranges`), both recomputing the probabilities from the
       saved log-sum-exp; so both passes skip the other objects' keys.
 
-Tested in interpret mode on CPU against the dense reference, values and gradients (tests/test_sparse_attention.py);
-on a device by `bench/accelerator.py`.
+Triton wants power-of-two tiles: `gpu_tiles` checks the blocks (16 to 128) and the head size is zero-padded to a
+power of two >= 16 (`pad_head`: exact, the logits do not change and the padded columns are dropped). Matmuls take the
+inputs' dtype (bf16 on tensor cores) with float32 accumulation; softmax statistics and accumulators are float32.
+
+Tested in interpret mode on CPU against the dense reference, values and gradients, and lowered for CUDA and TPU on
+CPU (tests/test_sparse_attention.py); run on a device by `bench/accelerator.py`.
 """
 
 from __future__ import annotations
@@ -80,10 +85,12 @@ def _mask_infos(ids: jax.Array, block: int):
     nb = first.shape[0]
     idx = jnp.arange(nb, dtype=jnp.int32)
     visit = (idx[None, :] >= first[:, None]) & (idx[None, :] <= last[:, None])  # [query block i, key block j]
-    block_mask = jnp.where(visit, 2, 0).astype(jnp.int32)[None]
-    kv_next = jnp.clip(idx[None, :], first[:, None], last[:, None]).astype(jnp.int32)[None]
+    # scalar memory is small on TPU: int8 / int16 where the values fit, as splash's own tables (the kernels upcast)
+    index_dtype = jnp.int8 if nb <= 127 else jnp.int16 if nb <= 32767 else jnp.int32
+    block_mask = jnp.where(visit, 2, 0).astype(jnp.int8)[None]
+    kv_next = jnp.clip(idx[None, :], first[:, None], last[:, None]).astype(index_dtype)[None]
     # dkv walks query blocks i for a key block j: by symmetry they are first[j]..last[j]
-    q_next = jnp.clip(idx[:, None], first[None, :], last[None, :]).astype(jnp.int32)[None]
+    q_next = jnp.clip(idx[:, None], first[None, :], last[None, :]).astype(index_dtype)[None]
 
     def info(data_next):
         return mask_info_lib.MaskInfo(data_next=data_next, mask_next=None, block_mask=block_mask,
@@ -126,7 +133,37 @@ def splash_sorted(qs: jax.Array, ks: jax.Array, vs: jax.Array, ids: jax.Array, *
     return out[:, :, :n].astype(qs.dtype)
 
 
-# ---- GPU: a Pallas (Triton) forward over each query block's key chunks ----------------------------------------------
+# ---- GPU: Pallas kernels (Triton) over each query block's key chunks ------------------------------------------------
+
+
+GPU_MIN_TILE, GPU_MAX_TILE = 16, 128  # Triton tiles: powers of two; a dot needs >= 16 on each side
+
+
+def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+
+def gpu_tiles(block: int, block_kv: int) -> None:
+    """Refuse blocks the Triton kernels cannot tile: powers of two in [16, 128] (`sort_objects(..., impl="gpu")`
+    picks 64)."""
+    for name, v in (("block", block), ("block_kv", block_kv)):
+        if v & (v - 1) or not GPU_MIN_TILE <= v <= GPU_MAX_TILE:
+            raise ValueError(f"sparse attention impl='gpu': {name}={v} must be a power of two in [{GPU_MIN_TILE}, "
+                             f"{GPU_MAX_TILE}] (Triton tiles); sort the ids with "
+                             f"sparse_attention.sort_objects(ids, impl='gpu')")
+
+
+def pad_head(x: jax.Array) -> jax.Array:
+    """`[..., D]` zero-padded to a power of two >= 16 (Triton's tile and dot sizes); exact for attention."""
+    d = x.shape[-1]
+    target = max(GPU_MIN_TILE, 1 << (d - 1).bit_length())
+    return x if target == d else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, target - d)])
+
+
+def _triton_params(d: int):
+    from jax.experimental.pallas import triton as pl_triton
+
+    return pl_triton.CompilerParams(num_warps=4 if d <= 64 else 8, num_stages=2)
 
 
 def _gpu_forward_kernel(start_ref, chunks_ref, q_ref, k_ref, v_ref, qid_ref, kid_ref, o_ref, lse_ref, *,
@@ -134,7 +171,7 @@ def _gpu_forward_kernel(start_ref, chunks_ref, q_ref, k_ref, v_ref, qid_ref, kid
     from jax.experimental import pallas as pl
 
     b, i = pl.program_id(0), pl.program_id(2)
-    q = q_ref[...].astype(jnp.float32)  # [block, D]
+    q = q_ref[...]  # [block, D], the inputs' dtype (bf16: tensor cores), float32 accumulation
     iq = qid_ref[...]  # [block]
     s0 = start_ref[b, i]
     blk, d = q.shape
@@ -142,17 +179,17 @@ def _gpu_forward_kernel(start_ref, chunks_ref, q_ref, k_ref, v_ref, qid_ref, kid
     def chunk(j, carry):  # online softmax over one key chunk
         m, total, acc = carry
         pos = s0 + j * block_kv
-        k = k_ref[pl.ds(pos, block_kv), :].astype(jnp.float32)
-        v = v_ref[pl.ds(pos, block_kv), :].astype(jnp.float32)
+        k = k_ref[pl.ds(pos, block_kv), :]
+        v = v_ref[pl.ds(pos, block_kv), :]
         ik = kid_ref[pl.ds(pos, block_kv)]
-        s = jnp.dot(q, k.T) * scale
+        s = _dot(q, k.T) * scale
         allowed = (iq[:, None] == ik[None, :]) & (iq[:, None] >= 0)
         s = jnp.where(allowed, s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         m_safe = jnp.where(m_new > -jnp.inf, m_new, 0.0)
         alpha = jnp.exp(m - m_safe)
         p = jnp.exp(s - m_safe[:, None])
-        return m_new, total * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + jnp.dot(p, v)
+        return m_new, total * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
 
     init = (jnp.full((blk,), -jnp.inf, jnp.float32), jnp.zeros((blk,), jnp.float32),
             jnp.zeros((blk, d), jnp.float32))
@@ -187,6 +224,7 @@ def gpu_forward(qs, ks, vs, q_ids, kv_ids, start, chunks, scale, block, block_kv
                    pl.BlockSpec((None, None, block), lambda b, hh, i: (b, hh, i))],
         out_shape=[jax.ShapeDtypeStruct((b_sz, h, lq, d), jnp.float32),
                    jax.ShapeDtypeStruct((b_sz, h, lq), jnp.float32)],
+        compiler_params=_triton_params(d),
         interpret=interpret,
         name="ttm_object_sparse_fwd",
     )(start, chunks, qs, ks, vs, q_ids, kv_ids)
@@ -197,20 +235,19 @@ def _gpu_dq_kernel(start_ref, chunks_ref, q_ref, do_ref, lse_ref, delta_ref, k_r
     from jax.experimental import pallas as pl
 
     b, i = pl.program_id(0), pl.program_id(2)
-    q = q_ref[...].astype(jnp.float32)
-    do = do_ref[...].astype(jnp.float32)
+    q, do = q_ref[...], do_ref[...]
     lse, delta, iq = lse_ref[...], delta_ref[...], qid_ref[...]
     s0 = start_ref[b, i]
 
     def chunk(j, dq):
         pos = s0 + j * block_kv
-        k = k_ref[pl.ds(pos, block_kv), :].astype(jnp.float32)
-        v = v_ref[pl.ds(pos, block_kv), :].astype(jnp.float32)
+        k = k_ref[pl.ds(pos, block_kv), :]
+        v = v_ref[pl.ds(pos, block_kv), :]
         ik = kid_ref[pl.ds(pos, block_kv)]
         allowed = (iq[:, None] == ik[None, :]) & (iq[:, None] >= 0)
-        p = jnp.where(allowed, jnp.exp(jnp.dot(q, k.T) * scale - lse[:, None]), 0.0)
-        ds = p * (jnp.dot(do, v.T) - delta[:, None])
-        return dq + jnp.dot(ds, k) * scale
+        p = jnp.where(allowed, jnp.exp(_dot(q, k.T) * scale - lse[:, None]), 0.0)
+        ds = p * (_dot(do, v.T) - delta[:, None])
+        return dq + _dot(ds.astype(k.dtype), k) * scale
 
     dq_ref[...] = jax.lax.fori_loop(0, chunks_ref[b, i], chunk, jnp.zeros(q.shape, jnp.float32))
 
@@ -220,22 +257,21 @@ def _gpu_dkv_kernel(qstart_ref, qchunks_ref, k_ref, v_ref, kid_ref, q_ref, do_re
     from jax.experimental import pallas as pl
 
     b, j = pl.program_id(0), pl.program_id(2)
-    k = k_ref[...].astype(jnp.float32)  # [block_kv, D]
-    v = v_ref[...].astype(jnp.float32)
+    k, v = k_ref[...], v_ref[...]  # [block_kv, D]
     ik = kid_ref[...]
     q0 = qstart_ref[b, j]
 
     def q_block(i, carry):
         dk, dv = carry
         pos = (q0 + i) * block
-        q = q_ref[pl.ds(pos, block), :].astype(jnp.float32)
-        do = do_ref[pl.ds(pos, block), :].astype(jnp.float32)
+        q = q_ref[pl.ds(pos, block), :]
+        do = do_ref[pl.ds(pos, block), :]
         lse, delta = lse_ref[pl.ds(pos, block)], delta_ref[pl.ds(pos, block)]
         iq = qid_ref[pl.ds(pos, block)]
         allowed = (iq[:, None] == ik[None, :]) & (iq[:, None] >= 0)
-        p = jnp.where(allowed, jnp.exp(jnp.dot(q, k.T) * scale - lse[:, None]), 0.0)  # [block, block_kv]
-        ds = p * (jnp.dot(do, v.T) - delta[:, None])
-        return dk + jnp.dot(ds.T, q) * scale, dv + jnp.dot(p.T, do)
+        p = jnp.where(allowed, jnp.exp(_dot(q, k.T) * scale - lse[:, None]), 0.0)  # [block, block_kv]
+        ds = p * (_dot(do, v.T) - delta[:, None])
+        return dk + _dot(ds.T.astype(q.dtype), q) * scale, dv + _dot(p.T.astype(do.dtype), do)
 
     zeros = jnp.zeros(k.shape, jnp.float32)
     dk, dv = jax.lax.fori_loop(0, qchunks_ref[b, j], q_block, (zeros, zeros))
@@ -271,8 +307,8 @@ def gpu_backward(qs, ks, vs, q_ids, kv_ids, start, chunks, out, lse, g, scale, b
     lk = ks.shape[2]
     n = lk - block_kv
     nq, nkv = lq // block, -(-n // block_kv)
-    g = g.astype(jnp.float32)
-    delta = jnp.sum(g * out, axis=-1)  # rowsum(dO * O)
+    delta = jnp.sum(g.astype(jnp.float32) * out, axis=-1)  # rowsum(dO * O)
+    g = g.astype(qs.dtype)
     qstart, qchunks = query_ranges(kv_ids, n, block, block_kv)
     whole = lambda shape: pl.BlockSpec(shape, lambda b, hh, i: (0,) * len(shape))  # noqa: E731
     rows = lambda length: pl.BlockSpec((None, None, length, d), lambda b, hh, i: (b, hh, 0, 0))  # noqa: E731
@@ -287,6 +323,7 @@ def gpu_backward(qs, ks, vs, q_ids, kv_ids, start, chunks, out, lse, g, scale, b
                   pl.BlockSpec((None, lk), lambda b, hh, i: (b, 0))],
         out_specs=q_blk,
         out_shape=jax.ShapeDtypeStruct(qs.shape, jnp.float32),
+        compiler_params=_triton_params(d),
         interpret=interpret,
         name="ttm_object_sparse_dq",
     )(start, chunks, qs, g, lse, delta, ks, vs, q_ids, kv_ids)
@@ -299,6 +336,7 @@ def gpu_backward(qs, ks, vs, q_ids, kv_ids, start, chunks, out, lse, g, scale, b
                   pl.BlockSpec((None, lq), lambda b, hh, j: (b, 0))],
         out_specs=[kv_blk, kv_blk],
         out_shape=[jax.ShapeDtypeStruct((b_sz, h, nkv * block_kv, d), jnp.float32)] * 2,
+        compiler_params=_triton_params(d),
         interpret=interpret,
         name="ttm_object_sparse_dkv",
     )(qstart, qchunks, ks, vs, kv_ids, qs, g, lse, delta, q_ids)
