@@ -196,7 +196,8 @@ def test_library_logs_go_to_the_workdir_warnings_to_the_console(tmp_path, capfd)
 # ----------------------------------------------------------------------------------------------- the command line
 
 
-def test_unknown_override_key_is_one_line(tmp_path):
+@pytest.mark.slow  # a subprocess (10 s); the suite keeps the in-process check (test_command_line_checks_name_the_fix)
+def test_unknown_override_key_is_one_line(tmp_path):  # and the one-line subprocess errors below
     r = _main(f"--config={STAGE2}", f"--workdir={tmp_path}", "--config.train.total_step=5")
     line = _one_error_line(r)
     assert "--config.train.total_step" in line and "did you mean --config.train.total_steps?" in line

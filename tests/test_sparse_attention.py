@@ -190,19 +190,24 @@ def test_skipped_blocks_are_never_read(impl):
     np.testing.assert_array_equal(visited[0], np.eye(3, dtype=bool))
 
 
+def _sorted_equals_dense(sort, impl, q, k, v, w, ids):
+    """The kernel `impl` on `sort` (interpret mode): values and gradients equal the dense reference on `ids`."""
+    fn = lambda q, k, v, _: attention.dot_product_attention(q, k, v, q_ids=sort, impl=impl,  # noqa: E731
+                                                            interpret=True)
+    (_, got), (_, want) = (jax.jit(jax.value_and_grad(_loss(f), argnums=(0, 1, 2)))(q, k, v, w, ids)
+                           for f in (fn, _dense))
+    np.testing.assert_allclose(jax.jit(fn)(q, k, v, ids), _dense(q, k, v, ids), atol=TOL, rtol=0)
+    for name, g, r in zip("qkv", got, want, strict=True):
+        np.testing.assert_allclose(g, r, atol=TOL, rtol=0, err_msg=f"d{name} ({impl})")
+
+
 def test_gpu_head_size_padded_and_tiles_checked():
     """Head size 40 (SD 1.5's) is zero-padded to 64 for Triton: values and gradients still equal the dense path; a
     key chunk of 48 tokens is refused, naming the fix."""
     rng = np.random.default_rng(5)
     q, k, v, w = (jnp.asarray(rng.standard_normal((1, 96, 2, 40)), jnp.float32) for _ in range(4))
     ids = jnp.asarray(rng.integers(0, 3, (1, 96)), jnp.int32)
-    sort = sparse_attention.sort_objects(ids, impl="gpu")
-    got_fn = lambda q, k, v, _: attention.dot_product_attention(q, k, v, q_ids=sort, impl="gpu",  # noqa: E731
-                                                                interpret=True)
-    (_, got), (_, want) = (jax.value_and_grad(_loss(f), argnums=(0, 1, 2))(q, k, v, w, ids) for f in (got_fn, _dense))
-    np.testing.assert_allclose(got_fn(q, k, v, ids), _dense(q, k, v, ids), atol=TOL, rtol=0)
-    for name, g, r in zip("qkv", got, want, strict=True):
-        np.testing.assert_allclose(g, r, atol=TOL, rtol=0, err_msg=name)
+    _sorted_equals_dense(sparse_attention.sort_objects(ids, impl="gpu"), "gpu", q, k, v, w, ids)
     with pytest.raises(ValueError, match="block_kv=48 must be a power of two.*impl='gpu'"):
         sparse_attention.masked_self_attention(q, k, v, sparse_attention.sort_objects(ids, 32, 48), impl="gpu",
                                                interpret=True)
@@ -245,13 +250,7 @@ def test_splash_tables_skip_off_diagonal_and_match_upstream():
     perm = rng.permutation(512)
     shuffled = ids[:, perm]
     q, k, v, w = (jnp.asarray(rng.standard_normal((1, 512, 2, D)), jnp.float32) for _ in range(4))
-    sort = sparse_attention.sort_objects(shuffled, 128)
-    fn = lambda q, k, v, _: attention.dot_product_attention(q, k, v, q_ids=sort, impl="splash",  # noqa: E731
-                                                            interpret=True)
-    (_, got), (_, want) = (jax.value_and_grad(_loss(f), argnums=(0, 1, 2))(q, k, v, w, shuffled) for f in (fn, _dense))
-    np.testing.assert_allclose(fn(q, k, v, None), _dense(q, k, v, shuffled), atol=TOL, rtol=0)
-    for name, g, r in zip("qkv", got, want, strict=True):
-        np.testing.assert_allclose(g, r, atol=TOL, rtol=0, err_msg=name)
+    _sorted_equals_dense(sparse_attention.sort_objects(shuffled, 128), "splash", q, k, v, w, shuffled)
 
 
 def test_splash_block_table_straddling():

@@ -205,6 +205,7 @@ def test_describe_paper_shapes_match_diffusers_without_allocating():
     assert one["backbone"] == SD15_V3_PARAMS and one["added_ttm"] == 0
 
 
+@pytest.mark.slow  # 10 s (compiles the tiny U-Net's train step for its FLOPs); the paper-shape counts stay in the suite
 def test_describe_tiny_unet_counts_and_flops():
     c = config_lib.build(2, "tiny_unet")
     out = describe.describe(c, print_fn=lambda _: None)
