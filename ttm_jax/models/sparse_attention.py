@@ -38,7 +38,7 @@ import jax.numpy as jnp
 
 from ttm_jax.models import sparse_pallas
 
-_PAD_KEY = int(jnp.iinfo(jnp.int32).max)  # id of the padding keys after the sorted ones: above every real id
+_PAD_KEY = sparse_pallas.PAD_ID  # id of the padding keys after the sorted ones: above every real id
 DEFAULT_BLOCK = 256  # the largest block default_block picks on CPU (at N = 4096, 256 x 256 measured fastest)
 ACCELERATOR_BLOCK = 1024  # on GPU / TPU each loop step is a few small kernel launches: fewer, larger (not measured)
 GPU_BLOCK = 64  # the Pallas GPU kernel's query block and key chunk: a 64 x 64 float32 tile of logits per program
@@ -118,8 +118,7 @@ def sort_objects(ids: jax.Array, block: int | None = None, block_kv: int | None 
     blocks = q_ids.reshape(b_sz, nq, block)
     lo = jnp.min(jnp.where(blocks >= 0, blocks, _PAD_KEY), axis=2)  # smallest real id of the block
     hi = jnp.max(blocks, axis=2)  # largest id; -1: no real query in the block
-    start = jax.vmap(lambda s, x: jnp.searchsorted(s, x, side="left"))(sorted_ids, lo).astype(jnp.int32)
-    end = jax.vmap(lambda s, x: jnp.searchsorted(s, x, side="right"))(sorted_ids, hi).astype(jnp.int32)
+    start, end = sparse_pallas.id_runs(sorted_ids, lo, hi)
     empty = hi < 0
     chunks = jnp.where(empty, 0, -(-(end - start) // block_kv)).astype(jnp.int32)
     start = jnp.where(empty, 0, start)
@@ -160,9 +159,8 @@ def masked_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, sort: Object
         xs = jnp.pad(xs, ((0, 0), (0, length - n), (0, 0), (0, 0)))
         return xs.transpose(0, 2, 1, 3)
 
-    if impl == "splash":  # splash pads to its own tiles
-        sorted_ids = jnp.take_along_axis(sort.ids, sort.perm, axis=1)
-        out = sparse_pallas.splash_sorted(to_sorted(q, n), to_sorted(k, n), to_sorted(v, n), sorted_ids,
+    if impl == "splash":  # splash pads to its own tiles; the sort's key ids are the sorted ids, then padding
+        out = sparse_pallas.splash_sorted(to_sorted(q, n), to_sorted(k, n), to_sorted(v, n), sort.kv_ids[:, :n],
                                           scale=scale, block=blk, interpret=interpret)
     else:
         qs = to_sorted(q, sort.q_ids.shape[1])

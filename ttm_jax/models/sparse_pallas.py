@@ -35,7 +35,15 @@ import functools
 import jax
 import jax.numpy as jnp
 
-_PAD_ID = int(jnp.iinfo(jnp.int32).max)  # id of the padded tokens, sorted after every real id
+PAD_ID = int(jnp.iinfo(jnp.int32).max)  # id of the padded tokens, sorted after every real id (here and in ObjectSort)
+
+
+def id_runs(sorted_ids: jax.Array, lo: jax.Array, hi: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per row of ascending ids `[B, L]`: the positions `[start, end)` of the tokens with an id in `[lo, hi]`
+    (`lo`, `hi` `[B, M]`): one contiguous run, as the ids are sorted."""
+    start = jax.vmap(lambda s, x: jnp.searchsorted(s, x, side="left"))(sorted_ids, lo)
+    end = jax.vmap(lambda s, x: jnp.searchsorted(s, x, side="right"))(sorted_ids, hi)
+    return start.astype(jnp.int32), end.astype(jnp.int32)
 
 # Splash's tiles are multiples of 128 lanes; 512 is a good TPU tile, a shorter sequence takes one tile of its length.
 SPLASH_LANES = 128
@@ -59,17 +67,19 @@ def block_table(ids: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
     b_sz, length = ids.shape
     nb = length // block
     blocks = ids.reshape(b_sz, nb, block)
-    lo, hi = blocks[:, :, 0], blocks[:, :, -1]
-    start = jax.vmap(lambda s, x: jnp.searchsorted(s, x, side="left"))(ids, lo)
-    end = jax.vmap(lambda s, x: jnp.searchsorted(s, x, side="right"))(ids, hi)
-    return (start // block).astype(jnp.int32), ((end - 1) // block).astype(jnp.int32)
+    start, end = id_runs(ids, blocks[:, :, 0], blocks[:, :, -1])
+    return start // block, (end - 1) // block
+
+
+def _visits(first: jax.Array, last: jax.Array) -> jax.Array:
+    """bool `[..., nb, nb]` from `block_table`'s `[..., nb]`: key block j lies in query block i's range."""
+    j = jnp.arange(first.shape[-1], dtype=jnp.int32)
+    return (j >= first[..., :, None]) & (j <= last[..., :, None])
 
 
 def visited_blocks(ids: jax.Array, block: int) -> jax.Array:
     """bool `[B, nb, nb]`: the (query block, key block) grid steps `splash_sorted` computes; the rest are skipped."""
-    first, last = block_table(ids, block)
-    j = jnp.arange(ids.shape[1] // block, dtype=jnp.int32)
-    return (j[None, None, :] >= first[:, :, None]) & (j[None, None, :] <= last[:, :, None])
+    return _visits(*block_table(ids, block))
 
 
 def _mask_infos(ids: jax.Array, block: int):
@@ -84,7 +94,7 @@ def _mask_infos(ids: jax.Array, block: int):
     first, last = (x[0] for x in block_table(ids[None], block))
     nb = first.shape[0]
     idx = jnp.arange(nb, dtype=jnp.int32)
-    visit = (idx[None, :] >= first[:, None]) & (idx[None, :] <= last[:, None])  # [query block i, key block j]
+    visit = _visits(first, last)  # [query block i, key block j]
     # scalar memory is small on TPU: int8 / int16 where the values fit, as splash's own tables (the kernels upcast)
     index_dtype = jnp.int8 if nb <= 127 else jnp.int16 if nb <= 32767 else jnp.int32
     block_mask = jnp.where(visit, 2, 0).astype(jnp.int8)[None]
@@ -116,7 +126,7 @@ def splash_sorted(qs: jax.Array, ks: jax.Array, vs: jax.Array, ids: jax.Array, *
     pad = ((0, 0), (0, 0), (0, length - n), (0, 0))
     qp = jnp.pad(qs * jnp.asarray(scale, qs.dtype), pad)  # splash applies no softmax scale of its own
     kp, vp = jnp.pad(ks, pad), jnp.pad(vs, pad)
-    idp = jnp.pad(ids.astype(jnp.int32), ((0, 0), (0, length - n)), constant_values=_PAD_ID)
+    idp = jnp.pad(ids.astype(jnp.int32), ((0, 0), (0, length - n)), constant_values=PAD_ID)
     sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                               block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
 
@@ -285,12 +295,11 @@ def query_ranges(kv_ids: jax.Array, n: int, block: int, block_kv: int) -> tuple[
     b_sz = kv_ids.shape[0]
     nkv = -(-n // block_kv)
     ids = kv_ids[:, :n]
-    blocks = jnp.pad(ids, ((0, 0), (0, nkv * block_kv - n)), constant_values=_PAD_ID).reshape(b_sz, nkv, block_kv)
-    real = (blocks >= 0) & (blocks != _PAD_ID)  # negative ids are never attended, padding is not a key
-    lo = jnp.min(jnp.where(real, blocks, _PAD_ID), axis=2)
+    blocks = jnp.pad(ids, ((0, 0), (0, nkv * block_kv - n)), constant_values=PAD_ID).reshape(b_sz, nkv, block_kv)
+    real = (blocks >= 0) & (blocks != PAD_ID)  # negative ids are never attended, padding is not a key
+    lo = jnp.min(jnp.where(real, blocks, PAD_ID), axis=2)
     hi = jnp.max(jnp.where(real, blocks, -1), axis=2)
-    start = jax.vmap(lambda s, x: jnp.searchsorted(s, x, side="left"))(ids, lo)
-    end = jax.vmap(lambda s, x: jnp.searchsorted(s, x, side="right"))(ids, hi)
+    start, end = id_runs(ids, lo, hi)
     empty = hi < 0
     first = jnp.where(empty, 0, start // block)
     count = jnp.where(empty, 0, -(-end // block) - start // block)
