@@ -20,9 +20,9 @@
      iou       mean per-object IoU of the decoded trajectory with the ground-truth masks over the clip, frame 0
                anchored to the given masks as the pipeline does (`judge.trajectory_iou`)
      iou1+     the same over frames 1+ only; `rep` columns: the repeat-s0 baseline's IoU
+     mov       iou1+ over the objects that move (their ground-truth masks change); `rep`: the baseline's
    and, for the held-out split, the bar above: the IoU of each object moving in its true direction at the
    generator's mean speed (`mean_speed_oracle`; the prompts state directions, not speeds)
-     mov       iou1+ over the objects that move (their ground-truth masks change); `rep`: the baseline's
 4. Single-step x0 predictions (`--x0_times`): MSE on latent frames 1+ of `x_t - t v(x_t, t)` at each t (no guidance):
    what the denoiser knows at each noise level, independent of the sampler.
 5. PNG strips in `--png_dir` (default `<workdir>/probe`): per split and setting, one row per scene
@@ -141,19 +141,14 @@ def training_scenes(config, workdir: str, num: int) -> dict[str, np.ndarray]:
 def mean_speed_oracle(config, bench_dir: str, num: int) -> dict[str, float]:
     """What a stage 1 that gets every object's motion right except its speed would score: each held-out object
     re-rendered moving in its true direction (with its true scale change and spin) at the generator's mean speed
-    (`synthetic._sample_object` draws the travel as 0.55-0.95 of the free room; the prompts do not say it), its
+    (`synthetic.TRAVEL_FRACTION`: the travel is drawn as a share of the free room; the prompts do not say it), its
     per-object IoU with the ground-truth masks over the clip; also without the scale change and spin."""
-    d = config.data
-    bench = motion_bench.make_benchmark(f"{bench_dir}_{d.height}x{d.width}x{d.num_frames}@{d.fps:g}", num,
-                                        height=int(d.height), width=int(d.width), frames=int(d.num_frames),
-                                        fps=float(d.fps))
-    mean_frac = 0.75
+    bench = heldout_benchmark(config, bench_dir, num)
+    mean_fraction = sum(synthetic.TRAVEL_FRACTION) / 2
 
     def at_mean_speed(o, spec, plain):
-        rb = synthetic._bounding_radius(o.radius, o.scale_change)
-        ux, uy = synthetic.DIRECTIONS[o.direction][0]
-        o = dataclasses.replace(o, displacement=(ux * mean_frac * (spec.width - 2 * rb),
-                                                 uy * mean_frac * (spec.height - 2 * rb)))
+        o = dataclasses.replace(o, displacement=synthetic.displacement(o.direction, o.radius, o.scale_change,
+                                                                       mean_fraction, spec.height, spec.width))
         return dataclasses.replace(o, scale_change="none", spin=0.0) if plain else o
 
     out: dict[str, list[float]] = {"oracle": [], "oracle_translation_only": []}
@@ -166,12 +161,18 @@ def mean_speed_oracle(config, bench_dir: str, num: int) -> dict[str, float]:
     return {k: float(np.mean(v)) for k, v in out.items()}
 
 
+def heldout_benchmark(config, bench_dir: str, num: int) -> motion_bench.Benchmark:
+    """The held-out benchmark of `num` scenes at the run's clip geometry (one folder per geometry; made if absent)."""
+    d = config.data
+    return motion_bench.make_benchmark(f"{bench_dir}_{d.height}x{d.width}x{d.num_frames}@{d.fps:g}", num,
+                                       height=int(d.height), width=int(d.width), frames=int(d.num_frames),
+                                       fps=float(d.fps))
+
+
 def heldout_scenes(config, bench_dir: str, num: int) -> tuple[dict[str, np.ndarray], list]:
     """`num` held-out benchmark scenes at the run's clip geometry, as one training-format batch."""
     d = config.data
-    folder = f"{bench_dir}_{d.height}x{d.width}x{d.num_frames}@{d.fps:g}"
-    bench = motion_bench.make_benchmark(folder, num, height=int(d.height), width=int(d.width),
-                                        frames=int(d.num_frames), fps=float(d.fps))
+    bench = heldout_benchmark(config, bench_dir, num)
     tok = tokenizer_lib.make_tokenizer(config.text_encoder)
     kmax = int(d.max_objects)
     rows = []
@@ -290,13 +291,13 @@ def main(argv) -> None:
         # the same scenes with every prompt rolled by one (each scene gets another scene's text)
         other = runner.conditions({k: np.roll(v, 1, axis=0) if k.endswith(("_tokens", "_mask")) and "local" not in k
                                    or k.startswith("local_") else v for k, v in batch.items()})
-        if split == "heldout":
-            res_oracle = mean_speed_oracle(config, _BENCH_DIR.value, _NUM_HELDOUT.value)
-            print(f"held-out bar: right motion at the mean speed scores iou {res_oracle['oracle']:.3f} "
-                  f"(translation only {res_oracle['oracle_translation_only']:.3f}); repeating frame 0 "
-                  f"{rep['iou']:.3f}", flush=True)
         res: dict = {"repeat": {"mse1": rep_mse, **rep}, "x0": {}, "text_use": {}, "settings": {},
                      "background_mse1": latent_mse(np.full_like(target, target.min()), target)}
+        if split == "heldout":
+            res["oracle"] = mean_speed_oracle(config, _BENCH_DIR.value, _NUM_HELDOUT.value)
+            print(f"held-out bar: right motion at the mean speed scores iou {res['oracle']['oracle']:.3f} "
+                  f"(translation only {res['oracle']['oracle_translation_only']:.3f}); repeating frame 0 "
+                  f"{rep['iou']:.3f}", flush=True)
         # what the denoiser knows at each noise level (conditional, one step)
         eps = np.asarray(jax.random.normal(jax.random.PRNGKey(1), target.shape, jnp.float32))
         for tv in (float(x) for x in _X0_TIMES.value):

@@ -68,6 +68,9 @@ DIRECTIONS = {
     "still": ((0.0, 0.0), ""),
 }
 SCALE_CHANGE = {"none": 1.0, "grow": 1.6, "shrink": 0.6}
+# an object travels this share of the free room along each moving axis, uniform in the range (>= 55%: the motion
+# is unmistakable); the prompts state the direction, not the share
+TRAVEL_FRACTION = (0.55, 0.95)
 MIN_VISIBLE_FRACTION = 0.7
 
 
@@ -148,6 +151,15 @@ def _bounding_radius(obj_radius: float, scale_change: str) -> float:
     return obj_radius * max(1.0, SCALE_CHANGE[scale_change]) * math.sqrt(2.0) + 1.0
 
 
+def displacement(direction: str, radius: float, scale_change: str, fraction: float, height: int,
+                 width: int) -> tuple[float, float]:
+    """(dx, dy) over the whole video of an object moving in `direction` across `fraction` of the room its largest
+    extent leaves free along each moving axis (`TRAVEL_FRACTION` draws it)."""
+    rb = _bounding_radius(radius, scale_change)
+    ux, uy = DIRECTIONS[direction][0]
+    return ux * fraction * (width - 2 * rb), uy * fraction * (height - 2 * rb)
+
+
 def _sample_object(rng: np.random.Generator, colour: str, height: int, width: int) -> ObjectSpec:
     shape = SHAPES[rng.integers(len(SHAPES))]
     texture = OBJECT_TEXTURES[rng.integers(len(OBJECT_TEXTURES))]
@@ -158,11 +170,7 @@ def _sample_object(rng: np.random.Generator, colour: str, height: int, width: in
     if shape != "disc" and rng.random() < 0.3:
         spin = float(rng.choice([-1.0, 1.0]) * rng.uniform(0.5, 1.0) * math.pi)
     rb = _bounding_radius(radius, scale_change)
-    ux, uy = DIRECTIONS[direction][0]
-    # travel a large share of the free room along each moving axis (>= 55%), so the motion is unmistakable
-    free_x, free_y = width - 2 * rb, height - 2 * rb
-    frac = float(rng.uniform(0.55, 0.95))
-    dx, dy = ux * frac * free_x, uy * frac * free_y
+    dx, dy = displacement(direction, radius, scale_change, float(rng.uniform(*TRAVEL_FRACTION)), height, width)
     x0 = float(rng.uniform(rb, width - rb - abs(dx))) + (abs(dx) if dx < 0 else 0.0)
     y0 = float(rng.uniform(rb, height - rb - abs(dy))) + (abs(dy) if dy < 0 else 0.0)
     return ObjectSpec(shape=shape, colour=colour, texture=texture, radius=radius, start=(x0, y0),
