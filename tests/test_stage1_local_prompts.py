@@ -44,12 +44,12 @@ def prepared():
     om = np.zeros_like(batch["object_masks"])
     om[:, :, :8, :8, 0] = True
     batch["object_masks"] = om
-    return c, modules, frozen, batch
+    text = inputs_lib.prepare(c, modules, frozen, {k: jnp.asarray(v) for k, v in batch.items()})[3]
+    return c, modules, frozen, batch, text
 
 
 def test_local_prompts_and_first_frame_ids_reach_stage1(prepared):
-    c, modules, frozen, batch = prepared
-    _, _, _, text = inputs_lib.prepare(c, modules, frozen, {k: jnp.asarray(v) for k, v in batch.items()})
+    c, _, _, batch, text = prepared
     assert {"local_context", "local_ids", "cross_token_ids"} <= set(text)
     s, lp = batch["local_tokens"].shape[1:3]
     assert text["local_context"].shape[:2] == (4, s * lp)
@@ -63,13 +63,12 @@ def test_local_prompts_and_first_frame_ids_reach_stage1(prepared):
 
 def test_no_later_frame_masks_leak_into_stage1(prepared):
     """Stage 1 generates the objects' later places: masks of frames 1+ (the training target's) change nothing."""
-    c, modules, frozen, batch = prepared
+    c, modules, frozen, batch, a = prepared
     other = dict(batch)
     rng = np.random.default_rng(0)
     om = batch["object_masks"].copy()
     om[:, 1:] = rng.random(om[:, 1:].shape) < 0.5
     other["object_masks"] = om
-    a = inputs_lib.prepare(c, modules, frozen, {k: jnp.asarray(v) for k, v in batch.items()})[3]
     b = inputs_lib.prepare(c, modules, frozen, {k: jnp.asarray(v) for k, v in other.items()})[3]
     assert set(a) == set(b)
     for key in a:
