@@ -23,8 +23,11 @@
      mov       iou1+ over the objects that move (their ground-truth masks change); `rep`: the baseline's
    and, for the held-out split, the bar above: the IoU of each object moving in its true direction at the
    generator's mean speed (`mean_speed_oracle`; the prompts state directions, not speeds)
-4. Single-step x0 predictions (`--x0_times`): MSE on latent frames 1+ of `x_t - t v(x_t, t)` at each t (no guidance):
-   what the denoiser knows at each noise level, independent of the sampler.
+4. Single-step x0 predictions (`--x0_times`, noise levels in [0, 1], 1 pure noise; `objective.time_at` maps them to
+   the objective's time): MSE and IoU on latent frames 1+ of `objective.clean_estimate` (rectified flow
+   `x_t - t v`, ddim_v `sqrt(a) x_t - sqrt(1 - a) v`), no guidance: what the denoiser knows at each noise level,
+   independent of the sampler; and whether it changes with the prompt. Restarts (`--restart_times`): the ground
+   truth noised to a level, then sampled to the end (`restart`): where sampling goes wrong.
 5. PNG strips in `--png_dir` (default `<workdir>/probe`): per split and setting, one row per scene
    `first frame | ground-truth trajectory (9 frames) | sampled trajectory (9 frames, raw decode)`, 4x nearest.
 
@@ -49,9 +52,11 @@ from absl import app, flags, logging  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from ttm_jax.assembly import inputs as inputs_lib  # noqa: E402
+from ttm_jax.assembly import objectives  # noqa: E402
 from ttm_jax.assembly.trained import load_stage  # noqa: E402
 from ttm_jax.data import loader, synthetic  # noqa: E402
 from ttm_jax.data import trajectory as trajectory_lib  # noqa: E402
+from ttm_jax.diffusion import ddim  # noqa: E402
 from ttm_jax.eval import judge, motion_bench  # noqa: E402
 from ttm_jax.inference import pipeline as pipeline_lib  # noqa: E402
 from ttm_jax.inference.requests import tokenize_prompts  # noqa: E402
@@ -190,6 +195,28 @@ def heldout_scenes(config, bench_dir: str, num: int) -> tuple[dict[str, np.ndarr
 # -------------------------------------------------------------------------------------------------------- metrics
 
 
+def restart(runner: pipeline_lib.StageRunner, target: np.ndarray, eps: np.ndarray, level: float, steps: int,
+            conds) -> jax.Array:
+    """The ground truth noised to noise level `level` (`objective.time_at`), then `steps` unguided sampler steps to
+    the end. Rectified flow: uniform Euler from `level` to 0. ddim_v: the tail of the trailing DDIM grid of
+    `steps / level` steps from its first timestep at or below the level's (its strides, and so its alphas, are the
+    full grid's)."""
+    objective, params = runner.objective, runner.stage.params
+    scales = jnp.asarray([1.0, 1.0], jnp.float32)
+    if isinstance(objective, objectives.DDIMVPrediction):
+        full = objective.time_grid(max(steps, int(round(steps / level))))
+        a_t, a_prev = ddim.step_alphas(full, objective.alphas_cumprod, objective.num_train_timesteps)
+        k = int(np.argmax(full <= objective.time_at(level)))
+        t0 = jnp.full((target.shape[0],), full[k], jnp.float32)
+        xt = objective.noisy(jnp.asarray(target), jnp.asarray(eps), t0)
+        return jax.jit(lambda x, ts, a, ap, p, c: ddim.ddim_sample(runner.velocity, x, ts, a, ap, p, c, scales))(
+            runner.place(xt), jnp.asarray(full[k:]), a_t[k:], a_prev[k:], params, conds)
+    t0 = jnp.full((target.shape[0],), objective.time_at(level), jnp.float32)
+    xt = objective.noisy(jnp.asarray(target), jnp.asarray(eps), t0)
+    ts = np.linspace(objective.time_at(level), 0.0, steps + 1).astype(np.float32)
+    return runner._sample(runner.place(xt), jnp.asarray(ts), params, conds, scales)
+
+
 def latent_mse(a: np.ndarray, b: np.ndarray) -> float:
     """MSE over latent frames 1+ of `[B, T', H', W', C]` arrays."""
     return float(np.mean((np.asarray(a[:, 1:], np.float64) - np.asarray(b[:, 1:], np.float64)) ** 2))
@@ -271,7 +298,8 @@ def main(argv) -> None:
     if _NUM_HELDOUT.value:
         splits["heldout"], _ = heldout_scenes(config, _BENCH_DIR.value, _NUM_HELDOUT.value)
 
-    x0_fn = jax.jit(lambda x, t, params, conds: x - t[:, None, None, None, None] * model(x, t, params, conds))
+    objective = runner.objective
+    x0_fn = jax.jit(lambda x, t, params, conds: objective.clean_estimate(x, model(x, t, params, conds), t))
     results: dict = {"workdir": workdir, "step": stage.step, "train_wall_s": wall,
                      "config": {"objective.shift": config.objective.shift,
                                 "objective.t_sampling": config.objective.t_sampling,
@@ -301,8 +329,8 @@ def main(argv) -> None:
         # what the denoiser knows at each noise level (conditional, one step)
         eps = np.asarray(jax.random.normal(jax.random.PRNGKey(1), target.shape, jnp.float32))
         for tv in (float(x) for x in _X0_TIMES.value):
-            t = jnp.full((b,), tv, jnp.float32)
-            xt = (1 - tv) * target + tv * eps
+            t = jnp.full((b,), objective.time_at(tv), jnp.float32)
+            xt = np.asarray(objective.noisy(jnp.asarray(target), jnp.asarray(eps), t))
             with runner._ctx():
                 x0 = np.asarray(x0_fn(jnp.asarray(xt), t, stage.params, conds.full))
             ids = np.stack([trajectory_lib.ids_from_trajectory(d, int(batch["num_objects"][i]))
@@ -316,11 +344,8 @@ def main(argv) -> None:
         # restarts: the ground truth noised to t_s, then Euler (uniform, no guidance) to 0: where sampling goes wrong
         res["restart"] = {}
         for ts0 in (float(x) for x in _RESTART_TIMES.value):
-            xt = (1 - ts0) * target + ts0 * eps
-            ts = np.linspace(ts0, 0.0, _RESTART_STEPS.value + 1).astype(np.float32)
             with runner._ctx():
-                latent = np.asarray(runner._sample(runner.place(jnp.asarray(xt)), jnp.asarray(ts), stage.params,
-                                                   conds, jnp.asarray([1.0, 1.0], jnp.float32)))
+                latent = np.asarray(restart(runner, target, eps, ts0, _RESTART_STEPS.value, conds))
             decoded = runner.decode(latent)
             ids = np.stack([trajectory_lib.ids_from_trajectory(decoded[i], int(batch["num_objects"][i]))
                             for i in range(b)])
@@ -356,7 +381,7 @@ def main(argv) -> None:
               "  ".join(f"t={t:g}: {v['own']:.4f} / {v['other']:.4f} / {v['null']:.4f}"
                         for t, v in res["text_use"].items()))
     for split, res in results["splits"].items():
-        print(f"restart ({split}: GT noised to t, {_RESTART_STEPS.value} uniform Euler steps, no guidance): " +
+        print(f"restart ({split}: GT noised to level t, ~{_RESTART_STEPS.value} sampler steps, no guidance): " +
               "  ".join(f"t={t:g}: mse1+ {v['mse1']:.4f} iou1+ {v['iou1']:.3f}" for t, v in res["restart"].items()))
     with open(os.path.join(png_dir, "probe.json"), "w") as f:
         json.dump(results, f, indent=1, default=str)

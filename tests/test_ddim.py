@@ -71,6 +71,29 @@ def test_noise_and_velocity_match_diffusers():
     assert obj.model_time(jnp.asarray(t, jnp.float32)).tolist() == t.tolist()
 
 
+@pytest.mark.parametrize("name", ["ddim_v", "rectified_flow"])
+def test_clean_estimate_recovers_x0_from_the_true_target(name):
+    # the probes' one-step x0: given the exact target at x_t, each objective must return the x0 that made x_t
+    c = config_lib.build(1, "tiny")
+    c.objective.name = name
+    obj = objectives.make_objective(c.objective)
+    rng = np.random.default_rng(1)
+    x0 = jnp.asarray(rng.standard_normal((3, 2, 4, 4, 5)), jnp.float32)
+    eps = jnp.asarray(rng.standard_normal(x0.shape), jnp.float32)
+    t = jnp.asarray([obj.time_at(v) for v in (0.02, 0.5, 1.0)], jnp.float32)
+    xt = obj.noisy(x0, eps, t)
+    np.testing.assert_allclose(np.asarray(obj.clean_estimate(xt, obj.target(x0, eps, t), t)), np.asarray(x0),
+                               atol=2e-5)
+    # level 1 is pure noise: x_t carries nothing of x0
+    np.testing.assert_allclose(np.asarray(xt[2]), np.asarray(eps[2]), atol=1e-6)
+    if name == "ddim_v":  # diffusers' v -> x0 (DDIMScheduler.step's pred_original_sample)
+        s = _scheduler()
+        v = obj.target(x0, eps, t)
+        a = s.alphas_cumprod[torch.as_tensor(np.asarray(t).astype(np.int64))].numpy()[:, None, None, None, None]
+        want = np.sqrt(a) * np.asarray(xt) - np.sqrt(1 - a) * np.asarray(v)
+        np.testing.assert_allclose(np.asarray(obj.clean_estimate(xt, v, t)), want, atol=2e-5)
+
+
 def _toy_model(x, t):
     """A deterministic stand-in for the network: depends on x and t the way a v-predictor may."""
     return 0.6 * x - 0.4 * jnp.tanh(x * (t[:, None, None, None] / 1000.0 + 0.2))

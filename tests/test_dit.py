@@ -319,6 +319,30 @@ def test_stage_inputs_with_the_first_frame_in_every_frame(batch):
         conditioning.stage_input(1, noisy, ff, s0, frames="last")
 
 
+def test_indexed_condition_frames_add_the_frames_place(batch):
+    """`frames="indexed"`: the `all` input plus one last channel, `t' / (T' - 1)` in every cell of frame t', for every
+    stage; `config.in_channels` counts it, and the model built from the config takes that input."""
+    noisy, ff, traj = batch["noisy"], batch["first_frame"], batch["trajectory"]
+    s0 = traj[:, :1] * 2.0
+    for stage, cond, width in ((1, s0, 3 * C), (2, traj, 3 * C), (0, None, 2 * C)):
+        x_all = np.asarray(conditioning.stage_input(stage, noisy, ff, cond, frames="all"))
+        x_idx = np.asarray(conditioning.stage_input(stage, noisy, ff, cond, frames="indexed"))
+        assert x_idx.shape == x_all.shape[:-1] + (width + 1,)
+        np.testing.assert_array_equal(x_idx[..., :width], x_all)
+        for f in range(T):
+            assert np.all(x_idx[:, f, ..., width] == f / (T - 1))
+    # with the image dropped (guidance's unconditional branch: zero conditions) the frame's place stays
+    zero = np.asarray(conditioning.stage_input(1, noisy, jnp.zeros_like(ff), jnp.zeros_like(s0), frames="indexed"))
+    np.testing.assert_array_equal(zero[:, -1, ..., -1], 1.0)
+    c = config_lib.build(1, "tiny")
+    plain = config_lib.in_channels(c)
+    c.model.condition_frames = "indexed"
+    assert config_lib.in_channels(c) == plain + 1
+    c.model.condition_frames = "last"
+    with pytest.raises(config_lib.ConfigError, match="model.condition_frames.*indexed"):
+        config_lib.validate(c)
+
+
 def test_condition_frames_reach_the_model_from_the_config():
     """The stage-1 default is `all`, stages 2 and 0 keep `first`; a config saved before the field existed reads as
     `first` (its checkpoints were trained that way)."""

@@ -32,6 +32,8 @@ from typing import Any
 
 import ml_collections
 
+from ttm_jax.models import conditioning
+
 ATTENTION_IMPLS = ("xla", "splash", "gpu")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -474,8 +476,9 @@ def latent_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int, int]
 
 def in_channels(config: ml_collections.ConfigDict) -> int:
     """Channels into the DiT: the noisy latent plus the stage's conditions (`STAGES`: two for stages 1 and 2, one for
-    TI2V), each `latent_channels` wide."""
-    return (1 + STAGES[int(config.stage)][1]) * config.autoencoder.latent_channels
+    TI2V), each `latent_channels` wide, plus the frame-place channel of `model.condition_frames=indexed`."""
+    extra = conditioning.extra_channels(config.model.get("condition_frames", "first"))
+    return (1 + STAGES[int(config.stage)][1]) * config.autoencoder.latent_channels + extra
 
 
 def _check(cond: bool, field: str, msg: str) -> None:
@@ -499,8 +502,9 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
            f"{m.get('scan_unroll')!r} must be an int >= 0 (0: per backend, all blocks unrolled on CPU)")
     _check(m.dtype in DTYPES, "model.dtype", f"{m.dtype!r}; choose one of {DTYPES}")
     _check(m.param_dtype in DTYPES, "model.param_dtype", f"{m.param_dtype!r}; choose one of {DTYPES}")
-    _check(m.get("condition_frames", "first") in ("first", "all"), "model.condition_frames",
-           f"{m.get('condition_frames')!r}; choose first (latent frame 0, zeros after) or all (every latent frame)")
+    _check(m.get("condition_frames", "first") in conditioning.CONDITION_FRAMES, "model.condition_frames",
+           f"{m.get('condition_frames')!r}; choose first (latent frame 0, zeros after), all (every latent frame) or "
+           f"indexed (every latent frame, and a channel with the frame's place)")
     _check(m.cross_ids_from in CROSS_IDS_FROM, "model.cross_ids_from",
            f"{m.cross_ids_from!r}; choose one of {CROSS_IDS_FROM}")
     _check(config.stage != 1 or m.ttm_layers == 0 or not (m.ttm_masked and m.ttm_masked_self),

@@ -7,6 +7,8 @@ An `Objective` owns the four places where a diffusion formulation shows up:
   model time        `model_time(t) -> timestep` as the backbone takes it
   sampling          `time_grid(num_steps, schedule, shift) -> ts [N + 1]` and `sample(model_fn, noise, ts, *args)`
                     (`model_fn(x, t, *args)` -> the model's prediction; the objective's sampler turns it into steps)
+  clean estimate    `clean_estimate(x_t, pred, t) -> x0_hat` (what one step from `t` says the sample is) and
+                    `time_at(level)`: the objective's time at a noise level in [0, 1] (1: pure noise), for probes
 
 `rectified_flow` (the DiT, Wan 2.1 / Movie Gen): `x_t = (1 - t) x0 + t eps`, target `eps - x0`, logit-normal times
 shifted by `objective.shift`, timestep `1000 t`, first-order Euler from t = 1 to 0 (`ttm_jax.diffusion.flow`,
@@ -51,6 +53,10 @@ class Objective(Protocol):
 
     def sample(self, model_fn: Callable[..., jax.Array], noise: jax.Array, ts: jax.Array, *args: Any) -> jax.Array: ...
 
+    def clean_estimate(self, x: jax.Array, pred: jax.Array, t: jax.Array) -> jax.Array: ...
+
+    def time_at(self, level: float) -> float: ...
+
 
 class RectifiedFlow:
     """Rectified flow (module docstring); `objective` is `config.objective` (t_sampling, logit_mean/std, shift)."""
@@ -86,6 +92,13 @@ class RectifiedFlow:
     def sample(self, model_fn: Callable[..., jax.Array], noise: jax.Array, ts: jax.Array, *args: Any) -> jax.Array:
         """Euler along the predicted velocity from `ts[0]` to `ts[-1]`; `model_fn(x, t [B], *args) -> v`."""
         return samplers.euler_sample(model_fn, noise, ts, *args)
+
+    def clean_estimate(self, x: jax.Array, pred: jax.Array, t: jax.Array) -> jax.Array:
+        """`x_t - t v`: the end of the straight path the velocity `pred` points along."""
+        return x - t.reshape(t.shape + (1,) * (x.ndim - t.ndim)) * pred
+
+    def time_at(self, level: float) -> float:
+        return float(level)
 
 
 class DDIMVPrediction:
@@ -132,6 +145,14 @@ class DDIMVPrediction:
         """DDIM (eta = 0) over `ts` (from `time_grid`); `model_fn(x, t [B], *args) -> v`."""
         a_t, a_prev = ddim.step_alphas(ts, self.alphas_cumprod, self.num_train_timesteps)
         return ddim.ddim_sample(model_fn, noise, ts, a_t, a_prev, *args)
+
+    def clean_estimate(self, x: jax.Array, pred: jax.Array, t: jax.Array) -> jax.Array:
+        """`sqrt(a) x_t - sqrt(1 - a) v` at timesteps `t [B]`."""
+        return ddim.clean_from_velocity(x, pred, ddim.gather(self.alphas_cumprod, t))
+
+    def time_at(self, level: float) -> float:
+        """The timestep `round(level (T - 1))`: level 1 is the last (pure noise under zero terminal SNR)."""
+        return float(round(float(level) * (self.num_train_timesteps - 1)))
 
 
 OBJECTIVES: Registry[Callable[[ml_collections.ConfigDict], Objective]] = Registry("objective.name")

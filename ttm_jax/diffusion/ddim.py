@@ -94,13 +94,19 @@ def velocity(x0: jax.Array, eps: jax.Array, a: jax.Array) -> jax.Array:
     return (jnp.sqrt(a) * eps.astype(jnp.float32) - jnp.sqrt(1.0 - a) * x0.astype(jnp.float32)).astype(x0.dtype)
 
 
+def clean_from_velocity(x: jax.Array, v: jax.Array, a: jax.Array) -> jax.Array:
+    """The clean-sample estimate `sqrt(a) x_t - sqrt(1 - a) v`, `a [B]` each example's alphas_cumprod (float32)."""
+    a = _bcast(jnp.asarray(a, jnp.float32), x)
+    return jnp.sqrt(a) * x.astype(jnp.float32) - jnp.sqrt(1.0 - a) * v.astype(jnp.float32)
+
+
 def ddim_step(x: jax.Array, v: jax.Array, a: jax.Array, a_prev: jax.Array) -> jax.Array:
     """One deterministic DDIM step (eta = 0) from `x` at alphas_cumprod `a` to `a_prev`, given the predicted `v`;
     float32 math. `a`, `a_prev`: scalars or `[B]`."""
     x32, v32 = x.astype(jnp.float32), v.astype(jnp.float32)
     a, a_prev = jnp.broadcast_to(a, x.shape[:1]), jnp.broadcast_to(a_prev, x.shape[:1])
     sa, sb = jnp.sqrt(_bcast(a, x32)), jnp.sqrt(1.0 - _bcast(a, x32))
-    x0 = sa * x32 - sb * v32
+    x0 = clean_from_velocity(x32, v32, a)
     eps = sa * v32 + sb * x32
     return (jnp.sqrt(_bcast(a_prev, x32)) * x0 + jnp.sqrt(1.0 - _bcast(a_prev, x32)) * eps).astype(x.dtype)
 

@@ -5,12 +5,19 @@
   stage 0 (TI2V baseline):    [noisy video latent ; E(x0)]                                   (no trajectory)
 
 The first-frame conditions (E(x0), and stage 1's E(s0)) fill the latent frames as `frames` says (config
-`model.condition_frames`): `first`, latent frame 0 and zeros after (Wan 2.1's image-to-video), or `all`, the same
-latent in every frame (Stable Video Diffusion's concatenation). Stage 1 uses `all`: its frames 1+ have no other
-local condition, and with `first` a small DiT must learn to fetch the first frame across frames through RoPE
-attention before it can place anything; on one training clip, 800 steps, its samples reached a per-object IoU of
-0.39 over frames 1+ with `first` and 0.83 with `all` (`bench/stage1_probe.py`). Stages 2 and 0 keep `first`: their
-video frames have the trajectory (stage 2) or nothing (TI2V) and both carry the image alike.
+`model.condition_frames`): `first`, latent frame 0 and zeros after (Wan 2.1's image-to-video), `all`, the same
+latent in every frame (Stable Video Diffusion's concatenation), or `indexed`, as `all` plus one last channel holding
+each latent frame's place in the clip, `t' / (T' - 1)` (0 in frame 0, 1 in the last).
+
+Stage 1 needs the first frame's conditions in every frame: its frames 1+ have no other local condition, and with
+`first` a small DiT must learn to fetch the first frame across frames through RoPE attention before it can place
+anything (on one training clip, 800 steps, its samples reached a per-object IoU of 0.39 over frames 1+ with `first`
+and 0.83 with `all`, `bench/stage1_probe.py`). But with `all` every frame's conditions are the same and the DiT's
+RoPE positions are relative only, so a token cannot tell which frame it is in, and where an object is in frame t'
+(its first-frame place moved t' steps along its motion) depends on just that: from pure noise, the trained model's
+prediction of frame 0, which is the given s0, came out as blurred as the frames after it. `indexed` gives each token
+its frame (the U-Net's motion modules have absolute frame positions of their own). Stages 2 and 0 keep `first`:
+their video frames have the trajectory (stage 2) or nothing (TI2V) and both carry the image alike.
 
 `x0` is the first frame, `s0` the first-frame segmentation painted as a trajectory frame; E is the autoencoder.
 The noisy latent comes first, so a text-to-video backbone widened by `dit.expand_input_channels` (zero kernels for
@@ -23,7 +30,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-CONDITION_FRAMES = ("first", "all")
+CONDITION_FRAMES = ("first", "all", "indexed")
+
+
+def extra_channels(frames: str) -> int:
+    """Channels `stage_input` adds beyond the latents for `frames` (`indexed`: the frame-place channel)."""
+    return 1 if frames == "indexed" else 0
 
 
 def _first_frame_only(latent: jax.Array, frames: int) -> jax.Array:
@@ -40,7 +52,8 @@ def _first_frame_everywhere(latent: jax.Array, frames: int) -> jax.Array:
 
 def stage_input(stage: int, noisy: jax.Array, first_frame_latent: jax.Array,
                 cond_latent: jax.Array | None, *, frames: str = "first") -> jax.Array:
-    """The channel-concatenated DiT input `[B, T', H', W', 3C]` (`2C` for stage 0) of `stage` (module docstring).
+    """The channel-concatenated DiT input `[B, T', H', W', 3C]` (`2C` for stage 0; one more with `indexed`) of `stage`
+    (module docstring).
 
     Args:
       stage: 1 (image-to-motion), 2 (motion-to-video) or 0 (the single-stage TI2V baseline).
@@ -49,7 +62,7 @@ def stage_input(stage: int, noisy: jax.Array, first_frame_latent: jax.Array,
         frame 0 is used, e.g. the latent of a whole clip: with a causal VAE its frame 0 depends on x0 only).
       cond_latent: stage 1: E(s0), `[B, 1 or T', H', W', C]` (frame 0 used); stage 2: E(trajectory) `[B, T', ...]`;
         stage 0: None.
-      frames: `first` or `all`, how the first-frame conditions fill the latent frames (module docstring).
+      frames: `first`, `all` or `indexed`, how the first-frame conditions fill the latent frames (module docstring).
     """
     if stage not in (0, 1, 2):
         raise ValueError(f"conditioning.stage_input: stage={stage!r} must be 0, 1 or 2 (config.stage)")
@@ -71,8 +84,12 @@ def stage_input(stage: int, noisy: jax.Array, first_frame_latent: jax.Array,
     spread = _first_frame_only if frames == "first" else _first_frame_everywhere
     image = spread(first_frame_latent, t)
     dtype = noisy.dtype
+    extra = []
+    if frames == "indexed":
+        place = jnp.arange(t, dtype=jnp.float32) / max(t - 1, 1)
+        extra = [jnp.broadcast_to(place[None, :, None, None, None], (b, t, h, w, 1)).astype(dtype)]
     if stage == 0:
-        return jnp.concatenate([noisy, image.astype(dtype)], axis=-1)
+        return jnp.concatenate([noisy, image.astype(dtype)] + extra, axis=-1)
     if stage == 1:
         cond = spread(cond_latent, t)
     else:
@@ -80,4 +97,4 @@ def stage_input(stage: int, noisy: jax.Array, first_frame_latent: jax.Array,
             raise ValueError(f"conditioning.stage_input: stage 2 needs the whole trajectory latent [B, {t}, {h}, {w}, "
                              f"{c}] as cond_latent, got {cond_latent.shape}")
         cond = cond_latent
-    return jnp.concatenate([noisy, image.astype(dtype), cond.astype(dtype)], axis=-1)
+    return jnp.concatenate([noisy, image.astype(dtype), cond.astype(dtype)] + extra, axis=-1)
