@@ -13,7 +13,7 @@
    object masks, motion prompt tokens).
 3. For every sampler setting (`--settings`: `name:key=value,...;...` with the keys of `pipeline.Settings`: num_steps,
    schedule, shift, image_scale, text_scale), stage 1 samples each scene exactly as the pipeline does
-   (`pipeline.StageRunner`: the conditions `inputs.prepare` makes, two-scale guidance, the objective's Euler sampler;
+   (`pipeline.StageRunner`: the conditions `inputs.prepare` makes, two-scale guidance, the objective's sampler;
    noise seed = scene index), and the table reports per split:
      mse1+     MSE of the sampled latent on latent frames 1+ against the ground-truth trajectory latent
      rep       the same for "repeat the first frame" (s0's latent in every frame): the bar to beat
@@ -77,9 +77,11 @@ _NUM_HELDOUT = flags.DEFINE_integer("num_heldout", 16, "Held-out benchmark scene
 _BENCH_DIR = flags.DEFINE_string("bench_dir", "/tmp/stage1_probe_bench", "Held-out benchmark folder (made if "
                                  "absent; one per clip geometry: the geometry is appended to the name).")
 _PNG_DIR = flags.DEFINE_string("png_dir", "", "Where strips and probe.json go; default <workdir>/probe.")
-_X0_TIMES = flags.DEFINE_list("x0_times", ["0.98", "0.9", "0.7", "0.5", "0.3"], "Times of the single-step x0 MSE.")
-_RESTART_TIMES = flags.DEFINE_list("restart_times", ["0.9", "0.7", "0.5"], "Start times of the restart probe.")
-_RESTART_STEPS = flags.DEFINE_integer("restart_steps", 10, "Uniform Euler steps of the restart probe.")
+_X0_TIMES = flags.DEFINE_list("x0_times", ["0.98", "0.9", "0.7", "0.5", "0.3"],
+                              "Noise levels (0-1, 1: pure noise) of the single-step x0 probe.")
+_RESTART_TIMES = flags.DEFINE_list("restart_times", ["0.9", "0.7", "0.5"],
+                                   "Noise levels (0-1) the restart probe starts from.")
+_RESTART_STEPS = flags.DEFINE_integer("restart_steps", 10, "About this many sampler steps per restart.")
 _PNG_ROWS = flags.DEFINE_integer("png_rows", 6, "Scenes per strip.")
 
 SETTING_KEYS = {"num_steps": int, "schedule": str, "shift": float, "image_scale": float, "text_scale": float}
@@ -196,25 +198,31 @@ def heldout_scenes(config, bench_dir: str, num: int) -> tuple[dict[str, np.ndarr
 
 
 def restart(runner: pipeline_lib.StageRunner, target: np.ndarray, eps: np.ndarray, level: float, steps: int,
-            conds) -> jax.Array:
-    """The ground truth noised to noise level `level` (`objective.time_at`), then `steps` unguided sampler steps to
-    the end. Rectified flow: uniform Euler from `level` to 0. ddim_v: the tail of the trailing DDIM grid of
-    `steps / level` steps from its first timestep at or below the level's (its strides, and so its alphas, are the
-    full grid's)."""
+            conds) -> tuple[jax.Array, float]:
+    """The ground truth noised to noise level `level` (`objective.time_at`), then about `steps` unguided sampler steps
+    to the end; returns the latent and the level it started from. Rectified flow: uniform Euler from `level` to 0.
+    ddim_v: the tail of the DDIM grid (`objective.timestep_spacing`) of `steps / level` steps (at most T) from its
+    first timestep at or below the level's, so it may start a little below `level` (its strides, and so its alphas,
+    are the full grid's)."""
+    if not 0.0 < level <= 1.0 or steps < 1:
+        raise ValueError(f"stage1_probe: --restart_times {level} must be in (0, 1] and --restart_steps {steps} >= 1")
     objective, params = runner.objective, runner.stage.params
     scales = jnp.asarray([1.0, 1.0], jnp.float32)
     if isinstance(objective, objectives.DDIMVPrediction):
-        full = objective.time_grid(max(steps, int(round(steps / level))))
+        n = min(max(steps, int(round(steps / level))), objective.num_train_timesteps)
+        full = objective.time_grid(n)
         a_t, a_prev = ddim.step_alphas(full, objective.alphas_cumprod, objective.num_train_timesteps)
-        k = int(np.argmax(full <= objective.time_at(level)))
+        below = full <= objective.time_at(level)
+        k = int(np.argmax(below)) if below.any() else len(full) - 1
         t0 = jnp.full((target.shape[0],), full[k], jnp.float32)
         xt = objective.noisy(jnp.asarray(target), jnp.asarray(eps), t0)
-        return jax.jit(lambda x, ts, a, ap, p, c: ddim.ddim_sample(runner.velocity, x, ts, a, ap, p, c, scales))(
+        latent = jax.jit(lambda x, ts, a, ap, p, c: ddim.ddim_sample(runner.velocity, x, ts, a, ap, p, c, scales))(
             runner.place(xt), jnp.asarray(full[k:]), a_t[k:], a_prev[k:], params, conds)
+        return latent, float(full[k]) / (objective.num_train_timesteps - 1)
     t0 = jnp.full((target.shape[0],), objective.time_at(level), jnp.float32)
     xt = objective.noisy(jnp.asarray(target), jnp.asarray(eps), t0)
     ts = np.linspace(objective.time_at(level), 0.0, steps + 1).astype(np.float32)
-    return runner._sample(runner.place(xt), jnp.asarray(ts), params, conds, scales)
+    return runner._sample(runner.place(xt), jnp.asarray(ts), params, conds, scales), float(level)
 
 
 def latent_mse(a: np.ndarray, b: np.ndarray) -> float:
@@ -341,15 +349,17 @@ def main(argv) -> None:
                 res["text_use"][tv] = {name: latent_mse(np.asarray(x0_fn(jnp.asarray(xt), t, stage.params, c)), target)
                                        for name, c in (("own", conds.full), ("other", other.full),
                                                        ("null", conds.image))}
-        # restarts: the ground truth noised to t_s, then Euler (uniform, no guidance) to 0: where sampling goes wrong
+        # restarts: the ground truth noised to a level, then sampled (no guidance) to the end: where sampling goes wrong
         res["restart"] = {}
         for ts0 in (float(x) for x in _RESTART_TIMES.value):
             with runner._ctx():
-                latent = np.asarray(restart(runner, target, eps, ts0, _RESTART_STEPS.value, conds))
+                latent, start = restart(runner, target, eps, ts0, _RESTART_STEPS.value, conds)
+                latent = np.asarray(latent)
             decoded = runner.decode(latent)
             ids = np.stack([trajectory_lib.ids_from_trajectory(decoded[i], int(batch["num_objects"][i]))
                             for i in range(b)])
-            res["restart"][ts0] = {"mse1": latent_mse(latent, target), **summarise(object_ious(ids, batch))}
+            res["restart"][ts0] = {"mse1": latent_mse(latent, target), "start": start,
+                                   **summarise(object_ious(ids, batch))}
         for name, s in settings:
             t0 = time.time()
             latent = np.asarray(runner.sample(conds, list(range(b)), s))
@@ -382,7 +392,8 @@ def main(argv) -> None:
                         for t, v in res["text_use"].items()))
     for split, res in results["splits"].items():
         print(f"restart ({split}: GT noised to level t, ~{_RESTART_STEPS.value} sampler steps, no guidance): " +
-              "  ".join(f"t={t:g}: mse1+ {v['mse1']:.4f} iou1+ {v['iou1']:.3f}" for t, v in res["restart"].items()))
+              "  ".join(f"t={t:g} (from {v['start']:.3f}): mse1+ {v['mse1']:.4f} iou1+ {v['iou1']:.3f}"
+                        for t, v in res["restart"].items()))
     with open(os.path.join(png_dir, "probe.json"), "w") as f:
         json.dump(results, f, indent=1, default=str)
     print(f"strips and probe.json in {png_dir}")

@@ -334,6 +334,7 @@ def test_indexed_condition_frames_add_the_frames_place(batch):
     # with the image dropped (guidance's unconditional branch: zero conditions) the frame's place stays
     zero = np.asarray(conditioning.stage_input(1, noisy, jnp.zeros_like(ff), jnp.zeros_like(s0), frames="indexed"))
     np.testing.assert_array_equal(zero[:, -1, ..., -1], 1.0)
+    assert conditioning.CONDITION_FRAMES == config_lib.CONDITION_FRAMES
     c = config_lib.build(1, "tiny")
     plain = config_lib.in_channels(c)
     c.model.condition_frames = "indexed"

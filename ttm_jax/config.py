@@ -32,8 +32,6 @@ from typing import Any
 
 import ml_collections
 
-from ttm_jax.models import conditioning
-
 ATTENTION_IMPLS = ("xla", "splash", "gpu")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -42,6 +40,8 @@ AUTOENCODERS = ("space_to_depth", "wan", "sd")
 # manifest's before the fields existed, and the only one the Wan / SD VAEs take here (theirs: their config.json's)
 IDENTITY_LATENT_NORM = {"scaling_factor": 1.0, "shift_factor": 0.0}
 CROSS_IDS_FROM = ("bbox", "mask")
+# model.condition_frames (ttm_jax/models/conditioning.py, whose CONDITION_FRAMES a test keeps equal to this)
+CONDITION_FRAMES = ("first", "all", "indexed")
 # The keys of a stage config's argument and their defaults (`parse_arg`).
 STAGE_ARGS: dict[str, Any] = {"variant": "tiny", "runlocal": False}
 _TRUE = ("1", "true", "yes")
@@ -278,7 +278,8 @@ def _model(v: Mapping[str, Any]) -> ml_collections.ConfigDict:
     m.ttm_masked = True
     m.ttm_masked_self = True
     m.ttm_masked_cross = True
-    # first-frame conditions in latent frame 0 only (Wan I2V) or in every frame (SVD); stage 1: all (build)
+    # first-frame conditions in latent frame 0 only (Wan I2V), in every frame (SVD: all), or in every frame with a
+    # channel holding the frame's place (indexed); stage 1: all (build)
     m.condition_frames = "first"
     m.cross_ids_from = "bbox"  # per-token ids for masked cross-attention: objects' boxes (paper) or masks
     m.attention = "xla"  # xla (reference) | splash (TPU) | gpu (Pallas Triton)
@@ -477,7 +478,7 @@ def latent_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int, int]
 def in_channels(config: ml_collections.ConfigDict) -> int:
     """Channels into the DiT: the noisy latent plus the stage's conditions (`STAGES`: two for stages 1 and 2, one for
     TI2V), each `latent_channels` wide, plus the frame-place channel of `model.condition_frames=indexed`."""
-    extra = conditioning.extra_channels(config.model.get("condition_frames", "first"))
+    extra = 1 if config.model.get("condition_frames", "first") == "indexed" else 0  # conditioning.extra_channels
     return (1 + STAGES[int(config.stage)][1]) * config.autoencoder.latent_channels + extra
 
 
@@ -502,7 +503,7 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
            f"{m.get('scan_unroll')!r} must be an int >= 0 (0: per backend, all blocks unrolled on CPU)")
     _check(m.dtype in DTYPES, "model.dtype", f"{m.dtype!r}; choose one of {DTYPES}")
     _check(m.param_dtype in DTYPES, "model.param_dtype", f"{m.param_dtype!r}; choose one of {DTYPES}")
-    _check(m.get("condition_frames", "first") in conditioning.CONDITION_FRAMES, "model.condition_frames",
+    _check(m.get("condition_frames", "first") in CONDITION_FRAMES, "model.condition_frames",
            f"{m.get('condition_frames')!r}; choose first (latent frame 0, zeros after), all (every latent frame) or "
            f"indexed (every latent frame, and a channel with the frame's place)")
     _check(m.cross_ids_from in CROSS_IDS_FROM, "model.cross_ids_from",

@@ -204,7 +204,7 @@ def model_inputs(config: ml_collections.ConfigDict, modules: Modules, frozen: di
                  ) -> tuple[jax.Array, dict[str, Any], jax.Array]:
     """Noisy stage input, the model's other arguments and the loss target for one (micro-)batch.
 
-    `rand`: this (micro-)batch's rows of `draw`. Returns `(x [B,T',H',W',3C], kwargs for model.__call__
+    `rand`: this (micro-)batch's rows of `draw`. Returns `(x [B,T',H',W',config.in_channels], kwargs for model.__call__
     (timestep, context, ...), target [B,T',H',W',C])`.
     """
     objective = objectives.make_objective(config.objective)

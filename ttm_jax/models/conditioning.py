@@ -7,7 +7,7 @@
 The first-frame conditions (E(x0), and stage 1's E(s0)) fill the latent frames as `frames` says (config
 `model.condition_frames`): `first`, latent frame 0 and zeros after (Wan 2.1's image-to-video), `all`, the same
 latent in every frame (Stable Video Diffusion's concatenation), or `indexed`, as `all` plus one last channel holding
-each latent frame's place in the clip, `t' / (T' - 1)` (0 in frame 0, 1 in the last).
+each latent frame's place in the clip, `t' / (T' - 1)` (0 in frame 0, 1 in the last; 0 when T' = 1).
 
 Stage 1 needs the first frame's conditions in every frame: its frames 1+ have no other local condition, and with
 `first` a small DiT must learn to fetch the first frame across frames through RoPE attention before it can place

@@ -341,7 +341,7 @@ class DiT(nn.Module):
         where = "ttm_jax/models/dit.py: DiT"
         if x.ndim != 5 or x.shape[-1] != self.in_channels:
             raise ValueError(f"{where}: x must be [B, T', H', W', in_channels={self.in_channels}], got {x.shape}; "
-                             f"in_channels is 3 * autoencoder.latent_channels (conditioning.stage_input)")
+                             f"in_channels is ttm_jax.config.in_channels(config) (conditioning.stage_input)")
         b, t, hh, ww, _ = x.shape
         pt, ph, pw = c.patch_size
         if t % pt or hh % ph or ww % pw:
