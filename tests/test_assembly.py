@@ -120,8 +120,7 @@ def test_objective_sets_the_loss_target():
 
 def test_indexed_condition_frames_reach_the_dit_through_the_stage_input():
     """`model.condition_frames=indexed` on the real DiT: the training input's last channel is the frame's place (also
-    for examples whose image is dropped), the patch embedding reads `config.in_channels` channels, and that channel
-    changes the prediction."""
+    for examples whose image is dropped), and the patch embedding reads `config.in_channels` channels."""
     c = fx.tiny_config(1, **{"model.condition_frames": "indexed"})
     mods = fx.make_modules(c, real_model=True)
     batch = {k: jnp.asarray(v) for k, v in next(iter(fx.make_dataset(c))).items() if k in inputs_lib.BATCH_KEYS}
@@ -135,13 +134,11 @@ def test_indexed_condition_frames_reach_the_dit_through_the_stage_input():
     assert x.shape[-1] == config_lib.in_channels(c) == 3 * target.shape[-1] + 1
     np.testing.assert_allclose(x[..., -1], np.broadcast_to(
         (np.arange(frames) / (frames - 1))[None, :, None, None], x.shape[:-1]), atol=1e-7)
-    params = nn.unbox(mods.model.init(jax.random.PRNGKey(2), x, **kw)["params"])
-    assert params["patch_embedding"]["kernel"].shape[-2] == x.shape[-1]
-    y = mods.model.apply({"params": params}, x, **kw)
-    assert y.shape == target.shape
-    # the place channel is read: reversed places give another prediction
-    y_rev = mods.model.apply({"params": params}, x.at[..., -1].set(1.0 - x[..., -1]), **kw)
-    assert float(jnp.abs(y - y_rev).max()) > 1e-4
+    # shapes only (eval_shape): the patch embedding reads every input channel and the output is the latent's
+    shapes = jax.eval_shape(lambda: nn.unbox(mods.model.init(jax.random.PRNGKey(2), x, **kw)["params"]))
+    assert shapes["patch_embedding"]["kernel"].shape[-2] == x.shape[-1]
+    out = jax.eval_shape(lambda p: mods.model.apply({"params": p}, x, **kw), shapes)
+    assert out.shape == target.shape
 
 
 def test_trained_stage_loads_and_samples_through_the_registry(toy_run):
