@@ -40,7 +40,7 @@ AUTOENCODERS = ("space_to_depth", "wan", "sd")
 # manifest's before the fields existed, and the only one the Wan / SD VAEs take here (theirs: their config.json's)
 IDENTITY_LATENT_NORM = {"scaling_factor": 1.0, "shift_factor": 0.0}
 CROSS_IDS_FROM = ("bbox", "mask")
-# model.condition_frames (ttm_jax/models/conditioning.py, whose CONDITION_FRAMES a test keeps equal to this)
+# model.condition_frames: how the first-frame conditions fill the latent frames (ttm_jax/models/conditioning.py)
 CONDITION_FRAMES = ("first", "all", "indexed")
 # The keys of a stage config's argument and their defaults (`parse_arg`).
 STAGE_ARGS: dict[str, Any] = {"variant": "tiny", "runlocal": False}
@@ -478,8 +478,14 @@ def latent_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int, int]
 def in_channels(config: ml_collections.ConfigDict) -> int:
     """Channels into the DiT: the noisy latent plus the stage's conditions (`STAGES`: two for stages 1 and 2, one for
     TI2V), each `latent_channels` wide, plus the frame-place channel of `model.condition_frames=indexed`."""
-    extra = 1 if config.model.get("condition_frames", "first") == "indexed" else 0  # conditioning.extra_channels
+    extra = frame_place_channels(config.model.get("condition_frames", "first"))
     return (1 + STAGES[int(config.stage)][1]) * config.autoencoder.latent_channels + extra
+
+
+def frame_place_channels(condition_frames: str) -> int:
+    """Channels the stage input adds beyond the latents for `model.condition_frames` (`indexed`: the frame's place,
+    `conditioning.stage_input`)."""
+    return 1 if condition_frames == "indexed" else 0
 
 
 def _check(cond: bool, field: str, msg: str) -> None:

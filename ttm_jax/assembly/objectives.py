@@ -95,7 +95,7 @@ class RectifiedFlow:
 
     def clean_estimate(self, x: jax.Array, pred: jax.Array, t: jax.Array) -> jax.Array:
         """`x_t - t v`: the end of the straight path the velocity `pred` points along."""
-        return x - t.reshape(t.shape + (1,) * (x.ndim - t.ndim)) * pred
+        return flow.clean_from_velocity(x, pred, t)
 
     def time_at(self, level: float) -> float:
         return float(level)

@@ -57,6 +57,11 @@ def velocity_target(x0: jax.Array, eps: jax.Array) -> jax.Array:
     return eps - x0
 
 
+def clean_from_velocity(x_t: jax.Array, v: jax.Array, t: jax.Array) -> jax.Array:
+    """`x_t - t v`: the end (t = 0) of the straight path the velocity `v` points along; t `[B]`."""
+    return x_t - _bcast(t, x_t) * v
+
+
 def wan_timestep(t: jax.Array) -> jax.Array:
     """The DiT's timestep input: `1000 t` (Wan's units)."""
     return t * WAN_TIMESTEP_SCALE

@@ -29,12 +29,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-CONDITION_FRAMES = ("first", "all", "indexed")
-
-
-def extra_channels(frames: str) -> int:
-    """Channels `stage_input` adds beyond the latents for `frames` (`indexed`: the frame-place channel)."""
-    return 1 if frames == "indexed" else 0
+from ttm_jax.config import CONDITION_FRAMES, frame_place_channels
 
 
 def _first_frame_only(latent: jax.Array, frames: int) -> jax.Array:
@@ -84,7 +79,7 @@ def stage_input(stage: int, noisy: jax.Array, first_frame_latent: jax.Array,
     image = spread(first_frame_latent, t)
     dtype = noisy.dtype
     extra = []
-    if frames == "indexed":
+    if frame_place_channels(frames):
         place = jnp.arange(t, dtype=jnp.float32) / max(t - 1, 1)
         extra = [jnp.broadcast_to(place[None, :, None, None, None], (b, t, h, w, 1)).astype(dtype)]
     if stage == 0:
