@@ -18,6 +18,39 @@ def test_paper_schedule_warms_up_linearly_then_stays_constant():
                                [0.0, 5e-6, 1e-5, 2e-5, 2e-5, 2e-5], rtol=1e-6, atol=1e-12)
 
 
+def test_cooldown_holds_the_rate_then_falls_linearly_to_zero_over_the_last_steps():
+    o = config_lib.build(1, "tiny").optim
+    o.update(learning_rate=1e-3, warmup_steps=20, cooldown_steps=100)
+    lr = state_lib.learning_rate_schedule(o, 300)
+    np.testing.assert_allclose([lr(0), lr(10), lr(20), lr(150), lr(200), lr(250), lr(290), lr(300)],
+                               [0.0, 5e-4, 1e-3, 1e-3, 1e-3, 5e-4, 1e-4, 0.0], rtol=1e-5, atol=1e-9)
+    # no warm-up, cooldown over the whole run; and the optimizer's updates follow the schedule
+    o.update(warmup_steps=0, cooldown_steps=4)
+    np.testing.assert_allclose([state_lib.learning_rate_schedule(o, 4)(i) for i in range(5)],
+                               [1e-3, 7.5e-4, 5e-4, 2.5e-4, 0.0], rtol=1e-5, atol=1e-9)
+    o.update(b1=0.0, b2=0.0, eps=0.0, grad_clip_norm=0.0)  # plain sign-SGD: |update| = lr
+    tx = state_lib.make_optimizer(o, 4)
+    params = {"w": jnp.zeros((2,))}
+    s = state_lib.create(params, tx, 0.0)
+    moved = []
+    for _ in range(4):
+        before = s.params["w"]
+        s = state_lib.apply_gradients(s, _grads(params, 1.0), tx, 0.0)
+        moved.append(float(before[0] - s.params["w"][0]))
+    np.testing.assert_allclose(moved, [1e-3, 7.5e-4, 5e-4, 2.5e-4], rtol=1e-4)
+    with pytest.raises(ValueError, match="needs train.total_steps"):
+        state_lib.learning_rate_schedule(o)
+
+
+def test_cooldown_longer_than_the_run_fails_the_config_check():
+    c = config_lib.build(1, "tiny")
+    c.optim.cooldown_steps = c.train.total_steps
+    with pytest.raises(config_lib.ConfigError, match="config.optim.cooldown_steps"):
+        config_lib.validate(c)
+    c.optim.cooldown_steps = c.train.total_steps - c.optim.warmup_steps
+    config_lib.validate(c)
+
+
 def _grads(params, scale):
     return jax.tree.map(lambda p: jnp.full_like(p, scale), params)
 

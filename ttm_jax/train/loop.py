@@ -161,7 +161,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, modules: Modules |
                          f"mesh {dict(mesh.shape)} and the {jax.process_count()} processes; change it or mesh.shape")
     workdir = str(workdir)
     modules = modules or build_modules(config)
-    tx = state_lib.make_optimizer(config.optim)
+    tx = state_lib.make_optimizer(config.optim, config.train.total_steps)
     ema_decay = float(config.optim.ema_decay)
     init_params = params_lib.make_init_params(config, modules)
     rng = jax.random.PRNGKey(int(config.seed))

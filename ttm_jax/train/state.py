@@ -5,7 +5,8 @@ the train step), are never differentiated, are not in the optimizer and are not 
 `config.autoencoder.path` / `config.text_encoder.path`, or from `config.seed` for the tiny random encoder).
 
 Optimizer (paper: constant LR 2e-5 after 2,000 linear warm-up steps): global-norm gradient clipping, then AdamW whose
-learning rate rises linearly from 0 to `optim.learning_rate` over `optim.warmup_steps` and then stays constant.
+learning rate rises linearly from 0 to `optim.learning_rate` over `optim.warmup_steps` and then stays constant, or, with
+`optim.cooldown_steps`, falls linearly to 0 over the last that many of `train.total_steps` (warmup-stable-decay).
 """
 
 from __future__ import annotations
@@ -33,21 +34,37 @@ class TrainState:
     ema_params: Any = None
 
 
-def learning_rate_schedule(optim: ml_collections.ConfigDict) -> optax.Schedule:
-    """Linear warm-up from 0 to `learning_rate` over `warmup_steps`, then constant."""
-    lr, warmup = float(optim.learning_rate), int(optim.warmup_steps)
-    if warmup <= 0:
-        return optax.constant_schedule(lr)
-    return optax.join_schedules(
-        [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], boundaries=[warmup])
+def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int | None = None) -> optax.Schedule:
+    """Linear warm-up from 0 to `learning_rate` over `warmup_steps`, then constant; with `cooldown_steps` > 0 (which
+    needs `total_steps`), a linear fall to 0 from step `total_steps - cooldown_steps` to `total_steps`."""
+    lr, warmup, cool = float(optim.learning_rate), int(optim.warmup_steps), int(optim.get("cooldown_steps", 0))
+    parts, boundaries = [], []
+    if warmup > 0:
+        parts.append(optax.linear_schedule(0.0, lr, warmup))
+        boundaries.append(warmup)
+    if cool > 0:
+        if total_steps is None:
+            raise ValueError("optim.cooldown_steps needs train.total_steps: pass total_steps")
+        start = int(total_steps) - cool
+        if start < warmup:
+            raise ValueError(f"optim.cooldown_steps={cool} starts before the warm-up ends ({warmup} steps of "
+                             f"{total_steps}); lower it or raise train.total_steps")
+        if start > warmup:
+            parts.append(optax.constant_schedule(lr))
+            boundaries.append(start)
+        parts.append(optax.linear_schedule(lr, 0.0, cool))
+    else:
+        parts.append(optax.constant_schedule(lr))
+    return parts[0] if len(parts) == 1 else optax.join_schedules(parts, boundaries=boundaries)
 
 
-def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """Gradient clipping (`grad_clip_norm`, 0: off) then AdamW (`b1`, `b2`, `eps`, `weight_decay`)."""
+def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int | None = None) -> optax.GradientTransformation:
+    """Gradient clipping (`grad_clip_norm`, 0: off) then AdamW (`b1`, `b2`, `eps`, `weight_decay`) on
+    `learning_rate_schedule(optim, total_steps)`."""
     parts = []
     if optim.grad_clip_norm and optim.grad_clip_norm > 0:
         parts.append(optax.clip_by_global_norm(float(optim.grad_clip_norm)))
-    parts.append(optax.adamw(learning_rate_schedule(optim), b1=float(optim.b1), b2=float(optim.b2),
+    parts.append(optax.adamw(learning_rate_schedule(optim, total_steps), b1=float(optim.b1), b2=float(optim.b2),
                              eps=float(optim.eps), weight_decay=float(optim.weight_decay)))
     return optax.chain(*parts)
 

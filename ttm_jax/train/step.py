@@ -74,7 +74,7 @@ def _make_train_step(config, modules, tx, mesh, rules, state_shardings, frozen_s
     loss_fn = make_loss_fn(config, modules)
     accum = int(config.train.grad_accum_steps)
     ema_decay = float(config.optim.ema_decay)
-    schedule = state_lib.learning_rate_schedule(config.optim)
+    schedule = state_lib.learning_rate_schedule(config.optim, config.train.total_steps)
     base_rng = jax.random.PRNGKey(int(config.seed))
     latent = config_lib.latent_shape(config)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
