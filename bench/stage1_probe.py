@@ -84,7 +84,8 @@ _RESTART_TIMES = flags.DEFINE_list("restart_times", ["0.9", "0.7", "0.5"],
 _RESTART_STEPS = flags.DEFINE_integer("restart_steps", 10, "About this many sampler steps per restart.")
 _PNG_ROWS = flags.DEFINE_integer("png_rows", 6, "Scenes per strip.")
 
-SETTING_KEYS = {"num_steps": int, "schedule": str, "shift": float, "image_scale": float, "text_scale": float}
+SETTING_KEYS = {"num_steps": int, "schedule": str, "shift": float, "image_scale": float, "text_scale": float,
+                "guidance_rescale": float}
 
 
 def parse_settings(text: str, sample_config) -> list[tuple[str, pipeline_lib.Settings]]:

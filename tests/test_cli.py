@@ -124,7 +124,7 @@ def _saved_run(workdir, config: ml_collections.ConfigDict) -> None:
     ckpt.close()
 
 
-def test_resume_takes_the_checkpoint_config_and_the_overrides(tmp_path):
+def test_resume_takes_the_checkpoint_config_and_the_overrides(tmp_path, tmp_path_factory):
     """Without --config: the latest checkpoint's config (not config.json) with the overrides on top, typed as the
     saved values; an override the saved config lacks is a user error; with --config the given config wins; the
     workdir is only read."""
@@ -148,6 +148,18 @@ def test_resume_takes_the_checkpoint_config_and_the_overrides(tmp_path):
     with pytest.raises(config_lib.ConfigError, match=r"^config\.train\.total_steps: 'x' does not fit"):
         main_lib.resolve_config(False, default, str(tmp_path), {"train.total_steps": "x"})
     assert main_lib.resolve_config(True, default, str(tmp_path), {"train.total_steps": 9}) is default
+    # a field newer than the saved run (its config lacks it, the current defaults have it) is added with the value
+    # given, typed as the default; the run's other fields stay as saved
+    with saved.unlocked():
+        del saved.optim["cooldown_steps"]
+    older = tmp_path_factory.mktemp("older")
+    _saved_run(older, saved)
+    got = main_lib.resolve_config(False, default, str(older), {"optim.cooldown_steps": 3})
+    assert got.optim.cooldown_steps == 3 and isinstance(got.optim.cooldown_steps, int)
+    assert got.train.total_steps == 7 and got.stage == 1
+    assert "cooldown_steps" not in main_lib.resolve_config(False, default, str(older), {}).optim
+    with pytest.raises(config_lib.ConfigError, match=r"^config\.optim\.nope: not a field"):
+        main_lib.resolve_config(False, default, str(older), {"optim.nope": 1})
     empty = tmp_path / "new"
     assert main_lib.resolve_config(False, default, str(empty), {"train.total_steps": 9}) is default
     # a config that changes a field shaping the checkpointed state is refused before anything is written

@@ -740,9 +740,9 @@ def _check_optim(config: ml_collections.ConfigDict) -> None:
     _check(o.warmup_steps >= 0, "optim.warmup_steps", f"{o.warmup_steps} must be >= 0")
     _check(0.0 <= o.ema_decay < 1.0, "optim.ema_decay", f"{o.ema_decay} must be in [0, 1) (0: no EMA)")
     cool = o.get("cooldown_steps", 0)
-    _check(isinstance(cool, int) and 0 <= cool <= config.train.total_steps - o.warmup_steps, "optim.cooldown_steps",
-           f"{cool!r} must be an int in [0, train.total_steps - optim.warmup_steps] = "
-           f"[0, {config.train.total_steps - o.warmup_steps}]; lower it or raise train.total_steps")
+    _check(isinstance(cool, int) and (cool == 0 or 0 < cool <= config.train.total_steps - o.warmup_steps),
+           "optim.cooldown_steps", f"{cool!r} must be 0 (off) or an int in [1, train.total_steps - optim.warmup_steps]"
+           f" = [1, {config.train.total_steps - o.warmup_steps}]; lower it or raise train.total_steps")
     _check(o.grad_clip_norm >= 0, "optim.grad_clip_norm", f"{o.grad_clip_norm} must be >= 0 (0: no clipping)")
 
 

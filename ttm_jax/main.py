@@ -177,14 +177,35 @@ def parse_flags(argv: list[str]) -> list[str]:
 # ------------------------------------------------------------------------------------------------------- resuming
 
 
-def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any],
-                    where: str) -> ml_collections.ConfigDict:
+def _lookup(config: ml_collections.ConfigDict, key: str) -> tuple[bool, Any]:
+    """(found, value) of the dotted `key` in `config`."""
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any], where: str,
+                    defaults: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
     """`config` with the flat `overrides` (`{"train.total_steps": 6}`) set in place, each cast to the type of the
     value it replaces (ConfigDict's rules); `ConfigError` naming `where` for a key `config` lacks or a value that
-    does not cast."""
+    does not cast. A key `config` lacks whose section it has and `defaults` (the current config file) knows is a
+    field newer than the saved run (`optim.cooldown_steps` on a run saved before it existed): it is added, cast to the
+    type of the default's value."""
     config.lock()
     try:
         for key, value in overrides.items():
+            section, _, leaf = key.rpartition(".")
+            has_section, node = _lookup(config, section) if section else (True, config)
+            known, default = _lookup(defaults, key) if defaults is not None else (False, None)
+            if (has_section and isinstance(node, ml_collections.ConfigDict) and leaf not in node and known
+                    and not isinstance(default, ml_collections.ConfigDict)):
+                with node.unlocked():
+                    node[leaf] = default
+                print(f"config.{key}: not in the config saved in {where} (a field newer than the run); added, "
+                      f"default {default!r}", flush=True)
             try:
                 config.update_from_flattened_dict({key: value})
             except (KeyError, AttributeError):
@@ -208,7 +229,7 @@ def resolve_config(config_flag_present: bool, config: ml_collections.ConfigDict,
         saved = checkpoint_lib.load_config(workdir)
     except FileNotFoundError:
         return config
-    apply_overrides(saved, overrides or {}, workdir)
+    apply_overrides(saved, overrides or {}, workdir, defaults=config)
     given = ", ".join(f"{k}={v!r}" for k, v in (overrides or {}).items())
     print(f"using the config saved in {workdir}" + (f" with {given}" if given else ""), flush=True)
     return saved
