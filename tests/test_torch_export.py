@@ -160,6 +160,8 @@ def test_export_layout(stage2):
     assert wan["out_channels"] == LATENT_CHANNELS
     assert (ttm["ttm_layers"], ttm["in_channels"], ttm["latent_channels"], ttm["stage"]) == (
         2, 3 * LATENT_CHANNELS, LATENT_CHANNELS, 2)
+    # how the first-frame channels fill the frames: the run's model.condition_frames, kept by the torch model
+    assert ttm["condition_frames"] == "first" == stage2["torch"].ttm_config["condition_frames"]
     backbone = safetensors_io.SafetensorsReader(os.path.join(out, dit_convert.WEIGHTS_FILE))
     layers = safetensors_io.SafetensorsReader(os.path.join(out, TTM_WEIGHTS_FILE))
     assert not any(is_ttm_key(k) for k in backbone) and all(is_ttm_key(k) for k in layers)

@@ -64,6 +64,7 @@ import ml_collections
 import numpy as np
 
 from ttm_jax import config as config_lib
+from ttm_jax.assembly import inputs as inputs_lib
 from ttm_jax.assembly import registry
 from ttm_jax.convert import export
 from ttm_jax.models import dit as dit_lib
@@ -311,12 +312,14 @@ def export_main(argv: Sequence[str] | None = None) -> dict[str, str]:
         workdir, _, step = src.partition("@")
         config, params, at = export.load_workdir(workdir, step=int(step) if step else None, ema=args.params == "ema")
         cfg, cin, cout, lat, stage = export.stage_dims(config)
+        frames: str | None = inputs_lib.condition_frames(config)
         print(f"read {workdir} step {at} ({args.params} params), stage {stage}")
     else:
         cfg, cin, cout, lat, stage = _orbax_dims(src, args.config)
+        frames = inputs_lib.condition_frames(_load_config(args.config)) if args.config else None
         params = export.load_orbax_params(src, cfg, cin, cout)
     paths = export.export_params(params, cfg, cin, cout, dst, latent_channels=lat, stage=stage,
-                                 dtype=args.dtype or None)
+                                 dtype=args.dtype or None, condition_frames=frames)
     print("wrote " + ", ".join(sorted(paths.values())))
     return paths
 

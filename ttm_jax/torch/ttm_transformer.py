@@ -96,12 +96,14 @@ class TTMWanTransformer3DModel(WanTransformer3DModel):
       ttm_layers: blocks 0..ttm_layers-1 get `masked_self_attn` and `masked_cross_attn`;
       ttm_masked: False drops the object masks of both added layers ("no masked attention"), keeping only
         local-prompt padding out; ttm_masked_self / ttm_masked_cross: False drops one of them (Table 3's rows);
-      latent_channels, stage: recorded in `ttm_config` (`save_pretrained` writes them), not used by the math.
+      latent_channels, stage, condition_frames: recorded in `ttm_config` (`save_pretrained` writes them), not used
+        by the math; `condition_frames` says how the stage input's first-frame channels fill the latent frames
+        (`first`: frame 0 then zeros, `all`: every frame, `indexed`: every frame plus a frame-place channel).
     """
 
     def __init__(self, *, ttm_layers: int = 0, ttm_masked: bool = True, ttm_masked_self: bool = True,
                  ttm_masked_cross: bool = True, latent_channels: int | None = None, stage: int | None = None,
-                 **wan_config: Any):
+                 condition_frames: str | None = None, **wan_config: Any):
         super().__init__(**wan_config)
         cfg = self.config
         num_layers = int(cfg.num_layers)
@@ -119,7 +121,8 @@ class TTMWanTransformer3DModel(WanTransformer3DModel):
         self.ttm_config = {"ttm_layers": int(ttm_layers), "ttm_masked": bool(ttm_masked),
                            "ttm_masked_self": bool(ttm_masked_self), "ttm_masked_cross": bool(ttm_masked_cross),
                            "in_channels": int(cfg.in_channels), "latent_channels": latent_channels,
-                           "out_channels": int(cfg.out_channels), "stage": stage}
+                           "out_channels": int(cfg.out_channels), "stage": stage,
+                           "condition_frames": condition_frames}
 
     @property
     def ttm_layers(self) -> int:
@@ -250,7 +253,8 @@ class TTMWanTransformer3DModel(WanTransformer3DModel):
         model = cls(ttm_layers=int(ttm.get("ttm_layers", 0)), ttm_masked=bool(ttm.get("ttm_masked", True)),
                     ttm_masked_self=bool(ttm.get("ttm_masked_self", True)),
                     ttm_masked_cross=bool(ttm.get("ttm_masked_cross", True)),
-                    latent_channels=ttm.get("latent_channels"), stage=ttm.get("stage"), **wan)
+                    latent_channels=ttm.get("latent_channels"), stage=ttm.get("stage"),
+                    condition_frames=ttm.get("condition_frames"), **wan)
         state = load_file(os.path.join(folder, WEIGHTS_FILE))
         if model.ttm_layers:
             state.update(load_file(os.path.join(folder, TTM_WEIGHTS_FILE)))
