@@ -251,6 +251,35 @@ def object_ious(ids: np.ndarray, batch: dict[str, np.ndarray]) -> dict[str, list
     return out
 
 
+def direction_agreement(decoded: np.ndarray, batch: dict[str, np.ndarray], min_travel: float = 2.0) -> dict[str, float]:
+    """Does a (blurred) prediction move each object the right way? Per object that travels at least `min_travel`
+    pixels in the ground truth: the cosine between the true displacement of its mask's centroid (frame 0 -> last) and
+    that of its palette colour's soft mass in `decoded` (float video `[B, T, H, W, 3]` in [-1, 1]; weight
+    `exp(-|rgb - colour|^2 / 0.05)` in [0, 1] RGB). Returns the mean cosine, the share above 0.5 (within 60 degrees)
+    and the number of objects."""
+    video = (np.asarray(decoded, np.float64) + 1.0) / 2.0
+    ys, xs = np.mgrid[:video.shape[2], :video.shape[3]]
+
+    def centroid(w):
+        total = w.sum() + 1e-9
+        return np.array([(w * ys).sum() / total, (w * xs).sum() / total])
+
+    cos = []
+    for i in range(video.shape[0]):
+        gt = batch["object_masks"][i].astype(np.float64)
+        for j in range(int(batch["num_objects"][i])):
+            truth = centroid(gt[-1, ..., j]) - centroid(gt[0, ..., j])
+            if np.linalg.norm(truth) < min_travel:
+                continue
+            colour = trajectory_lib.PALETTE[j + 1].astype(np.float64) / 255.0
+            w0, w1 = (np.exp(-((video[i, f] - colour) ** 2).sum(-1) / 0.05) for f in (0, -1))
+            moved = centroid(w1) - centroid(w0)
+            cos.append(float(moved @ truth / (np.linalg.norm(moved) * np.linalg.norm(truth) + 1e-9)))
+    c = np.asarray(cos)
+    return {"cos": float(c.mean()) if c.size else float("nan"), "within60": float((c > 0.5).mean()) if c.size
+            else float("nan"), "travelling": int(c.size)}
+
+
 def summarise(ious: dict[str, list[float]]) -> dict[str, float]:
     iou, iou1, moves = (np.asarray(ious[k]) for k in ("iou", "iou1", "moves"))
     mov = iou1[moves > 0]
@@ -329,7 +358,9 @@ def main(argv) -> None:
         other = runner.conditions({k: np.roll(v, 1, axis=0) if k.endswith(("_tokens", "_mask")) and "local" not in k
                                    or k.startswith("local_") else v for k, v in batch.items()})
         res: dict = {"repeat": {"mse1": rep_mse, **rep}, "x0": {}, "text_use": {}, "settings": {},
-                     "background_mse1": latent_mse(np.full_like(target, target.min()), target)}
+                     "background_mse1": latent_mse(np.full_like(target, target.min()), target),
+                     # the direction probe's reference: the ground truth itself, through the autoencoder
+                     "direction_truth": direction_agreement(runner.decode(target), batch)}
         if split == "heldout":
             res["oracle"] = mean_speed_oracle(config, _BENCH_DIR.value, _NUM_HELDOUT.value)
             print(f"held-out bar: right motion at the mean speed scores iou {res['oracle']['oracle']:.3f} "
@@ -342,9 +373,11 @@ def main(argv) -> None:
             xt = np.asarray(objective.noisy(jnp.asarray(target), jnp.asarray(eps), t))
             with runner._ctx():
                 x0 = np.asarray(x0_fn(jnp.asarray(xt), t, stage.params, conds.full))
+            decoded_x0 = runner.decode(x0)
             ids = np.stack([trajectory_lib.ids_from_trajectory(d, int(batch["num_objects"][i]))
-                            for i, d in enumerate(runner.decode(x0))])
-            res["x0"][tv] = {"mse1": latent_mse(x0, target), **summarise(object_ious(ids, batch))}
+                            for i, d in enumerate(decoded_x0)])
+            res["x0"][tv] = {"mse1": latent_mse(x0, target), **summarise(object_ious(ids, batch)),
+                             "direction": direction_agreement(decoded_x0, batch)}
             # does the prediction use the text? its prompt vs another scene's vs the null prompt
             with runner._ctx():
                 res["text_use"][tv] = {name: latent_mse(np.asarray(x0_fn(jnp.asarray(xt), t, stage.params, c)), target)
@@ -386,8 +419,11 @@ def main(argv) -> None:
               f"{r['mov']:6.3f} {m['objects']:4d}")
     for split, res in results["splits"].items():
         print(f"x0 MSE ({split}, latent frames 1+, one step): " +
-              "  ".join(f"t={t:g}: mse1+ {v['mse1']:.4f} iou1+ {v['iou1']:.3f}" for t, v in res["x0"].items())
-              + f"  (repeat: {res['repeat']['mse1']:.4f}, all background: {res['background_mse1']:.4f})")
+              "  ".join(f"t={t:g}: mse1+ {v['mse1']:.4f} iou1+ {v['iou1']:.3f} direction cos "
+                        f"{v['direction']['cos']:.2f} ({v['direction']['within60']:.0%} of "
+                        f"{v['direction']['travelling']} within 60 deg)" for t, v in res["x0"].items())
+              + f"  (repeat: {res['repeat']['mse1']:.4f}, all background: {res['background_mse1']:.4f}; direction cos "
+              f"of the truth {res['direction_truth']['cos']:.2f})")
         print(f"text use ({split}, x0 mse1+ with its own prompt / another scene's / the null prompt): " +
               "  ".join(f"t={t:g}: {v['own']:.4f} / {v['other']:.4f} / {v['null']:.4f}"
                         for t, v in res["text_use"].items()))
