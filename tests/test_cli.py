@@ -126,8 +126,8 @@ def _saved_run(workdir, config: ml_collections.ConfigDict) -> None:
 
 def test_resume_takes_the_checkpoint_config_and_the_overrides(tmp_path, tmp_path_factory):
     """Without --config: the latest checkpoint's config (not config.json) with the overrides on top, typed as the
-    saved values; an override the saved config lacks is a user error; with --config the given config wins; the
-    workdir is only read."""
+    saved values; an override the saved config lacks is a user error unless today's config of the run's stage and
+    variant has it (a newer field); with --config the given config wins; the workdir is only read."""
     saved = config_lib.build(1, "tiny")
     saved.train.total_steps = 7
     saved.data.synthetic_num_videos = 3
@@ -156,6 +156,15 @@ def test_resume_takes_the_checkpoint_config_and_the_overrides(tmp_path, tmp_path
     _saved_run(older, saved)
     got = main_lib.resolve_config(False, default, str(older), {"optim.cooldown_steps": 3})
     assert got.optim.cooldown_steps == 3 and isinstance(got.optim.cooldown_steps, int)
+    with pytest.raises(config_lib.ConfigError, match=r"^config\.optim\.cooldown_steps: 2\.5 does not fit"):
+        main_lib.resolve_config(False, default, str(older), {"optim.cooldown_steps": 2.5})
+    # a field of another variant is not "newer": a U-Net run refuses the DiT's model.patch_size, although the
+    # default config file (a DiT) has it
+    unet_run = tmp_path_factory.mktemp("unet_run")
+    _saved_run(unet_run, config_lib.build(1, "tiny_unet"))
+    assert "patch_size" in default.model
+    with pytest.raises(config_lib.ConfigError, match=r"^config\.model\.patch_size: not a field"):
+        main_lib.resolve_config(False, default, str(unet_run), {"model.patch_size": (1, 2, 2)})
     assert got.train.total_steps == 7 and got.stage == 1
     assert "cooldown_steps" not in main_lib.resolve_config(False, default, str(older), {}).optim
     with pytest.raises(config_lib.ConfigError, match=r"^config\.optim\.nope: not a field"):

@@ -129,6 +129,7 @@ def stage2(tmp_path_factory) -> dict:
         config.model[k] = v
     config.autoencoder.latent_channels = LATENT_CHANNELS
     config.optim.ema_decay = 0.5
+    config.model.condition_frames = "all"  # not the stage-2 default: the export must read it from the run
     cfg = dit_lib.DiTConfig.from_config(config.model)
     cin = config_lib.in_channels(config)
     ema_params = _random_params(cfg, cin, LATENT_CHANNELS, 0)
@@ -161,7 +162,7 @@ def test_export_layout(stage2):
     assert (ttm["ttm_layers"], ttm["in_channels"], ttm["latent_channels"], ttm["stage"]) == (
         2, 3 * LATENT_CHANNELS, LATENT_CHANNELS, 2)
     # how the first-frame channels fill the frames: the run's model.condition_frames, kept by the torch model
-    assert ttm["condition_frames"] == "first" == stage2["torch"].ttm_config["condition_frames"]
+    assert ttm["condition_frames"] == "all" == stage2["torch"].ttm_config["condition_frames"]
     backbone = safetensors_io.SafetensorsReader(os.path.join(out, dit_convert.WEIGHTS_FILE))
     layers = safetensors_io.SafetensorsReader(os.path.join(out, TTM_WEIGHTS_FILE))
     assert not any(is_ttm_key(k) for k in backbone) and all(is_ttm_key(k) for k in layers)

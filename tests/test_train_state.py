@@ -40,6 +40,10 @@ def test_cooldown_holds_the_rate_then_falls_linearly_to_zero_over_the_last_steps
     np.testing.assert_allclose(moved, [1e-3, 7.5e-4, 5e-4, 2.5e-4], rtol=1e-4)
     with pytest.raises(ValueError, match="needs train.total_steps"):
         state_lib.learning_rate_schedule(o)
+    # the fall right after the warm-up (no constant phase)
+    o.update(warmup_steps=2, cooldown_steps=4)
+    np.testing.assert_allclose([state_lib.learning_rate_schedule(o, 6)(i) for i in range(7)],
+                               [0.0, 5e-4, 1e-3, 7.5e-4, 5e-4, 2.5e-4, 0.0], rtol=1e-5, atol=1e-9)
 
 
 def test_cooldown_longer_than_the_run_fails_the_config_check():
@@ -47,8 +51,15 @@ def test_cooldown_longer_than_the_run_fails_the_config_check():
     c.optim.cooldown_steps = c.train.total_steps
     with pytest.raises(config_lib.ConfigError, match="config.optim.cooldown_steps"):
         config_lib.validate(c)
+    c.optim.cooldown_steps = c.train.total_steps - c.optim.warmup_steps + 1  # it would start inside the warm-up
+    with pytest.raises(config_lib.ConfigError, match="config.optim.cooldown_steps"):
+        config_lib.validate(c)
     c.optim.cooldown_steps = c.train.total_steps - c.optim.warmup_steps
     config_lib.validate(c)
+    c = config_lib.build(1, "tiny")
+    c.optim.cooldown_steps = True  # not an int
+    with pytest.raises(config_lib.ConfigError, match="config.optim.cooldown_steps"):
+        config_lib.validate(c)
 
 
 def _grads(params, scale):
@@ -86,3 +97,22 @@ def test_config_checks_name_the_field(field, value):
     with pytest.raises(config_lib.ConfigError, match=f"config.{field}" if field != "objective.drop_both_prob"
                        else "config.objective"):
         config_lib.validate(c)
+
+
+def test_compiled_step_cache_tells_run_lengths_apart_only_when_the_schedule_depends_on_them():
+    """The train step closes over the schedule: with a cooldown its fall starts at total_steps - cooldown_steps, so
+    a longer run must not reuse a shorter one's compiled step (whose rate would sit at 0)."""
+    from ttm_jax.runtime import compile as compile_lib
+    from ttm_jax.runtime import mesh as mesh_lib
+
+    mesh = mesh_lib.make_mesh(config_lib.build(1, "tiny").mesh)
+    modules = object()
+
+    def key(total, cool):
+        c = config_lib.build(1, "tiny")
+        c.train.total_steps, c.optim.cooldown_steps = total, cool
+        return compile_lib.cache_key(c, modules, mesh, "train_step")
+
+    assert key(600, 0) == key(900, 0)  # constant LR: the run's length only bounds it
+    assert key(600, 100) != key(900, 100)
+    assert key(600, 100) != key(600, 200)

@@ -365,8 +365,8 @@ def _optim(v: Mapping[str, Any]) -> ml_collections.ConfigDict:
     o.grad_clip_norm = 1.0
     o.ema_decay = 0.0  # 0: no EMA
     # warmup-stable-decay: the learning rate falls linearly to 0 over the last `cooldown_steps` of train.total_steps
-    # (0: constant to the end). A run resumed with a larger total_steps and cooldown_steps cools down from where the
-    # constant phase stopped.
+    # (0: constant to the end). To cool down a finished constant-LR run, resume it with total_steps raised by N and
+    # cooldown_steps=N: the fall then starts at the step it resumes from (the loop prints the LR it resumes at).
     o.cooldown_steps = 0
     return o
 
@@ -740,9 +740,10 @@ def _check_optim(config: ml_collections.ConfigDict) -> None:
     _check(o.warmup_steps >= 0, "optim.warmup_steps", f"{o.warmup_steps} must be >= 0")
     _check(0.0 <= o.ema_decay < 1.0, "optim.ema_decay", f"{o.ema_decay} must be in [0, 1) (0: no EMA)")
     cool = o.get("cooldown_steps", 0)
-    _check(isinstance(cool, int) and (cool == 0 or 0 < cool <= config.train.total_steps - o.warmup_steps),
-           "optim.cooldown_steps", f"{cool!r} must be 0 (off) or an int in [1, train.total_steps - optim.warmup_steps]"
-           f" = [1, {config.train.total_steps - o.warmup_steps}]; lower it or raise train.total_steps")
+    room = config.train.total_steps - o.warmup_steps
+    _check(type(cool) is int and (cool == 0 or 0 < cool <= room), "optim.cooldown_steps",
+           f"{cool!r} must be 0 (off) or an int of at most train.total_steps - optim.warmup_steps = {room}; lower it"
+           f" or raise train.total_steps")
     _check(o.grad_clip_norm >= 0, "optim.grad_clip_norm", f"{o.grad_clip_norm} must be >= 0 (0: no clipping)")
 
 

@@ -191,9 +191,9 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, A
                     defaults: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
     """`config` with the flat `overrides` (`{"train.total_steps": 6}`) set in place, each cast to the type of the
     value it replaces (ConfigDict's rules); `ConfigError` naming `where` for a key `config` lacks or a value that
-    does not cast. A key `config` lacks whose section it has and `defaults` (the current config file) knows is a
-    field newer than the saved run (`optim.cooldown_steps` on a run saved before it existed): it is added, cast to the
-    type of the default's value."""
+    does not cast. A key `config` lacks whose section it has and `defaults` (today's config of the saved run's own
+    stage and variant) knows is a field newer than the saved run (`optim.cooldown_steps` on a run saved before it
+    existed): it is added, cast to the type of the default's value."""
     config.lock()
     try:
         for key, value in overrides.items():
@@ -204,8 +204,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, A
                     and not isinstance(default, ml_collections.ConfigDict)):
                 with node.unlocked():
                     node[leaf] = default
-                print(f"config.{key}: not in the config saved in {where} (a field newer than the run); added, "
-                      f"default {default!r}", flush=True)
+                print(f"config.{key}: not in the config saved in {where} (a field newer than the run); added",
+                      flush=True)
             try:
                 config.update_from_flattened_dict({key: value})
             except (KeyError, AttributeError):
@@ -229,7 +229,11 @@ def resolve_config(config_flag_present: bool, config: ml_collections.ConfigDict,
         saved = checkpoint_lib.load_config(workdir)
     except FileNotFoundError:
         return config
-    apply_overrides(saved, overrides or {}, workdir, defaults=config)
+    try:  # today's defaults of the run's own stage and variant: which of its missing fields are newer than it
+        defaults = config_lib.build(int(saved.stage), str(saved.variant))
+    except (AttributeError, KeyError, ValueError, config_lib.ConfigError):
+        defaults = None
+    apply_overrides(saved, overrides or {}, workdir, defaults=defaults)
     given = ", ".join(f"{k}={v!r}" for k, v in (overrides or {}).items())
     print(f"using the config saved in {workdir}" + (f" with {given}" if given else ""), flush=True)
     return saved

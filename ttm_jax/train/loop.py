@@ -253,6 +253,13 @@ def _train(config, workdir, modules, make_iterator, mesh, rules, tx, init_params
         _say(f"starting from step 0: {state_lib.param_count(state.params):,} trainable params, mesh "
              f"{dict(mesh.shape)}, {jax.process_count()} process(es)")
     start = int(jax.device_get(state.step))
+    cool = int(config.optim.get("cooldown_steps", 0))
+    if latest is not None and cool:
+        lr_now = float(state_lib.learning_rate_schedule(config.optim, total_steps)(start))
+        fall = total_steps - cool
+        _say(f"learning rate at step {start}: {lr_now:.3g} (optim.cooldown_steps={cool}: linear to 0 from step {fall})"
+             + (f"; warning: the fall started before this step, so the rate jumps here; for a cooldown of the steps "
+                f"added by this run, set optim.cooldown_steps={total_steps - start}" if fall < start else ""))
     # config.data.cached: latents and text embeddings come with the batches; no text encoder is loaded
     frozen, frozen_sh = frozen_lib.init_frozen(config, modules, mesh, rules,
                                                cached=bool(config.data.get("cached", False)))
