@@ -169,6 +169,7 @@ def test_retention_keeps_last_n_and_every_mth_and_config_travels(modules, tmp_pa
     assert loaded.to_dict() == c.to_dict()
 
 
+@pytest.mark.slow  # ~28 s; test_train_robustness::test_nonfinite_update_is_never_applied_nor_saved pins the same stop
 def test_nan_loss_stops_with_a_clear_error_keeping_the_last_good_checkpoint(modules, tmp_path):
     """Step 1 trains normally and is saved; from step 2 the learning rate is absurd: step 2's update overflows, is
     not applied (issue 10: the old contract saved it and called it good), and the run stops naming step 1."""
