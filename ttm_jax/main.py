@@ -178,13 +178,11 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def _lookup(config: ml_collections.ConfigDict, key: str) -> tuple[bool, Any]:
-    """(found, value) of the dotted `key` in `config`."""
-    node: Any = config
-    for part in key.split("."):
-        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-            return False, None
-        node = node[part]
-    return True, node
+    """(found, value) of the dotted `key` in `config` (`_get`, which raises for a missing key)."""
+    try:
+        return True, _get(config, key)
+    except (KeyError, AttributeError, TypeError):
+        return False, None
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any], where: str,

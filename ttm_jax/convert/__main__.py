@@ -266,17 +266,18 @@ def _split(spec: str, flag: str, kinds: Sequence[str]) -> tuple[str, str]:
     return kind, path
 
 
-def _orbax_dims(path: str, config_spec: str) -> tuple[Any, int, int, int, int | None]:
-    """(DiTConfig, in, out, latent channels, stage) of an Orbax params checkpoint: `--config` file, else the
-    `ttm_convert.json` beside it."""
+def _orbax_dims(path: str, config_spec: str) -> tuple[Any, int, int, int, int | None, str | None]:
+    """(DiTConfig, in, out, latent channels, stage, condition_frames) of an Orbax params checkpoint: `--config` file,
+    else the `ttm_convert.json` beside it (which does not say the condition frames: None)."""
     if config_spec:
-        return export.stage_dims(_load_config(config_spec))
+        config = _load_config(config_spec)
+        return (*export.stage_dims(config), inputs_lib.condition_frames(config))
     meta_file = dit_convert.converted_meta_file(path)
     if not os.path.exists(meta_file):
         raise SystemExit(f"--from=orbax:{path}: no {meta_file} beside it; pass --config=configs/stage2.py:VARIANT "
                          f"naming the model it holds")
     cfg, cin, cout = export.converted_dims(path)
-    return cfg, cin, cout, cout, None
+    return cfg, cin, cout, cout, None, None
 
 
 def export_main(argv: Sequence[str] | None = None) -> dict[str, str]:
@@ -315,8 +316,7 @@ def export_main(argv: Sequence[str] | None = None) -> dict[str, str]:
         frames: str | None = inputs_lib.condition_frames(config)
         print(f"read {workdir} step {at} ({args.params} params), stage {stage}")
     else:
-        cfg, cin, cout, lat, stage = _orbax_dims(src, args.config)
-        frames = inputs_lib.condition_frames(_load_config(args.config)) if args.config else None
+        cfg, cin, cout, lat, stage, frames = _orbax_dims(src, args.config)
         params = export.load_orbax_params(src, cfg, cin, cout)
     paths = export.export_params(params, cfg, cin, cout, dst, latent_channels=lat, stage=stage,
                                  dtype=args.dtype or None, condition_frames=frames)
