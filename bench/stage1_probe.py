@@ -217,7 +217,8 @@ def restart(runner: pipeline_lib.StageRunner, target: np.ndarray, eps: np.ndarra
         k = int(np.argmax(below)) if below.any() else len(full) - 1
         t0 = jnp.full((target.shape[0],), full[k], jnp.float32)
         xt = objective.noisy(jnp.asarray(target), jnp.asarray(eps), t0)
-        latent = jax.jit(lambda x, ts, a, ap, p, c: ddim.ddim_sample(runner.velocity, x, ts, a, ap, p, c, scales))(
+        latent = jax.jit(lambda x, ts, a, ap, p, c: ddim.ddim_sample(
+            runner.velocity, x, ts, a, ap, p, c, scales, self_condition=runner.self_condition))(
             runner.place(xt), jnp.asarray(full[k:]), a_t[k:], a_prev[k:], params, conds)
         return latent, float(full[k]) / (objective.num_train_timesteps - 1)
     t0 = jnp.full((target.shape[0],), objective.time_at(level), jnp.float32)
@@ -337,7 +338,10 @@ def main(argv) -> None:
         splits["heldout"], _ = heldout_scenes(config, _BENCH_DIR.value, _NUM_HELDOUT.value)
 
     objective = runner.objective
-    x0_fn = jax.jit(lambda x, t, params, conds: objective.clean_estimate(x, model(x, t, params, conds), t))
+    # one step from x alone (with self-conditioning: a zero estimate, as the sampler's first step)
+    one_step_in = (lambda x: jnp.concatenate([x, jnp.zeros_like(x)], -1)) if runner.self_condition else (lambda x: x)
+    x0_fn = jax.jit(lambda x, t, params, conds: objective.clean_estimate(x, model(one_step_in(x), t, params, conds),
+                                                                         t))
     results: dict = {"workdir": workdir, "step": stage.step, "train_wall_s": wall,
                      "config": {"objective.shift": config.objective.shift,
                                 "objective.t_sampling": config.objective.t_sampling,

@@ -166,6 +166,58 @@ def test_trained_stage_loads_and_samples_through_the_registry(toy_run):
     np.testing.assert_allclose(latents, np.asarray(x), atol=2e-4)
 
 
+def test_self_conditioned_stage_trains_and_samples_through_the_pipeline(tmp_path):
+    """`model.self_condition` through the registry: the backbone reads one more latent of channels; the train step's
+    loss takes the first pass's estimate on the examples whose coin says so (and equals the zero-estimate loss where
+    none does); the generation pipeline's DDIM hands each step the previous step's guided clean estimate."""
+    from ttm_jax.diffusion import ddim
+    from ttm_jax.train import step as step_lib
+
+    c = _toy_config()
+    c.objective.name, c.model.self_condition = "ddim_v", True
+    wd = str(tmp_path / "run")
+    res = loop.train(c, wd, make_iterator=fx.iterator_factory(), devices=jax.devices()[:1])
+    assert res.final_step == 2 and all(np.isfinite(m["loss"]) for _, m in res.history)
+    lat = config_lib.latent_shape(c)[-1]
+    assert res.state.params["proj_in"]["kernel"].shape[0] == config_lib.in_channels(c) == 4 * lat
+
+    mods = build_modules(c)
+    batch = {k: jnp.asarray(v) for k, v in next(iter(fx.make_dataset(c))).items() if k in inputs_lib.BATCH_KEYS}
+    te = mods.text_encoder.init(jax.random.PRNGKey(0), batch["motion_tokens"], batch["motion_mask"])["params"]
+    frozen = {"text_encoder": te, "empty_context": jnp.zeros((1, c.text_encoder.max_length, c.model.text_dim))}
+    b = batch["video"].shape[0]
+    rand = inputs_lib.draw(jax.random.PRNGKey(1), b, config_lib.latent_shape(c), c.objective, self_condition=True)
+    loss_fn = step_lib.make_loss_fn(c, mods)
+    params = res.state.params
+    loss = {on: float(loss_fn(params, frozen, batch, {**rand, "self_cond": jnp.full((b,), on)})[0])
+            for on in (True, False)}
+    x, kw, target = inputs_lib.model_inputs(c, mods, frozen, batch, rand)
+    pred = mods.model.apply({"params": params}, x, kw.pop("timestep"), kw.pop("context"), **kw)
+    np.testing.assert_allclose(loss[False], float(jnp.mean((pred - target) ** 2)), rtol=1e-5)
+    assert abs(loss[True] - loss[False]) > 1e-4
+
+    stage = trained.load_stage(wd, 1)
+    runner = pipeline_lib.StageRunner(stage)
+    assert runner.self_condition
+    one = {k: v[:1] for k, v in batch.items()}
+    settings = pipeline_lib.Settings(num_steps=3)
+    conds = runner.conditions({k: np.asarray(v) for k, v in one.items()})
+    latents = np.asarray(runner.sample(conds, [0], settings))
+    apply = inputs_lib.model_fn(stage.config, stage.modules)
+    obj = runner.objective
+    ts = runner.time_grid(settings)
+    a_t, a_prev = ddim.step_alphas(ts, obj.alphas_cumprod, obj.num_train_timesteps)
+    x, prev = runner.noise([0]), jnp.zeros((1, *config_lib.latent_shape(c)), jnp.float32)
+    for i, t in enumerate(ts):
+        tb = jnp.full((1,), t, jnp.float32)
+        v = pipeline_lib.guidance.guided(lambda x3, t3, cc: apply(x3, t3, stage.params, cc),
+                                         jnp.concatenate([x, prev], -1), tb, conds, settings.image_scale,
+                                         settings.text_scale)
+        prev = ddim.clean_from_velocity(x, v, jnp.full((1,), a_t[i]))
+        x = ddim.ddim_step(x, v, a_t[i], a_prev[i])
+    np.testing.assert_allclose(latents, np.asarray(x), atol=2e-4)
+
+
 def test_unknown_names_are_errors_naming_the_field():
     c = _toy_config()
     c.model.backbone = "unet9000"

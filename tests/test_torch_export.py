@@ -163,6 +163,7 @@ def test_export_layout(stage2):
         2, 3 * LATENT_CHANNELS, LATENT_CHANNELS, 2)
     # how the first-frame channels fill the frames: the run's model.condition_frames, kept by the torch model
     assert ttm["condition_frames"] == "all" == stage2["torch"].ttm_config["condition_frames"]
+    assert ttm["self_condition"] is False and stage2["torch"].ttm_config["self_condition"] is False
     backbone = safetensors_io.SafetensorsReader(os.path.join(out, dit_convert.WEIGHTS_FILE))
     layers = safetensors_io.SafetensorsReader(os.path.join(out, TTM_WEIGHTS_FILE))
     assert not any(is_ttm_key(k) for k in backbone) and all(is_ttm_key(k) for k in layers)
@@ -306,3 +307,30 @@ def test_unmasked_ti2v_twin_matches(stage2, tmp_path):
                   torch.from_numpy(inp["local_context"]), local_ids=torch.from_numpy(inp["local_ids"]).long()).sample
     assert np.abs(y.permute(0, 2, 3, 4, 1).numpy() - y_jax).max() <= TOL
     assert np.abs(y.permute(0, 2, 3, 4, 1).numpy() - np.asarray(stage2["apply"](stage2["ema"], inp))).max() > 1e-3
+
+
+def test_export_of_a_self_conditioned_run_says_so_and_takes_its_channels(tmp_path):
+    """`model.self_condition`: the exported folder reads one more latent of input channels (the previous step's
+    estimate after the noisy latent), `ttm_config.json` says so, and the torch model keeps it and loads every weight
+    of the wider patch embedding."""
+    config = config_lib.build(2, "tiny")
+    for k, v in MODEL.items():
+        config.model[k] = v
+    config.autoencoder.latent_channels = LATENT_CHANNELS
+    config.model.self_condition = True
+    cfg = dit_lib.DiTConfig.from_config(config.model)
+    cin = config_lib.in_channels(config)
+    assert cin == 4 * LATENT_CHANNELS
+    params = _random_params(cfg, cin, LATENT_CHANNELS, 3)
+    state = state_lib.create(params, state_lib.make_optimizer(config.optim), 0.0).replace(step=np.int32(1))
+    ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "workdir"), async_save=False)
+    ckpt.save(1, state, None, config)
+    ckpt.close()
+    out = str(tmp_path / "torch")
+    convert_cli.export_main([f"--from=workdir:{tmp_path / 'workdir'}", f"--to=torch:{out}"])
+    ttm = json.load(open(os.path.join(out, TTM_CONFIG_FILE)))
+    assert ttm["self_condition"] is True and ttm["in_channels"] == cin and ttm["stage"] == 2
+    model = TTMWanTransformer3DModel.from_pretrained(out)
+    assert model.ttm_config["self_condition"] is True
+    kernel = np.asarray(params["patch_embedding"]["kernel"])  # [pt, ph, pw, C, D] -> torch [D, C, pt, ph, pw]
+    np.testing.assert_array_equal(model.patch_embedding.weight.detach().numpy(), kernel.transpose(4, 3, 0, 1, 2))

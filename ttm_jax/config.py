@@ -281,6 +281,10 @@ def _model(v: Mapping[str, Any]) -> ml_collections.ConfigDict:
     # first-frame conditions in latent frame 0 only (Wan I2V), in every frame (SVD: all), or in every frame with a
     # channel holding the frame's place (indexed); stage 1: all (build)
     m.condition_frames = "first"
+    # self-conditioning (Chen et al. 2023, "Analog Bits"): the model also reads its own clean estimate of the previous
+    # sampling step (training: of a first, gradient-free pass on half the examples; zeros otherwise), in
+    # `latent_channels` more input channels after the noisy latent
+    m.self_condition = False
     m.cross_ids_from = "bbox"  # per-token ids for masked cross-attention: objects' boxes (paper) or masks
     m.attention = "xla"  # xla (reference) | splash (TPU) | gpu (Pallas Triton)
     # masked self-attention over tokens sorted by object id, only the (query block, key block) pairs of one object:
@@ -481,9 +485,16 @@ def latent_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int, int]
 
 def in_channels(config: ml_collections.ConfigDict) -> int:
     """Channels into the DiT: the noisy latent plus the stage's conditions (`STAGES`: two for stages 1 and 2, one for
-    TI2V), each `latent_channels` wide, plus the frame-place channel of `model.condition_frames=indexed`."""
+    TI2V) and the self-conditioning estimate of `model.self_condition`, each `latent_channels` wide, plus the
+    frame-place channel of `model.condition_frames=indexed`."""
     extra = frame_place_channels(config.model.get("condition_frames", "first"))
-    return (1 + STAGES[int(config.stage)][1]) * config.autoencoder.latent_channels + extra
+    latents = 1 + STAGES[int(config.stage)][1] + int(self_condition(config))
+    return latents * config.autoencoder.latent_channels + extra
+
+
+def self_condition(config: ml_collections.ConfigDict) -> bool:
+    """`config.model.self_condition` (False for configs saved before the field existed)."""
+    return bool(config.model.get("self_condition", False))
 
 
 def frame_place_channels(condition_frames: str) -> int:
@@ -516,6 +527,8 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
     _check(m.get("condition_frames", "first") in CONDITION_FRAMES, "model.condition_frames",
            f"{m.get('condition_frames')!r}; choose first (latent frame 0, zeros after), all (every latent frame) or "
            f"indexed (every latent frame, and a channel with the frame's place)")
+    _check(isinstance(m.get("self_condition", False), bool), "model.self_condition",
+           f"{m.get('self_condition')!r} must be True or False")
     _check(m.cross_ids_from in CROSS_IDS_FROM, "model.cross_ids_from",
            f"{m.cross_ids_from!r}; choose one of {CROSS_IDS_FROM}")
     _check(config.stage != 1 or m.ttm_layers == 0 or not (m.ttm_masked and m.ttm_masked_self),

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from ttm_jax import config as config_lib
 from ttm_jax.assembly import objectives, registry
 from ttm_jax.assembly.modules import Modules
 from ttm_jax.assembly.registry import Registry
@@ -182,16 +183,44 @@ def drop_text_conditions(config: ml_collections.ConfigDict, modules: Modules, fr
     return out
 
 
-def draw(rng: jax.Array, batch_size: int, latent: tuple[int, ...], objective: ml_collections.ConfigDict
-         ) -> dict[str, jax.Array]:
+def draw(rng: jax.Array, batch_size: int, latent: tuple[int, ...], objective: ml_collections.ConfigDict,
+         self_condition: bool = False) -> dict[str, jax.Array]:
     """All of a step's randomness for the *global* batch at once: `t [B]`, `eps [B, T', H', W', C]`, `drop_image
-    [B]`, `drop_text [B]`. Drawn before any split (threefry is partitionable), so every mesh and every
-    gradient-accumulation split sees exactly the same values for the same example. `objective`: `config.objective`."""
+    [B]`, `drop_text [B]`, and with `self_condition` (`config.model.self_condition`) `self_cond [B]`, the examples
+    whose model input carries the first pass's clean estimate (half of them; from a key of its own, so the other
+    values are those of a run without it). Drawn before any split (threefry is partitionable), so every mesh and
+    every gradient-accumulation split sees exactly the same values for the same example. `objective`:
+    `config.objective`."""
     k_t, k_eps, k_drop = jax.random.split(rng, 3)
     drop_image, drop_text = flow.dropout_masks(k_drop, batch_size, objective)
-    return {"t": objectives.make_objective(objective).sample_time(k_t, batch_size),
-            "eps": jax.random.normal(k_eps, (batch_size, *latent), jnp.float32),
-            "drop_image": drop_image, "drop_text": drop_text}
+    out = {"t": objectives.make_objective(objective).sample_time(k_t, batch_size),
+           "eps": jax.random.normal(k_eps, (batch_size, *latent), jnp.float32),
+           "drop_image": drop_image, "drop_text": drop_text}
+    if self_condition:
+        out["self_cond"] = jax.random.bernoulli(jax.random.fold_in(rng, SELF_COND_KEY), 0.5, (batch_size,))
+    return out
+
+
+SELF_COND_KEY = 1_000_003  # fold_in of the step key for the self-conditioning coins
+
+
+def with_estimate(inp: jax.Array, estimate: jax.Array) -> jax.Array:
+    """The stage input `[..., Cin]` with the self-conditioning estimate `[..., C]` inserted after its first `C`
+    channels (the noisy latent), the layout `config.in_channels` counts with `model.self_condition`."""
+    c = estimate.shape[-1]
+    return jnp.concatenate([inp[..., :c], estimate.astype(inp.dtype), inp[..., c:]], axis=-1)
+
+
+def self_conditioned(x: jax.Array, predict: Callable[[jax.Array], jax.Array], objective: Any,
+                     rand: dict[str, jax.Array], channels: int) -> jax.Array:
+    """Training's self-conditioning: `x` is the stage input with zeros as the estimate (`with_estimate`); a first
+    pass `predict(x)` gives the clean estimate `objective.clean_estimate`, which replaces the zeros (gradients stopped)
+    on the examples where `rand["self_cond"]`; the others keep zeros, as the first sampling step sees them."""
+    noisy = x[..., :channels]
+    est = objective.clean_estimate(noisy, predict(x), rand["t"])
+    keep = rand["self_cond"].reshape((-1,) + (1,) * (est.ndim - 1))
+    est = jax.lax.stop_gradient(jnp.where(keep, est, 0.0))
+    return jnp.concatenate([x[..., :channels], est.astype(x.dtype), x[..., 2 * channels:]], axis=-1)
 
 
 def condition_frames(config: ml_collections.ConfigDict) -> str:
@@ -218,6 +247,8 @@ def model_inputs(config: ml_collections.ConfigDict, modules: Modules, frozen: di
     drop_img = rand["drop_image"]
     cond = None if cond is None else flow.drop_image(cond, drop_img)
     x = stage_kind(config).model_input(noisy, flow.drop_image(first, drop_img), cond, condition_frames(config))
+    if config_lib.self_condition(config):  # zeros here; `self_conditioned` fills them for half the examples
+        x = with_estimate(x, jnp.zeros_like(noisy))
     kwargs = drop_text_conditions(config, modules, frozen, text, rand["drop_text"])
     kwargs["timestep"] = objective.model_time(t)
     return x, kwargs, y
@@ -232,12 +263,18 @@ def conditions(first: jax.Array, cond: jax.Array | None, text: dict[str, Any]) -
 
 def model_fn(config: ml_collections.ConfigDict, modules: Modules) -> Callable[..., jax.Array]:
     """The model call given conditions: `(x [B,T',H',W',C] noisy, t [B] objective time, params, conds) -> the
-    model's prediction`, `conds` as made by `conditions` (the stage input is concatenated here)."""
+    model's prediction`, `conds` as made by `conditions` (the stage input is concatenated here). With
+    `model.self_condition`, `x` is `[..., 2C]`: the noisy latent, then the previous step's clean estimate (the
+    samplers' `self_condition=True` carry it)."""
     objective, kind = objectives.make_objective(config.objective), stage_kind(config)
     frames = condition_frames(config)
+    c = config.autoencoder.latent_channels
+    self_cond = config_lib.self_condition(config)
 
     def apply(x, t, params, conds):
-        inp = kind.model_input(x, conds["first"], conds.get("cond"), frames)
+        inp = kind.model_input(x[..., :c] if self_cond else x, conds["first"], conds.get("cond"), frames)
+        if self_cond:
+            inp = with_estimate(inp, x[..., c:])
         kw = {k: v for k, v in conds.items() if k not in ("first", "cond", "context")}
         return modules.model.apply({"params": params}, inp, objective.model_time(t), conds["context"], **kw)
 

@@ -6,7 +6,8 @@ An `Objective` owns the four places where a diffusion formulation shows up:
   loss target       `target(x0, eps, t) -> y` and `loss(pred, y, t)` (the model regresses `y`; `t` for weighting)
   model time        `model_time(t) -> timestep` as the backbone takes it
   sampling          `time_grid(num_steps, schedule, shift) -> ts [N + 1]` and `sample(model_fn, noise, ts, *args)`
-                    (`model_fn(x, t, *args)` -> the model's prediction; the objective's sampler turns it into steps)
+                    (`model_fn(x, t, *args)` -> the model's prediction; the objective's sampler turns it into steps;
+                    `self_condition=True`: `x` carries the previous step's clean estimate on the channels)
   clean estimate    `clean_estimate(x_t, pred, t) -> x0_hat` (what one step from `t` says the sample is) and
                     `time_at(level)`: the objective's time at a noise level in [0, 1] (1: pure noise), for probes
 
@@ -51,7 +52,8 @@ class Objective(Protocol):
 
     def time_grid(self, num_steps: int, schedule: str, shift: float = 1.0) -> np.ndarray: ...
 
-    def sample(self, model_fn: Callable[..., jax.Array], noise: jax.Array, ts: jax.Array, *args: Any) -> jax.Array: ...
+    def sample(self, model_fn: Callable[..., jax.Array], noise: jax.Array, ts: jax.Array, *args: Any,
+               self_condition: bool = False) -> jax.Array: ...
 
     def clean_estimate(self, x: jax.Array, pred: jax.Array, t: jax.Array) -> jax.Array: ...
 
@@ -89,9 +91,11 @@ class RectifiedFlow:
     def time_grid(self, num_steps: int, schedule: str, shift: float = 1.0) -> np.ndarray:
         return samplers.time_grid(int(num_steps), schedule, shift=float(shift))
 
-    def sample(self, model_fn: Callable[..., jax.Array], noise: jax.Array, ts: jax.Array, *args: Any) -> jax.Array:
-        """Euler along the predicted velocity from `ts[0]` to `ts[-1]`; `model_fn(x, t [B], *args) -> v`."""
-        return samplers.euler_sample(model_fn, noise, ts, *args)
+    def sample(self, model_fn: Callable[..., jax.Array], noise: jax.Array, ts: jax.Array, *args: Any,
+               self_condition: bool = False) -> jax.Array:
+        """Euler along the predicted velocity from `ts[0]` to `ts[-1]`; `model_fn(x, t [B], *args) -> v` (with
+        `self_condition`, `x` carries the previous clean estimate too: `samplers.euler_sample`)."""
+        return samplers.euler_sample(model_fn, noise, ts, *args, self_condition=self_condition)
 
     def clean_estimate(self, x: jax.Array, pred: jax.Array, t: jax.Array) -> jax.Array:
         """`x_t - t v`: the end of the straight path the velocity `pred` points along."""
@@ -141,10 +145,12 @@ class DDIMVPrediction:
         del schedule, shift
         return ddim.timesteps(int(num_steps), self.num_train_timesteps, self.spacing).astype(np.float32)
 
-    def sample(self, model_fn: Callable[..., jax.Array], noise: jax.Array, ts: jax.Array, *args: Any) -> jax.Array:
-        """DDIM (eta = 0) over `ts` (from `time_grid`); `model_fn(x, t [B], *args) -> v`."""
+    def sample(self, model_fn: Callable[..., jax.Array], noise: jax.Array, ts: jax.Array, *args: Any,
+               self_condition: bool = False) -> jax.Array:
+        """DDIM (eta = 0) over `ts` (from `time_grid`); `model_fn(x, t [B], *args) -> v` (with `self_condition`,
+        `x` carries the previous clean estimate too: `ddim.ddim_sample`)."""
         a_t, a_prev = ddim.step_alphas(ts, self.alphas_cumprod, self.num_train_timesteps)
-        return ddim.ddim_sample(model_fn, noise, ts, a_t, a_prev, *args)
+        return ddim.ddim_sample(model_fn, noise, ts, a_t, a_prev, *args, self_condition=self_condition)
 
     def clean_estimate(self, x: jax.Array, pred: jax.Array, t: jax.Array) -> jax.Array:
         """`sqrt(a) x_t - sqrt(1 - a) v` at timesteps `t [B]`."""
@@ -158,6 +164,15 @@ class DDIMVPrediction:
 OBJECTIVES: Registry[Callable[[ml_collections.ConfigDict], Objective]] = Registry("objective.name")
 OBJECTIVES.register("rectified_flow", RectifiedFlow)
 OBJECTIVES.register("ddim_v", DDIMVPrediction)
+
+
+def sample(objective: Objective, model_fn: Callable[..., jax.Array], noise: jax.Array, ts: jax.Array, *args: Any,
+           self_condition: bool = False) -> jax.Array:
+    """`objective.sample(...)`, passing `self_condition` only when set (`config.model.self_condition`), so an
+    objective registered without self-conditioning still samples models that do not use it."""
+    if self_condition:
+        return objective.sample(model_fn, noise, ts, *args, self_condition=True)
+    return objective.sample(model_fn, noise, ts, *args)
 
 
 def make_objective(objective: ml_collections.ConfigDict) -> Objective:

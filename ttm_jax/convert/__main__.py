@@ -266,18 +266,18 @@ def _split(spec: str, flag: str, kinds: Sequence[str]) -> tuple[str, str]:
     return kind, path
 
 
-def _orbax_dims(path: str, config_spec: str) -> tuple[Any, int, int, int, int | None, str | None]:
-    """(DiTConfig, in, out, latent channels, stage, condition_frames) of an Orbax params checkpoint: `--config` file,
-    else the `ttm_convert.json` beside it (which does not say the condition frames: None)."""
+def _orbax_dims(path: str, config_spec: str) -> tuple[Any, int, int, int, int | None, str | None, bool | None]:
+    """(DiTConfig, in, out, latent channels, stage, condition_frames, self_condition) of an Orbax params checkpoint:
+    `--config` file, else the `ttm_convert.json` beside it (which says neither of the last two: None)."""
     if config_spec:
         config = _load_config(config_spec)
-        return (*export.stage_dims(config), inputs_lib.condition_frames(config))
+        return (*export.stage_dims(config), inputs_lib.condition_frames(config), config_lib.self_condition(config))
     meta_file = dit_convert.converted_meta_file(path)
     if not os.path.exists(meta_file):
         raise SystemExit(f"--from=orbax:{path}: no {meta_file} beside it; pass --config=configs/stage2.py:VARIANT "
                          f"naming the model it holds")
     cfg, cin, cout = export.converted_dims(path)
-    return cfg, cin, cout, cout, None, None
+    return cfg, cin, cout, cout, None, None, None
 
 
 def export_main(argv: Sequence[str] | None = None) -> dict[str, str]:
@@ -314,12 +314,13 @@ def export_main(argv: Sequence[str] | None = None) -> dict[str, str]:
         config, params, at = export.load_workdir(workdir, step=int(step) if step else None, ema=args.params == "ema")
         cfg, cin, cout, lat, stage = export.stage_dims(config)
         frames: str | None = inputs_lib.condition_frames(config)
+        self_cond: bool | None = config_lib.self_condition(config)
         print(f"read {workdir} step {at} ({args.params} params), stage {stage}")
     else:
-        cfg, cin, cout, lat, stage, frames = _orbax_dims(src, args.config)
+        cfg, cin, cout, lat, stage, frames, self_cond = _orbax_dims(src, args.config)
         params = export.load_orbax_params(src, cfg, cin, cout)
     paths = export.export_params(params, cfg, cin, cout, dst, latent_channels=lat, stage=stage,
-                                 dtype=args.dtype or None, condition_frames=frames)
+                                 dtype=args.dtype or None, condition_frames=frames, self_condition=self_cond)
     print("wrote " + ", ".join(sorted(paths.values())))
     return paths
 

@@ -116,25 +116,30 @@ def is_ttm_path(path: str) -> bool:
 
 
 def _ttm_meta(cfg: dit_lib.DiTConfig, in_channels: int, out_channels: int, latent_channels: int | None,
-              stage: int | None, condition_frames: str | None) -> dict[str, Any]:
+              stage: int | None, condition_frames: str | None, self_condition: bool | None) -> dict[str, Any]:
     return {"format": FORMAT, "ttm_layers": cfg.ttm_layers, "ttm_masked": cfg.ttm_masked, "in_channels": in_channels,
             "out_channels": out_channels, "latent_channels": latent_channels, "stage": stage,
-            "condition_frames": condition_frames, "scan_layers": cfg.scan_layers, "param_dtype": cfg.param_dtype}
+            "condition_frames": condition_frames, "self_condition": self_condition, "scan_layers": cfg.scan_layers,
+            "param_dtype": cfg.param_dtype}
 
 
 def export_params(params: Mapping[str, Any], cfg: dit_lib.DiTConfig, in_channels: int, out_channels: int,
                   out_dir: str, *, latent_channels: int | None = None, stage: int | None = None,
-                  dtype: Any = None, condition_frames: str | None = None) -> dict[str, str]:
+                  dtype: Any = None, condition_frames: str | None = None,
+                  self_condition: bool | None = None) -> dict[str, str]:
     """Writes the exported folder (module docstring) from a DiT's params (boxed or not, either layout).
     `condition_frames` (`config.model.condition_frames`, None: unknown) goes into `ttm_config.json`: how the stage
-    input's first-frame channels fill the latent frames, which a PyTorch user must build the same way.
+    input's first-frame channels fill the latent frames, which a PyTorch user must build the same way; so does
+    `self_condition` (`config.model.self_condition`, None: unknown): whether the input carries the previous sampling
+    step's clean estimate after the noisy latent.
 
     The whole plan (every Flax param mapped, every shape) is checked before a file is written; tensors then stream
     one at a time. `dtype` (e.g. "bfloat16") casts on the way; None keeps the params' dtypes. Returns {name: path}.
     """
     if isinstance(cfg, unet_lib.UNetConfig):
         return export_unet(params, cfg, in_channels, out_channels, out_dir, latent_channels=latent_channels,
-                           stage=stage, dtype=dtype, condition_frames=condition_frames)
+                           stage=stage, dtype=dtype, condition_frames=condition_frames,
+                           self_condition=self_condition)
     book = rulebook(cfg)
     flat = rb.flatten(params)
     book.plan(flat, None, "flax -> torch")  # raises listing every unmapped param before anything is written
@@ -142,7 +147,8 @@ def export_params(params: Mapping[str, Any], cfg: dit_lib.DiTConfig, in_channels
     with open(os.path.join(out_dir, dit_convert.CONFIG_FILE), "w") as fh:
         json.dump(dit_convert.diffusers_config(cfg, in_channels, out_channels), fh, indent=2)
     with open(os.path.join(out_dir, TTM_CONFIG_FILE), "w") as fh:
-        json.dump(_ttm_meta(cfg, in_channels, out_channels, latent_channels, stage, condition_frames), fh, indent=2)
+        json.dump(_ttm_meta(cfg, in_channels, out_channels, latent_channels, stage, condition_frames, self_condition),
+                  fh, indent=2)
     paths = {"config": os.path.join(out_dir, dit_convert.CONFIG_FILE), "ttm_config": os.path.join(out_dir,
                                                                                                      TTM_CONFIG_FILE)}
     parts = [(dit_convert.WEIGHTS_FILE, {p: v for p, v in flat.items() if not is_ttm_path(p)}),
@@ -192,17 +198,19 @@ def unet_rulebook(cfg: unet_lib.UNetConfig) -> rb.RuleBook:
 
 
 def _unet_meta(cfg: unet_lib.UNetConfig, in_channels: int, out_channels: int, latent_channels: int | None,
-               stage: int | None, condition_frames: str | None) -> dict[str, Any]:
+               stage: int | None, condition_frames: str | None, self_condition: bool | None) -> dict[str, Any]:
     return {"format": FORMAT, "backbone": "unet", "ttm_layers": cfg.ttm_layers, "ttm_masked": cfg.ttm_masked,
             "ttm_masked_self": cfg.ttm_masked_self, "ttm_masked_cross": cfg.ttm_masked_cross,
             "ttm_self_across_frames": cfg.ttm_self_across_frames, "ttm_qk_norm": cfg.ttm_qk_norm,
             "in_channels": in_channels, "out_channels": out_channels, "latent_channels": latent_channels,
-            "stage": stage, "condition_frames": condition_frames, "param_dtype": cfg.param_dtype}
+            "stage": stage, "condition_frames": condition_frames, "self_condition": self_condition,
+            "param_dtype": cfg.param_dtype}
 
 
 def export_unet(params: Mapping[str, Any], cfg: unet_lib.UNetConfig, in_channels: int, out_channels: int,
                 out_dir: str, *, latent_channels: int | None = None, stage: int | None = None,
-                dtype: Any = None, condition_frames: str | None = None) -> dict[str, str]:
+                dtype: Any = None, condition_frames: str | None = None,
+                self_condition: bool | None = None) -> dict[str, str]:
     """A U-Net stage's params -> the exported folder (module docstring): the backbone as a `UNetMotionModel` folder
     (`weights/unet.save_diffusers_folder`), the added layers beside it. The whole plan is checked first; `dtype`
     casts (None: as stored). Returns {name: path}."""
@@ -217,7 +225,8 @@ def export_unet(params: Mapping[str, Any], cfg: unet_lib.UNetConfig, in_channels
     weights = unet_convert.save_diffusers_folder(rb.unflatten(backbone), dataclasses.replace(cfg, ttm_layers=0),
                                                  in_channels, out_channels, out_dir)
     with open(os.path.join(out_dir, TTM_CONFIG_FILE), "w") as fh:
-        json.dump(_unet_meta(cfg, in_channels, out_channels, latent_channels, stage, condition_frames), fh, indent=2)
+        json.dump(_unet_meta(cfg, in_channels, out_channels, latent_channels, stage, condition_frames, self_condition),
+                  fh, indent=2)
     paths = {"config": os.path.join(out_dir, unet_convert.CONFIG_FILE),
              "ttm_config": os.path.join(out_dir, TTM_CONFIG_FILE), unet_convert.WEIGHTS_FILE: weights}
     stale = os.path.join(out_dir, TTM_WEIGHTS_FILE)

@@ -123,15 +123,20 @@ def step_alphas(ts: jax.Array, acp: np.ndarray, num_train_timesteps: int, final_
 
 
 def ddim_sample(model_fn: Callable[..., jax.Array], noise: jax.Array, ts: jax.Array, a_t: jax.Array,
-                a_prev: jax.Array, *args: Any) -> jax.Array:
+                a_prev: jax.Array, *args: Any, self_condition: bool = False) -> jax.Array:
     """DDIM (eta = 0) over descending timesteps `ts [N]` (floats) with their `step_alphas`: `model_fn(x, t [B],
-    *args) -> v`. Traceable (`lax.fori_loop`)."""
+    *args) -> v`. Traceable (`lax.fori_loop`). With `self_condition`, `model_fn` takes `[x, x0_prev]` concatenated on
+    the channels: the previous step's clean estimate (zeros at the first step)."""
     ts = jnp.asarray(ts, jnp.float32)
     a_t, a_prev = jnp.asarray(a_t, jnp.float32), jnp.asarray(a_prev, jnp.float32)
     batch = noise.shape[0]
 
-    def body(i, x):
-        v = model_fn(x, jnp.full((batch,), ts[i], jnp.float32), *args)
-        return ddim_step(x, v, a_t[i], a_prev[i])
+    def body(i, carry):
+        x, x0_prev = carry
+        inp = jnp.concatenate([x, x0_prev.astype(x.dtype)], axis=-1) if self_condition else x
+        v = model_fn(inp, jnp.full((batch,), ts[i], jnp.float32), *args)
+        x0 = clean_from_velocity(x, v, jnp.broadcast_to(a_t[i], (batch,))) if self_condition else x0_prev
+        return ddim_step(x, v, a_t[i], a_prev[i]), x0
 
-    return jax.lax.fori_loop(0, ts.shape[0], body, noise)
+    init = (noise, jnp.zeros(noise.shape, jnp.float32) if self_condition else jnp.zeros((), jnp.float32))
+    return jax.lax.fori_loop(0, ts.shape[0], body, init)[0]

@@ -93,7 +93,8 @@ def time_grid(
     return t.astype(np.float32)
 
 
-def euler_sample(velocity_fn: VelocityFn, noise: jax.Array, ts: jax.Array, *args: Any) -> jax.Array:
+def euler_sample(velocity_fn: VelocityFn, noise: jax.Array, ts: jax.Array, *args: Any,
+                 self_condition: bool = False) -> jax.Array:
     """First-order Euler from `ts[0]` to `ts[-1]` with `lax.fori_loop`; traceable, wrap in `jit` (`make_sampler`).
 
     Args:
@@ -102,19 +103,25 @@ def euler_sample(velocity_fn: VelocityFn, noise: jax.Array, ts: jax.Array, *args
       noise: `x` at `ts[0]`, `[B, ...]` (standard normal for `ts[0] = 1`).
       ts: float `[N + 1]` descending times (`time_grid`).
       *args: pytrees passed through to `velocity_fn` (parameters, conditions): traced, never baked in as constants.
+      self_condition: `velocity_fn` takes `[x, x0_prev]` concatenated on the channels, the previous step's clean
+        estimate `x - t v` (zeros at the first step).
     Returns:
       `x` at `ts[-1]`, `[B, ...]`, in `noise.dtype`.
     """
     ts = jnp.asarray(ts, jnp.float32)
     batch = noise.shape[0]
 
-    def body(i, x):
+    def body(i, carry):
+        x, x0_prev = carry
         t, t_next = ts[i], ts[i + 1]
-        v = velocity_fn(x, jnp.full((batch,), t, jnp.float32), *args)
+        inp = jnp.concatenate([x, x0_prev.astype(x.dtype)], axis=-1) if self_condition else x
+        v = velocity_fn(inp, jnp.full((batch,), t, jnp.float32), *args)
+        x0 = x.astype(jnp.float32) - t * v.astype(jnp.float32) if self_condition else x0_prev
         # integrate in float32 whatever the model's compute dtype, as diffusers' flow-matching scheduler does
-        return (x.astype(jnp.float32) + (t_next - t) * v.astype(jnp.float32)).astype(noise.dtype)
+        return (x.astype(jnp.float32) + (t_next - t) * v.astype(jnp.float32)).astype(noise.dtype), x0
 
-    return jax.lax.fori_loop(0, ts.shape[0] - 1, body, noise)
+    init = (noise, jnp.zeros(noise.shape, jnp.float32) if self_condition else jnp.zeros((), jnp.float32))
+    return jax.lax.fori_loop(0, ts.shape[0] - 1, body, init)[0]
 
 
 def batch_sharding(mesh: Mesh, batch_axes: Sequence[str] = ("data", "fsdp")) -> NamedSharding:

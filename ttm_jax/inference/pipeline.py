@@ -160,8 +160,9 @@ class StageRunner:
             return jnp.clip(modules.autoencoder.decode(latent), -1.0, 1.0)
 
         self._conditions = jax.jit(conditions)
-        self._sample = jax.jit(lambda noise, ts, params, conds, scales: self.objective.sample(
-            velocity, noise, ts, params, conds, scales))
+        self.self_condition = config_lib.self_condition(config)
+        self._sample = jax.jit(lambda noise, ts, params, conds, scales: objectives.sample(
+            self.objective, velocity, noise, ts, params, conds, scales, self_condition=self.self_condition))
         self._decode = jax.jit(decode)
         self.velocity = velocity
 

@@ -96,14 +96,16 @@ class TTMWanTransformer3DModel(WanTransformer3DModel):
       ttm_layers: blocks 0..ttm_layers-1 get `masked_self_attn` and `masked_cross_attn`;
       ttm_masked: False drops the object masks of both added layers ("no masked attention"), keeping only
         local-prompt padding out; ttm_masked_self / ttm_masked_cross: False drops one of them (Table 3's rows);
-      latent_channels, stage, condition_frames: recorded in `ttm_config` (`save_pretrained` writes them), not used
-        by the math; `condition_frames` says how the stage input's first-frame channels fill the latent frames
-        (`first`: frame 0 then zeros, `all`: every frame, `indexed`: every frame plus a frame-place channel).
+      latent_channels, stage, condition_frames, self_condition: recorded in `ttm_config` (`save_pretrained` writes
+        them), not used by the math; `condition_frames` says how the stage input's first-frame channels fill the
+        latent frames (`first`: frame 0 then zeros, `all`: every frame, `indexed`: every frame plus a frame-place
+        channel); `self_condition` that the input carries the previous sampling step's clean estimate right after
+        the noisy latent (zeros at the first step).
     """
 
     def __init__(self, *, ttm_layers: int = 0, ttm_masked: bool = True, ttm_masked_self: bool = True,
                  ttm_masked_cross: bool = True, latent_channels: int | None = None, stage: int | None = None,
-                 condition_frames: str | None = None, **wan_config: Any):
+                 condition_frames: str | None = None, self_condition: bool | None = None, **wan_config: Any):
         super().__init__(**wan_config)
         cfg = self.config
         num_layers = int(cfg.num_layers)
@@ -122,7 +124,7 @@ class TTMWanTransformer3DModel(WanTransformer3DModel):
                            "ttm_masked_self": bool(ttm_masked_self), "ttm_masked_cross": bool(ttm_masked_cross),
                            "in_channels": int(cfg.in_channels), "latent_channels": latent_channels,
                            "out_channels": int(cfg.out_channels), "stage": stage,
-                           "condition_frames": condition_frames}
+                           "condition_frames": condition_frames, "self_condition": self_condition}
 
     @property
     def ttm_layers(self) -> int:
@@ -254,7 +256,7 @@ class TTMWanTransformer3DModel(WanTransformer3DModel):
                     ttm_masked_self=bool(ttm.get("ttm_masked_self", True)),
                     ttm_masked_cross=bool(ttm.get("ttm_masked_cross", True)),
                     latent_channels=ttm.get("latent_channels"), stage=ttm.get("stage"),
-                    condition_frames=ttm.get("condition_frames"), **wan)
+                    condition_frames=ttm.get("condition_frames"), self_condition=ttm.get("self_condition"), **wan)
         state = load_file(os.path.join(folder, WEIGHTS_FILE))
         if model.ttm_layers:
             state.update(load_file(os.path.join(folder, TTM_WEIGHTS_FILE)))

@@ -101,7 +101,9 @@ def write_samples(config: ml_collections.ConfigDict, modules: Modules, params: A
     s = config.sample
     ts = objective.time_grid(int(s.num_steps), s.schedule, float(s.get("shift", 1.0)))
     noise = jax.random.normal(jax.random.PRNGKey(int(s.seed)), target.shape, jnp.float32)
-    sample = jax.jit(lambda n, ts, *a: objective.sample(apply, n, ts, *a), out_shardings=rep)
+    self_cond = config_lib.self_condition(config)
+    sample = jax.jit(lambda n, ts, *a: objectives.sample(objective, apply, n, ts, *a, self_condition=self_cond),
+                     out_shardings=rep)
     latents = sample(noise, jnp.asarray(ts), params, conds)
     video = modules.autoencoder.decode(latents)
     ref = modules.autoencoder.decode(target)

@@ -6,8 +6,10 @@ One step:
      see exactly the same values per example;
   2. the stage's inputs and loss target (`ttm_jax.assembly.inputs.model_inputs`: latents, text, object ids, the
      objective's noisy input and target, condition dropout);
-  3. the objective's loss; gradients averaged over `train.grad_accum_steps` micro-batches (`lax.scan`; micro-batch i
-     takes examples i, i+A, i+2A, ..., so each device keeps working on its own rows), one optimizer update;
+  3. with `model.self_condition`, a first gradient-free pass whose clean estimate joins the input of half the
+     examples (`inputs.self_conditioned`); the objective's loss; gradients averaged over `train.grad_accum_steps`
+     micro-batches (`lax.scan`; micro-batch i takes examples i, i+A, i+2A, ..., so each device keeps working on its
+     own rows), one optimizer update;
   4. the update is kept only when the loss, the gradient norm and the new parameters' norm are finite (metric
      `nonfinite` = 1 otherwise, and the state is returned unchanged; the loop stops on it before saving).
 The state is donated; in/out shardings are explicit (`state_shardings`, batch split over data x fsdp).
@@ -38,12 +40,15 @@ from ttm_jax.train import state as state_lib
 def make_loss_fn(config: ml_collections.ConfigDict, modules: Modules) -> Callable[..., tuple[jax.Array, dict]]:
     """`(params, frozen, batch, rand) -> (loss, aux)`: the objective's loss of one (micro-)batch."""
     objective = objectives.make_objective(config.objective)
+    self_cond = config_lib.self_condition(config)
 
     def loss_fn(params, frozen, batch, rand):
         x, kwargs, target = inputs_lib.model_inputs(config, modules, frozen, batch, rand)
         timestep, context = kwargs.pop("timestep"), kwargs.pop("context")
-        pred = modules.model.apply({"params": params}, x, timestep, context, **kwargs)
-        return objective.loss(pred, target, rand["t"]), {}
+        predict = lambda inp: modules.model.apply({"params": params}, inp, timestep, context, **kwargs)
+        if self_cond:
+            x = inputs_lib.self_conditioned(x, predict, objective, rand, target.shape[-1])
+        return objective.loss(predict(x), target, rand["t"]), {}
 
     return loss_fn
 
@@ -83,7 +88,7 @@ def _make_train_step(config, modules, tx, mesh, rules, state_shardings, frozen_s
         batch = {k: v for k, v in batch.items() if k in inputs_lib.BATCH_KEYS}
         rng = jax.random.fold_in(base_rng, state.step)
         b = next(iter(batch.values())).shape[0]
-        rand = inputs_lib.draw(rng, b, latent, config.objective)
+        rand = inputs_lib.draw(rng, b, latent, config.objective, config_lib.self_condition(config))
         if accum == 1:
             (loss, _), grads = grad_fn(state.params, frozen, batch, rand)
         else:
