@@ -175,9 +175,11 @@ def test_self_conditioned_stage_trains_and_samples_through_the_pipeline(tmp_path
 
     c = _toy_config()
     c.objective.name, c.model.self_condition = "ddim_v", True
+    c.train.sample_every_steps = 2  # the training loop's own samples run the self-conditioned sampler too
     wd = str(tmp_path / "run")
     res = loop.train(c, wd, make_iterator=fx.iterator_factory(), devices=jax.devices()[:1])
     assert res.final_step == 2 and all(np.isfinite(m["loss"]) for _, m in res.history)
+    assert sorted(p.name for p in (tmp_path / "run" / "samples").glob("*.mp4"))
     lat = config_lib.latent_shape(c)[-1]
     assert res.state.params["proj_in"]["kernel"].shape[0] == config_lib.in_channels(c) == 4 * lat
 
@@ -195,6 +197,22 @@ def test_self_conditioned_stage_trains_and_samples_through_the_pipeline(tmp_path
     pred = mods.model.apply({"params": params}, x, kw.pop("timestep"), kw.pop("context"), **kw)
     np.testing.assert_allclose(loss[False], float(jnp.mean((pred - target) ** 2)), rtol=1e-5)
     assert abs(loss[True] - loss[False]) > 1e-4
+
+    # training and sampling agree on the layout: the model call given conditions (`model_fn`, what the samplers
+    # run) on [noisy, estimate] is the training forward on the input `self_conditioned` built
+    no = jnp.zeros((b,), bool)
+    rand1 = {**rand, "self_cond": jnp.ones((b,), bool), "drop_image": no, "drop_text": no}
+    x, kw, _ = inputs_lib.model_inputs(c, mods, frozen, batch, rand1)
+    timestep, context = kw.pop("timestep"), kw.pop("context")
+    predict = lambda inp: mods.model.apply({"params": params}, inp, timestep, context, **kw)  # noqa: E731
+    x = inputs_lib.self_conditioned(x, predict, objectives.make_objective(c.objective), rand1, lat)
+    assert float(jnp.abs(x[..., lat:2 * lat]).max()) > 0  # a real estimate in its slot
+    _, first, cond, text = inputs_lib.prepare(c, mods, frozen, batch)
+    conds = inputs_lib.conditions(first, cond, inputs_lib.drop_text_conditions(c, mods, frozen, text, no))
+    via_fn = inputs_lib.model_fn(c, mods)(x[..., :2 * lat], rand1["t"], params, conds)
+    np.testing.assert_allclose(np.asarray(via_fn), np.asarray(predict(x)), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"model\.self_condition=True takes x = \[noisy, previous clean estimate\]"):
+        inputs_lib.model_fn(c, mods)(x[..., :lat], rand1["t"], params, conds)
 
     stage = trained.load_stage(wd, 1)
     runner = pipeline_lib.StageRunner(stage)
@@ -216,6 +234,15 @@ def test_self_conditioned_stage_trains_and_samples_through_the_pipeline(tmp_path
         prev = ddim.clean_from_velocity(x, v, jnp.full((1,), a_t[i]))
         x = ddim.ddim_step(x, v, a_t[i], a_prev[i])
     np.testing.assert_allclose(latents, np.asarray(x), atol=2e-4)
+
+
+def test_self_conditioning_with_an_objective_that_cannot_sample_it_fails_before_training(tmp_path):
+    c = _toy_config()
+    c.model.self_condition = True  # X0Prediction.sample takes no self_condition
+    with pytest.raises(ValueError, match=r"config\.model\.self_condition: the objective 'x0_prediction' samples "
+                                         r"without self-conditioning"):
+        loop.train(c, str(tmp_path / "run"), make_iterator=fx.iterator_factory(), devices=jax.devices()[:1])
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_unknown_names_are_errors_naming_the_field():

@@ -48,6 +48,11 @@ def test_draw_adds_the_coins_and_keeps_every_other_value():
         np.testing.assert_array_equal(np.asarray(v), np.asarray(with_sc[k]))
     coins = np.asarray(with_sc["self_cond"])
     assert coins.dtype == bool and 96 < coins.sum() < 160
+    # fresh each step, and not tied to the condition dropout
+    other = inputs_lib.draw(jax.random.PRNGKey(4), 256, (2, 2, 2, 3), c.objective, self_condition=True)
+    assert (np.asarray(other["self_cond"]) != coins).any()
+    for k in ("drop_image", "drop_text"):
+        assert (np.asarray(with_sc[k]) != coins).any()
 
 
 @pytest.mark.parametrize("name", ["ddim_v", "rectified_flow"])

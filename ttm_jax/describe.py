@@ -209,7 +209,8 @@ def module_table(shapes: dict, depth: int = 2, *, backbone: str = "dit") -> list
 
 
 def train_step_flops(config: ml_collections.ConfigDict, compiled: bool = False) -> float:
-    """FLOPs of one training step of the backbone (forward + backward) at the configured global batch."""
+    """FLOPs of one training step of the backbone (forward + backward, and the gradient-free first pass of
+    `model.self_condition`) at the configured global batch."""
     overrides: dict[str, Any] = {"remat_policy": "none"}
     if registry.backbone_name(config) == "dit":
         overrides["scan_layers"] = False  # see the module docstring
@@ -228,10 +229,17 @@ def train_step_flops(config: ml_collections.ConfigDict, compiled: bool = False) 
     lowered = jax.jit(jax.grad(loss)).lower(params, x, t, ctx, extra)
     # XLA's HLO cost analysis of the lowered step: the same dot/conv FLOPs as after compilation (checked on the tiny
     # config), without paying minutes of CPU compilation for a 30-layer unrolled graph at 32k tokens.
-    cost = lowered.cost_analysis() if compiled is False else lowered.compile().cost_analysis()
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0]
-    return float(cost.get("flops", float("nan")))
+    def flops(lowered_fn):
+        cost = lowered_fn.cost_analysis() if compiled is False else lowered_fn.compile().cost_analysis()
+        if isinstance(cost, (list, tuple)):
+            cost = cost[0]
+        return float(cost.get("flops", float("nan")))
+
+    total = flops(lowered)
+    if config_lib.self_condition(config):
+        total += flops(jax.jit(lambda p, x, t, c, kw: model.apply({"params": p}, x, t, c, **kw)).lower(
+            params, x, t, ctx, extra))
+    return total
 
 
 def describe(config: ml_collections.ConfigDict, *, flops: bool = True, print_fn=print) -> dict[str, int]:
@@ -260,7 +268,8 @@ def describe(config: ml_collections.ConfigDict, *, flops: bool = True, print_fn=
     print_fn(f"{name + ' (trainable)':<56} {total:>16,}")
     layout = _LAYOUTS.get(name, "its own layout")
     print_fn(f"  {'backbone (' + layout + ', ' + str(latent) + ' input channels)':<54} {backbone:>16,}")
-    print_fn(f"  {'added input channels (stage conditions)':<54} {added_inputs:>16,}")
+    what = "stage conditions, self-conditioning" if config_lib.self_condition(config) else "stage conditions"
+    print_fn(f"  {'added input channels (' + what + ')':<54} {added_inputs:>16,}")
     print_fn(f"  {'added TTM layers (' + str(k) + ' ' + where + ')':<54} {total - no_ttm:>16,}")
     if cached:
         print_fn(f"{'text encoder (' + config.text_encoder.name + '): cached, not loaded':<56} {0:>16,}"

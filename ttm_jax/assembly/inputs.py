@@ -272,6 +272,10 @@ def model_fn(config: ml_collections.ConfigDict, modules: Modules) -> Callable[..
     self_cond = config_lib.self_condition(config)
 
     def apply(x, t, params, conds):
+        if self_cond and x.shape[-1] != 2 * c:
+            raise ValueError(f"inputs.model_fn: config.model.self_condition=True takes x = [noisy, previous clean "
+                             f"estimate], {2 * c} channels, got {x.shape[-1]}; sample with "
+                             f"objectives.sample(..., self_condition=True), or pass zeros as the estimate")
         inp = kind.model_input(x[..., :c] if self_cond else x, conds["first"], conds.get("cond"), frames)
         if self_cond:
             inp = with_estimate(inp, x[..., c:])

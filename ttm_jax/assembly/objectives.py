@@ -26,6 +26,7 @@ A new objective is a class with these methods, registered in `OBJECTIVES`.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -171,8 +172,18 @@ def sample(objective: Objective, model_fn: Callable[..., jax.Array], noise: jax.
     """`objective.sample(...)`, passing `self_condition` only when set (`config.model.self_condition`), so an
     objective registered without self-conditioning still samples models that do not use it."""
     if self_condition:
+        check_self_condition(objective)
         return objective.sample(model_fn, noise, ts, *args, self_condition=True)
     return objective.sample(model_fn, noise, ts, *args)
+
+
+def check_self_condition(objective: Objective) -> None:
+    """Raises (naming the fix) when `objective.sample` has no `self_condition` argument: a model trained with
+    `config.model.self_condition` could not be sampled with it. The training loop checks before its first step."""
+    if "self_condition" not in inspect.signature(objective.sample).parameters:
+        raise ValueError(f"config.model.self_condition: the objective {objective.name!r} samples without "
+                         f"self-conditioning (its sample() takes no self_condition argument); set "
+                         f"model.self_condition=False or choose one of rectified_flow, ddim_v")
 
 
 def make_objective(objective: ml_collections.ConfigDict) -> Objective:

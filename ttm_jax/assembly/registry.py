@@ -196,7 +196,8 @@ def object_ids(config: ml_collections.ConfigDict, ae: Any, object_masks: jax.Arr
 
 def state_fields(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     """Config fields that fix the shapes of the trained state: the backbone's plus the run's own."""
-    own = ("stage", "model.backbone", "autoencoder.latent_channels", "text_encoder.d_model", "optim.ema_decay")
+    own = ("stage", "model.backbone", "autoencoder.latent_channels", "text_encoder.d_model", "optim.ema_decay",
+           "model.self_condition", "model.condition_frames")  # the last two: the input channels
     return own + BACKBONES.get(backbone_name(config)).state_fields
 
 

@@ -153,6 +153,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, modules: Modules |
     """
     # --- setup -------------------------------------------------------------------------------------------------------
     config_lib.validate(config)
+    if config_lib.self_condition(config):
+        objectives.check_self_condition(objectives.make_objective(config.objective))
     mesh_lib.initialize_distributed(config.mesh)
     mesh = mesh_lib.make_mesh(config.mesh, devices)
     rules = sharding_lib.rules_from_config(config.mesh)
