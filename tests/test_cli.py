@@ -259,6 +259,11 @@ def two_runs(tmp_path_factory) -> dict:
     return {"workdir": workdir, "first": first, "second": second, "first_logs": first_logs}
 
 
+# The three `two_runs` tests (two training subprocesses, ~55 s of the suite) run with the slow ones; the suite keeps
+# their in-process siblings: test_library_logs_go_to_the_workdir_warnings_to_the_console (console vs log file),
+# test_resume_takes_the_checkpoint_config_and_the_overrides (checkpoint config + overrides, refused resume, workdir
+# untouched) and test_resumed_config_errors_leave_the_workdir_as_it_was (a resume refused from the command line).
+@pytest.mark.slow
 def test_console_carries_the_project_lines_library_info_goes_to_the_log(two_runs):
     first = two_runs["first"]
     assert first.returncode == 0, first.stderr[-3000:]
@@ -271,6 +276,7 @@ def test_console_carries_the_project_lines_library_info_goes_to_the_log(two_runs
     assert not INFO_LINE.search(two_runs["second"].stderr)
 
 
+@pytest.mark.slow  # see above
 def test_resume_from_the_workdir_alone_applies_the_overrides(two_runs):
     """config.json is gone: the checkpoint's config is used (its synthetic_num_videos=2, runlocal shapes) and
     `--config.train.total_steps=2` applies on top, so the run trains step 2 instead of saying there is nothing to do."""
@@ -289,6 +295,7 @@ def test_resume_from_the_workdir_alone_applies_the_overrides(two_runs):
     assert json.loads((workdir / "config.json").read_text())["train"]["total_steps"] == 2
 
 
+@pytest.mark.slow  # see above
 def test_refused_resume_writes_nothing(two_runs):
     """`--workdir=W --config.model.dim=64` on W's checkpoints: one line naming the field, exit 2, W unchanged (no
     config.json rewrite, no new log file)."""
