@@ -119,3 +119,15 @@ def test_euler_carries_the_previous_steps_clean_estimate():
         prev = flow.clean_from_velocity(x, v, jnp.full((2,), t))
         x = x + (t_next - t) * v
     np.testing.assert_allclose(np.asarray(got), np.asarray(x), rtol=1e-5, atol=1e-5)
+
+
+def test_describe_counts_the_first_pass():
+    """A self-conditioned step is the backbone's forward + backward plus one more forward: between 1.2x and 1.5x
+    the step without it (a forward is about a third of forward + backward), at the same batch."""
+    from ttm_jax import describe
+
+    c = config_lib.build(1, "tiny")
+    plain = describe.train_step_flops(c)
+    c.model.self_condition = True
+    ratio = describe.train_step_flops(c) / plain
+    assert 1.2 < ratio < 1.5, ratio
