@@ -220,7 +220,7 @@ def self_conditioned(x: jax.Array, predict: Callable[[jax.Array], jax.Array], ob
     est = objective.clean_estimate(noisy, predict(x), rand["t"])
     keep = rand["self_cond"].reshape((-1,) + (1,) * (est.ndim - 1))
     est = jax.lax.stop_gradient(jnp.where(keep, est, 0.0))
-    return jnp.concatenate([x[..., :channels], est.astype(x.dtype), x[..., 2 * channels:]], axis=-1)
+    return x.at[..., channels:2 * channels].set(est.astype(x.dtype))
 
 
 def condition_frames(config: ml_collections.ConfigDict) -> str:

@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from ttm_jax.diffusion import flow
+
 SCHEDULES = ("linear_quadratic", "uniform")
 
 # x [B, ...], t [B] (float32 in [0, 1]), *args -> v [B, ...]
@@ -116,7 +118,8 @@ def euler_sample(velocity_fn: VelocityFn, noise: jax.Array, ts: jax.Array, *args
         t, t_next = ts[i], ts[i + 1]
         inp = jnp.concatenate([x, x0_prev.astype(x.dtype)], axis=-1) if self_condition else x
         v = velocity_fn(inp, jnp.full((batch,), t, jnp.float32), *args)
-        x0 = x.astype(jnp.float32) - t * v.astype(jnp.float32) if self_condition else x0_prev
+        x0 = (flow.clean_from_velocity(x.astype(jnp.float32), v.astype(jnp.float32), jnp.full((batch,), t))
+              if self_condition else x0_prev)
         # integrate in float32 whatever the model's compute dtype, as diffusers' flow-matching scheduler does
         return (x.astype(jnp.float32) + (t_next - t) * v.astype(jnp.float32)).astype(noise.dtype), x0
 
