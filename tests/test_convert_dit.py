@@ -111,6 +111,10 @@ def test_errors_name_the_key(torch_dit, folder):
         convert.flax_to_torch({}, dit_lib.DiTConfig(**{**cfg.__dict__, "ttm_layers": 1}))
 
 
+# ~19 s; the suite keeps its siblings: test_dit.py::test_stage2_zero_init_equals_backbone (the grafted stage model
+# computes the backbone's function) and test_convert_cli.py::test_stage2_graft_and_bf16 (the CLI's graft: channels,
+# zero new inputs, copied weights, TTM layers)
+@pytest.mark.slow
 def test_cli_writes_stage2_init_checkpoint(tmp_path):
     # the T2V backbone of `configs/stage2.py:tiny`'s shapes, converted into that stage-2 model (3x the input
     # channels, TTM layers): new channels and TTM layers start at zero, so it computes the backbone's function
