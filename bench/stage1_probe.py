@@ -155,8 +155,9 @@ def mean_speed_oracle(config, bench_dir: str, num: int) -> dict[str, float]:
     mean_fraction = sum(synthetic.TRAVEL_FRACTION) / 2
 
     def at_mean_speed(o, spec, plain):
-        o = dataclasses.replace(o, displacement=synthetic.displacement(o.direction, o.radius, o.scale_change,
-                                                                       mean_fraction, spec.height, spec.width))
+        if not o.speed:  # a speed the prompt names (ladder rung 1) is known: only unnamed speeds take the mean
+            o = dataclasses.replace(o, displacement=synthetic.displacement(o.direction, o.radius, o.scale_change,
+                                                                           mean_fraction, spec.height, spec.width))
         return dataclasses.replace(o, scale_change="none", spin=0.0) if plain else o
 
     out: dict[str, list[float]] = {"oracle": [], "oracle_translation_only": []}
@@ -172,9 +173,11 @@ def mean_speed_oracle(config, bench_dir: str, num: int) -> dict[str, float]:
 def heldout_benchmark(config, bench_dir: str, num: int) -> motion_bench.Benchmark:
     """The held-out benchmark of `num` scenes at the run's clip geometry (one folder per geometry; made if absent)."""
     d = config.data
-    return motion_bench.make_benchmark(f"{bench_dir}_{d.height}x{d.width}x{d.num_frames}@{d.fps:g}", num,
-                                       height=int(d.height), width=int(d.width), frames=int(d.num_frames),
-                                       fps=float(d.fps))
+    rung = int(d.get("synthetic_rung", synthetic.FULL_RUNG))
+    name = f"{bench_dir}_{d.height}x{d.width}x{d.num_frames}@{d.fps:g}" + (
+        f"_rung{rung}" if rung != synthetic.FULL_RUNG else "")
+    return motion_bench.make_benchmark(name, num, height=int(d.height), width=int(d.width), frames=int(d.num_frames),
+                                       fps=float(d.fps), rung=rung)
 
 
 def heldout_scenes(config, bench_dir: str, num: int) -> tuple[dict[str, np.ndarray], list]:
@@ -367,7 +370,8 @@ def main(argv) -> None:
                      "direction_truth": direction_agreement(runner.decode(target), batch)}
         if split == "heldout":
             res["oracle"] = mean_speed_oracle(config, _BENCH_DIR.value, _NUM_HELDOUT.value)
-            print(f"held-out bar: right motion at the mean speed scores iou {res['oracle']['oracle']:.3f} "
+            print(f"held-out bar (rung {config.data.get('synthetic_rung', synthetic.FULL_RUNG)}): right motion at "
+                  f"the mean speed (the prompt's, where it names one) scores iou {res['oracle']['oracle']:.3f} "
                   f"(translation only {res['oracle']['oracle_translation_only']:.3f}); repeating frame 0 "
                   f"{rep['iou']:.3f}", flush=True)
         # what the denoiser knows at each noise level (conditional, one step)

@@ -129,6 +129,22 @@ def test_guidance_rescale_matches_the_papers_formula():
     np.testing.assert_array_equal(np.asarray(traced), jax.jit(lambda *a: guidance.combine(*a, 1.5, 5.0))(e0, ei, ef))
 
 
+def test_training_times_shift_toward_high_noise():
+    """`objective.shift = 1`: the uniform integer draws of before (same key, same timesteps); `shift = s`: the level
+    `u ~ U[0, 1)` (the same key's uniform draws) shifted to `s u / (1 + (s - 1) u)` and floored to a timestep, so the
+    band above level 0.95 gets `1 - 0.95 / (s - 0.95 (s - 1))` of training (17% at s = 4, against 5% uniform)."""
+    key = jax.random.PRNGKey(3)
+    plain = np.asarray(_objective(shift=1.0).sample_time(key, 20_000))
+    np.testing.assert_array_equal(plain, np.asarray(jax.random.randint(key, (20_000,), 0, 1000), np.float32))
+    shifted = np.asarray(_objective(shift=4.0).sample_time(key, 20_000))
+    u = np.asarray(jax.random.uniform(key, (20_000,), jnp.float32), np.float64)
+    want = np.clip(np.floor(4 * u / (1 + 3 * u) * 1000), 0, 999)
+    assert np.mean(shifted == want) > 0.999  # float32 rounding may move a level across a timestep boundary
+    assert shifted.min() >= 0 and shifted.max() <= 999 and (shifted == np.floor(shifted)).all()
+    high = float(np.mean(shifted >= 950))
+    assert high == pytest.approx(1 - 0.95 / (4 - 0.95 * 3), abs=0.01) and float(np.mean(plain >= 950)) < 0.06
+
+
 def test_config_errors_name_the_field():
     c = config_lib.build(1, "tiny")
     c.objective.name = "ddpm"

@@ -246,3 +246,25 @@ def test_judge_benchmark_reports_missing_and_refuses_unknown(bench, bench_dir):
         judge.judge_benchmark(bench_dir, {"scene_9999": first.video()})
     with pytest.raises(ValueError, match="benchmark's frames and size"):
         judge.judge_video(first.video()[:, :16], first.objects, first.masks())
+
+
+@pytest.mark.parametrize("rung,objects", [(1, {1}), (3, {2, 3})])
+def test_ladder_rung_benchmark(tmp_path, rung, objects):
+    """A rung's held-out benchmark (at the ladder's 6 fps): its scenes are the rung's (object count, plain, moving in
+    distinct directions), its parameters name the rung (so it never reuses a full-set folder), the ground truth binds
+    every object and a still video binds none."""
+    out = str(tmp_path / f"rung{rung}")
+    b = motion_bench.make_benchmark(out, 4, seed=0, height=H, width=W, frames=T, fps=6.0, rung=rung)
+    assert b.params["rung"] == rung and "rung" not in motion_bench.params(seed=0, height=H, width=W, frames=T,
+                                                                         fps=6.0)
+    assert {len(s.objects) for s in b.scenes} <= objects
+    for s in b.scenes:
+        assert all(o["texture"] == "plain" and o["direction"] != motion.STILL for o in s.objects)
+        assert len({o["direction"] for o in s.objects}) == len(s.objects)
+        assert all((o.speed in synthetic.SPEEDS) == (rung == 1) for o in s.spec().objects)  # named on rung 1 only
+    truth = judge.judge_benchmark(out, {s.name: b.render(s)[0] for s in b.scenes})["overall"]
+    assert truth["binding_accuracy"] == 1.0
+    still = judge.judge_benchmark(out, {s.name: judge.still_video(s.first_frame(), T) for s in b.scenes})["overall"]
+    assert still["binding_accuracy"] == 0.0
+    with pytest.raises(ValueError, match="--rung"):
+        motion_bench.make_benchmark(str(tmp_path / "bad"), 1, rung=7)

@@ -80,12 +80,30 @@ def test_adamw_with_clipping_matches_optax_reference_and_ema_follows():
         s = state_lib.apply_gradients(s, g, tx, o.ema_decay)
         upd, ref_o = ref_tx.update(g, ref_o, ref_p)
         ref_p = optax.apply_updates(ref_p, upd)
-        ema = jax.tree.map(lambda e, p: 0.9 * e + 0.1 * p, ema, ref_p)
+        d = min(0.9, (1 + i) / (10 + i))  # the warm-up: 0.1, 0.18, 0.25 at updates 0, 1, 2
+        ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, ref_p)
     assert int(s.step) == 3
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), s.params, ref_p)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), s.ema_params, ema)
     # no EMA: nothing stored
     assert state_lib.create(params, tx, 0.0).ema_params is None
+
+
+def test_ema_warm_up_forgets_the_initial_weights():
+    """Without a warm-up, after n updates the EMA holds d^n of the random initial weights (22% at 1,500 steps for
+    d = 0.999); with `min(d, (1 + n) / (10 + n))` that share is the product of the decays (below 1e-3)."""
+    d = [float(state_lib.ema_decay_at(n, 0.999)) for n in range(1500)]
+    np.testing.assert_allclose(d[:3], [0.1, 2 / 11, 3 / 12], rtol=1e-6)
+    assert d[-1] == pytest.approx(1500 / 1509, abs=1e-6)  # still warming up at 1,500 steps ...
+    assert float(state_lib.ema_decay_at(20_000, 0.999)) == pytest.approx(0.999, abs=1e-6)  # ... capped at d later
+    share = float(np.prod(np.asarray(d, np.float64)))
+    assert share < 1e-3 < 0.999**1500  # the initial weights' share of the EMA, with and without the warm-up
+    # the same through the state: a constant params tree after one update from zeros
+    tx = optax.sgd(0.0)
+    s = state_lib.create({"w": jnp.zeros(3)}, tx, 0.999)
+    s = s.replace(params={"w": jnp.ones(3)})
+    s = state_lib.apply_gradients(s, {"w": jnp.zeros(3)}, tx, 0.999)
+    np.testing.assert_allclose(s.ema_params["w"], 0.9, rtol=1e-6)  # 0.1 * 0 + 0.9 * 1, not 0.001
 
 
 @pytest.mark.parametrize("field,value", [("optim.ema_decay", 1.0), ("train.grad_accum_steps", 3),

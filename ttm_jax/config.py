@@ -251,6 +251,10 @@ VARIANTS = tuple(_VARIANT_TABLE)
 
 # `runlocal`: the run-size values it sets (data shape: `_runlocal`). Small enough for seconds on a CPU, large enough
 # to pass through every part of the loop: several steps, a checkpoint mid-run and at the end, one round of samples.
+# the synthetic generator's ladder rungs (ttm_jax/data/synthetic.py RUNGS; a test keeps the two equal)
+SYNTHETIC_RUNGS = (1, 2, 3, 4)
+SYNTHETIC_FULL_RUNG = 4
+
 _RUNLOCAL: dict[str, dict[str, Any]] = {
     "data": {"synthetic_num_videos": 8},
     "train": {"batch_size": 2, "total_steps": 8, "checkpoint_every_steps": 4, "log_every_steps": 1,
@@ -334,6 +338,9 @@ def _data(v: Mapping[str, Any]) -> ml_collections.ConfigDict:
     d.prepared_path = ""  # ArrayRecord shards from `python -m ttm_jax.data.prepare`
     d.synthetic_dir = ""  # empty: <workdir>/../synthetic_sav cache
     d.synthetic_num_videos = 64
+    # the synthetic data's rung on the ladder of difficulty (ttm_jax/data/synthetic.py RUNGS): 1 one plain object at
+    # a prompted speed, 2 at a random speed, 3 two or three objects with their own directions (binding), 4 the full set
+    d.synthetic_rung = 4
     d.missing_captions = "skip"  # skip | error
     d.crop = "center"  # center | random: where the crop box of the output aspect sits in the source frame
     d.min_object_area = 0.002  # an object must cover this fraction of the clip's first frame to be chosen
@@ -690,6 +697,9 @@ def _check_data(config: ml_collections.ConfigDict) -> None:
            f"{d.read_threads!r} must be an int >= 1")
     _check(0 <= d.shuffle_seed < 2**32, "data.shuffle_seed", f"{d.shuffle_seed} must be in [0, 2**32) (Grain's range)")
     _check(d.synthetic_num_videos >= 1, "data.synthetic_num_videos", f"{d.synthetic_num_videos} must be >= 1")
+    rung = d.get("synthetic_rung", SYNTHETIC_FULL_RUNG)
+    _check(rung in SYNTHETIC_RUNGS, "data.synthetic_rung",
+           f"{rung!r}; choose one of {SYNTHETIC_RUNGS} (ladder rungs; {SYNTHETIC_FULL_RUNG}: the full set)")
     _check(isinstance(d.get("cached", False), bool), "data.cached", f"{d.get('cached')!r} must be True or False")
     _check(not d.get("cached", False) or bool(d.prepared_path), "data.cached",
            "True needs data.prepared_path: set it to the --out folder of `python -m ttm_jax.data.encode "

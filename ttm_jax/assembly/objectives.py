@@ -16,10 +16,11 @@ shifted by `objective.shift`, timestep `1000 t`, first-order Euler from t = 1 to
 `ttm_jax.diffusion.samplers`).
 
 `ddim_v` (the paper's U-Net, AnimateDiff): DDPM betas (`scaled_linear`) rescaled to zero terminal SNR, v-prediction,
-integer timesteps drawn uniformly from 0..T-1 (the model takes them as they are), deterministic DDIM over
+integer timesteps drawn uniformly from 0..T-1 (or, with `objective.shift` s != 1, the level u ~ U[0, 1) shifted to
+`s u / (1 + (s - 1) u)` and floored: training at high noise; the model takes them as they are), deterministic DDIM over
 `trailing` timesteps (`ttm_jax.diffusion.ddim`; equal to diffusers' `DDIMScheduler(rescale_betas_zero_snr=True,
 timestep_spacing="trailing", prediction_type="v_prediction", clip_sample=False)`). Its sampling grid is its own
-(`objective.timestep_spacing`): the flow schedules' names and shift do not apply to it.
+(`objective.timestep_spacing`): the flow schedules' names and shift do not apply to its sampling.
 
 A new objective is a class with these methods, registered in `OBJECTIVES`.
 """
@@ -123,8 +124,16 @@ class DDIMVPrediction:
         self.spacing = objective.get("timestep_spacing", "trailing")
 
     def sample_time(self, rng: jax.Array, batch_size: int) -> jax.Array:
-        """Integer timesteps in [0, T) as float32 `[B]`."""
-        return jax.random.randint(rng, (batch_size,), 0, self.num_train_timesteps).astype(jax.numpy.float32)
+        """Integer timesteps in [0, T) as float32 `[B]`: uniform, or with `objective.shift = s != 1` the uniform
+        level `u` shifted to `s u / (1 + (s - 1) u)` (as the flow's times) and floored to a timestep, so that more
+        training falls at the high noise where a trajectory's layout is decided."""
+        shift = float(self.config.get("shift", 1.0))
+        if shift == 1.0:  # the same draws as before the shift existed
+            return jax.random.randint(rng, (batch_size,), 0, self.num_train_timesteps).astype(jax.numpy.float32)
+        u = jax.random.uniform(rng, (batch_size,), jax.numpy.float32)
+        level = shift * u / (1.0 + (shift - 1.0) * u)
+        t = jax.numpy.floor(level * self.num_train_timesteps)
+        return jax.numpy.clip(t, 0, self.num_train_timesteps - 1).astype(jax.numpy.float32)
 
     def noisy(self, x0: jax.Array, eps: jax.Array, t: jax.Array) -> jax.Array:
         return ddim.add_noise(x0, eps, ddim.gather(self.alphas_cumprod, t))

@@ -274,8 +274,10 @@ def synthetic_params(config: ml_collections.ConfigDict) -> dict:
     frames = span + 16
     scale = max(1, math.ceil(MIN_SYNTHETIC_SIDE / min(int(d.height), int(d.width))))
     h, w = int(d.height) * scale, int(d.width) * scale
-    return {"num_videos": int(d.synthetic_num_videos), "seed": int(config.seed), "split": "mixed",
-            "height": h + h % 2, "width": w + w % 2, "frames": frames}
+    p = {"num_videos": int(d.synthetic_num_videos), "seed": int(config.seed), "split": "mixed",
+         "height": h + h % 2, "width": w + w % 2, "frames": frames}
+    rung = int(d.get("synthetic_rung", synthetic.FULL_RUNG))
+    return p if rung == synthetic.FULL_RUNG else {**p, "rung": rung}  # the full set's folders keep their names
 
 
 def _cache_root(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -295,7 +297,8 @@ def ensure_default_data(config: ml_collections.ConfigDict, workdir: str) -> str:
     if not synthetic.is_complete(videos, full):
         logging.info("ensure_default_data: generating %d synthetic SA-V videos into %s", p["num_videos"], videos)
         synthetic.generate(videos, p["num_videos"], p["seed"], split=p["split"], height=p["height"],
-                           width=p["width"], frames=p["frames"], videos_per_shard=32)
+                           width=p["width"], frames=p["frames"], videos_per_shard=32,
+                           rung=p.get("rung", synthetic.FULL_RUNG))
     prepared = os.path.join(root, f"prepared-{_fingerprint([full, clips.data_settings(config.data)])}")
     if not os.path.exists(os.path.join(prepared, records.MANIFEST)):
         logging.info("ensure_default_data: preparing %s into %s", videos, prepared)

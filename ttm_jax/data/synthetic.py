@@ -1,7 +1,7 @@
 """Synthetic SA-V: textured shapes with known motion, written in the real SA-V train format.
 
     python -m ttm_jax.data.synthetic --out=DIR --num_videos=N --seed=S [--split=single|multi|mixed]
-        [--height=128 --width=128 --frames=48] [--videos_per_shard=32] [--with_auto]
+        [--height=128 --width=128 --frames=48] [--videos_per_shard=32] [--with_auto] [--rung=1|2|3|4]
 
 writes
 
@@ -16,7 +16,9 @@ every object moves on its own (one of 8 directions or still, at constant speed, 
 spinning), later objects occlude earlier ones (each object keeps at least 70% of its area visible on every annotated
 frame, so visible-mask centroids follow the stated motion). Captions, motion prompt and local prompts are written from
 the same parameters that drive the renderer, so they are true by construction; tests check them against the decoded
-masks. Everything is a pure function of (seed, video index): the same seed gives bit-identical tars and json, and a
+masks. `--rung` picks a rung of the ladder of difficulty (`RUNGS`): 1, one plain object translating at a speed the
+prompt names; 2, at a random speed; 3, two or three objects each with its own direction (binding); 4, the full set
+above (the default). Everything is a pure function of (seed, video index): the same seed gives bit-identical tars and json, and a
 larger `num_videos` extends a folder without changing its first videos.
 """
 
@@ -68,10 +70,27 @@ DIRECTIONS = {
     "still": ((0.0, 0.0), ""),
 }
 SCALE_CHANGE = {"none": 1.0, "grow": 1.6, "shrink": 0.6}
+MOVING_DIRECTIONS = tuple(d for d in DIRECTIONS if d != "still")
 # an object travels this share of the free room along each moving axis, uniform in the range (>= 55%: the motion
 # is unmistakable); the prompts state the direction, not the share
 TRAVEL_FRACTION = (0.55, 0.95)
 MIN_VISIBLE_FRACTION = 0.7
+
+# The ladder of difficulty (`--rung`): each rung adds one difficulty to the one below; rung 4 is the full set, whose
+# scenes are bit-identical to those written before the ladder existed. Rungs 1-3 have plain objects (no texture, no
+# scale change, no spin, never still) on a plain background.
+RUNGS = {
+    1: "one plain object on a plain background, translating in one of 8 directions at a speed the prompt names "
+       "(slowly / quickly)",
+    2: "rung 1 at a random speed the prompt does not name",
+    3: "two or three plain objects in distinct colours, each translating its own way (distinct directions) at a "
+       "random speed: the binding rung",
+    4: "the full set: textured objects and backgrounds, 1-4 objects (--split), still objects, random speeds, scale "
+       "changes and spins",
+}
+FULL_RUNG = 4
+# rung 1: the share of the free room (`displacement`'s fraction) each speed word names
+SPEEDS = {"slowly": 0.45, "quickly": 0.9}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +108,7 @@ class ObjectSpec:
     angle0: float  # radians
     spin: float  # total rotation over the video, radians (0: no spin)
     texture_period: float
+    speed: str = ""  # a key of SPEEDS when the prompt names the speed (rung 1), else ""
 
     @property
     def name(self) -> str:
@@ -101,7 +121,7 @@ class ObjectSpec:
         if self.spin:
             mods.append("spinning")
         if self.direction != "still":
-            phrase = DIRECTIONS[self.direction][1]
+            phrase = DIRECTIONS[self.direction][1] + (f" {self.speed}" if self.speed else "")
             return phrase + (" while " + " and ".join(mods) if mods else "")
         if not mods:
             return "stays still"
@@ -179,12 +199,59 @@ def _sample_object(rng: np.random.Generator, colour: str, height: int, width: in
                       texture_period=float(rng.uniform(0.35, 0.6) * radius))
 
 
+def _sample_ladder_object(rng: np.random.Generator, colour: str, direction: str, rung: int, height: int,
+                          width: int) -> ObjectSpec:
+    """A plain object of a ladder rung below the full set: translating in `direction`, at a speed the prompt names
+    (rung 1) or a random one (rungs 2-3)."""
+    shape = SHAPES[rng.integers(len(SHAPES))]
+    radius = float(rng.uniform(0.07, 0.11) * min(height, width))
+    if rung == 1:
+        speed = ("slowly", "quickly")[rng.integers(2)]
+        fraction = SPEEDS[speed]
+    else:
+        speed, fraction = "", float(rng.uniform(*TRAVEL_FRACTION))
+    rb = _bounding_radius(radius, "none")
+    dx, dy = displacement(direction, radius, "none", fraction, height, width)
+    x0 = float(rng.uniform(rb, width - rb - abs(dx))) + (abs(dx) if dx < 0 else 0.0)
+    y0 = float(rng.uniform(rb, height - rb - abs(dy))) + (abs(dy) if dy < 0 else 0.0)
+    return ObjectSpec(shape=shape, colour=colour, texture="plain", radius=radius, start=(x0, y0),
+                      displacement=(dx, dy), direction=direction, scale_change="none",
+                      angle0=float(rng.uniform(0, 2 * math.pi)), spin=0.0, texture_period=radius, speed=speed)
+
+
+def _ladder_scene(rng: np.random.Generator, rung: int, height: int, width: int, frames: int) -> SceneSpec:
+    """A scene of ladder rung 1, 2 or 3 (`RUNGS`)."""
+    k = 1 if rung < 3 else int(rng.integers(2, 4))
+    bg_colour = list(BACKGROUND_COLOURS)[rng.integers(len(BACKGROUND_COLOURS))]
+    environment = ("Indoor", "Outdoor")[rng.integers(2)]
+    colours = [list(OBJECT_COLOURS)[i] for i in rng.permutation(len(OBJECT_COLOURS))[:k]]
+    annotated = np.arange(0, frames, ANNOTATION_STRIDE)
+    scene = None
+    for _ in range(100):
+        directions = [MOVING_DIRECTIONS[i] for i in rng.permutation(len(MOVING_DIRECTIONS))[:k]]
+        objects = tuple(_sample_ladder_object(rng, c, d, rung, height, width)
+                        for c, d in zip(colours, directions, strict=True))
+        scene = SceneSpec(height, width, frames, bg_colour, "plain", 1.0, 0.0, environment, objects)
+        if k == 1 or _occlusion_ok(scene, annotated):
+            return scene
+    while len(scene.objects) > 2:  # crowded: drop the top object while the rest still bind two motions
+        scene = dataclasses.replace(scene, objects=scene.objects[:-1])
+        if _occlusion_ok(scene, annotated):
+            break
+    return scene
+
+
 def sample_scene(seed: int, index: int, *, split: str = "mixed", height: int = 128, width: int = 128,
-                 frames: int = 48) -> SceneSpec:
-    """The scene of video `index` under `seed`: a pure function of its arguments."""
+                 frames: int = 48, rung: int = FULL_RUNG) -> SceneSpec:
+    """The scene of video `index` under `seed`: a pure function of its arguments. `rung` (`RUNGS`) picks the ladder
+    rung; below the full set it decides the object count and `split` is not used."""
     if split not in SPLITS:
         raise ValueError(f"synthetic --split={split!r}: choose one of {SPLITS}")
+    if rung not in RUNGS:
+        raise ValueError(f"synthetic --rung={rung!r}: choose one of {sorted(RUNGS)}")
     rng = np.random.default_rng([seed, index])
+    if rung != FULL_RUNG:
+        return _ladder_scene(rng, rung, height, width, frames)
     if split == "single":
         k = 1
     elif split == "multi":
@@ -328,6 +395,8 @@ def _background(scene: SceneSpec, rng: np.random.Generator) -> np.ndarray:
     elif scene.background_texture == "wavy":
         wobble = 2.0 * np.sin(2 * math.pi * ys / (3 * p))
         m = 0.85 + 0.15 * np.sin(2 * math.pi * xs / p + scene.background_phase + wobble)
+    elif scene.background_texture == "plain":  # ladder rungs below the full set
+        m = np.ones_like(xs)
     else:  # speckled
         m = 0.8 + 0.2 * rng.random(xs.shape)
     return m[..., None] * np.asarray(BACKGROUND_COLOURS[scene.background_colour], np.float64)
@@ -447,8 +516,8 @@ def annotation_json(vid: str, scene: SceneSpec, masks: np.ndarray, masklet_type:
 
 
 def make_video(seed: int, index: int, *, split: str = "mixed", height: int = 128, width: int = 128,
-               frames: int = 48, with_auto: bool = False) -> SyntheticVideo:
-    scene = sample_scene(seed, index, split=split, height=height, width=width, frames=frames)
+               frames: int = 48, with_auto: bool = False, rung: int = FULL_RUNG) -> SyntheticVideo:
+    scene = sample_scene(seed, index, split=split, height=height, width=width, frames=frames, rung=rung)
     pixels, masks = render(scene, seed, index)
     vid = video_id(index)
     ann = {"manual": annotation_json(vid, scene, masks, "manual")}
@@ -474,9 +543,12 @@ def _write_atomic(path: str, data: bytes) -> None:
 
 
 def params(num_videos: int, seed: int, split: str, height: int, width: int, frames: int, videos_per_shard: int,
-           with_auto: bool) -> dict:
-    return {"num_videos": num_videos, "seed": seed, "split": split, "height": height, "width": width,
-            "frames": frames, "videos_per_shard": videos_per_shard, "with_auto": with_auto, "fps": FPS}
+           with_auto: bool, rung: int = FULL_RUNG) -> dict:
+    """What a synthetic folder is a function of (`synthetic.json`); `rung` appears only below the full set, so a
+    full-set folder written before the ladder existed still matches."""
+    p = {"num_videos": num_videos, "seed": seed, "split": split, "height": height, "width": width,
+         "frames": frames, "videos_per_shard": videos_per_shard, "with_auto": with_auto, "fps": FPS}
+    return p if rung == FULL_RUNG else {**p, "rung": int(rung)}
 
 
 def is_complete(out: str, expected: dict | None = None) -> bool:
@@ -489,7 +561,8 @@ def is_complete(out: str, expected: dict | None = None) -> bool:
 
 
 def generate(out: str, num_videos: int, seed: int = 0, *, split: str = "mixed", height: int = 128, width: int = 128,
-             frames: int = 48, videos_per_shard: int = 32, with_auto: bool = False) -> list[str]:
+             frames: int = 48, videos_per_shard: int = 32, with_auto: bool = False,
+             rung: int = FULL_RUNG) -> list[str]:
     """Writes synthetic SA-V tar shards and `captions.jsonl` into `out`; returns the shard paths.
 
     Files are written to temporary names and renamed, so concurrent or interrupted runs never leave a torn file, and
@@ -501,6 +574,8 @@ def generate(out: str, num_videos: int, seed: int = 0, *, split: str = "mixed", 
         raise ValueError(f"synthetic --frames={frames}: must be >= 1")
     if height % 2 or width % 2:
         raise ValueError(f"synthetic: --height={height} and --width={width} must be even for H.264 yuv420p")
+    if rung not in RUNGS:
+        raise ValueError(f"synthetic --rung={rung!r}: choose one of {sorted(RUNGS)}")
     os.makedirs(out, exist_ok=True)
     shards, captions = [], []
     for s in range(math.ceil(num_videos / videos_per_shard)):
@@ -508,7 +583,8 @@ def generate(out: str, num_videos: int, seed: int = 0, *, split: str = "mixed", 
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for i in range(s * videos_per_shard, min(num_videos, (s + 1) * videos_per_shard)):
-                v = make_video(seed, i, split=split, height=height, width=width, frames=frames, with_auto=with_auto)
+                v = make_video(seed, i, split=split, height=height, width=width, frames=frames, with_auto=with_auto,
+                               rung=rung)
                 folder = f"sav_{s:03d}"
                 _add_member(tar, f"{folder}/{v.video_id}.mp4", video_io.encode_video(v.frames, FPS, **MP4_SETTINGS))
                 for kind, ann in v.annotation.items():
@@ -517,7 +593,7 @@ def generate(out: str, num_videos: int, seed: int = 0, *, split: str = "mixed", 
         _write_atomic(shard, buf.getvalue())
         shards.append(shard)
     _write_atomic(os.path.join(out, CAPTIONS_FILE), "".join(json.dumps(c) + "\n" for c in captions).encode())
-    p = params(num_videos, seed, split, height, width, frames, videos_per_shard, with_auto)
+    p = params(num_videos, seed, split, height, width, frames, videos_per_shard, with_auto, rung)
     _write_atomic(os.path.join(out, DONE_FILE), json.dumps(p, indent=1).encode())
     return shards
 
@@ -526,7 +602,7 @@ def main(argv: Sequence[str]) -> None:
     del argv
     f = flags.FLAGS
     shards = generate(f.out, f.num_videos, f.seed, split=f.split, height=f.height, width=f.width, frames=f.frames,
-                      videos_per_shard=f.videos_per_shard, with_auto=f.with_auto)
+                      videos_per_shard=f.videos_per_shard, with_auto=f.with_auto, rung=f.rung)
     print(f"synthetic SA-V: {f.num_videos} videos in {len(shards)} shard(s) under {f.out}; "
           f"captions in {os.path.join(f.out, CAPTIONS_FILE)}")
 
@@ -535,7 +611,8 @@ def _define_flags() -> None:
     flags.DEFINE_string("out", None, "output folder", required=True)
     flags.DEFINE_integer("num_videos", 64, "number of videos")
     flags.DEFINE_integer("seed", 0, "seed; output is a pure function of it")
-    flags.DEFINE_enum("split", "mixed", list(SPLITS), "single: 1 object; multi: 2-4; mixed: 1-4")
+    flags.DEFINE_enum("split", "mixed", list(SPLITS), "single: 1 object; multi: 2-4; mixed: 1-4 (rung 4 only)")
+    flags.DEFINE_integer("rung", FULL_RUNG, "ladder rung: " + "; ".join(f"{k}: {v}" for k, v in RUNGS.items()))
     flags.DEFINE_integer("height", 128, "frame height (even)")
     flags.DEFINE_integer("width", 128, "frame width (even)")
     flags.DEFINE_integer("frames", 48, "frames at 24 fps (>= 1 + (num_frames - 1) * 24 / fps of the config)")

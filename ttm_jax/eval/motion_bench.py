@@ -29,8 +29,9 @@ spans (as `loader.synthetic_params`), so objects move at the training clips' spe
 `clips.clip_frame_indices` gives from frame 0 at `fps` and is resized as `clips.resize_frames` / `resize_ids` do. The
 masks are exact per clip frame (not the nearest annotated frame).
 
-Scenes are `sample_scene(BENCH_SEED_OFFSET + seed, index, split="multi")` for index 0, 1, 2, ..., kept only when
-  - at least two objects move, in different directions (`different_directions`);
+Scenes are `sample_scene(BENCH_SEED_OFFSET + seed, index, split="multi", rung=rung)` for index 0, 1, 2, ... (`--rung`:
+the ladder rung of `config.data.synthetic_rung`; 4, the default, is the full set's multi-object scenes), kept only when
+  - at least two objects move, in different directions (`different_directions`; the one object of rungs 1-2 moves);
   - every object is seen in every clip frame (`lost_object`), with at least `MIN_VISIBLE` of its area unoccluded
     (`occluded`), so that colour finds it whole;
   - the motion measured on the ground-truth masks (`motion.motion_of`) clearly matches every object's stated motion
@@ -150,8 +151,9 @@ def moving_directions(scene: synthetic.SceneSpec) -> set[str]:
 
 def rejection(scene: synthetic.SceneSpec, masks: np.ndarray, render_masks: np.ndarray,
               geometry: ClipGeometry) -> str | None:
-    """Why a candidate scene is not a benchmark scene (module docstring), or None when it is one."""
-    if len(moving_directions(scene)) < 2:
+    """Why a candidate scene is not a benchmark scene (module docstring), or None when it is one. A one-object scene
+    (ladder rungs 1 and 2) needs its object to move; a scene of several, two of them in different directions."""
+    if len(moving_directions(scene)) < min(2, len(scene.objects)):
         return "different_directions"
     if not masks.any((1, 2)).all():
         return "lost_object"
@@ -216,10 +218,12 @@ def npz_bytes(**arrays: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def params(*, seed: int, height: int, width: int, frames: int, fps: float) -> dict:
-    """What a benchmark folder is a function of (besides `num_scenes`)."""
-    return {"format": FORMAT, "seed": int(seed), "synthetic_seed": synthetic_seed(seed), "height": int(height),
-            "width": int(width), "frames": int(frames), "fps": float(fps)}
+def params(*, seed: int, height: int, width: int, frames: int, fps: float, rung: int = synthetic.FULL_RUNG) -> dict:
+    """What a benchmark folder is a function of (besides `num_scenes`); `rung` only below the full set, so a folder
+    written before the ladder existed still matches."""
+    p = {"format": FORMAT, "seed": int(seed), "synthetic_seed": synthetic_seed(seed), "height": int(height),
+         "width": int(width), "frames": int(frames), "fps": float(fps)}
+    return p if rung == synthetic.FULL_RUNG else {**p, "rung": int(rung)}
 
 
 def _object_entry(k: int, o: synthetic.ObjectSpec) -> dict:
@@ -275,13 +279,15 @@ def scene_name(i: int) -> str:
 
 
 def make_benchmark(out_dir: str, num_scenes: int, *, seed: int = 0, height: int = 32, width: int = 32,
-                   frames: int = 9, fps: float = 12.0) -> Benchmark:
+                   frames: int = 9, fps: float = 12.0, rung: int = synthetic.FULL_RUNG) -> Benchmark:
     """Writes (or finishes, or leaves as it is) the benchmark folder `out_dir` (module docstring); returns it loaded.
 
     Raises ValueError when `out_dir` holds a benchmark of other parameters (seed, size, frames, fps)."""
     if num_scenes < 1:
         raise ValueError(f"motion_bench --num_scenes={num_scenes}: must be >= 1")
-    p = params(seed=seed, height=height, width=width, frames=frames, fps=fps)
+    if rung not in synthetic.RUNGS:
+        raise ValueError(f"motion_bench --rung={rung!r}: choose one of {sorted(synthetic.RUNGS)}")
+    p = params(seed=seed, height=height, width=width, frames=frames, fps=fps, rung=rung)
     geometry = clip_geometry(height, width, frames, fps)
     manifest_path = os.path.join(out_dir, MANIFEST)
     old = read_json(manifest_path)
@@ -304,7 +310,7 @@ def make_benchmark(out_dir: str, num_scenes: int, *, seed: int = 0, height: int 
         rejected: dict[str, int] = {}
         for _ in range(MAX_CANDIDATES_PER_SCENE):
             scene = synthetic.sample_scene(gen_seed, index, split="multi", height=geometry.render_height,
-                                           width=geometry.render_width, frames=geometry.source_frames)
+                                           width=geometry.render_width, frames=geometry.source_frames, rung=rung)
             video, masks, render_masks = render_clip(scene, gen_seed, index, geometry)
             why = rejection(scene, masks, render_masks, geometry)
             if why is None:
@@ -430,7 +436,7 @@ def main(argv: Sequence[str]) -> None:
     del argv
     f = flags.FLAGS
     bench = make_benchmark(f.out, f.num_scenes, seed=f.seed, height=f.height, width=f.width, frames=f.frames,
-                           fps=f.fps)
+                           fps=f.fps, rung=f.rung)
     k = sum(len(s.objects) for s in bench.scenes)
     print(f"motion_bench: {len(bench.scenes)} scenes, {k} objects under {f.out} (generator seed "
           f"{bench.params['synthetic_seed']}); requests in {os.path.join(f.out, REQUESTS)}")
@@ -444,6 +450,8 @@ def _define_flags() -> None:
     flags.DEFINE_integer("width", 32, "clip width (config.data.width; even)")
     flags.DEFINE_integer("frames", 9, "clip frames (config.data.num_frames)")
     flags.DEFINE_float("fps", 12.0, "clip frame rate (config.data.fps)")
+    flags.DEFINE_integer("rung", synthetic.FULL_RUNG, "ladder rung of the scenes (config.data.synthetic_rung; "
+                         "synthetic.RUNGS); 4: the full set's multi-object scenes")
 
 
 if __name__ == "__main__":

@@ -75,13 +75,22 @@ def create(params: Any, tx: optax.GradientTransformation, ema_decay: float) -> T
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), ema_params=ema)
 
 
+def ema_decay_at(step: jax.Array | int, ema_decay: float) -> jax.Array:
+    """The EMA decay of update `step` (0-based): `min(ema_decay, (1 + step) / (10 + step))`, float32 `[]`."""
+    n = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(jnp.float32(ema_decay), (1.0 + n) / (10.0 + n))
+
+
 def apply_gradients(state: TrainState, grads: Any, tx: optax.GradientTransformation, ema_decay: float) -> TrainState:
-    """One optimizer update; the EMA follows `ema <- d ema + (1 - d) params` after it."""
+    """One optimizer update; the EMA follows `ema <- d_n ema + (1 - d_n) params` after it, with the usual warm-up
+    `d_n = min(d, (1 + n) / (10 + n))` at update n (0-based: `state.step` before it): early updates weigh the new
+    params heavily, so the EMA does not hold `d^n` of the random initial weights (22% at 1,500 steps, d = 0.999)."""
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = state.ema_params
     if ema is not None:
-        ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p.astype(e.dtype), ema, params)
+        d = ema_decay_at(state.step, ema_decay)
+        ema = jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p.astype(e.dtype)).astype(e.dtype), ema, params)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
 
 
