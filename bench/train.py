@@ -18,21 +18,27 @@ Three tables:
      (mesh data=1, fsdp=8): bytes of the state arguments of the compiled step (`memory_analysis`) per device, and the
      1 / 8 ratio (ideal 8; replicated leaves such as norms and biases that fsdp does not divide keep it lower).
 
-Absolute figures depend on the machine and its load; the ratios, measured in the same run, are the result.
+Absolute figures depend on the machine and its load; the ratios, measured in the same run, are the result. Each table
+prints the 1-minute load average before and after it and warns when it is above 0.5 (another job shares the CPU:
+PyTorch's threads slow down more than XLA's under load, so the ratio is then not the idle machine's). The 8 simulated
+devices are made only for table 3: with `--skip_fsdp` the process has one CPU device, so tables 1 and 2 never run
+with XLA's host platform split into 8.
 """
 
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+import sys  # noqa: E402
+
+if "--skip_fsdp" not in sys.argv[1:]:  # table 3 needs 8 devices; tables 1-2 alone run on the one real CPU device
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse  # noqa: E402
 import functools  # noqa: E402
 import resource  # noqa: E402
 import statistics  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, uninstalled
@@ -257,6 +263,14 @@ def bench_fsdp_memory(variant: str, stage: int) -> dict:
     return out
 
 
+def load_line(when: str) -> str:
+    """`load average 0.03 (before table 1)`, with a warning when the 1-minute load is above 0.5."""
+    load = os.getloadavg()[0]
+    warn = "  WARNING: the machine is not idle; timings and the JAX / PyTorch ratio are not an idle machine's" \
+        if load > 0.5 else ""
+    return f"load average {load:.2f} ({when}){warn}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", default="tiny,mid")
@@ -270,23 +284,28 @@ def main() -> None:
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cores), stage {args.stage}, "
           f"{args.steps} timed steps after a warm-up")
 
+    print(f"devices: {len(jax.devices())} ({'8 simulated for table 3' if len(jax.devices()) > 1 else 'no simulated'})")
     print("\n1. full train step (T5 + autoencoder + flow + DiT fwd/bwd + AdamW), one device")
+    print(load_line("before table 1"), flush=True)
     print(f"{'variant':8s} {'params':>11s} {'batch x clip':>14s} {'steps/s best':>13s} {'median':>7s} "
           f"{'planned peak':>13s} {'peak RSS':>10s}")
     for v in variants:
         r = bench_full_step(v, args.stage, args.steps)
         print(f"{v:8s} {r['params']:11,d} {str(r['batch']) + ' x ' + r['clip']:>14s} {r['best']:13.3f} "
               f"{r['median']:7.3f} {r['planned_peak_mb']:10.1f} MiB {r['rss_mb']:7.0f} MiB", flush=True)
+    print(load_line("after table 1"), flush=True)
 
     if not args.skip_torch:
         print("\n2. backbone train step (fwd + MSE + bwd + AdamW, fp32): JAX DiT vs diffusers WanTransformer3DModel")
         print(f"(interleaved, {args.rounds} rounds x {args.steps} steps each; steps/s best-of / median)")
+        print(load_line("before table 2"), flush=True)
         print(f"{'variant':8s} {'JAX best':>9s} {'median':>7s} {'torch best':>11s} {'median':>7s} "
               f"{'JAX / torch best':>17s} {'median':>7s}")
         for v in variants:
             t = bench_backbones(v, args.steps, args.rounds)
             (jb, jm), (tb, tm) = _rates(t["jax"]), _rates(t["torch"])
             print(f"{v:8s} {jb:9.3f} {jm:7.3f} {tb:11.3f} {tm:7.3f} {jb / tb:17.2f} {jm / tm:7.2f}", flush=True)
+        print(load_line("after table 2"), flush=True)
 
     if not args.skip_fsdp:
         v = "mid" if "mid" in variants else variants[-1]
