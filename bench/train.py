@@ -28,8 +28,7 @@ with XLA's host platform split into 8.
 from __future__ import annotations
 
 import os
-
-import sys  # noqa: E402
+import sys
 
 if "--skip_fsdp" not in sys.argv[1:]:  # table 3 needs 8 devices; tables 1-2 alone run on the one real CPU device
     os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")

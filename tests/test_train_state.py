@@ -81,7 +81,7 @@ def test_adamw_with_clipping_matches_optax_reference_and_ema_follows():
         upd, ref_o = ref_tx.update(g, ref_o, ref_p)
         ref_p = optax.apply_updates(ref_p, upd)
         d = min(0.9, (1 + i) / (10 + i))  # the warm-up: 0.1, 0.18, 0.25 at updates 0, 1, 2
-        ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, ref_p)
+        ema = jax.tree.map(lambda e, p, d=d: d * e + (1 - d) * p, ema, ref_p)
     assert int(s.step) == 3
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), s.params, ref_p)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), s.ema_params, ema)

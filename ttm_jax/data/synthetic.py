@@ -18,8 +18,8 @@ frame, so visible-mask centroids follow the stated motion). Captions, motion pro
 the same parameters that drive the renderer, so they are true by construction; tests check them against the decoded
 masks. `--rung` picks a rung of the ladder of difficulty (`RUNGS`): 1, one plain object translating at a speed the
 prompt names; 2, at a random speed; 3, two or three objects each with its own direction (binding); 4, the full set
-above (the default). Everything is a pure function of (seed, video index): the same seed gives bit-identical tars and json, and a
-larger `num_videos` extends a folder without changing its first videos.
+above (the default). Everything is a pure function of (seed, video index): the same seed gives bit-identical tars
+and json, and a larger `num_videos` extends a folder without changing its first videos.
 """
 
 from __future__ import annotations
