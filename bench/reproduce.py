@@ -23,8 +23,10 @@ with a right trajectory, the stage-2 half of Table 3 with stage 1's errors taken
 skips trained runs (their workdirs reach
 `total_steps`), generated videos (`samples.jsonl`) and a finished benchmark.
 
-Presets: `smoke` (minutes: checks the machinery, says nothing about the claim), `quick` (the CPU preset), `full`
-(sized for an accelerator). The figures it prints are for the preset it ran; the README states which.
+Presets: `smoke` (minutes: checks the machinery, says nothing about the claim), `quick` (the CPU preset on the full
+synthetic set), `binding` (the binding rung of the ladder, `config.data.synthetic_rung=3`, each stage's tiny defaults
+at a CPU budget), `full` (sized for an accelerator). The figures it prints are for the preset it ran;
+docs/results.md states which.
 """
 
 from __future__ import annotations
@@ -65,7 +67,9 @@ class Preset:
     scenes: int  # held-out benchmark scenes
     sample_steps: int  # sampler steps at generation
     variant: str = "tiny"
-    model: tuple = ()  # (config.model field, value) overrides of every run
+    model: tuple = ()  # (config.model field, value) overrides of the stage-2 and TI2V runs (stage 1 keeps its own)
+    stage1_steps: int = 0  # stage 1's training steps (0: `steps`); its LR cooldown keeps its share of the run
+    rung: int = 4  # config.data.synthetic_rung of every run and of the held-out scenes (synthetic.RUNGS)
 
 
 PRESETS = {
@@ -74,6 +78,9 @@ PRESETS = {
     "quick": Preset(steps=600, num_videos=1000, scenes=16, sample_steps=20,
                     model=(("dim", 256), ("ffn_dim", 512), ("num_heads", 4), ("patch_size", (1, 2, 2)))),
     "full": Preset(steps=20_000, num_videos=4096, scenes=64, sample_steps=50),
+    # the binding rung of the ladder (two or three plain objects, each its own direction) with the tiny defaults of
+    # each stage at a budget that fits a 2-core CPU: stage 1 at half its default steps, stage 2 at 400
+    "binding": Preset(steps=400, stage1_steps=1000, num_videos=1000, scenes=16, sample_steps=20, rung=3),
 }
 
 GT = " (GT trajectory)"  # rows of stage 2 given the ground-truth trajectory instead of stage 1's
@@ -91,12 +98,16 @@ ROWS = {
 def run_config(stage: int, seed: int, preset: Preset, data_dir: str, overrides: dict) -> config_lib.ml_collections:
     c = config_lib.build(stage, preset.variant)
     c.seed = seed
-    c.train.total_steps = preset.steps
-    c.train.checkpoint_every_steps = max(1, preset.steps // 2)
+    steps = preset.stage1_steps if stage == 1 and preset.stage1_steps else preset.steps
+    c.train.total_steps = steps
+    c.optim.cooldown_steps = min(int(c.optim.cooldown_steps), steps // 2)
+    c.train.checkpoint_every_steps = max(1, steps // 2)
     c.train.sample_every_steps = 0
     c.data.synthetic_num_videos = preset.num_videos
-    for field, value in preset.model:
-        c.model[field] = value
+    c.data.synthetic_rung = preset.rung
+    if stage != 1:
+        for field, value in preset.model:
+            c.model[field] = value
     c.data.synthetic_dir = data_dir  # one synthetic dataset for every run and seed; data order fixed by shuffle_seed
     for key, value in overrides.items():
         section, field = key.split(".")
@@ -209,7 +220,7 @@ def main() -> None:
     d = run_config(2, 0, preset, data_dir, {}).data
     bench_dir = os.path.join(root, "benchmark")
     bench = motion_bench.make_benchmark(bench_dir, preset.scenes, seed=0, height=int(d.height), width=int(d.width),
-                                        frames=int(d.num_frames), fps=float(d.fps))
+                                        frames=int(d.num_frames), fps=float(d.fps), rung=preset.rung)
     requests = os.path.join(bench_dir, "requests.jsonl")
     per_seed: dict[str, list[dict]] = {row: [] for row in ROWS}
     per_seed.update({row + GT: [] for row, (stage, _) in ROWS.items() if stage != 0})
@@ -263,8 +274,9 @@ def main() -> None:
               "static_share": static, "timings_s": timings, "wall_s": wall}
     with open(os.path.join(root, "results.json"), "w") as f:
         json.dump(result, f, indent=2, default=str)
-    lines = [f"# Table 3 on held-out synthetic scenes ({args.preset}: {preset.steps} steps, {preset.num_videos} "
-             f"training videos, {preset.scenes} scenes, seeds {seeds})", "",
+    lines = [f"# Table 3 on held-out synthetic scenes ({args.preset}: {preset.steps} steps"
+             + (f", stage 1 {preset.stage1_steps}" if preset.stage1_steps else "") + f", {preset.num_videos} "
+             f"training videos, rung {preset.rung}, {preset.scenes} scenes, seeds {seeds})", "",
              "| row | binding accuracy | video IoU | stage-1 trajectory IoU | scenes | objects |",
              "|---|---|---|---|---|---|"]
     for row, r in table.items():

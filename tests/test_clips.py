@@ -112,7 +112,7 @@ def test_masks_land_on_their_frames(real_video, seed, crop):
 @real_sample
 def test_twelve_fps_clip_starts_on_an_annotation(real_video):
     ref, ann, _ = real_video
-    d = _data_config(height=64, width=64)  # tiny: 9 frames at 12 fps, K=4
+    d = _data_config(height=64, width=64, fps=12.0)  # 9 frames at 12 fps (the full set's rate), K=4
     for seed in range(3):
         ex = clips.make_example(ref, ENTRY, d, seed)
         fi, mfi = ex["frame_indices"], ex["mask_frame_indices"]

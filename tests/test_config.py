@@ -204,3 +204,28 @@ def test_config_restored_from_workdir(tmp_path):
     explicit = config_lib.build(2, "tiny")
     assert main_lib.resolve_config(True, explicit, str(tmp_path)) is explicit
     assert isinstance(got, ml_collections.ConfigDict)
+
+
+def test_tiny_stage1_has_its_own_row_and_both_stages_share_the_data():
+    """The tiny stage 1 is the configuration that climbed the ladder (docs/results.md): a per-frame latent with 2x2
+    patches, 6 layers, ddim_v trained at high noise, the LR falling over the second half; stage 2 keeps the tiny row.
+    Both stages read the same clips (6 fps, the binding rung, 1,000 videos), so stage 2 learns from the trajectories
+    stage 1 generates; other variants keep 12 fps and the full set. `runlocal` keeps the fall of the LR (half the
+    run) and a validated config."""
+    s1, s2 = config_lib.build(1, "tiny"), config_lib.build(2, "tiny")
+    assert (s1.model.num_layers, tuple(s1.model.patch_size), s1.autoencoder.time_factor,
+            s1.autoencoder.latent_channels) == (6, (1, 2, 2), 1, 12)
+    assert (s1.objective.name, s1.objective.shift, s1.optim.cooldown_steps, s1.train.total_steps) == (
+        "ddim_v", 12.0, 1000, 2000)
+    assert (s2.model.num_layers, tuple(s2.model.patch_size), s2.autoencoder.time_factor, s2.objective.name,
+            s2.optim.cooldown_steps) == (2, (1, 1, 1), 4, "rectified_flow", 0)
+    for c in (s1, s2, config_lib.build(0, "tiny")):
+        assert (c.data.fps, c.data.synthetic_rung, c.data.synthetic_num_videos) == (6.0, 3, 1000)
+        assert 24.0 / c.data.fps == 4  # every clip frame an annotated SA-V frame: no staircase targets
+    for v in ("mid", "tiny_unet"):
+        d = config_lib.build(1, v).data
+        assert (d.fps, d.synthetic_rung) == (12.0, 4)
+    assert config_lib.build(1, "mid").objective.name == "rectified_flow"  # the stage-1 row is tiny's only
+    r = config_lib.validate(config_lib.build(1, "tiny,runlocal"))
+    assert r.optim.cooldown_steps == (r.train.total_steps - r.optim.warmup_steps) // 2 > 0
+    assert config_lib.validate(config_lib.build(2, "tiny,runlocal")).optim.cooldown_steps == 0

@@ -37,8 +37,12 @@ def tiny_config(stage: int = 2, **overrides: Any) -> ml_collections.ConfigDict:
     c.text_encoder.update(d_model=16, num_layers=1, num_heads=2, d_kv=8, d_ff=32, max_length=8, local_max_length=4)
     c.data.update(num_frames=5, height=16, width=16, max_objects=2)
     # 8 video tokens: space_to_depth 4x4x4 (192 channels) and 1x2x2 patches, whatever the tiny default's geometry
-    c.autoencoder.update(space_factor=4, latent_channels=192)
+    c.autoencoder.update(time_factor=4, space_factor=4, latent_channels=192, scaling_factor=1.0, shift_factor=0.0)
     c.model.patch_size = (1, 2, 2)
+    # the same objective and schedule for every stage (the tiny stage 1's own ddim_v / cooldown are tested apart)
+    c.objective.update(name="rectified_flow", shift=1.0)
+    c.optim.cooldown_steps = 0
+    c.data.synthetic_num_videos = 64
     c.train.update(batch_size=8, total_steps=3, checkpoint_every_steps=100, log_every_steps=1, sample_every_steps=0,
                    tensorboard=False)
     c.optim.update(learning_rate=1e-3, warmup_steps=2)

@@ -173,7 +173,11 @@ _VARIANT_TABLE: dict[str, dict[str, dict[str, Any]]] = {
                   "ttm_layers": 1, "patch_size": (1, 1, 1)},
         "autoencoder": _space_to_depth(time_factor=4, space_factor=2),
         "text_encoder": _word_t5(d_model=32, num_heads=2, d_kv=16, d_ff=64),
-        "data": {"num_frames": 9, "height": 32, "width": 32},  # latent 3 x 16 x 16 x 48: 768 tokens
+        # latent 3 x 16 x 16 x 48: 768 tokens. 6 fps: every clip frame is an annotated SA-V frame (the masks are
+        # exact on every frame, no staircase). Synthetic data on the binding rung of the ladder (docs/results.md);
+        # 1,000 videos: about a minute to generate and prepare, once per workdir parent
+        "data": {"num_frames": 9, "height": 32, "width": 32, "fps": 6.0, "synthetic_rung": 3,
+                 "synthetic_num_videos": 1000},
         # ~2 minutes on a 2-core CPU (the README's first command)
         "train": {"batch_size": 4, "total_steps": 600, "checkpoint_every_steps": 100, "sample_every_steps": 300},
         # tiny runs learn faster with a larger learning rate than the paper's
@@ -186,7 +190,8 @@ _VARIANT_TABLE: dict[str, dict[str, dict[str, Any]]] = {
                   "ttm_layers": 3, "patch_size": (1, 2, 2)},
         "autoencoder": _space_to_depth(time_factor=4, space_factor=4),
         "text_encoder": _word_t5(d_model=256, num_heads=4, d_kv=64, d_ff=512),
-        "data": {"num_frames": 17, "height": 128, "width": 128},
+        "data": {"num_frames": 17, "height": 128, "width": 128, "fps": 12.0, "synthetic_rung": 4,
+                 "synthetic_num_videos": 64},
         "train": {"batch_size": 8, "total_steps": 2000, "checkpoint_every_steps": 100, "sample_every_steps": 300},
         "optim": {"learning_rate": 1e-3, "warmup_steps": 20},
         "objective": {"name": "rectified_flow", "shift": 3.0},
@@ -201,7 +206,8 @@ _VARIANT_TABLE: dict[str, dict[str, dict[str, Any]]] = {
         "text_encoder": {"name": "umt5", "vocab_size": 256384, "d_model": 4096, "num_layers": 24, "num_heads": 64,
                          "d_kv": 64, "d_ff": 10240, "per_layer_bias": True, "tokenizer": "sentencepiece",
                          "max_length": 512, "local_max_length": 32, "dtype": "bfloat16"},
-        "data": {"num_frames": 81, "height": 480, "width": 832},
+        "data": {"num_frames": 81, "height": 480, "width": 832, "fps": 12.0, "synthetic_rung": 4,
+                 "synthetic_num_videos": 64},
         "train": {"batch_size": 32, "total_steps": 50_000, "checkpoint_every_steps": 1000, "sample_every_steps": 5000},
         # paper: constant LR 2e-5 after 2,000 warm-up steps
         "optim": {"learning_rate": 2e-5, "warmup_steps": 2000},
@@ -225,7 +231,8 @@ _VARIANT_TABLE: dict[str, dict[str, dict[str, Any]]] = {
         # and std 0.24 in [-1, 1]; at the raw scale the 20-step DDIM samples were still noise at step 300
         "autoencoder": _space_to_depth(time_factor=1, space_factor=2, scaling_factor=4.0, shift_factor=-0.46),
         "text_encoder": _word_t5(d_model=32, num_heads=2, d_kv=16, d_ff=64),
-        "data": {"num_frames": 9, "height": 32, "width": 32},
+        "data": {"num_frames": 9, "height": 32, "width": 32, "fps": 12.0, "synthetic_rung": 4,
+                 "synthetic_num_videos": 64},
         "train": {"batch_size": 4, "total_steps": 600, "checkpoint_every_steps": 100, "sample_every_steps": 300},
         "optim": {"learning_rate": 1e-3, "warmup_steps": 20},
         "objective": {"name": "ddim_v", "shift": 1.0},
@@ -238,7 +245,8 @@ _VARIANT_TABLE: dict[str, dict[str, dict[str, Any]]] = {
         "model": {"backbone": "unet", "ttm_layers": 6, "unet": _unet()},
         "autoencoder": _vae("sd", latent_channels=4, time_factor=1, space_factor=8),
         "text_encoder": _clip_l14(local_max_length=32),
-        "data": {"num_frames": 16, "height": 512, "width": 512},
+        "data": {"num_frames": 16, "height": 512, "width": 512, "fps": 12.0, "synthetic_rung": 4,
+                 "synthetic_num_videos": 64},
         # run size as wan1.3b's (paper: constant LR after warm-up)
         "train": {"batch_size": 32, "total_steps": 50_000, "checkpoint_every_steps": 1000, "sample_every_steps": 5000},
         "optim": {"learning_rate": 2e-5, "warmup_steps": 2000},
@@ -248,6 +256,21 @@ _VARIANT_TABLE: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 VARIANTS = tuple(_VARIANT_TABLE)
+
+# Stage 1's own values over its variant's row (section -> values; a section given here replaces those keys only).
+# The tiny stage 1 is what climbed the ladder (docs/results.md, "Stage 1, rung by rung"): a trajectory is a sparse
+# palette map, not a video, so it gets its own per-frame latent (12 values per 2x2 pixels, 2x2 patches: 576 tokens),
+# 6 layers, DDIM v-prediction with zero terminal SNR trained mostly at high noise (`objective.shift`: where the
+# layout is decided) and a learning rate that falls to 0 over the second half.
+_STAGE1_ROWS: dict[str, dict[str, dict[str, Any]]] = {
+    "tiny": {
+        "model": {"num_layers": 6, "patch_size": (1, 2, 2)},
+        "autoencoder": _space_to_depth(time_factor=1, space_factor=2, scaling_factor=4.0, shift_factor=-0.46),
+        "train": {"total_steps": 2000, "checkpoint_every_steps": 500, "sample_every_steps": 1000},
+        "optim": {"cooldown_steps": 1000},
+        "objective": {"name": "ddim_v", "shift": 12.0},
+    },
+}
 
 # `runlocal`: the run-size values it sets (data shape: `_runlocal`). Small enough for seconds on a CPU, large enough
 # to pass through every part of the loop: several steps, a checkpoint mid-run and at the end, one round of samples.
@@ -329,18 +352,16 @@ def _text_encoder(v: Mapping[str, Any]) -> ml_collections.ConfigDict:
 
 
 def _data(v: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    # `fps`: clip frame rate sampled from SA-V's 24 fps videos (6: every frame an annotated one); `synthetic_rung`:
+    # the synthetic data's rung on the ladder of difficulty (ttm_jax/data/synthetic.py RUNGS): 1 one plain object at
+    # a prompted speed, 2 at a random speed, 3 two or three objects with their own directions (binding), 4 the full set
     d = ml_collections.ConfigDict(dict(v))
-    d.fps = 12.0  # clip frame rate sampled from SA-V's 24 fps videos
     d.max_objects = 4  # K: objects per clip (background is id 0 and not counted)
     d.annotation = "manual"  # manual | auto | both
     d.sav_path = ""  # SA-V train shards or folders; empty: synthetic SA-V in `synthetic_dir`
     d.captions = ""  # captions sidecar JSONL
     d.prepared_path = ""  # ArrayRecord shards from `python -m ttm_jax.data.prepare`
     d.synthetic_dir = ""  # empty: <workdir>/../synthetic_sav cache
-    d.synthetic_num_videos = 64
-    # the synthetic data's rung on the ladder of difficulty (ttm_jax/data/synthetic.py RUNGS): 1 one plain object at
-    # a prompted speed, 2 at a random speed, 3 two or three objects with their own directions (binding), 4 the full set
-    d.synthetic_rung = 4
     d.missing_captions = "skip"  # skip | error
     d.crop = "center"  # center | random: where the crop box of the output aspect sits in the source frame
     d.min_object_area = 0.002  # an object must cover this fraction of the clip's first frame to be chosen
@@ -378,7 +399,7 @@ def _optim(v: Mapping[str, Any]) -> ml_collections.ConfigDict:
     # warmup-stable-decay: the learning rate falls linearly to 0 over the last `cooldown_steps` of train.total_steps
     # (0: constant to the end). To cool down a finished constant-LR run, resume it with total_steps raised by N and
     # cooldown_steps=N: the fall then starts at the step it resumes from (the loop prints the LR it resumes at).
-    o.cooldown_steps = 0
+    o.cooldown_steps = v.get("cooldown_steps", 0)
     return o
 
 
@@ -436,6 +457,9 @@ def _runlocal(c: ml_collections.ConfigDict) -> None:
     shortest clip with motion (2 latent frames, rounded up to the time patch) of at most `_RUNLOCAL_SIDE` pixels."""
     for section, values in _RUNLOCAL.items():
         c[section].update(values)
+    o, t = c.optim, c.train
+    if o.cooldown_steps:  # the variant's fall of the learning rate, over the same share of the shortened run
+        o.cooldown_steps = (t.total_steps - o.warmup_steps) // 2
     a, d, patch = c.autoencoder, c.data, grid_step(c)
     latent_frames = patch[0] * math.ceil(2 / patch[0])
     d.num_frames = min(d.num_frames, 1 + (latent_frames - 1) * a.time_factor)
@@ -460,6 +484,9 @@ def build(stage: int, arg: str | None = None) -> ml_collections.ConfigDict:
     if variant not in VARIANTS:
         raise ConfigError(f"config argument: unknown variant {variant!r}; choose one of {VARIANTS}")
     row = _VARIANT_TABLE[variant]
+    if stage == 1:
+        over = _STAGE1_ROWS.get(variant, {})
+        row = {k: {**row.get(k, {}), **over.get(k, {})} for k in {*row, *over}}
     c = ml_collections.ConfigDict()
     c.stage = stage
     c.variant = variant
