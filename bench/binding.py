@@ -8,7 +8,8 @@
    `--num_steps` sampler steps), into `DIR/samples` (mp4s and side-by-sides; resumable).
 3. The judge (`ttm_jax/eval/judge.py`) on the videos: binding accuracy (each object found by its colour and moving
    its prompt's way), video IoU, and stage 1's trajectory IoU; the same for a still video (the first frame repeated:
-   the floor) for comparison. Writes `DIR/binding.json`, `DIR/binding.md`.
+   the floor) and for stage 2 given the ground-truth trajectory (stage 1's errors taken out). Writes
+   `DIR/binding.json`, `DIR/binding.md`.
 4. `DIR/strips.png`: per scene of the first `--strip_scenes`, three rows of frames: ground-truth video, stage 1's
    trajectory, the generated video (4x nearest), to look at as a user would.
 """
@@ -16,7 +17,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -32,20 +32,12 @@ from absl import flags  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()  # Grain reads absl flags
 
+import reproduce  # noqa: E402  (bench/reproduce.py: stage 2 from the ground-truth trajectory)
+
 from ttm_jax.data import synthetic, video_io  # noqa: E402
 from ttm_jax.eval import judge, motion_bench  # noqa: E402
 from ttm_jax.inference import run as sample_run  # noqa: E402
 from ttm_jax.runtime import checkpoint as checkpoint_lib  # noqa: E402
-
-
-def sample_config(**fields):
-    """`configs/sample.py`'s config with `fields` set in its `sample` section."""
-    spec = importlib.util.spec_from_file_location("sample_config", os.path.join(REPO, "configs", "sample.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    config.sample.update(fields)
-    return config
 
 
 def strips(bench: motion_bench.Benchmark, done: dict[str, dict], width: int, num: int, scale: int = 4) -> np.ndarray:
@@ -88,8 +80,9 @@ def main() -> None:
     bench_dir = os.path.join(args.out, "benchmark")
     bench = motion_bench.make_benchmark(bench_dir, args.scenes, seed=0, height=int(d2.height), width=int(d2.width),
                                         frames=int(d2.num_frames), fps=float(d2.fps), rung=rung)
-    config = sample_config(stage1_workdir=os.path.abspath(args.stage1), stage2_workdir=os.path.abspath(args.stage2),
-                           requests=os.path.join(bench_dir, motion_bench.REQUESTS), num_steps=args.num_steps)
+    config = reproduce.sample_config(stage1_workdir=os.path.abspath(args.stage1),
+                                     stage2_workdir=os.path.abspath(args.stage2),
+                                     requests=os.path.join(bench_dir, motion_bench.REQUESTS), num_steps=args.num_steps)
     t0 = time.time()
     records = sample_run.sample(config, os.path.join(args.out, "samples"))
     took = time.time() - t0
@@ -99,11 +92,14 @@ def main() -> None:
     verdict = judge.judge_benchmark(bench_dir, {n: r["video"] for n, r in done.items()}, trajectories=trajectories)
     still = judge.judge_benchmark(bench_dir, {s.name: judge.still_video(s.first_frame(), int(d2.num_frames))
                                               for s in bench.scenes})
+    gt_videos = reproduce.oracle_videos(config, bench, os.path.join(args.out, "samples_gt_trajectory"))
+    oracle = judge.judge_benchmark(bench_dir, gt_videos)["overall"]
     o, f = verdict["overall"], still["overall"]
     result = {"stage1": args.stage1, "stage2": args.stage2, "rung": rung, "scenes": o["num_scenes"],
               "objects": o["num_objects"], "binding_accuracy": o["binding_accuracy"], "video_iou": o["mean_iou"],
               "trajectory_iou": o["trajectory_iou"], "still_binding_accuracy": f["binding_accuracy"],
-              "still_video_iou": f["mean_iou"], "generate_s": took, "num_steps": args.num_steps,
+              "still_video_iou": f["mean_iou"], "gt_trajectory_binding_accuracy": oracle["binding_accuracy"],
+              "gt_trajectory_video_iou": oracle["mean_iou"], "generate_s": took, "num_steps": args.num_steps,
               "steps": {"stage1": checkpoint_lib.Checkpointer(args.stage1, async_save=False).latest_step(),
                         "stage2": checkpoint_lib.Checkpointer(args.stage2, async_save=False).latest_step()}}
     with open(os.path.join(args.out, "binding.json"), "w") as fh:
@@ -113,6 +109,8 @@ def main() -> None:
              "| | binding accuracy | video IoU | stage-1 trajectory IoU |", "|---|---|---|---|",
              f"| two-stage ({args.num_steps} steps) | {o['binding_accuracy']:.3f} | {o['mean_iou']:.3f} | "
              f"{o['trajectory_iou']:.3f} |",
+             f"| stage 2 from the ground-truth trajectory | {oracle['binding_accuracy']:.3f} | "
+             f"{oracle['mean_iou']:.3f} | - |",
              f"| still video (first frame repeated) | {f['binding_accuracy']:.3f} | {f['mean_iou']:.3f} | - |", "",
              f"stage 1 {args.stage1} (step {result['steps']['stage1']}), stage 2 {args.stage2} (step "
              f"{result['steps']['stage2']}); generation {took:.0f} s"]
