@@ -25,7 +25,9 @@ RUNLOCAL = {
 # frames = 2 frames) and the SD 1.5 U-Net halves 8-cell latents three times (64 pixels)
 # runlocal's clip is the shortest with motion: 2 latent frames (tiny_unet's latent is per frame: 2 frames)
 RUNLOCAL_SHAPE = {"animatediff": {"data.num_frames": 2, "data.height": 64, "data.width": 64},
-                  "tiny_unet": {"data.num_frames": 2}}
+                  "tiny_unet": {"data.num_frames": 2},
+                  # the tiny stages' per-frame latent (2 frames), and the fall of their LR over half the short run
+                  "tiny": {"data.num_frames": 2, "optim.cooldown_steps": 3}}
 
 
 def _flat(c: ml_collections.ConfigDict) -> dict:
@@ -82,7 +84,7 @@ def test_arg_forms_agree():
         ("model.num_heads", 3, "config.model.dim"),
         ("model.attention", "flash", "config.model.attention"),
         ("model.ttm_layers", 9, "config.model.ttm_layers"),
-        ("data.num_frames", 10, "config.data.num_frames"),
+        ("data.num_frames", 0, "config.data.num_frames"),
         ("data.height", 61, "config.data.height"),
         ("model.remat_policy", "some", "config.model.remat_policy"),
         ("autoencoder.latent_channels", 7, "config.autoencoder.latent_channels"),
@@ -207,8 +209,9 @@ def test_config_restored_from_workdir(tmp_path):
 
 
 def test_tiny_stage1_has_its_own_row_and_both_stages_share_the_data():
-    """The tiny stage 1 is the configuration that climbed the ladder (docs/results.md): a per-frame latent with 2x2
-    patches, 6 layers, ddim_v trained at high noise, the LR falling over the second half; stage 2 keeps the tiny row.
+    """The tiny stages are the configurations that climbed the ladder (docs/results.md): a per-frame latent with 2x2
+    patches, ddim_v trained at high noise, the LR falling over the second half; stage 1 with 6 layers at shift 12,
+    stage 2 and TI2V with 4 at shift 4.
     Both stages read the same clips (6 fps, the binding rung, 1,000 videos), so stage 2 learns from the trajectories
     stage 1 generates; other variants keep 12 fps and the full set. `runlocal` keeps the fall of the LR (half the
     run) and a validated config."""
@@ -217,8 +220,13 @@ def test_tiny_stage1_has_its_own_row_and_both_stages_share_the_data():
             s1.autoencoder.latent_channels) == (6, (1, 2, 2), 1, 12)
     assert (s1.objective.name, s1.objective.shift, s1.optim.cooldown_steps, s1.train.total_steps) == (
         "ddim_v", 12.0, 1000, 2000)
-    assert (s2.model.num_layers, tuple(s2.model.patch_size), s2.autoencoder.time_factor, s2.objective.name,
-            s2.optim.cooldown_steps) == (2, (1, 1, 1), 4, "rectified_flow", 0)
+    t0 = config_lib.build(0, "tiny")
+    for c in (s2, t0):  # stage 2 and the TI2V baseline: the same backbone (Table 3 compares them)
+        assert (c.model.num_layers, tuple(c.model.patch_size), c.autoencoder.time_factor, c.objective.name,
+                c.objective.shift, c.optim.cooldown_steps, c.train.total_steps) == (
+                    4, (1, 2, 2), 1, "ddim_v", 4.0, 750, 1500)
+    assert s2.autoencoder.to_dict() == s1.autoencoder.to_dict()
+    assert config_lib.build(2, "tiny_unet").objective.shift == 1.0  # the rows are tiny's only
     for c in (s1, s2, config_lib.build(0, "tiny")):
         assert (c.data.fps, c.data.synthetic_rung, c.data.synthetic_num_videos) == (6.0, 3, 1000)
         assert 24.0 / c.data.fps == 4  # every clip frame an annotated SA-V frame: no staircase targets
@@ -226,6 +234,11 @@ def test_tiny_stage1_has_its_own_row_and_both_stages_share_the_data():
         d = config_lib.build(1, v).data
         assert (d.fps, d.synthetic_rung) == (12.0, 4)
     assert config_lib.build(1, "mid").objective.name == "rectified_flow"  # the stage-1 row is tiny's only
+    c = config_lib.build(2, "tiny")  # a time-grouping latent: frames must be 1 + a multiple of its factor
+    c.autoencoder.update(time_factor=4, latent_channels=48)
+    c.data.num_frames = 10
+    with pytest.raises(config_lib.ConfigError, match=r"config\.data\.num_frames: 10 must be 1 \+ a multiple"):
+        config_lib.validate(c)
     r = config_lib.validate(config_lib.build(1, "tiny,runlocal"))
     assert r.optim.cooldown_steps == (r.train.total_steps - r.optim.warmup_steps) // 2 > 0
-    assert config_lib.validate(config_lib.build(2, "tiny,runlocal")).optim.cooldown_steps == 0
+    assert config_lib.validate(config_lib.build(2, "mid,runlocal")).optim.cooldown_steps == 0  # none: none
