@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import train_fixtures as fx
 from PIL import Image
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
@@ -24,7 +25,7 @@ from ttm_jax.eval import sav128_select as select
 from ttm_jax.inference import run as sample_run
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-_TINY = config_lib.build(2, "tiny").data
+_TINY = fx.tiny_at_12fps().data
 
 
 def _load_eval_config(**fields):

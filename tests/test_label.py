@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import tiny_segmenters as tiny
 import torch
+import train_fixtures as fx
 
 from ttm_jax import config as config_lib
 from ttm_jax.data import captions as captions_lib
@@ -143,7 +144,7 @@ def test_caption_lines_are_keyed_by_masklet_id_and_prepare_takes_the_folder(labe
         assert (e.caption, e.motion_prompt) == (entries[vid].caption, entries[vid].motion_prompt)
         # threshold 0: every object found, masklet k is the caption's object k
         assert e.local_prompts == {str(k): p for k, p in enumerate(entries[vid].local_prompts.values())}
-    config = config_lib.validate(config_lib.build(2, "tiny"))
+    config = config_lib.validate(fx.tiny_at_12fps())
     summary = prepare.prepare(out, os.path.join(out, label.CAPTIONS_FILE), str(tmp_path / "prepared"), config)
     assert summary.line() == "videos: 2 ok, 1 skipped (missing_caption=1)"
 

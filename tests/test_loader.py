@@ -9,6 +9,7 @@ import grain
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import train_fixtures as fx
 
 from ttm_jax import config as config_lib
 from ttm_jax.assembly.registry import make_autoencoder
@@ -23,14 +24,14 @@ def prepared(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipe")
     sav_dir = str(root / "sav")
     synthetic.generate(sav_dir, N, seed=2, height=64, width=64, frames=24, videos_per_shard=6)
-    cfg = config_lib.validate(config_lib.build(2, "tiny"))
+    cfg = config_lib.validate(fx.tiny_at_12fps())
     out = str(root / "prepared")
     prepare.prepare(sav_dir, os.path.join(sav_dir, synthetic.CAPTIONS_FILE), out, cfg, chunk_size=4)
     return out
 
 
 def _config(path, **data):
-    c = config_lib.build(2, "tiny")
+    c = fx.tiny_at_12fps()
     c.data.prepared_path = path
     c.data.num_workers = 0
     c.data.update(data)
@@ -171,7 +172,7 @@ def test_shape_mismatch_with_records_is_a_clear_error(prepared):
 
 
 def test_ensure_default_data_generates_once(tmp_path):
-    c = config_lib.build(2, "tiny")
+    c = fx.tiny_at_12fps()
     c.data.synthetic_num_videos = 4
     c.data.synthetic_dir = str(tmp_path / "cache")
     workdir = str(tmp_path / "run")
@@ -194,7 +195,7 @@ def test_ensure_default_data_generates_once(tmp_path):
 @pytest.mark.parametrize("field,value", [("num_workers", -1), ("read_threads", 0), ("shuffle_seed", 2**32),
                                          ("synthetic_num_videos", 0)])
 def test_config_rejects_bad_pipeline_values(field, value):
-    c = config_lib.build(2, "tiny")
+    c = fx.tiny_at_12fps()
     c.data[field] = value
     with pytest.raises(config_lib.ConfigError, match=rf"config\.data\.{field}"):
         config_lib.validate(c)
@@ -203,7 +204,7 @@ def test_config_rejects_bad_pipeline_values(field, value):
 def test_cached_latents_reach_the_batch(tmp_path):
     sav_dir = str(tmp_path / "sav")
     synthetic.generate(sav_dir, 4, seed=3, height=64, width=64, frames=24)
-    cfg = config_lib.validate(config_lib.build(2, "tiny"))
+    cfg = config_lib.validate(fx.tiny_at_12fps())
     out = str(tmp_path / "prepared")
     prepare.prepare(sav_dir, os.path.join(sav_dir, synthetic.CAPTIONS_FILE), out, cfg, chunk_size=4, latents=True,
                     make_autoencoder=make_autoencoder)
@@ -223,7 +224,7 @@ def test_cached_latents_reach_the_batch(tmp_path):
         loader.make_train_iterator(other, process_index=0, process_count=1, workdir="/x")
     # ... and latents of another normalisation
     other = _config(out)
-    other.autoencoder.scaling_factor = 4.0
-    with pytest.raises(ValueError, match=r"cached latents.*\{'scaling_factor': 1\.0\} but config\.autoencoder has "
-                                         r"\{'scaling_factor': 4\.0\}"):
+    other.autoencoder.scaling_factor = 2.0  # the cache's: the tiny default's 4.0
+    with pytest.raises(ValueError, match=r"cached latents.*\{'scaling_factor': 4\.0\} but config\.autoencoder has "
+                                         r"\{'scaling_factor': 2\.0\}"):
         loader.make_train_iterator(other, process_index=0, process_count=1, workdir="/x")

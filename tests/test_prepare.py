@@ -9,6 +9,7 @@ import tarfile
 
 import numpy as np
 import pytest
+import train_fixtures as fx
 from sample_data import synthetic_sav_without_last_caption
 
 from ttm_jax import config as config_lib
@@ -22,7 +23,7 @@ N = 7  # synthetic videos; plus one without a caption and one without its mp4
 
 @pytest.fixture(scope="module")
 def config():
-    return config_lib.validate(config_lib.build(2, "tiny"))
+    return config_lib.validate(fx.tiny_at_12fps())
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,8 @@ def _all_records(folder):
 def _run_cli(sav_dir, out, *extra, env=None, captions=None):
     captions = captions or os.path.join(sav_dir, synthetic.CAPTIONS_FILE)
     cmd = [sys.executable, "-m", "ttm_jax.data.prepare", f"--sav={sav_dir}", f"--captions={captions}", f"--out={out}",
-           f"--config={os.path.join(ROOT, 'configs', 'stage2.py')}:tiny", "--chunk_size=2", *extra]
+           f"--config={os.path.join(ROOT, 'configs', 'stage2.py')}:tiny", "--config.data.fps=12", "--chunk_size=2",
+           *extra]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})},
                           cwd=ROOT)
 

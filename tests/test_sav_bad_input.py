@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 import pytest
+import train_fixtures as fx
 from sample_data import SAV_SAMPLE, needs_sample
 
 from ttm_jax import config as config_lib
@@ -27,7 +28,7 @@ SLOW_FPS = 8.0  # below the tiny config's data.fps = 12
 
 @pytest.fixture(scope="module")
 def config():
-    return config_lib.validate(config_lib.build(2, "tiny"))
+    return config_lib.validate(fx.tiny_at_12fps())
 
 
 def _low_fps(ann: dict) -> dict:
@@ -222,7 +223,7 @@ def test_prepare_cli_prints_each_skipped_video(folders, tmp_path):
     out = str(tmp_path / "cli")
     cmd = [sys.executable, "-m", "ttm_jax.data.prepare", f"--sav={bad}",
            f"--captions={os.path.join(bad, synthetic.CAPTIONS_FILE)}", f"--out={out}",
-           f"--config={os.path.join(ROOT, 'configs', 'stage2.py')}:tiny", "--chunk_size=2"]
+           f"--config={os.path.join(ROOT, 'configs', 'stage2.py')}:tiny", "--config.data.fps=12", "--chunk_size=2"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.splitlines()

@@ -167,6 +167,7 @@ def test_missing_weights_and_mismatched_config_fields(ae_config, tmp_path):
 
 def test_config_checks_the_sd_autoencoder():
     config = config_lib.build(2, "tiny")
-    config.autoencoder.name = "sd"
+    # a time-grouping latent at the identity normalisation (the tiny stages' own is per frame and scaled)
+    config.autoencoder.update(name="sd", time_factor=4, latent_channels=48, scaling_factor=1.0, shift_factor=0.0)
     with pytest.raises(config_lib.ConfigError, match=r"config\.autoencoder\.time_factor: 4 but the SD VAE is 2D"):
         config_lib.validate(config)

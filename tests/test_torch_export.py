@@ -134,7 +134,7 @@ def stage2(tmp_path_factory) -> dict:
     cin = config_lib.in_channels(config)
     ema_params = _random_params(cfg, cin, LATENT_CHANNELS, 0)
     raw_params = jax.tree.map(lambda x: x + 1.0, ema_params)
-    state = state_lib.create(raw_params, state_lib.make_optimizer(config.optim), 0.5)
+    state = state_lib.create(raw_params, state_lib.make_optimizer(config.optim, config.train.total_steps), 0.5)
     state = state.replace(ema_params=ema_params, step=np.int32(7))
     ckpt = checkpoint_lib.Checkpointer(str(root / "workdir"), async_save=False)
     ckpt.save(7, state, None, config)
@@ -322,7 +322,8 @@ def test_export_of_a_self_conditioned_run_says_so_and_takes_its_channels(tmp_pat
     cin = config_lib.in_channels(config)
     assert cin == 4 * LATENT_CHANNELS
     params = _random_params(cfg, cin, LATENT_CHANNELS, 3)
-    state = state_lib.create(params, state_lib.make_optimizer(config.optim), 0.0).replace(step=np.int32(1))
+    tx = state_lib.make_optimizer(config.optim, config.train.total_steps)
+    state = state_lib.create(params, tx, 0.0).replace(step=np.int32(1))
     ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "workdir"), async_save=False)
     ckpt.save(1, state, None, config)
     ckpt.close()

@@ -68,7 +68,7 @@ def _grads(params, scale):
 
 def test_adamw_with_clipping_matches_optax_reference_and_ema_follows():
     o = config_lib.build(2, "tiny").optim
-    o.update(learning_rate=0.1, warmup_steps=0, grad_clip_norm=1.0, weight_decay=0.01, ema_decay=0.9)
+    o.update(learning_rate=0.1, warmup_steps=0, grad_clip_norm=1.0, weight_decay=0.01, ema_decay=0.9, cooldown_steps=0)
     params = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones((3,))}
     tx = state_lib.make_optimizer(o)
     s = state_lib.create(params, tx, o.ema_decay)
