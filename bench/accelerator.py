@@ -545,7 +545,7 @@ def section_step(report: Report, quick: bool) -> None:
     modules = _step_modules(c)
     mesh = mesh_lib.make_mesh(c.mesh, [device])
     rules = sharding_lib.rules_from_config(c.mesh)
-    tx = state_lib.make_optimizer(c.optim)
+    tx = state_lib.make_optimizer(c.optim, c.train.total_steps)
     t0 = time.perf_counter()
     options = compile_lib.compiler_options(c)
     state, shardings = state_lib.init_state(params_lib.make_init_params(c, modules), jax.random.PRNGKey(0), tx, 0.0,

@@ -118,7 +118,7 @@ def bench_full_step(variant: str, stage: int, steps: int) -> dict:
     devices = jax.devices()[:1]
     mesh = mesh_lib.make_mesh(c.mesh, devices)
     rules = sharding_lib.rules_from_config(c.mesh)
-    tx = state_lib.make_optimizer(c.optim)
+    tx = state_lib.make_optimizer(c.optim, c.train.total_steps)
     init = params_lib.make_init_params(c, modules)
     state, shardings = state_lib.init_state(init, jax.random.PRNGKey(0), tx, 0.0, mesh, rules)
     frozen, frozen_sh = frozen_lib.init_frozen(c, modules, mesh, rules)
@@ -238,7 +238,7 @@ def bench_fsdp_memory(variant: str, stage: int) -> dict:
         modules = modules_lib.build_modules(c)
         mesh = mesh_lib.make_mesh(c.mesh, jax.devices()[:n])
         rules = sharding_lib.rules_from_config(c.mesh)
-        tx = state_lib.make_optimizer(c.optim)
+        tx = state_lib.make_optimizer(c.optim, c.train.total_steps)
         init = params_lib.make_init_params(c, modules)
         abstract_boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
         sh = state_lib.state_shardings(abstract_boxed, tx, 0.0, mesh, rules)
