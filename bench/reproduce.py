@@ -99,8 +99,7 @@ def run_config(stage: int, seed: int, preset: Preset, data_dir: str, overrides: 
     c = config_lib.build(stage, preset.variant)
     c.seed = seed
     steps = preset.stage1_steps if stage == 1 and preset.stage1_steps else preset.steps
-    c.train.total_steps = steps
-    c.optim.cooldown_steps = min(int(c.optim.cooldown_steps), steps // 2, max(0, steps - int(c.optim.warmup_steps)))
+    config_lib.set_total_steps(c, steps)
     c.train.checkpoint_every_steps = max(1, steps // 2)
     c.train.sample_every_steps = 0
     c.data.synthetic_num_videos = preset.num_videos

@@ -242,3 +242,16 @@ def test_tiny_stage1_has_its_own_row_and_both_stages_share_the_data():
     r = config_lib.validate(config_lib.build(1, "tiny,runlocal"))
     assert r.optim.cooldown_steps == (r.train.total_steps - r.optim.warmup_steps) // 2 > 0
     assert config_lib.validate(config_lib.build(2, "mid,runlocal")).optim.cooldown_steps == 0  # none: none
+
+
+def test_set_total_steps_keeps_the_cooldown_inside_the_run():
+    """A shortened run (the notebook's step override, reproduce.py's presets) keeps a fall of the LR that fits: at most
+    half the run and after the warm-up; a run without one gets none."""
+    for steps, want in ((3000, 1000), (1000, 500), (30, 10), (5, 0)):
+        c = config_lib.build(1, "tiny")  # cooldown 1,000, warm-up 20
+        config_lib.set_total_steps(c, steps)
+        assert (c.train.total_steps, c.optim.cooldown_steps) == (steps, want)
+        config_lib.validate(c)
+    c = config_lib.build(2, "mid")
+    config_lib.set_total_steps(c, 100)
+    assert c.optim.cooldown_steps == 0

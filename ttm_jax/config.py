@@ -520,6 +520,14 @@ def build(stage: int, arg: str | None = None) -> ml_collections.ConfigDict:
     return c
 
 
+def set_total_steps(config: ml_collections.ConfigDict, steps: int) -> None:
+    """Sets `train.total_steps` and keeps the variant's fall of the learning rate inside the new run: at most half of
+    it, and after the warm-up (`optim.cooldown_steps` 0 stays 0)."""
+    o = config.optim
+    o.cooldown_steps = min(int(o.cooldown_steps), steps // 2, max(0, steps - int(o.warmup_steps)))
+    config.train.total_steps = steps
+
+
 def latent_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int, int]:
     """(T', H', W', C) of one clip's latent under the config's autoencoder (causal time compression)."""
     a, d = config.autoencoder, config.data

@@ -180,6 +180,13 @@ def displacement(direction: str, radius: float, scale_change: str, fraction: flo
     return ux * fraction * (width - 2 * rb), uy * fraction * (height - 2 * rb)
 
 
+def _start(rng: np.random.Generator, rb: float, dx: float, dy: float, height: int, width: int) -> tuple[float, float]:
+    """A uniform start (x0, y0) whose whole path, displaced by (dx, dy), keeps `rb` pixels from every edge."""
+    x0 = float(rng.uniform(rb, width - rb - abs(dx))) + (abs(dx) if dx < 0 else 0.0)
+    y0 = float(rng.uniform(rb, height - rb - abs(dy))) + (abs(dy) if dy < 0 else 0.0)
+    return x0, y0
+
+
 def _sample_object(rng: np.random.Generator, colour: str, height: int, width: int) -> ObjectSpec:
     shape = SHAPES[rng.integers(len(SHAPES))]
     texture = OBJECT_TEXTURES[rng.integers(len(OBJECT_TEXTURES))]
@@ -189,10 +196,8 @@ def _sample_object(rng: np.random.Generator, colour: str, height: int, width: in
     spin = 0.0
     if shape != "disc" and rng.random() < 0.3:
         spin = float(rng.choice([-1.0, 1.0]) * rng.uniform(0.5, 1.0) * math.pi)
-    rb = _bounding_radius(radius, scale_change)
     dx, dy = displacement(direction, radius, scale_change, float(rng.uniform(*TRAVEL_FRACTION)), height, width)
-    x0 = float(rng.uniform(rb, width - rb - abs(dx))) + (abs(dx) if dx < 0 else 0.0)
-    y0 = float(rng.uniform(rb, height - rb - abs(dy))) + (abs(dy) if dy < 0 else 0.0)
+    x0, y0 = _start(rng, _bounding_radius(radius, scale_change), dx, dy, height, width)
     return ObjectSpec(shape=shape, colour=colour, texture=texture, radius=radius, start=(x0, y0),
                       displacement=(dx, dy), direction=direction, scale_change=scale_change,
                       angle0=float(rng.uniform(0, 2 * math.pi)), spin=spin,
@@ -210,10 +215,8 @@ def _sample_ladder_object(rng: np.random.Generator, colour: str, direction: str,
         fraction = SPEEDS[speed]
     else:
         speed, fraction = "", float(rng.uniform(*TRAVEL_FRACTION))
-    rb = _bounding_radius(radius, "none")
     dx, dy = displacement(direction, radius, "none", fraction, height, width)
-    x0 = float(rng.uniform(rb, width - rb - abs(dx))) + (abs(dx) if dx < 0 else 0.0)
-    y0 = float(rng.uniform(rb, height - rb - abs(dy))) + (abs(dy) if dy < 0 else 0.0)
+    x0, y0 = _start(rng, _bounding_radius(radius, "none"), dx, dy, height, width)
     return ObjectSpec(shape=shape, colour=colour, texture="plain", radius=radius, start=(x0, y0),
                       displacement=(dx, dy), direction=direction, scale_change="none",
                       angle0=float(rng.uniform(0, 2 * math.pi)), spin=0.0, texture_period=radius, speed=speed)
