@@ -12,6 +12,7 @@ import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
+from ttm_jax import cli
 from ttm_jax.convert import __main__ as convert_cli
 
 TORCH_CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=3, attention_head_dim=12, in_channels=4,
@@ -79,11 +80,11 @@ def test_stage2_graft_and_bf16(source, tmp_path):
 
 def test_bad_specs_name_the_fix(source, tmp_path):
     src, _ = source
-    with pytest.raises(SystemExit, match="supported"):
+    with pytest.raises(cli.BadInput, match="supported"):
         convert_cli.main([f"--from=orbax:{src}", f"--to=orbax:{tmp_path}"])
-    with pytest.raises(SystemExit, match="bf16 or fp32"):
+    with pytest.raises(cli.BadInput, match="bf16 or fp32"):
         convert_cli.main([f"--from=diffusers:{src}", f"--to=orbax:{tmp_path}", "--dtype=int8"])
-    with pytest.raises(SystemExit, match="--config needs --stage"):
+    with pytest.raises(cli.BadInput, match="--config needs --stage"):
         convert_cli.main([f"--from=diffusers:{src}", f"--to=orbax:{tmp_path}", "--config=configs/stage2.py"])
     assert not os.path.exists(tmp_path / "params")
 
@@ -95,7 +96,7 @@ def test_existing_destinations_need_overwrite(source, tmp_path):
     orbax = tmp_path / "orbax"
     convert_cli.main([f"--from=diffusers:{src}", f"--to=orbax:{orbax}"])
     stamp = (orbax / "ttm_convert.json").read_text()
-    with pytest.raises(SystemExit, match=r"--to=orbax:.*/params: an Orbax checkpoint is already there; pass "
+    with pytest.raises(cli.BadInput, match=r"--to=orbax:.*/params: an Orbax checkpoint is already there; pass "
                                          r"--overwrite"):
         convert_cli.main([f"--from=diffusers:{src}", f"--to=orbax:{orbax}"])
     assert (orbax / "ttm_convert.json").read_text() == stamp
@@ -103,10 +104,10 @@ def test_existing_destinations_need_overwrite(source, tmp_path):
     dst = tmp_path / "export"
     dst.mkdir()
     (dst / "config.json").write_text('{"mine": true}')
-    with pytest.raises(SystemExit, match=r"--to=torch:.*export: the folder is not empty \(config.json\); pass "
+    with pytest.raises(cli.BadInput, match=r"--to=torch:.*export: the folder is not empty \(config.json\); pass "
                                          r"--overwrite"):
         convert_cli.main([f"--from=orbax:{orbax}", f"--to=torch:{dst}"])
-    with pytest.raises(SystemExit, match="not empty"):  # the export subcommand too
+    with pytest.raises(cli.BadInput, match="not empty"):  # the export subcommand too
         convert_cli.export_main([f"--from=orbax:{orbax}/params", f"--to=torch:{dst}"])
     assert os.listdir(dst) == ["config.json"] and (dst / "config.json").read_text() == '{"mine": true}'
 

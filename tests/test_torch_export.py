@@ -20,6 +20,7 @@ import torch
 from diffusers import WanTransformer3DModel
 from safetensors.torch import load_file
 
+from ttm_jax import cli
 from ttm_jax import config as config_lib
 from ttm_jax.convert import __main__ as convert_cli
 from ttm_jax.convert import export
@@ -270,7 +271,7 @@ def test_rulebook_covers_torch_module_exactly(stage2):
 
 
 def test_errors_name_the_fix(stage2, tmp_path):
-    with pytest.raises(SystemExit, match="workdir:"):
+    with pytest.raises(cli.BadInput, match="workdir:"):
         convert_cli.export_main(["--from=checkpoint:/x", "--to=torch:/y"])
     folder = tmp_path / "bad"
     folder.mkdir()

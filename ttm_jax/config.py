@@ -32,6 +32,8 @@ from typing import Any
 
 import ml_collections
 
+from ttm_jax import cli
+
 ATTENTION_IMPLS = ("xla", "splash", "gpu")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -42,12 +44,13 @@ IDENTITY_LATENT_NORM = {"scaling_factor": 1.0, "shift_factor": 0.0}
 CROSS_IDS_FROM = ("bbox", "mask")
 # model.condition_frames: how the first-frame conditions fill the latent frames (ttm_jax/models/conditioning.py)
 CONDITION_FRAMES = ("first", "all", "indexed")
+STAGE1_LATER_IDS = ("background", "start")
 # The keys of a stage config's argument and their defaults (`parse_arg`).
 STAGE_ARGS: dict[str, Any] = {"variant": "tiny", "runlocal": False}
 _TRUE = ("1", "true", "yes")
 
 
-class ConfigError(ValueError):
+class ConfigError(cli.UserError, ValueError):
     """A config value that cannot work; the message names the field and the fix."""
 
 
@@ -509,6 +512,10 @@ def build(stage: int, arg: str | None = None) -> ml_collections.ConfigDict:
         # and whose self-attention is unmasked (the objects' later places are what stage 1 generates)
         c.model.ttm_layers = 0
         c.model.ttm_masked_self = False
+        # which local prompt the added layers give the tokens of latent frames 1+: "background" (slot 0) or "start"
+        # (the first frame's ids in every frame: each object's starting place reads its local prompt, as s0 sits in
+        # every latent frame with condition_frames="all")
+        c.model.stage1_later_ids = "background"
         # E(x0), E(s0) in every latent frame: frames 1+ of a trajectory have no other local condition
         # (ttm_jax/models/conditioning.py)
         c.model.condition_frames = "all"
@@ -589,6 +596,8 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
            "only (their later places are what it generates), so its added self-attention cannot be masked; set "
            "model.ttm_masked_self=False (its masked cross-attention gives each object's first-frame tokens its "
            "local prompt), or model.ttm_layers=0")
+    _check(m.get("stage1_later_ids", "background") in STAGE1_LATER_IDS, "model.stage1_later_ids",
+           f"{m.get('stage1_later_ids')!r}; choose one of {STAGE1_LATER_IDS}")
     _check(config.stage != 0 or not m.ttm_masked, "model.ttm_masked",
            "True but the TI2V baseline (stage 0) has no trajectory, so no object ids to mask with; set False")
     backbone = m.get("backbone", "dit")
@@ -753,7 +762,7 @@ def _check_data(config: ml_collections.ConfigDict) -> None:
 
 def _check_text_encoder(config: ml_collections.ConfigDict) -> None:
     """text_encoder section (ttm_jax/models/text_encoder.py, ttm_jax/models/tokenizer.py). A sentencepiece tokenizer
-    without `tokenizer_path` passes: describe mode needs none, and `main` checks it again before training."""
+    without `tokenizer_path` passes: describe mode needs none, and `preflight` refuses it before training."""
     t = config.text_encoder
     _check(t.d_model > 0 and t.num_layers > 0, "text_encoder", "d_model and num_layers must be positive")
     _check(t.tokenizer in ("byte", "word", "sentencepiece", "clip"), "text_encoder.tokenizer",

@@ -40,12 +40,11 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from ttm_jax import cli, describe
 from ttm_jax import config as config_lib
-from ttm_jax import describe
 from ttm_jax.eval import run as eval_run
 from ttm_jax.inference import run as sample_run
 from ttm_jax.runtime import checkpoint as checkpoint_lib
-from ttm_jax.train import lock as lock_lib
 from ttm_jax.train import loop
 from ttm_jax.train import preflight as preflight_lib
 
@@ -65,15 +64,6 @@ _STATE: dict[str, Any] = {"config_given": False}
 _CONFIG_ARG = re.compile(r"^--?config(=|$)")
 _OVERRIDE_ARG = re.compile(r"^--?(?:no)?config\.([^=]+)")
 LOG_DIR = "logs"  # <workdir>/logs: the library INFO logs of every process
-
-
-# ------------------------------------------------------------------------------------------------------ user errors
-
-
-def fail(error: BaseException | str) -> None:
-    """Print `error: <message>` as one line on stderr and exit with status 2 (a user error: no traceback)."""
-    print("error: " + " ".join(str(error).split()), file=sys.stderr, flush=True)
-    sys.exit(2)
 
 
 # --------------------------------------------------------------------------------------------------- command line
@@ -169,9 +159,8 @@ def parse_flags(argv: list[str]) -> list[str]:
             sys.argv = list(argv)  # config_flags reads the overrides from sys.argv
         _STATE["config_given"] = given
         return flags.FLAGS(argv)
-    except (config_lib.ConfigError, flags.Error) as e:
-        fail(e)
-        raise  # unreachable: fail exits
+    except (cli.UserError, flags.Error) as e:
+        cli.fail(e)
 
 
 # ------------------------------------------------------------------------------------------------------- resuming
@@ -356,10 +345,9 @@ def main(argv: Sequence[str]) -> None:
         overrides = config_flags.get_override_values(flags.FLAGS["config"])
         config = resolve_config(_STATE["config_given"], _CONFIG.value, _WORKDIR.value, overrides)
         run_job(config, _WORKDIR.value, _MODE.value, logs)
-    except (config_lib.ConfigError, app.UsageError, lock_lib.WorkdirLocked,
-            checkpoint_lib.NoUsableCheckpoint) as e:  # MeshError is a ConfigError
+    except (cli.UserError, app.UsageError) as e:  # ConfigError, MeshError, WorkdirLocked, NoUsableCheckpoint, ...
         logs.undo()
-        fail(e)
+        cli.fail(e)
 
 
 def run() -> None:

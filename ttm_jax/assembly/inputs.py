@@ -153,8 +153,11 @@ def prepare(config: ml_collections.ConfigDict, modules: Modules, frozen: dict[st
     if kind.local_prompts and config.model.ttm_layers > 0:
         if kind.object_ids:
             object_masks = batch["object_masks"].astype(bool)
-            if kind.object_ids == "first":  # later frames: background (no leak of the places stage 1 generates)
-                object_masks = object_masks.at[:, 1:].set(False)
+            if kind.object_ids == "first":  # never the places stage 1 generates: later frames are background or
+                # hold the first frame's ids (config.model.stage1_later_ids)
+                later = (object_masks[:, :1] if config.model.get("stage1_later_ids", "background") == "start"
+                         else False)
+                object_masks = object_masks.at[:, 1:].set(later)
             text["token_ids"], text["cross_token_ids"] = registry.object_ids(config, ae, object_masks)
         lt, lm = batch["local_tokens"], batch["local_mask"].astype(bool)
         s, lp = lt.shape[1], lt.shape[2]

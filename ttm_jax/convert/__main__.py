@@ -63,6 +63,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from ttm_jax import cli
 from ttm_jax import config as config_lib
 from ttm_jax.assembly import inputs as inputs_lib
 from ttm_jax.assembly import registry
@@ -92,7 +93,7 @@ def _load_config(spec: str) -> ml_collections.ConfigDict:
     path, _, arg = spec.partition(":")
     module_spec = importlib.util.spec_from_file_location("ttm_convert_config", path)
     if module_spec is None or module_spec.loader is None:
-        raise SystemExit(f"--config {spec}: cannot load {path}")
+        raise cli.BadInput(f"--config {spec}: cannot load {path}")
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.get_config(arg or None)
@@ -105,14 +106,14 @@ def check_destination(kind: str, path: str, overwrite: bool) -> None:
         return
     if kind == "torch":
         if not os.path.isdir(path):
-            raise SystemExit(f"--to=torch:{path}: exists and is not a folder; choose a folder path")
+            raise cli.BadInput(f"--to=torch:{path}: exists and is not a folder; choose a folder path")
         entries = sorted(os.listdir(path))
         if not entries:
             return
         shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
-        raise SystemExit(f"--to=torch:{path}: the folder is not empty ({shown}); pass --overwrite to replace the "
+        raise cli.BadInput(f"--to=torch:{path}: the folder is not empty ({shown}); pass --overwrite to replace the "
                          f"export there, or choose a new folder")
-    raise SystemExit(f"--to=orbax:{path}: an Orbax checkpoint is already there; pass --overwrite to replace it, or "
+    raise cli.BadInput(f"--to=orbax:{path}: an Orbax checkpoint is already there; pass --overwrite to replace it, or "
                      f"choose a new folder")
 
 
@@ -139,14 +140,15 @@ def _dit(args: argparse.Namespace) -> None:
         in_channels = config_lib.in_channels(config)
         for f in ("dim", "num_layers", "num_heads", "ffn_dim", "text_dim", "freq_dim", "patch_size", "eps"):
             if getattr(stage_cfg, f) != getattr(backbone_cfg, f):
-                raise SystemExit(f"{args.config}: config.model.{f}={getattr(stage_cfg, f)} but {args.src}/config.json "
-                                 f"has {getattr(backbone_cfg, f)}; set config.model.{f}={getattr(backbone_cfg, f)}")
+                raise cli.BadInput(f"{args.config}: config.model.{f}={getattr(stage_cfg, f)} but {args.src}/"
+                                   f"config.json has {getattr(backbone_cfg, f)}; set "
+                                   f"config.model.{f}={getattr(backbone_cfg, f)}")
         stage_cfg = dataclasses.replace(stage_cfg, scan_layers=args.scan_layers)
     else:
         stage_cfg = dataclasses.replace(backbone_cfg, ttm_layers=args.ttm_layers)
         in_channels = args.in_channels or cin
     if in_channels < cin:
-        raise SystemExit(f"--in_channels {in_channels} is below the checkpoint's {cin}")
+        raise cli.BadInput(f"--in_channels {in_channels} is below the checkpoint's {cin}")
     params = backbone
     if stage_cfg.ttm_layers or in_channels != cin:
         model = dit_lib.DiT(stage_cfg, in_channels, cout)
@@ -181,7 +183,7 @@ def _unet_paths(src: str) -> list[str]:
         return [first]
     kind, sep2, adapter = rest.partition(":")
     if kind != "motion_adapter" or not sep2 or not adapter:
-        raise SystemExit(f"--from=diffusers-unet:{src}: expected PATH or PATH,motion_adapter:PATH (SD 1.5's unet/ "
+        raise cli.BadInput(f"--from=diffusers-unet:{src}: expected PATH or PATH,motion_adapter:PATH (SD 1.5's unet/ "
                          f"folder, then the AnimateDiff MotionAdapter folder)")
     return [first, adapter]
 
@@ -201,18 +203,18 @@ def _unet(args: argparse.Namespace) -> None:
         config = _load_config(args.config)
         config_lib.validate(config)
         if registry.backbone_name(config) != "unet":
-            raise SystemExit(f"{args.config}: config.model.backbone={registry.backbone_name(config)!r}; a U-Net "
+            raise cli.BadInput(f"{args.config}: config.model.backbone={registry.backbone_name(config)!r}; a U-Net "
                              f"source needs a backbone='unet' config (e.g. configs/stage2.py:animatediff)")
         if args.stage is not None and int(config.stage) != args.stage:
-            raise SystemExit(f"--stage={args.stage} but {args.config} is a stage-{config.stage} config")
+            raise cli.BadInput(f"--stage={args.stage} but {args.config} is a stage-{config.stage} config")
         stage_cfg = registry.unet_config(config)
         for f in _UNET_ARCH:
             if getattr(stage_cfg, f) != getattr(backbone_cfg, f):
-                raise SystemExit(f"{args.config}: config.model.unet.{f}={getattr(stage_cfg, f)!r} but {paths[0]} has "
+                raise cli.BadInput(f"{args.config}: config.model.unet.{f}={getattr(stage_cfg, f)!r} but {paths[0]} has "
                                  f"{getattr(backbone_cfg, f)!r}; set config.model.unet.{f} to it")
         in_channels = config_lib.in_channels(config)
         if int(config.autoencoder.latent_channels) != cout:
-            raise SystemExit(f"{args.config}: autoencoder.latent_channels={config.autoencoder.latent_channels} but "
+            raise cli.BadInput(f"{args.config}: autoencoder.latent_channels={config.autoencoder.latent_channels} but "
                              f"the U-Net predicts {cout} channels")
     elif args.stage is not None:
         in_channels = 3 * cin  # noisy latent + the stage's two conditions
@@ -261,7 +263,7 @@ def _vae(args: argparse.Namespace) -> None:
 def _split(spec: str, flag: str, kinds: Sequence[str]) -> tuple[str, str]:
     kind, sep, path = spec.partition(":")
     if not sep or kind not in kinds or not path:
-        raise SystemExit(f"{flag}={spec!r}: expected one of {[k + ':PATH' for k in kinds]} "
+        raise cli.BadInput(f"{flag}={spec!r}: expected one of {[k + ':PATH' for k in kinds]} "
                          f"(e.g. --from=workdir:/runs/stage2 --to=torch:/out/stage2_transformer)")
     return kind, path
 
@@ -274,7 +276,7 @@ def _orbax_dims(path: str, config_spec: str) -> tuple[Any, int, int, int, int | 
         return (*export.stage_dims(config), inputs_lib.condition_frames(config), config_lib.self_condition(config))
     meta_file = dit_convert.converted_meta_file(path)
     if not os.path.exists(meta_file):
-        raise SystemExit(f"--from=orbax:{path}: no {meta_file} beside it; pass --config=configs/stage2.py:VARIANT "
+        raise cli.BadInput(f"--from=orbax:{path}: no {meta_file} beside it; pass --config=configs/stage2.py:VARIANT "
                          f"naming the model it holds")
     cfg, cin, cout = export.converted_dims(path)
     return cfg, cin, cout, cout, None, None, None
@@ -284,8 +286,8 @@ def export_main(argv: Sequence[str] | None = None) -> dict[str, str]:
     """`export --from=workdir:DIR[@STEP] | orbax:DIR [--config=FILE:ARG] --to=torch:FOLDER [--params=ema|raw]
     [--dtype=float32|bfloat16]`, or the import direction `--from=torch:FOLDER --to=orbax:DIR [--scan_layers=true]`
     (`ttm_jax/convert/export.py`). Returns {name: written path}."""
-    ap = argparse.ArgumentParser(prog="python -m ttm_jax.convert export", description=export.__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.ArgumentParser(prog="python -m ttm_jax.convert export", description=export.__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--from", dest="src", required=True, help="workdir:DIR[@STEP] | orbax:DIR | torch:FOLDER")
     ap.add_argument("--to", dest="dst", required=True, help="torch:FOLDER | orbax:DIR")
     ap.add_argument("--config", default="", help="for orbax: sources without ttm_convert.json beside them")
@@ -297,7 +299,7 @@ def export_main(argv: Sequence[str] | None = None) -> dict[str, str]:
     src_kind, src = _split(args.src, "--from", ("workdir", "orbax", "torch"))
     dst_kind, dst = _split(args.dst, "--to", ("torch", "orbax"))
     if (src_kind == "torch") == (dst_kind == "torch"):
-        raise SystemExit(f"--from={args.src} --to={args.dst}: one side must be torch:FOLDER")
+        raise cli.BadInput(f"--from={args.src} --to={args.dst}: one side must be torch:FOLDER")
     check_destination(dst_kind, dst, args.overwrite)
 
     if src_kind == "torch":
@@ -330,8 +332,8 @@ def export_main(argv: Sequence[str] | None = None) -> dict[str, str]:
 
 def _from_to(argv: list[str]) -> None:
     """`--from=KIND:PATH --to=KIND:PATH`: dispatch to the converters (see the module docstring)."""
-    ap = argparse.ArgumentParser(prog="python -m ttm_jax.convert", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.ArgumentParser(prog="python -m ttm_jax.convert", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--from", dest="src", required=True,
                     help="diffusers:PATH | diffusers-unet:PATH[,motion_adapter:PATH] | torch:PATH | orbax:DIR | "
                          "workdir:DIR")
@@ -345,12 +347,13 @@ def _from_to(argv: list[str]) -> None:
     ap.add_argument("--overwrite", action="store_true", help="replace what the destination holds (refused without)")
     a = ap.parse_args(argv)
     if a.dtype not in _DTYPES:
-        raise SystemExit(f"--dtype={a.dtype}: choose bf16 or fp32")
+        raise cli.BadInput(f"--dtype={a.dtype}: choose bf16 or fp32")
     dtype = _DTYPES[a.dtype]
     src_kind, _, src = a.src.partition(":")
     dst_kind, _, dst = a.dst.partition(":")
     if not src or not dst:
-        raise SystemExit(f"--from={a.src} --to={a.dst}: both need KIND:PATH (e.g. --from=diffusers:/ckpt/transformer)")
+        raise cli.BadInput(f"--from={a.src} --to={a.dst}: both need KIND:PATH (e.g. "
+                           f"--from=diffusers:/ckpt/transformer)")
     if dst_kind == "orbax":
         check_destination("orbax", os.path.join(dst, "params"), a.overwrite)
     elif dst_kind in ("torch", "diffusers"):
@@ -365,7 +368,7 @@ def _from_to(argv: list[str]) -> None:
                          f"--scan_layers={str(a.scan_layers).lower()}", *(["--overwrite"] if a.overwrite else [])])
             return
         if a.stage is None and a.config:
-            raise SystemExit("--config needs --stage: without it the backbone is converted as it is")
+            raise cli.BadInput("--config needs --stage: without it the backbone is converted as it is")
         ns = argparse.Namespace(src=src, out=dst, config=a.config, in_channels=0, ttm_layers=0,
                                 scan_layers=a.scan_layers, seed=a.seed, dtype=dtype, overwrite=a.overwrite)
         if a.stage is not None and not a.config:
@@ -386,7 +389,7 @@ def _from_to(argv: list[str]) -> None:
             args.append("--overwrite")
         export_main(args)
         return
-    raise SystemExit(f"--from={a.src} --to={a.dst}: supported: diffusers:PATH | diffusers-unet:PATH[,motion_adapter:"
+    raise cli.BadInput(f"--from={a.src} --to={a.dst}: supported: diffusers:PATH | diffusers-unet:PATH[,motion_adapter:"
                      f"PATH] -> orbax:DIR, orbax:DIR | workdir:DIR -> torch:PATH, torch:PATH -> orbax:DIR")
 
 
@@ -399,8 +402,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if argv and argv[0] == "export":
         export_main(argv[1:])
         return
-    ap = argparse.ArgumentParser(prog="python -m ttm_jax.convert", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.ArgumentParser(prog="python -m ttm_jax.convert", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("dit", help="diffusers WanTransformer3DModel -> Orbax params for config.train.init_from")
     d.add_argument("--src", required=True)
@@ -427,4 +430,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.guarded(main)()

@@ -44,6 +44,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from ttm_jax import cli
 from ttm_jax import config as config_lib
 from ttm_jax.assembly import registry
 from ttm_jax.models import dit as dit_lib
@@ -90,7 +91,7 @@ def ttm_rules(cfg: dit_lib.DiTConfig) -> list[rb.Rule]:
 def rulebook(cfg: dit_lib.DiTConfig) -> rb.RuleBook:
     """The whole stage model's table: F's backbone rules in `cfg`'s layout plus `ttm_rules(cfg)`."""
     if not cfg.qk_norm:
-        raise ValueError("convert/export.py: config.model.qk_norm=False has no diffusers counterpart (Wan always "
+        raise cli.BadInput("convert/export.py: config.model.qk_norm=False has no diffusers counterpart (Wan always "
                          "RMS-normalises q and k); export needs qk_norm=True")
     backbone = dit_convert.rulebook(cfg.scan_layers)
     rules: list[Any] = list(backbone.ignores)
@@ -265,7 +266,7 @@ def import_unet_folder(folder: str, *, param_dtype: str = "float32"
         with open(file) as fh:
             meta.update(json.load(fh))
         if meta.get("in_channels") is not None and int(meta["in_channels"]) != cin:
-            raise ValueError(f"{file}: in_channels={meta['in_channels']} but {folder}/config.json has {cin}; "
+            raise cli.BadInput(f"{file}: in_channels={meta['in_channels']} but {folder}/config.json has {cin}; "
                              f"re-export the folder (python -m ttm_jax.convert export)")
     ttm = {k: meta[k] for k in ("ttm_layers", "ttm_masked", "ttm_masked_self", "ttm_masked_cross",
                                 "ttm_self_across_frames", "ttm_qk_norm") if k in meta}
@@ -275,7 +276,7 @@ def import_unet_folder(folder: str, *, param_dtype: str = "float32"
         files.append(os.path.join(folder, TTM_WEIGHTS_FILE))
     for f in files:
         if not os.path.exists(f):
-            raise FileNotFoundError(f"{f}: missing; {folder}/{TTM_CONFIG_FILE} says ttm_layers={cfg.ttm_layers}. "
+            raise cli.MissingInput(f"{f}: missing; {folder}/{TTM_CONFIG_FILE} says ttm_layers={cfg.ttm_layers}. "
                                     f"Re-export the folder (python -m ttm_jax.convert export)")
     reader = safetensors_io.MultiFileReader(files)
     params = rb.stream_to_flax(unet_rulebook(cfg), reader, unet_convert.template(cfg, cin, cout))
@@ -312,7 +313,7 @@ def read_folder_config(folder: str, *, scan_layers: bool = True,
         with open(file) as fh:
             meta.update(json.load(fh))
         if meta.get("in_channels") is not None and int(meta["in_channels"]) != cin:
-            raise ValueError(f"{file}: in_channels={meta['in_channels']} but {folder}/config.json has {cin}; "
+            raise cli.BadInput(f"{file}: in_channels={meta['in_channels']} but {folder}/config.json has {cin}; "
                              f"re-export the folder (python -m ttm_jax.convert export)")
     cfg = dataclasses.replace(cfg, ttm_layers=int(meta["ttm_layers"]), ttm_masked=bool(meta["ttm_masked"]))
     return cfg, cin, cout, meta
@@ -332,7 +333,7 @@ def import_folder(folder: str, *, scan_layers: bool = True,
         files.append(os.path.join(folder, TTM_WEIGHTS_FILE))
     for f in files:
         if not os.path.exists(f):
-            raise FileNotFoundError(f"{f}: missing; {folder}/{TTM_CONFIG_FILE} says ttm_layers={cfg.ttm_layers}. "
+            raise cli.MissingInput(f"{f}: missing; {folder}/{TTM_CONFIG_FILE} says ttm_layers={cfg.ttm_layers}. "
                                     f"Re-export the folder (python -m ttm_jax.convert export)")
     params = rb.stream_to_flax(rulebook(cfg), safetensors_io.MultiFileReader(files),
                                dit_convert.template(cfg, cin, cout))

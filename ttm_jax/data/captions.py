@@ -17,12 +17,13 @@ from collections.abc import Iterable, Mapping
 
 from etils import epath
 
+from ttm_jax import cli
 from ttm_jax.data.video_io import SkipVideo
 
 REQUIRED = ("video_id", "caption", "motion_prompt", "local_prompts")
 
 
-class CaptionsError(ValueError):
+class CaptionsError(cli.UserError, ValueError):
     """A malformed sidecar line, or a missing caption with config.data.missing_captions='error'."""
 
 
@@ -72,7 +73,7 @@ def load_captions(path) -> dict[str, CaptionEntry]:
     twice is an error (which caption is right is not ours to guess)."""
     p = epath.Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"{p}: captions sidecar not found; set config.data.captions to the JSONL file")
+        raise cli.MissingInput(f"{p}: captions sidecar not found; set config.data.captions to the JSONL file")
     out: dict[str, CaptionEntry] = {}
     for lineno, line in enumerate(p.read_text().splitlines(), start=1):
         if not line.strip():

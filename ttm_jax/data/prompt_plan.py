@@ -23,6 +23,8 @@ import dataclasses
 import re
 from collections.abc import Callable, Sequence
 
+from ttm_jax import cli
+
 # ------------------------------------------------------------------------------------------------------ templates
 
 MOTION_SYSTEM = (
@@ -96,7 +98,7 @@ def local_messages(caption: str, num_objects: int | None = None,
 # -------------------------------------------------------------------------------------------------------- parsers
 
 
-class PromptParseError(ValueError):
+class PromptParseError(cli.UserError, ValueError):
     """An LLM answer that no tolerant reading can turn into prompts; the message quotes it."""
 
 
@@ -201,7 +203,7 @@ class Plan:
         return dataclasses.asdict(self)
 
 
-class PlanningError(ValueError):
+class PlanningError(cli.UserError, ValueError):
     """A caption the offline planner cannot split; the message says how to write it or to set `sample.llm_url`."""
 
 

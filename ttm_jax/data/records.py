@@ -45,6 +45,8 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 from etils import epath
 
+from ttm_jax import cli
+
 MAGIC = b"TTMR"
 VERSION = 1
 MANIFEST = "manifest.json"
@@ -60,7 +62,7 @@ ARRAY_FIELDS = ("video", "trajectory", "object_masks", "frame_indices", "mask_fr
 META_FIELDS = ("caption", "motion_prompt", "local_prompts", "num_objects", "video_id", "masklet_keys", "clip")
 
 
-class RecordError(ValueError):
+class RecordError(cli.UserError, ValueError):
     """A record or prepared folder that cannot be read; the message names the file and the fix."""
 
 

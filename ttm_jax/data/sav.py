@@ -38,6 +38,7 @@ from etils import epath
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from ttm_jax import cli
 from ttm_jax.data import video_io
 from ttm_jax.data.video_io import SkipVideo
 
@@ -262,7 +263,7 @@ def find_videos(path, annotation: str = "manual", *, counter: SkipCounter | None
     foreign: list[str] = []
     for p in _as_paths(path):
         if not p.exists():
-            raise FileNotFoundError(f"{p}: SA-V path does not exist; set config.data.sav_path to a tar shard or a "
+            raise cli.MissingInput(f"{p}: SA-V path does not exist; set config.data.sav_path to a tar shard or a "
                                     f"folder of shards / videos")
         if p.is_dir():
             _scan_dir(p, found, foreign)

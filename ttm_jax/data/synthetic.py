@@ -33,9 +33,10 @@ import tarfile
 from collections.abc import Sequence
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from pycocotools import mask as mask_utils
 
+from ttm_jax import cli
 from ttm_jax.data import video_io
 
 FPS = 24
@@ -249,9 +250,9 @@ def sample_scene(seed: int, index: int, *, split: str = "mixed", height: int = 1
     """The scene of video `index` under `seed`: a pure function of its arguments. `rung` (`RUNGS`) picks the ladder
     rung; below the full set it decides the object count and `split` is not used."""
     if split not in SPLITS:
-        raise ValueError(f"synthetic --split={split!r}: choose one of {SPLITS}")
+        raise cli.BadInput(f"synthetic --split={split!r}: choose one of {SPLITS}")
     if rung not in RUNGS:
-        raise ValueError(f"synthetic --rung={rung!r}: choose one of {sorted(RUNGS)}")
+        raise cli.BadInput(f"synthetic --rung={rung!r}: choose one of {sorted(RUNGS)}")
     rng = np.random.default_rng([seed, index])
     if rung != FULL_RUNG:
         return _ladder_scene(rng, rung, height, width, frames)
@@ -572,13 +573,13 @@ def generate(out: str, num_videos: int, seed: int = 0, *, split: str = "mixed", 
     `synthetic.json` (the parameters) is written last.
     """
     if num_videos < 1:
-        raise ValueError(f"synthetic --num_videos={num_videos}: must be >= 1")
+        raise cli.BadInput(f"synthetic --num_videos={num_videos}: must be >= 1")
     if frames < 1:
-        raise ValueError(f"synthetic --frames={frames}: must be >= 1")
+        raise cli.BadInput(f"synthetic --frames={frames}: must be >= 1")
     if height % 2 or width % 2:
-        raise ValueError(f"synthetic: --height={height} and --width={width} must be even for H.264 yuv420p")
+        raise cli.BadInput(f"synthetic: --height={height} and --width={width} must be even for H.264 yuv420p")
     if rung not in RUNGS:
-        raise ValueError(f"synthetic --rung={rung!r}: choose one of {sorted(RUNGS)}")
+        raise cli.BadInput(f"synthetic --rung={rung!r}: choose one of {sorted(RUNGS)}")
     os.makedirs(out, exist_ok=True)
     shards, captions = [], []
     for s in range(math.ceil(num_videos / videos_per_shard)):
@@ -625,4 +626,4 @@ def _define_flags() -> None:
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    cli.run(main)

@@ -29,13 +29,13 @@ import hashlib
 import importlib.util
 import json
 import os
-import sys
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
+from ttm_jax import cli
 from ttm_jax.data import video_io
 from ttm_jax.eval import clip_score, displacement, fvd, i3d, sav128, viclip_score
 
@@ -244,8 +244,7 @@ def main(argv: Sequence[str]) -> None:
                                viclip_tokenizer=f.viclip_tokenizer, raft_path=f.raft)
         result = score_folders(f.real, f.fake, scorers, captions=f.captions)
     except (ValueError, FileNotFoundError) as e:  # user errors: one line naming the file and the fix
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        cli.fail(e)
     print(f"{result['n']} pairs ({len(result['only_real'])} real-only, {len(result['only_fake'])} generated-only "
           f"left out)")
     for m in METRICS:
@@ -272,4 +271,4 @@ def _define_flags() -> None:
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    cli.run(main)

@@ -52,9 +52,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from PIL import Image
 
+from ttm_jax import cli
 from ttm_jax.data import clips, records, synthetic, video_io
 from ttm_jax.data import trajectory as trajectory_lib
 from ttm_jax.eval import motion as motion_lib
@@ -97,11 +98,11 @@ class ClipGeometry:
 def clip_geometry(height: int, width: int, frames: int, fps: float) -> ClipGeometry:
     """The geometry of `frames` x `height` x `width` clips at `fps`, as training cuts them from synthetic videos."""
     if height < 2 or width < 2 or height % 2 or width % 2:
-        raise ValueError(f"motion_bench --height={height} --width={width}: give even sides >= 2 (H.264 yuv420p)")
+        raise cli.BadInput(f"motion_bench --height={height} --width={width}: give even sides >= 2 (H.264 yuv420p)")
     if frames < 2:
-        raise ValueError(f"motion_bench --frames={frames}: a clip needs >= 2 frames to show motion")
+        raise cli.BadInput(f"motion_bench --frames={frames}: a clip needs >= 2 frames to show motion")
     if not 0 < fps <= SOURCE_FPS:
-        raise ValueError(f"motion_bench --fps={fps}: must be in (0, {SOURCE_FPS:g}] (the generator's fps)")
+        raise cli.BadInput(f"motion_bench --fps={fps}: must be in (0, {SOURCE_FPS:g}] (the generator's fps)")
     scale = max(1, math.ceil(MIN_RENDER_SIDE / min(height, width)))
     rh, rw = height * scale, width * scale
     span = 1 + math.ceil((frames - 1) * SOURCE_FPS / fps)
@@ -116,7 +117,7 @@ def clip_geometry(height: int, width: int, frames: int, fps: float) -> ClipGeome
 def synthetic_seed(seed: int) -> int:
     """The generator seed of benchmark seed `seed` (>= 0): `BENCH_SEED_OFFSET + seed`."""
     if seed < 0:
-        raise ValueError(f"motion_bench --seed={seed}: must be >= 0")
+        raise cli.BadInput(f"motion_bench --seed={seed}: must be >= 0")
     return BENCH_SEED_OFFSET + int(seed)
 
 
@@ -284,9 +285,9 @@ def make_benchmark(out_dir: str, num_scenes: int, *, seed: int = 0, height: int 
 
     Raises ValueError when `out_dir` holds a benchmark of other parameters (seed, size, frames, fps)."""
     if num_scenes < 1:
-        raise ValueError(f"motion_bench --num_scenes={num_scenes}: must be >= 1")
+        raise cli.BadInput(f"motion_bench --num_scenes={num_scenes}: must be >= 1")
     if rung not in synthetic.RUNGS:
-        raise ValueError(f"motion_bench --rung={rung!r}: choose one of {sorted(synthetic.RUNGS)}")
+        raise cli.BadInput(f"motion_bench --rung={rung!r}: choose one of {sorted(synthetic.RUNGS)}")
     p = params(seed=seed, height=height, width=width, frames=frames, fps=fps, rung=rung)
     geometry = clip_geometry(height, width, frames, fps)
     manifest_path = os.path.join(out_dir, MANIFEST)
@@ -456,4 +457,4 @@ def _define_flags() -> None:
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    cli.run(main)

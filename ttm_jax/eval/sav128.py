@@ -53,12 +53,12 @@ import logging
 import os
 import re
 import shutil
-import sys
 from collections.abc import Sequence
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
+from ttm_jax import cli
 from ttm_jax.data import captions as captions_lib
 from ttm_jax.data import clips, prompt_plan, records, sav, video_io
 from ttm_jax.data import trajectory as trajectory_lib
@@ -424,14 +424,18 @@ def load_manifest(out: str) -> dict:
 def main(argv: Sequence[str]) -> None:
     del argv
     f = flags.FLAGS
+    cli.require_paths("--sav", f.sav, "SA-V shards or folders, or a val/test folder", command="sav128")
+    cli.require_paths("--captions", f.captions, "the captions sidecar JSONL", command="sav128")
+    if f.ids:
+        cli.require_paths("--ids", f.ids, "a selection file (one `video_id[,single|multi]` per line)",
+                          command="sav128")
     rule = select.Rule(height=f.height, width=f.width, frames=f.frames, fps=f.fps, min_travel=f.min_travel,
                        max_iou=f.max_iou, min_area=f.min_area, max_objects=f.max_objects)
     try:
         summary = build(f.sav, f.captions, f.out, ids=f.ids, num_single=f.num_single, num_multi=f.num_multi,
                         rule=rule, overwrite=f.overwrite)
     except (ValueError, FileNotFoundError) as e:  # user errors: one line naming the file and the fix
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        cli.fail(e)
     for message in summary.manifest["skipped_videos"][:20]:
         print(f"skipped {message}")
     print(summary.line())
@@ -457,4 +461,4 @@ def _define_flags() -> None:
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    cli.run(main)

@@ -18,18 +18,25 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 
+from ttm_jax import cli
+
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+# how a user sets each client setting, named in the errors: the sampling config's fields (the default) or a command's
+# flags (`python -m ttm_jax.data.caption` passes its own); "fallback": what to do instead, "" when there is nothing
+SAMPLE_SETTINGS = {"url": "config.sample.llm_url", "model": "config.sample.llm_model",
+                   "api_key": "config.sample.llm_api_key", "timeout": "config.sample.llm_timeout",
+                   "fallback": "leave config.sample.llm_url empty to use the offline planner"}
 
 
-class LLMError(RuntimeError):
+class LLMError(cli.UserError, RuntimeError):
     """The LLM server could not give an answer; the message names the URL, the cause and what to change."""
 
 
-def endpoint(url: str) -> str:
+def endpoint(url: str, field: str = SAMPLE_SETTINGS["url"]) -> str:
     """`http://host:8000` | `.../v1` | `.../v1/chat/completions` -> the chat-completions endpoint."""
     url = url.strip().rstrip("/")
     if not url.startswith(("http://", "https://")):
-        raise LLMError(f"llm: url {url!r} must start with http:// or https:// (config.sample.llm_url, e.g. "
+        raise LLMError(f"llm: url {url!r} must start with http:// or https:// ({field}, e.g. "
                        f"http://localhost:8000 for vLLM, http://localhost:11434 for Ollama)")
     if url.endswith("/chat/completions"):
         return url
@@ -51,12 +58,16 @@ class ChatClient:
         planning deterministic where the server honours them).
       api_key: sent as `Authorization: Bearer ...` when not empty.
       sleep: the wait function (tests pass a recorder).
+      settings: how the user sets url, model, api_key and timeout, and the fallback, as the errors name them
+        (`SAMPLE_SETTINGS`, the default, or a command's flags).
     """
 
     def __init__(self, url: str, *, model: str = "default", timeout: float = 60.0, retries: int = 2,
                  backoff: float = 1.0, temperature: float = 0.0, max_tokens: int = 256, seed: int | None = 0,
-                 api_key: str = "", sleep: Callable[[float], None] = time.sleep):
-        self.url = endpoint(url)
+                 api_key: str = "", sleep: Callable[[float], None] = time.sleep,
+                 settings: dict[str, str] | None = None):
+        self.settings = {**SAMPLE_SETTINGS, **(settings or {})}
+        self.url = endpoint(url, self.settings["url"])
         self.model, self.timeout, self.retries, self.backoff = model, float(timeout), int(retries), float(backoff)
         self.temperature, self.max_tokens, self.seed, self.api_key = temperature, max_tokens, seed, api_key
         self._sleep = sleep
@@ -108,9 +119,10 @@ class ChatClient:
                 if e.code in RETRY_STATUS:
                     failures.append(f"HTTP {e.code}")
                     continue
-                hint = {404: "check the URL path and that the server serves /v1/chat/completions, and the model "
-                             "name (config.sample.llm_model)",
-                        401: "set config.sample.llm_api_key", 403: "set config.sample.llm_api_key"}.get(
+                key = f"set {self.settings['api_key']}"
+                hint = {404: f"check the URL path and that the server serves /v1/chat/completions, and the model "
+                             f"name ({self.settings['model']})",
+                        401: key, 403: key}.get(
                             e.code, "check the request settings")
                 raise LLMError(f"llm: {self.url} answered HTTP {e.code}: {body!r}; {hint}") from None
             except TimeoutError:
@@ -128,5 +140,5 @@ class ChatClient:
             return self._parse(raw)
         raise LLMError(f"llm: {self.url} failed {len(failures)} time(s): {'; '.join(failures)}. Is the server running "
                        f"(vLLM: `vllm serve <model>`; llama.cpp: `llama-server -m <gguf>`; Ollama: `ollama serve`)? "
-                       f"Raise config.sample.llm_timeout for a slow model, or leave config.sample.llm_url empty to "
-                       f"use the offline planner")
+                       f"Raise {self.settings['timeout']} for a slow model"
+                       + (f", or {self.settings['fallback']}" if self.settings["fallback"] else ""))

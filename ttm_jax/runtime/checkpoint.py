@@ -27,6 +27,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from ttm_jax import cli
+
 CHECKPOINT_DIR = "checkpoints"
 UNUSABLE_DIR = "checkpoints_unusable"  # steps that failed to restore, moved aside by `restore_newest_usable`
 CONFIG_FILE = "config.json"  # the run's config as it started, beside the checkpoints
@@ -36,7 +38,7 @@ def checkpoint_dir(workdir: str | epath.PathLike) -> epath.Path:
     return epath.Path(workdir) / CHECKPOINT_DIR
 
 
-class NoUsableCheckpoint(RuntimeError):
+class NoUsableCheckpoint(cli.UserError, RuntimeError):
     """Every checkpoint of a workdir fails to restore; the message lists each step and what is wrong with it."""
 
 

@@ -21,10 +21,12 @@ from typing import Any
 from absl import logging
 from etils import epath
 
+from ttm_jax import cli
+
 LOCK_FILE = "lock.json"
 
 
-class WorkdirLocked(RuntimeError):
+class WorkdirLocked(cli.UserError, RuntimeError):
     """Another run holds the workdir; the message names it and the fix."""
 
 

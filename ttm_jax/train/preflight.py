@@ -66,6 +66,10 @@ def check_paths(config: ml_collections.ConfigDict, workdir: str | None = None) -
                       "set it to a diffusers AutoencoderKLWan folder (<Wan2.1-T2V-1.3B-Diffusers>/vae)")
     _check_exists("text_encoder.path", te.get("path", ""), "set it to the converted text encoder weights")
     if te.tokenizer == "sentencepiece":
+        if not te.get("tokenizer_path", ""):
+            raise ConfigError("config.text_encoder.tokenizer_path: empty, but text_encoder.tokenizer='sentencepiece' "
+                              "reads its model from there; set it to the sentencepiece model file of the text encoder "
+                              "(e.g. <umt5-xxl>/spiece.model)")
         _check_exists("text_encoder.tokenizer_path", te.get("tokenizer_path", ""),
                       "set it to the sentencepiece model file of the text encoder")
 

@@ -24,6 +24,7 @@ import jax
 import numpy as np
 from etils import epath
 
+from ttm_jax import cli
 from ttm_jax.models import clip as clip_model
 from ttm_jax.weights import rulebook as rb
 from ttm_jax.weights import safetensors_io
@@ -101,7 +102,7 @@ def read_spec(path: str, **kw) -> clip_model.CLIPSpec:
     """`CLIPSpec` of the folder `path` (see `checkpoint_dir`) from its `config.json`; `kw`: dtype, param_dtype."""
     p = epath.Path(checkpoint_dir(path)) / "config.json"
     if not p.exists():
-        raise FileNotFoundError(f"{p} does not exist; point the path at a transformers CLIPModel or CLIPTextModel "
+        raise cli.MissingInput(f"{p} does not exist; point the path at a transformers CLIPModel or CLIPTextModel "
                                 f"folder (config.json + model.safetensors), e.g. openai/clip-vit-large-patch14")
     return clip_model.CLIPSpec.from_hf(json.loads(p.read_text()), where=str(p), **kw)
 
@@ -137,7 +138,7 @@ def load(path: str, *, dtype: str = "float32", param_dtype: str = "float32") -> 
     try:
         reader = safetensors_io.SafetensorsReader(path)
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"{e} (PyTorch .bin checkpoints: re-save them with save_pretrained(..., "
+        raise cli.MissingInput(f"{e} (PyTorch .bin checkpoints: re-save them with save_pretrained(..., "
                                 f"safe_serialization=True))") from e
     book = rulebook(spec, text_prefix_of(reader.specs, spec))
     try:

@@ -23,6 +23,7 @@ from typing import Any
 import jax
 from etils import epath
 
+from ttm_jax import cli
 from ttm_jax.models import clip as clip_model
 from ttm_jax.weights import clip as clip_weights
 from ttm_jax.weights import rulebook as rb
@@ -78,11 +79,11 @@ def check(config: Any, spec: clip_model.CLIPSpec, where: str) -> None:
                               ("d_ff", "intermediate_size", t.tower.intermediate_size),
                               ("vocab_size", "vocab_size", t.vocab_size)):
         if int(config[field]) != want:
-            raise ValueError(f"config.text_encoder.{field}: {config[field]}, but {where} has {name}={want}; set "
+            raise cli.BadInput(f"config.text_encoder.{field}: {config[field]}, but {where} has {name}={want}; set "
                              f"config.text_encoder.{field}={want}")
     for field in ("max_length", "local_max_length"):
         if int(config[field]) > t.max_positions:
-            raise ValueError(f"config.text_encoder.{field}: {config[field]} tokens, but {where} has "
+            raise cli.BadInput(f"config.text_encoder.{field}: {config[field]} tokens, but {where} has "
                              f"max_position_embeddings={t.max_positions}; set it to <= {t.max_positions}")
 
 

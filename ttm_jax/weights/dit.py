@@ -26,6 +26,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ttm_jax import cli
 from ttm_jax.models import dit as dit_lib
 from ttm_jax.weights import rulebook as rb
 from ttm_jax.weights import safetensors_io
@@ -78,10 +79,10 @@ def config_from_diffusers(cfg: Mapping[str, Any], *, scan_layers: bool = True, s
                           **overrides: Any) -> tuple[dit_lib.DiTConfig, int, int]:
     """(`DiTConfig` with `ttm_layers=0`, in_channels, out_channels) of a `WanTransformer3DModel` config dict."""
     if cfg.get("image_dim") is not None or cfg.get("added_kv_proj_dim") is not None:
-        raise ValueError(f"{source}: image_dim / added_kv_proj_dim are set (an I2V checkpoint with an image "
+        raise cli.BadInput(f"{source}: image_dim / added_kv_proj_dim are set (an I2V checkpoint with an image "
                          "encoder branch); TTM fine-tunes the T2V model (e.g. Wan2.1-T2V-1.3B-Diffusers/transformer)")
     if cfg.get("qk_norm", "rms_norm_across_heads") not in ("rms_norm_across_heads",):
-        raise ValueError(f"{source}: qk_norm={cfg.get('qk_norm')!r}; the DiT implements rms_norm_across_heads")
+        raise cli.BadInput(f"{source}: qk_norm={cfg.get('qk_norm')!r}; the DiT implements rms_norm_across_heads")
     heads, head_dim = int(cfg["num_attention_heads"]), int(cfg["attention_head_dim"])
     kw = dict(dim=heads * head_dim, num_layers=int(cfg["num_layers"]), num_heads=heads, ffn_dim=int(cfg["ffn_dim"]),
               text_dim=int(cfg["text_dim"]), freq_dim=int(cfg["freq_dim"]), ttm_layers=0,
@@ -95,7 +96,7 @@ def config_from_diffusers(cfg: Mapping[str, Any], *, scan_layers: bool = True, s
 def read_config(path: str, **kw: Any) -> tuple[dit_lib.DiTConfig, int, int]:
     file = os.path.join(path, CONFIG_FILE)
     if not os.path.exists(file):
-        raise FileNotFoundError(f"{file}: not found; --src must be a diffusers WanTransformer3DModel folder "
+        raise cli.MissingInput(f"{file}: not found; --src must be a diffusers WanTransformer3DModel folder "
                                 "(config.json + safetensors), e.g. Wan2.1-T2V-1.3B-Diffusers/transformer")
     with open(file) as f:
         return config_from_diffusers(json.load(f), source=file, **kw)
@@ -205,6 +206,6 @@ def read_converted(params_path: str) -> tuple[dit_lib.DiTConfig, int, int]:
     `convert/export.py: converted_dims`)."""
     meta = read_converted_meta(params_path)
     if meta["backbone"] != "dit":
-        raise ValueError(f"{converted_meta_file(params_path)}: backbone {meta['backbone']!r}, not a DiT; read it with "
-                         f"ttm_jax/convert/export.py: converted_dims")
+        raise cli.BadInput(f"{converted_meta_file(params_path)}: backbone {meta['backbone']!r}, not a DiT; read it "
+                           f"with ttm_jax/convert/export.py: converted_dims")
     return dit_lib.DiTConfig.from_config(meta["model"]), int(meta["in_channels"]), int(meta["out_channels"])

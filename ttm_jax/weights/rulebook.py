@@ -46,11 +46,13 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from ttm_jax import cli
+
 Shape = tuple[int, ...]
 Spec = tuple[Shape, Any]  # (shape, numpy dtype or None)
 
 
-class ConversionError(ValueError):
+class ConversionError(cli.UserError, ValueError):
     """A conversion that cannot be exact; the message lists every offending torch key / Flax path."""
 
 

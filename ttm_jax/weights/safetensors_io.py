@@ -26,6 +26,8 @@ import ml_dtypes
 import numpy as np
 from etils import epath
 
+from ttm_jax import cli
+
 Shape = tuple[int, ...]
 Spec = tuple[Shape, Any]  # (shape, numpy dtype)
 
@@ -52,13 +54,13 @@ def _files(path: str | epath.PathLike) -> list[str]:
             weight_map = json.loads(index[0].read_text())["weight_map"]
             files = [p / f for f in sorted(set(weight_map.values()))]
         elif len(files) != 1:
-            raise FileNotFoundError(
+            raise cli.MissingInput(
                 f"{p}: expected one *.safetensors file or a *.safetensors.index.json, found "
                 f"{[f.name for f in files]}; point the path at a checkpoint folder (e.g. model.safetensors)")
     elif p.exists():
         files = [p]
     else:
-        raise FileNotFoundError(f"{p}: no such safetensors file or folder")
+        raise cli.MissingInput(f"{p}: no such safetensors file or folder")
     return [str(f) for f in files]
 
 
@@ -79,7 +81,8 @@ class SafetensorsReader(Mapping):
                 if key == "__metadata__":
                     continue
                 if info["dtype"] not in DTYPES:
-                    raise ValueError(f"{f}: tensor {key!r} has dtype {info['dtype']}, which this reader does not know")
+                    raise cli.BadInput(f"{f}: tensor {key!r} has dtype {info['dtype']}, which this reader does "
+                                       f"not know")
                 b, e = info["data_offsets"]
                 self._where[key] = (f, tuple(info["shape"]), DTYPES[info["dtype"]], 8 + n + b, 8 + n + e)
         self._maps: dict[str, np.memmap] = {}
@@ -116,7 +119,7 @@ class PreadReader(SafetensorsReader):
             while pos < e - b:
                 n = os.preadv(fh.fileno(), [view[pos:]], b + pos)
                 if n <= 0:
-                    raise OSError(f"{f}: unexpected end of file reading tensor {key!r}")
+                    raise cli.BadFile(f"{f}: unexpected end of file reading tensor {key!r}")
                 pos += n
         return out
 
@@ -131,8 +134,8 @@ class MultiFileReader(Mapping):
         for reader, f in zip(self.readers, files, strict=True):
             for key in reader:
                 if key in self._owner:
-                    raise ValueError(f"{f}: tensor {key!r} is also in {self._owner[key].files[0]}; an exported folder "
-                                     f"holds each tensor once")
+                    raise cli.BadInput(f"{f}: tensor {key!r} is also in {self._owner[key].files[0]}; an exported "
+                                       f"folder holds each tensor once")
                 self._owner[key] = reader
 
     @property

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from ttm_jax import cli
 from ttm_jax.models import sd_vae
 from ttm_jax.weights import rulebook as rb
 from ttm_jax.weights import safetensors_io
@@ -98,7 +99,7 @@ def weights_file(path: str) -> str:
     if not os.path.exists(file):
         found = sorted(f for f in os.listdir(path) if f.endswith((".safetensors", ".bin"))) if os.path.isdir(path) \
             else []
-        raise FileNotFoundError(f"{file}: not found (the folder holds {found}); config.autoencoder.path must be a "
+        raise cli.MissingInput(f"{file}: not found (the folder holds {found}); config.autoencoder.path must be a "
                                 f"diffusers AutoencoderKL folder with {WEIGHTS_FILE} (float32 or float16; re-save a "
                                 f".bin checkpoint with AutoencoderKL.save_pretrained(..., safe_serialization=True))")
     return file
@@ -133,7 +134,7 @@ def make_sd_autoencoder(config: Any) -> sd_vae.SDAutoencoder:
     """
     path = config.get("path", "")
     if not path:
-        raise ValueError("config.autoencoder.path: empty, but autoencoder.name='sd' needs weights; set it to a "
+        raise cli.BadInput("config.autoencoder.path: empty, but autoencoder.name='sd' needs weights; set it to a "
                          "diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors), e.g. "
                          "<stable-diffusion-v1-5>/vae")
     cfg = sd_vae.read_config(path)  # check the config against config.json before reading any weight
@@ -141,7 +142,7 @@ def make_sd_autoencoder(config: Any) -> sd_vae.SDAutoencoder:
                         ("space_factor", cfg.space_factor)):
         have = config.get(field, want)
         if have != want:
-            raise ValueError(f"config.autoencoder.{field}: {have}, but {os.path.join(path, sd_vae.CONFIG_FILE)} "
+            raise cli.BadInput(f"config.autoencoder.{field}: {have}, but {os.path.join(path, sd_vae.CONFIG_FILE)} "
                              f"makes {want}; set config.autoencoder.{field}={want}")
     _, params = load_params(path, cfg)
     return sd_vae.SDAutoencoder(cfg, params, dtype=config.get("dtype", "float32"),

@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+from ttm_jax import cli
 from ttm_jax.models import text_encoder
 from ttm_jax.weights import rulebook as rb
 from ttm_jax.weights import safetensors_io
@@ -78,7 +79,7 @@ def read_hf_config(path: str) -> dict:
     """`<path>/config.json` of a transformers T5-family checkpoint (see `checkpoint_dir`)."""
     p = epath.Path(checkpoint_dir(path)) / "config.json"
     if not p.exists():
-        raise FileNotFoundError(f"config.text_encoder.path: {p} does not exist; point the path at a transformers "
+        raise cli.MissingInput(f"config.text_encoder.path: {p} does not exist; point the path at a transformers "
                                 f"encoder folder (config.json + *.safetensors), e.g. <Wan2.1-Diffusers>/text_encoder")
     return json.loads(p.read_text())
 
@@ -87,10 +88,10 @@ def config_from_hf(hf: dict, base: ml_collections.ConfigDict | None = None) -> m
     """`config.text_encoder` fields for a transformers config dict (`base`'s other fields kept)."""
     kind = hf.get("model_type")
     if kind not in ("t5", "mt5", "umt5"):
-        raise ValueError(f"config.json: model_type {kind!r} is not a T5-family encoder (t5, mt5, umt5)")
+        raise cli.BadInput(f"config.json: model_type {kind!r} is not a T5-family encoder (t5, mt5, umt5)")
     ff = hf.get("feed_forward_proj", "relu")
     if ff != "gated-gelu":
-        raise ValueError(f"config.json: feed_forward_proj {ff!r}; only 'gated-gelu' encoders (T5 v1.1, mT5, ByT5, "
+        raise cli.BadInput(f"config.json: feed_forward_proj {ff!r}; only 'gated-gelu' encoders (T5 v1.1, mT5, ByT5, "
                          f"umT5) are supported, not the original T5's ReLU FFN")
     out = ml_collections.ConfigDict(base.to_dict() if base is not None else {})
     for src, dst in _FIELDS.items():
@@ -107,7 +108,7 @@ def check_config(config: ml_collections.ConfigDict, hf: dict, where: str = "conf
     bad = [f"config.text_encoder.{f}={config[f]!r} but {where} has {want[f]!r}"
            for f in (*_FIELDS.values(), "per_layer_bias") if config[f] != want[f]]
     if bad:
-        raise ValueError("text encoder checkpoint does not match the config: " + "; ".join(bad) +
+        raise cli.BadInput("text encoder checkpoint does not match the config: " + "; ".join(bad) +
                          "; set these fields to the checkpoint's values")
 
 
@@ -143,7 +144,7 @@ def load_params(config: ml_collections.ConfigDict, path: str) -> dict:
     try:
         reader = safetensors_io.SafetensorsReader(path)
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"config.text_encoder.path: {e} (PyTorch .bin checkpoints: re-save them with "
+        raise cli.MissingInput(f"config.text_encoder.path: {e} (PyTorch .bin checkpoints: re-save them with "
                                 f"save_pretrained(..., safe_serialization=True))") from e
     return rb.stream_to_flax(rulebook(bool(config.per_layer_bias)), reader, param_template(config))
 
@@ -155,7 +156,7 @@ def load_or_init(config: ml_collections.ConfigDict, seed: int) -> dict:
     if not path:
         return text_encoder.init_params(config, jax.random.key(seed))
     if not is_transformers_checkpoint(path):
-        raise ValueError(f"config.text_encoder.path: {path} has no config.json, so it is not a transformers encoder "
+        raise cli.BadInput(f"config.text_encoder.path: {path} has no config.json, so it is not a transformers encoder "
                          f"folder; load an Orbax checkpoint of converted params with Orbax, or point the path at "
                          f"the transformers folder")
     return load_params(config, path)

@@ -31,6 +31,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from ttm_jax import cli
 from ttm_jax.models import unet as unet_lib
 from ttm_jax.weights import rulebook as rb
 from ttm_jax.weights import safetensors_io
@@ -135,24 +136,24 @@ def config_from_diffusers(cfg: Mapping[str, Any], *, source: str = CONFIG_FILE,
         if isinstance(value, list | tuple) and all(v == want for v in value):  # per-level lists
             continue
         if value != want:
-            raise ValueError(f"{source}: {key}={cfg[key]!r} is not implemented by ttm_jax/models/unet.py "
+            raise cli.BadInput(f"{source}: {key}={cfg[key]!r} is not implemented by ttm_jax/models/unet.py "
                              f"(it supports {want!r}: SD 1.5 + AnimateDiff)")
     ints = {}
     for key in ("layers_per_block", "transformer_layers_per_block", "temporal_transformer_layers_per_block"):
         v = cfg.get(key, 1 if key != "layers_per_block" else 2)
         if not isinstance(v, int):
             if len(set(v)) != 1:
-                raise ValueError(f"{source}: {key}={v!r} varies per level; ttm_jax/models/unet.py takes one value")
+                raise cli.BadInput(f"{source}: {key}={v!r} varies per level; ttm_jax/models/unet.py takes one value")
             v = v[0]
         ints[key] = int(v)
     mid_layers = cfg.get("transformer_layers_per_mid_block")
     if mid_layers is not None and int(mid_layers) != ints["transformer_layers_per_block"]:
-        raise ValueError(f"{source}: transformer_layers_per_mid_block={mid_layers} differs from "
+        raise cli.BadInput(f"{source}: transformer_layers_per_mid_block={mid_layers} differs from "
                          f"transformer_layers_per_block; ttm_jax/models/unet.py uses one value")
     cad = cfg.get("cross_attention_dim", 1280)
     if not isinstance(cad, int):
         if len(set(cad)) != 1:
-            raise ValueError(f"{source}: cross_attention_dim={cad!r} varies per level; one text width is supported")
+            raise cli.BadInput(f"{source}: cross_attention_dim={cad!r} varies per level; one text width is supported")
         cad = cad[0]
     heads = cfg.get("num_attention_heads", 8)
     mheads = cfg.get("motion_num_attention_heads", 8)
@@ -202,7 +203,7 @@ def diffusers_config(cfg: unet_lib.UNetConfig, in_channels: int, out_channels: i
 def read_config(path: str, **kw: Any) -> tuple[unet_lib.UNetConfig, int, int]:
     file = os.path.join(path, CONFIG_FILE)
     if not os.path.exists(file):
-        raise FileNotFoundError(f"{file}: not found; pass a diffusers UNetMotionModel folder (config.json + "
+        raise cli.MissingInput(f"{file}: not found; pass a diffusers UNetMotionModel folder (config.json + "
                                 f"safetensors), or SD 1.5's unet/ folder with a MotionAdapter folder")
     with open(file) as f:
         return config_from_diffusers(json.load(f), source=file, **kw)

@@ -41,6 +41,7 @@ import ml_dtypes
 import numpy as np
 from etils import epath
 
+from ttm_jax import cli
 from ttm_jax.models import clip as clip_model
 from ttm_jax.models import viclip as viclip_model
 from ttm_jax.weights import rulebook as rb
@@ -185,12 +186,12 @@ def read_state_dict(path: str, *, allow_pickle: bool = False) -> Mapping[str, An
     safetensors (a file or a folder holding one). Values are torch tensors or (lazy) numpy arrays."""
     p = epath.Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"{p} does not exist; point the path at the InternVideo ViCLIP checkpoint, e.g. "
+        raise cli.MissingInput(f"{p} does not exist; point the path at the InternVideo ViCLIP checkpoint, e.g. "
                                 f"ViClip-InternVid-10M-FLT.pth (a torch .pth or a safetensors file)")
     if p.is_dir() or p.suffix == ".safetensors":
         return safetensors_io.SafetensorsReader(str(p))
     if p.suffix not in PICKLE_SUFFIXES:
-        raise ValueError(f"{p}: unknown checkpoint format {p.suffix!r}; expected a torch pickle "
+        raise cli.BadInput(f"{p}: unknown checkpoint format {p.suffix!r}; expected a torch pickle "
                          f"({', '.join(PICKLE_SUFFIXES)}) or .safetensors")
     import torch  # optional dependency: only to read torch pickles
 
@@ -201,14 +202,14 @@ def read_state_dict(path: str, *, allow_pickle: bool = False) -> Mapping[str, An
     except Exception as e:
         if allow_pickle:
             raise
-        raise ValueError(f"{p}: torch.load(weights_only=True) refused it ({type(e).__name__}: {e}); if you trust the "
+        raise cli.BadInput(f"{p}: torch.load(weights_only=True) refused it ({type(e).__name__}: {e}); if you trust the "
                          f"file pass allow_pickle=True, or re-save its state dict with safetensors") from e
     for wrapper in ("model", "state_dict", "module"):
         if isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], Mapping):
             obj = obj[wrapper]
             break
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{p}: holds a {type(obj).__name__}, not a state dict (a dict of tensors, or one under "
+        raise cli.BadInput(f"{p}: holds a {type(obj).__name__}, not a state dict (a dict of tensors, or one under "
                          f"'model')")
     return obj
 

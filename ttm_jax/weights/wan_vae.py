@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from ttm_jax import cli
 from ttm_jax.models import wan_vae
 from ttm_jax.weights import rulebook as rb
 from ttm_jax.weights import safetensors_io
@@ -187,7 +188,7 @@ def make_wan_autoencoder(config: Any) -> wan_vae.WanAutoencoder:
     """
     path = config.get("path", "")
     if not path:
-        raise ValueError("config.autoencoder.path: empty, but autoencoder.name='wan' needs weights; set it to a "
+        raise cli.BadInput("config.autoencoder.path: empty, but autoencoder.name='wan' needs weights; set it to a "
                          "diffusers AutoencoderKLWan folder (config.json + diffusion_pytorch_model.safetensors), "
                          "e.g. <Wan2.1-T2V-1.3B-Diffusers>/vae")
     cfg = wan_vae.read_config(path)  # check the config against config.json before reading any weight
@@ -195,7 +196,7 @@ def make_wan_autoencoder(config: Any) -> wan_vae.WanAutoencoder:
                         ("space_factor", cfg.space_factor)):
         have = config.get(field, want)
         if have != want:
-            raise ValueError(f"config.autoencoder.{field}: {have}, but {os.path.join(path, wan_vae.CONFIG_FILE)} "
+            raise cli.BadInput(f"config.autoencoder.{field}: {have}, but {os.path.join(path, wan_vae.CONFIG_FILE)} "
                              f"makes {want}; set config.autoencoder.{field}={want}")
     _, params = load_params(path, cfg)
     return wan_vae.WanAutoencoder(cfg, params, dtype=config.get("dtype", "float32"),

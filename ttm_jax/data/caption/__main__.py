@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
+from ttm_jax import cli
 from ttm_jax.data import caption
 from ttm_jax.inference import llm
 
@@ -42,7 +43,10 @@ class _Endpoint:
 def _client(url: str, model: str, flag: str, f: flags.FlagValues) -> _Endpoint:
     try:
         client = llm.ChatClient(url, model=model, timeout=f.timeout, retries=f.retries, backoff=f.backoff,
-                                max_tokens=f.max_tokens, api_key=f.api_key, temperature=0.0)
+                                max_tokens=f.max_tokens, api_key=f.api_key, temperature=0.0,
+                                settings={"url": f"--{flag}", "model": f"--{flag.split('_')[0]}_model",
+                                          "api_key": "--api_key", "timeout": "--timeout (or --retries)",
+                                          "fallback": ""})
     except llm.LLMError as e:
         raise app.UsageError(f"--{flag}={url!r}: {e}") from None
     return _Endpoint(client, flag)
@@ -55,6 +59,7 @@ def main(argv: Sequence[str]) -> None:
     if bool(f.llm_url) != bool(f.llm_model):
         raise app.UsageError("--llm_url and --llm_model go together (give both, or neither to split the captions "
                              "with the VLM)")
+    cli.require_paths("--sav", f.sav, "SA-V tar shards or folders of them", command="caption")
     describe = _client(f.vlm_url, f.vlm_model, "vlm_url", f)
     plan = _client(f.llm_url, f.llm_model, "llm_url", f) if f.llm_url else None
     settings = caption.Settings(num_frames=f.frames, image_size=f.image_size, reasks=f.reasks,
@@ -99,4 +104,4 @@ def define_flags() -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

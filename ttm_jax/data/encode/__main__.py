@@ -16,9 +16,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from ttm_jax import cli
 from ttm_jax import config as config_lib
 from ttm_jax.assembly import frozen as frozen_lib
 from ttm_jax.data import encode
@@ -35,6 +36,7 @@ def main(argv: Sequence[str]) -> None:
     """Encodes this process' share of `--prepared` into `--out` and prints what it did."""
     del argv
     f = flags.FLAGS
+    cli.require_paths("--prepared", f.prepared, "a folder of `python -m ttm_jax.data.prepare`", command="encode")
     config = config_lib.validate(f.config)
     mesh_lib.initialize_distributed(config.mesh)
     mesh = frozen_lib.encoding_mesh(config)
@@ -67,4 +69,4 @@ def define_flags() -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
+from ttm_jax import cli
 from ttm_jax.data import label
 from ttm_jax.inference import segment
 
@@ -27,6 +28,9 @@ def main(argv: Sequence[str]) -> None:
     """Labels `--videos` into `--out` and prints what it did."""
     del argv
     f = flags.FLAGS
+    cli.require_paths("--videos", f.videos, "a folder of videos (any depth)", command="label")
+    if f.captions:
+        cli.require_paths("--captions", f.captions, "a captions sidecar JSONL", command="label")
     objects = [o.strip() for o in f.objects.split(",") if o.strip()]
     if not f.captions and not objects:
         raise app.UsageError("give --captions (a sidecar whose local prompts or captions name the objects) or "
@@ -61,4 +65,4 @@ def define_flags() -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

@@ -43,6 +43,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+from ttm_jax import cli
 from ttm_jax.data import captions as captions_lib
 from ttm_jax.data import clips, records, sav
 from ttm_jax.data.video_io import SkipVideo
@@ -176,15 +177,15 @@ def prepare(sav_path: str | Sequence[str], captions_path: str, out: str, config:
         raise ValueError("prepare: latents=True needs make_autoencoder, the factory `make_autoencoder("
                          "config.autoencoder)` of the latents (a module-level function; the command line "
                          "`python -m ttm_jax.data.prepare --latents` passes the registry's)")
-    epath.Path(out).mkdir(parents=True, exist_ok=True)
     find_counter = sav.SkipCounter("prepare")
     if isinstance(sav_path, str) and "," in sav_path:
         sav_path = sav_path.split(",")
     refs = sav.find_videos(sav_path, config.data.annotation, counter=find_counter)
     if not refs:
-        raise FileNotFoundError(f"prepare: no SA-V videos with {config.data.annotation} annotations under "
-                                f"{sav_path!r} ({find_counter.summary()}); check --sav")
-    captions = captions_lib.load_captions(captions_path)
+        raise cli.MissingInput(f"prepare: no SA-V videos with {config.data.annotation} annotations under "
+                               f"{sav_path!r} ({find_counter.summary()}); check --sav")
+    captions = captions_lib.load_captions(captions_path)  # a bad line fails here, before anything is written
+    epath.Path(out).mkdir(parents=True, exist_ok=True)
     spec = {
         "version": records.VERSION, "data": clips.data_settings(config.data), "seed": seed, "chunk_size": chunk_size,
         "clips_per_video": clips_per_video,

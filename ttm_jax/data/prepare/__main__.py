@@ -16,9 +16,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from ttm_jax import cli
 from ttm_jax import config as config_lib
 from ttm_jax.assembly.registry import make_autoencoder
 from ttm_jax.data import prepare, records, tfds_sav
@@ -34,12 +35,15 @@ def main(argv: Sequence[str]) -> None:
     """Prepares `--sav` + `--captions` into `--out` (records or TFDS) and prints what it did."""
     del argv
     f = flags.FLAGS
+    cli.require_paths("--sav", f.sav, "SA-V tar shards or folders of them", command="prepare")
+    cli.require_paths("--captions", f.captions, "the captions sidecar JSONL (`python -m ttm_jax.data.caption` "
+                      "writes one)", command="prepare")
     config = config_lib.validate(f.config)
     if f.beam_pipeline_options is not None and f.format != "tfds":
-        raise ValueError("prepare --beam_pipeline_options: Beam builds the TFDS dataset; add --format=tfds")
+        raise cli.BadInput("prepare --beam_pipeline_options: Beam builds the TFDS dataset; add --format=tfds")
     if f.format == "tfds":  # a TFDS dataset (array_record) under --out: data/tfds_sav.py
         if f.latents:
-            raise ValueError("prepare --format=tfds: --latents is not supported by the TFDS builder; use "
+            raise cli.BadInput("prepare --format=tfds: --latents is not supported by the TFDS builder; use "
                              "--format=records for cached latents")
         builder = tfds_sav.build(f.sav, f.captions, f.out, config, seed=f.seed, clips_per_video=f.clips_per_video,
                                  beam_options=f.beam_pipeline_options)
@@ -85,4 +89,4 @@ def define_flags() -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

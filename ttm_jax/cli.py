@@ -1,0 +1,94 @@
+"""The one rule of every command line (`main`, `data.prepare`, `data.encode`, `data.caption`, `data.label`,
+`data.synthetic`, `convert`, `eval.metrics`, `eval.sav128`, `eval.motion_bench`): a user error prints one line
+`error: <what, naming the flag, field or file, and the fix>` on stderr and exits with status 2, before anything is
+written where it can; a traceback means a bug.
+
+A user error is an instance of `UserError`. The project's error classes for bad input derive from it (`ConfigError`,
+`RecordError`, `CaptionsError`, `ConversionError`, `LLMError`, `NoUsableCheckpoint`, `WorkdirLocked`, the prompt
+planner's), and so do `BadInput` (a flag's or argument's value; also a `ValueError`) and `MissingInput` (a path
+the user gave that is not there; also a `FileNotFoundError`), which library code raises where the value came from the
+user. absl's flag errors (unknown flag, missing required flag, a value of the wrong type) and argparse's follow the
+same rule. Layer 0: imports nothing of ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from absl import app, flags
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """Bad input from the user (a flag, a config field, a file's content): one line and exit 2 at a command line."""
+
+
+class BadInput(UserError, ValueError):
+    """A value the user gave is wrong: a flag, a config field, or what a file of theirs holds; the message names it
+    and the fix."""
+
+
+class MissingInput(UserError, FileNotFoundError):
+    """A path the user gave does not exist; the message names the flag and what should be there."""
+
+
+class BadFile(UserError, OSError):
+    """A file the user gave cannot be read to the end (truncated, unreadable); the message names it."""
+
+
+def require_paths(flag: str, value: str, what: str, *, command: str) -> None:
+    """Each comma-separated path of `--flag=value` exists (local or any `etils.epath` path, gs:// too), or a
+    `MissingInput` naming the command, the flag and `what` should be there."""
+    from etils import epath  # noqa: PLC0415 (etils imports slowly; only the commands that take paths need it)
+
+    for path in [p.strip() for p in str(value).split(",") if p.strip()] or [str(value)]:
+        if not epath.Path(path).exists():
+            raise MissingInput(f"{command} {flag}={path}: no such file or folder; give {what}")
+
+
+def one_line(error: BaseException | str) -> str:
+    """`error: <message>` with the message's whitespace (newlines too) folded to single spaces."""
+    return "error: " + " ".join(str(error).split())
+
+
+def fail(error: BaseException | str) -> NoReturn:
+    """Print `error: <message>` as one line on stderr and exit with status 2 (a user error: no traceback)."""
+    sys.stdout.flush()
+    print(one_line(error), file=sys.stderr, flush=True)
+    sys.exit(EXIT_USER_ERROR)
+
+
+def guarded(fn: Callable[..., Any], user_errors: Sequence[type[BaseException]] = ()) -> Callable[..., Any]:
+    """`fn` with `UserError`, absl's flag errors and `user_errors` turned into `fail`."""
+    errors = (UserError, flags.Error, app.UsageError, *user_errors)
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except errors as e:
+            fail(e)
+    wrapped.__doc__ = fn.__doc__
+    return wrapped
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """`app.run`'s flags parser under the rule (absl's own prints a "FATAL Flags parsing error" block and exits 1)."""
+    return guarded(flags.FLAGS)(argv)
+
+
+def run(main: Callable[[Sequence[str]], Any], *, user_errors: Sequence[type[BaseException]] = (),
+        flags_parser: Callable[[list[str]], list[str]] = parse_flags) -> None:
+    """`absl.app.run(main)` under the rule: flag parsing and `main` both. `user_errors`: further exception types
+    that are user errors for this command only."""
+    app.run(guarded(main, user_errors), flags_parser=guarded(flags_parser, user_errors))
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse under the rule: a bad command line is one line and exit 2 (argparse prints its usage block too)."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(f"{self.prog}: {message} (--help lists the arguments)")
