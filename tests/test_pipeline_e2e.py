@@ -75,7 +75,8 @@ def _batches(config, **_):
 def tiny_config(stage):
     c = config_lib.build(stage, "tiny")
     c.train.total_steps, c.train.batch_size, c.train.sample_every_steps = 1, 2, 0
-    c.optim.cooldown_steps = 0  # the tiny stage 1 cools down over its second half; one step has no second half
+    # the tiny stages cool down over their second half; one step has none
+    c.optim.cooldown_steps, c.optim.cooldown_fraction = 0, 0.0
     c.train.log_every_steps = 1
     c.mesh.shape.fsdp = 1
     c.train.tensorboard = False

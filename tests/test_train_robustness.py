@@ -4,10 +4,12 @@ unusable latest checkpoint falls back to the newest usable one, and one run hold
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -182,3 +184,38 @@ def test_a_change_that_reshapes_the_optimizer_state_is_refused_before_anything_i
         loop.train(_cfg(**{"optim.grad_clip_norm": 0.0, "train.total_steps": 6}), wd, modules=modules,
                    devices=_one_device(), make_iterator=fx.iterator_factory())
     assert _snapshot(wd) == before
+
+
+def test_a_checkpoint_the_disk_refuses_stops_in_one_line_and_the_next_run_resumes_exactly(modules, reference, tmp_path):
+    """The storage refuses the step-4 checkpoint (a real EFBIG: RLIMIT_FSIZE lowered after step 2 committed): the run
+    stops with one `CheckpointWriteError` naming the step, the cause and step 2; step 2 is untouched; the next run
+    removes the half-written folder and ends exactly where the uninterrupted run did."""
+    ref_wd, ref = reference
+    wd = str(tmp_path)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+
+    def disk_full_after_step_2(count):
+        if count == 3:  # steps 1-2 done; wait for step 2's (async) commit, then no file may grow past 64 KiB
+            for _ in range(2400):
+                if os.path.isdir(os.path.join(wd, "checkpoints", "2")):
+                    break
+                time.sleep(0.05)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, hard))
+
+    try:
+        with pytest.raises(checkpoint_lib.CheckpointWriteError) as e:
+            loop.train(_cfg(), wd, modules=modules, devices=_one_device(),
+                       make_iterator=fx.iterator_factory("ids.jsonl", on_batch=disk_full_after_step_2))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    message = str(e.value)
+    assert "checkpoint step 4 could not be written (file too large" in message, message
+    assert "newest complete checkpoint, step 2, is untouched" in message and "\n" not in message
+    assert checkpoint_lib.Checkpointer(wd).all_steps() == [2]
+    assert "4" not in os.listdir(os.path.join(wd, "checkpoints"))  # at most a half-written temporary folder
+    _same(_saved_params(wd, 2), _saved_params(ref_wd, 2))
+    again = loop.train(_cfg(), wd, modules=modules, devices=_one_device(), make_iterator=fx.iterator_factory())
+    assert (again.start_step, again.final_step) == (2, TOTAL)
+    assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["2", "4"]  # the temporary folder is gone
+    _same(again.state.params, ref.state.params)
+    _same(_saved_params(wd, 4), _saved_params(ref_wd, 4))

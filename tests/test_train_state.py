@@ -68,7 +68,8 @@ def _grads(params, scale):
 
 def test_adamw_with_clipping_matches_optax_reference_and_ema_follows():
     o = config_lib.build(2, "tiny").optim
-    o.update(learning_rate=0.1, warmup_steps=0, grad_clip_norm=1.0, weight_decay=0.01, ema_decay=0.9, cooldown_steps=0)
+    o.update(learning_rate=0.1, warmup_steps=0, grad_clip_norm=1.0, weight_decay=0.01, ema_decay=0.9, cooldown_steps=0,
+             cooldown_fraction=0.0)
     params = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones((3,))}
     tx = state_lib.make_optimizer(o)
     s = state_lib.create(params, tx, o.ema_decay)
@@ -128,7 +129,7 @@ def test_compiled_step_cache_tells_run_lengths_apart_only_when_the_schedule_depe
 
     def key(total, cool):
         c = config_lib.build(1, "tiny")
-        c.train.total_steps, c.optim.cooldown_steps = total, cool
+        c.train.total_steps, c.optim.cooldown_steps, c.optim.cooldown_fraction = total, cool, 0.0
         return compile_lib.cache_key(c, modules, mesh, "train_step")
 
     assert key(600, 0) == key(900, 0)  # constant LR: the run's length only bounds it

@@ -42,6 +42,7 @@ def tiny_config(stage: int = 2, **overrides: Any) -> ml_collections.ConfigDict:
     # the same objective and schedule for every stage (the tiny stage 1's own ddim_v / cooldown are tested apart)
     c.objective.update(name="rectified_flow", shift=1.0)
     c.optim.cooldown_steps = 0
+    c.optim.cooldown_fraction = 0.0
     c.data.synthetic_num_videos = 64
     c.train.update(batch_size=8, total_steps=3, checkpoint_every_steps=100, log_every_steps=1, sample_every_steps=0,
                    tensorboard=False)

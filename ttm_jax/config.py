@@ -271,7 +271,7 @@ _TINY_VIDEO_STAGE = {
     "model": {"num_layers": 4, "patch_size": (1, 2, 2)},
     "autoencoder": _PER_FRAME_LATENT,
     "train": {"total_steps": 1500, "checkpoint_every_steps": 500, "sample_every_steps": 750},
-    "optim": {"cooldown_steps": 750},
+    "optim": {"cooldown_fraction": 0.5},
     "objective": {"name": "ddim_v", "shift": 4.0},
 }
 _STAGE_ROWS: dict[tuple[int, str], dict[str, dict[str, Any]]] = {
@@ -279,7 +279,7 @@ _STAGE_ROWS: dict[tuple[int, str], dict[str, dict[str, Any]]] = {
         "model": {"num_layers": 6, "patch_size": (1, 2, 2)},
         "autoencoder": _PER_FRAME_LATENT,
         "train": {"total_steps": 2000, "checkpoint_every_steps": 500, "sample_every_steps": 1000},
-        "optim": {"cooldown_steps": 1000},
+        "optim": {"cooldown_fraction": 0.5},
         "objective": {"name": "ddim_v", "shift": 12.0},
     },
     (2, "tiny"): _TINY_VIDEO_STAGE,
@@ -414,7 +414,19 @@ def _optim(v: Mapping[str, Any]) -> ml_collections.ConfigDict:
     # (0: constant to the end). To cool down a finished constant-LR run, resume it with total_steps raised by N and
     # cooldown_steps=N: the fall then starts at the step it resumes from (the loop prints the LR it resumes at).
     o.cooldown_steps = v.get("cooldown_steps", 0)
+    # or, when cooldown_steps is 0, the fall as a share of train.total_steps (the tiny stages: 0.5), so a run
+    # shortened or lengthened on the command line keeps it; `cooldown_steps(optim, total_steps)` resolves the two
+    o.cooldown_fraction = v.get("cooldown_fraction", 0.0)
     return o
+
+
+def cooldown_steps(optim: ml_collections.ConfigDict, total_steps: int) -> int:
+    """The steps over which the learning rate falls to 0 (`config.optim`): `cooldown_steps`, else `cooldown_fraction`
+    of `total_steps` (`train.total_steps`), kept after the warm-up."""
+    if optim.get("cooldown_steps", 0):
+        return int(optim.cooldown_steps)
+    share = float(optim.get("cooldown_fraction", 0.0))
+    return min(round(share * int(total_steps)), max(0, int(total_steps) - int(optim.warmup_steps))) if share else 0
 
 
 def _objective(v: Mapping[str, Any]) -> ml_collections.ConfigDict:
@@ -471,9 +483,6 @@ def _runlocal(c: ml_collections.ConfigDict) -> None:
     shortest clip with motion (2 latent frames, rounded up to the time patch) of at most `_RUNLOCAL_SIDE` pixels."""
     for section, values in _RUNLOCAL.items():
         c[section].update(values)
-    o, t = c.optim, c.train
-    if o.cooldown_steps:  # the variant's fall of the learning rate, over the same share of the shortened run
-        o.cooldown_steps = (t.total_steps - o.warmup_steps) // 2
     a, d, patch = c.autoencoder, c.data, grid_step(c)
     latent_frames = patch[0] * math.ceil(2 / patch[0])
     d.num_frames = min(d.num_frames, 1 + (latent_frames - 1) * a.time_factor)
@@ -529,7 +538,7 @@ def build(stage: int, arg: str | None = None) -> ml_collections.ConfigDict:
 
 def set_total_steps(config: ml_collections.ConfigDict, steps: int) -> None:
     """Sets `train.total_steps` and keeps the variant's fall of the learning rate inside the new run: at most half of
-    it, and after the warm-up (`optim.cooldown_steps` 0 stays 0)."""
+    it, and after the warm-up (`optim.cooldown_steps` 0 stays 0; a `cooldown_fraction` keeps its share by itself)."""
     o = config.optim
     o.cooldown_steps = min(int(o.cooldown_steps), steps // 2, max(0, steps - int(o.warmup_steps)))
     config.train.total_steps = steps
@@ -821,6 +830,9 @@ def _check_optim(config: ml_collections.ConfigDict) -> None:
     _check(type(cool) is int and (cool == 0 or 0 < cool <= room), "optim.cooldown_steps",
            f"{cool!r} must be 0 (off) or an int of at most train.total_steps - optim.warmup_steps = {room}; lower it"
            f" or raise train.total_steps")
+    share = o.get("cooldown_fraction", 0.0)
+    _check(isinstance(share, (int, float)) and 0.0 <= share <= 1.0, "optim.cooldown_fraction",
+           f"{share!r} must be in [0, 1] (0: off; 0.5: the fall takes the run's second half)")
     _check(o.grad_clip_norm >= 0, "optim.grad_clip_norm", f"{o.grad_clip_norm} must be >= 0 (0: no clipping)")
 
 

@@ -346,7 +346,8 @@ def main(argv: Sequence[str]) -> None:
         config = resolve_config(_STATE["config_given"], _CONFIG.value, _WORKDIR.value, overrides)
         run_job(config, _WORKDIR.value, _MODE.value, logs)
     except (cli.UserError, app.UsageError) as e:  # ConfigError, MeshError, WorkdirLocked, NoUsableCheckpoint, ...
-        logs.undo()
+        if not getattr(e, "mid_run", False):  # refused before the run wrote anything: leave the workdir as it was
+            logs.undo()
         cli.fail(e)
 
 

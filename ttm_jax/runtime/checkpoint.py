@@ -11,13 +11,19 @@ partial restore, never the AdamW moments: a third of the bytes of a full restore
 Retention: the last `train.keep_checkpoints` plus every step that is a multiple of `train.keep_period`.
 
 A SIGKILL loses only the steps since the last checkpoint: Orbax commits a step folder atomically (temporary name, then
-rename), so a half-written checkpoint is never picked up (SIGTERM: `ttm_jax.train.preemption`).
+rename), so a half-written checkpoint is never picked up (SIGTERM: `ttm_jax.train.preemption`). A save that the storage
+refuses (disk full, file size limit, read-only or unwritable folder, quota) stops the run with `CheckpointWriteError`,
+one line naming the step, the cause and the newest complete checkpoint, which is untouched; the next run removes the
+half-written temporary folder and resumes from that checkpoint.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging as std_logging
 import os
+import sys
 from typing import Any, NamedTuple
 
 import grain
@@ -42,6 +48,98 @@ class NoUsableCheckpoint(cli.UserError, RuntimeError):
     """Every checkpoint of a workdir fails to restore; the message lists each step and what is wrong with it."""
 
 
+class CheckpointWriteError(cli.UserError, RuntimeError):
+    """The storage refused a checkpoint (no space, a file size limit, read-only, no permission, quota); the message
+    names the step, the cause and the newest complete checkpoint the next run resumes from."""
+
+    mid_run = True  # raised after the run started: its workdir and log stay (`main` undoes nothing)
+
+
+# what the storage says when it refuses a write: the errno of an OSError, or these words in an error's text (tensorstore
+# and Orbax report the OS error inside their own exception's message)
+_STORAGE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EFBIG: "file too large (a file size limit)",
+                   errno.EROFS: "read-only file system", errno.EDQUOT: "disk quota exceeded",
+                   errno.EACCES: "permission denied"}
+_STORAGE_WORDS = {"no space left on device": _STORAGE_ERRNOS[errno.ENOSPC],
+                  "file too large": _STORAGE_ERRNOS[errno.EFBIG],
+                  "read-only file system": _STORAGE_ERRNOS[errno.EROFS],
+                  "disk quota exceeded": _STORAGE_ERRNOS[errno.EDQUOT],
+                  "permission denied": _STORAGE_ERRNOS[errno.EACCES]}
+
+
+def storage_failure(error: BaseException | str | None) -> str | None:
+    """The storage's refusal behind `error` (its causes and contexts included), in words; None for anything else."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _STORAGE_ERRNOS:
+            return _STORAGE_ERRNOS[error.errno]
+        text = str(error).lower()
+        for words, reason in _STORAGE_WORDS.items():
+            if words in text:
+                return reason
+        if isinstance(error, str):
+            return None
+        error = error.__cause__ or error.__context__
+    return None
+
+
+_REFUSED = {"write": False}  # a write was refused in this process (the excepthook below then drops its aftermath)
+
+
+class _StorageFailureLogs(std_logging.Filter):
+    """Keeps Orbax's and asyncio's tracebacks of a refused write off the console and the log (the run says it once,
+    in `CheckpointWriteError`'s line); every other record passes."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if storage_failure(exc) is None and storage_failure(record.getMessage()) is None:
+            return True
+        _REFUSED["write"] = True  # seen here first: the background thread logs before the run finds out
+        return False
+
+
+_FILTER = _StorageFailureLogs()
+
+
+def _after_refusal_hook(previous: Any) -> Any:
+    """`sys.excepthook` that drops the "Event loop is closed" errors tensorstore's callbacks raise once a refused
+    Orbax write closed its event loop (one per pending write, printed from native threads); all else goes on."""
+
+    def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        if _REFUSED["write"] and isinstance(value, RuntimeError) and "Event loop is closed" in str(value):
+            return
+        previous(kind, value, tb)
+    hook.ttm_after_refusal = True
+    return hook
+
+
+def _after_refusal_unraisable(previous: Any) -> Any:
+    """The same for `sys.unraisablehook` (where the callbacks' errors land when no thread owns them)."""
+
+    def hook(unraisable: Any) -> None:
+        value = unraisable.exc_value
+        if _REFUSED["write"] and isinstance(value, RuntimeError) and "Event loop is closed" in str(value):
+            return
+        previous(unraisable)
+    hook.ttm_after_refusal = True
+    return hook
+
+
+def _quiet_storage_failures() -> None:
+    if not getattr(sys.excepthook, "ttm_after_refusal", False):
+        sys.excepthook = _after_refusal_hook(sys.excepthook)
+    if not getattr(sys.unraisablehook, "ttm_after_refusal", False):
+        sys.unraisablehook = _after_refusal_unraisable(sys.unraisablehook)
+    handler = logging.get_absl_handler()
+    for h in (handler, handler.python_handler):
+        if _FILTER not in h.filters:
+            h.addFilter(_FILTER)
+    for name in ("asyncio", "absl"):
+        if _FILTER not in std_logging.getLogger(name).filters:
+            std_logging.getLogger(name).addFilter(_FILTER)
+
+
 class Checkpointer:
     """An async `ocp.CheckpointManager` over `<workdir>/checkpoints` with items state, data and config."""
 
@@ -53,8 +151,12 @@ class Checkpointer:
             keep_period=keep_period if keep_period and keep_period > 0 else None,
             enable_async_checkpointing=async_save,
             create=True,
+            cleanup_tmp_directories=True,  # a save the storage refused left its temporary folder: gone at restart
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "config"))
+        self._saving: int | None = None  # the step of the save in flight
+        self._failed: CheckpointWriteError | None = None
+        _quiet_storage_failures()
 
     @classmethod
     def from_config(cls, workdir: str | epath.PathLike, config: ml_collections.ConfigDict) -> Checkpointer:
@@ -70,11 +172,45 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, data_iterator: Any | None,
              config: ml_collections.ConfigDict, *, force: bool = True) -> bool:
-        """Start saving `step` (async: returns once the arrays are copied off the devices)."""
+        """Start saving `step` (async: returns once the arrays are copied off the devices). Raises
+        `CheckpointWriteError` when the storage refused this save or the one before it (async: found here)."""
         items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(json.loads(config.to_json()))}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        self.wait()  # the save before this one committed (async), or its refusal raised naming its step
+        with self._refused(step):
+            self._saving = step
+            return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def _committed_steps(self) -> list[int]:
+        """The step folders on disk that Orbax finished (the manager's own list also holds a save that failed)."""
+        if not self.directory.exists():
+            return []
+        return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+
+    def _refused(self, step: int | None) -> Any:
+        outer = self
+
+        class _Guard:
+            def __enter__(self) -> None:
+                if outer._failed is not None:
+                    raise outer._failed
+
+            def __exit__(self, kind, error, tb) -> bool:
+                reason = storage_failure(error) if error is not None else None
+                if reason is None:
+                    return False
+                failed = outer._saving if outer._saving is not None else step
+                good = [s for s in outer._committed_steps() if failed is None or s < failed]
+                last = (f"the newest complete checkpoint, step {good[-1]}, is untouched and the next run resumes "
+                        f"from it" if good else "there is no complete checkpoint, so the next run starts at step 0")
+                _REFUSED["write"] = True
+                logging.info("checkpoint write refused: %s", error)
+                outer._failed = CheckpointWriteError(
+                    f"{outer.directory}: checkpoint step {failed} could not be written ({reason}); training stopped; "
+                    f"{last}. Free space (or make the folder writable), then run the same command again")
+                raise outer._failed from None
+        return _Guard()
 
     def restore(self, step: int, abstract_state: Any,
                 data_iterator: Any | None = None) -> Any:
@@ -152,11 +288,22 @@ class Checkpointer:
         return ml_collections.ConfigDict(_tuples(restored["config"]))
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Until the save in flight is committed; `CheckpointWriteError` when the storage refused it."""
+        with self._refused(None):
+            self.manager.wait_until_finished()
+        self._saving = None
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Wait for the save in flight and close; after a refused save (already raised) just close."""
+        try:
+            if self._failed is None:
+                self.wait()
+        finally:
+            try:
+                self.manager.close()
+            except Exception as e:  # noqa: BLE001 - the refusal was raised once; closing must not raise it again
+                if storage_failure(e) is None:
+                    raise
 
 
 def _tuples(x: Any) -> Any:

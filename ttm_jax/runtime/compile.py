@@ -51,12 +51,13 @@ def compile_once(fn: Callable, options: dict[str, Any] | None) -> Callable:
 
 def cache_key(config: ml_collections.ConfigDict, modules: Any, mesh: jax.sharding.Mesh, *extra: Any) -> tuple:
     """Everything a compiled function depends on; `train` fields that only bound or log a run are left out (the XLA
-    options are kept), except `total_steps` when `optim.cooldown_steps` makes the learning rate depend on it.
+    options are kept), except `total_steps` when a cooldown (`optim.cooldown_steps` or `cooldown_fraction`) makes the
+    learning rate depend on it.
     `modules` enters by identity: every cached function closes over the modules it was built from, so they stay alive
     with the entry and their id cannot be reused while it exists."""
     c = config.to_dict()
     kept = ("batch_size", "grad_accum_steps", "compiler_options")
-    if c.get("optim", {}).get("cooldown_steps", 0):
+    if c.get("optim", {}).get("cooldown_steps", 0) or c.get("optim", {}).get("cooldown_fraction", 0):
         kept += ("total_steps",)  # the schedule's cooldown starts at total_steps - cooldown_steps
     c["train"] = {k: c["train"].get(k) for k in kept}
     return (repr(sorted(c.items())), id(modules), tuple(d.id for d in mesh.devices.flat), tuple(mesh.shape.items()),

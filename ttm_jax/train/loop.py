@@ -257,7 +257,7 @@ def _train(config, workdir, modules, make_iterator, mesh, rules, tx, init_params
         _say(f"starting from step 0: {state_lib.param_count(state.params):,} trainable params, mesh "
              f"{dict(mesh.shape)}, {jax.process_count()} process(es)")
     start = int(jax.device_get(state.step))
-    cool = int(config.optim.get("cooldown_steps", 0))
+    cool = config_lib.cooldown_steps(config.optim, total_steps)
     if latest is not None and cool:
         lr_now = float(state_lib.learning_rate_schedule(config.optim, total_steps)(start))
         fall = total_steps - cool

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from ttm_jax import config as config_lib
 from ttm_jax.runtime import compile as compile_lib
 from ttm_jax.runtime import sharding as sharding_lib
 
@@ -35,16 +36,18 @@ class TrainState:
 
 
 def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int | None = None) -> optax.Schedule:
-    """Linear warm-up from 0 to `learning_rate` over `warmup_steps`, then constant; with `cooldown_steps` > 0 (which
-    needs `total_steps`), a linear fall to 0 from step `total_steps - cooldown_steps` to `total_steps`."""
-    lr, warmup, cool = float(optim.learning_rate), int(optim.warmup_steps), int(optim.get("cooldown_steps", 0))
+    """Linear warm-up from 0 to `learning_rate` over `warmup_steps`, then constant; with a cooldown
+    (`optim.cooldown_steps` > 0 or `optim.cooldown_fraction` > 0, which need `total_steps`), a linear fall to 0 over
+    the last `config.cooldown_steps(optim, total_steps)` of them."""
+    lr, warmup = float(optim.learning_rate), int(optim.warmup_steps)
+    if (optim.get("cooldown_steps", 0) or optim.get("cooldown_fraction", 0.0)) and total_steps is None:
+        raise ValueError("optim.cooldown_steps (or cooldown_fraction) needs train.total_steps: pass total_steps")
+    cool = config_lib.cooldown_steps(optim, total_steps) if total_steps is not None else 0
     parts, boundaries = [], []
     if warmup > 0:
         parts.append(optax.linear_schedule(0.0, lr, warmup))
         boundaries.append(warmup)
     if cool > 0:
-        if total_steps is None:
-            raise ValueError("optim.cooldown_steps needs train.total_steps: pass total_steps")
         start = int(total_steps) - cool
         if start < warmup:
             raise ValueError(f"optim.cooldown_steps={cool} starts before the warm-up ends ({warmup} steps of "
