@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import socket
 import struct
 import subprocess
@@ -21,10 +22,14 @@ from ttm_jax.inference import llm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(module: str, *args: str) -> subprocess.CompletedProcess:
+def _run(module: str, *args: str, file_size_limit: int | None = None) -> subprocess.CompletedProcess:
+    """`python -m module args` as a real process; `file_size_limit`: RLIMIT_FSIZE in bytes (`ulimit -f`: a write past
+    it fails with EFBIG, the storage refusing it as a full disk would)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
+    limit = None if file_size_limit is None else (
+        lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit)))
     return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, preexec_fn=limit)
 
 
 def _one_error_line(r: subprocess.CompletedProcess, *words: str) -> str:
@@ -106,6 +111,20 @@ def test_prepare_fails_on_a_bad_sidecar_line_before_any_work(sav, tmp_path, dama
     assert not (tmp_path / "out").exists()
     with pytest.raises(captions_lib.CaptionsError):  # the library says the same
         captions_lib.load_captions(str(side))
+
+
+def test_prepare_on_a_full_disk_keeps_nothing_half_written_and_the_rerun_resumes_to_the_same_bytes(sav, tmp_path):
+    args = [f"--sav={sav}", f"--captions={os.path.join(sav, synthetic.CAPTIONS_FILE)}", "--chunk_size=2"]
+    r = _run("ttm_jax.data.prepare", *args, f"--out={tmp_path / 'out'}", file_size_limit=2048)
+    _one_error_line(r, "records-00000.array_record: could not be written (file too large", "run the same command")
+    left = sorted(os.listdir(tmp_path / "out"))
+    assert not [n for n in left if n.endswith(".array_record") or ".tmp." in n], left  # no shard, whole or half
+    assert _run("ttm_jax.data.prepare", *args, f"--out={tmp_path / 'out'}").returncode == 0
+    assert _run("ttm_jax.data.prepare", *args, f"--out={tmp_path / 'ref'}").returncode == 0
+    ref = sorted(os.listdir(tmp_path / "ref"))
+    assert sorted(os.listdir(tmp_path / "out")) == ref and any(n.endswith(".array_record") for n in ref)
+    for name in ref:
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
 
 
 # --------------------------------------------------------------------------------------------- convert

@@ -14,6 +14,7 @@ same rule. Layer 0: imports nothing of ours.
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -38,6 +39,40 @@ class MissingInput(UserError, FileNotFoundError):
 
 class BadFile(UserError, OSError):
     """A file the user gave cannot be read to the end (truncated, unreadable); the message names it."""
+
+
+# what the storage says when it refuses a write: the errno of an OSError, or these words in an error's text (tensorstore
+# and Orbax report the OS error inside their own exception's message)
+_STORAGE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EFBIG: "file too large (a file size limit)",
+                   errno.EROFS: "read-only file system", errno.EDQUOT: "disk quota exceeded",
+                   errno.EACCES: "permission denied"}
+_STORAGE_WORDS = {"no space left on device": _STORAGE_ERRNOS[errno.ENOSPC],
+                  "file too large": _STORAGE_ERRNOS[errno.EFBIG],
+                  "read-only file system": _STORAGE_ERRNOS[errno.EROFS],
+                  "disk quota exceeded": _STORAGE_ERRNOS[errno.EDQUOT],
+                  "permission denied": _STORAGE_ERRNOS[errno.EACCES]}
+
+
+def storage_failure(error: BaseException | str | None) -> str | None:
+    """The storage's refusal behind `error` (its causes and contexts included), in words; None for anything else."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _STORAGE_ERRNOS:
+            return _STORAGE_ERRNOS[error.errno]
+        text = str(error).lower()
+        for words, reason in _STORAGE_WORDS.items():
+            if words in text:
+                return reason
+        if isinstance(error, str):
+            return None
+        error = error.__cause__ or error.__context__
+    return None
+
+
+class StorageRefused(UserError, OSError):
+    """The storage refused a write (no space, a file size limit, read-only, no permission, quota); the message names
+    the file, the cause and what was kept."""
 
 
 def require_paths(flag: str, value: str, what: str, *, command: str) -> None:

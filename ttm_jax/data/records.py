@@ -178,9 +178,30 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
         epath.Path(path).write_text(text)
         return
     tmp = tmp_name(os.fspath(path))
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        _refused(os.fspath(path), tmp, e)
+        raise
+
+
+_RESUME = ("the files before it are complete; free space (or make the folder writable), then run the same command "
+           "again: it resumes after the last complete shard")
+
+
+def _refused(path: str, tmp: str, error: BaseException) -> None:
+    """When the storage refused writing `path` (`cli.storage_failure`): remove the temporary file and raise
+    `cli.StorageRefused` in one line; otherwise return (the caller re-raises)."""
+    reason = cli.storage_failure(error)
+    if reason is None:
+        return
+    try:
+        os.remove(tmp)
+    except OSError:
+        pass  # never created, or the storage refuses even that: a stale temporary file is ignored and replaced
+    raise cli.StorageRefused(f"{path}: could not be written ({reason}); nothing of it was kept and {_RESUME}") from None
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -204,11 +225,27 @@ class ShardWriter:
         self.count = 0
 
     def write(self, record: bytes) -> None:
-        self._writer.write(record)
+        try:
+            self._writer.write(record)
+        except Exception as e:  # noqa: BLE001 - ArrayRecord reports the OS error in a RuntimeError's text
+            self._abandon(e)
+            raise
         self.count += 1
 
+    def _abandon(self, error: BaseException) -> None:
+        if cli.storage_failure(error) is not None:
+            try:
+                self._writer.close()
+            except Exception:  # noqa: BLE001, S110 - closing a writer the storage refused fails the same way
+                pass
+            _refused(self.path, self.tmp, error)
+
     def commit(self) -> None:
-        self._writer.close()
+        try:
+            self._writer.close()
+        except Exception as e:  # noqa: BLE001 - as in write
+            _refused(self.path, self.tmp, e)
+            raise
         if is_remote(self.path):
             epath.Path(self.tmp).copy(epath.Path(self.path), overwrite=True)
             os.remove(self.tmp)

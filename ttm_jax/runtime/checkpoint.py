@@ -19,7 +19,6 @@ half-written temporary folder and resumes from that checkpoint.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging as std_logging
 import os
@@ -55,35 +54,6 @@ class CheckpointWriteError(cli.UserError, RuntimeError):
     mid_run = True  # raised after the run started: its workdir and log stay (`main` undoes nothing)
 
 
-# what the storage says when it refuses a write: the errno of an OSError, or these words in an error's text (tensorstore
-# and Orbax report the OS error inside their own exception's message)
-_STORAGE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EFBIG: "file too large (a file size limit)",
-                   errno.EROFS: "read-only file system", errno.EDQUOT: "disk quota exceeded",
-                   errno.EACCES: "permission denied"}
-_STORAGE_WORDS = {"no space left on device": _STORAGE_ERRNOS[errno.ENOSPC],
-                  "file too large": _STORAGE_ERRNOS[errno.EFBIG],
-                  "read-only file system": _STORAGE_ERRNOS[errno.EROFS],
-                  "disk quota exceeded": _STORAGE_ERRNOS[errno.EDQUOT],
-                  "permission denied": _STORAGE_ERRNOS[errno.EACCES]}
-
-
-def storage_failure(error: BaseException | str | None) -> str | None:
-    """The storage's refusal behind `error` (its causes and contexts included), in words; None for anything else."""
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, OSError) and error.errno in _STORAGE_ERRNOS:
-            return _STORAGE_ERRNOS[error.errno]
-        text = str(error).lower()
-        for words, reason in _STORAGE_WORDS.items():
-            if words in text:
-                return reason
-        if isinstance(error, str):
-            return None
-        error = error.__cause__ or error.__context__
-    return None
-
-
 _REFUSED = {"write": False}  # a write was refused in this process (the excepthook below then drops its aftermath)
 
 
@@ -93,7 +63,7 @@ class _StorageFailureLogs(std_logging.Filter):
 
     def filter(self, record: std_logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if storage_failure(exc) is None and storage_failure(record.getMessage()) is None:
+        if cli.storage_failure(exc) is None and cli.storage_failure(record.getMessage()) is None:
             return True
         _REFUSED["write"] = True  # seen here first: the background thread logs before the run finds out
         return False
@@ -197,7 +167,7 @@ class Checkpointer:
                     raise outer._failed
 
             def __exit__(self, kind, error, tb) -> bool:
-                reason = storage_failure(error) if error is not None else None
+                reason = cli.storage_failure(error) if error is not None else None
                 if reason is None:
                     return False
                 failed = outer._saving if outer._saving is not None else step
@@ -302,7 +272,7 @@ class Checkpointer:
             try:
                 self.manager.close()
             except Exception as e:  # noqa: BLE001 - the refusal was raised once; closing must not raise it again
-                if storage_failure(e) is None:
+                if cli.storage_failure(e) is None:
                     raise
 
 
