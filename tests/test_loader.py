@@ -192,7 +192,7 @@ def test_ensure_default_data_generates_once(tmp_path):
     assert loader._cache_root(c, workdir) == str(tmp_path / "synthetic_sav")
 
 
-@pytest.mark.parametrize("field,value", [("num_workers", -1), ("read_threads", 0), ("shuffle_seed", 2**32),
+@pytest.mark.parametrize("field,value", [("num_workers", -1), ("read_threads", -1), ("shuffle_seed", 2**32),
                                          ("synthetic_num_videos", 0)])
 def test_config_rejects_bad_pipeline_values(field, value):
     c = fx.tiny_at_12fps()

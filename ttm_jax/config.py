@@ -382,7 +382,7 @@ def _data(v: Mapping[str, Any]) -> ml_collections.ConfigDict:
     d.motion_weight = 1.0  # object choice score = mean area x (1 + motion_weight x (1 - consecutive-frame IoU))
     d.shuffle_seed = 0
     d.num_workers = 0  # Grain worker processes (mp_prefetch); 0: decode in the training process
-    d.read_threads = 4  # Grain threads reading and decoding records in each process
+    d.read_threads = 4  # Grain threads reading and decoding records in each process (0: the main thread, no read-ahead)
     # True: `prepared_path` is a folder of `python -m ttm_jax.data.encode` (cached VAE latents and text embeddings);
     # the train step then runs neither the autoencoder's encoder nor the text encoder (not even loaded)
     d.cached = False
@@ -756,8 +756,8 @@ def _check_data(config: ml_collections.ConfigDict) -> None:
     _check(0.0 <= d.min_object_area < 1.0, "data.min_object_area", f"{d.min_object_area} must be in [0, 1)")
     _check(isinstance(d.num_workers, int) and d.num_workers >= 0, "data.num_workers",
            f"{d.num_workers!r} must be an int >= 0 (0: no worker processes)")
-    _check(isinstance(d.read_threads, int) and d.read_threads >= 1, "data.read_threads",
-           f"{d.read_threads!r} must be an int >= 1")
+    _check(isinstance(d.read_threads, int) and d.read_threads >= 0, "data.read_threads",
+           f"{d.read_threads!r} must be an int >= 0 (0: read in the main thread, nothing read ahead)")
     _check(0 <= d.shuffle_seed < 2**32, "data.shuffle_seed", f"{d.shuffle_seed} must be in [0, 2**32) (Grain's range)")
     _check(d.synthetic_num_videos >= 1, "data.synthetic_num_videos", f"{d.synthetic_num_videos} must be >= 1")
     rung = d.get("synthetic_rung", SYNTHETIC_FULL_RUNG)

@@ -204,7 +204,7 @@ def make_dataset(config: ml_collections.ConfigDict, path: str, *, process_index:
         manifest, source, to_example = tfds_sav.manifest(path), tfds_sav.data_source(path), tfds_sav.to_example
     else:
         manifest = records.load_manifest(path)
-        source = grain.sources.ArrayRecordDataSource(records.shard_paths(path, manifest))
+        source = records.CheckedShards(path, manifest)  # a shard damaged mid-run: ShardUnreadable, naming it
     check_manifest(manifest, config, path)
     if not 0 <= process_index < process_count:
         raise ValueError(f"make_dataset: process_index={process_index} not in [0, process_count={process_count})")
@@ -252,7 +252,8 @@ def make_train_iterator(config: ml_collections.ConfigDict, *, process_index: int
     ds = make_dataset(config, path, process_index=process_index, process_count=process_count)
     ds = ds.batch(local_batch_size(config, process_count), drop_remainder=True)
     threads = int(config.data.get("read_threads", 4))
-    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(threads, 2)))
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,  # 0: read on next(), nothing ahead
+                                                 prefetch_buffer_size=max(threads, 2) if threads else 0))
     workers = int(config.data.num_workers)
     if workers > 0:
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))

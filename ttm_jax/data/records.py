@@ -42,6 +42,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from array_record.python.array_record_data_source import ArrayRecordDataSource
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 from etils import epath
 
@@ -284,6 +285,47 @@ def shard_paths(folder: str, manifest: Mapping[str, Any] | None = None) -> list[
             raise RecordError(f"{p}: listed in {os.path.join(folder, MANIFEST)} but missing; resume "
                               f"`python -m ttm_jax.data.prepare --out={folder}` to rewrite it")
     return paths
+
+
+class ShardUnreadable(RecordError):
+    """A record of a listed shard cannot be read any more (the file was truncated, replaced or damaged after it was
+    prepared); the message names the shard and the record."""
+
+    mid_run = True  # found while training: the run's workdir and log stay (`main` undoes nothing)
+
+
+class CheckedShards:
+    """The records of a prepared folder's shards, in order, as a Grain random-access source (an
+    `ArrayRecordDataSource` inside), where a record that cannot be read raises `ShardUnreadable` naming its shard and
+    place instead of ArrayRecord's bare `RuntimeError`. Picklable for Grain's worker processes."""
+
+    def __init__(self, folder: str, manifest: Mapping[str, Any] | None = None):
+        manifest = manifest or load_manifest(folder)
+        self.paths = shard_paths(folder, manifest)
+        counts = [int(s["num_records"]) for s in manifest["shards"] if s["num_records"] > 0]
+        self.starts = np.cumsum([0, *counts]).tolist()
+        self._source = ArrayRecordDataSource(self.paths)
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> bytes:
+        try:
+            record = self._source[index]
+            if not record:  # ArrayRecord reads a record past a cut-off end as b"": a prepared record is never empty
+                raise EOFError("it reads as empty: the file was cut short")
+            return record
+        except Exception as e:  # noqa: BLE001 - any failure to read a listed record means the shard changed
+            shard = int(np.searchsorted(self.starts, int(index), side="right")) - 1
+            why = " ".join(str(e).split())[:200]
+            raise ShardUnreadable(
+                f"{self.paths[shard]}: record {int(index) - self.starts[shard]} of the shard (record {int(index)} of "
+                f"the folder) cannot be read ({type(e).__name__}: {why}); the file changed or was damaged after it "
+                f"was prepared. Restore it, or re-prepare it (delete it and its .json marker, then run prepare again "
+                f"with the same flags)") from None
+
+    def __repr__(self) -> str:
+        return f"CheckedShards({len(self.paths)} shards, {len(self)} records)"
 
 
 # ---------------------------------------------------------------------------------------------- cached text fields

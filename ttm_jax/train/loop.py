@@ -31,7 +31,7 @@ from ttm_jax.assembly import objectives, registry
 from ttm_jax.assembly import params as params_lib
 from ttm_jax.assembly.modules import Modules, build_modules
 from ttm_jax.data import loader as data_loader
-from ttm_jax.data import video_io
+from ttm_jax.data import records, video_io
 from ttm_jax.runtime import checkpoint as checkpoint_lib
 from ttm_jax.runtime import compile as compile_lib
 from ttm_jax.runtime import mesh as mesh_lib
@@ -318,6 +318,14 @@ def _train(config, workdir, modules, make_iterator, mesh, rules, tx, init_params
                 except StopIteration:
                     _say(f"data exhausted after step {step}; saving and stopping")
                     break
+                except records.ShardUnreadable as e:  # stop: skipping would make the resumed run see other data
+                    ckpt.wait()
+                    last = ckpt.latest_step()
+                    resume = (f"run the same command again: it resumes from checkpoint step {last} on the very next "
+                              f"example" if last is not None else "run the same command again (no checkpoint yet: "
+                              "it starts at step 0)")
+                    raise records.ShardUnreadable(f"{e}. Training stopped before step {step + 1}; then {resume}"
+                                                  ) from None
                 if train_step is None:
                     bsh = step_lib.batch_shardings(local, mesh)
                     train_step = step_lib.make_train_step(config, modules, tx, mesh, rules, shardings, frozen_sh, bsh)
