@@ -83,3 +83,29 @@ def test_stage1_with_local_prompts_trains(tmp_path):
     assert res.final_step == 2 and all(np.isfinite(m["loss"]) for _, m in res.history)
     blocks = res.state.params["ttm_blocks"]
     assert "masked_self_attn" in blocks and "masked_cross_attn" in blocks
+
+
+def test_start_ids_give_later_frames_the_first_frames_ids_and_still_leak_nothing(prepared):
+    """`model.stage1_later_ids="start"`: every latent frame's tokens carry the first frame's ids (each object's
+    starting place reads its local prompt in every frame, as s0 sits in every frame); the masks of frames 1+ still
+    change nothing."""
+    c, modules, frozen, batch, background = prepared
+    c = config_lib.validate(fx.tiny_config(1, **{"model.ttm_layers": 1, "model.stage1_later_ids": "start"}))
+    rng = np.random.default_rng(1)
+    texts = []
+    for masks in (batch["object_masks"], np.concatenate([batch["object_masks"][:, :1], rng.random(
+            batch["object_masks"][:, 1:].shape) < 0.5], axis=1)):
+        texts.append(inputs_lib.prepare(c, modules, frozen, {**{k: jnp.asarray(v) for k, v in batch.items()},
+                                                             "object_masks": jnp.asarray(masks)})[3])
+    lt, lh, lw, _ = config_lib.latent_shape(c)
+    pt, ph, pw = c.model.patch_size
+    ids = np.asarray(texts[0]["cross_token_ids"]).reshape(4, lt // pt, lh // ph, lw // pw)
+    assert lt // pt > 1 and (ids == ids[:, :1]).all()  # every frame as the first
+    first = np.asarray(background["cross_token_ids"]).reshape(ids.shape)[:, 0]
+    np.testing.assert_array_equal(ids[:, 0], first)  # the first frame as with background later frames
+    for key in texts[0]:
+        np.testing.assert_array_equal(np.asarray(texts[0][key]), np.asarray(texts[1][key]), err_msg=key)
+    bad = fx.tiny_config(1, **{"model.ttm_layers": 1})
+    bad.model.stage1_later_ids = "clip"
+    with pytest.raises(config_lib.ConfigError, match="model.stage1_later_ids"):
+        config_lib.validate(bad)
