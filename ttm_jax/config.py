@@ -331,6 +331,9 @@ def _model(v: Mapping[str, Any]) -> ml_collections.ConfigDict:
     # masked self-attention over tokens sorted by object id, only the (query block, key block) pairs of one object:
     # exact, work sum_k n_k^2 instead of N^2 (ttm_jax/models/sparse_attention.py); any backend
     m.attention_sparse = False
+    # attention with the video tokens sharded over mesh.context > 1 (ttm_jax/models/context_parallel.py): ulysses
+    # (all-to-all to head groups; heads per tensor shard divisible by mesh.context) | ring (any head count)
+    m.context_impl = "ulysses"
     m.scan_layers = True
     # scanned blocks per loop iteration; 0: per backend (all of them on CPU, no loop; 1 on GPU / TPU): dit.unroll_for
     m.scan_unroll = 0
@@ -454,6 +457,8 @@ def _mesh(v: Mapping[str, Any]) -> ml_collections.ConfigDict:
     # one size may be -1: "all remaining devices"
     h.shape = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
     h.distributed = "auto"  # auto | skip  (jax.distributed.initialize from the environment)
+    # devices the video tokens are split over (context parallelism, model.context_impl); 1: none
+    h.context = 1
     # logical axis name -> mesh axes, in priority order (ttm_jax/runtime/sharding.py); params' `embed` is FSDP-sharded,
     # heads and FFN hidden are tensor-parallel, the batch is split over data x fsdp
     h.rules = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("heads", "tensor"), ("mlp", "tensor"),
@@ -586,6 +591,8 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
     _check(m.attention in ATTENTION_IMPLS, "model.attention", f"{m.attention!r}; choose one of {ATTENTION_IMPLS}")
     _check(isinstance(m.get("attention_sparse", False), bool), "model.attention_sparse",
            f"{m.get('attention_sparse')!r} must be True or False")
+    _check(m.get("context_impl", "ulysses") in ("ulysses", "ring"), "model.context_impl",
+           f"{m.get('context_impl')!r}; choose ulysses (all-to-all over heads) or ring (keys passed around the ring)")
     _check(m.remat_policy in REMAT_POLICIES, "model.remat_policy",
            f"{m.remat_policy!r}; choose one of {REMAT_POLICIES}")
     _check(isinstance(m.get("scan_unroll", 0), int) and m.get("scan_unroll", 0) >= 0, "model.scan_unroll",
@@ -867,6 +874,20 @@ def _check_mesh(config: ml_collections.ConfigDict) -> None:
     _check(set(sizes) <= {"data", "fsdp", "tensor"}, "mesh.shape", f"{sorted(sizes)}: the axes are data, fsdp, tensor")
     _check(sum(1 for v in sizes.values() if v == -1) <= 1 and all(v == -1 or v > 0 for v in sizes.values()),
            "mesh.shape", f"{sizes}: sizes must be positive, at most one -1 (all remaining devices)")
+    context = h.get("context", 1)
+    _check(type(context) is int and context >= 1, "mesh.context",
+           f"{context!r} must be an int >= 1 (1: the video tokens are not split)")
+    heads = config.model.get("num_heads")  # the DiT's; a U-Net's heads differ per level
+    tensor = sizes.get("tensor", 1)
+    if isinstance(heads, int) and tensor > 1 and heads % tensor == 0:
+        heads //= tensor  # heads per tensor shard, what Ulysses splits
+    _check(context == 1 or config.model.get("context_impl", "ulysses") != "ulysses" or not isinstance(heads, int)
+           or heads % context == 0, "mesh.context",
+           f"{context} does not divide the {heads} heads (model.num_heads per mesh.shape.tensor shard) that "
+           f"model.context_impl='ulysses' splits; choose a mesh.context dividing {heads}, or model.context_impl='ring'")
+    _check(context == 1, "mesh.context",
+           f"{context}: context parallelism is not wired into the mesh and the models yet (issue 32; the attention "
+           f"ops are in ttm_jax/models/context_parallel.py); set mesh.context=1")
 
 
 # In the order `validate` runs them: a config with several bad values reports the first of this order.
