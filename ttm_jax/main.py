@@ -33,6 +33,7 @@ import os
 import re
 import socket
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -264,6 +265,9 @@ class LibraryLogs:
             return self.path
         given = flags.FLAGS["log_dir"].present and flags.FLAGS.log_dir
         log_dir = flags.FLAGS.log_dir if given else os.path.join(workdir, LOG_DIR)
+        if "://" in log_dir:  # a gs:// workdir: an object store holds no file to append to, so a local folder
+            log_dir = os.path.join(tempfile.gettempdir(), "ttm_jax_logs")
+            print(f"library logs: {log_dir} (the workdir is not a local folder; --log_dir=DIR moves them)", flush=True)
         missing = []
         d = os.path.abspath(log_dir)
         while not os.path.exists(d):

@@ -38,6 +38,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -200,7 +201,7 @@ def make_dataset(config: ml_collections.ConfigDict, path: str, *, process_index:
     """The infinite, shuffled, decoded (unbatched) `MapDataset` of this process' slice of the records at `path`: a
     `prepare` folder, or a TFDS-built `sav_clips/<config>/<version>` folder (`data/tfds_sav.py`)."""
     to_example = None
-    if os.path.exists(os.path.join(path, "dataset_info.json")):
+    if tfds_sav.is_tfds_folder(path):  # through etils.epath: gs:// too
         manifest, source, to_example = tfds_sav.manifest(path), tfds_sav.data_source(path), tfds_sav.to_example
     else:
         manifest = records.load_manifest(path)
@@ -284,13 +285,15 @@ def synthetic_params(config: ml_collections.ConfigDict) -> dict:
 def _cache_root(config: ml_collections.ConfigDict, workdir: str) -> str:
     if config.data.synthetic_dir:
         return config.data.synthetic_dir
+    if records.is_remote(workdir):  # a gs:// workdir: the generator writes local files; a per-host local cache
+        return os.path.join(tempfile.gettempdir(), "ttm_jax_synthetic_sav")
     return os.path.join(os.path.dirname(os.path.abspath(workdir.rstrip("/"))), "synthetic_sav")
 
 
 def ensure_default_data(config: ml_collections.ConfigDict, workdir: str) -> str:
-    """Synthetic SA-V generated into `config.data.synthetic_dir` (default `<workdir>/../synthetic_sav`) and prepared
-    for `config.data`, unless already there; returns the prepared folder. Safe to call from every process at once:
-    all files are deterministic and written atomically."""
+    """Synthetic SA-V generated into `config.data.synthetic_dir` (default `<workdir>/../synthetic_sav`; a gs://
+    workdir's: the local `<tmp>/ttm_jax_synthetic_sav`) and prepared for `config.data`, unless already there; returns
+    the prepared folder. Safe to call from every process at once: all files are deterministic and written atomically."""
     root = _cache_root(config, workdir)
     p = synthetic_params(config)
     videos = os.path.join(root, f"videos-{_fingerprint(p)}")
@@ -320,7 +323,7 @@ def resolve_prepared_path(config: ml_collections.ConfigDict, workdir: str) -> st
             raise ValueError("config.data.sav_path is set but config.data.captions is empty; give the captions "
                              "sidecar JSONL (SA-V ships no captions)")
         out = os.path.join(workdir, "prepared")
-        if not os.path.exists(os.path.join(out, records.MANIFEST)):
+        if not epath.Path(out, records.MANIFEST).exists():
             logging.info("preparing %s into %s", d.sav_path, out)
             logging.info("%s", prepare.prepare(d.sav_path, d.captions, out, config, seed=int(config.seed)).line())
         return out

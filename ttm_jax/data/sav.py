@@ -235,7 +235,14 @@ def _add(found: dict, vid: str, kind: str, src: Source) -> None:
 
 def _scan_dir(root: epath.Path, found: dict, foreign: list[str]) -> None:
     # walk order is the filesystem's; sort so that "the first copy wins" means the same copy on every host
-    paths = sorted(os.fspath(epath.Path(dirpath) / fn) for dirpath, _, filenames in root.walk() for fn in filenames)
+    top = os.fspath(root)
+    scheme = top[:top.index("://") + 3] if "://" in top else ""  # epath's gs:// walk gives folders without it
+    paths = []
+    for dirpath, _, filenames in root.walk():
+        d = os.fspath(dirpath)
+        d = d if d.startswith(scheme) else scheme + d.lstrip("/")
+        paths += [os.fspath(epath.Path(d) / fn) for fn in filenames]
+    paths.sort()
     for path in paths:
         fn = os.path.basename(path)
         if fn.endswith(".tar"):

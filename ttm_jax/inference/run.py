@@ -26,6 +26,7 @@ from typing import Any
 
 import ml_collections
 import numpy as np
+from etils import epath
 
 from ttm_jax.config import ConfigError
 from ttm_jax.diffusion import samplers
@@ -76,7 +77,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                f"empty; set it to the workdir of a trained stage-{stage} run "
                f"(python -m ttm_jax.main --config=configs/stage{stage}.py --workdir=DIR)"
                + ("; for the single-stage TI2V baseline set only stage2_workdir" if stage == 1 else ""))
-        _check(os.path.isdir(os.path.join(wd, "checkpoints")), f"stage{stage}_workdir",
+        _check(epath.Path(wd, "checkpoints").is_dir(), f"stage{stage}_workdir",
                f"{wd!r} has no checkpoints/ folder; train stage {stage} there first")
     if s.requests:
         _check(os.path.exists(s.requests), "requests", f"{s.requests!r} does not exist (a JSONL of requests)")
@@ -235,6 +236,9 @@ def sample(config: ml_collections.ConfigDict, workdir: str, *,
     (notebooks and tests reuse its compiled functions across calls). `on_record(record)` is called as each generated
     request finishes (done or failed), for a caller's progress line."""
     validate(config)
+    if "://" in workdir:  # the videos, masks and statuses are written with local file calls
+        raise ConfigError(f"--workdir={workdir}: sampling writes to a local folder; give a local --workdir (the stage "
+                          f"workdirs it reads may be gs://) and copy the outputs to the bucket afterwards")
     s = config.sample
     lines = request_lines(s)
     single = not s.requests

@@ -231,8 +231,9 @@ class Checkpointer:
         n = 1
         while target.exists():
             target, n = dest / f"{step}.{n}", n + 1
-        (self.directory / str(step)).rename(target)
+        # the reason first: on gs:// it is what makes `dest` exist, which epath's rename requires
         (dest / f"{target.name}.reason.txt").write_text(reason + "\n")
+        (self.directory / str(step)).rename(target)
         logging.warning("moved unusable step %d to %s", step, target)
 
     def layout_mismatch(self, step: int, abstract_state: Any, limit: int = 5) -> list[str]:
@@ -289,9 +290,10 @@ def restore_tree(path: str | epath.PathLike, target: Any, *, field: str, fix: st
     """A standalone Orbax checkpoint of a pytree (converted params, a frozen encoder's params) restored onto `target`
     (`jax.ShapeDtypeStruct`s, with shardings where they should land). The one reader of such checkpoints; a failure
     raises ValueError naming `field` (the config field or flag that gave `path`) and `fix`."""
+    path = os.fspath(path)
     with ocp.StandardCheckpointer() as ckptr:
         try:
-            return ckptr.restore(os.path.abspath(os.fspath(path)), target)
+            return ckptr.restore(path if "://" in path else os.path.abspath(path), target)  # gs:// as it is
         except Exception as e:  # noqa: BLE001 - re-raised naming the field and the fix
             raise ValueError(f"{field}: could not restore {str(path)!r} ({e}); {fix}") from e
 

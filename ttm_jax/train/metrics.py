@@ -7,13 +7,17 @@ Only process 0 writes (TensorBoard event files under `<workdir>/tensorboard`); e
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Mapping
 
 import jax
 import numpy as np
 from absl import logging
 from etils import epath
-from tensorboardX import SummaryWriter
+
+with warnings.catch_warnings():  # tensorboardX imports google-cloud-storage (gs:// event files) when installed, whose
+    warnings.simplefilter("ignore", FutureWarning)  # grpcio deprecation notices would print on every run
+    from tensorboardX import SummaryWriter
 
 
 def _fmt_duration(seconds: float) -> str:
