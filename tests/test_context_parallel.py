@@ -138,7 +138,7 @@ def test_heads_and_length_checks_raise_before_compute():
 
 def test_config_fields_and_checks():
     """`mesh.context` (default 1) and `model.context_impl` (default ulysses) are checked by `validate`: the impl by
-    name, the context as a positive int, Ulysses' head split; context > 1 is refused until the mesh has the axis."""
+    name, the context as a positive int, Ulysses' head split (the rest: tests/test_context_train.py)."""
     c = config_lib.build(2, "tiny")
     assert c.mesh.context == 1 and c.model.context_impl == "ulysses"
     config_lib.validate(c)
@@ -154,6 +154,8 @@ def test_config_fields_and_checks():
 
     assert error(**{"model.context_impl": "stripes"}).startswith("config.model.context_impl: 'stripes'")
     assert error(**{"mesh.context": 0}).startswith("config.mesh.context: 0 must be an int >= 1")
-    # tiny has 2 heads: Ulysses cannot split them 4 ways, the ring could (but the mesh axis is not wired yet)
+    # tiny has 2 heads: Ulysses cannot split them 4 ways, the ring can
     assert "does not divide the 2 heads" in error(**{"mesh.context": 4})
-    assert "not wired" in error(**{"mesh.context": 4, "model.context_impl": "ring"})
+    ring = config_lib.build(2, "tiny")
+    ring.mesh.context, ring.model.context_impl = 4, "ring"
+    config_lib.validate(ring)

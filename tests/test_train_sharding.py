@@ -53,8 +53,9 @@ def _host(tree):
 
 
 def test_resolve_shape_fills_one_free_axis_and_names_the_field():
-    assert mesh_lib.resolve_shape({"data": 2, "fsdp": -1, "tensor": 1}, 8) == {"data": 2, "fsdp": 4, "tensor": 1}
-    assert mesh_lib.resolve_shape({"data": -1}, 8) == {"data": 8, "fsdp": 1, "tensor": 1}
+    assert mesh_lib.resolve_shape({"data": 2, "fsdp": -1, "tensor": 1}, 8) == \
+        {"data": 2, "fsdp": 4, "context": 1, "tensor": 1}
+    assert mesh_lib.resolve_shape({"data": -1}, 8) == {"data": 8, "fsdp": 1, "context": 1, "tensor": 1}
     with pytest.raises(mesh_lib.MeshError, match="config.mesh.shape.*at most one"):
         mesh_lib.resolve_shape({"data": -1, "fsdp": -1}, 8)
     with pytest.raises(mesh_lib.MeshError, match="config.mesh.shape.*3 devices"):
@@ -89,8 +90,8 @@ def test_make_mesh_names_and_sizes():
     c = _cfg()
     c.mesh.shape.update(data=2, fsdp=-1, tensor=2)
     m = mesh_lib.make_mesh(c.mesh)
-    assert m.axis_names == ("data", "fsdp", "tensor")
-    assert dict(m.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert m.axis_names == ("data", "fsdp", "context", "tensor")  # context: config.mesh.context, 1 by default
+    assert dict(m.shape) == {"data": 2, "fsdp": 2, "context": 1, "tensor": 2}
     assert all(t == jax.sharding.AxisType.Auto for t in m.axis_types)
     assert mesh_lib.batch_parallelism(m) == 4
 
@@ -102,9 +103,9 @@ def test_logical_rules_priority_divisibility_and_unannotated_fallback():
     rules = sharding_lib.rules_from_config(c.mesh)
     # a parameter's embed dim goes to fsdp, mlp to tensor
     assert sharding_lib.logical_to_sharding(("embed", "mlp"), (32, 64), m, rules).spec == P("fsdp", "tensor")
-    # an activation: batch takes data and fsdp first, so embed stays whole
+    # an activation: batch takes data and fsdp first, so embed stays whole; the tokens go to the (size-1) context axis
     assert sharding_lib.logical_to_sharding(("batch", "length", "embed"), (8, 4, 32), m, rules).spec == \
-        P(("data", "fsdp"), None, None)
+        P(("data", "fsdp"), "context", None)
     # a dimension the axes do not divide stays unsharded; a batch of 2 keeps the data axis only
     assert sharding_lib.logical_to_sharding(("embed",), (6,), m, rules).spec == P(None)
     assert sharding_lib.logical_to_sharding(("batch", "embed"), (2, 32), m, rules).spec == P("data", None)

@@ -276,7 +276,9 @@ _TINY_VIDEO_STAGE = {
 }
 _STAGE_ROWS: dict[tuple[int, str], dict[str, dict[str, Any]]] = {
     (1, "tiny"): {
-        "model": {"num_layers": 6, "patch_size": (1, 2, 2)},
+        # TTM's added layers in every block, their masked cross-attention giving each object's starting place its
+        # local prompt in every latent frame: what made stage 1 bind (docs/results.md, run H)
+        "model": {"num_layers": 6, "patch_size": (1, 2, 2), "ttm_layers": 6, "stage1_later_ids": "start"},
         "autoencoder": _PER_FRAME_LATENT,
         "train": {"total_steps": 2000, "checkpoint_every_steps": 500, "sample_every_steps": 1000},
         "optim": {"cooldown_fraction": 0.5},
@@ -457,13 +459,15 @@ def _mesh(v: Mapping[str, Any]) -> ml_collections.ConfigDict:
     # one size may be -1: "all remaining devices"
     h.shape = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
     h.distributed = "auto"  # auto | skip  (jax.distributed.initialize from the environment)
-    # devices the video tokens are split over (context parallelism, model.context_impl); 1: none
+    # devices the video tokens are split over: the mesh's `context` axis (context parallelism, model.context_impl);
+    # mesh.shape's sizes then fill devices // context. 1: none
     h.context = 1
     # logical axis name -> mesh axes, in priority order (ttm_jax/runtime/sharding.py); params' `embed` is FSDP-sharded,
-    # heads and FFN hidden are tensor-parallel, the batch is split over data x fsdp
+    # heads and FFN hidden are tensor-parallel, the batch is split over data x fsdp, the video tokens over context
+    # (text and local prompts, kv_length, replicated)
     h.rules = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("heads", "tensor"), ("mlp", "tensor"),
                ("text_embed", None), ("in_channels", None), ("out_channels", None), ("modulation", None),
-               ("layers", None), ("length", None), ("kv_length", None))
+               ("layers", None), ("length", "context"), ("kv_length", None))
     h.shard_unannotated = True  # params without logical names: FSDP-shard the large ones on their largest dim
     return h
 
@@ -524,12 +528,13 @@ def build(stage: int, arg: str | None = None) -> ml_collections.ConfigDict:
         # the paper's stage 1 reads the motion prompt only; `model.ttm_layers > 0` adds layers whose masked
         # cross-attention gives each object's first-frame tokens its local prompt (tokens of later frames: slot 0),
         # and whose self-attention is unmasked (the objects' later places are what stage 1 generates)
-        c.model.ttm_layers = 0
+        # (a stage-1 row may add them: the tiny stage 1 has them in every block, `_STAGE_ROWS`)
+        c.model.ttm_layers = over.get("model", {}).get("ttm_layers", 0)
         c.model.ttm_masked_self = False
         # which local prompt the added layers give the tokens of latent frames 1+: "background" (slot 0) or "start"
         # (the first frame's ids in every frame: each object's starting place reads its local prompt, as s0 sits in
         # every latent frame with condition_frames="all")
-        c.model.stage1_later_ids = "background"
+        c.model.stage1_later_ids = over.get("model", {}).get("stage1_later_ids", "background")
         # E(x0), E(s0) in every latent frame: frames 1+ of a trajectory have no other local condition
         # (ttm_jax/models/conditioning.py)
         c.model.condition_frames = "all"
@@ -877,17 +882,32 @@ def _check_mesh(config: ml_collections.ConfigDict) -> None:
     context = h.get("context", 1)
     _check(type(context) is int and context >= 1, "mesh.context",
            f"{context!r} must be an int >= 1 (1: the video tokens are not split)")
-    heads = config.model.get("num_heads")  # the DiT's; a U-Net's heads differ per level
+    if context == 1:
+        return
+    m = config.model
+    backbone = m.get("backbone", "dit")
+    _check(backbone == "dit", "mesh.context",
+           f"{context} but model.backbone={backbone!r} has no context-parallel path (only the DiT shards its video "
+           f"tokens, ttm_jax/models/context_parallel.py); set mesh.context=1")
+    _check(not m.get("attention_sparse", False), "mesh.context",
+           f"{context} with model.attention_sparse=True: the object-sparse attention has no context-parallel form "
+           f"yet (issue 32); set model.attention_sparse=False or mesh.context=1")
+    heads = m.get("num_heads")
     tensor = sizes.get("tensor", 1)
     if isinstance(heads, int) and tensor > 1 and heads % tensor == 0:
         heads //= tensor  # heads per tensor shard, what Ulysses splits
-    _check(context == 1 or config.model.get("context_impl", "ulysses") != "ulysses" or not isinstance(heads, int)
-           or heads % context == 0, "mesh.context",
+    _check(m.get("context_impl", "ulysses") != "ulysses" or not isinstance(heads, int) or heads % context == 0,
+           "mesh.context",
            f"{context} does not divide the {heads} heads (model.num_heads per mesh.shape.tensor shard) that "
            f"model.context_impl='ulysses' splits; choose a mesh.context dividing {heads}, or model.context_impl='ring'")
-    _check(context == 1, "mesh.context",
-           f"{context}: context parallelism is not wired into the mesh and the models yet (issue 32; the attention "
-           f"ops are in ttm_jax/models/context_parallel.py); set mesh.context=1")
+    t, hh, ww, _ = latent_shape(config)
+    pt, ph, pw = (int(p) for p in m.get("patch_size", (1, 1, 1)))
+    if not (t % pt or hh % ph or ww % pw):  # else the model check names the patch size
+        tokens = (t // pt) * (hh // ph) * (ww // pw)
+        _check(tokens % context == 0, "mesh.context",
+               f"{context} does not divide the {tokens} video tokens (latent {(t, hh, ww)} in patches "
+               f"{(pt, ph, pw)}) the DiT splits over it; choose a mesh.context dividing {tokens}, or data.num_frames "
+               f"/ height / width whose token count it divides")
 
 
 # In the order `validate` runs them: a config with several bad values reports the first of this order.

@@ -25,8 +25,10 @@ Fully masked rows (a query with no key of its id anywhere) give what the single-
 a row averages all Lk values uniformly, with zero gradient to q and k; the online softmax reproduces it because every
 block of that row has the same maximum. Logits, softmax statistics and accumulators are float32 whatever the dtype.
 
-Not here yet (issue 32): the object-sparse path (`sparse_attention.ObjectSort`) per shard, the `context` axis in
-`runtime/mesh.py` and the sharding rules, and `layers.Attention` choosing these by `config.model.context_impl`.
+Wired: `config.mesh.context` is the mesh's `context` axis (`runtime/mesh.py`; the `length` rule maps to it) and
+`layers.Attention(context_impl=...)` runs these under it (`layers.context_attention`), in the DiT and its TTM layers.
+Not here yet (issue 32): the object-sparse path (`sparse_attention.ObjectSort`) per shard, the Pallas kernels as the
+per-shard op, the U-Net.
 """
 
 from __future__ import annotations

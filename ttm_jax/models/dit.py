@@ -22,6 +22,10 @@ masked attention"); `ttm_masked_self=False` / `ttm_masked_cross=False` drop one 
 "masked self-attention only"). The single-stage TI2V baseline is stage 0 (`configs/ti2v.py`): no trajectory input,
 the added layers unmasked.
 
+Context parallelism: under a mesh whose `context` axis is > 1 (`config.mesh.context`) the tokens, their object ids and
+the RoPE tables are split over it (the `length` logical rule) and every attention runs by `layers.context_attention`
+(`config.model.context_impl`: ulysses | ring for self-attention; cross-attention with the text replicated).
+
 Parameter tree (unboxed; `D = dim`, `F = ffn_dim`, `Tx = text_dim`, `P = pt*ph*pw`; Dense kernels are `[in, out]`,
 i.e. the transpose of torch's `weight`; norm weights are `scale`):
 
@@ -98,6 +102,7 @@ class DiTConfig:
     ttm_masked_cross: bool = True
     attention: str = "xla"
     attention_sparse: bool = False
+    context_impl: str = "ulysses"
     scan_layers: bool = True
     scan_unroll: int = 0
     remat_policy: str = "none"
@@ -208,7 +213,7 @@ class DiTBlock(nn.Module):
         mod = table.astype(jnp.float32) + modulation  # [B, 6, D]
         shift, scale, gate, c_shift, c_scale, c_gate = (mod[:, i:i + 1] for i in range(6))
         attn = dict(dim=c.dim, num_heads=c.num_heads, eps=c.eps, qk_norm=c.qk_norm, impl=c.attention, dtype=dt,
-                    param_dtype=pdt)
+                    param_dtype=pdt, context_impl=c.context_impl)
 
         # 1. self-attention, AdaLN-modulated and gated
         h = (layers.LayerNorm(c.eps, name="norm1")(x) * (1 + scale) + shift).astype(dt)
@@ -287,7 +292,9 @@ class DiT(nn.Module):
                     bias_init=layers.logical_init(nn.initializers.zeros_init(), ("embed",)),
                     name="patch_embedding")(x.astype(dt))
         x = layers.constrain(x.reshape(b, n_tok, c.dim), ("batch", "length", "embed"))
-        rope_cos, rope_sin = layers.rope_3d(c.head_dim, grid, c.rope_max_seq_len)
+        # the tables split with the tokens over the mesh's `context` axis (config.mesh.context; `length` rule)
+        rope_cos, rope_sin = (layers.constrain(r, ("length", None))
+                              for r in layers.rope_3d(c.head_dim, grid, c.rope_max_seq_len))
 
         embedder = ConditionEmbedder(c, name="condition_embedder")
         temb, modulation, context = embedder(timestep, context)
@@ -348,6 +355,11 @@ class DiT(nn.Module):
             raise ValueError(f"{where}: latent (T', H', W') = {(t, hh, ww)} is not divisible by "
                              f"config.model.patch_size={c.patch_size}")
         n_tok = (t // pt) * (hh // ph) * (ww // pw)
+        shards = layers.context_size()
+        if n_tok % shards:
+            raise ValueError(f"{where}: the {n_tok} video tokens of latent (T', H', W') = {(t, hh, ww)} do not split "
+                             f"over the mesh's context axis of size {shards}; choose a config.mesh.context dividing "
+                             f"{n_tok}, or a latent grid whose token count it divides")
         if timestep.shape != (b,):
             raise ValueError(f"{where}: timestep must be [B] = ({b},), got {timestep.shape}")
         if context.ndim != 3 or context.shape[0] != b or context.shape[-1] != c.text_dim:

@@ -26,7 +26,7 @@ import numpy as np
 from flax import traverse_util
 
 from ttm_jax.models import attention as attention_ops
-from ttm_jax.models import masks, sparse_attention
+from ttm_jax.models import context_parallel, masks, sparse_attention
 
 Dtype = Any
 Axes = tuple[str | None, ...]
@@ -329,6 +329,39 @@ def use_fused_attention(impl: str, q_ids: Any) -> bool:
             and not isinstance(q_ids, sparse_attention.ObjectSort))
 
 
+def context_size(axis: str = "context") -> int:
+    """The size of mesh axis `axis` (config.mesh.context) of the mesh in scope (`jax.set_mesh`); 1 without one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or axis not in mesh.axis_names:
+        return 1
+    return int(mesh.shape[axis])
+
+
+def context_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str, context_impl: str, cross: bool,
+                      scale: float, q_ids: jax.Array | None = None, kv_ids: jax.Array | None = None) -> jax.Array:
+    """Attention with the video tokens sharded over the mesh's `context` axis (`ttm_jax/models/context_parallel.py`):
+    self-attention by `context_impl` (`CONTEXT_IMPLS`: ulysses | ring), cross-attention (`cross`) with the queries
+    sharded and the keys, values and kv_ids replicated. q `[B, Lq, H, D]`, k / v `[B, Lk, H, D]`, ids int32 or None
+    as `fused_attention` -> `[B, Lq, H, D]`.
+
+    The per-shard op (Ulysses' head groups, the cross-attention's shards) is `fused_attention` where `Attention` would
+    run it (impl xla on CPU), else `context_parallel.local_attention` (exact XLA attention): the Pallas kernels
+    (`gpu`, `splash`) shard themselves over the mesh and cannot run inside the context shard_map.
+    """
+    if isinstance(q_ids, sparse_attention.ObjectSort):
+        raise ValueError("layers.context_attention: config.model.attention_sparse=True has no context-parallel form "
+                         "yet (issue 32); set attention_sparse=False or config.mesh.context=1")
+    attend = fused_attention if use_fused_attention(impl, q_ids) else context_parallel.local_attention
+    if cross:
+        return context_parallel.sharded_cross_attention(q, k, v, q_ids=q_ids, kv_ids=kv_ids, scale=scale,
+                                                        attend=attend)
+    if context_impl not in context_parallel.CONTEXT_IMPLS:
+        raise ValueError(f"layers.context_attention: config.model.context_impl={context_impl!r}; choose one of "
+                         f"{tuple(context_parallel.CONTEXT_IMPLS)}")
+    kw = {"attend": attend} if context_impl == "ulysses" else {}
+    return context_parallel.CONTEXT_IMPLS[context_impl](q, k, v, q_ids=q_ids, kv_ids=kv_ids, scale=scale, **kw)
+
+
 class Attention(nn.Module):
     """Wan attention: `to_q/to_k/to_v` -> RMS-norm of q and k across heads -> RoPE (self) -> attention -> `to_out`.
 
@@ -336,6 +369,10 @@ class Attention(nn.Module):
     `[N, head_dim]` or None; ids int32 `[B, N]` / `[B, Lk]` or None (unmasked), passed to
     `ttm_jax.models.attention.dot_product_attention` with `impl`. `zero_init_out` zeroes `to_out` (TTM's added layers
     start as no-ops). Returns `[B, N, dim]` in `dtype`.
+
+    `context_impl` (ulysses | ring; config.model.context_impl): under a mesh whose `context` axis is > 1 the tokens x
+    are split over it and the attention runs by `context_attention`. None (the default): the attention above whatever
+    the mesh (XLA gathers a sharded sequence itself).
     """
 
     dim: int
@@ -346,6 +383,7 @@ class Attention(nn.Module):
     zero_init_out: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    context_impl: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None, rope: tuple[jax.Array, jax.Array] | None = None,
@@ -367,7 +405,10 @@ class Attention(nn.Module):
         if rope is not None:
             q = apply_rope(q, *rope)
             k = apply_rope(k, *rope)
-        if use_fused_attention(self.impl, q_ids):
+        if self.context_impl is not None and context_size() > 1:
+            out = context_attention(q, k, v, impl=self.impl, context_impl=self.context_impl,
+                                    cross=not self_attention, scale=head_dim**-0.5, q_ids=q_ids, kv_ids=kv_ids)
+        elif use_fused_attention(self.impl, q_ids):
             out = fused_attention(q, k, v, scale=head_dim**-0.5, q_ids=q_ids, kv_ids=kv_ids)
         else:
             out = attention_ops.dot_product_attention(q, k, v, q_ids=q_ids, kv_ids=kv_ids, impl=self.impl,

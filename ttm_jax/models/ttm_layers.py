@@ -24,12 +24,15 @@ def _added_attention(layer: nn.Module, x: jax.Array, **attend: Any) -> jax.Array
     with a zero-initialised output. Called inside `layer`'s compact `__call__`, so the submodules are `layer`'s."""
     h = layers.LayerNorm(layer.eps, affine=True, param_dtype=layer.param_dtype, name="norm")(x).astype(layer.dtype)
     out = layers.Attention(layer.dim, layer.num_heads, layer.eps, layer.qk_norm, layer.impl, zero_init_out=True,
-                           dtype=layer.dtype, param_dtype=layer.param_dtype, name="attn")(h, **attend)
+                           dtype=layer.dtype, param_dtype=layer.param_dtype, context_impl=layer.context_impl,
+                           name="attn")(h, **attend)
     return x + out.astype(x.dtype)
 
 
 class _AddedLayer(nn.Module):
-    """The fields both added layers share: width, heads, norms, whether the mask applies, kernel, dtypes."""
+    """The fields both added layers share: width, heads, norms, whether the mask applies, kernel, dtypes, and the
+    context-parallel attention under a mesh with `context` > 1 (`layers.Attention.context_impl`; the object ids are
+    sharded with their tokens)."""
 
     dim: int
     num_heads: int
@@ -39,6 +42,7 @@ class _AddedLayer(nn.Module):
     impl: str = "xla"
     dtype: layers.Dtype = jnp.float32
     param_dtype: layers.Dtype = jnp.float32
+    context_impl: str | None = None
 
 
 class MaskedSelfAttention(_AddedLayer):

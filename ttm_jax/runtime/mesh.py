@@ -1,9 +1,12 @@
-"""The named device mesh (`data`, `fsdp`, `tensor`) and multi-process start-up.
+"""The named device mesh (`data`, `fsdp`, `context`, `tensor`) and multi-process start-up.
 
-`config.mesh.shape` gives one size per axis; one of them may be -1 ("all remaining devices"). Axes:
-  data    pure data parallelism (parameters replicated across it)
-  fsdp    data parallelism with parameters and optimizer state sharded across it (ZeRO-3 / FSDP)
-  tensor  model parallelism over heads and the FFN hidden size
+`config.mesh.shape` gives one size per axis but `context`; one of them may be -1 ("all remaining devices", of the
+devices divided by `config.mesh.context`). Axes:
+  data     pure data parallelism (parameters replicated across it)
+  fsdp     data parallelism with parameters and optimizer state sharded across it (ZeRO-3 / FSDP)
+  context  the video tokens split across it (`config.mesh.context`, default 1; ttm_jax/models/context_parallel.py);
+           parameters replicated, every device of it sees the same examples
+  tensor   model parallelism over heads and the FFN hidden size
 
 `initialize_distributed(config.mesh)` starts `jax.distributed` from the environment before any device is touched:
   - explicit: JAX_COORDINATOR_ADDRESS (host:port), JAX_NUM_PROCESSES, JAX_PROCESS_ID (and optional
@@ -27,7 +30,7 @@ from absl import logging
 
 from ttm_jax.config import ConfigError
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "tensor")
 
 
 class MeshError(ConfigError):
@@ -80,13 +83,25 @@ def initialize_distributed(mesh_config: ml_collections.ConfigDict) -> str | None
     return kind
 
 
-def resolve_shape(shape: dict[str, int] | ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
-    """Sizes for (data, fsdp, tensor) with the one -1 filled in; checks that they multiply to `num_devices`."""
+def resolve_shape(shape: dict[str, int] | ml_collections.ConfigDict, num_devices: int,
+                  context: int = 1) -> dict[str, int]:
+    """Sizes for (data, fsdp, context, tensor): `context` as given, the one -1 of `shape` (data, fsdp, tensor) filled
+    in; checks that context divides `num_devices` and the others multiply to `num_devices // context`."""
     shape = dict(shape)
+    if "context" in shape:
+        raise MeshError(f"config.mesh.shape: {dict(shape)} names 'context'; its size is config.mesh.context "
+                        f"(--config.mesh.context=N), not a mesh.shape entry")
     unknown = set(shape) - set(MESH_AXES)
     if unknown:
-        raise MeshError(f"config.mesh.shape: unknown axes {sorted(unknown)}; the axes are {MESH_AXES}")
-    sizes = {a: int(shape.get(a, 1)) for a in MESH_AXES}
+        raise MeshError(f"config.mesh.shape: unknown axes {sorted(unknown)}; the axes are "
+                        f"{tuple(a for a in MESH_AXES if a != 'context')} (and config.mesh.context)")
+    context = int(context)
+    if context < 1 or num_devices % context:
+        raise MeshError(f"config.mesh.context: {context} does not divide the {num_devices} devices; choose a "
+                        f"divisor of {num_devices} (1: the video tokens are not split)")
+    where = f" (config.mesh.context={context} of the {num_devices} devices)" if context > 1 else ""
+    num_devices //= context
+    sizes = {a: int(shape.get(a, 1)) for a in MESH_AXES if a != "context"}
     free = [a for a, s in sizes.items() if s == -1]
     if len(free) > 1:
         raise MeshError(f"config.mesh.shape: {free} are all -1; at most one axis may be -1")
@@ -97,19 +112,21 @@ def resolve_shape(shape: dict[str, int] | ml_collections.ConfigDict, num_devices
     if free:
         if num_devices % fixed:
             raise MeshError(f"config.mesh.shape: {dict(shape)} fixes {fixed} devices, which does not divide the "
-                            f"{num_devices} devices; change the fixed sizes")
+                            f"{num_devices} devices{where}; change the fixed sizes")
         sizes[free[0]] = num_devices // fixed
     elif fixed != num_devices:
-        raise MeshError(f"config.mesh.shape: {dict(shape)} has {fixed} devices but {num_devices} are available; "
-                        f"set one axis to -1 or make the sizes multiply to {num_devices}")
-    return sizes
+        raise MeshError(f"config.mesh.shape: {dict(shape)} has {fixed} devices but {num_devices} are "
+                        f"available{where}; set one axis to -1 or make the sizes multiply to {num_devices}")
+    sizes["context"] = context
+    return {a: sizes[a] for a in MESH_AXES}
 
 
 def make_mesh(mesh_config: ml_collections.ConfigDict,
               devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-    """A `jax.sharding.Mesh` with axes (data, fsdp, tensor) over `devices` (default: all devices of all processes)."""
+    """A `jax.sharding.Mesh` with axes (data, fsdp, context, tensor) over `devices` (default: all devices of all
+    processes); `context` is `mesh_config.context` (1 when absent, as in configs saved before it existed)."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = resolve_shape(mesh_config.shape, len(devices))
+    sizes = resolve_shape(mesh_config.shape, len(devices), mesh_config.get("context", 1))
     shape = tuple(sizes[a] for a in MESH_AXES)
     axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     if len(devices) == jax.device_count():
@@ -119,7 +136,8 @@ def make_mesh(mesh_config: ml_collections.ConfigDict,
 
 
 def batch_axes(mesh: jax.sharding.Mesh) -> tuple[str, ...]:
-    """Mesh axes the global batch is split over (data and fsdp; tensor-parallel devices see the same examples)."""
+    """Mesh axes the global batch is split over (data and fsdp; context- and tensor-parallel devices see the same
+    examples)."""
     return tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
 
 

@@ -80,7 +80,8 @@ def check_devices(config: ml_collections.ConfigDict, devices: Sequence[jax.Devic
     environment asks for it (`mesh.initialize_distributed`), as the run would."""
     mesh_lib.initialize_distributed(config.mesh)
     devices = list(jax.devices() if devices is None else devices)
-    sizes = mesh_lib.resolve_shape(config.mesh.shape, len(devices))
+    # mesh.shape's sizes fill devices // mesh.context (the MeshError names mesh.context when it does not divide)
+    sizes = mesh_lib.resolve_shape(config.mesh.shape, len(devices), config.mesh.get("context", 1))
     shards = sizes["data"] * sizes["fsdp"]
     batch, processes = int(config.train.batch_size), jax.process_count()
     if batch % shards or batch % processes:
