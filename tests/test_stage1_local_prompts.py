@@ -25,9 +25,9 @@ def _config(**overrides):
 def test_config_stage1_added_self_attention_is_unmasked():
     c = config_lib.build(1, "mid")
     assert c.model.ttm_layers == 0 and c.model.ttm_masked_self is False  # the paper's stage 1: motion prompt only
-    t = config_lib.build(1, "tiny")  # the tiny stage 1: added layers in every block, local prompts at the starts
+    t = config_lib.build(1, "tiny")  # the tiny stage 1: added layers in its first block, local prompts at the starts
     assert (t.model.ttm_layers, t.model.num_layers, t.model.stage1_later_ids, t.model.ttm_masked_self) == (
-        6, 6, "start", False)
+        1, 6, "start", False)
     c.model.ttm_layers = 1
     config_lib.validate(c)
     c.model.ttm_masked_self = True

@@ -276,9 +276,9 @@ _TINY_VIDEO_STAGE = {
 }
 _STAGE_ROWS: dict[tuple[int, str], dict[str, dict[str, Any]]] = {
     (1, "tiny"): {
-        # TTM's added layers in every block, their masked cross-attention giving each object's starting place its
-        # local prompt in every latent frame: what made stage 1 bind (docs/results.md, run H)
-        "model": {"num_layers": 6, "patch_size": (1, 2, 2), "ttm_layers": 6, "stage1_later_ids": "start"},
+        # TTM's added layers (in the first block), their masked cross-attention giving each object's starting place
+        # its local prompt in every latent frame: what made stage 1 bind (docs/results.md, run J)
+        "model": {"num_layers": 6, "patch_size": (1, 2, 2), "ttm_layers": 1, "stage1_later_ids": "start"},
         "autoencoder": _PER_FRAME_LATENT,
         "train": {"total_steps": 2000, "checkpoint_every_steps": 500, "sample_every_steps": 1000},
         "optim": {"cooldown_fraction": 0.5},
@@ -528,7 +528,7 @@ def build(stage: int, arg: str | None = None) -> ml_collections.ConfigDict:
         # the paper's stage 1 reads the motion prompt only; `model.ttm_layers > 0` adds layers whose masked
         # cross-attention gives each object's first-frame tokens its local prompt (tokens of later frames: slot 0),
         # and whose self-attention is unmasked (the objects' later places are what stage 1 generates)
-        # (a stage-1 row may add them: the tiny stage 1 has them in every block, `_STAGE_ROWS`)
+        # (a stage-1 row may add them: the tiny stage 1 has them in its first block, `_STAGE_ROWS`)
         c.model.ttm_layers = over.get("model", {}).get("ttm_layers", 0)
         c.model.ttm_masked_self = False
         # which local prompt the added layers give the tokens of latent frames 1+: "background" (slot 0) or "start"
