@@ -140,7 +140,7 @@ def test_resume_takes_the_checkpoint_config_and_the_overrides(tmp_path, tmp_path
 
     got = main_lib.resolve_config(False, default, str(tmp_path), {"train.total_steps": 9, "optim.learning_rate": 1})
     assert got.stage == 1 and got.train.total_steps == 9 and got.data.synthetic_num_videos == 3
-    assert got.data.prepared_path == "/data/prepared" and got.model.ttm_layers == 0
+    assert got.data.prepared_path == "/data/prepared" and got.model.ttm_masked_self is False  # stage 1's
     assert got.optim.learning_rate == 1.0 and isinstance(got.optim.learning_rate, float)
     assert not got.is_locked  # the run may still set fields (as a config from --config)
     with pytest.raises(config_lib.ConfigError, match=r"^config\.train\.nope: not a field of the config saved in"):

@@ -90,6 +90,7 @@ def test_backward_recomputation_keeps_one_probability_matrix_at_a_time():
 def _dit_hlo(scan_unroll: int) -> str:
     c = config_lib.build(1, "tiny")
     c.model.num_layers = 3
+    c.model.ttm_layers = 0  # the scanned blocks alone (the tiny stage 1's added layers need local prompts)
     c.model.scan_unroll = scan_unroll
     cfg = dit.DiTConfig.from_config(c.model)
     model = dit.DiT(cfg, 6, 2)

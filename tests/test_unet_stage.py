@@ -25,8 +25,8 @@ import torch
 from diffusers import UNetMotionModel
 from safetensors.torch import load_file
 
+from ttm_jax import cli, describe
 from ttm_jax import config as config_lib
-from ttm_jax import describe
 from ttm_jax.assembly import inputs as inputs_lib
 from ttm_jax.assembly import modules as modules_lib
 from ttm_jax.assembly import registry
@@ -330,8 +330,8 @@ def test_convert_cli_stage2_init_and_its_export(sd_folders, tmp_path):
 
 def test_convert_cli_names_bad_specs(sd_folders, tmp_path):
     root, _ = sd_folders
-    with pytest.raises(SystemExit, match="PATH,motion_adapter:PATH"):
+    with pytest.raises(cli.BadInput, match="PATH,motion_adapter:PATH"):
         _convert(f"--from=diffusers-unet:{root / 'unet'},adapter:{root / 'adapter'}", f"--to=orbax:{tmp_path}/x")
-    with pytest.raises(SystemExit, match=r"config\.model\.backbone='dit'"):
+    with pytest.raises(cli.BadInput, match=r"config\.model\.backbone='dit'"):
         _convert(f"--from=diffusers-unet:{root / 'unet'},motion_adapter:{root / 'adapter'}",
                  f"--to=orbax:{tmp_path}/y", "--stage=2", f"--config={os.path.join(ROOT, 'configs', 'stage2.py')}:tiny")
