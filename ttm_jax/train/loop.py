@@ -81,30 +81,40 @@ def _sample_dir(workdir: str) -> epath.Path:
     return epath.Path(workdir) / "samples"
 
 
+def _sampling_fns(config: ml_collections.ConfigDict, modules: Modules, mesh: jax.sharding.Mesh, num: int) -> tuple:
+    """The jitted pieces of `write_samples`: `(take the first num rows, conditions, sample, time grid)`."""
+    rep = sharding_lib.replicated(mesh)
+
+    def conditions(frozen, rows):
+        target, first, cond, text = inputs_lib.prepare(config, modules, frozen, rows)
+        return target, inputs_lib.conditions(first, cond, text)
+
+    apply = inputs_lib.model_fn(config, modules)
+    objective = objectives.make_objective(config.objective)
+    s = config.sample
+    ts = jnp.asarray(objective.time_grid(int(s.num_steps), s.schedule, float(s.get("shift", 1.0))))
+    self_cond = config_lib.self_condition(config)
+    sample = jax.jit(lambda n, ts, *a: objectives.sample(objective, apply, n, ts, *a, self_condition=self_cond),
+                     out_shardings=rep)
+    take = jax.jit(lambda b: {k: v[:num] for k, v in b.items()}, out_shardings=rep)
+    return take, jax.jit(conditions, out_shardings=rep), sample, ts
+
+
 def write_samples(config: ml_collections.ConfigDict, modules: Modules, params: Any,
                   frozen: dict[str, Any], batch: dict[str, jax.Array], step: int, workdir: str,
                   mesh: jax.sharding.Mesh, num: int = 2) -> list[str]:
     """Sample `num` clips (the objective's sampler, `config.sample` grid) conditioned on the first rows of `batch` with
     the current params; write mp4s of `[generated | reference]` side by side to `<workdir>/samples/step_<step>_<i>.mp4`
     (process 0)."""
-    rep = sharding_lib.replicated(mesh)
     num = min(num, next(iter(batch.values())).shape[0])
-    rows = jax.jit(lambda b: {k: v[:num] for k, v in b.items()}, out_shardings=rep)(batch)
-
-    def conditions(frozen, rows):
-        target, first, cond, text = inputs_lib.prepare(config, modules, frozen, rows)
-        return target, inputs_lib.conditions(first, cond, text)
-
-    target, conds = jax.jit(conditions, out_shardings=rep)(frozen, rows)
-    apply = inputs_lib.model_fn(config, modules)
-    objective = objectives.make_objective(config.objective)
-    s = config.sample
-    ts = objective.time_grid(int(s.num_steps), s.schedule, float(s.get("shift", 1.0)))
-    noise = jax.random.normal(jax.random.PRNGKey(int(s.seed)), target.shape, jnp.float32)
-    self_cond = config_lib.self_condition(config)
-    sample = jax.jit(lambda n, ts, *a: objectives.sample(objective, apply, n, ts, *a, self_condition=self_cond),
-                     out_shardings=rep)
-    latents = sample(noise, jnp.asarray(ts), params, conds)
+    # built once per process and run (`compile_lib.cached`): new jit closures every call would compile the sampler
+    # anew at every sampling step, and the memory of the old executables is not all given back (bench/soak.py)
+    take, conditions, sample, ts = compile_lib.cached(
+        compile_lib.cache_key(config, modules, mesh, "write_samples", num),
+        lambda: _sampling_fns(config, modules, mesh, num))
+    target, conds = conditions(frozen, take(batch))
+    noise = jax.random.normal(jax.random.PRNGKey(int(config.sample.seed)), target.shape, jnp.float32)
+    latents = sample(noise, ts, params, conds)
     video = modules.autoencoder.decode(latents)
     ref = modules.autoencoder.decode(target)
     to_u8 = lambda v: np.asarray(jnp.clip((v + 1.0) * 127.5, 0, 255).round().astype(jnp.uint8))  # noqa: E731
