@@ -67,7 +67,9 @@ def soak(config: str, steps: int, every: int, extra: list[str], workdir: str) ->
         if m:
             state["step"] = int(m.group(1))
             if state["step"] % every == 0:
-                print(f"{line.rstrip()}   rss {rss_bytes(proc.pid) / 2**20:,.0f} MiB", flush=True)
+                now = rss_bytes(proc.pid)  # also a sample: the poller's last ones at the final step catch the exit
+                samples.append((time.time() - start, state["step"], now))
+                print(f"{line.rstrip()}   rss {now / 2**20:,.0f} MiB", flush=True)
         elif line.strip() and not line.startswith(("I", "W")):
             print(line.rstrip(), flush=True)
     proc.wait()
