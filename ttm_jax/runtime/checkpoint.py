@@ -19,10 +19,12 @@ half-written temporary folder and resumes from that checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging as std_logging
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import grain
@@ -158,29 +160,28 @@ class Checkpointer:
             return []
         return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
 
-    def _refused(self, step: int | None) -> Any:
-        outer = self
-
-        class _Guard:
-            def __enter__(self) -> None:
-                if outer._failed is not None:
-                    raise outer._failed
-
-            def __exit__(self, kind, error, tb) -> bool:
-                reason = cli.storage_failure(error) if error is not None else None
-                if reason is None:
-                    return False
-                failed = outer._saving if outer._saving is not None else step
-                good = [s for s in outer._committed_steps() if failed is None or s < failed]
-                last = (f"the newest complete checkpoint, step {good[-1]}, is untouched and the next run resumes "
-                        f"from it" if good else "there is no complete checkpoint, so the next run starts at step 0")
-                _REFUSED["write"] = True
-                logging.info("checkpoint write refused: %s", error)
-                outer._failed = CheckpointWriteError(
-                    f"{outer.directory}: checkpoint step {failed} could not be written ({reason}); training stopped; "
-                    f"{last}. Free space (or make the folder writable), then run the same command again")
-                raise outer._failed from None
-        return _Guard()
+    @contextlib.contextmanager
+    def _refused(self, step: int | None) -> Iterator[None]:
+        """Around a save or a wait: a refusal already raised is raised again; a storage refusal inside becomes
+        `CheckpointWriteError` naming the step (the save in flight, else `step`) and the newest complete one."""
+        if self._failed is not None:
+            raise self._failed
+        try:
+            yield
+        except Exception as error:
+            reason = cli.storage_failure(error)
+            if reason is None:
+                raise
+            failed = self._saving if self._saving is not None else step
+            good = [s for s in self._committed_steps() if failed is None or s < failed]
+            last = (f"the newest complete checkpoint, step {good[-1]}, is untouched and the next run resumes "
+                    f"from it" if good else "there is no complete checkpoint, so the next run starts at step 0")
+            _REFUSED["write"] = True
+            logging.info("checkpoint write refused: %s", error)
+            self._failed = CheckpointWriteError(
+                f"{self.directory}: checkpoint step {failed} could not be written ({reason}); training stopped; "
+                f"{last}. Free space (or make the folder writable), then run the same command again")
+            raise self._failed from None
 
     def restore(self, step: int, abstract_state: Any,
                 data_iterator: Any | None = None) -> Any:
