@@ -258,6 +258,16 @@ def _default_attend(attend: AttendFn | None) -> AttendFn:
 # ---- the three ops -----------------------------------------------------------------------------------------------
 
 
+def _prologue(q: jax.Array, k: jax.Array, v: jax.Array, q_ids: jax.Array | None, kv_ids: jax.Array | None,
+              scale: float | None, mesh: jax.sharding.Mesh | None, axis: str, name: str) -> tuple:
+    """What every sharded op does first: `(ids, scale, mesh, n)` with the shapes checked, the default scale and the
+    mesh resolved (n: the size of `axis`, 1 without one)."""
+    ids = _ids(q_ids, kv_ids, name)
+    _check_shapes(q, k, v, ids, name)
+    scale = float(q.shape[-1]) ** -0.5 if scale is None else float(scale)
+    return (ids, scale, *_resolve_mesh(mesh, axis))
+
+
 def ulysses_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: jax.sharding.Mesh | None = None,
                       axis: str = "context", q_ids: jax.Array | None = None, kv_ids: jax.Array | None = None,
                       scale: float | None = None, attend: AttendFn | None = None) -> jax.Array:
@@ -279,11 +289,8 @@ def ulysses_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: jax.sha
     Raises:
       ValueError before any compute when the heads per `tensor` shard do not divide by n, or n does not divide L.
     """
-    ids = _ids(q_ids, kv_ids, "ulysses_attention")
-    _check_shapes(q, k, v, ids, "ulysses_attention")
-    scale = float(q.shape[-1]) ** -0.5 if scale is None else float(scale)
+    ids, scale, mesh, n = _prologue(q, k, v, q_ids, kv_ids, scale, mesh, axis, "ulysses_attention")
     attend = _default_attend(attend)
-    mesh, n = _resolve_mesh(mesh, axis)
     if n == 1:
         return attend(q, k, v, scale=scale, q_ids=ids[0] if ids else None, kv_ids=ids[1] if ids else None)
     heads = _heads_per_shard(mesh, axis, q.shape[2])
@@ -312,10 +319,7 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: jax.shardi
     Arguments and result as `ulysses_attention` (no `attend`: the blocks are this module's online softmax), any head
     count. Each of the n shards keeps its `Lq / n` queries and sees every `Lk / n` key block once.
     """
-    ids = _ids(q_ids, kv_ids, "ring_attention")
-    _check_shapes(q, k, v, ids, "ring_attention")
-    scale = float(q.shape[-1]) ** -0.5 if scale is None else float(scale)
-    mesh, n = _resolve_mesh(mesh, axis)
+    ids, scale, mesh, n = _prologue(q, k, v, q_ids, kv_ids, scale, mesh, axis, "ring_attention")
     if n == 1:
         return _ring_heads_major(q, k, v, ids, scale, None, 1)
     _check_length(q.shape[1], n, axis, "Lq", "ring_attention")
@@ -335,11 +339,8 @@ def sharded_cross_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: j
     q `[B, Lq, H, D]` (video tokens, Lq divisible by n), k / v `[B, Lk, H, D]` (text or local prompts), ids as
     `ulysses_attention` (q_ids sharded with their queries). `attend` per shard as in `ulysses_attention`.
     """
-    ids = _ids(q_ids, kv_ids, "sharded_cross_attention")
-    _check_shapes(q, k, v, ids, "sharded_cross_attention")
-    scale = float(q.shape[-1]) ** -0.5 if scale is None else float(scale)
+    ids, scale, mesh, n = _prologue(q, k, v, q_ids, kv_ids, scale, mesh, axis, "sharded_cross_attention")
     attend = _default_attend(attend)
-    mesh, n = _resolve_mesh(mesh, axis)
     if n == 1:
         return attend(q, k, v, scale=scale, q_ids=ids[0] if ids else None, kv_ids=ids[1] if ids else None)
     _check_length(q.shape[1], n, axis, "Lq", "sharded_cross_attention")
