@@ -889,9 +889,6 @@ def _check_mesh(config: ml_collections.ConfigDict) -> None:
     _check(backbone == "dit", "mesh.context",
            f"{context} but model.backbone={backbone!r} has no context-parallel path (only the DiT shards its video "
            f"tokens, ttm_jax/models/context_parallel.py); set mesh.context=1")
-    _check(not m.get("attention_sparse", False), "mesh.context",
-           f"{context} with model.attention_sparse=True: the object-sparse attention has no context-parallel form "
-           f"yet (issue 32); set model.attention_sparse=False or mesh.context=1")
     heads = m.get("num_heads")
     tensor = sizes.get("tensor", 1)
     if isinstance(heads, int) and tensor > 1 and heads % tensor == 0:

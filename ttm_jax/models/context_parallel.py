@@ -25,10 +25,21 @@ Fully masked rows (a query with no key of its id anywhere) give what the single-
 a row averages all Lk values uniformly, with zero gradient to q and k; the online softmax reproduces it because every
 block of that row has the same maximum. Logits, softmax statistics and accumulators are float32 whatever the dtype.
 
+Object-sparse masked self-attention (`config.model.attention_sparse`: q_ids a `sparse_attention.ObjectSort`, kv_ids
+None or the same sort): work sum_k n_k^2 instead of N^2 per shard, exact.
+  ulysses            after the all-to-all a device holds the whole sequence of its head group, so the single-device
+                     block loop (`sparse_attention.masked_self_attention`) runs there on the DiT's sort of all the
+                     tokens (int32 `[B, N]` arrays, replicated over `axis`; sorted once per forward pass).
+  ring               each shard sorts its own tokens by id (per call: an argsort of L / n ints); the sorted key
+                     blocks travel with their ids, and each query block visits, of every key block that comes by,
+                     only the chunks of the run of ids in its [min, max] range (`sparse_attention.key_runs`): none
+                     when the ranges do not meet. Backward as the dense ring (dk, dv travel home with their block).
+  A negative id (no key anywhere) gives the mean of all the values, as the reference.
+
 Wired: `config.mesh.context` is the mesh's `context` axis (`runtime/mesh.py`; the `length` rule maps to it) and
 `layers.Attention(context_impl=...)` runs these under it (`layers.context_attention`), in the DiT and its TTM layers.
-Not here yet (issue 32): the object-sparse path (`sparse_attention.ObjectSort`) per shard, the Pallas kernels as the
-per-shard op, the U-Net.
+Not here yet (issue 32): the Pallas kernels as the per-shard op (dense or sparse: the XLA paths run per shard), the
+U-Net.
 """
 
 from __future__ import annotations
@@ -42,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from ttm_jax.models import masks
+from ttm_jax.models import masks, sparse_attention
 
 IMPLS = ("ulysses", "ring")
 
@@ -164,6 +175,80 @@ def _ring_vjp_bwd(axis, n, res, do):
 _ring.defvjp(_ring_vjp_fwd, _ring_vjp_bwd)
 
 
+# ---- the object-sparse ring: each shard's queries and keys sorted by id, key blocks skipped by id range -------------
+
+
+def _sparse_ring_fwd(qs, ks, vs, q_ids, kv_ids, scale, blk, bkv, n_keys, axis, n):
+    # qs [B, H, nq*blk, D] this shard's queries sorted by id (q_ids [B, nq*blk]); ks, vs [B, H, n_keys + bkv, D] its
+    # keys sorted (kv_ids [B, n_keys + bkv], padded with an id above every real one). Each key block that comes by
+    # is searched for the run of ids each query block holds (`key_runs`): a query block whose id range does not
+    # meet the key block's visits none of it.
+    def visit(stats, kv):
+        ks, vs, kv_ids = kv
+        start, chunks = sparse_attention.key_runs(kv_ids, q_ids, blk, bkv, n_keys)
+        return sparse_attention.accumulate(qs, ks, vs, q_ids, kv_ids, start, chunks, scale, blk, bkv, stats)
+
+    def step(_, carry):
+        stats, kv = carry
+        return visit(stats, kv), _rotate(kv, axis, n)
+
+    stats, kv = jax.lax.fori_loop(0, n - 1, step, (sparse_attention.init_stats(qs), (ks, vs, kv_ids)))
+    return sparse_attention.finish(visit(stats, kv))  # out f32 [B, H, nq*blk, D], lse [B, H, nq*blk]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
+def _sparse_ring(qs, ks, vs, q_ids, kv_ids, scale, blk, bkv, n_keys, axis, n):
+    return _sparse_ring_fwd(qs, ks, vs, q_ids, kv_ids, scale, blk, bkv, n_keys, axis, n)[0]
+
+
+def _sparse_ring_vjp_fwd(qs, ks, vs, q_ids, kv_ids, scale, blk, bkv, n_keys, axis, n):
+    out, lse = _sparse_ring_fwd(qs, ks, vs, q_ids, kv_ids, scale, blk, bkv, n_keys, axis, n)
+    return out, (qs, ks, vs, q_ids, kv_ids, out, lse)
+
+
+def _sparse_ring_vjp_bwd(scale, blk, bkv, n_keys, axis, n, res, g):
+    # the same (query block, key chunk) pairs as the forward; dk, dv travel with their key block, home after n steps
+    qs, ks, vs, q_ids, kv_ids, out, lse = res
+    g = g.astype(jnp.float32)
+    delta = jnp.sum(g * out, axis=-1)
+
+    def visit(dq, kv, dkv):
+        ks, vs, kv_ids = kv
+        start, chunks = sparse_attention.key_runs(kv_ids, q_ids, blk, bkv, n_keys)
+        dq, dk, dv = sparse_attention.accumulate_grads(qs, ks, vs, q_ids, kv_ids, start, chunks, g, lse, delta,
+                                                       scale, blk, bkv, (dq, *dkv))
+        return dq, (dk, dv)
+
+    def step(_, carry):
+        dq, kv, dkv = carry
+        dq, dkv = visit(dq, kv, dkv)
+        return dq, _rotate(kv, axis, n), _rotate(dkv, axis, n)
+
+    zeros = lambda x: _varying(jnp.zeros(x.shape, jnp.float32), x)
+    dq, kv, dkv = jax.lax.fori_loop(0, n - 1, step, (zeros(qs), (ks, vs, kv_ids), (zeros(ks), zeros(vs))))
+    dq, dkv = visit(dq, kv, dkv)
+    dk, dv = _rotate(dkv, axis, n)
+    return dq.astype(qs.dtype), dk.astype(ks.dtype), dv.astype(vs.dtype), None, None
+
+
+_sparse_ring.defvjp(_sparse_ring_vjp_fwd, _sparse_ring_vjp_bwd)
+
+
+def _sparse_ring_shard(q, k, v, ids, scale, axis, n):
+    """One shard's object-sparse ring attention: q, k, v `[B, l, H, D]` and ids int32 `[B, l]` of this shard's
+    tokens (l = L / n) -> `[B, l, H, D]`. The shard sorts its own tokens by id (`sort_objects`, block
+    `default_block(l)`); the sorted key blocks go round the ring with their ids."""
+    sort = sparse_attention.sort_objects(ids)
+    blk, bkv, length = sort.block, sort.block_kv, q.shape[1]
+    qs = sparse_attention.sorted_heads_major(q, sort, sort.q_ids.shape[1])
+    ks, vs = (sparse_attention.sorted_heads_major(x, sort, length + bkv) for x in (k, v))
+    out = _sparse_ring(qs, ks, vs, sort.q_ids, sort.kv_ids, scale, blk, bkv, length, axis, n)
+    # a negative id has no key anywhere: the reference's uniform row, the mean of every shard's values
+    mean_v = jnp.mean(v.astype(jnp.float32), axis=1, keepdims=True)
+    mean_v = jax.lax.pmean(mean_v, axis) if n > 1 else mean_v
+    return sparse_attention.unsort(out, sort, mean_v).astype(q.dtype)
+
+
 def _ids(q_ids: jax.Array | None, kv_ids: jax.Array | None, where: str) -> tuple:
     """() or (q_ids, kv_ids) int32; `kv_ids=None` with q_ids: self-attention."""
     if q_ids is None:
@@ -268,6 +353,62 @@ def _prologue(q: jax.Array, k: jax.Array, v: jax.Array, q_ids: jax.Array | None,
     return (ids, scale, *_resolve_mesh(mesh, axis))
 
 
+def _object_sort(q_ids, kv_ids, where: str) -> sparse_attention.ObjectSort | None:
+    """The `ObjectSort` passed as q_ids (the object-sparse path, `config.model.attention_sparse`), else None."""
+    if isinstance(kv_ids, sparse_attention.ObjectSort) and kv_ids is not q_ids:
+        raise ValueError(f"context_parallel.{where}: kv_ids is an ObjectSort but q_ids is not the same one; the "
+                         f"object-sparse path is self-attention (pass the sort as q_ids, kv_ids=None)")
+    if not isinstance(q_ids, sparse_attention.ObjectSort):
+        return None
+    if kv_ids is not None and kv_ids is not q_ids:
+        raise ValueError(f"context_parallel.{where}: q_ids is an ObjectSort (object-sparse self-attention) but "
+                         f"kv_ids differs; pass kv_ids=None or the same ObjectSort")
+    return q_ids
+
+
+def _sparse(q, k, v, sort, scale, mesh, axis, impl: str) -> jax.Array:
+    """Object-sparse masked self-attention with the sequence over `axis` (`ulysses_attention` / `ring_attention`
+    with an `ObjectSort` as q_ids). Ulysses: after the all-to-all each device holds the whole sequence of its head
+    group, so the single-device block loop runs there on the DiT's sort of all the tokens (passed in, replicated over
+    `axis`). Ring: each shard sorts its own tokens; sorted key blocks go round with their ids and a query block
+    visits only the keys of its id range (`_sparse_ring_shard`). Per shard: the XLA block loop (the Pallas kernels
+    cannot nest in the shard_map)."""
+    name = f"{impl}_attention"
+    _, scale, mesh, n = _prologue(q, k, v, sort.ids, None, scale, mesh, axis, name)
+    if k.shape != q.shape:
+        raise ValueError(f"context_parallel.{name}: the object-sparse path is self-attention: q, k, v must all be "
+                         f"[B, N, H, D]; got {q.shape}, {k.shape}")
+    if n == 1:
+        return sparse_attention.masked_self_attention(q, k, v, sort, scale=scale)
+    if impl == "ulysses":
+        _check_heads(mesh, axis, q.shape[2], n)
+    _check_length(q.shape[1], n, axis, "Lq", name)
+    q_spec, kv_spec, q_ids_spec, _ = _specs(mesh, axis, q, seq_sharded_kv=True)
+    if impl == "ulysses":
+        def body(q, k, v, sort):
+            q, k, v = (jax.lax.all_to_all(x, axis, 2, 1, tiled=True) for x in (q, k, v))
+            out = sparse_attention.masked_self_attention(q, k, v, sort, scale=scale)
+            return jax.lax.all_to_all(out, axis, 1, 2, tiled=True)
+
+        sort_spec = P(q_spec[0], None)  # every leaf [B, *]: batch-sharded, whole over `axis`
+        return jax.shard_map(body, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, sort_spec),
+                             out_specs=q_spec)(q, k, v, sort)
+
+    def ring_body(q, k, v, ids):
+        return _sparse_ring_shard(q, k, v, ids, scale, axis, n)
+
+    return jax.shard_map(ring_body, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, q_ids_spec),
+                         out_specs=q_spec)(q, k, v, sort.ids)
+
+
+def _check_heads(mesh, axis: str, num_heads: int, n: int) -> None:
+    heads = _heads_per_shard(mesh, axis, num_heads)
+    if heads % n:
+        raise ValueError(f"context_parallel.ulysses_attention: {heads} heads (per tensor shard) do not split over "
+                         f"mesh axis {axis!r} of size {n}; choose config.mesh.context dividing {heads}, or "
+                         f"config.model.context_impl='ring' (any head count)")
+
+
 def ulysses_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: jax.sharding.Mesh | None = None,
                       axis: str = "context", q_ids: jax.Array | None = None, kv_ids: jax.Array | None = None,
                       scale: float | None = None, attend: AttendFn | None = None) -> jax.Array:
@@ -277,7 +418,8 @@ def ulysses_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: jax.sha
       q: `[B, Lq, H, D]`; k, v: `[B, Lk, H, D]` (global arrays; Lq and Lk divisible by the axis size n).
       mesh: a `Mesh` / `AbstractMesh` with `axis`; None: the mesh in scope (`jax.set_mesh`).
       q_ids, kv_ids: int32 `[B, Lq]`, `[B, Lk]` object ids or None (unmasked); `kv_ids=None` with q_ids:
-        `kv_ids = q_ids`.
+        `kv_ids = q_ids`. q_ids a `sparse_attention.ObjectSort` of all the tokens' ids (kv_ids None or the same):
+        the object-sparse path (module docstring; `attend` is not used).
       scale: logit scale; None is `1/sqrt(D)`.
       attend: the single-device op run per head group, `attend(q, k, v, *, scale, q_ids, kv_ids)` on the whole
         sequence (default `local_attention`). It runs inside `shard_map`: a per-device kernel, not one that shards
@@ -289,15 +431,14 @@ def ulysses_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: jax.sha
     Raises:
       ValueError before any compute when the heads per `tensor` shard do not divide by n, or n does not divide L.
     """
+    sort = _object_sort(q_ids, kv_ids, "ulysses_attention")
+    if sort is not None:
+        return _sparse(q, k, v, sort, scale, mesh, axis, "ulysses")
     ids, scale, mesh, n = _prologue(q, k, v, q_ids, kv_ids, scale, mesh, axis, "ulysses_attention")
     attend = _default_attend(attend)
     if n == 1:
         return attend(q, k, v, scale=scale, q_ids=ids[0] if ids else None, kv_ids=ids[1] if ids else None)
-    heads = _heads_per_shard(mesh, axis, q.shape[2])
-    if heads % n:
-        raise ValueError(f"context_parallel.ulysses_attention: {heads} heads (per tensor shard) do not split over "
-                         f"mesh axis {axis!r} of size {n}; choose config.mesh.context dividing {heads}, or "
-                         f"config.model.context_impl='ring' (any head count)")
+    _check_heads(mesh, axis, q.shape[2], n)
     _check_length(q.shape[1], n, axis, "Lq", "ulysses_attention")
     _check_length(k.shape[1], n, axis, "Lk", "ulysses_attention")
 
@@ -317,8 +458,12 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: jax.shardi
     """Self-attention with the sequence sharded over `axis`, by passing keys, values and their ids around the ring.
 
     Arguments and result as `ulysses_attention` (no `attend`: the blocks are this module's online softmax), any head
-    count. Each of the n shards keeps its `Lq / n` queries and sees every `Lk / n` key block once.
+    count. Each of the n shards keeps its `Lq / n` queries and sees every `Lk / n` key block once. q_ids an
+    `ObjectSort` (self-attention): each shard sorts its own tokens and skips key blocks outside its ids' ranges.
     """
+    sort = _object_sort(q_ids, kv_ids, "ring_attention")
+    if sort is not None:
+        return _sparse(q, k, v, sort, scale, mesh, axis, "ring")
     ids, scale, mesh, n = _prologue(q, k, v, q_ids, kv_ids, scale, mesh, axis, "ring_attention")
     if n == 1:
         return _ring_heads_major(q, k, v, ids, scale, None, 1)

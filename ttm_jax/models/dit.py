@@ -309,7 +309,9 @@ class DiT(nn.Module):
         if c.attention_sparse and token_ids is not None:
             # Object-sparse masked self-attention: sort the tokens by id once here, and every masked self-attention
             # layer (scanned or not) reuses the permutation and block ranges (the ObjectSort rides in token_ids).
-            token_ids = sparse_attention.sort_objects(token_ids, impl=c.attention)
+            # Under context parallelism the per-shard op is the XLA block loop (context_parallel), so its block sizes.
+            token_ids = sparse_attention.sort_objects(
+                token_ids, impl=c.attention if layers.context_size() == 1 else "xla")
         args = (context, modulation, rope_cos, rope_sin, local_context, token_ids, cross_token_ids, local_ids)
 
         groups = [(c.ttm_layers, True, "ttm_blocks", 0), (c.num_layers - c.ttm_layers, False, "blocks", c.ttm_layers)]

@@ -346,11 +346,10 @@ def context_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str, co
 
     The per-shard op (Ulysses' head groups, the cross-attention's shards) is `fused_attention` where `Attention` would
     run it (impl xla on CPU), else `context_parallel.local_attention` (exact XLA attention): the Pallas kernels
-    (`gpu`, `splash`) shard themselves over the mesh and cannot run inside the context shard_map.
+    (`gpu`, `splash`) shard themselves over the mesh and cannot run inside the context shard_map. q_ids an
+    `ObjectSort` (`config.model.attention_sparse`): the object-sparse block loop per shard (Ulysses: on the DiT's
+    sort of all the tokens; ring: each shard sorts its own).
     """
-    if isinstance(q_ids, sparse_attention.ObjectSort):
-        raise ValueError("layers.context_attention: config.model.attention_sparse=True has no context-parallel form "
-                         "yet (issue 32); set attention_sparse=False or config.mesh.context=1")
     attend = fused_attention if use_fused_attention(impl, q_ids) else context_parallel.local_attention
     if cross:
         return context_parallel.sharded_cross_attention(q, k, v, q_ids=q_ids, kv_ids=kv_ids, scale=scale,

@@ -115,14 +115,8 @@ def sort_objects(ids: jax.Array, block: int | None = None, block_kv: int | None 
     rows = jnp.arange(b_sz)[:, None]
     inv = jnp.zeros_like(perm).at[rows, perm].set(jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b_sz, n)))
     q_ids = jnp.pad(jnp.where(sorted_ids >= 0, sorted_ids, -1), ((0, 0), (0, nq * block - n)), constant_values=-1)
-    blocks = q_ids.reshape(b_sz, nq, block)
-    lo = jnp.min(jnp.where(blocks >= 0, blocks, _PAD_KEY), axis=2)  # smallest real id of the block
-    hi = jnp.max(blocks, axis=2)  # largest id; -1: no real query in the block
-    start, end = sparse_pallas.id_runs(sorted_ids, lo, hi)
-    empty = hi < 0
-    chunks = jnp.where(empty, 0, -(-(end - start) // block_kv)).astype(jnp.int32)
-    start = jnp.where(empty, 0, start)
     kv_ids = jnp.pad(sorted_ids, ((0, 0), (0, block_kv)), constant_values=_PAD_KEY)
+    start, chunks = key_runs(kv_ids, q_ids, block, block_kv, n)
     return ObjectSort(ids=ids, perm=perm, inv=inv, q_ids=q_ids, kv_ids=kv_ids, kv_start=start, kv_chunks=chunks,
                       block=block, block_kv=block_kv)
 
@@ -154,10 +148,8 @@ def masked_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, sort: Object
     scale = float(d) ** -0.5 if scale is None else float(scale)
     blk, bkv = sort.block, sort.block_kv
 
-    def to_sorted(x: jax.Array, length: int) -> jax.Array:  # [B, N, H, D] -> [B, H, length, D] in sorted order
-        xs = jnp.take_along_axis(x, sort.perm[:, :, None, None], axis=1)
-        xs = jnp.pad(xs, ((0, 0), (0, length - n), (0, 0), (0, 0)))
-        return xs.transpose(0, 2, 1, 3)
+    def to_sorted(x: jax.Array, length: int) -> jax.Array:
+        return sorted_heads_major(x, sort, length)
 
     if impl == "splash":  # splash pads to its own tiles; the sort's key ids are the sorted ids, then padding
         out = sparse_pallas.splash_sorted(to_sorted(q, n), to_sorted(k, n), to_sorted(v, n), sort.kv_ids[:, :n],
@@ -170,12 +162,26 @@ def masked_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, sort: Object
             qs, ks, vs = (sparse_pallas.pad_head(x) for x in (qs, ks, vs))
         out = _block_attention(qs, ks, vs, sort.q_ids, sort.kv_ids, sort.kv_start, sort.kv_chunks, scale, blk, bkv,
                                impl == "gpu", interpret)[..., :d]
-    out = out.transpose(0, 2, 1, 3)[:, :n]
-    out = jnp.take_along_axis(out, sort.inv[:, :, None, None], axis=1)
     # No allowed key (negative id): the reference's uniform softmax over every key, the mean of v.
     mean_v = jnp.mean(v.astype(jnp.float32), axis=1, keepdims=True)
-    out = jnp.where((sort.ids >= 0)[:, :, None, None], out, mean_v)
-    return out.astype(q.dtype)
+    return unsort(out, sort, mean_v).astype(q.dtype)
+
+
+def sorted_heads_major(x: jax.Array, sort: ObjectSort, length: int) -> jax.Array:
+    """x `[B, N, H, D]` -> `[B, H, length, D]`: the tokens in the sort's order, zero-padded to `length` >= N."""
+    n = x.shape[1]
+    xs = jnp.take_along_axis(x, sort.perm[:, :, None, None], axis=1)
+    xs = jnp.pad(xs, ((0, 0), (0, length - n), (0, 0), (0, 0)))
+    return xs.transpose(0, 2, 1, 3)
+
+
+def unsort(out: jax.Array, sort: ObjectSort, mean_v: jax.Array) -> jax.Array:
+    """Sorted output `[B, H, >= N, D]` -> `[B, N, H, D]` in the original token order, rows with a negative id (no
+    allowed key) replaced by `mean_v [B, 1, H, D]` (the mean of all the values: the reference's uniform row)."""
+    n = sort.ids.shape[1]
+    out = out.transpose(0, 2, 1, 3)[:, :n]
+    out = jnp.take_along_axis(out, sort.inv[:, :, None, None], axis=1)
+    return jnp.where((sort.ids >= 0)[:, :, None, None], out, mean_v)
 
 
 # ---- the block loop: queries [B, H, nq*blk, D] against keys / values [B, H, N+bkv, D], both sorted -----------------
@@ -200,14 +206,36 @@ def _allowed(iq: jax.Array, ik: jax.Array) -> jax.Array:
     return (iq[:, None] == ik[None, :]) & (iq[:, None] >= 0)  # [blk, bkv]
 
 
-def _forward(qs, ks, vs, q_ids, kv_ids, start, chunks, scale, blk, bkv):
+def match_varying(x: jax.Array, like: jax.Array) -> jax.Array:
+    """`x` marked as varying over the manual mesh axes `like` varies over (inside `jax.shard_map`: loop carries
+    built from constants must vary as the values they will hold); outside a shard_map `x` itself."""
+    missing = tuple(sorted(jax.typeof(like).mat.varying - jax.typeof(x).mat.varying))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def init_stats(qs: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The online softmax's empty state for sorted queries `qs [B, H, Lq, D]`: running max `[B, H, Lq]` (-inf),
+    running sum `[B, H, Lq]` (0) and unnormalised output `[B, H, Lq, D]` (0), float32, varying as qs."""
+    b_sz, h, lq, d = qs.shape
+    return (match_varying(jnp.full((b_sz, h, lq), -jnp.inf, jnp.float32), qs),
+            match_varying(jnp.zeros((b_sz, h, lq), jnp.float32), qs),
+            match_varying(jnp.zeros((b_sz, h, lq, d), jnp.float32), qs))
+
+
+def accumulate(qs, ks, vs, q_ids, kv_ids, start, chunks, scale: float, blk: int, bkv: int, stats):
+    """Adds the keys of one block of sorted keys to the online softmax `stats` (`init_stats`) of the sorted queries.
+
+    qs `[B, H, nq*blk, D]`, q_ids `[B, nq*blk]`; ks / vs `[B, H, Lk + bkv, D]`, kv_ids `[B, Lk + bkv]` (sorted,
+    padded by `bkv`); start / chunks `[B, nq]` (`key_runs`): query block i visits only `chunks[i]` chunks of `bkv`
+    keys from `start[i]`. The ring of `context_parallel` calls it once per key block it is passed."""
     b_sz, h, lq, d = qs.shape
     nq = lq // blk
 
     def q_block(i, carry):
-        out, lse = carry
+        m_all, total_all, acc_all = carry
         bi, qi, q, iq = _q_block(qs, q_ids, i, nq, blk)
         s0 = start[bi, qi]
+        at = (bi, 0, qi * blk)
 
         def chunk(j, c):  # online softmax: running max m, running sum `total`, unnormalised output acc
             m, total, acc = c
@@ -221,18 +249,41 @@ def _forward(qs, ks, vs, q_ids, kv_ids, start, chunks, scale, blk, bkv):
             return (m_new, total * alpha + jnp.sum(p, axis=-1),
                     acc * alpha[..., None] + jnp.einsum("hqk,hkd->hqd", p, v))
 
-        init = (jnp.full((h, blk), -jnp.inf, jnp.float32), jnp.zeros((h, blk), jnp.float32),
-                jnp.zeros((h, blk, d), jnp.float32))
+        init = (jax.lax.dynamic_slice(m_all, at, (1, h, blk))[0], jax.lax.dynamic_slice(total_all, at, (1, h, blk))[0],
+                jax.lax.dynamic_slice(acc_all, (*at, 0), (1, h, blk, d))[0])
         m, total, acc = jax.lax.fori_loop(0, chunks[bi, qi], chunk, init)
-        some = total > 0  # False: no allowed key (negative id or padding row); lse inf keeps the backward at 0
-        o = acc / jnp.where(some, total, 1.0)[..., None]
-        row_lse = jnp.where(some, m + jnp.log(jnp.where(some, total, 1.0)), jnp.inf)
-        out = jax.lax.dynamic_update_slice(out, o[None], (bi, 0, qi * blk, 0))
-        lse = jax.lax.dynamic_update_slice(lse, row_lse[None], (bi, 0, qi * blk))
-        return out, lse
+        return (jax.lax.dynamic_update_slice(m_all, m[None], at),
+                jax.lax.dynamic_update_slice(total_all, total[None], at),
+                jax.lax.dynamic_update_slice(acc_all, acc[None], (*at, 0)))
 
-    init = (jnp.zeros((b_sz, h, lq, d), jnp.float32), jnp.zeros((b_sz, h, lq), jnp.float32))
-    return jax.lax.fori_loop(0, b_sz * nq, q_block, init)
+    return jax.lax.fori_loop(0, b_sz * nq, q_block, stats)
+
+
+def finish(stats) -> tuple[jax.Array, jax.Array]:
+    """(out `[B, H, Lq, D]`, log-sum-exp `[B, H, Lq]`) float32 of the online softmax `stats`. A row with no allowed
+    key (negative id or padding) has out 0 and lse inf, which keeps its backward at 0."""
+    m, total, acc = stats
+    some = total > 0
+    out = acc / jnp.where(some, total, 1.0)[..., None]
+    return out, jnp.where(some, m + jnp.log(jnp.where(some, total, 1.0)), jnp.inf)
+
+
+def key_runs(kv_ids: jax.Array, q_ids: jax.Array, blk: int, bkv: int, n_keys: int) -> tuple[jax.Array, jax.Array]:
+    """(start, chunks) int32 `[B, nq]`: the run of sorted keys `kv_ids[:, :n_keys]` each query block of the sorted
+    `q_ids [B, nq*blk]` needs (keys whose id lies in the block's [min, max] real id), as whole chunks of `bkv`; 0
+    chunks when the ranges do not meet (or the block has no real query), so that key block is skipped."""
+    b_sz = q_ids.shape[0]
+    blocks = q_ids.reshape(b_sz, -1, blk)
+    lo = jnp.min(jnp.where(blocks >= 0, blocks, _PAD_KEY), axis=2)  # smallest real id of the block
+    hi = jnp.max(blocks, axis=2)  # largest id; -1: no real query in the block
+    start, end = sparse_pallas.id_runs(kv_ids[:, :n_keys], lo, hi)
+    empty = (hi < 0) | (end <= start)
+    chunks = jnp.where(empty, 0, -(-(end - start) // bkv)).astype(jnp.int32)
+    return jnp.where(empty, 0, start).astype(jnp.int32), chunks
+
+
+def _forward(qs, ks, vs, q_ids, kv_ids, start, chunks, scale, blk, bkv):
+    return finish(accumulate(qs, ks, vs, q_ids, kv_ids, start, chunks, scale, blk, bkv, init_stats(qs)))
 
 
 def _forward_any(qs, ks, vs, q_ids, kv_ids, start, chunks, scale, blk, bkv, pallas, interpret):
@@ -258,10 +309,21 @@ def _block_attention_bwd(scale, blk, bkv, pallas, interpret, res, g):
         dq, dk, dv = sparse_pallas.gpu_backward(qs, ks, vs, q_ids, kv_ids, start, chunks, out, lse, g, scale, blk,
                                                 bkv, interpret)
         return dq.astype(qs.dtype), dk.astype(ks.dtype), dv.astype(vs.dtype), None, None, None, None
-    b_sz, h, lq, d = qs.shape
-    nq = lq // blk
     g = g.astype(jnp.float32)
     delta = jnp.sum(g * out, axis=-1)  # [B, H, Lq]: rowsum(dO * O), the softmax backward's correction
+    zeros = lambda x: match_varying(jnp.zeros(x.shape, jnp.float32), x)
+    dq, dk, dv = accumulate_grads(qs, ks, vs, q_ids, kv_ids, start, chunks, g, lse, delta, scale, blk, bkv,
+                                  (zeros(qs), zeros(ks), zeros(vs)))
+    return dq.astype(qs.dtype), dk.astype(ks.dtype), dv.astype(vs.dtype), None, None, None, None
+
+
+def accumulate_grads(qs, ks, vs, q_ids, kv_ids, start, chunks, g, lse, delta, scale: float, blk: int, bkv: int,
+                     grads):
+    """Adds one block of sorted keys' part of the attention gradient to `grads = (dq, dk, dv)` (float32, shaped as
+    qs, ks, vs): the (query block, key chunk) pairs of `accumulate`, probabilities recomputed from the log-sum-exp
+    `lse [B, H, Lq]`; g `[B, H, Lq, D]` float32 (the output's cotangent), delta `[B, H, Lq]` = rowsum(g * out)."""
+    b_sz, h, lq, d = qs.shape
+    nq = lq // blk
 
     def q_block(i, carry):
         dq, dk, dv = carry
@@ -285,13 +347,12 @@ def _block_attention_bwd(scale, blk, bkv, pallas, interpret, res, g):
             dv_c = jax.lax.dynamic_slice(dv, at, (1, h, bkv, d)) + jnp.einsum("hqk,hqd->hkd", p, do)[None]
             return dq_b, jax.lax.dynamic_update_slice(dk, dk_c, at), jax.lax.dynamic_update_slice(dv, dv_c, at)
 
-        dq_b, dk, dv = jax.lax.fori_loop(0, chunks[bi, qi], chunk, (jnp.zeros((h, blk, d), jnp.float32), dk, dv))
+        dq_b = jax.lax.dynamic_slice(dq, (bi, 0, qi * blk, 0), (1, h, blk, d))[0]
+        dq_b, dk, dv = jax.lax.fori_loop(0, chunks[bi, qi], chunk, (dq_b, dk, dv))
         dq = jax.lax.dynamic_update_slice(dq, dq_b[None], (bi, 0, qi * blk, 0))
         return dq, dk, dv
 
-    zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
-    dq, dk, dv = jax.lax.fori_loop(0, b_sz * nq, q_block, (zeros(qs), zeros(ks), zeros(vs)))
-    return dq.astype(qs.dtype), dk.astype(ks.dtype), dv.astype(vs.dtype), None, None, None, None
+    return jax.lax.fori_loop(0, b_sz * nq, q_block, grads)
 
 
 _block_attention.defvjp(_block_attention_fwd, _block_attention_bwd)
