@@ -5,6 +5,7 @@
   tiny     (default) seconds to minutes on a 2-core CPU, synthetic SA-V data, `space_to_depth` autoencoder
   mid      between tiny and wan1.3b, for benchmarks
   wan1.3b  the shapes of Wan2.1-T2V-1.3B (dim 1536, 30 layers, 12 heads of 128, FFN 8960, text dim 4096)
+  wan14b   the shapes of Wan2.1-T2V-14B (dim 5120, 40 layers, 40 heads of 128, FFN 13824, text dim 4096), 720x1280
   tiny_unet    a small AnimateDiff-style U-Net (`backbone="unet"`, `config.model.unet`), `ddim_v`, synthetic SA-V
   animatediff  the paper's U-Net: SD 1.5 + AnimateDiff V3 at 512x512, 16 frames, SD VAE, CLIP ViT-L/14, `ddim_v`
 
@@ -215,6 +216,27 @@ _VARIANT_TABLE: dict[str, dict[str, dict[str, Any]]] = {
         # paper: constant LR 2e-5 after 2,000 warm-up steps
         "optim": {"learning_rate": 2e-5, "warmup_steps": 2000},
         "objective": {"name": "rectified_flow", "shift": 3.0},
+        "sample": {"num_steps": 50, "text_scale": 5.0},
+    },
+    "wan14b": {
+        # The shapes of Wan2.1-T2V-14B (and of I2V-14B's DiT, less its CLIP image embedder and 36 input channels):
+        # the config.json of Wan-AI/Wan2.1-T2V-14B-Diffusers as diffusers' WanTransformer3DModel reads it (its
+        # defaults in diffusers 0.42.1 transformer_wan.py are these 14B numbers: 40 heads of 128 = dim 5120, FFN
+        # 13824, 40 layers, text dim 4096, freq dim 256, patch (1, 2, 2), 16 latent channels in and out). TTM's added
+        # layers in 10 of the 40 blocks, as the paper. The VAE and umT5-XXL are wan1.3b's.
+        "model": {"dim": 5120, "num_layers": 40, "num_heads": 40, "ffn_dim": 13824, "text_dim": 4096, "freq_dim": 256,
+                  "ttm_layers": 10, "patch_size": (1, 2, 2)},
+        "autoencoder": _vae("wan", latent_channels=16, time_factor=4, space_factor=8),
+        "text_encoder": {"name": "umt5", "vocab_size": 256384, "d_model": 4096, "num_layers": 24, "num_heads": 64,
+                         "d_kv": 64, "d_ff": 10240, "per_layer_bias": True, "tokenizer": "sentencepiece",
+                         "max_length": 512, "local_max_length": 32, "dtype": "bfloat16"},
+        # Wan 14B's 720p: 81 frames at 720x1280 (21 x 45 x 80 latent patches: 75,600 tokens)
+        "data": {"num_frames": 81, "height": 720, "width": 1280, "fps": 12.0, "synthetic_rung": 4,
+                 "synthetic_num_videos": 64},
+        "train": {"batch_size": 32, "total_steps": 50_000, "checkpoint_every_steps": 1000, "sample_every_steps": 5000},
+        "optim": {"learning_rate": 2e-5, "warmup_steps": 2000},
+        # diffusers pipeline_wan.py example: flow_shift 5.0 for 720P (3.0 for 480P)
+        "objective": {"name": "rectified_flow", "shift": 5.0},
         "sample": {"num_steps": 50, "text_scale": 5.0},
     },
     # U-Net variants (`backbone="unet"`): the model section is {backbone, ttm_layers, unet: `_unet(...)`}; every other
