@@ -17,7 +17,7 @@ import pytest
 import train_fixtures as fx
 
 from ttm_jax import config as config_lib
-from ttm_jax import describe
+from ttm_jax import describe, storage
 from ttm_jax.assembly import frozen as frozen_lib
 from ttm_jax.assembly import inputs as inputs_lib
 from ttm_jax.assembly import modules as modules_lib
@@ -151,7 +151,7 @@ def test_interrupted_encoding_resumes_to_the_same_output(config, prepared, encod
         encode.encode(prepared, out, config, encoders, records_per_shard=PER_SHARD, interrupt_at_shard=1)
     names = os.listdir(out)
     assert "records-00000.json" in names and "records-00001.json" not in names
-    assert any(records.TMP_MARK in n for n in names)  # the partial shard, as a kill leaves it
+    assert any(storage.TMP_MARK in n for n in names)  # the partial shard, as a kill leaves it
     assert records.MANIFEST not in names
     summary = encode.encode(prepared, out, config, encoders, records_per_shard=PER_SHARD)
     assert summary.complete and summary.shards_skipped == 1 and summary.shards_done == 1

@@ -18,7 +18,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "ttm_jax"
 
 LAYERS = (
-    ("ttm_jax.config", "ttm_jax.cli"),
+    ("ttm_jax.config", "ttm_jax.cli", "ttm_jax.storage"),
     ("ttm_jax.models", "ttm_jax.diffusion", "ttm_jax.runtime"),
     ("ttm_jax.weights",),
     ("ttm_jax.data",),

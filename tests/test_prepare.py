@@ -13,6 +13,7 @@ import train_fixtures as fx
 from sample_data import synthetic_sav_without_last_caption
 
 from ttm_jax import config as config_lib
+from ttm_jax import storage
 from ttm_jax.assembly.registry import make_autoencoder
 from ttm_jax.data import captions as captions_lib
 from ttm_jax.data import clips, prepare, records, sav, synthetic
@@ -181,10 +182,10 @@ def test_cli_reads_a_real_sav_layout_unpacked(sav_dir, tmp_path):
 
 
 def test_only_dead_local_processes_tmp_files_are_stale(tmp_path):
-    mine = os.path.basename(records.tmp_name(str(tmp_path / "records-00000.array_record")))
-    assert not records.is_stale_tmp(mine)  # this process is alive: a concurrent writer's file is kept
+    mine = os.path.basename(storage.tmp_name(str(tmp_path / "records-00000.array_record")))
+    assert not storage.is_stale_tmp(mine)  # this process is alive: a concurrent writer's file is kept
     child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead = mine.rsplit("-", 1)[0] + "-" + child.stdout.strip()
-    assert records.is_stale_tmp(dead)
-    assert not records.is_stale_tmp("records-00000.array_record.tmp.otherhost-" + child.stdout.strip())
-    assert not records.is_stale_tmp("records-00000.array_record")
+    assert storage.is_stale_tmp(dead)
+    assert not storage.is_stale_tmp("records-00000.array_record.tmp.otherhost-" + child.stdout.strip())
+    assert not storage.is_stale_tmp("records-00000.array_record")

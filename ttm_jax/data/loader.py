@@ -48,6 +48,7 @@ import numpy as np
 from etils import epath
 
 from ttm_jax import config as config_lib
+from ttm_jax import storage
 from ttm_jax.data import clips, prepare, records, synthetic, tfds_sav
 from ttm_jax.models.tokenizer import make_tokenizer
 
@@ -285,7 +286,7 @@ def synthetic_params(config: ml_collections.ConfigDict) -> dict:
 def _cache_root(config: ml_collections.ConfigDict, workdir: str) -> str:
     if config.data.synthetic_dir:
         return config.data.synthetic_dir
-    if records.is_remote(workdir):  # a gs:// workdir: the generator writes local files; a per-host local cache
+    if storage.is_remote(workdir):  # a gs:// workdir: the generator writes local files; a per-host local cache
         return os.path.join(tempfile.gettempdir(), "ttm_jax_synthetic_sav")
     return os.path.join(os.path.dirname(os.path.abspath(workdir.rstrip("/"))), "synthetic_sav")
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import struct
 import tempfile
 import zlib
@@ -46,7 +45,7 @@ from array_record.python.array_record_data_source import ArrayRecordDataSource
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 from etils import epath
 
-from ttm_jax import cli
+from ttm_jax import cli, storage
 
 MAGIC = b"TTMR"
 VERSION = 1
@@ -142,71 +141,9 @@ def decode(data: bytes, *, fields: Sequence[str] | None = None) -> dict[str, Any
 # ------------------------------------------------------------------------------------------------ files and folders
 
 
-TMP_MARK = ".tmp."
-
-
-def tmp_name(path: str) -> str:
-    """A temporary name for `path` unique to this host and process: `path.tmp.<host>-<pid>`."""
-    host = socket.gethostname().replace(".", "_").replace("-", "_")
-    return f"{path}{TMP_MARK}{host}-{os.getpid()}"
-
-
-def is_stale_tmp(filename: str) -> bool:
-    """True for a temporary file left by a dead process of this host (others' are never judged stale here)."""
-    _, sep, tag = filename.rpartition(TMP_MARK)
-    host, _, pid = tag.rpartition("-")
-    if not sep or not pid.isdigit() or host != socket.gethostname().replace(".", "_").replace("-", "_"):
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
-def is_remote(path: str | os.PathLike) -> bool:
-    """True for a URL path (`gs://...`): written whole through `etils.epath`, no local rename."""
-    return "://" in os.fspath(path)
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Writes `obj` as JSON so that a reader sees the old file or the new one, never half of it: a local file
-    through a temporary name and a rename; a `gs://` object in one upload (objects appear whole)."""
-    text = json.dumps(obj, indent=1, sort_keys=True)
-    if is_remote(path):
-        epath.Path(path).write_text(text)
-        return
-    tmp = tmp_name(os.fspath(path))
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        _refused(os.fspath(path), tmp, e)
-        raise
-
-
+# what a refused shard write tells the user: a preparation resumes after its last complete shard
 _RESUME = ("the files before it are complete; free space (or make the folder writable), then run the same command "
            "again: it resumes after the last complete shard")
-
-
-def _refused(path: str, tmp: str, error: BaseException) -> None:
-    """When the storage refused writing `path` (`cli.storage_failure`): remove the temporary file and raise
-    `cli.StorageRefused` in one line; otherwise return (the caller re-raises)."""
-    reason = cli.storage_failure(error)
-    if reason is None:
-        return
-    try:
-        os.remove(tmp)
-    except OSError:
-        pass  # never created, or the storage refuses even that: a stale temporary file is ignored and replaced
-    raise cli.StorageRefused(f"{path}: could not be written ({reason}); nothing of it was kept and {_RESUME}") from None
-
-
-def read_json(path: str | os.PathLike) -> Any:
-    return json.loads(epath.Path(path).read_text())
 
 
 class ShardWriter:
@@ -216,11 +153,11 @@ class ShardWriter:
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
-        if is_remote(self.path):
+        if storage.is_remote(self.path):
             fd, self.tmp = tempfile.mkstemp(suffix=".array_record")
             os.close(fd)
         else:
-            self.tmp = tmp_name(self.path)
+            self.tmp = storage.tmp_name(self.path)
         # group_size:1: each record its own chunk, for cheap random access by Grain
         self._writer = ArrayRecordWriter(self.tmp, "group_size:1")
         self.count = 0
@@ -239,15 +176,15 @@ class ShardWriter:
                 self._writer.close()
             except Exception:  # noqa: BLE001, S110 - closing a writer the storage refused fails the same way
                 pass
-            _refused(self.path, self.tmp, error)
+            storage.refused(self.path, self.tmp, error, then=_RESUME)
 
     def commit(self) -> None:
         try:
             self._writer.close()
         except Exception as e:  # noqa: BLE001 - as in write
-            _refused(self.path, self.tmp, e)
+            storage.refused(self.path, self.tmp, e, then=_RESUME)
             raise
-        if is_remote(self.path):
+        if storage.is_remote(self.path):
             epath.Path(self.tmp).copy(epath.Path(self.path), overwrite=True)
             os.remove(self.tmp)
         else:
@@ -269,7 +206,7 @@ def load_manifest(folder: str) -> dict:
     if not epath.Path(path).exists():
         raise RecordError(f"{path}: no manifest, so {folder} is not a finished preparation; run (or resume) "
                           f"`python -m ttm_jax.data.prepare --out={folder} ...`, or fix config.data.prepared_path")
-    m = read_json(path)
+    m = storage.read_json(path)
     if m.get("version") != VERSION:
         raise RecordError(f"{path}: record version {m.get('version')}, this code reads {VERSION}; prepare again "
                           f"into a new folder")

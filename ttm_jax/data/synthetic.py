@@ -36,7 +36,7 @@ import numpy as np
 from absl import flags
 from pycocotools import mask as mask_utils
 
-from ttm_jax import cli
+from ttm_jax import cli, storage
 from ttm_jax.data import video_io
 
 FPS = 24
@@ -539,13 +539,6 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def params(num_videos: int, seed: int, split: str, height: int, width: int, frames: int, videos_per_shard: int,
            with_auto: bool, rung: int = FULL_RUNG) -> dict:
     """What a synthetic folder is a function of (`synthetic.json`); `rung` appears only below the full set, so a
@@ -594,11 +587,12 @@ def generate(out: str, num_videos: int, seed: int = 0, *, split: str = "mixed", 
                 for kind, ann in v.annotation.items():
                     _add_member(tar, f"{folder}/{v.video_id}_{kind}.json", json.dumps(ann).encode())
                 captions.append(v.caption_entry)
-        _write_atomic(shard, buf.getvalue())
+        storage.write_bytes_atomic(shard, buf.getvalue())
         shards.append(shard)
-    _write_atomic(os.path.join(out, CAPTIONS_FILE), "".join(json.dumps(c) + "\n" for c in captions).encode())
+    lines = "".join(json.dumps(c) + "\n" for c in captions)
+    storage.write_bytes_atomic(os.path.join(out, CAPTIONS_FILE), lines.encode())
     p = params(num_videos, seed, split, height, width, frames, videos_per_shard, with_auto, rung)
-    _write_atomic(os.path.join(out, DONE_FILE), json.dumps(p, indent=1).encode())
+    storage.write_json_atomic(os.path.join(out, DONE_FILE), p, sort_keys=False)
     return shards
 
 

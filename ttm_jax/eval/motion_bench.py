@@ -55,8 +55,8 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
-from ttm_jax import cli
-from ttm_jax.data import clips, records, synthetic, video_io
+from ttm_jax import cli, storage
+from ttm_jax.data import clips, synthetic, video_io
 from ttm_jax.data import trajectory as trajectory_lib
 from ttm_jax.eval import motion as motion_lib
 from ttm_jax.inference import requests as requests_lib
@@ -203,15 +203,6 @@ def png_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_atomic(path: str, data: bytes) -> None:
-    """Writes `data` to `path` through a temporary name (`records.tmp_name`) and a rename: all or nothing."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = records.tmp_name(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def npz_bytes(**arrays: np.ndarray) -> bytes:
     """Arrays -> compressed `.npz` file bytes."""
     buf = io.BytesIO()
@@ -240,11 +231,13 @@ def _write_scene(folder: str, name: str, index: int, scene: synthetic.SceneSpec,
     mask_files = []
     for k, o in enumerate(scene.objects):
         rel = f"masks/{label(o).replace(' ', '_')}.png"
-        write_atomic(os.path.join(folder, rel), png_bytes(np.where(masks[0, :, :, k], 255, 0).astype(np.uint8)))
+        mask = np.where(masks[0, :, :, k], 255, 0).astype(np.uint8)
+        storage.write_bytes_atomic(os.path.join(folder, rel), png_bytes(mask))
         mask_files.append(rel)
-    write_atomic(os.path.join(folder, "first_frame.png"), png_bytes(video[0]))
-    write_atomic(os.path.join(folder, "video.mp4"), video_io.encode_video(video, p["fps"], **MP4_SETTINGS))
-    write_atomic(os.path.join(folder, "masks.npz"), npz_bytes(masks=masks))
+    storage.write_bytes_atomic(os.path.join(folder, "first_frame.png"), png_bytes(video[0]))
+    mp4 = video_io.encode_video(video, p["fps"], **MP4_SETTINGS)
+    storage.write_bytes_atomic(os.path.join(folder, "video.mp4"), mp4)
+    storage.write_bytes_atomic(os.path.join(folder, "masks.npz"), npz_bytes(masks=masks))
     out = {
         "name": name, "index": int(index), "params": p, "rejected_before": rejected,
         "caption": entry["caption"], "motion_prompt": entry["motion_prompt"],
@@ -254,17 +247,8 @@ def _write_scene(folder: str, name: str, index: int, scene: synthetic.SceneSpec,
                   "masks_npz": "masks.npz"},
         "scene_spec": dataclasses.asdict(scene),
     }
-    write_atomic(os.path.join(folder, SCENE_FILE), json.dumps(out, indent=1).encode())
+    storage.write_json_atomic(os.path.join(folder, SCENE_FILE), out, sort_keys=False)
     return out
-
-
-def read_json(path: str) -> dict | None:
-    """The JSON object in `path`, or None when it is missing or unreadable."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def _total_rejections(entries: Sequence[dict]) -> dict[str, int]:
@@ -291,7 +275,7 @@ def make_benchmark(out_dir: str, num_scenes: int, *, seed: int = 0, height: int 
     p = params(seed=seed, height=height, width=width, frames=frames, fps=fps, rung=rung)
     geometry = clip_geometry(height, width, frames, fps)
     manifest_path = os.path.join(out_dir, MANIFEST)
-    old = read_json(manifest_path)
+    old = storage.read_json(manifest_path, missing=None)
     if old is not None and old.get("params") != p:
         raise ValueError(f"{manifest_path}: a benchmark of parameters {old.get('params')} is there, not {p}; give "
                          f"another --out or the same parameters")
@@ -303,7 +287,7 @@ def make_benchmark(out_dir: str, num_scenes: int, *, seed: int = 0, height: int 
     for i in range(num_scenes):
         name = scene_name(i)
         folder = os.path.join(out_dir, SCENES, name)
-        done = read_json(os.path.join(folder, SCENE_FILE))
+        done = storage.read_json(os.path.join(folder, SCENE_FILE), missing=None)
         if done is not None and done.get("params") == p and done.get("index", -1) >= index:
             entries.append(done)
             index = done["index"] + 1
@@ -331,13 +315,13 @@ def make_benchmark(out_dir: str, num_scenes: int, *, seed: int = 0, height: int 
                "motion_prompt": e["motion_prompt"], "local_prompts": e["local_prompts"]}
         requests_lib.Request.from_json(req, where=f"{REQUESTS}:{e['name']}")  # the reader accepts it
         lines.append(json.dumps(req))
-    write_atomic(os.path.join(out_dir, REQUESTS), ("\n".join(lines) + "\n").encode())
+    storage.write_bytes_atomic(os.path.join(out_dir, REQUESTS), ("\n".join(lines) + "\n").encode())
     manifest = {"params": p, "num_scenes": num_scenes, "held_out": (
                     f"generator seed {gen_seed} = {BENCH_SEED_OFFSET} + seed; training uses generator seed = "
                     f"config.seed (< {BENCH_SEED_OFFSET})"),
                 "geometry": dataclasses.asdict(geometry),
                 "rejected": _total_rejections(entries), "scenes": entries}
-    write_atomic(manifest_path, json.dumps(manifest, indent=1).encode())
+    storage.write_json_atomic(manifest_path, manifest, sort_keys=False)
     return load_benchmark(out_dir)
 
 
@@ -417,7 +401,7 @@ class Benchmark:
 def load_benchmark(out_dir: str) -> Benchmark:
     """A finished benchmark folder; raises FileNotFoundError naming the manifest and the fix when there is none."""
     path = os.path.join(out_dir, MANIFEST)
-    m = read_json(path)
+    m = storage.read_json(path, missing=None)
     if m is None:
         raise FileNotFoundError(f"{path}: no benchmark manifest; make one with `python -m ttm_jax.eval.motion_bench "
                                 f"--out={out_dir} --num_scenes=N`")

@@ -29,10 +29,11 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
+from ttm_jax import storage
 from ttm_jax.config import ConfigError
 from ttm_jax.eval import metrics as metrics_lib
 from ttm_jax.eval import sav128
-from ttm_jax.eval.motion_bench import png_bytes, write_atomic
+from ttm_jax.eval.motion_bench import png_bytes
 from ttm_jax.inference import run as sample_run
 from ttm_jax.runtime import checkpoint as checkpoint_lib
 
@@ -138,7 +139,7 @@ def _requests_file(benchmark: str, entries: Sequence[dict], path: str) -> str:
         lines.append(json.dumps(r))
     data = ("\n".join(lines) + "\n").encode()
     if not os.path.isfile(path) or pathlib.Path(path).read_bytes() != data:
-        write_atomic(path, data)
+        storage.write_bytes_atomic(path, data)
     return path
 
 
@@ -407,14 +408,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, pipe: Any = Non
                           f"{s.text_scale}, guidance rescale {s.guidance_rescale}"),
         "flow": scorers.flow_name, "not_computed": dict(scorers.not_computed), **scored,
     }
-    write_atomic(os.path.join(workdir, RESULTS_JSON), json.dumps(results, indent=1).encode())
-    write_atomic(os.path.join(workdir, RESULTS_MD), markdown(results).encode())
+    storage.write_json_atomic(os.path.join(workdir, RESULTS_JSON), results, sort_keys=False)
+    storage.write_bytes_atomic(os.path.join(workdir, RESULTS_MD), markdown(results).encode())
     print(f"wrote {os.path.join(workdir, RESULTS_JSON)} and {os.path.join(workdir, RESULTS_MD)}", flush=True)
     if e.contact_sheet:
         sheet = contact_sheet(entries, e.benchmark, generated_videos(config, workdir, entries, seeds[0]),
                               int(e.contact_sheet))
         if sheet is not None:
-            write_atomic(os.path.join(workdir, CONTACT_SHEET), png_bytes(sheet))
+            storage.write_bytes_atomic(os.path.join(workdir, CONTACT_SHEET), png_bytes(sheet))
             print(f"wrote {os.path.join(workdir, CONTACT_SHEET)}", flush=True)
     print(markdown(results), flush=True)
     return results

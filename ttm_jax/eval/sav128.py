@@ -58,14 +58,14 @@ from collections.abc import Sequence
 import numpy as np
 from absl import flags
 
-from ttm_jax import cli
+from ttm_jax import cli, storage
 from ttm_jax.data import captions as captions_lib
-from ttm_jax.data import clips, prompt_plan, records, sav, video_io
+from ttm_jax.data import clips, prompt_plan, sav, video_io
 from ttm_jax.data import trajectory as trajectory_lib
 from ttm_jax.data.video_io import SkipVideo
 from ttm_jax.eval import motion_bench
 from ttm_jax.eval import sav128_select as select
-from ttm_jax.eval.motion_bench import npz_bytes, png_bytes, read_json, write_atomic
+from ttm_jax.eval.motion_bench import npz_bytes, png_bytes
 from ttm_jax.inference import requests as requests_lib
 
 FORMAT = 1
@@ -215,21 +215,23 @@ def write_video(out: str, ref: sav.VideoRef, ann: sav.Annotation, a: select.Anal
     """Writes one video's folder (video.json last) unless it is there already with this entry; returns the entry."""
     entry = _entry(a, ann, cap, p)
     folder = os.path.join(out, VIDEOS, a.video_id)
-    if read_json(os.path.join(folder, VIDEO_FILE)) == entry:
+    if storage.read_json(os.path.join(folder, VIDEO_FILE), missing=None) == entry:
         return entry
     video, masks = clip_arrays(ref, ann, a, rule)
     if os.path.isdir(os.path.join(folder, "masks")):  # labels of an older entry
         shutil.rmtree(os.path.join(folder, "masks"))
     for k, rel in enumerate(entry["files"]["masks"]):
-        write_atomic(os.path.join(folder, rel), png_bytes(np.where(masks[0, :, :, k], 255, 0).astype(np.uint8)))
-    write_atomic(os.path.join(folder, "first_frame.png"), png_bytes(video[0]))
-    write_atomic(os.path.join(folder, "first_frame_masks.npz"), npz_bytes(masks=masks[0]))
-    write_atomic(os.path.join(folder, "video.mp4"), video_io.encode_video(video, rule.fps, **MP4_SETTINGS))
+        mask = np.where(masks[0, :, :, k], 255, 0).astype(np.uint8)
+        storage.write_bytes_atomic(os.path.join(folder, rel), png_bytes(mask))
+    storage.write_bytes_atomic(os.path.join(folder, "first_frame.png"), png_bytes(video[0]))
+    storage.write_bytes_atomic(os.path.join(folder, "first_frame_masks.npz"), npz_bytes(masks=masks[0]))
+    mp4 = video_io.encode_video(video, rule.fps, **MP4_SETTINGS)
+    storage.write_bytes_atomic(os.path.join(folder, "video.mp4"), mp4)
     frame_idx = np.asarray(a.frame_indices, np.int32)
     mask_idx = np.asarray(entry["mask_frame_indices"], np.int32)
-    write_atomic(os.path.join(folder, "masks.npz"), npz_bytes(masks=masks, frame_indices=frame_idx,
+    storage.write_bytes_atomic(os.path.join(folder, "masks.npz"), npz_bytes(masks=masks, frame_indices=frame_idx,
                                                           mask_frame_indices=mask_idx))
-    write_atomic(os.path.join(folder, VIDEO_FILE), json.dumps(entry, indent=1).encode())
+    storage.write_json_atomic(os.path.join(folder, VIDEO_FILE), entry, sort_keys=False)
     return entry
 
 
@@ -266,7 +268,7 @@ def _remove_stale_tmp(out: str) -> None:
     """Deletes temporary files that killed runs on this host left (a live process' files are left alone)."""
     for folder, _, files in os.walk(out):
         for fn in files:
-            if records.is_stale_tmp(fn):
+            if storage.is_stale_tmp(fn):
                 try:
                     os.remove(os.path.join(folder, fn))
                 except FileNotFoundError:
@@ -275,7 +277,8 @@ def _remove_stale_tmp(out: str) -> None:
 
 def _check_spec(out: str, p: dict, overwrite: bool) -> bool:
     """True when `out` is a finished build of `p`; raises ValueError for other arguments without `overwrite`."""
-    manifest, spec = read_json(os.path.join(out, MANIFEST)), read_json(os.path.join(out, SPEC))
+    manifest = storage.read_json(os.path.join(out, MANIFEST), missing=None)
+    spec = storage.read_json(os.path.join(out, SPEC), missing=None)
     old = (manifest or {}).get("params", spec)
     if old is None or old == p:
         return manifest is not None and manifest.get("params") == p
@@ -299,10 +302,10 @@ def build(sav_path: str | Sequence[str], captions_path: str, out: str, *, ids: s
         raise ValueError(f"sav128 --num_single={num_single} --num_multi={num_multi}: give counts >= 0, not both 0")
     p = params(sav_path, captions_path, rule, ids=ids, num_single=num_single, num_multi=num_multi)
     if _check_spec(out, p, overwrite):
-        return Summary(out, read_json(os.path.join(out, MANIFEST)), 0, True)
+        return Summary(out, storage.read_json(os.path.join(out, MANIFEST), missing=None), 0, True)
     os.makedirs(out, exist_ok=True)
     _remove_stale_tmp(out)
-    write_atomic(os.path.join(out, SPEC), json.dumps(p, indent=1).encode())
+    storage.write_json_atomic(os.path.join(out, SPEC), p, sort_keys=False)
     counter = sav.SkipCounter("sav128")
     refs = find_refs(sav_path, counter)
     caps = captions_lib.load_captions(captions_path)
@@ -319,7 +322,7 @@ def build(sav_path: str | Sequence[str], captions_path: str, out: str, *, ids: s
         for a in plan.get(split, []):
             if not ids and taken == want[split]:
                 break
-            folder_done = read_json(os.path.join(out, VIDEOS, a.video_id, VIDEO_FILE))
+            folder_done = storage.read_json(os.path.join(out, VIDEOS, a.video_id, VIDEO_FILE), missing=None)
             ann = anns[a.video_id]
             try:
                 e = write_video(out, by_id[a.video_id], ann, a, caps[a.video_id], rule, p)
@@ -344,7 +347,7 @@ def build(sav_path: str | Sequence[str], captions_path: str, out: str, *, ids: s
         req = request_of(e)
         requests_lib.Request.from_json(req, where=f"{REQUESTS}:{e['video_id']}")  # the reader accepts it
         lines.append(json.dumps(req))
-    write_atomic(os.path.join(out, REQUESTS), ("\n".join(lines) + "\n").encode())
+    storage.write_bytes_atomic(os.path.join(out, REQUESTS), ("\n".join(lines) + "\n").encode())
     manifest = {
         "params": p, "rule": {"name": "ids" if ids else "sav128_select", "parameters": rule.to_json(),
                               "description": f"the published selection in --ids={ids}" if ids else
@@ -353,7 +356,7 @@ def build(sav_path: str | Sequence[str], captions_path: str, out: str, *, ids: s
         "candidates": candidates, "skipped": dict(sorted(counter.counts.items())),
         "skipped_videos": list(counter.messages), "videos": entries,
     }
-    write_atomic(os.path.join(out, MANIFEST), json.dumps(manifest, indent=1).encode())
+    storage.write_json_atomic(os.path.join(out, MANIFEST), manifest, sort_keys=False)
     return Summary(out, manifest, built, False)
 
 
@@ -414,7 +417,7 @@ def _plan_ids(path: str, refs: Sequence[sav.VideoRef], caps: dict,
 
 def load_manifest(out: str) -> dict:
     """A finished benchmark folder's manifest; FileNotFoundError naming it and the fix when there is none."""
-    m = read_json(os.path.join(out, MANIFEST))
+    m = storage.read_json(os.path.join(out, MANIFEST), missing=None)
     if m is None:
         raise FileNotFoundError(f"{os.path.join(out, MANIFEST)}: no SA-V-128 manifest; build one with `python -m "
                                 f"ttm_jax.eval.sav128 --sav=... --captions=... --out={out}`")

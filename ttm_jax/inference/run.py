@@ -28,6 +28,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+from ttm_jax import storage
 from ttm_jax.config import ConfigError
 from ttm_jax.diffusion import samplers
 from ttm_jax.inference import llm, segment
@@ -206,11 +207,8 @@ def is_done(rec: dict | None, key: str) -> bool:
 
 def write_records(workdir: str, records: list[dict]) -> None:
     """`<workdir>/samples.jsonl`, one record per line, replaced atomically."""
-    path = os.path.join(workdir, SAMPLES_FILE)
-    with open(path + ".tmp", "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    os.replace(path + ".tmp", path)
+    lines = "".join(json.dumps(r) + "\n" for r in records)
+    storage.write_bytes_atomic(os.path.join(workdir, SAMPLES_FILE), lines.encode())
 
 
 def _say(status: str, line: requests_lib.RequestLine, reason: str) -> None:

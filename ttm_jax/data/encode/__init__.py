@@ -51,6 +51,7 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader
 from etils import epath
 
+from ttm_jax import storage
 from ttm_jax.data import loader, records
 
 SPEC = "encode.json"
@@ -123,7 +124,7 @@ class _Reader:
     def read(self, path: str, i: int) -> bytes:
         if path not in self._readers:
             local = path
-            if records.is_remote(path):
+            if storage.is_remote(path):
                 fd, local = tempfile.mkstemp(suffix=".array_record")
                 os.close(fd)
                 epath.Path(path).copy(epath.Path(local), overwrite=True)
@@ -201,13 +202,7 @@ def encode_batch(encoders: Encoders, config: ml_collections.ConfigDict, recs: Se
 def _write_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    if records.is_remote(path):
-        epath.Path(path).write_bytes(buf.getvalue())
-        return
-    tmp = records.tmp_name(path)
-    with open(tmp, "wb") as f:
-        f.write(buf.getvalue())
-    os.replace(tmp, path)
+    storage.write_bytes_atomic(path, buf.getvalue())
 
 
 def read_empty_text(folder: str) -> dict[str, np.ndarray]:
@@ -222,10 +217,10 @@ def read_empty_text(folder: str) -> dict[str, np.ndarray]:
 
 
 def _remove_stale_tmp(out: str) -> None:
-    if records.is_remote(out):
+    if storage.is_remote(out):
         return
     for p in epath.Path(out).iterdir():
-        if records.is_stale_tmp(p.name):
+        if storage.is_stale_tmp(p.name):
             try:
                 p.unlink()
             except FileNotFoundError:
@@ -267,14 +262,14 @@ def encode(prepared: str, out: str, config: ml_collections.ConfigDict, encoders:
     }
     spec_path = os.path.join(out, SPEC)
     if epath.Path(spec_path).exists():
-        old = records.read_json(spec_path)
+        old = storage.read_json(spec_path)
         # the input's path may be spelled differently by another host or run: its manifest's hash decides
         diff = sorted(k for k in set(old) | set(spec) if k != "prepared" and old.get(k) != spec.get(k))
         if diff:
             raise ValueError(f"{spec_path}: {out} was encoded with other settings ({', '.join(diff)} differ); resume "
                              f"with the same --prepared/--config/--records_per_shard, or use a new --out")
     else:
-        records.write_json_atomic(spec_path, spec)
+        storage.write_json_atomic(spec_path, spec)
     if p == 0 and not epath.Path(os.path.join(out, EMPTY_TEXT)).exists():
         _write_npz(os.path.join(out, EMPTY_TEXT), {k: np.asarray(jax.device_get(encoders.empty[k]))
                                                    for k in EMPTY_KEYS})
@@ -300,7 +295,7 @@ def encode(prepared: str, out: str, config: ml_collections.ConfigDict, encoders:
                         raise EncodeInterrupted(f"encode: test hook: interrupted in shard {j}")
             writer.commit()
             video_ids = list(dict.fromkeys(i.rsplit("/", 1)[0] for i in ids))
-            records.write_json_atomic(_marker(out, j), {"shard": shard_name(j), "num_records": writer.count,
+            storage.write_json_atomic(_marker(out, j), {"shard": shard_name(j), "num_records": writer.count,
                                                         "record_ids": ids, "video_ids": video_ids})
             nxt = todo[k + 1] if k + 1 < len(todo) else None
             reader.release({path for path, _ in index[nxt * records_per_shard:(nxt + 1) * records_per_shard]}
@@ -324,11 +319,11 @@ def write_manifest(prepared: str, out: str, config: ml_collections.ConfigDict, m
         return False
     shards, total = [], 0
     for j in range(num_shards):
-        stats = records.read_json(_marker(out, j))
+        stats = storage.read_json(_marker(out, j))
         shards.append({"shard": stats["shard"], "num_records": stats["num_records"], "video_ids": stats["video_ids"]})
         total += stats["num_records"]
     m = {k: v for k, v in manifest.items() if k not in ("shards", "num_records", "latents", "file")}
     m.update({"version": records.VERSION, "num_records": total, "shards": shards, "encoded_from": str(prepared),
               "latents": config.autoencoder.to_dict(), "text_embeddings": loader.text_settings(config)})
-    records.write_json_atomic(os.path.join(out, records.MANIFEST), m)
+    storage.write_json_atomic(os.path.join(out, records.MANIFEST), m)
     return True

@@ -30,7 +30,6 @@ passes `segment.GroundingDino(...).detect` and `segment.Sam2Video(...).propagate
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -42,6 +41,7 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from ttm_jax import storage
 from ttm_jax.data import captions as captions_lib
 from ttm_jax.data import prompt_plan, sav, video_io
 from ttm_jax.data.caption import SidecarWriter
@@ -166,15 +166,6 @@ class Summary:
         return f"videos: {self.labelled} labelled, {n} skipped" + (f" ({reasons})" if reasons else "")
 
 
-def _write_json_atomic(path: str, data: dict) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def label_video(video_id: str, path: str, out: str, objects: Objects, detect: Detect, propagate: Propagate, *,
                 threshold: float = 0.3) -> tuple[dict, list[int]]:
     """Labels one video: writes `<out>/<video_id>.mp4` and returns (its annotation json, to be written as
@@ -245,7 +236,7 @@ def label_all(videos: str, out: str, detect: Detect, propagate: Propagate, *, ca
                 e = entries[vid]
                 writer.write(captions_lib.CaptionEntry(vid, e.caption, e.motion_prompt, {
                     str(m): what.local_prompts[i] for m, i in zip(ann["masklet_id"], keep, strict=True)}, e.category))
-            _write_json_atomic(json_path, ann)
+            storage.write_json_atomic(json_path, ann, indent=None, sort_keys=False)
             labelled += 1
             logging.info("label: %s -> %d objects (%s)", vid, len(keep), ", ".join(what.names[i] for i in keep))
     finally:

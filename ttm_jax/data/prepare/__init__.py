@@ -43,7 +43,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from ttm_jax import cli
+from ttm_jax import cli, storage
 from ttm_jax.data import captions as captions_lib
 from ttm_jax.data import clips, records, sav
 from ttm_jax.data.video_io import SkipVideo
@@ -144,7 +144,7 @@ def process_chunk(chunk: int, refs: Sequence[sav.VideoRef], captions: dict, conf
     stats = {"chunk": chunk, "shard": shard_name(chunk), "num_records": writer.count, "videos_ok": ok,
              "video_ids": video_ids, "skipped": dict(counter.counts), "skipped_videos": list(counter.messages),
              "num_videos": len(refs)}
-    records.write_json_atomic(_marker(out, chunk), stats)
+    storage.write_json_atomic(_marker(out, chunk), stats)
     return stats
 
 
@@ -152,10 +152,10 @@ def _remove_stale_tmp(out: str) -> None:
     """Deletes temporary files of killed runs on this host; files of a live process (a concurrent preparation of
     the same, deterministic folder) and of other hosts are left alone. A `gs://` folder has none (shards are
     uploaded whole)."""
-    if records.is_remote(out):
+    if storage.is_remote(out):
         return
     for p in epath.Path(out).iterdir():
-        if records.is_stale_tmp(p.name):
+        if storage.is_stale_tmp(p.name):
             try:
                 p.unlink()
             except FileNotFoundError:
@@ -195,14 +195,14 @@ def prepare(sav_path: str | Sequence[str], captions_path: str, out: str, config:
     }
     spec_path = os.path.join(out, records.SPEC)
     if epath.Path(spec_path).exists():
-        old = records.read_json(spec_path)
+        old = storage.read_json(spec_path)
         if old != spec:
             diff = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k))
             raise ValueError(f"{spec_path}: {out} was prepared with other settings ({', '.join(diff)} differ); "
                              f"resume with the same --sav/--config/--seed/--chunk_size/--clips_per_video/--latents, "
                              f"or use a new --out")
     else:
-        records.write_json_atomic(spec_path, spec)
+        storage.write_json_atomic(spec_path, spec)
     chunks = [refs[i:i + chunk_size] for i in range(0, len(refs), chunk_size)]
     todo = [c for c in range(len(chunks)) if not epath.Path(_marker(out, c)).exists()]
     if len(todo) < len(chunks):
@@ -225,14 +225,14 @@ def prepare(sav_path: str | Sequence[str], captions_path: str, out: str, config:
     shards, skipped, ok, total = [], collections.Counter(find_counter.counts), 0, 0
     messages = list(find_counter.messages)
     for c in range(len(chunks)):
-        stats = records.read_json(_marker(out, c))
+        stats = storage.read_json(_marker(out, c))
         shards.append({"shard": stats["shard"], "num_records": stats["num_records"], "video_ids": stats["video_ids"]})
         skipped.update(stats["skipped"])
         messages.extend(stats.get("skipped_videos", []))  # markers of older runs have only the counts
         ok += stats["videos_ok"]
         total += stats["num_records"]
     summary = Summary(ok, dict(skipped), total, out, messages)
-    records.write_json_atomic(os.path.join(out, records.MANIFEST), {
+    storage.write_json_atomic(os.path.join(out, records.MANIFEST), {
         "version": records.VERSION, "data": spec["data"], "latents": spec["latents"], "seed": seed,
         "clips_per_video": clips_per_video, "num_records": total, "videos_ok": ok, "skipped": dict(skipped),
         "skipped_videos": messages, "shards": shards,
