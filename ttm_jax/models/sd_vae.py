@@ -34,6 +34,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ttm_jax.models import norms
+
 CONFIG_FILE = "config.json"
 EPS = 1e-6  # every GroupNorm of diffusers' Encoder / Decoder
 
@@ -143,27 +145,6 @@ class Conv(nn.Module):
         return y + bias.astype(self.dtype)
 
 
-class GroupNorm(nn.Module):
-    """torch `nn.GroupNorm(groups, C, eps)` over `[N, H, W, C]`: statistics per image and group in float32,
-    two-pass variance; params `scale [C]`, `bias [C]`."""
-
-    groups: int
-    eps: float = EPS
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        n, h, w, c = x.shape
-        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
-        g = x.astype(jnp.float32).reshape(n, h, w, self.groups, c // self.groups)
-        mean = jnp.mean(g, axis=(1, 2, 4), keepdims=True)
-        var = jnp.mean(jnp.square(g - mean), axis=(1, 2, 4), keepdims=True)
-        y = ((g - mean) * jax.lax.rsqrt(var + self.eps)).reshape(n, h, w, c)
-        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
-
-
 class _Base(nn.Module):
     cfg: SDVAEConfig
     dtype: Any = jnp.float32
@@ -174,8 +155,9 @@ class _Base(nn.Module):
     def kw(self) -> dict[str, Any]:
         return dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
 
-    def norm(self, name: str) -> GroupNorm:
-        return GroupNorm(self.cfg.norm_num_groups, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    def norm(self, name: str) -> norms.GroupNorm:
+        return norms.GroupNorm(self.cfg.norm_num_groups, EPS, axis_name=None, dtype=self.dtype,
+                               param_dtype=self.param_dtype, name=name)
 
 
 class ResnetBlock(_Base):

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ttm_jax.models import norms
+
 
 @dataclasses.dataclass(frozen=True)
 class T5Spec:
@@ -82,22 +84,6 @@ def relative_position_buckets(q_len: int, k_len: int, num_buckets: int, max_dist
 def _dense(features: int, std: float, names: tuple[str, str], dtype, param_dtype, name: str) -> nn.Dense:
     init = nn.with_logical_partitioning(nn.initializers.normal(std), names)
     return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=param_dtype, kernel_init=init, name=name)
-
-
-class RMSNorm(nn.Module):
-    """T5 LayerNorm: `x / sqrt(mean(x^2) + eps) * scale`, in float32; `[..., D] -> [..., D]` in `dtype`."""
-
-    eps: float
-    dtype: Any
-    param_dtype: Any
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("text_embed",)),
-                           (x.shape[-1],), self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        return (y * scale.astype(jnp.float32)).astype(self.dtype)
 
 
 class RelativePositionBias(nn.Module):
@@ -160,7 +146,7 @@ class T5Layer(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array, shared_bias: jax.Array | None):
         s = self.spec
-        norm = lambda n: RMSNorm(s.eps, s.dtype, s.param_dtype, name=n)
+        norm = lambda n: norms.RMSNorm(s.eps, "text_embed", s.dtype, s.param_dtype, name=n)
         if s.per_layer_bias:
             bias = RelativePositionBias(s, name="relative_bias")(x.shape[1], x.shape[1])
         else:
@@ -189,7 +175,7 @@ class T5Encoder(nn.Module):
                          in_axes=(nn.broadcast, nn.broadcast), length=s.num_layers,
                          metadata_params={nn.PARTITION_NAME: "layers"})
         x, _ = layers(s, name="layers")(x, mask, shared)
-        x = RMSNorm(s.eps, s.dtype, s.param_dtype, name="final_norm")(x)
+        x = norms.RMSNorm(s.eps, "text_embed", s.dtype, s.param_dtype, name="final_norm")(x)
         if zero_padding:
             x = jnp.where(mask[..., None], x, 0)
         return x

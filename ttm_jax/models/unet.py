@@ -70,13 +70,8 @@ import numpy as np
 from flax import struct, traverse_util
 
 from ttm_jax.models import attention as attention_ops
-from ttm_jax.models import layers, masks, sparse_attention, ttm_layers
+from ttm_jax.models import layers, masks, norms, remat, sparse_attention, ttm_layers
 
-REMAT_POLICIES = {
-    "full": None,  # save nothing: recompute the whole module
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
 CROSS_DOWN, PLAIN_DOWN = "CrossAttnDownBlockMotion", "DownBlockMotion"
 CROSS_UP, PLAIN_UP = "CrossAttnUpBlockMotion", "UpBlockMotion"
 TTM_MODULES = ("masked_self_attn", "masked_cross_attn")
@@ -161,8 +156,8 @@ class UNetConfig:
         for field, heads in (("num_attention_heads", self.heads), ("motion_num_attention_heads", self.motion_heads)):
             for c, h in zip(self.block_out_channels, heads, strict=True):
                 need(c % h == 0, field, f"{h} heads do not divide {c} channels")
-        need(self.remat_policy == "none" or self.remat_policy in REMAT_POLICIES, "remat_policy",
-             f"{self.remat_policy!r}; choose none or one of {sorted(REMAT_POLICIES)}")
+        need(self.remat_policy == "none" or self.remat_policy in remat.POLICIES, "remat_policy",
+             f"{self.remat_policy!r}; choose none or one of {sorted(remat.POLICIES)}")
         need(0 <= self.ttm_layers <= self.num_encoder_transformers, "ttm_layers",
              f"{self.ttm_layers} must be in [0, {self.num_encoder_transformers}] (the encoder's spatial "
              f"transformers: layers_per_block x the {CROSS_DOWN} blocks)")
@@ -250,29 +245,6 @@ def _conv(features: int, kernel: int, *, dtype: Dtype, param_dtype: Dtype, name:
                    bias_init=layers.logical_init(nn.initializers.zeros_init(), axes[-1:]), name=name)
 
 
-class GroupNorm(nn.Module):
-    """torch `GroupNorm` channels-last: x `[N, ..., C]`, statistics per example over every non-batch axis within
-    each of `groups` channel groups, float32 math; params `scale`, `bias` `[C]`. Returns `dtype`."""
-
-    groups: int
-    eps: float
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        c = x.shape[-1]
-        scale = self.param("scale", layers.logical_init(nn.initializers.ones_init(), ("embed",)), (c,),
-                           self.param_dtype)
-        bias = self.param("bias", layers.logical_init(nn.initializers.zeros_init(), ("embed",)), (c,),
-                          self.param_dtype)
-        x32 = x.astype(jnp.float32).reshape(x.shape[0], -1, self.groups, c // self.groups)
-        mean = jnp.mean(x32, axis=(1, 3), keepdims=True)
-        var = jnp.mean(jnp.square(x32 - mean), axis=(1, 3), keepdims=True)
-        y = ((x32 - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
-        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
-
-
 class ResnetBlock(nn.Module):
     """diffusers' `ResnetBlock2D` (default time-embedding norm): x `[N, H, W, Cin]`, temb `[N, Temb]` ->
     `[N, H, W, out_channels]`."""
@@ -287,11 +259,11 @@ class ResnetBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = nn.silu(GroupNorm(self.groups, self.eps, name="norm1", **kw)(x))
+        h = nn.silu(norms.GroupNorm(self.groups, self.eps, name="norm1", **kw)(x))
         h = _conv(self.out_channels, 3, name="conv1", **kw)(h)
         t = layers.dense(self.out_channels, (None, "embed"), name="time_emb_proj", **kw)(nn.silu(temb))
         h = h + t[:, None, None, :].astype(h.dtype)
-        h = nn.silu(GroupNorm(self.groups, self.eps, name="norm2", **kw)(h))
+        h = nn.silu(norms.GroupNorm(self.groups, self.eps, name="norm2", **kw)(h))
         h = _conv(self.out_channels, 3, name="conv2", **kw)(h)
         if x.shape[-1] != self.out_channels:
             x = _conv(self.out_channels, 1, name="conv_shortcut", **kw)(x)
@@ -432,7 +404,7 @@ class SpatialTransformer(nn.Module):
     def __call__(self, x: jax.Array, context: jax.Array, ttm: TTMInputs | None = None) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         n, h, w, c = x.shape
-        y = GroupNorm(self.groups, 1e-6, name="norm", **kw)(x)
+        y = norms.GroupNorm(self.groups, 1e-6, name="norm", **kw)(x)
         proj_in = (layers.dense(c, (None, "embed"), name="proj_in", **kw) if self.linear
                    else _conv(c, 1, name="proj_in", **kw))
         y = proj_in(y).reshape(n, h * w, c)
@@ -463,7 +435,7 @@ class MotionModule(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         n, h, w, c = x.shape
         b = n // frames
-        y = GroupNorm(self.groups, 1e-6, name="norm", **kw)(x.reshape(b, frames, h, w, c))
+        y = norms.GroupNorm(self.groups, 1e-6, name="norm", **kw)(x.reshape(b, frames, h, w, c))
         y = y.transpose(0, 2, 3, 1, 4).reshape(b * h * w, frames, c)
         y = layers.dense(c, (None, "embed"), name="proj_in", **kw)(y)
         for k in range(self.num_layers):
@@ -472,13 +444,6 @@ class MotionModule(nn.Module):
         y = layers.dense(c, (None, "embed"), name="proj_out", **kw)(y)
         y = y.reshape(b, h, w, frames, c).transpose(0, 3, 1, 2, 4).reshape(n, h, w, c)
         return (y + x).astype(self.dtype)
-
-
-def _maybe_remat(cls: type[nn.Module], cfg: UNetConfig, static: tuple[int, ...] = ()) -> type[nn.Module]:
-    """`cls` rematerialised under `cfg.remat_policy` (`static`: argnums, self = 0, of non-array arguments)."""
-    if cfg.remat_policy == "none":
-        return cls
-    return nn.remat(cls, policy=REMAT_POLICIES[cfg.remat_policy], static_argnums=static)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -506,9 +471,9 @@ class UNet(nn.Module):
                                           local_ids)
         chans, n_levels = c.block_out_channels, len(c.block_out_channels)
         heads, mheads = c.heads, c.motion_heads
-        resnet = _maybe_remat(ResnetBlock, c)
-        spatial = _maybe_remat(SpatialTransformer, c)
-        motion = _maybe_remat(MotionModule, c, static=(2,))
+        resnet = remat.maybe_remat(ResnetBlock, c.remat_policy)
+        spatial = remat.maybe_remat(SpatialTransformer, c.remat_policy)
+        motion = remat.maybe_remat(MotionModule, c.remat_policy, static_argnums=(2,))
         res_kw = dict(groups=c.norm_num_groups, eps=c.norm_eps, **kw)
 
         def spatial_kw(level_heads: int) -> dict[str, Any]:
@@ -568,7 +533,7 @@ class UNet(nn.Module):
                 h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)  # nearest 2x
                 h = _conv(rchans[i], 3, name=f"{p}_upsamplers_0_conv", **kw)(h)
 
-        h = nn.silu(GroupNorm(c.norm_num_groups, c.norm_eps, name="conv_norm_out", **kw)(h))
+        h = nn.silu(norms.GroupNorm(c.norm_num_groups, c.norm_eps, name="conv_norm_out", **kw)(h))
         h = _conv(self.out_channels, 3, name="conv_out", axes=(None, None, "embed", "out_channels"), **kw)(h)
         return h.reshape(b, t, hh, ww, self.out_channels).astype(jnp.float32)
 

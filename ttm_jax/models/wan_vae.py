@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ttm_jax.models import norms
+
 CONTEXT = 2  # frames of causal context of a time-kernel-3 conv (diffusers' CACHE_T)
 CONFIG_FILE = "config.json"
 
@@ -159,22 +161,6 @@ class Conv(nn.Module):
         return _conv(self, x, self.features, self.kernel_size, self.strides)
 
 
-class RMSNorm(nn.Module):
-    """diffusers' `WanRMS_norm` over channels: `x / max(|x|_2, 1e-12) * sqrt(C) * gamma`, computed in float32."""
-
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        c = x.shape[-1]
-        gamma = self.param("gamma", nn.initializers.ones, (c,), self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        norm = jnp.sqrt(jnp.sum(jnp.square(x32), axis=-1, keepdims=True))
-        y = x32 / jnp.maximum(norm, 1e-12) * (c**0.5) * gamma.astype(jnp.float32)
-        return y.astype(self.dtype)
-
-
 def _with_context(module: nn.Module, x: jax.Array, frames: int, first: bool, name: str = "context") -> jax.Array:
     """Prepends `frames` frames of causal context to `x [B, T, H, W, C]`.
 
@@ -228,9 +214,9 @@ class ResidualBlock(nn.Module):
         h = x
         if x.shape[-1] != self.out_dim:
             h = CausalConv3d(self.out_dim, (1, 1, 1), name="conv_shortcut", **kw)(x)
-        x = nn.silu(RMSNorm(self.dtype, self.param_dtype, name="norm1")(x))
+        x = nn.silu(norms.L2Norm(self.dtype, self.param_dtype, name="norm1")(x))
         x = CausalConv3d(self.out_dim, name="conv1", **kw)(x, first)
-        x = nn.silu(RMSNorm(self.dtype, self.param_dtype, name="norm2")(x))
+        x = nn.silu(norms.L2Norm(self.dtype, self.param_dtype, name="norm2")(x))
         x = CausalConv3d(self.out_dim, name="conv2", **kw)(x, first)
         return x + h
 
@@ -246,7 +232,7 @@ class AttentionBlock(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         b, t, h, w, c = x.shape
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
-        y = RMSNorm(self.dtype, self.param_dtype, name="norm")(x)
+        y = norms.L2Norm(self.dtype, self.param_dtype, name="norm")(x)
         qkv = Conv(3 * c, (1, 1), name="to_qkv", **kw)(y)
         q, k, v = jnp.split(qkv.reshape(b * t, h * w, 3 * c), 3, axis=-1)  # [B*T, HW, C] each
         # written out (not jax.nn.dot_product_attention) so `precision` reaches the two matmuls; logits and softmax
@@ -353,7 +339,7 @@ class Encoder(nn.Module):
                 x = Resample(mode, out_dim, name=f"down_blocks_{n}", **kw)(x, first)
                 n += 1
         x = MidBlock(name="mid_block", **kw)(x, first)
-        x = nn.silu(RMSNorm(self.dtype, self.param_dtype, name="norm_out")(x))
+        x = nn.silu(norms.L2Norm(self.dtype, self.param_dtype, name="norm_out")(x))
         return CausalConv3d(2 * cfg.z_dim, name="conv_out", **kw)(x, first)
 
 
@@ -380,7 +366,7 @@ class Decoder(nn.Module):
             if i != len(mult) - 1:
                 mode = "upsample3d" if temperal_upsample[i] else "upsample2d"
                 x = Resample(mode, out_dim // 2, name=f"up_blocks_{i}_upsamplers_0", **kw)(x, first)
-        x = nn.silu(RMSNorm(self.dtype, self.param_dtype, name="norm_out")(x))
+        x = nn.silu(norms.L2Norm(self.dtype, self.param_dtype, name="norm_out")(x))
         return CausalConv3d(cfg.out_channels, name="conv_out", **kw)(x, first)
 
 
