@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
@@ -55,6 +56,45 @@ class TrainResult:
     history: list[tuple[int, dict[str, float]]]
     state: state_lib.TrainState
     checkpoint_steps: list[int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One training run as `train` settles it before anything is written: the validated config and its workdir, the
+    modules and the data factory, the device mesh with its sharding rules, the optimizer, and the train state's init
+    function, shardings and abstract shapes (a resume is checked against these before the loop starts). What follows
+    from the config alone (`rng`, `ema_decay`, `shard_unannotated`) is read from it, not stored twice."""
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    modules: Modules
+    make_iterator: IteratorFactory
+    mesh: jax.sharding.Mesh
+    rules: sharding_lib.Rules
+    tx: optax.GradientTransformation
+    init_params: Callable[[jax.Array], Any]
+    shardings: state_lib.TrainState
+    abstract: state_lib.TrainState
+
+    @property
+    def rng(self) -> jax.Array:
+        return _rng(self.config)
+
+    @property
+    def ema_decay(self) -> float:
+        return float(self.config.optim.ema_decay)
+
+    @property
+    def shard_unannotated(self) -> bool:
+        return _shard_unannotated(self.config)
+
+
+def _rng(config: ml_collections.ConfigDict) -> jax.Array:
+    return jax.random.PRNGKey(int(config.seed))
+
+
+def _shard_unannotated(config: ml_collections.ConfigDict) -> bool:
+    return bool(config.mesh.get("shard_unannotated", True))
 
 
 def _say(msg: str) -> None:
@@ -178,11 +218,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, modules: Modules |
     tx = state_lib.make_optimizer(config.optim, config.train.total_steps)
     ema_decay = float(config.optim.ema_decay)
     init_params = params_lib.make_init_params(config, modules)
-    rng = jax.random.PRNGKey(int(config.seed))
-    shard_unannotated = bool(config.mesh.get("shard_unannotated", True))
-    abstract_boxed = jax.eval_shape(init_params, rng)
-    shardings = state_lib.state_shardings(abstract_boxed, tx, ema_decay, mesh, rules, shard_unannotated)
-    abstract = state_lib.abstract_state(init_params, rng, tx, ema_decay, shardings)
+    abstract_boxed = jax.eval_shape(init_params, _rng(config))
+    shardings = state_lib.state_shardings(abstract_boxed, tx, ema_decay, mesh, rules, _shard_unannotated(config))
+    run = Run(config=config, workdir=workdir, modules=modules, make_iterator=make_iterator or default_iterator,
+              mesh=mesh, rules=rules, tx=tx, init_params=init_params, shardings=shardings,
+              abstract=state_lib.abstract_state(init_params, _rng(config), tx, ema_decay, shardings))
     # a resume that would change what the checkpoints hold is refused before anything is written
     # every process takes the same branch (Orbax's managers synchronise the processes): process 0's view decides
     resuming = checkpoint_lib.checkpoint_dir(workdir).exists()
@@ -191,14 +231,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, modules: Modules |
     saved = _newest_saved_config(workdir) if resuming else None
     if saved is not None:
         check_resumable(saved[1], config, workdir)
-        _check_layout(workdir, saved[0], abstract)
+        _check_layout(workdir, saved[0], run.abstract)
 
     lock = lock_lib.WorkdirLock(workdir) if jax.process_index() == 0 else None
     if lock is not None:
         lock.acquire()
     try:
-        return _train(config, workdir, modules, make_iterator or default_iterator, mesh, rules, tx, init_params, rng,
-                      shard_unannotated, shardings, abstract)
+        return _train(run)
     finally:
         if lock is not None:
             lock.release()
@@ -237,30 +276,30 @@ def _check_layout(workdir: str, step: int, abstract: state_lib.TrainState) -> No
             f"--workdir={workdir}, no --config) or start a new workdir")
 
 
-def _train(config, workdir, modules, make_iterator, mesh, rules, tx, init_params, rng, shard_unannotated, shardings,
-           abstract) -> TrainResult:
+def _train(run: Run) -> TrainResult:
+    config, workdir, modules, mesh, rules = run.config, run.workdir, run.modules, run.mesh, run.rules
     t = config.train
     total_steps = int(t.total_steps)
-    ema_decay = float(config.optim.ema_decay)
     if jax.process_index() == 0:
         (epath.Path(workdir) / checkpoint_lib.CONFIG_FILE).write_text(config.to_json(indent=2))
-    iterator = make_iterator(config, process_index=jax.process_index(), process_count=jax.process_count(),
+    iterator = run.make_iterator(config, process_index=jax.process_index(), process_count=jax.process_count(),
                              workdir=workdir)
 
     # --- state -------------------------------------------------------------------------------------------------------
     ckpt = checkpoint_lib.Checkpointer.from_config(workdir, config)
-    state, latest, bad = ckpt.restore_newest_usable(abstract, iterator)
+    state, latest, bad = ckpt.restore_newest_usable(run.abstract, iterator)
     for step, reason in bad:
         _say(f"warning: checkpoint step {step} is unusable ({reason}); moved to "
              f"{epath.Path(workdir) / checkpoint_lib.UNUSABLE_DIR}")
     if latest is not None:
         _say(f"resuming from step {latest} ({checkpoint_lib.checkpoint_dir(workdir) / str(latest)})")
     else:
-        state, _ = state_lib.init_state(init_params, rng, tx, ema_decay, mesh, rules, shard_unannotated,
+        state, _ = state_lib.init_state(run.init_params, run.rng, run.tx, run.ema_decay, mesh, rules,
+                                        run.shard_unannotated,
                                         compile_lib.compiler_options(config),
                                         cache_key=compile_lib.cache_key(config, modules, mesh, "init_state", rules))
         if t.get("init_from", ""):
-            state = state.replace(params=_load_init_from(t.init_from, abstract))
+            state = state.replace(params=_load_init_from(t.init_from, run.abstract))
             if state.ema_params is not None:
                 state = state.replace(ema_params=jax.tree.map(jnp.copy, state.params))
             _say(f"initialised params from {t.init_from}")
@@ -338,7 +377,8 @@ def _train(config, workdir, modules, make_iterator, mesh, rules, tx, init_params
                                                   ) from None
                 if train_step is None:
                     bsh = step_lib.batch_shardings(local, mesh)
-                    train_step = step_lib.make_train_step(config, modules, tx, mesh, rules, shardings, frozen_sh, bsh)
+                    train_step = step_lib.make_train_step(config, modules, run.tx, mesh, rules, run.shardings,
+                                                          frozen_sh, bsh)
                 batch = step_lib.global_batch(local, bsh)
                 if sample_batch is None and int(t.sample_every_steps) > 0:
                     sample_batch = jax.tree.map(jnp.copy, batch)
