@@ -11,11 +11,35 @@ their rows show 0 (and what they would be). FLOPs per training step come from XL
 forward + backward of the backbone on abstract inputs of the configured global batch; the DiT's layers are unrolled
 for that count because XLA's cost analysis counts a `while` (scan) body once, not once per trip. The frozen encoders'
 FLOPs (VAE encode, text encoder forward) are counted the same way, per step.
+
+Memory per device (`memory_plan`, `memory_markdown`; printed by describe as a markdown table) for the mesh of
+`config.mesh` (`--config.mesh.shape.{data,fsdp,tensor}=..`, `--config.mesh.context=N`) on `devices` devices (the
+`--describe_devices` flag; default: the mesh's own product when it has no -1, else this host's devices), computed,
+not run: the shardings come from `config.mesh.rules` through `runtime/sharding.tree_shardings` on a
+`jax.sharding.AbstractMesh` of those sizes, and each parameter's bytes per device are its shard's. Rows: trainable
+parameters (`model.param_dtype`), their gradients (the same shardings and dtype), the AdamW state (two moments
+shaped and sharded as the params, in the params' dtype: optax's default), the EMA copy when `optim.ema_decay` > 0,
+the frozen text encoder and autoencoder (0 with `data.cached`), and the activations, an ESTIMATE:
+
+  activations = layers x tokens per device x values saved per token and layer x bytes of `model.dtype`
+                (+ one layer's full set, recomputed in the backward pass, under remat_policy=full)
+  tokens per device = ceil(batch / (data x fsdp)) x N / context   (N video tokens of the latent, per example)
+  values per token and layer (D = dim, F = ffn_dim, t = mesh tensor size; `_SAVED`):
+    none           8 D + (19 D + 2 F) / t       every block intermediate (norms, residuals, q/k/v before and after
+                                                 norm and RoPE, attention outputs, FFN hidden before and after GELU)
+    dots,
+    dots_no_batch  3 D + (10 D + F) / t         the projections' outputs and the attention residuals (q, k, v, o)
+    full           D                            the block input only
+  TTM's blocks add 4 D + 11 D / t (none), 2 D + 10 D / t (dots). Not counted: the attention's own working set (the
+  Pallas / splash kernels keep O(tokens) statistics; the XLA fallback holds [heads, Lq, Lk] logits per layer), the
+  text embeddings (~10^2 tokens), XLA's temporaries and fragmentation: read the figure as a floor.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
+import math
 import re
 from typing import Any
 
@@ -28,6 +52,8 @@ from flax.core import meta
 from ttm_jax import config as config_lib
 from ttm_jax.assembly import registry
 from ttm_jax.models import sd_vae, wan_vae
+from ttm_jax.runtime import mesh as mesh_lib
+from ttm_jax.runtime import sharding as sharding_lib
 
 # how the backbone's own count is labelled (the layout a converted checkpoint has)
 _LAYOUTS = {"dit": "Wan 2.1 layout", "unet": "UNetMotionModel"}
@@ -242,8 +268,154 @@ def train_step_flops(config: ml_collections.ConfigDict, compiled: bool = False) 
     return total
 
 
-def describe(config: ml_collections.ConfigDict, *, flops: bool = True, print_fn=print) -> dict[str, int]:
-    """Print the parameter table, `params: N`, `trainable: N` and FLOPs per step; return the counts."""
+# ---- memory per device --------------------------------------------------------------------------------------------
+
+# values saved per token and layer by remat policy: (D-wide, not split; D-wide split over tensor; F-wide split over
+# tensor), and what TTM's two added layers add in their blocks (module docstring)
+_SAVED = {"none": ((8, 19, 2), (4, 11, 0)), "dots": ((3, 10, 1), (2, 10, 0)), "dots_no_batch": ((3, 10, 1), (2, 10, 0)),
+          "full": ((1, 0, 0), (0, 0, 0))}
+GIB = 2.0**30
+
+
+@dataclasses.dataclass
+class MemoryPlan:
+    """Bytes per device of a training step on a mesh (`memory_plan`). `rows`: (what, bytes, how) in table order."""
+
+    mesh: dict[str, int]
+    devices: int
+    batch_per_device: int
+    tokens_per_device: int
+    rows: list[tuple[str, int, str]]
+
+    @property
+    def total(self) -> int:
+        return sum(b for _, b, _ in self.rows)
+
+    def row(self, prefix: str) -> int:
+        """Bytes of the first row whose label starts with `prefix`."""
+        return next(b for what, b, _ in self.rows if what.startswith(prefix))
+
+
+def mesh_devices(config: ml_collections.ConfigDict, devices: int | None = None) -> int:
+    """The device count to plan for: `devices`, else the product of `config.mesh` (shape x context) when no size is
+    -1, else this host's `jax.device_count()`."""
+    if devices is not None:
+        return int(devices)
+    sizes = [int(v) for v in dict(config.mesh.shape).values()]
+    if -1 in sizes:
+        return jax.device_count()
+    return math.prod(sizes) * int(config.mesh.get("context", 1))
+
+
+def abstract_mesh(config: ml_collections.ConfigDict, devices: int | None = None) -> jax.sharding.AbstractMesh:
+    """An `AbstractMesh` (no devices) of `config.mesh`'s sizes for `devices` devices (`mesh.resolve_shape`)."""
+    sizes = mesh_lib.resolve_shape(config.mesh.shape, mesh_devices(config, devices), config.mesh.get("context", 1))
+    return jax.sharding.AbstractMesh(tuple(sizes[a] for a in mesh_lib.MESH_AXES), mesh_lib.MESH_AXES)
+
+
+def sharded_bytes(boxed_tree: Any, mesh: Any, rules: Any, *, shard_unannotated: bool = True,
+                  dtype: Any = None) -> int:
+    """Bytes per device of a (boxed, abstract) tree placed with the project's shardings (`tree_shardings`) on
+    `mesh` (an `AbstractMesh` is enough): the sum of each leaf's shard (`dtype` overrides the leaves' dtype)."""
+    leaves = jax.tree.leaves(boxed_tree, is_leaf=lambda x: isinstance(x, meta.AxisMetadata))
+    shardings = jax.tree.leaves(sharding_lib.tree_shardings(boxed_tree, mesh, rules,
+                                                            shard_unannotated=shard_unannotated))
+    total = 0
+    for leaf, sh in zip(leaves, shardings, strict=True):
+        value = meta.unbox(leaf)
+        item = jnp.dtype(dtype if dtype is not None else value.dtype).itemsize
+        total += math.prod(sh.shard_shape(tuple(value.shape))) * item
+    return total
+
+
+def _boxed_params(config: ml_collections.ConfigDict) -> Any:
+    model = registry.build_backbone(config)
+    args, kwargs = registry.init_inputs(config, abstract=True)
+    return jax.eval_shape(lambda rng, a, kw: model.init(rng, *a, **kw), jax.random.key(0), args, kwargs)["params"]
+
+
+def video_tokens(config: ml_collections.ConfigDict) -> int:
+    """Video tokens per example: the latent grid over the DiT's patch (`config.grid_step`-free: the U-Net's 1)."""
+    t, h, w = config_lib.latent_shape(config)[:3]
+    patch = tuple(config.model.get("patch_size", (1, 1, 1)))
+    return (t // patch[0]) * (h // patch[1]) * (w // patch[2])
+
+
+def activation_bytes(config: ml_collections.ConfigDict, mesh_sizes: dict[str, int]) -> tuple[int, int, int, str]:
+    """(bytes per device, batch per device, tokens per device, formula) of the saved activations: the estimate of
+    the module docstring."""
+    m = config.model
+    batch = -(-int(config.train.batch_size) // (mesh_sizes["data"] * mesh_sizes["fsdp"]))
+    tokens = batch * video_tokens(config) // mesh_sizes["context"]
+    d, f, t = int(m.get("dim", 0)), int(m.get("ffn_dim", 0)), mesh_sizes["tensor"]
+    policy = m.get("remat_policy", "none")
+    (a, b, c), (ta, tb, tc) = _SAVED.get(policy, _SAVED["none"])
+    per_token = a * d + (b * d + c * f) / t
+    ttm_extra = ta * d + (tb * d + tc * f) / t
+    layers, k = int(m.get("num_layers", 0)), int(m.get("ttm_layers", 0))
+    item = jnp.dtype(m.get("dtype", "float32")).itemsize
+    values = layers * per_token + k * ttm_extra
+    how = f"{layers} layers x {tokens:,} tokens x {per_token / d:.3g} D"
+    if k and ttm_extra:
+        how += f" (+{ttm_extra / d:.3g} D in {k} TTM blocks)"
+    if policy == "full":
+        (a2, b2, c2), _ = _SAVED["none"]
+        values += a2 * d + (b2 * d + c2 * f) / t
+        how += " + one layer's full set (recomputed in the backward)"
+    how += f", D={d}, {jnp.dtype(m.get('dtype', 'float32')).name}, remat {policy}: ESTIMATE"
+    return int(values * tokens * item), batch, tokens, how
+
+
+def memory_plan(config: ml_collections.ConfigDict, devices: int | None = None) -> MemoryPlan:
+    """Bytes per device of one training step of `config` on its mesh over `devices` devices (module docstring)."""
+    mesh = abstract_mesh(config, devices)
+    sizes = dict(mesh.shape)
+    rules = sharding_lib.rules_from_config(config.mesh)
+    unannotated = bool(config.mesh.get("shard_unannotated", True))
+    boxed = _boxed_params(config)
+    params = sharded_bytes(boxed, mesh, rules, shard_unannotated=unannotated)
+    pdt = jnp.dtype(config.model.get("param_dtype", "float32")).name
+    shard = ", ".join(f"{a}={n}" for a, n in sizes.items() if n > 1) or "one device"
+    rows = [(f"parameters ({pdt})", params, f"the trainable backbone, sharded by config.mesh.rules ({shard})"),
+            (f"gradients ({pdt})", params, "as the parameters"),
+            ("optimizer state (AdamW mu, nu)", 2 * params, "two moments shaped, sharded and typed as the parameters")]
+    ema = float(config.optim.get("ema_decay", 0.0)) > 0
+    rows.append(("EMA parameters", params if ema else 0, "optim.ema_decay > 0" if ema else "optim.ema_decay = 0"))
+    if bool(config.data.get("cached", False)):
+        rows.append(("frozen text encoder + autoencoder", 0, "data.cached: not in the step"))
+    else:
+        text = sharded_bytes(_text_encoder_init(config)[1], mesh, rules, shard_unannotated=unannotated)
+        vae = 0
+        if config.autoencoder.name == "wan":
+            vae = sharded_bytes(wan_vae.param_shapes(_wan_vae(config)), mesh, rules, shard_unannotated=unannotated)
+        elif config.autoencoder.name == "sd":
+            vae = sharded_bytes(sd_vae.param_shapes(_sd_vae(config)), mesh, rules, shard_unannotated=unannotated)
+        rows.append(("frozen text encoder + autoencoder", text + vae,
+                     f"{config.text_encoder.name} {text / GIB:.2f} GiB + {config.autoencoder.name} {vae / GIB:.2f} GiB"
+                     f" (data.cached=True: 0)"))
+    act, batch, tokens, how = activation_bytes(config, sizes)
+    rows.append(("activations (estimate)", act, how))
+    return MemoryPlan(mesh=sizes, devices=mesh.size, batch_per_device=batch, tokens_per_device=tokens, rows=rows)
+
+
+def memory_markdown(config: ml_collections.ConfigDict, plan: MemoryPlan) -> str:
+    """The plan as a markdown table (GiB = 2^30 bytes), headed by the mesh and the step's geometry."""
+    d = config.data
+    mesh = " x ".join(f"{a} {n}" for a, n in plan.mesh.items())
+    lines = [f"Memory per device, {plan.devices} devices (mesh {mesh}); {d.num_frames}x{d.height}x{d.width}, "
+             f"global batch {config.train.batch_size} ({plan.batch_per_device} per data shard), "
+             f"{video_tokens(config):,} video tokens per example, {plan.tokens_per_device:,} per device",
+             "", "| per device | GiB | how |", "|---|---:|---|"]
+    for what, b, how in plan.rows:
+        lines.append(f"| {what} | {b / GIB:.2f} | {how} |")
+    lines.append(f"| **total** | **{plan.total / GIB:.2f}** | activations an estimate (a floor: no XLA temporaries) |")
+    return "\n".join(lines)
+
+
+def describe(config: ml_collections.ConfigDict, *, flops: bool = True, print_fn=print, memory: bool = True,
+             devices: int | None = None) -> dict[str, int]:
+    """Print the parameter table, `params: N`, `trainable: N`, FLOPs per step and (`memory`) the memory per device
+    on `config.mesh` over `devices` devices (`memory_plan`); return the counts (and `memory_per_device`, bytes)."""
     name = registry.backbone_name(config)
     boxed = model_param_shapes(config, boxed=True)
     shapes = {k: meta.unbox(v) for k, v in boxed.items()}
@@ -297,4 +469,9 @@ def describe(config: ml_collections.ConfigDict, *, flops: bool = True, print_fn=
                  + (f"   (cached: data.cached; {would:.4g} without)" if cached else ""))
         out["flops"] = f
         out["frozen_flops"] = fe
+    if memory:
+        plan = memory_plan(config, devices)
+        print_fn("")
+        print_fn(memory_markdown(config, plan))
+        out["memory_per_device"] = plan.total
     return out

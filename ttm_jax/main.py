@@ -3,7 +3,8 @@
 Modes:
   train     (default for stage configs) train stage 1 or 2; resumes from the workdir's latest checkpoint
   describe  build the model with `jax.eval_shape` (no parameter memory): per-module parameter table, totals,
-            FLOPs per training step from the compiled cost analysis
+            FLOPs per training step from the compiled cost analysis, and the memory per device on config.mesh
+            (`--describe_devices=N`; e.g. `--config.mesh.shape.fsdp=2 --config.mesh.context=4`)
   sample    (default for `configs/sample.py`) two-stage generation from trained workdirs
   (eval)    `configs/eval.py` (job "eval"): generate an SA-V-128 benchmark's videos and score them (Table 1)
 
@@ -60,6 +61,9 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics, samples, logs and the config go.")
 _MODE = flags.DEFINE_enum("mode", None, ["train", "describe", "sample"], "What to do; default from the config.")
+_DESCRIBE_DEVICES = flags.DEFINE_integer(
+    "describe_devices", None, "--mode=describe: plan the memory per device for this many devices on config.mesh "
+    "(default: the mesh's product when no size is -1, else this host's devices); nothing runs on them.")
 
 _STATE: dict[str, Any] = {"config_given": False}
 _CONFIG_ARG = re.compile(r"^--?config(=|$)")
@@ -330,7 +334,7 @@ def run_job(config: ml_collections.ConfigDict, workdir: str | None, mode: str | 
     if mode == "describe":
         logs.discard()
         preflight_lib.check_attention(config)  # describe compiles the step: the kernel must run here
-        describe.describe(config)
+        describe.describe(config, devices=_DESCRIBE_DEVICES.value)
         return
     if workdir is None:
         raise app.UsageError("--workdir is required for training: checkpoints, metrics and samples go there")
