@@ -31,6 +31,11 @@ Prints ONE markdown table (progress lines go to stderr), headed by the device, w
   d  a tiny end-to-end run: the `tiny` stage-2 config (`runlocal` size) on synthetic SA-V through the real loop
      (`ttm_jax.train.loop.train`: Grain pipeline, checkpoints, the loop's sampler writing mp4s) in a temporary workdir,
      with the loss at the first and the last step; the backend's attention kernel, and `xla` again if that fails.
+  e  context parallelism (ttm_jax/models/context_parallel.py): Ulysses and ring attention with the sequence over a
+     `context` mesh axis of every device, against the single-device op on the same (one) device: max abs difference
+     of the values and gradients, and forward+backward time of each, for plain, masked and object-sparse
+     (`ObjectSort`) self-attention at one size (4,680 tokens, heads a multiple of the device count, 128 wide;
+     --quick: 64 tokens); one "skipped" row, saying why, with one device.
 
 Every section runs under its own time budget (a SIGALRM ends it when Python regains control) and try/except: a
 failing section leaves an error row and the other sections still report. `--quick` shrinks every shape (the test,
@@ -79,12 +84,13 @@ from ttm_jax.train import state as state_lib  # noqa: E402
 from ttm_jax.train import step as step_lib  # noqa: E402
 
 GIB = 2.0**30
-SECTIONS = ("a", "b", "c", "d")
+SECTIONS = ("a", "b", "c", "d", "e")
 TITLES = {"a": "kernels vs xla", "b": "object-sparse masked self-attention", "c": "wan1.3b stage-2 train step",
-          "d": "tiny end-to-end train + sample"}
-# seconds per section: on an accelerator the four add up to 7.25 min (the script's limit is 8 min with start-up)
-BUDGET_S = {"a": 75, "b": 60, "c": 210, "d": 90}
-BUDGET_QUICK_S = {"a": 120, "b": 60, "c": 120, "d": 120}
+          "d": "tiny end-to-end train + sample", "e": "context-parallel attention"}
+# seconds per section: on an accelerator the five are cut to TOTAL_BUDGET_S (the script's limit is 8 min with
+# start-up); (e) runs last and takes what is left, at most its budget
+BUDGET_S = {"a": 75, "b": 60, "c": 210, "d": 90, "e": 60}
+BUDGET_QUICK_S = {"a": 120, "b": 60, "c": 120, "d": 120, "e": 120}
 TOTAL_BUDGET_S = 465  # the whole script on an accelerator (8 min less start-up); sections are cut to what is left
 
 # bf16 dense peak TFLOP/s by device kind (`jax.Device.device_kind`, lower case, first substring that matches).
@@ -679,10 +685,69 @@ def section_e2e(report: Report, quick: bool) -> None:
             shutil.rmtree(root, ignore_errors=True)
 
 
+# ------------------------------------------------------------------------------------- (e) context parallelism
+
+
+def context_cases(n: int, quick: bool) -> tuple[tuple[int, int, int], int, int, Any]:
+    """(latent grid, heads, head size, dtype) of section (e) for `n` devices: heads a multiple of n (Ulysses)."""
+    grid, heads, head_dim, dtype = ((2, 4, 8), 8, 16, jnp.float32) if quick else ((3, 30, 52), 16, 128, jnp.bfloat16)
+    heads = -(-heads // n) * n
+    return grid, heads, head_dim, dtype
+
+
+def section_context(report: Report, quick: bool) -> None:
+    n = jax.device_count()
+    if n < 2:
+        report.add("e", "context-parallel attention", "skipped",
+                   f"one {jax.default_backend()} device: the sequence has nothing to be split over (needs >= 2; on "
+                   f"CPU, XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+        return
+    cp = importlib.import_module("ttm_jax.models.context_parallel")
+    sparse_lib = importlib.import_module("ttm_jax.models.sparse_attention")
+    grid, heads, head_dim, dtype = context_cases(n, quick)
+    ids_np = scene_ids(*grid)
+    length = ids_np.shape[1]
+    if length % n:
+        report.add("e", "context-parallel attention", "skipped", f"{length} tokens do not split over {n} devices")
+        return
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("context",), axis_types=(jax.sharding.AxisType.Auto,))
+    one = jax.devices()[0]
+    rng = np.random.default_rng(0)
+    q, k, v, ct = (jnp.asarray(rng.standard_normal((1, length, heads, head_dim)), jnp.float32).astype(dtype)
+                   for _ in range(4))
+    ids = jnp.asarray(ids_np)
+    sort = sparse_lib.sort_objects(ids, impl="xla")
+    where = f"{length} tokens, {heads}x{head_dim} heads, {jnp.dtype(dtype).name}, context={n}"
+
+    def vjp_fn(attend):
+        def fn(q, k, v, ct):
+            out, back = jax.vjp(attend, q, k, v)
+            return (out, *back(ct.astype(out.dtype)))
+        return jax.jit(fn)
+
+    repeats = 3 if quick else 5
+    for kind, q_ids in (("plain", None), ("masked", ids), ("sparse", sort)):
+        # the single-device reference: the dense masked xla op on one device (the sparse path's too)
+        ref_ids = None if kind == "plain" else ids
+        ref = vjp_fn(lambda q, k, v, i=ref_ids: attention_lib.dot_product_attention(q, k, v, q_ids=i, impl="xla"))
+        local = [jax.device_put(x, one) for x in (q, k, v, ct)]
+        want = jax.device_get(ref(*local))
+        t_ref, _ = _time_fn(functools.partial(ref, *local), repeats)
+        for impl in cp.IMPLS:
+            fn = vjp_fn(lambda q, k, v, impl=impl, i=q_ids: cp.CONTEXT_IMPLS[impl](q, k, v, mesh=mesh, q_ids=i))
+            got = fn(q, k, v, ct)
+            t_cp, runs = _time_fn(functools.partial(fn, q, k, v, ct), repeats)
+            report.add("e", f"{impl} {kind} self-attn vs one device: max abs diff, values / gradients",
+                       f"{_fmt(_max_err(got[:1], want[:1]))} / {_fmt(_max_err(got[1:], want[1:]))}",
+                       f"{where}; fwd+bwd {t_cp * 1e3:.2f} ms on {n} devices vs {t_ref * 1e3:.2f} ms on one "
+                       f"(xla, dense mask), best of {runs}"
+                       + ("; CPU timings of tiny shapes, not a measurement" if jax.default_backend() == "cpu" else ""))
+
+
 # ------------------------------------------------------------------------------------------------------------ main
 
 SECTION_FNS: dict[str, Callable[[Report, bool], None]] = {
-    "a": section_kernels, "b": section_sparse, "c": section_step, "d": section_e2e}
+    "a": section_kernels, "b": section_sparse, "c": section_step, "d": section_e2e, "e": section_context}
 
 
 def parse_only(only: str) -> list[str]:

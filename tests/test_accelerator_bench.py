@@ -164,3 +164,24 @@ def test_quick_run_fills_every_row(tmp_path):
     (e2e,) = by_section["d"]
     first, last = (float(x) for x in e2e[2].split(" -> "))
     assert math.isfinite(first) and math.isfinite(last) and "2 sample mp4(s)" in e2e[3]
+
+
+def test_context_section_on_8_cpu_devices(acc):
+    """Section (e) --quick on the 8 simulated CPU devices: ulysses and ring, plain / masked / sparse, each within
+    float32 rounding of the one-device op (values / gradients), with its timing note."""
+    report = acc.Report("test device")
+    acc.section_context(report, True)
+    rows = parse_table(report.markdown())
+    assert [r[1].split(" self-attn")[0] for r in rows] == [f"{impl} {kind}" for kind in ("plain", "masked", "sparse")
+                                                          for impl in ("ulysses", "ring")]
+    for _section, _item, value, note in rows:
+        assert max(float(x) for x in value.split(" / ")) < 1e-5
+        assert "context=8" in note and "fwd+bwd" in note
+
+
+def test_context_section_skips_one_device(acc, monkeypatch):
+    monkeypatch.setattr(acc.jax, "device_count", lambda: 1)
+    report = acc.Report("test device")
+    acc.section_context(report, True)
+    (row,) = parse_table(report.markdown())
+    assert row[0] == "e" and row[2] == "skipped" and "one cpu device" in row[3]
