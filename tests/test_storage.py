@@ -61,3 +61,18 @@ def test_temporary_names_are_this_process_and_host_and_remote_paths_are_urls():
     assert name.startswith("records-00000.array_record" + storage.TMP_MARK) and name.endswith(f"-{os.getpid()}")
     assert not storage.is_stale_tmp(name)  # this process is alive
     assert storage.is_remote("gs://bucket/a.json") and not storage.is_remote("/tmp/a.json")
+
+
+def test_stale_temporary_files_of_dead_processes_go_and_live_ones_stay(tmp_path):
+    dead_pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    live = os.path.basename(storage.tmp_name(str(tmp_path / "a.json")))
+    dead = live.rpartition("-")[0] + "-" + dead_pid
+    (tmp_path / "sub").mkdir()
+    for name in (live, dead, f"sub/{dead}", "a.json"):
+        (tmp_path / name).write_text("x")
+    storage.remove_stale_tmp(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == sorted([live, "a.json", "sub"])
+    assert os.listdir(tmp_path / "sub") == [dead]  # not below the folder unless asked
+    storage.remove_stale_tmp(str(tmp_path), recursive=True)
+    assert os.listdir(tmp_path / "sub") == []

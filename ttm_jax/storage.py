@@ -52,6 +52,21 @@ def is_remote(path: str | os.PathLike) -> bool:
     return "://" in os.fspath(path)
 
 
+def remove_stale_tmp(folder: str, *, recursive: bool = False) -> None:
+    """Deletes the temporary files that killed runs on this host left in `folder` (and below it, `recursive`); the
+    files of a live process (a concurrent run writing the same, deterministic files) and of other hosts are left
+    alone. A `gs://` folder has none (objects are uploaded whole)."""
+    if is_remote(folder):
+        return
+    for where, _, names in os.walk(folder) if recursive else [(folder, [], os.listdir(folder))]:
+        for name in names:
+            if is_stale_tmp(name):
+                try:
+                    os.remove(os.path.join(where, name))
+                except FileNotFoundError:
+                    pass  # its process finished it meanwhile
+
+
 def refused(path: str, tmp: str, error: BaseException, *, then: str = RERUN) -> None:
     """When the storage refused writing `path` (`cli.storage_failure`): remove the temporary file `tmp` and raise
     `cli.StorageRefused` in one line ending with `then` (what the user does next); otherwise return (the caller

@@ -264,17 +264,6 @@ class Summary:
                 f"{m['skipped'].get('missing_caption', 0)}); requests in {os.path.join(self.out, REQUESTS)}")
 
 
-def _remove_stale_tmp(out: str) -> None:
-    """Deletes temporary files that killed runs on this host left (a live process' files are left alone)."""
-    for folder, _, files in os.walk(out):
-        for fn in files:
-            if storage.is_stale_tmp(fn):
-                try:
-                    os.remove(os.path.join(folder, fn))
-                except FileNotFoundError:
-                    pass
-
-
 def _check_spec(out: str, p: dict, overwrite: bool) -> bool:
     """True when `out` is a finished build of `p`; raises ValueError for other arguments without `overwrite`."""
     manifest = storage.read_json(os.path.join(out, MANIFEST), missing=None)
@@ -304,7 +293,7 @@ def build(sav_path: str | Sequence[str], captions_path: str, out: str, *, ids: s
     if _check_spec(out, p, overwrite):
         return Summary(out, storage.read_json(os.path.join(out, MANIFEST), missing=None), 0, True)
     os.makedirs(out, exist_ok=True)
-    _remove_stale_tmp(out)
+    storage.remove_stale_tmp(out, recursive=True)
     storage.write_json_atomic(os.path.join(out, SPEC), p, sort_keys=False)
     counter = sav.SkipCounter("sav128")
     refs = find_refs(sav_path, counter)

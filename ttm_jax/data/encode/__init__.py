@@ -216,17 +216,6 @@ def read_empty_text(folder: str) -> dict[str, np.ndarray]:
         return {k: np.asarray(z[k]) for k in EMPTY_KEYS}
 
 
-def _remove_stale_tmp(out: str) -> None:
-    if storage.is_remote(out):
-        return
-    for p in epath.Path(out).iterdir():
-        if storage.is_stale_tmp(p.name):
-            try:
-                p.unlink()
-            except FileNotFoundError:
-                pass
-
-
 def _progress(line: str) -> None:
     logging.info("%s", line)
     print(line, file=sys.stderr, flush=True)
@@ -275,7 +264,7 @@ def encode(prepared: str, out: str, config: ml_collections.ConfigDict, encoders:
                                                    for k in EMPTY_KEYS})
     mine = [j for j in range(num_shards) if j % n_proc == p]
     todo = [j for j in mine if not epath.Path(_marker(out, j)).exists()]
-    _remove_stale_tmp(out)
+    storage.remove_stale_tmp(out)
     if len(todo) < len(mine):
         _progress(f"encode: process {p}/{n_proc}: resuming {out}: {len(mine) - len(todo)} of {len(mine)} shards "
                   f"already done")

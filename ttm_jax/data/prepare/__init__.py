@@ -148,20 +148,6 @@ def process_chunk(chunk: int, refs: Sequence[sav.VideoRef], captions: dict, conf
     return stats
 
 
-def _remove_stale_tmp(out: str) -> None:
-    """Deletes temporary files of killed runs on this host; files of a live process (a concurrent preparation of
-    the same, deterministic folder) and of other hosts are left alone. A `gs://` folder has none (shards are
-    uploaded whole)."""
-    if storage.is_remote(out):
-        return
-    for p in epath.Path(out).iterdir():
-        if storage.is_stale_tmp(p.name):
-            try:
-                p.unlink()
-            except FileNotFoundError:
-                pass
-
-
 def prepare(sav_path: str | Sequence[str], captions_path: str, out: str, config: ml_collections.ConfigDict, *,
             workers: int = 1, chunk_size: int = 8, clips_per_video: int = 1, seed: int = 0,
             latents: bool = False, make_autoencoder: AutoencoderFactory | None = None) -> Summary:
@@ -207,7 +193,7 @@ def prepare(sav_path: str | Sequence[str], captions_path: str, out: str, config:
     todo = [c for c in range(len(chunks)) if not epath.Path(_marker(out, c)).exists()]
     if len(todo) < len(chunks):
         logging.info("prepare: resuming %s: %d of %d chunks already done", out, len(chunks) - len(todo), len(chunks))
-    _remove_stale_tmp(out)
+    storage.remove_stale_tmp(out)
     kill_at = int(os.environ.get(KILL_ENV, "-1"))
     factory = make_autoencoder if latents else None
     args = [(c, chunks[c], {r.video_id: captions[r.video_id] for r in chunks[c] if r.video_id in captions}, config,
