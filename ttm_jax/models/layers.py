@@ -27,6 +27,7 @@ from flax import traverse_util
 
 from ttm_jax.models import attention as attention_ops
 from ttm_jax.models import context_parallel, masks, sparse_attention
+from ttm_jax.models.norms import RMSNorm as RMSNorm  # the one RMSNorm (`norms.py`), here for the DiT and TTM layers
 
 Dtype = Any
 Axes = tuple[str | None, ...]
@@ -56,26 +57,6 @@ def dense(features: int, axes: Axes, *, dtype: Dtype, param_dtype: Dtype, name: 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Norms
-
-
-class RMSNorm(nn.Module):
-    """RMS norm over the last axis (`torch.nn.RMSNorm`), in float32; param `scale [features]`.
-
-    Wan applies it to q and k *across heads*: over the fused `heads * head_dim` axis, before splitting heads.
-    """
-
-    eps: float = 1e-6
-    axis_name: str = "heads"
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        scale = self.param("scale", logical_init(nn.initializers.ones_init(), (self.axis_name,)),
-                           (x.shape[-1],), self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        return (y * scale.astype(jnp.float32)).astype(self.dtype)
 
 
 class LayerNorm(nn.Module):
