@@ -109,7 +109,7 @@ def test_variant_table_entries_set_the_same_keys():
     # (the model section's keys are the backbone's: DiT variants set the DiT's fields, U-Net variants `backbone`,
     # `ttm_layers` and the `unet` sub-section, whose keys are the same in every U-Net variant)
     table = config_lib._VARIANT_TABLE
-    assert config_lib.VARIANTS == tuple(table) == ("tiny", "mid", "wan1.3b", "tiny_unet", "animatediff")
+    assert config_lib.VARIANTS == tuple(table) == ("tiny", "mid", "wan1.3b", "wan14b", "tiny_unet", "animatediff")
     shape = {v: {section: sorted(values) for section, values in row.items()} for v, row in table.items()}
     first = {}
     for v, s in shape.items():
