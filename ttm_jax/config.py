@@ -484,10 +484,11 @@ def _mesh(v: Mapping[str, Any]) -> ml_collections.ConfigDict:
     # devices the video tokens are split over: the mesh's `context` axis (context parallelism, model.context_impl);
     # mesh.shape's sizes then fill devices // context. 1: none
     h.context = 1
-    # logical axis name -> mesh axes, in priority order (ttm_jax/runtime/sharding.py); params' `embed` is FSDP-sharded,
+    # logical axis name -> mesh axes, in priority order (ttm_jax/runtime/sharding.py); params' `embed` is sharded over
+    # fsdp and context (the devices that split the sequence hold a share of the weights too; context 1: fsdp alone),
     # heads and FFN hidden are tensor-parallel, the batch is split over data x fsdp, the video tokens over context
     # (text and local prompts, kv_length, replicated)
-    h.rules = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("heads", "tensor"), ("mlp", "tensor"),
+    h.rules = (("batch", ("data", "fsdp")), ("embed", ("fsdp", "context")), ("heads", "tensor"), ("mlp", "tensor"),
                ("text_embed", None), ("in_channels", None), ("out_channels", None), ("modulation", None),
                ("layers", None), ("length", "context"), ("kv_length", None))
     h.shard_unannotated = True  # params without logical names: FSDP-shard the large ones on their largest dim

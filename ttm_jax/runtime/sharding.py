@@ -3,12 +3,13 @@
 Models name the axes of their parameters and activations (`nn.with_logical_partitioning`,
 `nn.with_logical_constraint`; names in CONTRIBUTING.md). `config.mesh.rules` is one ordered table mapping each logical
 name to mesh axes (MaxText's scheme): a name takes its mesh axes only if they are still free in that array, so
-`batch -> (data, fsdp)` first and `embed -> fsdp` later shards a parameter's `embed` dimension over fsdp while an
+`batch -> (data, fsdp)` first and `embed -> (fsdp, context)` later shards a parameter's `embed` dimension over fsdp
+and the context axis (as MaxText: the devices that split the sequence also hold a share of the weights) while an
 activation `[batch, length, embed]` keeps `embed` whole.
 
 A dimension that the mesh axes do not divide stays unsharded (e.g. 3 output channels over fsdp=4), so any model
-shape runs on any mesh. Parameters without logical names (`config.mesh.shard_unannotated`) are sharded over fsdp on
-their largest divisible dimension once they have at least `min_shard_size` elements, else replicated.
+shape runs on any mesh. Parameters without logical names (`config.mesh.shard_unannotated`) are sharded over fsdp (x
+context) on their largest divisible dimension once they have at least `min_shard_size` elements, else replicated.
 
 Parameters are born sharded: `jax.eval_shape(init)` gives shapes and logical names without spending memory, and
 `jax.jit(init, out_shardings=...)` writes each device's shard directly.
@@ -59,10 +60,15 @@ def _axes_size(mesh: jax.sharding.Mesh, axes: Any) -> int:
 
 
 def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: jax.sharding.Mesh) -> PartitionSpec:
-    """`spec` with the mesh axes dropped from every dimension they do not divide."""
+    """`spec` with the mesh axes dropped from every dimension they do not divide. In a tuple of axes, the `context`
+    axis at size 1 is dropped too: parameters shard over `(fsdp, context)`, and a mesh without context parallelism
+    then shards (and records in its checkpoints) exactly what `fsdp` alone did."""
     out = []
     for i, dim in enumerate(shape):
         axes = spec[i] if i < len(spec) else None
+        if isinstance(axes, tuple) and "context" in axes and mesh.shape.get("context", 1) == 1:
+            axes = tuple(a for a in axes if a != "context")
+            axes = None if not axes else (axes[0] if len(axes) == 1 else axes)
         if axes is not None and dim % _axes_size(mesh, axes):
             names = (axes,) if isinstance(axes, str) else tuple(axes)
             # keep the longest prefix of the axes that still divides (e.g. ("data", "fsdp") -> "data")
@@ -83,12 +89,17 @@ def logical_to_sharding(logical: Sequence[str | None], shape: Sequence[int], mes
 
 
 def _fallback_spec(shape: Sequence[int], mesh: jax.sharding.Mesh, min_size: int) -> PartitionSpec:
-    fsdp = mesh.shape.get("fsdp", 1)
-    if fsdp == 1 or len(shape) < 2 or math.prod(shape) < min_size:
+    # over fsdp x context (as the `embed` rule) where that divides the largest dimension, else over fsdp alone
+    candidates = [("fsdp", "context"), "fsdp"] if mesh.shape.get("context", 1) > 1 else ["fsdp"]
+    if len(shape) < 2 or math.prod(shape) < min_size:
         return PartitionSpec()
-    for i in sorted(range(len(shape)), key=lambda i: -shape[i]):
-        if shape[i] % fsdp == 0:
-            return PartitionSpec(*[("fsdp" if j == i else None) for j in range(len(shape))])
+    for axes in candidates:
+        n = _axes_size(mesh, axes)
+        if n == 1:
+            continue
+        for i in sorted(range(len(shape)), key=lambda i: -shape[i]):
+            if shape[i] % n == 0:
+                return PartitionSpec(*[(axes if j == i else None) for j in range(len(shape))])
     return PartitionSpec()
 
 
