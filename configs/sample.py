@@ -44,7 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     s.llm_retries = 2
     s.llm_api_key = ""
     s.match = "auto"  # local prompts -> masks: auto | label | colour | order
-    # first-frame segmentation (the optional torch extra; ttm_jax/inference/segment.py): boxes -> SAM2 masks, and, with
+    # first-frame segmentation (the optional torch extra; ttm_jax/clients/segment.py): boxes -> SAM2 masks, and, with
     # neither masks nor boxes, the objects named by the labels / local prompts / caption -> Grounding DINO boxes
     # boxes -> masks: auto (SAM2 when sam2_path is set, else solid rectangles) | sam2 (SAM2 at sam2_path; an error
     # naming sam2_path without it) | rectangles (boxes used as solid masks, which the models never saw in training)

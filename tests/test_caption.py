@@ -30,9 +30,9 @@ from pycocotools import mask as mask_utils
 from sample_data import SAV_SAMPLE, needs_sample
 from scipy import ndimage
 
+from ttm_jax.clients import draw, llm
 from ttm_jax.data import caption, prepare, prompt_plan, records, sav, synthetic
 from ttm_jax.data import captions as captions_lib
-from ttm_jax.inference import llm
 from ttm_jax.train import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -387,7 +387,7 @@ def test_numbers_are_drawn_on_the_first_frame_where_each_masklet_shows(sav_dir, 
         for m in range(k):
             mask = ann.masks([f // ann.stride], [m])[0, ..., 0]
             edge = mask & ~_eroded(mask)
-            drawn = (seen.images[i][edge] == caption.PALETTE[m]).all(-1).mean() if edge.any() else 0.0
+            drawn = (seen.images[i][edge] == draw.PALETTE[m]).all(-1).mean() if edge.any() else 0.0
             if seen.shown_on[m] == i:
                 assert drawn > 0.5, (i, m)  # most edge pixels carry the colour (a label box may cover some)
             else:
@@ -415,11 +415,11 @@ def test_real_masklets_are_numbered_at_their_label_boxes():
     assert max(size) == 512
     masks = caption._resize_masks(ann.masks([0])[0], size)
     image = np.full(size + (3,), 128, np.uint8)
-    drawn = caption.draw_numbered(image, masks, list(range(1, ann.num_masklets + 1)))
+    drawn = draw.draw_numbered(image, masks, list(range(1, ann.num_masklets + 1)))
     for m in range(ann.num_masklets):
         if not masks[..., m].any():
             continue
-        x0, y0 = caption.label_box(masks[..., m], (12, 16))
+        x0, y0 = draw.label_box(masks[..., m], (12, 16))
         assert 0 <= x0 <= size[1] - 12 and 0 <= y0 <= size[0] - 16
-        colour = np.asarray(caption.PALETTE[m])
+        colour = np.asarray(draw.PALETTE[m])
         assert (np.abs(drawn.astype(int) - colour).sum(-1) == 0).sum() > 20, m

@@ -15,9 +15,9 @@ import pytest
 
 from ttm_jax import cli
 from ttm_jax import config as config_lib
+from ttm_jax.clients import llm
 from ttm_jax.data import captions as captions_lib
 from ttm_jax.data import synthetic
-from ttm_jax.inference import llm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -2,7 +2,7 @@
 
 Layers, lowest first (CONTRIBUTING.md, "Module map"); a module imports only from its own layer or below:
 
-  config < models, diffusion, runtime < weights < data < assembly < train < inference < eval, convert, CLIs
+  config < models, diffusion, runtime, clients < weights < data < assembly < train < inference < eval, convert, CLIs
 
 Every `import` counts, at the top of a file or inside a function. A CLI module (`__main__.py`, `main.py`,
 `describe.py`) is the top layer wherever it lives, and nothing may import it.
@@ -19,7 +19,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "ttm_jax"
 
 LAYERS = (
     ("ttm_jax.config", "ttm_jax.cli", "ttm_jax.storage"),
-    ("ttm_jax.models", "ttm_jax.diffusion", "ttm_jax.runtime"),
+    ("ttm_jax.models", "ttm_jax.diffusion", "ttm_jax.runtime", "ttm_jax.clients"),
     ("ttm_jax.weights",),
     ("ttm_jax.data",),
     ("ttm_jax.assembly",),
@@ -153,3 +153,4 @@ def test_the_checks_catch_what_they_look_for(tmp_path):
     assert got == [("ttm_jax.train.loop", 2), ("ttm_jax.config", 3)]
     assert rank("ttm_jax.inference.pipeline") > rank("ttm_jax.train.loop") > rank("ttm_jax.assembly.inputs")
     assert rank("ttm_jax.data.prepare.__main__") > rank("ttm_jax.convert.export")
+    assert rank("ttm_jax.data.caption") > rank("ttm_jax.clients.llm") < rank("ttm_jax.inference.run")

@@ -21,9 +21,9 @@ import torch
 import train_fixtures as fx
 
 from ttm_jax import config as config_lib
+from ttm_jax.clients import segment
 from ttm_jax.data import captions as captions_lib
 from ttm_jax.data import label, prepare, prompt_plan, sav, synthetic, video_io
-from ttm_jax.inference import segment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ["the", "a", *synthetic.OBJECT_COLOURS, *synthetic.SHAPES, *synthetic.OBJECT_TEXTURES]

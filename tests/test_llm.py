@@ -7,7 +7,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from ttm_jax.inference import llm, prompts
+from ttm_jax.clients import llm
+from ttm_jax.inference import prompts
 
 
 class Server:

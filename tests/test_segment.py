@@ -1,4 +1,4 @@
-"""First-frame segmentation (`ttm_jax.inference.segment` and its hook in `requests.load_masks`) with tiny random
+"""First-frame segmentation (`ttm_jax.clients.segment` and its hook in `requests.load_masks`) with tiny random
 SAM2 and Grounding DINO models built here from transformers configs and saved with `save_pretrained`.
 
 Random weights cannot pin mask quality; these tests pin the wiring: what the models are fed (pixels and boxes in the
@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 from transformers import Sam2Model
 
+from ttm_jax.clients import segment
 from ttm_jax.inference import requests as requests_lib
-from ttm_jax.inference import segment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 S = 64  # SAM2 input side

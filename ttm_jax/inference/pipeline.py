@@ -48,11 +48,11 @@ from ttm_jax import config as config_lib
 from ttm_jax.assembly import inputs as inputs_lib
 from ttm_jax.assembly import objectives
 from ttm_jax.assembly.trained import Stage, load_stage
+from ttm_jax.clients import segment
 from ttm_jax.data import trajectory as trajectory_lib
 from ttm_jax.data import video_io
 from ttm_jax.diffusion import guidance, samplers
 from ttm_jax.inference import prompts as prompts_lib
-from ttm_jax.inference import segment
 from ttm_jax.inference.requests import Inputs, Request, RequestError, field_name, load_inputs, tokenize_prompts
 from ttm_jax.models import tokenizer as tokenizer_lib
 from ttm_jax.runtime import checkpoint as checkpoint_lib

@@ -31,10 +31,10 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from ttm_jax.clients import segment
 from ttm_jax.config import ConfigError
 from ttm_jax.data import clips, loader, prompt_plan
 from ttm_jax.data import trajectory as trajectory_lib
-from ttm_jax.inference import segment
 
 CONFIG_SOURCE = "config.sample"  # `Request.source` of the one request the sample config describes
 

@@ -29,9 +29,9 @@ import numpy as np
 from etils import epath
 
 from ttm_jax import storage
+from ttm_jax.clients import llm, segment
 from ttm_jax.config import ConfigError
 from ttm_jax.diffusion import samplers
-from ttm_jax.inference import llm, segment
 from ttm_jax.inference import pipeline as pipeline_lib
 from ttm_jax.inference import requests as requests_lib
 

@@ -7,7 +7,7 @@
 `--vlm_url` / `--llm_url`: any OpenAI-compatible chat-completions server (`vllm serve Qwen/Qwen2.5-VL-7B-Instruct`,
 `llama-server -m <gguf> --mmproj <mmproj>`, `ollama serve`), as the server root, its `/v1` or the full endpoint.
 Without `--llm_url` the VLM also splits the captions. A command line sits above every layer, so it hands the library
-the inference layer's client (`inference.llm.ChatClient`, timeouts and retries with backoff), whose failures become
+the shared client (`clients.llm.ChatClient`, timeouts and retries with backoff), whose failures become
 `caption.RequestFailed`. Re-running the same command skips the videos already in `--out` and retries the failed ones.
 """
 
@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from absl import app, flags
 
 from ttm_jax import cli
+from ttm_jax.clients import llm
 from ttm_jax.data import caption
-from ttm_jax.inference import llm
 
 # failed videos listed one per line before the summary
 MAX_PRINTED_FAILURES = 20

@@ -6,7 +6,7 @@
 `--detector_path`: a transformers `GroundingDinoForObjectDetection` folder with its processor (e.g.
 IDEA-Research/grounding-dino-base, downloaded); `--sam2_path`: a transformers `Sam2VideoModel` folder (e.g.
 facebook/sam2.1-hiera-large). Both need the torch extra (`pip install -e .[torch]`). A command line sits above every
-layer, so it hands the library the inference layer's models (`inference.segment`). Re-running the same command skips
+layer, so it hands the library the models of `clients.segment`. Re-running the same command skips
 the videos already labelled.
 """
 
@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from absl import app, flags
 
 from ttm_jax import cli
+from ttm_jax.clients import segment
 from ttm_jax.data import label
-from ttm_jax.inference import segment
 
 MAX_PRINTED_SKIPS = 20
 

@@ -30,8 +30,8 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from ttm_jax.clients.draw import PALETTE, draw_numbered
 from ttm_jax.config import ConfigError
-from ttm_jax.data.caption import PALETTE, draw_numbered
 
 BOX_MASKS = ("sam2", "rectangles")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -305,7 +305,7 @@ class GroundingDino:
 
 def overlay(image: np.ndarray, masks: np.ndarray, boxes: np.ndarray | None = None) -> np.ndarray:
     """`image uint8 [H, W, 3]` with `masks bool [H, W, K]` tinted in `PALETTE` (object k+1 in colour k), outlined and
-    numbered (`caption.draw_numbered`), each box (if given) drawn as a thin frame of its colour."""
+    numbered (`draw.draw_numbered`), each box (if given) drawn as a thin frame of its colour."""
     out = image.astype(np.float32)
     for k in range(masks.shape[-1]):
         colour = np.asarray(PALETTE[k % len(PALETTE)], np.float32)
