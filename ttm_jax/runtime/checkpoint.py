@@ -35,6 +35,7 @@ from absl import logging
 from etils import epath
 
 from ttm_jax import cli
+from ttm_jax import config as config_lib
 
 CHECKPOINT_DIR = "checkpoints"
 UNUSABLE_DIR = "checkpoints_unusable"  # steps that failed to restore, moved aside by `restore_newest_usable`
@@ -257,7 +258,7 @@ class Checkpointer:
         if step is None:
             raise FileNotFoundError(f"{self.directory}: no checkpoint to read a config from; train first")
         restored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-        return ml_collections.ConfigDict(_tuples(restored["config"]))
+        return config_lib.upgrade(ml_collections.ConfigDict(_tuples(restored["config"])))
 
     def wait(self) -> None:
         """Until the save in flight is committed; `CheckpointWriteError` when the storage refused it."""
@@ -380,7 +381,8 @@ def restore_params(workdir: str | epath.PathLike, step: int | None = None, *, em
 def load_config(workdir: str | epath.PathLike) -> ml_collections.ConfigDict:
     """The config a run saved, so that it restarts from its workdir alone: the newest readable checkpoint's, else
     `<workdir>/config.json` (written when the run started, before its first checkpoint). The one reader of a saved
-    config. Raises FileNotFoundError when the workdir holds neither."""
+    config, with `restore_config`: both complete a config saved by an older version (`config.upgrade`).
+    Raises FileNotFoundError when the workdir holds neither."""
     if checkpoint_dir(workdir).exists():
         ckpt = Checkpointer(workdir, async_save=False)
         try:
@@ -394,4 +396,4 @@ def load_config(workdir: str | epath.PathLike) -> ml_collections.ConfigDict:
     path = epath.Path(workdir) / CONFIG_FILE
     if not path.exists():
         raise FileNotFoundError(f"{workdir}: no checkpoint and no {CONFIG_FILE}, so no saved config; give --config")
-    return ml_collections.ConfigDict(_tuples(json.loads(path.read_text())))
+    return config_lib.upgrade(ml_collections.ConfigDict(_tuples(json.loads(path.read_text()))))
