@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
+import re
 import resource
 import socket
 import struct
@@ -65,9 +67,10 @@ BAD_FLAGS = [
     ("ttm_jax.data.label", ["--videos={tmp}/nope", "--out={tmp}/out", "--objects=dog"], ["--videos="]),
     ("ttm_jax.data.synthetic", ["--out={tmp}/out", "--rung=9"], ["--rung=9", "1, 2, 3, 4"]),
     ("ttm_jax.data.synthetic", ["--out={tmp}/out", "--framez=3"], ["framez"]),
-    ("ttm_jax.convert", ["--from=diffusers:{tmp}/nope", "--to=orbax:{tmp}/out"], ["config.json", "--src"]),
+    ("ttm_jax.convert", ["--from=diffusers:{tmp}/nope", "--to=orbax:{tmp}/out"], ["config.json", "--from=diffusers:"]),
     ("ttm_jax.convert", ["--from=diffusers:{tmp}/nope", "--to=orbax:{tmp}/out", "--dtype=fp8"], ["--dtype"]),
-    ("ttm_jax.convert", ["dit", "--src={tmp}/nope"], ["--out"]),
+    ("ttm_jax.convert", ["--from=diffusers:{tmp}/nope"], ["--to"]),
+    ("ttm_jax.convert", ["dit", "--from=diffusers:{tmp}/nope", "--to=orbax:{tmp}/out"], ["dit", "--from=KIND:PATH"]),
     ("ttm_jax.eval.metrics", ["--real={tmp}/nope", "--fake={tmp}/nope"], ["--real="]),
     ("ttm_jax.eval.sav128", ["--sav={tmp}/nope", "--captions={tmp}/c.jsonl", "--out={tmp}/out"], ["nope"]),
     ("ttm_jax.eval.motion_bench", ["--out={tmp}/out", "--fps=0"], ["--fps="]),
@@ -80,6 +83,49 @@ def test_every_command_says_a_bad_flag_in_one_line(tmp_path, module, args, words
     r = _run(module, *[a.format(tmp=tmp_path) for a in args])
     _one_error_line(r, *words)
     assert sorted(os.listdir(tmp_path)) == []  # nothing written
+
+
+# ------------------------------------------------------------------------------------- the table of every command
+
+
+def _entry_points() -> dict[str, str]:
+    """`python -m` module -> source of every file in ttm_jax/ that runs as a command (`__name__ == "__main__"`)."""
+    out = {}
+    for path in sorted(pathlib.Path(ROOT, "ttm_jax").rglob("*.py")):
+        text = path.read_text()
+        if not re.search(r'^if __name__ == "__main__":$', text, re.MULTILINE):
+            continue
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__main__" else parts)] = text
+    return out
+
+
+def test_every_command_is_in_the_table_follows_the_pattern_and_has_a_bad_flag_case():
+    """A module that runs as a command is a row of `cli.COMMANDS` (`python -m ttm_jax` lists it), is built the one
+    way (`define_flags`, `main(argv)`, `cli.run`), and has a bad-flag case above."""
+    found = _entry_points()
+    assert set(found) - {"ttm_jax"} == set(cli.COMMANDS)  # ttm_jax/__main__.py: the list itself
+    for module, text in found.items():
+        assert "def define_flags(" in text and "def main(argv: Sequence[str])" in text, module
+        assert "\n    define_flags()\n    cli.run(main" in text, module
+        assert "argparse" not in text, module
+    assert {m for m, _, _ in BAD_FLAGS} == set(cli.COMMANDS)
+
+
+@pytest.mark.parametrize("module", list(cli.COMMANDS))
+def test_every_command_says_an_unknown_flag_in_one_line(tmp_path, module):
+    r = _run(module, "--no_such_flag=1", f"--out={tmp_path}/out")
+    _one_error_line(r, "no_such_flag")
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_python_m_ttm_jax_lists_every_command():
+    for args in ([], ["--help"]):
+        r = _run("ttm_jax", *args)
+        assert r.returncode == 0, r.stderr[-3000:]
+        for module, what in cli.COMMANDS.items():
+            assert f"python -m {module} " in r.stdout and what in r.stdout, (module, r.stdout)
+    _one_error_line(_run("ttm_jax", "train"), "python -m ttm_jax.<module>")
 
 
 # --------------------------------------------------------------------------------------------- captions sidecar

@@ -40,10 +40,10 @@ def _restore(params_dir):
 
 def test_diffusers_orbax_torch_round_trip_is_bit_identical(source, tmp_path):
     src, state = source
-    convert_cli.main([f"--from=diffusers:{src}", f"--to=orbax:{tmp_path / 'orbax'}"])
+    convert_cli.convert([f"--from=diffusers:{src}", f"--to=orbax:{tmp_path / 'orbax'}"])
     meta = json.loads((tmp_path / "orbax" / "ttm_convert.json").read_text())
     assert meta["in_channels"] == 4 and meta["model"]["ttm_layers"] == 0  # the backbone as it is
-    convert_cli.main([f"--from=orbax:{tmp_path / 'orbax'}", f"--to=torch:{tmp_path / 'back'}"])
+    convert_cli.convert([f"--from=orbax:{tmp_path / 'orbax'}", f"--to=torch:{tmp_path / 'back'}"])
     back = WanTransformer3DModel.from_pretrained(str(tmp_path / "back")).state_dict()
     assert set(back) == set(state)
     for k, v in state.items():
@@ -53,7 +53,7 @@ def test_diffusers_orbax_torch_round_trip_is_bit_identical(source, tmp_path):
 
 def test_stage2_graft_and_bf16(source, tmp_path):
     src, state = source
-    convert_cli.main([f"--from=diffusers:{src}", f"--to=orbax:{tmp_path / 's2'}", "--stage=2", "--dtype=bf16"])
+    convert_cli.convert([f"--from=diffusers:{src}", f"--to=orbax:{tmp_path / 's2'}", "--stage=2", "--dtype=bf16"])
     meta = json.loads((tmp_path / "s2" / "ttm_convert.json").read_text())
     assert meta["in_channels"] == 12  # noisy latent + two conditions
     assert meta["model"]["ttm_layers"] == 1  # ceil(3 / 4)
@@ -81,11 +81,11 @@ def test_stage2_graft_and_bf16(source, tmp_path):
 def test_bad_specs_name_the_fix(source, tmp_path):
     src, _ = source
     with pytest.raises(cli.BadInput, match="supported"):
-        convert_cli.main([f"--from=orbax:{src}", f"--to=orbax:{tmp_path}"])
+        convert_cli.convert([f"--from=orbax:{src}", f"--to=orbax:{tmp_path}"])
     with pytest.raises(cli.BadInput, match="bf16 or fp32"):
-        convert_cli.main([f"--from=diffusers:{src}", f"--to=orbax:{tmp_path}", "--dtype=int8"])
+        convert_cli.convert([f"--from=diffusers:{src}", f"--to=orbax:{tmp_path}", "--dtype=int8"])
     with pytest.raises(cli.BadInput, match="--config needs --stage"):
-        convert_cli.main([f"--from=diffusers:{src}", f"--to=orbax:{tmp_path}", "--config=configs/stage2.py"])
+        convert_cli.convert([f"--from=diffusers:{src}", f"--to=orbax:{tmp_path}", "--config=configs/stage2.py"])
     assert not os.path.exists(tmp_path / "params")
 
 
@@ -94,11 +94,11 @@ def test_existing_destinations_need_overwrite(source, tmp_path):
     and left as they were; `--overwrite` replaces the export, which loads bit-identically."""
     src, state = source
     orbax = tmp_path / "orbax"
-    convert_cli.main([f"--from=diffusers:{src}", f"--to=orbax:{orbax}"])
+    convert_cli.convert([f"--from=diffusers:{src}", f"--to=orbax:{orbax}"])
     stamp = (orbax / "ttm_convert.json").read_text()
     with pytest.raises(cli.BadInput, match=r"--to=orbax:.*/params: an Orbax checkpoint is already there; pass "
                                          r"--overwrite"):
-        convert_cli.main([f"--from=diffusers:{src}", f"--to=orbax:{orbax}"])
+        convert_cli.convert([f"--from=diffusers:{src}", f"--to=orbax:{orbax}"])
     assert (orbax / "ttm_convert.json").read_text() == stamp
 
     dst = tmp_path / "export"
@@ -106,13 +106,13 @@ def test_existing_destinations_need_overwrite(source, tmp_path):
     (dst / "config.json").write_text('{"mine": true}')
     with pytest.raises(cli.BadInput, match=r"--to=torch:.*export: the folder is not empty \(config.json\); pass "
                                          r"--overwrite"):
-        convert_cli.main([f"--from=orbax:{orbax}", f"--to=torch:{dst}"])
-    with pytest.raises(cli.BadInput, match="not empty"):  # the export subcommand too
-        convert_cli.export_main([f"--from=orbax:{orbax}/params", f"--to=torch:{dst}"])
+        convert_cli.convert([f"--from=orbax:{orbax}", f"--to=torch:{dst}"])
+    with pytest.raises(cli.BadInput, match="not empty"):  # the params folder itself as the source too
+        convert_cli.convert([f"--from=orbax:{orbax}/params", f"--to=torch:{dst}"])
     assert os.listdir(dst) == ["config.json"] and (dst / "config.json").read_text() == '{"mine": true}'
 
-    convert_cli.main([f"--from=orbax:{orbax}", f"--to=torch:{dst}", "--overwrite"])
+    convert_cli.convert([f"--from=orbax:{orbax}", f"--to=torch:{dst}", "--overwrite"])
     back = WanTransformer3DModel.from_pretrained(str(dst)).state_dict()
     assert set(back) == set(state) and all(torch.equal(back[k], v) for k, v in state.items())
-    convert_cli.main([f"--from=diffusers:{src}", f"--to=orbax:{orbax}", "--overwrite", "--stage=1"])
+    convert_cli.convert([f"--from=diffusers:{src}", f"--to=orbax:{orbax}", "--overwrite", "--stage=1"])
     assert json.loads((orbax / "ttm_convert.json").read_text())["in_channels"] == 12  # replaced

@@ -130,7 +130,7 @@ def test_cli_writes_stage2_init_checkpoint(tmp_path):
     backbone.save_pretrained(src, safe_serialization=True)
     out = str(tmp_path / "init")
     stage2 = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "stage2.py")
-    convert_cli.main(["dit", "--src", src, "--out", out, "--config", f"{stage2}:tiny"])
+    convert_cli.convert([f"--from=diffusers:{src}", f"--to=orbax:{out}", "--stage=2", f"--config={stage2}:tiny"])
     with open(os.path.join(out, "ttm_convert.json")) as f:
         meta = json.load(f)
     cin = config_lib.in_channels(config)

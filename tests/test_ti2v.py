@@ -82,7 +82,7 @@ def test_ti2v_samples_with_one_workdir(ti2v_run):
 def test_ti2v_exports_to_pytorch(ti2v_run, tmp_path):
     root, c, res = ti2v_run
     out = tmp_path / "torch"
-    convert_cli.export_main([f"--from=workdir:{root / 'run'}", f"--to=torch:{out}"])
+    convert_cli.convert([f"--from=workdir:{root / 'run'}", f"--to=torch:{out}"])
     model = TTMWanTransformer3DModel.from_pretrained(str(out))
     assert model.config.in_channels == config_lib.in_channels(c) == 2 * c.autoencoder.latent_channels
     assert model.ttm_config["ttm_masked"] is False and model.ttm_config["stage"] == 0

@@ -1,7 +1,7 @@
 """Export of trained TTM stage models to PyTorch (`ttm_jax/convert/export.py`, `ttm_jax/torch/`) and back.
 
 A stage-2 DiT with non-zero random TTM layers and 3 * latent input channels is saved as a training workdir (the training
-`Checkpointer`, TrainState with AdamW moments and EMA), exported with `export_main`, run in PyTorch through
+`Checkpointer`, TrainState with AdamW moments and EMA), exported with `convert.convert`, run in PyTorch through
 `TTMWanTransformer3DModel` against the JAX forward (two objects + background, padded local prompts, an object without
 a prompt), imported back bit for bit; a backbone-only export is loaded by diffusers' own `WanTransformer3DModel`.
 """
@@ -123,7 +123,7 @@ def _equal_trees(a: dict, b: dict) -> None:
 
 @pytest.fixture(scope="module")
 def stage2(tmp_path_factory) -> dict:
-    """A stage-2 training workdir (EMA + raw params differ) exported with export_main; the JAX forward, jitted once."""
+    """A stage-2 training workdir (EMA + raw params differ) exported with convert.convert; the JAX forward, jitted once."""
     root = tmp_path_factory.mktemp("stage2")
     config = config_lib.build(2, "tiny")
     for k, v in MODEL.items():
@@ -142,7 +142,7 @@ def stage2(tmp_path_factory) -> dict:
     ckpt.close()
 
     out = str(root / "torch")
-    paths = convert_cli.export_main([f"--from=workdir:{root / 'workdir'}", f"--to=torch:{out}"])
+    paths = convert_cli.convert([f"--from=workdir:{root / 'workdir'}", f"--to=torch:{out}"])
     model = dit_lib.DiT(cfg, cin, LATENT_CHANNELS)
     apply = jax.jit(lambda p, i: model.apply({"params": p}, i["x"], i["timestep"], i["context"],
                                              local_context=i["local_context"], token_ids=i["token_ids"],
@@ -205,17 +205,17 @@ def test_torch_save_pretrained_roundtrip(stage2, tmp_path):
 
 
 def test_raw_params_orbax_sources_and_import_cli(stage2):
-    """--params=raw exports the raw (non-EMA) params; an Orbax params checkpoint (as `convert dit` writes, with
+    """--params=raw exports the raw (non-EMA) params; an Orbax params checkpoint (as `--from=diffusers: --to=orbax:` writes, with
     ttm_convert.json) exports the same; torch -> orbax writes params that restore bit-identically."""
     root = stage2["root"]
-    convert_cli.export_main([f"--from=workdir:{stage2['workdir']}@7", f"--to=torch:{root / 'raw'}", "--params=raw"])
+    convert_cli.convert([f"--from=workdir:{stage2['workdir']}@7", f"--to=torch:{root / 'raw'}", "--params=raw"])
     _equal_trees(export.import_folder(str(root / "raw"))[3], stage2["raw"])
 
-    back = root / "orbax" / "params"
-    convert_cli.export_main([f"--from=torch:{stage2['out']}", f"--to=orbax:{back}"])
+    back = root / "orbax" / "params"  # --to=orbax:DIR writes DIR/params
+    convert_cli.convert([f"--from=torch:{stage2['out']}", f"--to=orbax:{root / 'orbax'}"])
     cfg, cin, cout = stage2["cfg"], stage2["cin"], LATENT_CHANNELS
     _equal_trees(jax.tree.map(np.asarray, export.load_orbax_params(str(back), cfg, cin, cout)), stage2["ema"])
-    convert_cli.export_main([f"--from=orbax:{back}", f"--to=torch:{root / 'again'}"])
+    convert_cli.convert([f"--from=orbax:{back}", f"--to=torch:{root / 'again'}"])
     _equal_trees(export.import_folder(str(root / "again"))[3], stage2["ema"])
 
 
@@ -249,7 +249,7 @@ def test_backbone_export_loads_in_diffusers_and_matches(stage2, tmp_path):
 
 def test_bfloat16_export(stage2, tmp_path):
     """--dtype=bfloat16 writes bfloat16 tensors (both files) that load into torch and import as the rounded params."""
-    convert_cli.export_main([f"--from=workdir:{stage2['workdir']}", f"--to=torch:{tmp_path}", "--dtype=bfloat16"])
+    convert_cli.convert([f"--from=workdir:{stage2['workdir']}", f"--to=torch:{tmp_path}", "--dtype=bfloat16"])
     for name in (dit_convert.WEIGHTS_FILE, TTM_WEIGHTS_FILE):
         specs = safetensors_io.SafetensorsReader(str(tmp_path / name)).specs
         assert {str(d) for _, d in specs.values()} == {"bfloat16"}
@@ -272,7 +272,7 @@ def test_rulebook_covers_torch_module_exactly(stage2):
 
 def test_errors_name_the_fix(stage2, tmp_path):
     with pytest.raises(cli.BadInput, match="workdir:"):
-        convert_cli.export_main(["--from=checkpoint:/x", "--to=torch:/y"])
+        convert_cli.convert(["--from=checkpoint:/x", "--to=torch:/y"])
     folder = tmp_path / "bad"
     folder.mkdir()
     for name in os.listdir(stage2["out"]):
@@ -329,7 +329,7 @@ def test_export_of_a_self_conditioned_run_says_so_and_takes_its_channels(tmp_pat
     ckpt.save(1, state, None, config)
     ckpt.close()
     out = str(tmp_path / "torch")
-    convert_cli.export_main([f"--from=workdir:{tmp_path / 'workdir'}", f"--to=torch:{out}"])
+    convert_cli.convert([f"--from=workdir:{tmp_path / 'workdir'}", f"--to=torch:{out}"])
     ttm = json.load(open(os.path.join(out, TTM_CONFIG_FILE)))
     assert ttm["self_condition"] is True and ttm["in_channels"] == cin and ttm["stage"] == 2
     model = TTMWanTransformer3DModel.from_pretrained(out)

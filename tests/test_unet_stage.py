@@ -264,7 +264,7 @@ def sd_folders(tmp_path_factory):
 
 
 def _convert(*args: str) -> None:
-    convert_main.main(list(args))
+    convert_main.convert(list(args))
 
 
 def test_convert_cli_round_trip_is_bit_identical(sd_folders, tmp_path):

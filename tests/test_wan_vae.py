@@ -192,7 +192,7 @@ def test_folder_round_trip_loads_in_diffusers(torch_vae, folder, params, cfg, tm
 
 
 def test_cli_vae_round_trip(torch_vae, folder, tmp_path, capsys):
-    convert_cli.main(["vae", "--src", folder, "--out", str(tmp_path / "back")])
+    convert_cli.convert([f"--from=diffusers-vae:{folder}", f"--to=diffusers-vae:{tmp_path / 'back'}"])
     assert "every tensor mapped" in capsys.readouterr().out
     with safe_open(str(tmp_path / "back" / convert.WEIGHTS_FILE), framework="np") as f:
         for k, v in torch_vae.state_dict().items():

@@ -1,19 +1,22 @@
-"""The one rule of every command line (`main`, `data.prepare`, `data.encode`, `data.caption`, `data.label`,
-`data.synthetic`, `convert`, `eval.metrics`, `eval.sav128`, `eval.motion_bench`): a user error prints one line
-`error: <what, naming the flag, field or file, and the fix>` on stderr and exits with status 2, before anything is
-written where it can; a traceback means a bug.
+"""The command lines: their one index (`COMMANDS`; `python -m ttm_jax` lists it) and their one rule.
+
+Every command is `python -m ttm_jax.<module>` on absl flags, one pattern: the module's docstring gives the usage,
+`define_flags()` defines its flags (only when it runs, so importing it defines nothing), `main(argv)` reads
+`flags.FLAGS`, and `if __name__ == "__main__": define_flags(); cli.run(main)`. A new command is one row of `COMMANDS`
+(tests/test_command_lines.py runs every row).
+
+The rule: a user error prints one line `error: <what, naming the flag, field or file, and the fix>` on stderr and
+exits with status 2, before anything is written where it can; a traceback means a bug.
 
 A user error is an instance of `UserError`. The project's error classes for bad input derive from it (`ConfigError`,
 `RecordError`, `CaptionsError`, `ConversionError`, `LLMError`, `NoUsableCheckpoint`, `WorkdirLocked`, the prompt
 planner's), and so do `BadInput` (a flag's or argument's value; also a `ValueError`) and `MissingInput` (a path
 the user gave that is not there; also a `FileNotFoundError`), which library code raises where the value came from the
-user. absl's flag errors (unknown flag, missing required flag, a value of the wrong type) and argparse's follow the
-same rule. Layer 0: imports nothing of ours.
+user. absl's flag errors (unknown flag, missing required flag, a value of the wrong type) follow the same rule.
+Layer 0: imports nothing of ours.
 """
-
 from __future__ import annotations
 
-import argparse
 import errno
 import sys
 from collections.abc import Callable, Sequence
@@ -22,6 +25,28 @@ from typing import Any, NoReturn
 from absl import app, flags
 
 EXIT_USER_ERROR = 2
+
+# every command line, `python -m <module>`: what it does, in one line (the order of a project: data, train, convert,
+# evaluate)
+COMMANDS = {
+    "ttm_jax.data.synthetic": "synthetic SA-V: moving coloured shapes, their masklets, a captions sidecar",
+    "ttm_jax.data.caption": "VLM captions of SA-V videos (OpenAI-compatible server) -> captions sidecar",
+    "ttm_jax.data.label": "Grounding DINO + SAM2 tracking -> SA-V annotations of any folder of videos",
+    "ttm_jax.data.prepare": "SA-V videos + captions sidecar -> training clips (ArrayRecord folder or TFDS)",
+    "ttm_jax.data.encode": "prepared clips -> cached VAE latents and text embeddings",
+    "ttm_jax.main": "train a stage, describe it (--mode), sample videos, or evaluate (configs/eval.py)",
+    "ttm_jax.convert": "checkpoints --from=KIND:PATH --to=KIND:PATH (diffusers, orbax, workdir, torch)",
+    "ttm_jax.eval.motion_bench": "the held-out synthetic motion benchmark (scenes, requests, masks)",
+    "ttm_jax.eval.sav128": "the SA-V-128 benchmark built from SA-V val/test videos",
+    "ttm_jax.eval.metrics": "FVD, CLIP-Frame/Text, ViCLIP-T/V, displacement of two folders of videos",
+}
+
+
+def command_list() -> str:
+    """The `COMMANDS` table as text: one `python -m <module>` per line with what it does."""
+    width = max(len(m) for m in COMMANDS) + len("python -m ")
+    rows = [f"  {'python -m ' + m:<{width}}  {what}" for m, what in COMMANDS.items()]
+    return "\n".join(["ttm-jax commands (each takes --help):", *rows])
 
 
 class UserError(Exception):
@@ -121,9 +146,3 @@ def run(main: Callable[[Sequence[str]], Any], *, user_errors: Sequence[type[Base
     that are user errors for this command only."""
     app.run(guarded(main, user_errors), flags_parser=guarded(flags_parser, user_errors))
 
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse under the rule: a bad command line is one line and exit 2 (argparse prints its usage block too)."""
-
-    def error(self, message: str) -> NoReturn:
-        fail(f"{self.prog}: {message} (--help lists the arguments)")

@@ -52,19 +52,6 @@ from ttm_jax.train import preflight as preflight_lib
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "stage2.py")
 
-# No default here: a default would be parsed, with the command line's overrides, when this module is imported, where a
-# bad override cannot be reported. `parse_flags` gives `--config=<default>` to the flag parser when `--config` is
-# absent, and remembers that it was (`_STATE["config_given"]`).
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file, `path.py[:arg]`; default: configs/stage2.py (tiny), or, with --workdir of a run, "
-    "the config that run saved.", lock_config=True
-)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics, samples, logs and the config go.")
-_MODE = flags.DEFINE_enum("mode", None, ["train", "describe", "sample"], "What to do; default from the config.")
-_DESCRIBE_DEVICES = flags.DEFINE_integer(
-    "describe_devices", None, "--mode=describe: plan the memory per device for this many devices on config.mesh "
-    "(default: the mesh's product when no size is -1, else this host's devices); nothing runs on them.")
-
 _STATE: dict[str, Any] = {"config_given": False}
 _CONFIG_ARG = re.compile(r"^--?config(=|$)")
 _OVERRIDE_ARG = re.compile(r"^--?(?:no)?config\.([^=]+)")
@@ -334,7 +321,7 @@ def run_job(config: ml_collections.ConfigDict, workdir: str | None, mode: str | 
     if mode == "describe":
         logs.discard()
         preflight_lib.check_attention(config)  # describe compiles the step: the kernel must run here
-        describe.describe(config, devices=_DESCRIBE_DEVICES.value)
+        describe.describe(config, devices=flags.FLAGS.describe_devices)
         return
     if workdir is None:
         raise app.UsageError("--workdir is required for training: checkpoints, metrics and samples go there")
@@ -351,17 +338,30 @@ def main(argv: Sequence[str]) -> None:
             raise app.UsageError(f"unexpected arguments {list(argv[1:])}; overrides are flags: "
                                  f"--config.train.total_steps=10")
         overrides = config_flags.get_override_values(flags.FLAGS["config"])
-        config = resolve_config(_STATE["config_given"], _CONFIG.value, _WORKDIR.value, overrides)
-        run_job(config, _WORKDIR.value, _MODE.value, logs)
+        f = flags.FLAGS
+        config = resolve_config(_STATE["config_given"], f.config, f.workdir, overrides)
+        run_job(config, f.workdir, f.mode, logs)
     except (cli.UserError, app.UsageError) as e:  # ConfigError, MeshError, WorkdirLocked, NoUsableCheckpoint, ...
         if not getattr(e, "mid_run", False):  # refused before the run wrote anything: leave the workdir as it was
             logs.undo()
         cli.fail(e)
 
 
-def run() -> None:
-    app.run(main, flags_parser=parse_flags)
+def define_flags() -> None:
+    """The flags of `main` (defined only when this module runs, so importing it defines nothing). `--config` has no
+    default: a default would be parsed, with the command line's overrides, when the flag is defined, where a bad
+    override cannot be reported. `parse_flags` gives `--config=<default>` to the flag parser when `--config` is
+    absent, and remembers that it was (`_STATE["config_given"]`)."""
+    config_flags.DEFINE_config_file(
+        "config", None, "Config file, `path.py[:arg]`; default: configs/stage2.py (tiny), or, with --workdir of a "
+        "run, the config that run saved.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Where checkpoints, metrics, samples, logs and the config go.")
+    flags.DEFINE_enum("mode", None, ["train", "describe", "sample"], "What to do; default from the config.")
+    flags.DEFINE_integer(
+        "describe_devices", None, "--mode=describe: plan the memory per device for this many devices on config.mesh "
+        "(default: the mesh's product when no size is -1, else this host's devices); nothing runs on them.")
 
 
 if __name__ == "__main__":
-    run()
+    define_flags()
+    cli.run(main, flags_parser=parse_flags)

@@ -597,6 +597,7 @@ def generate(out: str, num_videos: int, seed: int = 0, *, split: str = "mixed", 
 
 
 def main(argv: Sequence[str]) -> None:
+    """Writes `--num_videos` synthetic SA-V videos under `--out` and says where."""
     del argv
     f = flags.FLAGS
     shards = generate(f.out, f.num_videos, f.seed, split=f.split, height=f.height, width=f.width, frames=f.frames,
@@ -605,7 +606,8 @@ def main(argv: Sequence[str]) -> None:
           f"captions in {os.path.join(f.out, CAPTIONS_FILE)}")
 
 
-def _define_flags() -> None:
+def define_flags() -> None:
+    """The flags of `main` (defined only when this module runs, so importing it defines nothing)."""
     flags.DEFINE_string("out", None, "output folder", required=True)
     flags.DEFINE_integer("num_videos", 64, "number of videos")
     flags.DEFINE_integer("seed", 0, "seed; output is a pure function of it")
@@ -619,5 +621,5 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
-    _define_flags()
+    define_flags()
     cli.run(main)

@@ -236,15 +236,17 @@ def score_folders(real_dir: str, fake_dir: str, scorers: Scorers, *, captions: s
     return result
 
 
+# the scorers' loaders and the folder readers raise these for what the user gave: one line naming the file and the fix
+USER_ERRORS = (ValueError, FileNotFoundError)
+
+
 def main(argv: Sequence[str]) -> None:
+    """Scores `--fake` against `--real`, prints each metric and writes them to `--out` when given."""
     del argv
     f = flags.FLAGS
-    try:
-        scorers = load_scorers(i3d_weights=f.i3d, clip_path=f.clip, viclip_path=f.viclip,
-                               viclip_tokenizer=f.viclip_tokenizer, raft_path=f.raft)
-        result = score_folders(f.real, f.fake, scorers, captions=f.captions)
-    except (ValueError, FileNotFoundError) as e:  # user errors: one line naming the file and the fix
-        cli.fail(e)
+    scorers = load_scorers(i3d_weights=f.i3d, clip_path=f.clip, viclip_path=f.viclip,
+                           viclip_tokenizer=f.viclip_tokenizer, raft_path=f.raft)
+    result = score_folders(f.real, f.fake, scorers, captions=f.captions)
     print(f"{result['n']} pairs ({len(result['only_real'])} real-only, {len(result['only_fake'])} generated-only "
           f"left out)")
     for m in METRICS:
@@ -256,7 +258,8 @@ def main(argv: Sequence[str]) -> None:
         print(f"wrote {f.out}")
 
 
-def _define_flags() -> None:
+def define_flags() -> None:
+    """The flags of `main` (defined only when this module runs, so importing it defines nothing)."""
     flags.DEFINE_string("real", None, "reference videos: a folder of mp4s or an SA-V-128 benchmark folder",
                         required=True)
     flags.DEFINE_string("fake", None, "generated videos: a folder of mp4s named as their references", required=True)
@@ -270,5 +273,5 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
-    _define_flags()
-    cli.run(main)
+    define_flags()
+    cli.run(main, user_errors=USER_ERRORS)

@@ -418,6 +418,7 @@ def static_share(objects: Sequence[dict[str, Any]]) -> float:
 
 
 def main(argv: Sequence[str]) -> None:
+    """Builds the benchmark under `--out` and says what it holds."""
     del argv
     f = flags.FLAGS
     bench = make_benchmark(f.out, f.num_scenes, seed=f.seed, height=f.height, width=f.width, frames=f.frames,
@@ -427,7 +428,8 @@ def main(argv: Sequence[str]) -> None:
           f"{bench.params['synthetic_seed']}); requests in {os.path.join(f.out, REQUESTS)}")
 
 
-def _define_flags() -> None:
+def define_flags() -> None:
+    """The flags of `main` (defined only when this module runs, so importing it defines nothing)."""
     flags.DEFINE_string("out", None, "output folder", required=True)
     flags.DEFINE_integer("num_scenes", 64, "number of scenes")
     flags.DEFINE_integer("seed", 0, f"benchmark seed; the generator seed is {BENCH_SEED_OFFSET} + seed")
@@ -440,5 +442,5 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
-    _define_flags()
+    define_flags()
     cli.run(main)

@@ -413,7 +413,12 @@ def load_manifest(out: str) -> dict:
     return m
 
 
+# the build raises these for what the user gave (a selection file, a video): one line naming the file and the fix
+USER_ERRORS = (ValueError, FileNotFoundError)
+
+
 def main(argv: Sequence[str]) -> None:
+    """Builds SA-V-128 from `--sav` + `--captions` under `--out` and says what it kept."""
     del argv
     f = flags.FLAGS
     cli.require_paths("--sav", f.sav, "SA-V shards or folders, or a val/test folder", command="sav128")
@@ -423,17 +428,15 @@ def main(argv: Sequence[str]) -> None:
                           command="sav128")
     rule = select.Rule(height=f.height, width=f.width, frames=f.frames, fps=f.fps, min_travel=f.min_travel,
                        max_iou=f.max_iou, min_area=f.min_area, max_objects=f.max_objects)
-    try:
-        summary = build(f.sav, f.captions, f.out, ids=f.ids, num_single=f.num_single, num_multi=f.num_multi,
-                        rule=rule, overwrite=f.overwrite)
-    except (ValueError, FileNotFoundError) as e:  # user errors: one line naming the file and the fix
-        cli.fail(e)
+    summary = build(f.sav, f.captions, f.out, ids=f.ids, num_single=f.num_single, num_multi=f.num_multi, rule=rule,
+                    overwrite=f.overwrite)
     for message in summary.manifest["skipped_videos"][:20]:
         print(f"skipped {message}")
     print(summary.line())
 
 
-def _define_flags() -> None:
+def define_flags() -> None:
+    """The flags of `main` (defined only when this module runs, so importing it defines nothing)."""
     flags.DEFINE_string("sav", None, "SA-V shards / folders (comma-separated), or a val/test folder", required=True)
     flags.DEFINE_string("captions", None, "captions sidecar JSONL", required=True)
     flags.DEFINE_string("out", None, "output folder", required=True)
@@ -452,5 +455,5 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
-    _define_flags()
-    cli.run(main)
+    define_flags()
+    cli.run(main, user_errors=USER_ERRORS)

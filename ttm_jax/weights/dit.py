@@ -96,8 +96,9 @@ def config_from_diffusers(cfg: Mapping[str, Any], *, scan_layers: bool = True, s
 def read_config(path: str, **kw: Any) -> tuple[dit_lib.DiTConfig, int, int]:
     file = os.path.join(path, CONFIG_FILE)
     if not os.path.exists(file):
-        raise cli.MissingInput(f"{file}: not found; --src must be a diffusers WanTransformer3DModel folder "
-                                "(config.json + safetensors), e.g. Wan2.1-T2V-1.3B-Diffusers/transformer")
+        raise cli.MissingInput(f"{file}: not found; the source (--from=diffusers:PATH) must be a diffusers "
+                               "WanTransformer3DModel folder (config.json + safetensors), e.g. "
+                               "Wan2.1-T2V-1.3B-Diffusers/transformer")
     with open(file) as f:
         return config_from_diffusers(json.load(f), source=file, **kw)
 
