@@ -304,12 +304,12 @@ def mesh_devices(config: ml_collections.ConfigDict, devices: int | None = None) 
     sizes = [int(v) for v in dict(config.mesh.shape).values()]
     if -1 in sizes:
         return jax.device_count()
-    return math.prod(sizes) * int(config.mesh.get("context", 1))
+    return math.prod(sizes) * int(config.mesh.context)
 
 
 def abstract_mesh(config: ml_collections.ConfigDict, devices: int | None = None) -> jax.sharding.AbstractMesh:
     """An `AbstractMesh` (no devices) of `config.mesh`'s sizes for `devices` devices (`mesh.resolve_shape`)."""
-    sizes = mesh_lib.resolve_shape(config.mesh.shape, mesh_devices(config, devices), config.mesh.get("context", 1))
+    sizes = mesh_lib.resolve_shape(config.mesh.shape, mesh_devices(config, devices), config.mesh.context)
     return jax.sharding.AbstractMesh(tuple(sizes[a] for a in mesh_lib.MESH_AXES), mesh_lib.MESH_AXES)
 
 
@@ -348,12 +348,12 @@ def activation_bytes(config: ml_collections.ConfigDict, mesh_sizes: dict[str, in
     batch = -(-int(config.train.batch_size) // (mesh_sizes["data"] * mesh_sizes["fsdp"]))
     tokens = batch * video_tokens(config) // mesh_sizes["context"]
     d, f, t = int(m.get("dim", 0)), int(m.get("ffn_dim", 0)), mesh_sizes["tensor"]
-    policy = m.get("remat_policy", "none")
+    policy = m.remat_policy
     (a, b, c), (ta, tb, tc) = _SAVED.get(policy, _SAVED["none"])
     per_token = a * d + (b * d + c * f) / t
     ttm_extra = ta * d + (tb * d + tc * f) / t
-    layers, k = int(m.get("num_layers", 0)), int(m.get("ttm_layers", 0))
-    item = jnp.dtype(m.get("dtype", "float32")).itemsize
+    layers, k = int(m.get("num_layers", 0)), int(m.ttm_layers)
+    item = jnp.dtype(m.dtype).itemsize
     values = layers * per_token + k * ttm_extra
     how = f"{layers} layers x {tokens:,} tokens x {per_token / d:.3g} D"
     if k and ttm_extra:
@@ -362,7 +362,7 @@ def activation_bytes(config: ml_collections.ConfigDict, mesh_sizes: dict[str, in
         (a2, b2, c2), _ = _SAVED["none"]
         values += a2 * d + (b2 * d + c2 * f) / t
         how += " + one layer's full set (recomputed in the backward)"
-    how += f", D={d}, {jnp.dtype(m.get('dtype', 'float32')).name}, remat {policy}: ESTIMATE"
+    how += f", D={d}, {jnp.dtype(m.dtype).name}, remat {policy}: ESTIMATE"
     return int(values * tokens * item), batch, tokens, how
 
 
@@ -371,17 +371,17 @@ def memory_plan(config: ml_collections.ConfigDict, devices: int | None = None) -
     mesh = abstract_mesh(config, devices)
     sizes = dict(mesh.shape)
     rules = sharding_lib.rules_from_config(config.mesh)
-    unannotated = bool(config.mesh.get("shard_unannotated", True))
+    unannotated = bool(config.mesh.shard_unannotated)
     boxed = _boxed_params(config)
     params = sharded_bytes(boxed, mesh, rules, shard_unannotated=unannotated)
-    pdt = jnp.dtype(config.model.get("param_dtype", "float32")).name
+    pdt = jnp.dtype(config.model.param_dtype).name
     shard = ", ".join(f"{a}={n}" for a, n in sizes.items() if n > 1) or "one device"
     rows = [(f"parameters ({pdt})", params, f"the trainable backbone, sharded by config.mesh.rules ({shard})"),
             (f"gradients ({pdt})", params, "as the parameters"),
             ("optimizer state (AdamW mu, nu)", 2 * params, "two moments shaped, sharded and typed as the parameters")]
-    ema = float(config.optim.get("ema_decay", 0.0)) > 0
+    ema = float(config.optim.ema_decay) > 0
     rows.append(("EMA parameters", params if ema else 0, "optim.ema_decay > 0" if ema else "optim.ema_decay = 0"))
-    if bool(config.data.get("cached", False)):
+    if bool(config.data.cached):
         rows.append(("frozen text encoder + autoencoder", 0, "data.cached: not in the step"))
     else:
         text = sharded_bytes(_text_encoder_init(config)[1], mesh, rules, shard_unannotated=unannotated)
@@ -426,7 +426,7 @@ def describe(config: ml_collections.ConfigDict, *, flops: bool = True, print_fn=
     added_inputs = input_channel_params(config, no_ttm_boxed)
     backbone = no_ttm - added_inputs
     latent = config.autoencoder.latent_channels
-    cached = bool(config.data.get("cached", False))
+    cached = bool(config.data.cached)
     text_full = _size(text_encoder_param_shapes(config))
     vae_full = _size(autoencoder_param_shapes(config))
     # data.cached: the batches carry the latents and text embeddings (python -m ttm_jax.data.encode), so neither

@@ -124,7 +124,7 @@ def _init_frozen(config, modules, mesh, rules):
     def init_te(r):
         return modules.text_encoder.init(r, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, bool))["params"]
 
-    if t.get("path", ""):
+    if t.path:
         te_params, te_sh = load_text_encoder(config, init_te, rng, mesh, rules)
     else:
         te_params, te_sh = sharding_lib.init_sharded(init_te, rng, mesh=mesh, rules=rules, compiler_options=options)

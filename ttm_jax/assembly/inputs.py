@@ -155,7 +155,7 @@ def prepare(config: ml_collections.ConfigDict, modules: Modules, frozen: dict[st
             object_masks = batch["object_masks"].astype(bool)
             if kind.object_ids == "first":  # never the places stage 1 generates: later frames are background or
                 # hold the first frame's ids (config.model.stage1_later_ids)
-                later = (object_masks[:, :1] if config.model.get("stage1_later_ids", "background") == "start"
+                later = (object_masks[:, :1] if config.model.stage1_later_ids == "start"
                          else False)
                 object_masks = object_masks.at[:, 1:].set(later)
             text["token_ids"], text["cross_token_ids"] = registry.object_ids(config, ae, object_masks)
@@ -228,7 +228,7 @@ def self_conditioned(x: jax.Array, predict: Callable[[jax.Array], jax.Array], ob
 
 def condition_frames(config: ml_collections.ConfigDict) -> str:
     """`config.model.condition_frames` (`first` for configs saved before the field existed)."""
-    return config.model.get("condition_frames", "first")
+    return config.model.condition_frames
 
 
 def model_inputs(config: ml_collections.ConfigDict, modules: Modules, frozen: dict[str, Any],

@@ -115,19 +115,19 @@ class DDIMVPrediction:
 
     def __init__(self, objective: ml_collections.ConfigDict):
         self.config = objective
-        self.num_train_timesteps = int(objective.get("num_train_timesteps", 1000))
+        self.num_train_timesteps = int(objective.num_train_timesteps)
         self.alphas_cumprod = ddim.alphas_cumprod(
-            num_train_timesteps=self.num_train_timesteps, beta_start=float(objective.get("beta_start", 0.00085)),
-            beta_end=float(objective.get("beta_end", 0.012)),
-            schedule=objective.get("beta_schedule", "scaled_linear"),
-            rescale_zero_terminal_snr=bool(objective.get("rescale_zero_terminal_snr", True)))
-        self.spacing = objective.get("timestep_spacing", "trailing")
+            num_train_timesteps=self.num_train_timesteps, beta_start=float(objective.beta_start),
+            beta_end=float(objective.beta_end),
+            schedule=objective.beta_schedule,
+            rescale_zero_terminal_snr=bool(objective.rescale_zero_terminal_snr))
+        self.spacing = objective.timestep_spacing
 
     def sample_time(self, rng: jax.Array, batch_size: int) -> jax.Array:
         """Integer timesteps in [0, T) as float32 `[B]`: uniform, or with `objective.shift = s != 1` the uniform
         level `u` shifted to `s u / (1 + (s - 1) u)` (as the flow's times) and floored to a timestep, so that more
         training falls at the high noise where a trajectory's layout is decided."""
-        shift = float(self.config.get("shift", 1.0))
+        shift = float(self.config.shift)
         if shift == 1.0:  # the same draws as before the shift existed
             return jax.random.randint(rng, (batch_size,), 0, self.num_train_timesteps).astype(jax.numpy.float32)
         u = jax.random.uniform(rng, (batch_size,), jax.numpy.float32)
@@ -198,4 +198,4 @@ def check_self_condition(objective: Objective) -> None:
 def make_objective(objective: ml_collections.ConfigDict) -> Objective:
     """The objective `config.objective.name` names (pass `config.objective`; default `rectified_flow`, for configs
     saved before the field existed)."""
-    return OBJECTIVES.get(objective.get("name", "rectified_flow"))(objective)
+    return OBJECTIVES.get(objective.name)(objective)

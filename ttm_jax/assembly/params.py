@@ -29,4 +29,4 @@ def param_shardings(config: ml_collections.ConfigDict, modules: Modules, mesh: j
     init_params = make_init_params(config, modules)
     abstract = jax.eval_shape(init_params, jax.random.PRNGKey(int(config.seed)))
     return sharding_lib.tree_shardings(abstract, mesh, rules,
-                                       shard_unannotated=bool(config.mesh.get("shard_unannotated", True)))
+                                       shard_unannotated=bool(config.mesh.shard_unannotated))

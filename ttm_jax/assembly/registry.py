@@ -89,7 +89,7 @@ class Backbone:
 
 
 def backbone_name(config: ml_collections.ConfigDict) -> str:
-    return config.model.get("backbone", "dit")
+    return config.model.backbone
 
 
 def _dit_config(config: ml_collections.ConfigDict) -> dit_lib.DiTConfig:

@@ -44,21 +44,21 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
     _check(isinstance(m.ttm_layers, int) and m.ttm_layers >= 0, "model.ttm_layers",
            f"{m.ttm_layers!r} must be an int >= 0")
     _check(m.attention in ATTENTION_IMPLS, "model.attention", f"{m.attention!r}; choose one of {ATTENTION_IMPLS}")
-    _check(isinstance(m.get("attention_sparse", False), bool), "model.attention_sparse",
-           f"{m.get('attention_sparse')!r} must be True or False")
-    _check(m.get("context_impl", "ulysses") in ("ulysses", "ring"), "model.context_impl",
-           f"{m.get('context_impl')!r}; choose ulysses (all-to-all over heads) or ring (keys passed around the ring)")
+    _check(isinstance(m.attention_sparse, bool), "model.attention_sparse",
+           f"{m.attention_sparse!r} must be True or False")
+    _check(m.context_impl in ("ulysses", "ring"), "model.context_impl",
+           f"{m.context_impl!r}; choose ulysses (all-to-all over heads) or ring (keys passed around the ring)")
     _check(m.remat_policy in REMAT_POLICIES, "model.remat_policy",
            f"{m.remat_policy!r}; choose one of {REMAT_POLICIES}")
-    _check(isinstance(m.get("scan_unroll", 0), int) and m.get("scan_unroll", 0) >= 0, "model.scan_unroll",
-           f"{m.get('scan_unroll')!r} must be an int >= 0 (0: per backend, all blocks unrolled on CPU)")
+    _check(isinstance(m.scan_unroll, int) and m.scan_unroll >= 0, "model.scan_unroll",
+           f"{m.scan_unroll!r} must be an int >= 0 (0: per backend, all blocks unrolled on CPU)")
     _check(m.dtype in DTYPES, "model.dtype", f"{m.dtype!r}; choose one of {DTYPES}")
     _check(m.param_dtype in DTYPES, "model.param_dtype", f"{m.param_dtype!r}; choose one of {DTYPES}")
-    _check(m.get("condition_frames", "first") in CONDITION_FRAMES, "model.condition_frames",
-           f"{m.get('condition_frames')!r}; choose first (latent frame 0, zeros after), all (every latent frame) or "
+    _check(m.condition_frames in CONDITION_FRAMES, "model.condition_frames",
+           f"{m.condition_frames!r}; choose first (latent frame 0, zeros after), all (every latent frame) or "
            f"indexed (every latent frame, and a channel with the frame's place)")
-    _check(isinstance(m.get("self_condition", False), bool), "model.self_condition",
-           f"{m.get('self_condition')!r} must be True or False")
+    _check(isinstance(m.self_condition, bool), "model.self_condition",
+           f"{m.self_condition!r} must be True or False")
     _check(m.cross_ids_from in CROSS_IDS_FROM, "model.cross_ids_from",
            f"{m.cross_ids_from!r}; choose one of {CROSS_IDS_FROM}")
     _check(config.stage != 1 or m.ttm_layers == 0 or not (m.ttm_masked and m.ttm_masked_self),
@@ -67,11 +67,11 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
            "only (their later places are what it generates), so its added self-attention cannot be masked; set "
            "model.ttm_masked_self=False (its masked cross-attention gives each object's first-frame tokens its "
            "local prompt), or model.ttm_layers=0")
-    _check(m.get("stage1_later_ids", "background") in STAGE1_LATER_IDS, "model.stage1_later_ids",
-           f"{m.get('stage1_later_ids')!r}; choose one of {STAGE1_LATER_IDS}")
+    _check(m.stage1_later_ids in STAGE1_LATER_IDS, "model.stage1_later_ids",
+           f"{m.stage1_later_ids!r}; choose one of {STAGE1_LATER_IDS}")
     _check(config.stage != 0 or not m.ttm_masked, "model.ttm_masked",
            "True but the TI2V baseline (stage 0) has no trajectory, so no object ids to mask with; set False")
-    backbone = m.get("backbone", "dit")
+    backbone = m.backbone
     if backbone == "dit":
         _check_dit(config)
     elif backbone == "unet":
@@ -153,9 +153,9 @@ def _check_autoencoder(config: ml_collections.ConfigDict) -> None:
     """autoencoder section (ttm_jax/models/autoencoder.py, ttm_jax/models/wan_vae.py)."""
     a = config.autoencoder
     _check(a.name in AUTOENCODERS, "autoencoder.name", f"{a.name!r}; choose one of {AUTOENCODERS}")
-    _check(a.get("dtype", "float32") in DTYPES, "autoencoder.dtype", f"{a.get('dtype')!r}; choose one of {DTYPES}")
-    _check(isinstance(a.get("chunk_frames", 1), int) and a.get("chunk_frames", 1) >= 0, "autoencoder.chunk_frames",
-           f"{a.get('chunk_frames')!r} must be an int >= 0 (0: the whole clip in one pass)")
+    _check(a.dtype in DTYPES, "autoencoder.dtype", f"{a.dtype!r}; choose one of {DTYPES}")
+    _check(isinstance(a.chunk_frames, int) and a.chunk_frames >= 0, "autoencoder.chunk_frames",
+           f"{a.chunk_frames!r} must be an int >= 0 (0: the whole clip in one pass)")
     if a.name == "wan":
         _check(a.latent_channels > 0 and a.time_factor > 0 and a.space_factor > 0, "autoencoder",
                "latent_channels, time_factor and space_factor must be positive (Wan 2.1: 16, 4, 8); the weights' "
@@ -166,7 +166,7 @@ def _check_autoencoder(config: ml_collections.ConfigDict) -> None:
         _check(a.latent_channels > 0 and a.space_factor > 0, "autoencoder",
                "latent_channels and space_factor must be positive (SD 1.5: 4 and 8); the weights' config.json is "
                "checked against them when the VAE loads")
-    scale, shift = (a.get(k, d) for k, d in IDENTITY_LATENT_NORM.items())
+    scale, shift = a.scaling_factor, a.shift_factor
     _check(isinstance(scale, (int, float)) and scale > 0, "autoencoder.scaling_factor", f"{scale!r} must be > 0")
     _check(isinstance(shift, (int, float)), "autoencoder.shift_factor", f"{shift!r} must be a number")
     if a.name != "space_to_depth":
@@ -212,11 +212,11 @@ def _check_data(config: ml_collections.ConfigDict) -> None:
            f"{d.read_threads!r} must be an int >= 0 (0: read in the main thread, nothing read ahead)")
     _check(0 <= d.shuffle_seed < 2**32, "data.shuffle_seed", f"{d.shuffle_seed} must be in [0, 2**32) (Grain's range)")
     _check(d.synthetic_num_videos >= 1, "data.synthetic_num_videos", f"{d.synthetic_num_videos} must be >= 1")
-    rung = d.get("synthetic_rung", SYNTHETIC_FULL_RUNG)
+    rung = d.synthetic_rung
     _check(rung in SYNTHETIC_RUNGS, "data.synthetic_rung",
            f"{rung!r}; choose one of {SYNTHETIC_RUNGS} (ladder rungs; {SYNTHETIC_FULL_RUNG}: the full set)")
-    _check(isinstance(d.get("cached", False), bool), "data.cached", f"{d.get('cached')!r} must be True or False")
-    _check(not d.get("cached", False) or bool(d.prepared_path), "data.cached",
+    _check(isinstance(d.cached, bool), "data.cached", f"{d.cached!r} must be True or False")
+    _check(not d.cached or bool(d.prepared_path), "data.cached",
            "True needs data.prepared_path: set it to the --out folder of `python -m ttm_jax.data.encode "
            "--prepared=... --out=...`, or set data.cached=False")
 
@@ -228,8 +228,8 @@ def _check_text_encoder(config: ml_collections.ConfigDict) -> None:
     _check(t.d_model > 0 and t.num_layers > 0, "text_encoder", "d_model and num_layers must be positive")
     _check(t.tokenizer in ("byte", "word", "sentencepiece", "clip"), "text_encoder.tokenizer",
            f"{t.tokenizer!r}; choose byte, word, sentencepiece or clip")
-    _check((t.get("name") == "clip") == (t.tokenizer == "clip"), "text_encoder.tokenizer",
-           f"{t.tokenizer!r} with text_encoder.name={t.get('name')!r}; the CLIP text encoder reads CLIP's BPE ids "
+    _check((t.name == "clip") == (t.tokenizer == "clip"), "text_encoder.tokenizer",
+           f"{t.tokenizer!r} with text_encoder.name={t.name!r}; the CLIP text encoder reads CLIP's BPE ids "
            f"and only it does: use name='clip' with tokenizer='clip' (ttm_jax/weights/clip_text.py)")
     for name in ("vocab_size", "num_heads", "d_kv", "d_ff", "relative_attention_num_buckets",
                  "relative_attention_max_distance", "max_length", "local_max_length"):
@@ -243,11 +243,11 @@ def _check_text_encoder(config: ml_collections.ConfigDict) -> None:
     _check(t.tokenizer != "word" or t.vocab_size >= 64, "text_encoder.vocab_size",
            f"{t.vocab_size} is too small for the word tokenizer's hash table; set it to >= 64 (2048 keeps "
            f"the synthetic prompts' words apart)")
-    _check(t.get("feed_forward", "gated-gelu") == "gated-gelu", "text_encoder.feed_forward",
-           f"{t.get('feed_forward')!r}; only gated-gelu (T5 v1.1, ByT5, umT5) is implemented")
-    _check(t.get("dtype", "float32") in DTYPES, "text_encoder.dtype", f"{t.get('dtype')!r}; choose one of {DTYPES}")
-    _check(t.get("param_dtype", "float32") in DTYPES, "text_encoder.param_dtype",
-           f"{t.get('param_dtype')!r}; choose one of {DTYPES}")
+    _check(t.feed_forward == "gated-gelu", "text_encoder.feed_forward",
+           f"{t.feed_forward!r}; only gated-gelu (T5 v1.1, ByT5, umT5) is implemented")
+    _check(t.dtype in DTYPES, "text_encoder.dtype", f"{t.dtype!r}; choose one of {DTYPES}")
+    _check(t.param_dtype in DTYPES, "text_encoder.param_dtype",
+           f"{t.param_dtype!r}; choose one of {DTYPES}")
 
 
 def _check_sample(config: ml_collections.ConfigDict) -> None:
@@ -277,12 +277,12 @@ def _check_optim(config: ml_collections.ConfigDict) -> None:
     _check(o.learning_rate > 0, "optim.learning_rate", f"{o.learning_rate} must be > 0")
     _check(o.warmup_steps >= 0, "optim.warmup_steps", f"{o.warmup_steps} must be >= 0")
     _check(0.0 <= o.ema_decay < 1.0, "optim.ema_decay", f"{o.ema_decay} must be in [0, 1) (0: no EMA)")
-    cool = o.get("cooldown_steps", 0)
+    cool = o.cooldown_steps
     room = config.train.total_steps - o.warmup_steps
     _check(type(cool) is int and (cool == 0 or 0 < cool <= room), "optim.cooldown_steps",
            f"{cool!r} must be 0 (off) or an int of at most train.total_steps - optim.warmup_steps = {room}; lower it"
            f" or raise train.total_steps")
-    share = o.get("cooldown_fraction", 0.0)
+    share = o.cooldown_fraction
     _check(isinstance(share, (int, float)) and 0.0 <= share <= 1.0, "optim.cooldown_fraction",
            f"{share!r} must be in [0, 1] (0: off; 0.5: the fall takes the run's second half)")
     _check(o.grad_clip_norm >= 0, "optim.grad_clip_norm", f"{o.grad_clip_norm} must be >= 0 (0: no clipping)")
@@ -292,7 +292,7 @@ def _check_objective(config: ml_collections.ConfigDict) -> None:
     """objective section (ttm_jax/assembly/objectives.py, ttm_jax/diffusion/flow.py, ttm_jax/diffusion/ddim.py)."""
     j = config.objective
     # objective.name is checked by the registry (`assembly/objectives.py: OBJECTIVES`), where new ones register
-    if j.get("name") == "ddim_v":
+    if j.name == "ddim_v":
         _check(isinstance(j.num_train_timesteps, int) and j.num_train_timesteps >= 2, "objective.num_train_timesteps",
                f"{j.num_train_timesteps!r} must be an int >= 2 (1000 for SD 1.5 / AnimateDiff)")
         _check(0 < j.beta_start < j.beta_end < 1, "objective.beta_start",
@@ -319,13 +319,13 @@ def _check_mesh(config: ml_collections.ConfigDict) -> None:
     _check(set(sizes) <= {"data", "fsdp", "tensor"}, "mesh.shape", f"{sorted(sizes)}: the axes are data, fsdp, tensor")
     _check(sum(1 for v in sizes.values() if v == -1) <= 1 and all(v == -1 or v > 0 for v in sizes.values()),
            "mesh.shape", f"{sizes}: sizes must be positive, at most one -1 (all remaining devices)")
-    context = h.get("context", 1)
+    context = h.context
     _check(type(context) is int and context >= 1, "mesh.context",
            f"{context!r} must be an int >= 1 (1: the video tokens are not split)")
     if context == 1:
         return
     m = config.model
-    backbone = m.get("backbone", "dit")
+    backbone = m.backbone
     _check(backbone == "dit", "mesh.context",
            f"{context} but model.backbone={backbone!r} has no context-parallel path (only the DiT shards its video "
            f"tokens, ttm_jax/models/context_parallel.py); set mesh.context=1")
@@ -333,7 +333,7 @@ def _check_mesh(config: ml_collections.ConfigDict) -> None:
     tensor = sizes.get("tensor", 1)
     if isinstance(heads, int) and tensor > 1 and heads % tensor == 0:
         heads //= tensor  # heads per tensor shard, what Ulysses splits
-    _check(m.get("context_impl", "ulysses") != "ulysses" or not isinstance(heads, int) or heads % context == 0,
+    _check(m.context_impl != "ulysses" or not isinstance(heads, int) or heads % context == 0,
            "mesh.context",
            f"{context} does not divide the {heads} heads (model.num_heads per mesh.shape.tensor shard) that "
            f"model.context_impl='ulysses' splits; choose a mesh.context dividing {heads}, or model.context_impl='ring'")

@@ -18,14 +18,14 @@ def in_channels(config: ml_collections.ConfigDict) -> int:
     """Channels into the DiT: the noisy latent plus the stage's conditions (`STAGES`: two for stages 1 and 2, one for
     TI2V) and the self-conditioning estimate of `model.self_condition`, each `latent_channels` wide, plus the
     frame-place channel of `model.condition_frames=indexed`."""
-    extra = frame_place_channels(config.model.get("condition_frames", "first"))
+    extra = frame_place_channels(config.model.condition_frames)
     latents = 1 + STAGES[int(config.stage)].conditions + int(self_condition(config))
     return latents * config.autoencoder.latent_channels + extra
 
 
 def self_condition(config: ml_collections.ConfigDict) -> bool:
-    """`config.model.self_condition` (False for configs saved before the field existed)."""
-    return bool(config.model.get("self_condition", False))
+    """`config.model.self_condition` (False for configs saved before the field existed: `upgrade`)."""
+    return bool(config.model.self_condition)
 
 
 def frame_place_channels(condition_frames: str) -> int:
@@ -38,7 +38,7 @@ def grid_step(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
     """(t, h, w): the latent cells the backbone's grid must be a multiple of: the DiT's patch; the U-Net's one
     halving per level but the last, `2^(levels-1)` in H and W."""
     m = config.model
-    if m.get("backbone", "dit") == "unet" and "unet" in m:
+    if m.backbone == "unet" and "unet" in m:
         s = 2 ** (len(tuple(m.unet.block_out_channels)) - 1)
         return 1, s, s
     return tuple(int(p) for p in m.get("patch_size", (1, 1, 1)))

@@ -214,9 +214,9 @@ def _optim(v: Mapping[str, Any]) -> ml_collections.ConfigDict:
 def cooldown_steps(optim: ml_collections.ConfigDict, total_steps: int) -> int:
     """The steps over which the learning rate falls to 0 (`config.optim`): `cooldown_steps`, else `cooldown_fraction`
     of `total_steps` (`train.total_steps`), kept after the warm-up."""
-    if optim.get("cooldown_steps", 0):
+    if optim.cooldown_steps:
         return int(optim.cooldown_steps)
-    share = float(optim.get("cooldown_fraction", 0.0))
+    share = float(optim.cooldown_fraction)
     return min(round(share * int(total_steps)), max(0, int(total_steps) - int(optim.warmup_steps))) if share else 0
 
 

@@ -169,7 +169,7 @@ def check_manifest(manifest: dict, config: ml_collections.ConfigDict, folder: st
                              f"{ {k: lat.get(k) for k in differ} } but config.autoencoder has "
                              f"{ {k: ae.get(k) for k in differ} }; prepare again with this config (--latents) or "
                              f"without --latents")
-    if config.data.get("cached", False):
+    if config.data.cached:
         missing = [k for k in ("latents", "text_embeddings") if manifest.get(k) is None]
         if missing:
             raise ValueError(f"{where}: config.data.cached is True but these records have no cached "
@@ -218,13 +218,13 @@ def make_dataset(config: ml_collections.ConfigDict, path: str, *, process_index:
     ds = ds.shuffle(seed=int(config.data.shuffle_seed)).repeat(None)
     if to_example is not None:
         ds = ds.map(to_example)
-    return ds.map(DecodeAndTokenize(config.text_encoder.to_dict(), cached=bool(config.data.get("cached", False))))
+    return ds.map(DecodeAndTokenize(config.text_encoder.to_dict(), cached=bool(config.data.cached)))
 
 
 def check_cached(config: ml_collections.ConfigDict) -> None:
     """With `config.data.cached`: `config.data.prepared_path` holds cached latents and text embeddings made with
     this config's autoencoder and text encoder (a `ValueError` naming the file and the fix otherwise)."""
-    if not config.data.get("cached", False):
+    if not config.data.cached:
         return
     path = config.data.prepared_path
     if epath.Path(os.path.join(path, "dataset_info.json")).exists():
@@ -253,7 +253,7 @@ def make_train_iterator(config: ml_collections.ConfigDict, *, process_index: int
     path = resolve_prepared_path(config, workdir)
     ds = make_dataset(config, path, process_index=process_index, process_count=process_count)
     ds = ds.batch(local_batch_size(config, process_count), drop_remainder=True)
-    threads = int(config.data.get("read_threads", 4))
+    threads = int(config.data.read_threads)
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,  # 0: read on next(), nothing ahead
                                                  prefetch_buffer_size=max(threads, 2) if threads else 0))
     workers = int(config.data.num_workers)
@@ -279,7 +279,7 @@ def synthetic_params(config: ml_collections.ConfigDict) -> dict:
     h, w = int(d.height) * scale, int(d.width) * scale
     p = {"num_videos": int(d.synthetic_num_videos), "seed": int(config.seed), "split": "mixed",
          "height": h + h % 2, "width": w + w % 2, "frames": frames}
-    rung = int(d.get("synthetic_rung", synthetic.FULL_RUNG))
+    rung = int(d.synthetic_rung)
     return p if rung == synthetic.FULL_RUNG else {**p, "rung": rung}  # the full set's folders keep their names
 
 

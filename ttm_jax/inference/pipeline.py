@@ -118,7 +118,7 @@ class Geometry:
                 raise config_lib.ConfigError(f"{field}: {e}; point it to a trained stage-{stage} workdir (python -m "
                                              f"ttm_jax.main --config=configs/stage{stage}.py --workdir=DIR)") from None
             want = (stage,) if stage == 1 or configs[0] is not None else (0,)
-            if int(config.get("stage", stage)) not in want:
+            if int(config.stage) not in want:
                 hint = (f"point it to a stage-{stage} workdir" if want != (0,) else
                         "without config.sample.stage1_workdir it must hold the single-stage TI2V baseline "
                         "(configs/ti2v.py); set stage1_workdir for a stage-2 model")

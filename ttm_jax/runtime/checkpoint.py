@@ -135,7 +135,7 @@ class Checkpointer:
     def from_config(cls, workdir: str | epath.PathLike, config: ml_collections.ConfigDict) -> Checkpointer:
         t = config.train
         return cls(workdir, keep=int(t.keep_checkpoints), keep_period=int(t.keep_period),
-                   async_save=bool(t.get("async_checkpointing", True)))
+                   async_save=bool(t.async_checkpointing))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

@@ -19,7 +19,7 @@ _CACHE: dict[tuple, Any] = {}
 
 def compiler_options(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
     """`config.train.compiler_options` as XLA options for `Lowered.compile`; None when empty."""
-    opts = config.train.get("compiler_options", None)
+    opts = config.train.compiler_options
     if not opts:
         return None
     return dict(opts.to_dict() if isinstance(opts, ml_collections.ConfigDict) else opts)

@@ -53,7 +53,7 @@ def _detected_cluster() -> str | None:
 
 def initialize_distributed(mesh_config: ml_collections.ConfigDict) -> str | None:
     """Start `jax.distributed` per `mesh_config.distributed` (auto | skip); returns the cluster kind used or None."""
-    mode = mesh_config.get("distributed", "auto")
+    mode = mesh_config.distributed
     if mode == "skip":
         return None
     if mode != "auto":
@@ -126,7 +126,7 @@ def make_mesh(mesh_config: ml_collections.ConfigDict,
     """A `jax.sharding.Mesh` with axes (data, fsdp, context, tensor) over `devices` (default: all devices of all
     processes); `context` is `mesh_config.context` (1 when absent, as in configs saved before it existed)."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = resolve_shape(mesh_config.shape, len(devices), mesh_config.get("context", 1))
+    sizes = resolve_shape(mesh_config.shape, len(devices), mesh_config.get("context", 1))  # a shape alone: 1
     shape = tuple(sizes[a] for a in MESH_AXES)
     axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     if len(devices) == jax.device_count():

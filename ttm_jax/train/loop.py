@@ -94,7 +94,7 @@ def _rng(config: ml_collections.ConfigDict) -> jax.Array:
 
 
 def _shard_unannotated(config: ml_collections.ConfigDict) -> bool:
-    return bool(config.mesh.get("shard_unannotated", True))
+    return bool(config.mesh.shard_unannotated)
 
 
 def _say(msg: str) -> None:
@@ -132,7 +132,7 @@ def _sampling_fns(config: ml_collections.ConfigDict, modules: Modules, mesh: jax
     apply = inputs_lib.model_fn(config, modules)
     objective = objectives.make_objective(config.objective)
     s = config.sample
-    ts = jnp.asarray(objective.time_grid(int(s.num_steps), s.schedule, float(s.get("shift", 1.0))))
+    ts = jnp.asarray(objective.time_grid(int(s.num_steps), s.schedule, float(s.shift)))
     self_cond = config_lib.self_condition(config)
     sample = jax.jit(lambda n, ts, *a: objectives.sample(objective, apply, n, ts, *a, self_condition=self_cond),
                      out_shardings=rep)
@@ -298,7 +298,7 @@ def _train(run: Run) -> TrainResult:
                                         run.shard_unannotated,
                                         compile_lib.compiler_options(config),
                                         cache_key=compile_lib.cache_key(config, modules, mesh, "init_state", rules))
-        if t.get("init_from", ""):
+        if t.init_from:
             state = state.replace(params=_load_init_from(t.init_from, run.abstract))
             if state.ema_params is not None:
                 state = state.replace(ema_params=jax.tree.map(jnp.copy, state.params))
@@ -315,7 +315,7 @@ def _train(run: Run) -> TrainResult:
                 f"added by this run, set optim.cooldown_steps={total_steps - start}" if fall < start else ""))
     # config.data.cached: latents and text embeddings come with the batches; no text encoder is loaded
     frozen, frozen_sh = frozen_lib.init_frozen(config, modules, mesh, rules,
-                                               cached=bool(config.data.get("cached", False)))
+                                               cached=bool(config.data.cached))
 
     result = TrainResult(start_step=start, final_step=start, preempted=False, history=[], state=state,
                          checkpoint_steps=[])
@@ -327,7 +327,7 @@ def _train(run: Run) -> TrainResult:
 
     # --- loop --------------------------------------------------------------------------------------------------------
     writer = metrics_lib.MetricsWriter(workdir, total_steps, start_step=start,
-                                       tensorboard=bool(t.get("tensorboard", True)))
+                                       tensorboard=bool(t.tensorboard))
     train_step = None
     bsh = None
     sample_batch = None

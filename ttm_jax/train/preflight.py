@@ -45,7 +45,7 @@ def check_paths(config: ml_collections.ConfigDict, workdir: str | None = None) -
         _check_exists("data.prepared_path", d.prepared_path,
                       "set it to a folder made by `python -m ttm_jax.data.prepare` (or leave it empty for the "
                       "synthetic default)")
-        if d.get("cached", False):  # the folder holds the cached latents and embeddings of this config's encoders
+        if d.cached:  # the folder holds the cached latents and embeddings of this config's encoders
             try:
                 loader.check_cached(config)
             except ValueError as e:
@@ -58,11 +58,11 @@ def check_paths(config: ml_collections.ConfigDict, workdir: str | None = None) -
                 raise ConfigError("config.data.captions: empty but config.data.sav_path is set; give the captions "
                                   "sidecar JSONL (SA-V ships no captions)")
             _check_exists("data.captions", d.captions, "set it to the captions sidecar JSONL of config.data.sav_path")
-    _check_exists("train.init_from", t.get("init_from", ""),
+    _check_exists("train.init_from", t.init_from,
                   "set it to an Orbax params checkpoint (python -m ttm_jax.convert --to=orbax:DIR writes DIR/params)")
     a, te = config.autoencoder, config.text_encoder
     if a.name == "wan":
-        _check_exists("autoencoder.path", a.get("path", ""),
+        _check_exists("autoencoder.path", a.path,
                       "set it to a diffusers AutoencoderKLWan folder (<Wan2.1-T2V-1.3B-Diffusers>/vae)")
     _check_exists("text_encoder.path", te.get("path", ""), "set it to the converted text encoder weights")
     if te.tokenizer == "sentencepiece":
@@ -81,7 +81,7 @@ def check_devices(config: ml_collections.ConfigDict, devices: Sequence[jax.Devic
     mesh_lib.initialize_distributed(config.mesh)
     devices = list(jax.devices() if devices is None else devices)
     # mesh.shape's sizes fill devices // mesh.context (the MeshError names mesh.context when it does not divide)
-    sizes = mesh_lib.resolve_shape(config.mesh.shape, len(devices), config.mesh.get("context", 1))
+    sizes = mesh_lib.resolve_shape(config.mesh.shape, len(devices), config.mesh.context)
     shards = sizes["data"] * sizes["fsdp"]
     batch, processes = int(config.train.batch_size), jax.process_count()
     if batch % shards or batch % processes:

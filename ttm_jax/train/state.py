@@ -40,7 +40,7 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int | 
     (`optim.cooldown_steps` > 0 or `optim.cooldown_fraction` > 0, which need `total_steps`), a linear fall to 0 over
     the last `config.cooldown_steps(optim, total_steps)` of them."""
     lr, warmup = float(optim.learning_rate), int(optim.warmup_steps)
-    if (optim.get("cooldown_steps", 0) or optim.get("cooldown_fraction", 0.0)) and total_steps is None:
+    if (optim.cooldown_steps or optim.cooldown_fraction) and total_steps is None:
         raise ValueError("optim.cooldown_steps (or cooldown_fraction) needs train.total_steps: pass total_steps")
     cool = config_lib.cooldown_steps(optim, total_steps) if total_steps is not None else 0
     parts, boundaries = [], []
