@@ -193,13 +193,12 @@ def frozen_encoder_flops(config: ml_collections.ConfigDict) -> dict[str, float]:
     stage 1; video for stage 0) and `text_encoder` (the stage's prompt, plus the K+1 local-prompt slots of a stage
     with added layers)."""
     b, d, t = int(config.train.batch_size), config.data, config.text_encoder
-    stage, frames = int(config.stage), int(d.num_frames)
-    if stage == 1:
-        ae = autoencoder_encode_flops(config, b, frames) + autoencoder_encode_flops(config, b, 1)
-    else:
-        ae = autoencoder_encode_flops(config, b * (2 if stage == 2 else 1), frames)
+    kind, frames = config_lib.STAGES[int(config.stage)], int(d.num_frames)
+    ae = autoencoder_encode_flops(config, b * kind.clips_encoded, frames)
+    if kind.first_frame_encoded:
+        ae += autoencoder_encode_flops(config, b, 1)
     text = text_encoder_flops(config, b, int(t.max_length))
-    if stage in (0, 2) and int(config.model.ttm_layers) > 0:
+    if kind.local_prompt_flops and int(config.model.ttm_layers) > 0:
         text += text_encoder_flops(config, b * (int(d.max_objects) + 1), int(t.local_max_length))
     return {"autoencoder": ae, "text_encoder": text}
 
