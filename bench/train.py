@@ -155,7 +155,8 @@ def backbone_jax(variant: str):
     """Table 2, JAX side: DiT backbone (no added layers) forward + MSE + backward + AdamW; one compiled step."""
     from ttm_jax.models import dit
 
-    c = config_lib.build(1, variant)  # stage 1: the plain backbone (ttm_layers = 0)
+    c = config_lib.build(1, variant)
+    c.model.ttm_layers = 0  # the plain backbone, as diffusers' (the tiny stage 1 adds TTM layers by default)
     s = _backbone_shapes(c)
     model = dit.DiT(c.model, 3 * s["c"], s["c"])
     rng = np.random.default_rng(0)

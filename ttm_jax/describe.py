@@ -347,6 +347,8 @@ def activation_bytes(config: ml_collections.ConfigDict, mesh_sizes: dict[str, in
     batch = -(-int(config.train.batch_size) // (mesh_sizes["data"] * mesh_sizes["fsdp"]))
     tokens = batch * video_tokens(config) // mesh_sizes["context"]
     d, f, t = int(m.get("dim", 0)), int(m.get("ffn_dim", 0)), mesh_sizes["tensor"]
+    if not d:  # the formula counts a transformer block's values per token; the U-Net has no such width
+        return 0, batch, tokens, f"not estimated for model.backbone={m.get('backbone', 'dit')!r} (the DiT's formula)"
     policy = m.remat_policy
     (a, b, c), (ta, tb, tc) = _SAVED.get(policy, _SAVED["none"])
     per_token = a * d + (b * d + c * f) / t
