@@ -4,7 +4,8 @@
                               [--impl xla] [--unmasked] [--sparse]
     python bench/attention.py --scenes [--repeats 5] [--sav-sample shared/data/sav_sample]
 
-For each token count N, both blocks (`ttm_jax.models.dit.DiTBlock`, ttm=False / ttm=True) are jitted on the same
+For each token count N, both blocks (`ttm_jax.backbones.wan.model.DiTBlock`, ttm=False / ttm=True) are jitted on the
+same
 inputs (batch 1, a caption of 64 tokens, 4 local-prompt slots of 16 tokens, ids of three objects and background,
 the added layers' output projections non-zero), and the script prints:
 
@@ -44,8 +45,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ttm_jax.backbones.wan import model as dit  # noqa: E402
 from ttm_jax.data import sav  # noqa: E402
-from ttm_jax.models import dit, layers, sparse_attention  # noqa: E402
+from ttm_jax.models import layers, sparse_attention  # noqa: E402
 
 MB = 2.0**20
 

@@ -35,12 +35,12 @@ from safetensors.numpy import load_file, save_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, uninstalled
 
-from ttm_jax.models import dit as dit_lib  # noqa: E402
-from ttm_jax.models import wan_vae  # noqa: E402
-from ttm_jax.weights import dit as dit_convert  # noqa: E402
+from ttm_jax.backbones.wan import model as dit_lib  # noqa: E402
+from ttm_jax.backbones.wan import vae as wan_vae  # noqa: E402
+from ttm_jax.backbones.wan import vae_weights as vae_convert  # noqa: E402
+from ttm_jax.backbones.wan import weights as dit_convert  # noqa: E402
 from ttm_jax.weights import rulebook as rb  # noqa: E402
 from ttm_jax.weights import safetensors_io  # noqa: E402
-from ttm_jax.weights import wan_vae as vae_convert  # noqa: E402
 
 GB = 1e9
 

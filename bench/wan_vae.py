@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, uninstalled
 
-from ttm_jax.models import wan_vae  # noqa: E402
+from ttm_jax.backbones.wan import vae as wan_vae  # noqa: E402
 
 GB = 1e9
 

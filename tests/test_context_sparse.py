@@ -26,8 +26,9 @@ import pytest
 import train_fixtures as fx
 
 from ttm_jax import config as config_lib
+from ttm_jax.backbones.wan import model as dit
 from ttm_jax.models import context_parallel as cp
-from ttm_jax.models import dit, layers, masks, sparse_attention
+from ttm_jax.models import layers, masks, sparse_attention
 from ttm_jax.runtime import mesh as mesh_lib
 from ttm_jax.runtime import sharding as sharding_lib
 

@@ -35,8 +35,9 @@ from ttm_jax import config as config_lib
 from ttm_jax.assembly import frozen as frozen_lib
 from ttm_jax.assembly import params as params_lib
 from ttm_jax.assembly.trained import Stage
+from ttm_jax.backbones.wan import model as dit
 from ttm_jax.inference import pipeline
-from ttm_jax.models import dit, masks
+from ttm_jax.models import masks
 from ttm_jax.runtime import mesh as mesh_lib
 from ttm_jax.runtime import sharding as sharding_lib
 from ttm_jax.train import loop, preflight

@@ -1,5 +1,6 @@
-"""DiT conversion: diffusers `WanTransformer3DModel` (the oracle) <-> `ttm_jax.models.dit.DiT` through the rulebook
-(`ttm_jax.weights.dit`), both layouts, forward parity at ordinary and at awkward sizes, and the
+"""DiT conversion: diffusers `WanTransformer3DModel` (the oracle) <-> `ttm_jax.backbones.wan.model.DiT` through the
+rulebook
+(`ttm_jax.backbones.wan.weights`), both layouts, forward parity at ordinary and at awkward sizes, and the
 `python -m ttm_jax.convert` CLI into an Orbax params checkpoint for a stage-2 model."""
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ttm_jax import config as config_lib
+from ttm_jax.backbones.wan import model as dit_lib
+from ttm_jax.backbones.wan import weights as convert
 from ttm_jax.convert import __main__ as convert_cli
-from ttm_jax.models import dit as dit_lib
-from ttm_jax.weights import dit as convert
 from ttm_jax.weights import rulebook as rb
 
 TORCH_CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4,

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from ttm_jax import config as config_lib
-from ttm_jax.models import attention, dit, layers, masks, sparse_attention
+from ttm_jax.backbones.wan import model as dit
+from ttm_jax.models import attention, layers, masks, sparse_attention
 
 
 def _qkv(b=2, lq=48, lk=40, h=2, d=8, seed=0):

@@ -1,4 +1,4 @@
-"""The TTM DiT (`ttm_jax/models/dit.py`) and its stage inputs (`conditioning.py`) on tiny configs.
+"""The TTM DiT (`ttm_jax/backbones/wan/model.py`) and its stage inputs (`conditioning.py`) on tiny configs.
 
 What is pinned: a stage-2 model grafted onto a backbone computes exactly the backbone (zero-init added layers and
 zero new input channels); finite forward and gradient on awkward object layouts built by `masks.py`; the wan1.3b
@@ -21,7 +21,10 @@ from jax.sharding import PartitionSpec as P
 
 from ttm_jax import config as config_lib
 from ttm_jax.assembly import inputs as inputs_lib
-from ttm_jax.models import conditioning, dit, masks
+
+# LLVM -O0: compiles several times faster on CPU; these tests are about values, not speed
+from ttm_jax.backbones.wan import model as dit
+from ttm_jax.models import conditioning, masks
 
 # LLVM -O0: compiles several times faster on CPU; these tests are about values, not speed
 _jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})

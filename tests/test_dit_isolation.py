@@ -1,4 +1,5 @@
-"""Masked self-attention isolates objects inside the REAL DiT (`ttm_jax/models/dit.py`, stage 2, one TTM block).
+"""Masked self-attention isolates objects inside the REAL DiT (`ttm_jax/backbones/wan/model.py`, stage 2, one TTM
+block).
 
 `test_dit.py` and the end-to-end tests pass with the masked self-attention made unmasked; this pins the mask at model
 level. A tiny stage-2 DiT gets random values in the added layers' zero-initialised output projections and zero output
@@ -24,7 +25,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from ttm_jax.models import dit, masks, ttm_layers
+from ttm_jax.backbones.wan import model as dit
+from ttm_jax.models import masks, ttm_layers
 
 O0 = {"xla_backend_optimization_level": 0}
 C = 4  # latent channels; the stage-2 input has 3C

@@ -4,6 +4,10 @@ Layers, lowest first (CONTRIBUTING.md, "Module map"); a module imports only from
 
   config < models, diffusion, runtime, clients < weights < data < assembly < train < inference < eval, convert, CLIs
 
+A backbone family's folder (`ttm_jax/backbones/<family>/`) spreads over the layers by file role (`BACKBONE_ROLES`):
+`config` at config's, `model`/`vae` at models', `weights`/`vae_weights`/`text_weights`/`export` at weights', `entry`
+at assembly's, `torch_model` on top.
+
 Every `import` counts, at the top of a file or inside a function. A CLI module (`__main__.py`, `main.py`,
 `describe.py`) is the top layer wherever it lives, and nothing may import it.
 """
@@ -28,6 +32,15 @@ LAYERS = (
     ("ttm_jax.eval", "ttm_jax.convert", "ttm_jax.torch", "ttm_jax.main", "ttm_jax.describe"),
 )
 CLI = ("ttm_jax.main", "ttm_jax.describe")
+# A backbone family's folder (`ttm_jax/backbones/<family>/`) spans the layers: each file's layer is its role, the
+# file's name, the same in every family (a new family adds files, not rows). The packages' `__init__`s import nothing.
+BACKBONE_ROLES = {
+    "config": 0,  # the family's config section and its checks (`ttm_jax.config` calls them)
+    "model": 1, "vae": 1,  # the Flax modules
+    "weights": 2, "vae_weights": 2, "text_weights": 2, "export": 2,  # torch <-> Flax rules, the TTM export
+    "entry": 4,  # the registry entry (`assembly/registry.py` registers it)
+    "torch_model": len(LAYERS) - 1,  # the PyTorch model (an optional extra, like `ttm_jax.torch`)
+}
 
 
 def module_name(path: pathlib.Path) -> str:
@@ -58,6 +71,14 @@ def rank(name: str) -> int:
         return len(LAYERS)  # above everything
     if name == "ttm_jax":
         return 0  # the package's __init__ (imports nothing)
+    parts = name.split(".")
+    if parts[:2] == ["ttm_jax", "backbones"]:
+        if len(parts) <= 3:
+            return 0  # `ttm_jax.backbones`, `ttm_jax.backbones.<family>`: docstrings only
+        if parts[3] not in BACKBONE_ROLES:
+            raise AssertionError(f"{name}: not a backbone file role; name it one of {sorted(BACKBONE_ROLES)} "
+                                 f"(tests/test_import_layers.py: BACKBONE_ROLES)")
+        return BACKBONE_ROLES[parts[3]]
     for i, prefixes in enumerate(LAYERS):
         if any(name == p or name.startswith(p + ".") for p in prefixes):
             return i

@@ -23,10 +23,11 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from ttm_jax import config as config_lib
+from ttm_jax.backbones.wan import model as dit
 from ttm_jax.data import synthetic, trajectory, video_io
 from ttm_jax.inference import requests as requests_lib
 from ttm_jax.inference import run
-from ttm_jax.models import conditioning, dit, ttm_layers
+from ttm_jax.models import conditioning, ttm_layers
 from ttm_jax.models import tokenizer as tokenizer_lib
 from ttm_jax.train import loop
 

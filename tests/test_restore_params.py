@@ -178,7 +178,7 @@ def test_mid_config_bytes_read_full_state_vs_params_only(tmp_path):
     import ml_collections
 
     from ttm_jax import config as config_lib
-    from ttm_jax.models import dit as dit_lib
+    from ttm_jax.backbones.wan import model as dit_lib
 
     c = config_lib.build(2, "mid")
     c.optim.ema_decay = 0.999

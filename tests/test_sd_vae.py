@@ -24,9 +24,9 @@ from safetensors.numpy import load_file, save_file
 
 from ttm_jax import config as config_lib
 from ttm_jax.assembly import registry
-from ttm_jax.models import sd_vae
+from ttm_jax.backbones.animatediff import vae as sd_vae
+from ttm_jax.backbones.animatediff import vae_weights as convert
 from ttm_jax.weights import rulebook as rb
-from ttm_jax.weights import sd_vae as convert
 
 TORCH_CONFIG = dict(block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
                     up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, norm_num_groups=4, latent_channels=4,

@@ -20,7 +20,8 @@ import pytest
 from flax import traverse_util
 
 from ttm_jax import config as config_lib
-from ttm_jax.models import attention, dit, masks, sparse_attention, sparse_pallas
+from ttm_jax.backbones.wan import model as dit
+from ttm_jax.models import attention, masks, sparse_attention, sparse_pallas
 
 B, T, HH, WW, H, D = 2, 3, 8, 8, 2, 16  # token grid 3 x 8 x 8 = 192 tokens
 N = T * HH * WW

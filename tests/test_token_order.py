@@ -1,7 +1,8 @@
 """The object ids of `masks.token_ids_from_masks` / `token_ids_from_boxes` are in the DiT's token order.
 
 `test_masks.py` checks the ids against its own oracle of the (t, h, w) order; nothing else ties them to the order in
-which the DiT (`ttm_jax/models/dit.py`) lays out its tokens, so ids in (h, w, t) order pass every other test. Here a
+which the DiT (`ttm_jax/backbones/wan/model.py`) lays out its tokens, so ids in (h, w, t) order pass every other test.
+Here a
 spike (one object covering exactly the pixels of one token's latent cells at one latent frame, background
 elsewhere) goes through both id functions (the spike is its own box), and the DiT's own index of that token is found
 from the model: the one token of the first block's (per-token) `norm1` output that changes when a latent cell of the
@@ -16,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ttm_jax.models import dit, masks
+from ttm_jax.backbones.wan import model as dit
+from ttm_jax.models import masks
 
 O0 = {"xla_backend_optimization_level": 0}
 C = 4  # latent channels

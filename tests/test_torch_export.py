@@ -22,13 +22,13 @@ from safetensors.torch import load_file
 
 from ttm_jax import cli
 from ttm_jax import config as config_lib
+from ttm_jax.backbones.wan import model as dit_lib
+from ttm_jax.backbones.wan import weights as dit_convert
 from ttm_jax.convert import __main__ as convert_cli
 from ttm_jax.convert import export
-from ttm_jax.models import dit as dit_lib
 from ttm_jax.runtime import checkpoint as checkpoint_lib
 from ttm_jax.torch import TTM_CONFIG_FILE, TTM_WEIGHTS_FILE, TTMWanTransformer3DModel, is_ttm_key
 from ttm_jax.train import state as state_lib
-from ttm_jax.weights import dit as dit_convert
 from ttm_jax.weights import rulebook as rb
 from ttm_jax.weights import safetensors_io
 
@@ -123,7 +123,8 @@ def _equal_trees(a: dict, b: dict) -> None:
 
 @pytest.fixture(scope="module")
 def stage2(tmp_path_factory) -> dict:
-    """A stage-2 training workdir (EMA + raw params differ) exported with convert.convert; the JAX forward, jitted once."""
+    """A stage-2 training workdir (EMA + raw params differ) exported with convert.convert; the JAX forward, jitted
+    once."""
     root = tmp_path_factory.mktemp("stage2")
     config = config_lib.build(2, "tiny")
     for k, v in MODEL.items():
@@ -205,7 +206,8 @@ def test_torch_save_pretrained_roundtrip(stage2, tmp_path):
 
 
 def test_raw_params_orbax_sources_and_import_cli(stage2):
-    """--params=raw exports the raw (non-EMA) params; an Orbax params checkpoint (as `--from=diffusers: --to=orbax:` writes, with
+    """--params=raw exports the raw (non-EMA) params; an Orbax params checkpoint (as `--from=diffusers: --to=orbax:`
+    writes, with
     ttm_convert.json) exports the same; torch -> orbax writes params that restore bit-identically."""
     root = stage2["root"]
     convert_cli.convert([f"--from=workdir:{stage2['workdir']}@7", f"--to=torch:{root / 'raw'}", "--params=raw"])

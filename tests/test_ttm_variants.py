@@ -23,7 +23,8 @@ import pytest
 from flax import traverse_util
 
 from ttm_jax import config as config_lib
-from ttm_jax.models import dit, masks, ttm_layers
+from ttm_jax.backbones.wan import model as dit
+from ttm_jax.models import masks, ttm_layers
 
 O0 = {"xla_backend_optimization_level": 0}
 C, PATCH, GRID = 4, (1, 1, 1), (1, 2, 4)  # 8 tokens: A on the first four, B on the last four

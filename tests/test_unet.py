@@ -1,5 +1,6 @@
-"""The AnimateDiff U-Net (`ttm_jax/models/unet.py`) against diffusers' `UNetMotionModel` (the oracle), its rulebook
-(`ttm_jax/weights/unet.py`), and its TTM layers.
+"""The AnimateDiff U-Net (`ttm_jax/backbones/animatediff/model.py`) against diffusers' `UNetMotionModel` (the oracle),
+its rulebook
+(`ttm_jax/backbones/animatediff/weights.py`), and its TTM layers.
 
 What is pinned: forward parity in fp32 on a tiny random model whose every parameter is perturbed (zero- and
 one-initialised ones included); a bit-identical round trip back to the torch state dict (frame-embedding buffers
@@ -24,9 +25,10 @@ import torch
 from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
 from safetensors.torch import load_file
 
-from ttm_jax.models import masks, ttm_layers, unet
+from ttm_jax.backbones.animatediff import model as unet
+from ttm_jax.backbones.animatediff import weights as convert
+from ttm_jax.models import masks, ttm_layers
 from ttm_jax.weights import rulebook as rb
-from ttm_jax.weights import unet as convert
 
 # LLVM -O0: compiles several times faster on CPU; these tests are about values, not speed
 _jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})

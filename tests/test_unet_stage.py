@@ -30,12 +30,12 @@ from ttm_jax import config as config_lib
 from ttm_jax.assembly import inputs as inputs_lib
 from ttm_jax.assembly import modules as modules_lib
 from ttm_jax.assembly import registry
+from ttm_jax.backbones.animatediff import model as unet_lib
+from ttm_jax.backbones.wan import weights as dit_convert
 from ttm_jax.convert import __main__ as convert_main
 from ttm_jax.convert import export
-from ttm_jax.models import unet as unet_lib
 from ttm_jax.runtime import checkpoint as checkpoint_lib
 from ttm_jax.train import loop
-from ttm_jax.weights import dit as dit_convert
 from ttm_jax.weights import rulebook as rb
 
 # diffusers' UNetMotionModel with SD 1.5's U-Net and AnimateDiff V3's motion modules (no motion mid block):

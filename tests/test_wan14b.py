@@ -9,9 +9,9 @@ import pytest
 
 from ttm_jax import config as config_lib
 from ttm_jax import describe
+from ttm_jax.backbones.wan import model as dit_lib
+from ttm_jax.backbones.wan import weights as dit_convert
 from ttm_jax.convert import __main__ as convert_cli
-from ttm_jax.models import dit as dit_lib
-from ttm_jax.weights import dit as dit_convert
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")

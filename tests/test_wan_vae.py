@@ -21,10 +21,10 @@ from diffusers import AutoencoderKLWan
 from safetensors import safe_open
 
 from ttm_jax.assembly import registry
+from ttm_jax.backbones.wan import vae as wan_vae
+from ttm_jax.backbones.wan import vae_weights as convert
 from ttm_jax.convert import __main__ as convert_cli
-from ttm_jax.models import wan_vae
 from ttm_jax.weights import rulebook as rb
-from ttm_jax.weights import wan_vae as convert
 
 TORCH_CONFIG = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
                     temperal_downsample=[False, True, True], latents_mean=[0.3, -0.7, 0.1, 1.2],

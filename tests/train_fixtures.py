@@ -25,7 +25,8 @@ import numpy as np
 from ttm_jax import config as config_lib
 from ttm_jax.assembly import modules as modules_lib
 from ttm_jax.assembly import registry
-from ttm_jax.models import dit, text_encoder, tokenizer
+from ttm_jax.backbones.wan import model as dit
+from ttm_jax.models import text_encoder, tokenizer
 
 NUM_EXAMPLES = 64
 

@@ -51,7 +51,8 @@ from flax.core import meta
 
 from ttm_jax import config as config_lib
 from ttm_jax.assembly import registry
-from ttm_jax.models import sd_vae, wan_vae
+from ttm_jax.backbones.animatediff import vae as sd_vae
+from ttm_jax.backbones.wan import vae as wan_vae
 from ttm_jax.runtime import mesh as mesh_lib
 from ttm_jax.runtime import sharding as sharding_lib
 

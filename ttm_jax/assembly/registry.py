@@ -23,15 +23,15 @@ import jax
 import ml_collections
 
 from ttm_jax import config as config_lib
+from ttm_jax.backbones.animatediff import model as unet_lib
+from ttm_jax.backbones.animatediff import text_weights as clip_text_weights
+from ttm_jax.backbones.animatediff import vae_weights as sd_vae_weights
+from ttm_jax.backbones.wan import model as dit_lib
+from ttm_jax.backbones.wan import vae_weights as wan_vae_weights
 from ttm_jax.models import autoencoder as autoencoder_lib
-from ttm_jax.models import dit as dit_lib
 from ttm_jax.models import masks
 from ttm_jax.models import text_encoder as text_encoder_lib
-from ttm_jax.models import unet as unet_lib
-from ttm_jax.weights import clip_text as clip_text_weights
-from ttm_jax.weights import sd_vae as sd_vae_weights
 from ttm_jax.weights import t5 as t5_weights
-from ttm_jax.weights import wan_vae as wan_vae_weights
 
 T = TypeVar("T")
 

@@ -38,7 +38,8 @@ def _check(cond: bool, field: str, msg: str) -> None:
 
 def _check_model(config: ml_collections.ConfigDict) -> None:
     """model section: the fields shared by every backbone, then the backbone's own (`model.backbone`: the DiT's,
-    ttm_jax/models/dit.py; the U-Net's `model.unet`, ttm_jax/models/unet.py), and their agreement with the stage and
+    ttm_jax/backbones/wan/model.py; the U-Net's `model.unet`, ttm_jax/backbones/animatediff/model.py), and their
+    agreement with the stage and
     the text encoder. Other backbones (registered elsewhere, e.g. in tests) check their own fields."""
     m = config.model
     _check(isinstance(m.ttm_layers, int) and m.ttm_layers >= 0, "model.ttm_layers",
@@ -79,7 +80,7 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_dit(config: ml_collections.ConfigDict) -> None:
-    """The DiT's fields (ttm_jax/models/dit.py)."""
+    """The DiT's fields (ttm_jax/backbones/wan/model.py)."""
     m, t = config.model, config.text_encoder
     for name in ("dim", "num_layers", "num_heads", "ffn_dim", "text_dim", "freq_dim"):
         _check(isinstance(m[name], int) and m[name] > 0, f"model.{name}", f"{m[name]!r} must be a positive int")
@@ -108,7 +109,8 @@ def _per_level(value: Any, n: int, field: str) -> tuple[int, ...]:
 
 
 def _check_unet(config: ml_collections.ConfigDict) -> None:
-    """The U-Net's fields `model.unet` (ttm_jax/models/unet.py), against the text encoder and the latent grid."""
+    """The U-Net's fields `model.unet` (ttm_jax/backbones/animatediff/model.py), against the text encoder and the
+    latent grid."""
     m, t = config.model, config.text_encoder
     _check("unet" in m, "model.unet", "missing; a backbone='unet' config needs the U-Net section (config.py: _unet)")
     u = m.unet
@@ -150,7 +152,7 @@ def _check_unet(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_autoencoder(config: ml_collections.ConfigDict) -> None:
-    """autoencoder section (ttm_jax/models/autoencoder.py, ttm_jax/models/wan_vae.py)."""
+    """autoencoder section (ttm_jax/models/autoencoder.py, ttm_jax/backbones/wan/vae.py)."""
     a = config.autoencoder
     _check(a.name in AUTOENCODERS, "autoencoder.name", f"{a.name!r}; choose one of {AUTOENCODERS}")
     _check(a.dtype in DTYPES, "autoencoder.dtype", f"{a.dtype!r}; choose one of {DTYPES}")
@@ -230,7 +232,7 @@ def _check_text_encoder(config: ml_collections.ConfigDict) -> None:
            f"{t.tokenizer!r}; choose byte, word, sentencepiece or clip")
     _check((t.name == "clip") == (t.tokenizer == "clip"), "text_encoder.tokenizer",
            f"{t.tokenizer!r} with text_encoder.name={t.name!r}; the CLIP text encoder reads CLIP's BPE ids "
-           f"and only it does: use name='clip' with tokenizer='clip' (ttm_jax/weights/clip_text.py)")
+           f"and only it does: use name='clip' with tokenizer='clip' (ttm_jax/backbones/animatediff/text_weights.py)")
     for name in ("vocab_size", "num_heads", "d_kv", "d_ff", "relative_attention_num_buckets",
                  "relative_attention_max_distance", "max_length", "local_max_length"):
         _check(isinstance(t[name], int) and t[name] > 0, f"text_encoder.{name}", f"{t[name]!r} must be a positive int")

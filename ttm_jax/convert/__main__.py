@@ -15,7 +15,8 @@ Sources (`--from`) and where each goes (`--to`):
       `config.train.init_from=DIR/params`. A `diffusers:` folder that holds `ttm_config.json` is a `torch:` source.
   diffusers-unet:PATH[,motion_adapter:PATH] -> orbax:DIR
       the AnimateDiff U-Net (`config.model.backbone="unet"`): a diffusers `UNetMotionModel` folder, or SD 1.5's
-      `unet/` folder plus an AnimateDiff `MotionAdapter` folder (`ttm_jax/weights/unet.py`) -> `DIR/params` +
+      `unet/` folder plus an AnimateDiff `MotionAdapter` folder (`ttm_jax/backbones/animatediff/weights.py`) ->
+      `DIR/params` +
       `DIR/ttm_convert.json` (`backbone: "unet"`). Without --stage the backbone as it is (diffusers -> orbax -> torch
       is bit-identical); with --stage the stage init checkpoint: the input conv widened to the stage's channels (the
       new ones zero), stage 2 with TTM's layers (zero output) in every encoder spatial transformer (SD 1.5: 6), or as
@@ -61,14 +62,14 @@ from ttm_jax import cli
 from ttm_jax import config as config_lib
 from ttm_jax.assembly import inputs as inputs_lib
 from ttm_jax.assembly import registry
+from ttm_jax.backbones.animatediff import model as unet_lib
+from ttm_jax.backbones.animatediff import weights as unet_convert
+from ttm_jax.backbones.wan import model as dit_lib
+from ttm_jax.backbones.wan import vae as wan_vae
+from ttm_jax.backbones.wan import vae_weights as vae_convert
+from ttm_jax.backbones.wan import weights as dit_convert
 from ttm_jax.convert import export
-from ttm_jax.models import dit as dit_lib
-from ttm_jax.models import unet as unet_lib
-from ttm_jax.models import wan_vae
-from ttm_jax.weights import dit as dit_convert
 from ttm_jax.weights import rulebook as rb
-from ttm_jax.weights import unet as unet_convert
-from ttm_jax.weights import wan_vae as vae_convert
 
 _DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32", "": ""}
 SOURCES = ("diffusers", "diffusers-unet", "diffusers-vae", "torch", "orbax", "workdir")

@@ -12,7 +12,7 @@ An exported folder (what `ttm_jax.torch.TTMWanTransformer3DModel.from_pretrained
   ttm_config.json                      {ttm_layers, ttm_masked, in_channels, out_channels, latent_channels, stage,
                                        condition_frames, scan_layers, param_dtype, format}
 
-The table (`rulebook(cfg)`): the backbone rules (`ttm_jax/weights/dit.py`), re-based for the stage model's
+The table (`rulebook(cfg)`): the backbone rules (`ttm_jax/backbones/wan/weights.py`), re-based for the stage model's
 layout (with `scan_layers=True` the Flax tree has two stacks: `ttm_blocks` = torch blocks `0..K-1` and `blocks` =
 torch blocks `K..L-1`, `stack_offset=K`), plus the TTM rules (norm `scale/bias` <-> `weight/bias`, Dense `kernel`
 <-> `weight.T`, `attn/to_out` <-> `attn.to_out.0`). Every tensor moves through it one at a time (streamed
@@ -26,7 +26,8 @@ This module holds the library functions (`export_params`, `import_folder`, `load
 
 The AnimateDiff U-Net (`config.model.backbone = "unet"`, a `UNetConfig`) exports the same way, every function
 dispatching on the config's type: `config.json` is diffusers' `UNetMotionModel` config with the stage's
-`in_channels`, `diffusion_pytorch_model.safetensors` the backbone (`weights/unet.py`, frame-embedding buffers
+`in_channels`, `diffusion_pytorch_model.safetensors` the backbone (`ttm_jax/backbones/animatediff/weights.py`,
+frame-embedding buffers
 included: `UNetMotionModel.from_pretrained` loads it strictly), `ttm_layers.safetensors` the added layers under
 `down_blocks.{i}.attentions.{j}.transformer_blocks.{k}.masked_{self,cross}_attn.{norm,attn}.*` (the same layer
 rules as the DiT's), `ttm_config.json` with `backbone: "unet"` and the U-Net's TTM fields.
@@ -47,13 +48,13 @@ import numpy as np
 from ttm_jax import cli
 from ttm_jax import config as config_lib
 from ttm_jax.assembly import registry
-from ttm_jax.models import dit as dit_lib
-from ttm_jax.models import unet as unet_lib
+from ttm_jax.backbones.animatediff import model as unet_lib
+from ttm_jax.backbones.animatediff import weights as unet_convert
+from ttm_jax.backbones.wan import model as dit_lib
+from ttm_jax.backbones.wan import weights as dit_convert
 from ttm_jax.runtime import checkpoint as checkpoint_lib
-from ttm_jax.weights import dit as dit_convert
 from ttm_jax.weights import rulebook as rb
 from ttm_jax.weights import safetensors_io
-from ttm_jax.weights import unet as unet_convert
 
 TTM_CONFIG_FILE = "ttm_config.json"
 TTM_WEIGHTS_FILE = "ttm_layers.safetensors"
@@ -191,7 +192,8 @@ def unet_ttm_rules(cfg: unet_lib.UNetConfig) -> list[rb.Rule]:
 
 
 def unet_rulebook(cfg: unet_lib.UNetConfig) -> rb.RuleBook:
-    """The U-Net stage model's table: the backbone's (`weights/unet.py`, frame-embedding buffers ignored) with its
+    """The U-Net stage model's table: the backbone's (`ttm_jax/backbones/animatediff/weights.py`, frame-embedding
+    buffers ignored) with its
     TTM `FlaxOnly` entries replaced by `unet_ttm_rules(cfg)`."""
     backbone = unet_convert.rulebook(cfg)
     rules: list[Any] = [*backbone.rules, *backbone.ignores, *unet_ttm_rules(cfg)]

@@ -6,7 +6,8 @@ covers frame 0 alone, latent frame `i > 0` covers frames `1 + (i - 1) * tf .. i 
 `space_factor` on each side. `encode` and `decode` are pure functions of arrays, so they can be called inside `jit`.
 
 `ttm_jax.assembly.registry.make_autoencoder(config.autoencoder)` builds the one the config names: `space_to_depth`
-(`make_space_to_depth`, here) or `wan` (`ttm_jax.weights.wan_vae.make_wan_autoencoder`: weights from a user path).
+(`make_space_to_depth`, here) or `wan` (`ttm_jax.backbones.wan.vae_weights.make_wan_autoencoder`: weights from a user
+path).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """TTM's added layers (the paper's contribution to the DiT block), in Flax Linen, built from the generic blocks of
 `ttm_jax/models/layers.py`.
 
-In the first `model.ttm_layers` blocks of a stage-2 DiT (`ttm_jax/models/dit.py`): `MaskedSelfAttention` (a video
+In the first `model.ttm_layers` blocks of a stage-2 DiT (`ttm_jax/backbones/wan/model.py`): `MaskedSelfAttention` (a
+video
 token attends only to tokens of its own object, across frames) after the block's self-attention, and
 `MaskedCrossAttention` (a video token attends only to its object's local prompt) after its cross-attention. Each is
 `x + attn(LayerNorm(x))` with its own affine norm (`norm`) and attention (`attn`), and a zero-initialised output

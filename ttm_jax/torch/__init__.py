@@ -4,7 +4,7 @@
 `ttm_jax.convert.export` writes (`from_pretrained`) and writing them (`save_pretrained`).
 """
 
-from ttm_jax.torch.ttm_transformer import (
+from ttm_jax.backbones.wan.torch_model import (
     TTM_CONFIG_FILE,
     TTM_WEIGHTS_FILE,
     MaskedAttentionLayer,

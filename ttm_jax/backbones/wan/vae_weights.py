@@ -1,4 +1,4 @@
-"""diffusers `AutoencoderKLWan` (Wan 2.1) <-> `ttm_jax.models.wan_vae.WanVAE` parameters: one reversible rulebook.
+"""diffusers `AutoencoderKLWan` (Wan 2.1) <-> `ttm_jax.backbones.wan.vae.WanVAE` parameters: one reversible rulebook.
 
     params = load_diffusers_folder("<Wan2.1-T2V-1.3B-Diffusers>/vae")            # torch -> Flax, streamed
     save_diffusers_folder(params, cfg, "out/vae")                                 # Flax -> torch, streamed
@@ -10,7 +10,7 @@ peak resident memory is the Flax params plus one tensor: `safetensors_io.PreadRe
 safetensors file tensor by tensor from the Flax params. `bench/convert.py` measures both.
 
 `make_wan_autoencoder(config.autoencoder)` is the `autoencoder.name="wan"` entry point: the `WanAutoencoder` of
-`ttm_jax.models.wan_vae` with the weights of the diffusers folder `config.autoencoder.path`, converted on load.
+`ttm_jax.backbones.wan.vae` with the weights of the diffusers folder `config.autoencoder.path`, converted on load.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from ttm_jax import cli
-from ttm_jax.models import wan_vae
+from ttm_jax.backbones.wan import vae as wan_vae
 from ttm_jax.weights import rulebook as rb
 from ttm_jax.weights import safetensors_io
 

@@ -1,4 +1,4 @@
-"""diffusers `WanTransformer3DModel` (Wan 2.1 T2V) <-> `ttm_jax.models.dit.DiT` backbone params: one rulebook.
+"""diffusers `WanTransformer3DModel` (Wan 2.1 T2V) <-> `ttm_jax.backbones.wan.model.DiT` backbone params: one rulebook.
 
 The rulebook covers the backbone, i.e. a `DiT` with `ttm_layers=0` and the checkpoint's own `in_channels`, in
 either layout: `scan_layers=True` (one `blocks` stack, torch `blocks.{i}` stacked on axis 0) or `False`
@@ -27,7 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from ttm_jax import cli
-from ttm_jax.models import dit as dit_lib
+from ttm_jax.backbones.wan import model as dit_lib
 from ttm_jax.weights import rulebook as rb
 from ttm_jax.weights import safetensors_io
 
@@ -112,8 +112,9 @@ def template(cfg: dit_lib.DiTConfig, in_channels: int, out_channels: int) -> Any
 
 def _check_backbone(cfg: dit_lib.DiTConfig) -> None:
     if cfg.ttm_layers:
-        raise ValueError(f"weights/dit.py: the rulebook maps the backbone (ttm_layers=0), got ttm_layers="
-                         f"{cfg.ttm_layers}; convert the backbone, then dit.graft_backbone into the stage model")
+        raise ValueError("ttm_jax/backbones/wan/weights.py: the rulebook maps the backbone (ttm_layers=0), got "
+                         f"ttm_layers={cfg.ttm_layers}; convert the backbone, then dit.graft_backbone into the stage "
+                         "model")
 
 
 def torch_to_flax(tensors: Mapping[str, Any], cfg: dit_lib.DiTConfig, in_channels: int,

@@ -1,4 +1,5 @@
-"""diffusers `AutoencoderKL` (Stable Diffusion's VAE) <-> `ttm_jax.models.sd_vae.SDVAE` parameters: one rulebook.
+"""diffusers `AutoencoderKL` (Stable Diffusion's VAE) <-> `ttm_jax.backbones.animatediff.vae.SDVAE` parameters: one
+rulebook.
 
     cfg, params = load_params("<stable-diffusion-v1-5>/vae")          # torch -> Flax, streamed tensor by tensor
     state_dict = flax_to_torch(params)                                # and back: {torch key: numpy array}
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ttm_jax import cli
-from ttm_jax.models import sd_vae
+from ttm_jax.backbones.animatediff import vae as sd_vae
 from ttm_jax.weights import rulebook as rb
 from ttm_jax.weights import safetensors_io
 

@@ -1,4 +1,5 @@
-"""diffusers `UNetMotionModel` (SD 1.5 U-Net + AnimateDiff motion adapter) <-> `ttm_jax.models.unet.UNet` params.
+"""diffusers `UNetMotionModel` (SD 1.5 U-Net + AnimateDiff motion adapter) <->
+`ttm_jax.backbones.animatediff.model.UNet` params.
 
 One rulebook, both ways: a diffusers state dict (numpy arrays or torch tensors) -> the U-Net backbone's params
 (`torch_to_flax`), and back (`flax_to_torch`), bit for bit. The motion modules' `pos_embed.pe` buffers are not
@@ -32,7 +33,7 @@ import jax
 import numpy as np
 
 from ttm_jax import cli
-from ttm_jax.models import unet as unet_lib
+from ttm_jax.backbones.animatediff import model as unet_lib
 from ttm_jax.weights import rulebook as rb
 from ttm_jax.weights import safetensors_io
 
@@ -136,20 +137,22 @@ def config_from_diffusers(cfg: Mapping[str, Any], *, source: str = CONFIG_FILE,
         if isinstance(value, list | tuple) and all(v == want for v in value):  # per-level lists
             continue
         if value != want:
-            raise cli.BadInput(f"{source}: {key}={cfg[key]!r} is not implemented by ttm_jax/models/unet.py "
+            raise cli.BadInput(f"{source}: {key}={cfg[key]!r} is not implemented by "
+                               "ttm_jax/backbones/animatediff/model.py "
                              f"(it supports {want!r}: SD 1.5 + AnimateDiff)")
     ints = {}
     for key in ("layers_per_block", "transformer_layers_per_block", "temporal_transformer_layers_per_block"):
         v = cfg.get(key, 1 if key != "layers_per_block" else 2)
         if not isinstance(v, int):
             if len(set(v)) != 1:
-                raise cli.BadInput(f"{source}: {key}={v!r} varies per level; ttm_jax/models/unet.py takes one value")
+                raise cli.BadInput(f"{source}: {key}={v!r} varies per level; ttm_jax/backbones/animatediff/model.py "
+                                   "takes one value")
             v = v[0]
         ints[key] = int(v)
     mid_layers = cfg.get("transformer_layers_per_mid_block")
     if mid_layers is not None and int(mid_layers) != ints["transformer_layers_per_block"]:
         raise cli.BadInput(f"{source}: transformer_layers_per_mid_block={mid_layers} differs from "
-                         f"transformer_layers_per_block; ttm_jax/models/unet.py uses one value")
+                         f"transformer_layers_per_block; ttm_jax/backbones/animatediff/model.py uses one value")
     cad = cfg.get("cross_attention_dim", 1280)
     if not isinstance(cad, int):
         if len(set(cad)) != 1:
@@ -231,7 +234,8 @@ def _check_positions(tensors: Mapping[str, Any], cfg: unet_lib.UNetConfig) -> No
             if len(shape) != 3 or shape[1] != cfg.motion_max_seq_length:
                 bad.append(f"{key!r} {shape}")
     if bad:
-        raise rb.ConversionError(f"weights/unet.py: frame embedding buffers {bad[:3]} do not have "
+        raise rb.ConversionError(f"ttm_jax/backbones/animatediff/weights.py: frame embedding buffers {bad[:3]} do "
+                                 "not have "
                                  f"motion_max_seq_length={cfg.motion_max_seq_length} rows; set "
                                  f"config.model.motion_max_seq_length to the checkpoint's (its config.json)")
 
@@ -294,7 +298,8 @@ def flax_to_torch(params: Mapping[str, Any], cfg: unet_lib.UNetConfig,
     if torch_specs is not None:
         missing = sorted(k for k in torch_specs if k.endswith(PE_SUFFIX) and k not in pes)
         if missing:
-            raise rb.ConversionError(f"weights/unet.py: the target has frame embedding buffers {missing[:3]} for "
+            raise rb.ConversionError("ttm_jax/backbones/animatediff/weights.py: the target has frame embedding "
+                                     f"buffers {missing[:3]} for "
                                      f"motion modules the params lack; was it built with the same config?")
     out.update(pes)
     return out
@@ -307,7 +312,7 @@ def load_diffusers_folders(*paths: str, param_dtype: str = "float32",
     `use_motion_mid_block` and `motion_*` fields from its own config.json), streamed tensor by tensor. The params are
     the backbone's (`ttm_layers=0`); `unet.graft_backbone` puts them into a model with TTM layers."""
     if not paths:
-        raise ValueError("weights/unet.py: load_diffusers_folders needs at least one folder")
+        raise ValueError("ttm_jax/backbones/animatediff/weights.py: load_diffusers_folders needs at least one folder")
     with open(os.path.join(paths[0], CONFIG_FILE)) as f:
         raw = dict(json.load(f))
     for extra in paths[1:]:
@@ -334,7 +339,8 @@ def load_diffusers_folders(*paths: str, param_dtype: str = "float32",
     for reader, p in zip(readers, paths, strict=True):
         for k, spec in reader.specs.items():
             if k in specs:
-                raise rb.ConversionError(f"weights/unet.py: {k!r} is in both {paths[0]} and {p}; pass the U-Net "
+                raise rb.ConversionError(f"ttm_jax/backbones/animatediff/weights.py: {k!r} is in both {paths[0]} "
+                                         f"and {p}; pass the U-Net "
                                          f"folder and the MotionAdapter folder, not two copies")
             specs[k], owner[k] = spec, reader
     _check_positions({k: s[0] for k, s in specs.items()}, cfg)

@@ -48,7 +48,7 @@ Inputs differ from diffusers' in layout only: diffusers takes `[B, C, T, H, W]` 
 
 Helpers: `UNetConfig.from_config(config.model)`, `init_inputs` (the one definition of the inputs), `object_ids`
 (masks -> the concatenated per-level ids), `expand_input_channels` / `graft_backbone` (a stage model from a converted
-backbone, `ttm_jax/weights/unet.py`), `sinusoid_table`.
+backbone, `ttm_jax/backbones/animatediff/weights.py`), `sinusoid_table`.
 
 Logical axis names (CONTRIBUTING.md): conv kernels `(None, None, None, "embed")` (`in_channels` on `conv_in`,
 `out_channels` on `conv_out`), Dense `("embed", "heads")` / `("heads", "embed")` in attention, `("text_embed",
@@ -565,7 +565,7 @@ class UNet(nn.Module):
                       local_context: jax.Array | None, token_ids: jax.Array | None,
                       cross_token_ids: jax.Array | None, local_ids: jax.Array | None) -> tuple[int, int, int, int]:
         """Raises a ValueError naming the argument and the fix; returns (B, T, H, W)."""
-        where = "ttm_jax/models/unet.py: UNet"
+        where = "ttm_jax/backbones/animatediff/model.py: UNet"
         if x.ndim != 5 or x.shape[-1] != self.in_channels:
             raise ValueError(f"{where}: x must be [B, T, H, W, in_channels={self.in_channels}], got {x.shape}")
         b, t, hh, ww, _ = x.shape
@@ -663,7 +663,8 @@ def graft_backbone(params: Mapping, backbone: Mapping) -> dict:
     """A stage U-Net's params whose backbone is `backbone` and whose TTM layers stay as in `params`.
 
     params: a fresh (unboxed) init of the U-Net with TTM layers and the stage's `in_channels`; backbone: (unboxed)
-    params of the same config with `ttm_layers=0` (e.g. converted AnimateDiff weights, `weights/unet.py`), whose
+    params of the same config with `ttm_layers=0` (e.g. converted AnimateDiff weights,
+    `ttm_jax/backbones/animatediff/weights.py`), whose
     `conv_in` may have fewer input channels (zero-padded here). Every leaf outside `masked_self_attn` /
     `masked_cross_attn` must come from `backbone` with its shape, or this raises naming it. Since the TTM layers'
     output projections start at zero, the result computes exactly what the backbone does.

@@ -19,7 +19,7 @@ latents a frozen SD/AnimateDiff U-Net is trained on. `SDAutoencoder.encode` retu
 The clip-level `encode` / `decode` functions of this file work on raw latents, like `AutoencoderKL.encode(...)
 .latent_dist.mean` and `AutoencoderKL.decode(...).sample` (unclamped).
 
-Weights: `ttm_jax.weights.sd_vae` (a diffusers `AutoencoderKL` folder, converted on load).
+Weights: `ttm_jax.backbones.animatediff.vae_weights` (a diffusers `AutoencoderKL` folder, converted on load).
 """
 
 from __future__ import annotations
@@ -75,7 +75,8 @@ class SDVAEConfig:
         for field, want in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
             kinds = list(cfg.get(field, [want] * n))
             if kinds != [want] * n:
-                raise ValueError(f"{source}: {field}={kinds} is not supported; ttm_jax.models.sd_vae implements "
+                raise ValueError(f"{source}: {field}={kinds} is not supported; ttm_jax.backbones.animatediff.vae "
+                                 "implements "
                                  f"{n} x {want!r} (SD's AutoencoderKL)")
         if cfg.get("act_fn", "silu") != "silu":
             raise ValueError(f"{source}: act_fn={cfg['act_fn']!r} is not supported; SD's AutoencoderKL uses 'silu'")
@@ -292,7 +293,7 @@ class SDVAE(_Base):
 
 
 def init_params(model: SDVAE, rng: jax.Array) -> dict[str, Any]:
-    """Random parameters (for tests; real weights come from `ttm_jax.weights.sd_vae.load_params`)."""
+    """Random parameters (for tests; real weights come from `ttm_jax.backbones.animatediff.vae_weights.load_params`)."""
     s = model.cfg.space_factor
     return model.init(rng, jnp.zeros((1, s, s, model.cfg.in_channels), jnp.float32))["params"]
 
@@ -352,7 +353,7 @@ def decode(model: SDVAE, params: Any, latent: jax.Array, *, chunk: int = 1) -> j
 
 class SDAutoencoder:
     """`make_autoencoder` object for `config.autoencoder.name == "sd"` (built, with the converted weights of a
-    diffusers folder, by `ttm_jax.weights.sd_vae.make_sd_autoencoder`).
+    diffusers folder, by `ttm_jax.backbones.animatediff.vae_weights.make_sd_autoencoder`).
 
     `encode(video [B, T, H, W, 3] in [-1, 1]) -> [B, T, H/8, W/8, 4]`: the posterior mean of each frame,
     `(mean - shift_factor) * scaling_factor` (what an SD 1.5 / AnimateDiff U-Net sees); `decode(latent) -> video`

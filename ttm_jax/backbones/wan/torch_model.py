@@ -1,4 +1,5 @@
-"""TTM's stage DiT in PyTorch: diffusers' `WanTransformer3DModel` plus the masked layers of `ttm_jax.models.dit`.
+"""TTM's stage DiT in PyTorch: diffusers' `WanTransformer3DModel` plus the masked layers of
+`ttm_jax.backbones.wan.model`.
 
 `TTMWanTransformer3DModel` subclasses `WanTransformer3DModel` (so its backbone weights, `config` and key names are
 diffusers' own) and adds, to each of the first `ttm_layers` blocks, TTM's two layers, exactly as the Flax DiT

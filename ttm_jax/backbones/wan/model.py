@@ -347,7 +347,7 @@ class DiT(nn.Module):
                       local_context: jax.Array | None, token_ids: jax.Array | None, cross_token_ids: jax.Array | None,
                       local_ids: jax.Array | None) -> tuple[int, int, int, int, int]:
         """Raises a ValueError naming the argument and the fix; returns (B, T', H', W', N)."""
-        where = "ttm_jax/models/dit.py: DiT"
+        where = "ttm_jax/backbones/wan/model.py: DiT"
         if x.ndim != 5 or x.shape[-1] != self.in_channels:
             raise ValueError(f"{where}: x must be [B, T', H', W', in_channels={self.in_channels}], got {x.shape}; "
                              f"in_channels is ttm_jax.config.in_channels(config) (conditioning.stage_input)")

@@ -69,7 +69,7 @@ class WanVAEConfig:
     def from_diffusers(cls, cfg: dict[str, Any], source: str = CONFIG_FILE) -> WanVAEConfig:
         """Reads an `AutoencoderKLWan` config dict; raises on the Wan 2.2 features this port does not implement."""
         if cfg.get("is_residual", False):
-            raise ValueError(f"{source}: is_residual=true is the Wan 2.2 VAE; ttm_jax.models.wan_vae implements "
+            raise ValueError(f"{source}: is_residual=true is the Wan 2.2 VAE; ttm_jax.backbones.wan.vae implements "
                              "Wan 2.1 (is_residual=false). Point config.autoencoder.path at a Wan 2.1 VAE folder")
         if cfg.get("patch_size") not in (None, 1):
             raise ValueError(f"{source}: patch_size={cfg['patch_size']} (Wan 2.2) is not supported; use a Wan 2.1 "
@@ -404,7 +404,8 @@ class WanVAE(nn.Module):
 
 
 def init_params(model: WanVAE, rng: jax.Array) -> dict[str, Any]:
-    """Random parameters (for tests and benchmarks; real weights come from `ttm_jax.weights.wan_vae.load_params`)."""
+    """Random parameters (for tests and benchmarks; real weights come from
+    `ttm_jax.backbones.wan.vae_weights.load_params`)."""
     cfg = model.cfg
     s = cfg.space_factor
     video = jnp.zeros((1, 1 + 2 * cfg.time_factor, 2 * s, 2 * s, cfg.in_channels), jnp.float32)
@@ -473,7 +474,7 @@ def decode(model: WanVAE, params: Any, latent: jax.Array, *, chunk: int = 1) -> 
 
 class WanAutoencoder:
     """`make_autoencoder` object for `config.autoencoder.name == "wan"` (built, with the converted weights of a
-    diffusers folder, by `ttm_jax.weights.wan_vae.make_wan_autoencoder`).
+    diffusers folder, by `ttm_jax.backbones.wan.vae_weights.make_wan_autoencoder`).
 
     `encode(video [B, T, H, W, 3] in [-1, 1]) -> [B, T', H', W', 16]` normalised latents (what the DiT sees);
     `decode(latent) -> video` in [-1, 1]. Both jitted, chunked over time (`chunk` latent frames per step).
