@@ -153,7 +153,7 @@ def _backbone_shapes(c) -> dict:
 
 def backbone_jax(variant: str):
     """Table 2, JAX side: DiT backbone (no added layers) forward + MSE + backward + AdamW; one compiled step."""
-    from ttm_jax.models import dit
+    from ttm_jax.backbones.wan import model as dit
 
     c = config_lib.build(1, variant)
     c.model.ttm_layers = 0  # the plain backbone, as diffusers' (the tiny stage 1 adds TTM layers by default)
