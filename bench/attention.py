@@ -5,8 +5,7 @@
     python bench/attention.py --scenes [--repeats 5] [--sav-sample shared/data/sav_sample]
 
 For each token count N, both blocks (`ttm_jax.backbones.wan.model.DiTBlock`, ttm=False / ttm=True) are jitted on the
-same
-inputs (batch 1, a caption of 64 tokens, 4 local-prompt slots of 16 tokens, ids of three objects and background,
+same inputs (batch 1, a caption of 64 tokens, 4 local-prompt slots of 16 tokens, ids of three objects and background,
 the added layers' output projections non-zero), and the script prints:
 
   time      best wall time of the forward over `--repeats` runs after one warm-up, plain and TTM runs alternating

@@ -1,6 +1,5 @@
 """DiT conversion: diffusers `WanTransformer3DModel` (the oracle) <-> `ttm_jax.backbones.wan.model.DiT` through the
-rulebook
-(`ttm_jax.backbones.wan.weights`), both layouts, forward parity at ordinary and at awkward sizes, and the
+rulebook (`ttm_jax.backbones.wan.weights`), both layouts, forward parity at ordinary and at awkward sizes, and the
 `python -m ttm_jax.convert` CLI into an Orbax params checkpoint for a stage-2 model."""
 
 from __future__ import annotations

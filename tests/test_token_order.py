@@ -2,8 +2,7 @@
 
 `test_masks.py` checks the ids against its own oracle of the (t, h, w) order; nothing else ties them to the order in
 which the DiT (`ttm_jax/backbones/wan/model.py`) lays out its tokens, so ids in (h, w, t) order pass every other test.
-Here a
-spike (one object covering exactly the pixels of one token's latent cells at one latent frame, background
+Here a spike (one object covering exactly the pixels of one token's latent cells at one latent frame, background
 elsewhere) goes through both id functions (the spike is its own box), and the DiT's own index of that token is found
 from the model: the one token of the first block's (per-token) `norm1` output that changes when a latent cell of the
 spike changes. The token there must carry the object's id, every other token the background's.

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from ttm_jax import cli
 from ttm_jax import config as config_lib
+from ttm_jax.backbones.wan import export as wan_export
 from ttm_jax.backbones.wan import model as dit_lib
 from ttm_jax.backbones.wan import weights as dit_convert
 from ttm_jax.convert import __main__ as convert_cli
@@ -30,7 +31,7 @@ from ttm_jax.runtime import checkpoint as checkpoint_lib
 from ttm_jax.torch import TTM_CONFIG_FILE, TTM_WEIGHTS_FILE, TTMWanTransformer3DModel, is_ttm_key
 from ttm_jax.train import state as state_lib
 from ttm_jax.weights import rulebook as rb
-from ttm_jax.weights import safetensors_io
+from ttm_jax.weights import safetensors_io, ttm_export
 
 # odd sizes: head_dim 18 (RoPE split 6/6/6), 3 blocks of which 2 carry TTM layers, latent 5 -> 15 input channels
 MODEL = dict(dim=36, num_layers=3, num_heads=2, ffn_dim=40, text_dim=20, freq_dim=16, ttm_layers=2,
@@ -60,7 +61,7 @@ def _random_params(cfg: dit_lib.DiTConfig, cin: int, cout: int, seed: int) -> di
 def _backbone_of(params: dict, ttm_layers: int, in_channels: int) -> dict:
     """A stage model's params -> a plain (ttm_layers=0, unscanned) backbone with the first `in_channels` inputs."""
     flat = rb.flatten(jax.tree.map(np.asarray, dit_lib.unscan_layout(params, ttm_layers=ttm_layers)))
-    flat = {p: v for p, v in flat.items() if not export.is_ttm_path(p)}
+    flat = {p: v for p, v in flat.items() if not ttm_export.is_ttm_path(p)}
     flat["patch_embedding/kernel"] = np.ascontiguousarray(flat["patch_embedding/kernel"][..., :in_channels, :])
     return rb.unflatten(flat)
 
@@ -207,8 +208,7 @@ def test_torch_save_pretrained_roundtrip(stage2, tmp_path):
 
 def test_raw_params_orbax_sources_and_import_cli(stage2):
     """--params=raw exports the raw (non-EMA) params; an Orbax params checkpoint (as `--from=diffusers: --to=orbax:`
-    writes, with
-    ttm_convert.json) exports the same; torch -> orbax writes params that restore bit-identically."""
+    writes, with ttm_convert.json) exports the same; torch -> orbax writes params that restore bit-identically."""
     root = stage2["root"]
     convert_cli.convert([f"--from=workdir:{stage2['workdir']}@7", f"--to=torch:{root / 'raw'}", "--params=raw"])
     _equal_trees(export.import_folder(str(root / "raw"))[3], stage2["raw"])
@@ -267,7 +267,7 @@ def test_rulebook_covers_torch_module_exactly(stage2):
     leaves the TTM layers unmapped, naming them."""
     flat = rb.flatten(stage2["ema"])
     specs = {k: (tuple(v.shape), None) for k, v in stage2["torch"].state_dict().items()}
-    export.rulebook(stage2["cfg"]).plan(flat, specs, "flax -> torch")  # raises on any unmapped/missing/mis-shaped
+    wan_export.rulebook(stage2["cfg"]).plan(flat, specs, "flax -> torch")  # raises on any unmapped/missing/mis-shaped
     with pytest.raises(rb.ConversionError, match="masked_self_attn"):
         dit_convert.rulebook(True).plan(flat, None, "flax -> torch")
 

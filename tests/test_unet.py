@@ -1,6 +1,5 @@
 """The AnimateDiff U-Net (`ttm_jax/backbones/animatediff/model.py`) against diffusers' `UNetMotionModel` (the oracle),
-its rulebook
-(`ttm_jax/backbones/animatediff/weights.py`), and its TTM layers.
+its rulebook (`ttm_jax/backbones/animatediff/weights.py`), and its TTM layers.
 
 What is pinned: forward parity in fp32 on a tiny random model whose every parameter is perturbed (zero- and
 one-initialised ones included); a bit-identical round trip back to the torch state dict (frame-embedding buffers

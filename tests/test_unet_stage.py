@@ -37,6 +37,7 @@ from ttm_jax.convert import export
 from ttm_jax.runtime import checkpoint as checkpoint_lib
 from ttm_jax.train import loop
 from ttm_jax.weights import rulebook as rb
+from ttm_jax.weights import ttm_export
 
 # diffusers' UNetMotionModel with SD 1.5's U-Net and AnimateDiff V3's motion modules (no motion mid block):
 # sum(p.numel() for p in model.parameters()), diffusers 0.42.1 (tests/test_unet.py checks the layout key by key)
@@ -82,7 +83,7 @@ def test_unet_variants_validate_and_build_the_unet(stage):
     for variant in ("tiny_unet", "animatediff"):
         c = config_lib.validate(config_lib.build(stage, variant))
         assert c.model.backbone == "unet" and c.objective.name == "ddim_v" and "dim" not in c.model
-        cfg = registry.unet_config(c)
+        cfg = registry.model_config(c)
         assert cfg.ttm_layers == (0 if stage == 1 else c.model.ttm_layers)
         assert cfg.cross_attention_dim == c.text_encoder.d_model
     c = config_lib.build(stage, "animatediff")
@@ -282,7 +283,7 @@ def test_convert_cli_round_trip_is_bit_identical(sd_folders, tmp_path):
     model = UNetMotionModel.from_pretrained(str(tmp_path / "torch"))
     for k, v in model.state_dict().items():
         assert torch.equal(v, want[k]), k
-    assert not (tmp_path / "torch" / export.TTM_WEIGHTS_FILE).exists()
+    assert not (tmp_path / "torch" / ttm_export.TTM_WEIGHTS_FILE).exists()
     # and back: the plain UNetMotionModel folder reads as the same Orbax params
     _convert(f"--from=torch:{tmp_path / 'torch'}", f"--to=orbax:{tmp_path / 'again'}")
     cfg, cin, cout = export.converted_dims(str(tmp_path / "again" / "params"))
@@ -314,9 +315,9 @@ def test_convert_cli_stage2_init_and_its_export(sd_folders, tmp_path):
     for k, v in want.items():
         if k != "conv_in.weight":
             assert torch.equal(sd[k], v), k
-    ttm = load_file(str(out / export.TTM_WEIGHTS_FILE))
+    ttm = load_file(str(out / ttm_export.TTM_WEIGHTS_FILE))
     assert "down_blocks.0.attentions.0.transformer_blocks.0.masked_self_attn.attn.to_out.0.weight" in ttm
-    meta = json.loads((out / export.TTM_CONFIG_FILE).read_text())
+    meta = json.loads((out / ttm_export.TTM_CONFIG_FILE).read_text())
     assert meta["backbone"] == "unet" and meta["ttm_layers"] == 1 and meta["in_channels"] == 12
     # torch -> orbax: the same stage params, bit for bit
     _convert(f"--from=torch:{out}", f"--to=orbax:{tmp_path / 'back'}")

@@ -40,7 +40,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-import re
 from typing import Any
 
 import jax
@@ -57,7 +56,6 @@ from ttm_jax.runtime import mesh as mesh_lib
 from ttm_jax.runtime import sharding as sharding_lib
 
 # how the backbone's own count is labelled (the layout a converted checkpoint has)
-_LAYOUTS = {"dit": "Wan 2.1 layout", "unet": "UNetMotionModel"}
 
 
 def _flat_shapes(tree: Any) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
@@ -204,27 +202,14 @@ def frozen_encoder_flops(config: ml_collections.ConfigDict) -> dict[str, float]:
     return {"autoencoder": ae, "text_encoder": text}
 
 
-_UNET_PART = re.compile(r"^((?:down|up)_blocks_\d+|mid_block)_(resnets|attentions|motion_modules|downsamplers|"
-                        r"upsamplers)_\d+")
-
-
-def _unet_group(path: tuple[str, ...]) -> str:
-    """The U-Net's flat block names grouped per level and kind (`down_blocks_0/attentions`), TTM's added layers in
-    their own row (`down_blocks_0/attentions (TTM layers)`)."""
-    m = _UNET_PART.match(path[0])
-    if not m:
-        return path[0]
-    key = f"{m[1]}/{m[2]}"
-    return key + " (TTM layers)" if any(p in ("masked_self_attn", "masked_cross_attn") for p in path) else key
-
-
 def module_table(shapes: dict, depth: int = 2, *, backbone: str = "dit") -> list[tuple[str, int]]:
-    """Parameter counts grouped by the first `depth` path components (the U-Net's: per level and kind), in tree
-    order."""
+    """Parameter counts grouped by the backbone's rows (`Backbone.group`, e.g. the U-Net's per level and kind; none:
+    the first `depth` path components), in tree order."""
+    group = registry.BACKBONES.get(backbone).group
     groups: dict[str, int] = collections.OrderedDict()
     for path, s in shapes.items():
-        if backbone == "unet":
-            key = _unet_group(path)
+        if group is not None:
+            key = group(path, depth)
         else:
             key = "/".join(path[:depth]) if len(path) > depth else "/".join(path[:-1]) or path[0]
         n = 1
@@ -434,13 +419,13 @@ def describe(config: ml_collections.ConfigDict, *, flops: bool = True, print_fn=
     # data.cached: the batches carry the latents and text embeddings (python -m ttm_jax.data.encode), so neither
     # frozen encoder is loaded into the step
     text, vae = (0, 0) if cached else (text_full, vae_full)
-    where = "spatial transformers" if name == "unet" else "blocks"
+    where = registry.BACKBONES.get(name).ttm_where
     print_fn(f"config: stage {config.stage}, variant {config.get('variant', '?')}, backbone {name}")
     print_fn(f"{'module':<56} {'params':>16}")
     for group, n in module_table(shapes, backbone=name):
         print_fn(f"  {name}/{group:<{max(1, 52 - len(name))}} {n:>16,}")
     print_fn(f"{name + ' (trainable)':<56} {total:>16,}")
-    layout = _LAYOUTS.get(name, "its own layout")
+    layout = registry.BACKBONES.get(name).layout
     print_fn(f"  {'backbone (' + layout + ', ' + str(latent) + ' input channels)':<54} {backbone:>16,}")
     what = "stage conditions, self-conditioning" if config_lib.self_condition(config) else "stage conditions"
     print_fn(f"  {'added input channels (' + what + ')':<54} {added_inputs:>16,}")

@@ -6,10 +6,11 @@
   OBJECTIVES      `config.objective.name`          ("rectified_flow"), in `objectives.py`
   STAGE_KINDS     `config.stage`                   (1: image-to-motion, 2: motion-to-video), in `inputs.py`
 
-Adding a backbone is one `BACKBONES.register(name, Backbone(...))` (the AnimateDiff U-Net, "unet", with the `ddim_v`
-objective, was added so); nothing in `train/` or `inference/` changes. Tokenizers are chosen by name too
-(`config.text_encoder.tokenizer`), in `models/tokenizer.py`'s table, because the data pipeline (below this layer)
-tokenizes the prompts.
+Adding a backbone is one folder, `ttm_jax/backbones/<family>/` (its `entry.py` defines `BACKBONE`, an
+`assembly/backbone.py: Backbone`), and one `BACKBONES.register(name, family.BACKBONE)` here (the AnimateDiff U-Net,
+"unet", with the `ddim_v` objective, was added so); nothing in `train/`, `inference/`, `convert/` or `describe`
+changes. Tokenizers are chosen by name too (`config.text_encoder.tokenizer`), in `models/tokenizer.py`'s table,
+because the data pipeline (below this layer) tokenizes the prompts.
 """
 
 from __future__ import annotations
@@ -22,14 +23,13 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from ttm_jax import config as config_lib
-from ttm_jax.backbones.animatediff import model as unet_lib
+from ttm_jax.assembly.backbone import Backbone
+from ttm_jax.backbones.animatediff import entry as animatediff
 from ttm_jax.backbones.animatediff import text_weights as clip_text_weights
 from ttm_jax.backbones.animatediff import vae_weights as sd_vae_weights
-from ttm_jax.backbones.wan import model as dit_lib
+from ttm_jax.backbones.wan import entry as wan
 from ttm_jax.backbones.wan import vae_weights as wan_vae_weights
 from ttm_jax.models import autoencoder as autoencoder_lib
-from ttm_jax.models import masks
 from ttm_jax.models import text_encoder as text_encoder_lib
 from ttm_jax.weights import t5 as t5_weights
 
@@ -70,114 +70,47 @@ class Registry(Generic[T]):
 # ------------------------------------------------------------------------------------------------------- backbones
 
 
-@dataclasses.dataclass(frozen=True)
-class Backbone:
-    """A trained model family.
+DEFAULT_BACKBONE = "dit"  # `config.model.backbone`'s default, and the backbone of folders no entry claims
 
-    build: `config -> nn.Module` with the call `(x, timestep, context, **kwargs) -> [B, T', H', W', C]`.
-    init_inputs: `(config, *, batch, full, abstract) -> (args, kwargs)` for `init`/`apply`: the smallest inputs that
-      build every parameter (`full=False`), or inputs of the configured clip size (`full=True`, for FLOPs).
-    object_ids: `(config, autoencoder, object_masks bool [B, T, H, W, K]) -> (token_ids, cross_token_ids)`, the
-      per-token object ids of the added layers in the backbone's own token layout (None: no added layers).
-    state_fields: config fields that fix the shapes of the backbone's parameters (a resume must keep them).
-    """
-
-    build: Callable[[ml_collections.ConfigDict], nn.Module]
-    init_inputs: Callable[..., tuple[tuple, dict[str, Any]]]
-    object_ids: Callable[..., tuple[jax.Array, jax.Array]] | None = None
-    state_fields: tuple[str, ...] = ()
+BACKBONES: Registry[Backbone] = Registry("model.backbone")
+BACKBONES.register("dit", wan.BACKBONE)  # ttm_jax/backbones/wan/
+BACKBONES.register("unet", animatediff.BACKBONE)  # ttm_jax/backbones/animatediff/ (with the `ddim_v` objective)
 
 
 def backbone_name(config: ml_collections.ConfigDict) -> str:
     return config.model.backbone
 
 
-def _dit_config(config: ml_collections.ConfigDict) -> dit_lib.DiTConfig:
-    return dit_lib.DiTConfig.from_config(config.model)
+def backbone(config: ml_collections.ConfigDict) -> Backbone:
+    """The configured backbone's entry."""
+    return BACKBONES.get(backbone_name(config))
 
 
-def _build_dit(config: ml_collections.ConfigDict) -> nn.Module:
-    return dit_lib.DiT(config.model, config_lib.in_channels(config), config.autoencoder.latent_channels)
+def model_config(config: ml_collections.ConfigDict) -> Any:
+    """The configured backbone's frozen model config (`Backbone.model_config`: a `DiTConfig`, a `UNetConfig`)."""
+    return backbone(config).model_config(config)
 
 
-def _dit_init_inputs(config: ml_collections.ConfigDict, *, batch: int = 1, full: bool = False,
-                     abstract: bool = False) -> tuple[tuple, dict[str, Any]]:
-    """The DiT's inputs: one patch (`full=False`; text at `max_length`, local prompts at `(K+1) * Lp`, as training
-    feeds them) or the configured latent grid (`full=True`)."""
-    t = config.text_encoder
-    grid = config_lib.latent_shape(config)[:3] if full else None
-    local_len = (int(config.data.max_objects) + 1) * int(t.local_max_length)
-    return dit_lib.init_inputs(_dit_config(config), config_lib.in_channels(config), batch=batch, grid=grid,
-                               text_len=int(t.max_length), local_len=local_len, abstract=abstract)
+def backbone_of(cfg: Any) -> str:
+    """The `config.model.backbone` name of a frozen backbone config, by its type (`Backbone.config_type`)."""
+    for name in BACKBONES:
+        if BACKBONES.get(name).config_type is type(cfg):
+            return str(name)
+    raise ValueError(f"{type(cfg).__name__}: no registered backbone has this config type")
 
 
-def _dit_object_ids(config: ml_collections.ConfigDict, ae: Any, object_masks: jax.Array
-                    ) -> tuple[jax.Array, jax.Array]:
-    """Per-token ids in the DiT's `(t, h, w)` patch order: by area majority for masked self-attention, by box or mask
-    (`config.model.cross_ids_from`) for masked cross-attention (`ttm_jax/models/masks.py`)."""
-    geometry = dict(time_factor=ae.time_factor, space_factor=ae.space_factor,
-                    patch_size=tuple(config.model.patch_size))
-    by = masks.token_ids_from_boxes if config.model.cross_ids_from == "bbox" else masks.token_ids_from_masks
-    return masks.token_ids_from_masks(object_masks, **geometry), by(object_masks, **geometry)
-
-
-BACKBONES: Registry[Backbone] = Registry("model.backbone")
-BACKBONES.register("dit", Backbone(
-    build=_build_dit, init_inputs=_dit_init_inputs, object_ids=_dit_object_ids,
-    state_fields=tuple(f"model.{k}" for k in ("dim", "num_layers", "num_heads", "ffn_dim", "text_dim", "freq_dim",
-                                              "ttm_layers", "patch_size", "qk_norm", "cross_attn_norm",
-                                              "scan_layers", "param_dtype"))))
-
-
-
-# `config.model` fields the U-Net shares with the DiT; its own are in `config.model.unet` (config.py: `_unet`)
-UNET_SHARED_FIELDS = ("ttm_layers", "ttm_masked", "ttm_masked_self", "ttm_masked_cross", "attention",
-                      "attention_sparse", "remat_policy", "dtype", "param_dtype")
-
-
-def unet_config(config: ml_collections.ConfigDict) -> unet_lib.UNetConfig:
-    """The `UNetConfig` of a `backbone="unet"` config: `config.model.unet` (the architecture) with the shared
-    `config.model` fields (`UNET_SHARED_FIELDS`) on top."""
-    m = config.model
-    if "unet" not in m:
-        raise ValueError("config.model.unet: missing; a backbone='unet' config needs the U-Net section (e.g. "
-                         "configs/stage2.py:tiny_unet)")
-    fields = {k: v for k, v in m.unet.items() if not k.startswith("pretrained_")}
-    fields.update({k: m[k] for k in UNET_SHARED_FIELDS if k in m})
-    return unet_lib.UNetConfig.from_config(fields)
-
-
-def _build_unet(config: ml_collections.ConfigDict) -> nn.Module:
-    return unet_lib.UNet(unet_config(config), config_lib.in_channels(config), config.autoencoder.latent_channels)
-
-
-def _unet_init_inputs(config: ml_collections.ConfigDict, *, batch: int = 1, full: bool = False,
-                      abstract: bool = False) -> tuple[tuple, dict[str, Any]]:
-    """The U-Net's inputs: one frame of `2^(levels-1)` cells (`full=False`), or the configured latent grid; text at
-    `max_length`, local prompts at `(K+1) * Lp`."""
-    t = config.text_encoder
-    grid = config_lib.latent_shape(config)[:3] if full else None
-    local_len = (int(config.data.max_objects) + 1) * int(t.local_max_length)
-    return unet_lib.init_inputs(unet_config(config), config_lib.in_channels(config), batch=batch, grid=grid,
-                                text_len=int(t.max_length), local_len=local_len, abstract=abstract)
-
-
-def _unet_object_ids(config: ml_collections.ConfigDict, ae: Any, object_masks: jax.Array
-                     ) -> tuple[jax.Array, jax.Array]:
-    """Per-cell ids in the U-Net's layout: every TTM level's latent grid `(t, h, w)` row-major, concatenated
-    (`unet.object_ids`); cross ids by box or mask (`config.model.cross_ids_from`)."""
-    return unet_lib.object_ids(unet_config(config), object_masks, time_factor=ae.time_factor,
-                               space_factor=ae.space_factor, cross_from_boxes=config.model.cross_ids_from == "bbox")
-
-
-BACKBONES.register("unet", Backbone(
-    build=_build_unet, init_inputs=_unet_init_inputs, object_ids=_unet_object_ids,
-    state_fields=("model.ttm_layers", "model.param_dtype")
-    + tuple(f"model.unet.{k}" for k in config_lib.UNET_STATE_KEYS)))
+def folder_backbone(folder: str) -> str:
+    """The backbone of an exported (or a source framework's) folder: the entry whose `is_folder` claims it, else
+    `DEFAULT_BACKBONE`."""
+    for name in BACKBONES:
+        claims = BACKBONES.get(name).is_folder
+        if claims is not None and claims(folder):
+            return str(name)
+    return DEFAULT_BACKBONE
 
 
 def build_backbone(config: ml_collections.ConfigDict) -> nn.Module:
-    return BACKBONES.get(backbone_name(config)).build(config)
+    return backbone(config).build(config)
 
 
 def init_inputs(config: ml_collections.ConfigDict, **kw: Any) -> tuple[tuple, dict[str, Any]]:

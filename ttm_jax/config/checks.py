@@ -39,8 +39,8 @@ def _check(cond: bool, field: str, msg: str) -> None:
 def _check_model(config: ml_collections.ConfigDict) -> None:
     """model section: the fields shared by every backbone, then the backbone's own (`model.backbone`: the DiT's,
     ttm_jax/backbones/wan/model.py; the U-Net's `model.unet`, ttm_jax/backbones/animatediff/model.py), and their
-    agreement with the stage and
-    the text encoder. Other backbones (registered elsewhere, e.g. in tests) check their own fields."""
+    agreement with the stage and the text encoder. Other backbones (registered elsewhere, e.g. in tests) check their
+    own fields."""
     m = config.model
     _check(isinstance(m.ttm_layers, int) and m.ttm_layers >= 0, "model.ttm_layers",
            f"{m.ttm_layers!r} must be an int >= 0")

@@ -52,8 +52,8 @@ def _word_t5(*, d_model: int, num_heads: int, d_kv: int, d_ff: int) -> dict[str,
 
 def _unet(**overrides: Any) -> dict[str, Any]:
     """`config.model.unet` of a U-Net variant (`backbone="unet"`, `ttm_jax/backbones/animatediff/model.py`): the
-    architecture, by
-    default SD 1.5's U-Net + AnimateDiff V3's motion modules (no motion mid block), 1,276,658,564 parameters as
+    architecture, by default SD 1.5's U-Net + AnimateDiff V3's motion modules (no motion mid block), 1,276,658,564
+    parameters as
     diffusers' `UNetMotionModel`. The U-Net's fields live in this sub-section so that DiT variants carry none of them
     (and U-Net variants none of the DiT's `dim`, `num_layers`, ...); the fields shared with the DiT (`ttm_layers`,
     `ttm_masked*`, `attention`, `attention_sparse`, `remat_policy`, `dtype`, `param_dtype`, `cross_ids_from`,

@@ -16,8 +16,8 @@ Sources (`--from`) and where each goes (`--to`):
   diffusers-unet:PATH[,motion_adapter:PATH] -> orbax:DIR
       the AnimateDiff U-Net (`config.model.backbone="unet"`): a diffusers `UNetMotionModel` folder, or SD 1.5's
       `unet/` folder plus an AnimateDiff `MotionAdapter` folder (`ttm_jax/backbones/animatediff/weights.py`) ->
-      `DIR/params` +
-      `DIR/ttm_convert.json` (`backbone: "unet"`). Without --stage the backbone as it is (diffusers -> orbax -> torch
+      `DIR/params` + `DIR/ttm_convert.json` (`backbone: "unet"`). Without --stage the backbone as it is (diffusers ->
+      orbax -> torch
       is bit-identical); with --stage the stage init checkpoint: the input conv widened to the stage's channels (the
       new ones zero), stage 2 with TTM's layers (zero output) in every encoder spatial transformer (SD 1.5: 6), or as
       --config says (e.g. configs/stage2.py:animatediff; its model.unet must match the folder's).
@@ -70,6 +70,7 @@ from ttm_jax.backbones.wan import vae_weights as vae_convert
 from ttm_jax.backbones.wan import weights as dit_convert
 from ttm_jax.convert import export
 from ttm_jax.weights import rulebook as rb
+from ttm_jax.weights import ttm_export
 
 _DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32", "": ""}
 SOURCES = ("diffusers", "diffusers-unet", "diffusers-vae", "torch", "orbax", "workdir")
@@ -236,7 +237,7 @@ def _unet(src: str, out: str, *, stage: int | None, config_spec: str, seed: int,
         if registry.backbone_name(config) != "unet":
             raise cli.BadInput(f"{config_spec}: config.model.backbone={registry.backbone_name(config)!r}; a U-Net "
                                f"source needs a backbone='unet' config (e.g. configs/stage2.py:animatediff)")
-        stage_cfg = registry.unet_config(config)
+        stage_cfg = registry.model_config(config)
         for f in _UNET_ARCH:
             if getattr(stage_cfg, f) != getattr(backbone_cfg, f):
                 raise cli.BadInput(f"{config_spec}: config.model.unet.{f}={getattr(stage_cfg, f)!r} but {paths[0]} "
@@ -357,7 +358,7 @@ def run_conversion(f: flags.FlagValues) -> dict[str, str]:
     pair = f"--from={f['from'].value} --to={f.to}"
     if dst_kind == "diffusers":
         dst_kind = "torch"  # an export is a diffusers folder (plus the TTM files)
-    if src_kind == "diffusers" and os.path.exists(os.path.join(src, export.TTM_CONFIG_FILE)):
+    if src_kind == "diffusers" and os.path.exists(os.path.join(src, ttm_export.TTM_CONFIG_FILE)):
         src_kind = "torch"  # an exported TTM folder
     if f.config and stage is None and dst_kind == "orbax":
         raise cli.BadInput("--config needs --stage: without it the backbone is converted as it is")

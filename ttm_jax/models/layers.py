@@ -1,6 +1,6 @@
 """Generic building blocks of the Wan 2.1-layout video DiT (`ttm_jax/backbones/wan/model.py`), in Flax Linen: dense
-layers
-with logical axes, norms, 3D RoPE, timestep embedding, FFN and attention. TTM's added masked layers, built from these,
+layers with logical axes, norms, 3D RoPE, timestep embedding, FFN and attention. TTM's added masked layers, built from
+these,
 are in `ttm_jax/models/ttm_layers.py`.
 
 Each module is named for what it is and keeps diffusers' `WanTransformer3DModel` parameter names where there is one

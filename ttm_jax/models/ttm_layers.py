@@ -2,8 +2,7 @@
 `ttm_jax/models/layers.py`.
 
 In the first `model.ttm_layers` blocks of a stage-2 DiT (`ttm_jax/backbones/wan/model.py`): `MaskedSelfAttention` (a
-video
-token attends only to tokens of its own object, across frames) after the block's self-attention, and
+video token attends only to tokens of its own object, across frames) after the block's self-attention, and
 `MaskedCrossAttention` (a video token attends only to its object's local prompt) after its cross-attention. Each is
 `x + attn(LayerNorm(x))` with its own affine norm (`norm`) and attention (`attn`), and a zero-initialised output
 projection, so a fresh layer is the identity. Masks are integer ids (`ttm_jax/models/masks.py`), never dense.
@@ -18,6 +17,9 @@ import jax
 import jax.numpy as jnp
 
 from ttm_jax.models import layers, masks
+
+# the added layers' module names, in every backbone's tree (the TTM export: `ttm_jax/weights/ttm_export.py`)
+TTM_MODULES = ("masked_self_attn", "masked_cross_attn")
 
 
 def _added_attention(layer: nn.Module, x: jax.Array, **attend: Any) -> jax.Array:

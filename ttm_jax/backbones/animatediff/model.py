@@ -74,7 +74,7 @@ from ttm_jax.models import layers, masks, norms, remat, sparse_attention, ttm_la
 
 CROSS_DOWN, PLAIN_DOWN = "CrossAttnDownBlockMotion", "DownBlockMotion"
 CROSS_UP, PLAIN_UP = "CrossAttnUpBlockMotion", "UpBlockMotion"
-TTM_MODULES = ("masked_self_attn", "masked_cross_attn")
+TTM_MODULES = ttm_layers.TTM_MODULES
 Dtype = Any
 
 

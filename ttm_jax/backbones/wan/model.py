@@ -78,7 +78,7 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
-TTM_MODULES = ("masked_self_attn", "masked_cross_attn")
+TTM_MODULES = ttm_layers.TTM_MODULES
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,55 @@
+"""`Backbone`: what a trained model family registers (`registry.BACKBONES`), one entry per family, defined in the
+family's folder (`ttm_jax/backbones/<family>/entry.py`). Apart from `registry.py` so that an entry can be built
+without importing the registry that imports it."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+
+
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+    """A trained model family.
+
+    build: `config -> nn.Module` with the call `(x, timestep, context, **kwargs) -> [B, T', H', W', C]`.
+    init_inputs: `(config, *, batch, full, abstract) -> (args, kwargs)` for `init`/`apply`: the smallest inputs that
+      build every parameter (`full=False`), or inputs of the configured clip size (`full=True`, for FLOPs).
+    object_ids: `(config, autoencoder, object_masks bool [B, T, H, W, K]) -> (token_ids, cross_token_ids)`, the
+      per-token object ids of the added layers in the backbone's own token layout (None: no added layers).
+    state_fields: config fields that fix the shapes of the backbone's parameters (a resume must keep them).
+
+    The TTM export (`convert/export.py`, the format in `weights/ttm_export.py`) and the converted checkpoints:
+    config_type: the frozen config dataclass of the family's model (`DiTConfig`): a `cfg` of this type is this
+      backbone's.
+    model_config: `config -> config_type` (the backbone's frozen config from a stage config).
+    template: `(cfg, in_channels, out_channels) -> unboxed param tree of jax.ShapeDtypeStruct`.
+    export: `(params, cfg, in_channels, out_channels, out_dir, *, meta, dtype) -> {name: path}`, the exported folder
+      (`meta`: the stage's fields of `ttm_config.json`).
+    import_folder: `(folder, *, scan_layers, param_dtype) -> (cfg, in_channels, out_channels, params)`.
+    is_folder: `folder -> bool`, the folder is this backbone's (None: the backbone of folders no entry claims).
+    converted_config: `ttm_convert.json`'s dict -> `config_type` (a converted Orbax checkpoint's config).
+
+    `describe`: layout (how the parameter layout is named, "Wan 2.1 layout"), group (`(param path, depth) -> row`
+    of the module table; None: the first `depth` parts), ttm_where (what holds the added layers, "blocks").
+    """
+
+    build: Callable[[ml_collections.ConfigDict], nn.Module]
+    init_inputs: Callable[..., tuple[tuple, dict[str, Any]]]
+    object_ids: Callable[..., tuple[jax.Array, jax.Array]] | None = None
+    state_fields: tuple[str, ...] = ()
+    config_type: type | None = None
+    model_config: Callable[[ml_collections.ConfigDict], Any] | None = None
+    template: Callable[[Any, int, int], Any] | None = None
+    export: Callable[..., dict[str, str]] | None = None
+    import_folder: Callable[..., tuple[Any, int, int, Any]] | None = None
+    is_folder: Callable[[str], bool] | None = None
+    converted_config: Callable[[dict[str, Any]], Any] | None = None
+    layout: str = "its own layout"
+    group: Callable[[tuple[str, ...], int], str] | None = None
+    ttm_where: str = "blocks"
