@@ -349,11 +349,11 @@ def test_indexed_condition_frames_add_the_frames_place(batch):
 
 def test_condition_frames_reach_the_model_from_the_config():
     """The stage-1 default is `all`, stages 2 and 0 keep `first`; a config saved before the field existed reads as
-    `first` (its checkpoints were trained that way)."""
+    `first` (its checkpoints were trained that way: `config.upgrade`, applied wherever a saved config is read)."""
     assert [config_lib.build(s, "tiny").model.condition_frames for s in (1, 2, 0)] == ["all", "first", "first"]
     c = config_lib.build(1, "tiny")
     del c.model["condition_frames"]
-    assert inputs_lib.condition_frames(c) == "first"
+    assert inputs_lib.condition_frames(config_lib.upgrade(c)) == "first"
 
 
 def test_expand_input_channels_keeps_old_and_zeroes_new():
