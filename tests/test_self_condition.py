@@ -31,8 +31,9 @@ def test_config_adds_one_latent_of_input_channels_and_checks_the_field():
     c.model.self_condition = "yes"
     with pytest.raises(config_lib.ConfigError, match=r"config\.model\.self_condition: 'yes' must be True or False"):
         config_lib.validate(c)
-    # a config saved before the field existed reads as off
+    # a config saved before the field existed reads as off (config.upgrade, wherever a saved config is read)
     del c.model["self_condition"]
+    c = config_lib.upgrade(c)
     assert not config_lib.self_condition(c) and config_lib.in_channels(c) == base
 
 
