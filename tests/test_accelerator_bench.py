@@ -166,6 +166,7 @@ def test_quick_run_fills_every_row(tmp_path):
     assert math.isfinite(first) and math.isfinite(last) and "2 sample mp4(s)" in e2e[3]
 
 
+@pytest.mark.slow  # the section of a bench script (the ops it times are tested in test_context_*.py)
 def test_context_section_on_8_cpu_devices(acc):
     """Section (e) --quick on the 8 simulated CPU devices: ulysses and ring, plain / masked / sparse, each within
     float32 rounding of the one-device op (values / gradients), with its timing note."""
