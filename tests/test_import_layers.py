@@ -104,6 +104,15 @@ def test_no_import_against_the_layers(graph):
     assert not bad, "imports against the layers:\n" + "\n".join(bad)
 
 
+def test_family_config_imports_no_config_package(graph):
+    """`ttm_jax.config` imports each family's `config.py` (`checks.BACKBONE_CHECKS`, the U-Net's `section` in the
+    variants): were one to import a `ttm_jax.config` module, importing it first would run the package's `__init__`,
+    which imports it back half-built. It imports `ttm_jax.cli` (`ConfigError`, `check_config`)."""
+    bad = [f"{a} imports {b} at line {line}" for a, deps in graph.items() for b, line in deps
+           if a.startswith("ttm_jax.backbones.") and a.endswith(".config") and b.startswith("ttm_jax.config")]
+    assert not bad, bad
+
+
 def test_no_relative_imports():
     """`from . import x` would slip past the reader above: the package imports by absolute name only."""
     relative = [f"{name}:{n.lineno}" for name, path in modules().items()

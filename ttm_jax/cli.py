@@ -53,6 +53,18 @@ class UserError(Exception):
     """Bad input from the user (a flag, a config field, a file's content): one line and exit 2 at a command line."""
 
 
+class ConfigError(UserError, ValueError):
+    """A config value that cannot work; the message names the field and the fix. Here, not in `ttm_jax.config`, so
+    that a backbone family's `config.py` checks its fields without importing the config package that imports it
+    (`ttm_jax.config.ConfigError` is this class)."""
+
+
+def check_config(cond: bool, field: str, msg: str) -> None:
+    """Raise `ConfigError("config.<field>: <msg>")` unless `cond`: every config check's one form."""
+    if not cond:
+        raise ConfigError(f"config.{field}: {msg}")
+
+
 class BadInput(UserError, ValueError):
     """A value the user gave is wrong: a flag, a config field, or what a file of theirs holds; the message names it
     and the fix."""

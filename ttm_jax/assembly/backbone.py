@@ -12,6 +12,8 @@ import flax.linen as nn
 import jax
 import ml_collections
 
+from ttm_jax import config as config_lib
+
 
 @dataclasses.dataclass(frozen=True)
 class Backbone:
@@ -53,3 +55,21 @@ class Backbone:
     layout: str = "its own layout"
     group: Callable[[tuple[str, ...], int], str] | None = None
     ttm_where: str = "blocks"
+
+
+def stage_init_inputs(model_init_inputs: Callable[..., tuple[tuple, dict[str, Any]]],
+                      model_config: Callable[[ml_collections.ConfigDict], Any]) -> Callable[..., tuple[tuple, dict]]:
+    """`Backbone.init_inputs` of a family whose model module has `init_inputs(cfg, in_channels, *, batch, grid,
+    text_len, local_len, abstract)` (the DiT's, the U-Net's): the model's smallest inputs (`full=False`) or the
+    configured latent grid (`full=True`); text at `max_length`, local prompts at `(K+1) * Lp`, as training feeds
+    them."""
+
+    def init_inputs(config: ml_collections.ConfigDict, *, batch: int = 1, full: bool = False,
+                    abstract: bool = False) -> tuple[tuple, dict[str, Any]]:
+        t = config.text_encoder
+        grid = config_lib.latent_shape(config)[:3] if full else None
+        local_len = (int(config.data.max_objects) + 1) * int(t.local_max_length)
+        return model_init_inputs(model_config(config), config_lib.in_channels(config), batch=batch, grid=grid,
+                                 text_len=int(t.max_length), local_len=local_len, abstract=abstract)
+
+    return init_inputs

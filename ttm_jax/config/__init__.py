@@ -48,11 +48,6 @@ from ttm_jax.config.schema import (
     STAGE_ARGS,
     SYNTHETIC_FULL_RUNG,
     SYNTHETIC_RUNGS,
-    UNET_CROSS_DOWN,
-    UNET_CROSS_UP,
-    UNET_PLAIN_DOWN,
-    UNET_PLAIN_UP,
-    UNET_STATE_KEYS,
     ConfigError,
     cooldown_steps,
     parse_arg,
@@ -64,7 +59,7 @@ from ttm_jax.config.variants import _STAGE_ROWS, _VARIANT_TABLE, VARIANTS, build
 __all__ = [
     "ATTENTION_IMPLS", "AUTOENCODERS", "CONDITION_FRAMES", "CROSS_IDS_FROM", "DTYPES", "IDENTITY_LATENT_NORM",
     "REMAT_POLICIES", "STAGE1_LATER_IDS", "STAGE_ARGS", "STAGES", "SYNTHETIC_FULL_RUNG", "SYNTHETIC_RUNGS",
-    "UNET_CROSS_DOWN", "UNET_CROSS_UP", "UNET_PLAIN_DOWN", "UNET_PLAIN_UP", "UNET_STATE_KEYS", "UPGRADES", "VARIANTS",
+    "UPGRADES", "VARIANTS",
     "_STAGE_ROWS", "_VARIANT_TABLE", "ConfigError", "StageKind", "build", "cooldown_steps", "frame_place_channels",
     "grid_step", "in_channels", "latent_shape", "parse_arg", "self_condition", "set_total_steps", "upgrade", "validate",
 ]

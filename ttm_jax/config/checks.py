@@ -1,15 +1,18 @@
 """`validate(config)`: every value checked before compute is spent, section by section (`_check_model`, ...), each
 raising `ConfigError` naming the field and the fix. A new section's check joins `_CHECKERS`; a backbone's own fields
-are checked by `_check_<backbone>`, called from `_check_model` by `model.backbone`; objective names by the registry.
+are checked by the `check` of its family's `config.py` (`ttm_jax/backbones/<family>/config.py`), which `_check_model`
+finds by `model.backbone` in `BACKBONE_CHECKS`; objective names by the registry.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import ml_collections
 
+from ttm_jax.backbones.animatediff import config as animatediff_config
+from ttm_jax.backbones.wan import config as wan_config
+from ttm_jax.cli import check_config as _check
 from ttm_jax.config.geometry import grid_step, latent_shape
 from ttm_jax.config.schema import (
     ATTENTION_IMPLS,
@@ -22,18 +25,16 @@ from ttm_jax.config.schema import (
     STAGE1_LATER_IDS,
     SYNTHETIC_FULL_RUNG,
     SYNTHETIC_RUNGS,
-    UNET_CROSS_DOWN,
-    UNET_CROSS_UP,
-    UNET_PLAIN_DOWN,
-    UNET_PLAIN_UP,
-    ConfigError,
 )
 from ttm_jax.config.stages import STAGES
 
-
-def _check(cond: bool, field: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"config.{field}: {msg}")
+# `config.model.backbone` -> the check of that backbone's own fields, in its family's `config.py` (layer 0, as this
+# package; the registry, a layer above, cannot be asked). A backbone registered elsewhere (e.g. in tests) checks its
+# own fields; a new family adds its row here.
+BACKBONE_CHECKS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
+    "dit": wan_config.check,
+    "unet": animatediff_config.check,
+}
 
 
 def _check_model(config: ml_collections.ConfigDict) -> None:
@@ -72,83 +73,9 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
            f"{m.stage1_later_ids!r}; choose one of {STAGE1_LATER_IDS}")
     _check(config.stage != 0 or not m.ttm_masked, "model.ttm_masked",
            "True but the TI2V baseline (stage 0) has no trajectory, so no object ids to mask with; set False")
-    backbone = m.backbone
-    if backbone == "dit":
-        _check_dit(config)
-    elif backbone == "unet":
-        _check_unet(config)
-
-
-def _check_dit(config: ml_collections.ConfigDict) -> None:
-    """The DiT's fields (ttm_jax/backbones/wan/model.py)."""
-    m, t = config.model, config.text_encoder
-    for name in ("dim", "num_layers", "num_heads", "ffn_dim", "text_dim", "freq_dim"):
-        _check(isinstance(m[name], int) and m[name] > 0, f"model.{name}", f"{m[name]!r} must be a positive int")
-    _check(m.dim % m.num_heads == 0, "model.dim",
-           f"{m.dim} is not divisible by model.num_heads={m.num_heads}; pick a dim that is")
-    head_dim = m.dim // m.num_heads
-    _check(head_dim % 2 == 0 and head_dim >= 6, "model.num_heads",
-           f"head dim {head_dim} (dim/num_heads) must be even and >= 6 for 3D RoPE")
-    _check(m.freq_dim % 2 == 0, "model.freq_dim", f"{m.freq_dim} must be even (sin and cos halves)")
-    _check(0 <= m.ttm_layers <= m.num_layers, "model.ttm_layers",
-           f"{m.ttm_layers} must be in [0, model.num_layers={m.num_layers}]")
-    _check(len(tuple(m.patch_size)) == 3 and all(int(p) > 0 for p in m.patch_size), "model.patch_size",
-           f"{m.patch_size!r} must be three positive ints (t, h, w)")
-    _check(m.text_dim == t.d_model, "model.text_dim",
-           f"{m.text_dim} but text_encoder.d_model={t.d_model}; the DiT's text embedder reads the encoder's output, "
-           f"set model.text_dim={t.d_model}")
-
-
-def _per_level(value: Any, n: int, field: str) -> tuple[int, ...]:
-    if isinstance(value, int):
-        return (value,) * n
-    out = tuple(value) if isinstance(value, list | tuple) else ()
-    _check(len(out) == n and all(isinstance(v, int) for v in out), f"model.unet.{field}",
-           f"{value!r} must be an int or one int per level ({n}, as model.unet.block_out_channels)")
-    return out
-
-
-def _check_unet(config: ml_collections.ConfigDict) -> None:
-    """The U-Net's fields `model.unet` (ttm_jax/backbones/animatediff/model.py), against the text encoder and the
-    latent grid."""
-    m, t = config.model, config.text_encoder
-    _check("unet" in m, "model.unet", "missing; a backbone='unet' config needs the U-Net section (config.py: _unet)")
-    u = m.unet
-    chans = tuple(u.block_out_channels)
-    n = len(chans)
-    _check(n >= 1 and all(isinstance(c, int) and c > 0 for c in chans), "model.unet.block_out_channels",
-           f"{u.block_out_channels!r} must be positive ints, one per level")
-    down, up = tuple(u.down_block_types), tuple(u.up_block_types)
-    _check(len(down) == n and all(k in (UNET_CROSS_DOWN, UNET_PLAIN_DOWN) for k in down),
-           "model.unet.down_block_types", f"{down!r}: one per level, each {UNET_CROSS_DOWN} or {UNET_PLAIN_DOWN}")
-    _check(len(up) == n and all(k in (UNET_CROSS_UP, UNET_PLAIN_UP) for k in up), "model.unet.up_block_types",
-           f"{up!r}: one per level, each {UNET_CROSS_UP} or {UNET_PLAIN_UP}")
-    for name in ("layers_per_block", "norm_num_groups", "transformer_layers_per_block", "mid_block_layers",
-                 "motion_max_seq_length", "temporal_transformer_layers_per_block",
-                 "temporal_transformer_layers_per_mid_block", "cross_attention_dim"):
-        _check(isinstance(u[name], int) and u[name] > 0, f"model.unet.{name}", f"{u[name]!r} must be a positive int")
-    for c in chans:
-        _check(c % u.norm_num_groups == 0, "model.unet.norm_num_groups",
-               f"{u.norm_num_groups} does not divide block_out_channels entry {c}; pick a divisor")
-    for name in ("num_attention_heads", "motion_num_attention_heads"):
-        for c, h in zip(chans, _per_level(u[name], n, name), strict=True):
-            _check(h > 0 and c % h == 0, f"model.unet.{name}", f"{h} heads do not divide a level's {c} channels")
-    encoder_transformers = u.layers_per_block * sum(k == UNET_CROSS_DOWN for k in down)
-    _check(0 <= m.ttm_layers <= encoder_transformers, "model.ttm_layers",
-           f"{m.ttm_layers} must be in [0, {encoder_transformers}]: the U-Net's encoder spatial transformers "
-           f"(model.unet.layers_per_block x the {UNET_CROSS_DOWN} blocks; SD 1.5 has 6)")
-    _check(u.cross_attention_dim == t.d_model, "model.unet.cross_attention_dim",
-           f"{u.cross_attention_dim} but text_encoder.d_model={t.d_model}; the U-Net cross-attends to the encoder's "
-           f"output, set model.unet.cross_attention_dim={t.d_model}")
-    a, d = config.autoencoder, config.data
-    frames = 1 + (d.num_frames - 1) // max(1, a.time_factor)
-    _check(frames <= u.motion_max_seq_length, "model.unet.motion_max_seq_length",
-           f"{u.motion_max_seq_length} but the clip has {frames} latent frames (data.num_frames={d.num_frames}); the "
-           f"motion modules' frame embedding has that many rows (AnimateDiff: 32): use fewer frames")
-    _check(all(isinstance(u[k], bool) for k in ("use_linear_projection", "use_motion_mid_block",
-                                                 "ttm_self_across_frames", "ttm_qk_norm")),
-           "model.unet.use_linear_projection",
-           "use_linear_projection, use_motion_mid_block, ttm_self_across_frames and ttm_qk_norm must be True/False")
+    check_backbone = BACKBONE_CHECKS.get(m.backbone)
+    if check_backbone is not None:
+        check_backbone(config)
 
 
 def _check_autoencoder(config: ml_collections.ConfigDict) -> None:

@@ -31,8 +31,7 @@ STAGE_ARGS: dict[str, Any] = {"variant": "tiny", "runlocal": False}
 _TRUE = ("1", "true", "yes")
 
 
-class ConfigError(cli.UserError, ValueError):
-    """A config value that cannot work; the message names the field and the fix."""
+ConfigError = cli.ConfigError  # a config value that cannot work (defined in `cli` for the backbones' config.py)
 
 
 def parse_arg(arg: str | None, defaults: Mapping[str, Any] | None = None, *, bare_key: str | None = "variant",
@@ -70,16 +69,6 @@ def parse_arg(arg: str | None, defaults: Mapping[str, Any] | None = None, *, bar
                               f"(default {default!r})") from None
     return out
 
-
-
-UNET_CROSS_DOWN, UNET_PLAIN_DOWN = "CrossAttnDownBlockMotion", "DownBlockMotion"
-UNET_CROSS_UP, UNET_PLAIN_UP = "CrossAttnUpBlockMotion", "UpBlockMotion"
-# `config.model.unet` keys that fix the U-Net's parameter shapes (a resume must keep them; `assembly/registry.py`)
-UNET_STATE_KEYS = ("block_out_channels", "down_block_types", "up_block_types", "layers_per_block",
-                   "num_attention_heads", "cross_attention_dim", "norm_num_groups", "transformer_layers_per_block",
-                   "use_linear_projection", "mid_block_layers", "use_motion_mid_block", "motion_num_attention_heads",
-                   "temporal_transformer_layers_per_block", "temporal_transformer_layers_per_mid_block",
-                   "ttm_qk_norm")
 
 
 # the synthetic generator's ladder rungs (ttm_jax/data/synthetic.py RUNGS; a test keeps the two equal)

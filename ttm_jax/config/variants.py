@@ -10,14 +10,12 @@ from typing import Any
 
 import ml_collections
 
+from ttm_jax.backbones.animatediff.config import UNET_CROSS_DOWN, UNET_CROSS_UP, UNET_PLAIN_DOWN, UNET_PLAIN_UP
+from ttm_jax.backbones.animatediff.config import section as _unet
 from ttm_jax.config.geometry import grid_step
 from ttm_jax.config.schema import (
     _SECTIONS,
     IDENTITY_LATENT_NORM,
-    UNET_CROSS_DOWN,
-    UNET_CROSS_UP,
-    UNET_PLAIN_DOWN,
-    UNET_PLAIN_UP,
     ConfigError,
     parse_arg,
 )
@@ -50,34 +48,6 @@ def _word_t5(*, d_model: int, num_heads: int, d_kv: int, d_ff: int) -> dict[str,
 
 
 
-def _unet(**overrides: Any) -> dict[str, Any]:
-    """`config.model.unet` of a U-Net variant (`backbone="unet"`, `ttm_jax/backbones/animatediff/model.py`): the
-    architecture, by default SD 1.5's U-Net + AnimateDiff V3's motion modules (no motion mid block), 1,276,658,564
-    parameters as
-    diffusers' `UNetMotionModel`. The U-Net's fields live in this sub-section so that DiT variants carry none of them
-    (and U-Net variants none of the DiT's `dim`, `num_layers`, ...); the fields shared with the DiT (`ttm_layers`,
-    `ttm_masked*`, `attention`, `attention_sparse`, `remat_policy`, `dtype`, `param_dtype`, `cross_ids_from`,
-    `condition_frames`) stay in `config.model`."""
-    u = {"block_out_channels": (320, 640, 1280, 1280),
-         "down_block_types": (UNET_CROSS_DOWN,) * 3 + (UNET_PLAIN_DOWN,),
-         "up_block_types": (UNET_PLAIN_UP,) + (UNET_CROSS_UP,) * 3,
-         "layers_per_block": 2, "num_attention_heads": 8, "cross_attention_dim": 768, "norm_num_groups": 32,
-         "norm_eps": 1e-5, "transformer_layers_per_block": 1, "use_linear_projection": False,
-         "mid_block_scale_factor": 1.0, "mid_block_layers": 1, "use_motion_mid_block": False,
-         "motion_num_attention_heads": 8, "motion_max_seq_length": 32, "temporal_transformer_layers_per_block": 1,
-         "temporal_transformer_layers_per_mid_block": 1,
-         # TTM's added layers: masked self-attention over every frame's tokens of an object ("spatio-temporal"),
-         # False: within each frame; RMS norms on their q and k
-         "ttm_self_across_frames": True, "ttm_qk_norm": True,
-         # diffusers folders `python -m ttm_jax.convert --from=diffusers-unet:PATH[,motion_adapter:PATH]` reads
-         # (SD 1.5's unet/ + the MotionAdapter, or one UNetMotionModel folder); training starts from the converted
-         # checkpoint (`train.init_from`), so these only document where it came from
-         "pretrained_unet": "", "pretrained_motion_adapter": ""}
-    unknown = set(overrides) - set(u)
-    if unknown:
-        raise ConfigError(f"config.model.unet: unknown keys {sorted(unknown)}; choose from {sorted(u)}")
-    u.update(overrides)
-    return u
 
 
 def _clip_l14(*, local_max_length: int) -> dict[str, Any]:

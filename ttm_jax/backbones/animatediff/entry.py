@@ -11,12 +11,13 @@ import jax
 import ml_collections
 
 from ttm_jax import config as config_lib
-from ttm_jax.assembly.backbone import Backbone
+from ttm_jax.assembly.backbone import Backbone, stage_init_inputs
+from ttm_jax.backbones.animatediff import config as unet_config
 from ttm_jax.backbones.animatediff import export as unet_export
 from ttm_jax.backbones.animatediff import model as unet_lib
 from ttm_jax.backbones.animatediff import weights as unet_convert
 
-# `config.model` fields the U-Net shares with the DiT; its own are in `config.model.unet` (config: `_unet`)
+# `config.model` fields the U-Net shares with the DiT; its own are in `config.model.unet` (`config.py`: `section`)
 UNET_SHARED_FIELDS = ("ttm_layers", "ttm_masked", "ttm_masked_self", "ttm_masked_cross", "attention",
                       "attention_sparse", "remat_policy", "dtype", "param_dtype")
 
@@ -37,15 +38,8 @@ def build(config: ml_collections.ConfigDict) -> nn.Module:
     return unet_lib.UNet(model_config(config), config_lib.in_channels(config), config.autoencoder.latent_channels)
 
 
-def init_inputs(config: ml_collections.ConfigDict, *, batch: int = 1, full: bool = False,
-                abstract: bool = False) -> tuple[tuple, dict[str, Any]]:
-    """The U-Net's inputs: one frame of `2^(levels-1)` cells (`full=False`), or the configured latent grid; text at
-    `max_length`, local prompts at `(K+1) * Lp`."""
-    t = config.text_encoder
-    grid = config_lib.latent_shape(config)[:3] if full else None
-    local_len = (int(config.data.max_objects) + 1) * int(t.local_max_length)
-    return unet_lib.init_inputs(model_config(config), config_lib.in_channels(config), batch=batch, grid=grid,
-                                text_len=int(t.max_length), local_len=local_len, abstract=abstract)
+# the smallest inputs: one frame of `2^(levels-1)` cells (`full=False`); or the configured latent grid
+init_inputs = stage_init_inputs(unet_lib.init_inputs, model_config)
 
 
 def object_ids(config: ml_collections.ConfigDict, ae: Any, object_masks: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -72,7 +66,7 @@ def group(path: tuple[str, ...], depth: int = 2) -> str:
 BACKBONE = Backbone(
     build=build, init_inputs=init_inputs, object_ids=object_ids,
     state_fields=("model.ttm_layers", "model.param_dtype")
-    + tuple(f"model.unet.{k}" for k in config_lib.UNET_STATE_KEYS),
+    + tuple(f"model.unet.{k}" for k in unet_config.UNET_STATE_KEYS),
     config_type=unet_lib.UNetConfig, model_config=model_config,
     template=lambda cfg, cin, cout: unet_convert.template(cfg, cin, cout),
     export=unet_export.export, import_folder=unet_export.import_folder, is_folder=unet_export.is_folder,

@@ -9,7 +9,7 @@ import jax
 import ml_collections
 
 from ttm_jax import config as config_lib
-from ttm_jax.assembly.backbone import Backbone
+from ttm_jax.assembly.backbone import Backbone, stage_init_inputs
 from ttm_jax.backbones.wan import export as wan_export
 from ttm_jax.backbones.wan import model as dit_lib
 from ttm_jax.backbones.wan import weights as dit_convert
@@ -24,15 +24,8 @@ def build(config: ml_collections.ConfigDict) -> nn.Module:
     return dit_lib.DiT(config.model, config_lib.in_channels(config), config.autoencoder.latent_channels)
 
 
-def init_inputs(config: ml_collections.ConfigDict, *, batch: int = 1, full: bool = False,
-                abstract: bool = False) -> tuple[tuple, dict[str, Any]]:
-    """The DiT's inputs: one patch (`full=False`; text at `max_length`, local prompts at `(K+1) * Lp`, as training
-    feeds them) or the configured latent grid (`full=True`)."""
-    t = config.text_encoder
-    grid = config_lib.latent_shape(config)[:3] if full else None
-    local_len = (int(config.data.max_objects) + 1) * int(t.local_max_length)
-    return dit_lib.init_inputs(model_config(config), config_lib.in_channels(config), batch=batch, grid=grid,
-                               text_len=int(t.max_length), local_len=local_len, abstract=abstract)
+# the smallest inputs: one patch (`full=False`); or the configured latent grid
+init_inputs = stage_init_inputs(dit_lib.init_inputs, model_config)
 
 
 def object_ids(config: ml_collections.ConfigDict, ae: Any, object_masks: jax.Array) -> tuple[jax.Array, jax.Array]:
