@@ -24,11 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import train_fixtures as fx
+from test_context_train import _forward_and_grads, perturbed_case
 
 from ttm_jax import config as config_lib
 from ttm_jax.backbones.wan import model as dit
 from ttm_jax.models import context_parallel as cp
-from ttm_jax.models import layers, masks, sparse_attention
+from ttm_jax.models import layers, sparse_attention
 from ttm_jax.runtime import mesh as mesh_lib
 from ttm_jax.runtime import sharding as sharding_lib
 
@@ -139,31 +140,9 @@ def dit_case():
     one-device dense forward and parameter gradients."""
     c = _cfg()
     model = dit.DiT(c.model, config_lib.in_channels(c), c.autoencoder.latent_channels)
-    grid = config_lib.latent_shape(c)[:3]
-    args, kwargs = dit.init_inputs(dit.DiTConfig.from_config(c.model), config_lib.in_channels(c), batch=2, grid=grid,
-                                   text_len=8, local_len=12)
-    rng = np.random.default_rng(0)
-    params = nn.unbox(jax.jit(model.init, compiler_options=_O0)(jax.random.PRNGKey(0), *args, **kwargs)["params"])
-    params = jax.tree.map(lambda p: p + 0.1 * rng.standard_normal(p.shape).astype(np.float32), params)
-    normal = lambda shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731
-    args = (normal(args[0].shape), jnp.asarray([250.0, 900.0], jnp.float32), normal(args[2].shape))
-    n = kwargs["token_ids"].shape[1]
-    prompt_mask = rng.random((2, 3, 4)) < 0.6
-    prompt_mask[:, 0, 0] = True
-    kwargs = dict(local_context=normal(kwargs["local_context"].shape),
-                  token_ids=jnp.asarray(rng.integers(0, 3, (2, n)), jnp.int32),
-                  cross_token_ids=jnp.asarray(rng.integers(0, 4, (2, n)), jnp.int32),
-                  local_ids=masks.local_prompt_ids(jnp.asarray(prompt_mask)))
-    w = normal((2, *grid, c.autoencoder.latent_channels))
+    params, args, kwargs, w = perturbed_case(c)
     fn = _forward_and_grads(model, args, kwargs, w)
     return params, args, kwargs, w, jax.jit(fn, compiler_options=_O0)(params)
-
-
-def _forward_and_grads(model, args, kwargs, w):
-    def loss(p):
-        return jnp.sum(model.apply({"params": p}, *args, **kwargs) * w)
-
-    return lambda p: (model.apply({"params": p}, *args, **kwargs), jax.grad(loss)(p))
 
 
 @pytest.mark.parametrize("impl", ["ulysses", "ring"])

@@ -136,11 +136,10 @@ def test_validate_names_the_field_for_what_context_cannot_split():
 # ---- the DiT forward and gradients --------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def forward_case():
-    """Params with every leaf perturbed (the TTM layers' zero-initialised outputs too, so the masked layers count),
-    B = 2 inputs with object ids (queries whose object has no prompt, prompt padding) and cotangent weights."""
-    c = _cfg()
+def perturbed_case(c):
+    """(params, args, kwargs, w) for the DiT of config `c`: params with every leaf perturbed (the TTM layers'
+    zero-initialised outputs too, so the masked layers count), B = 2 inputs with object ids (queries whose object has
+    no prompt, prompt padding) and cotangent weights `w`. Shared with tests/test_context_sparse.py."""
     model = dit.DiT(c.model, config_lib.in_channels(c), c.autoencoder.latent_channels)
     cfg = dit.DiTConfig.from_config(c.model)
     grid = config_lib.latent_shape(c)[:3]
@@ -158,7 +157,13 @@ def forward_case():
                   token_ids=jnp.asarray(rng.integers(0, 3, (2, n)), jnp.int32),
                   cross_token_ids=jnp.asarray(rng.integers(0, 4, (2, n)), jnp.int32), local_ids=local_ids)
     w = normal((2, *grid, c.autoencoder.latent_channels))
-    return c, params, args, kwargs, w
+    return params, args, kwargs, w
+
+
+@pytest.fixture(scope="module")
+def forward_case():
+    c = _cfg()
+    return (c, *perturbed_case(c))
 
 
 def _forward_and_grads(model, args, kwargs, w):
