@@ -117,7 +117,7 @@ class UNetConfig:
     ttm_qk_norm: bool = True
     attention: str = "xla"
     attention_sparse: bool = False  # object-sparse masked self-attention (`sparse_attention`), one sort per level
-    remat_policy: str = "none"  # or one of REMAT_POLICIES: per resnet / spatial transformer / motion module
+    remat_policy: str = "none"  # or one of remat.POLICIES: per resnet / spatial transformer / motion module
     dtype: str = "float32"
     param_dtype: str = "float32"
 

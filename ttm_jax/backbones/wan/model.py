@@ -71,13 +71,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from ttm_jax.models import layers, sparse_attention, ttm_layers
+from ttm_jax.models import layers, remat, sparse_attention, ttm_layers
 
-REMAT_POLICIES = {
-    "full": None,  # save nothing: recompute the whole block
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
 TTM_MODULES = ttm_layers.TTM_MODULES
 
 
@@ -145,8 +140,8 @@ class DiTConfig:
         need(hd % 2 == 0 and hd >= 6, "num_heads", f"head dim {hd} must be even and >= 6 for 3D RoPE")
         need(0 <= self.ttm_layers <= self.num_layers, "ttm_layers",
              f"{self.ttm_layers} must be in [0, num_layers={self.num_layers}]")
-        need(self.remat_policy == "none" or self.remat_policy in REMAT_POLICIES, "remat_policy",
-             f"{self.remat_policy!r}; choose none or one of {sorted(REMAT_POLICIES)}")
+        need(self.remat_policy == "none" or self.remat_policy in remat.POLICIES, "remat_policy",
+             f"{self.remat_policy!r}; choose none or one of {sorted(remat.POLICIES)}")
         need(isinstance(self.scan_unroll, int) and self.scan_unroll >= 0, "scan_unroll",
              f"{self.scan_unroll!r} must be an int >= 0 (0: per backend, see dit.unroll_for)")
 
@@ -256,10 +251,8 @@ def unroll_for(cfg: DiTConfig, count: int) -> int:
 
 
 def _block_class(cfg: DiTConfig, unrolled: bool) -> type[nn.Module]:
-    if cfg.remat_policy == "none":
-        return DiTBlock
     # Inside a scan loop, CSE across iterations cannot undo remat, so prevent_cse is only needed when unrolled.
-    return nn.remat(DiTBlock, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=unrolled)
+    return remat.maybe_remat(DiTBlock, cfg.remat_policy, prevent_cse=unrolled)
 
 
 class DiT(nn.Module):
