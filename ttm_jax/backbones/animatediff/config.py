@@ -65,7 +65,8 @@ def check(config: ml_collections.ConfigDict) -> None:
     """The U-Net's fields `model.unet` (ttm_jax/backbones/animatediff/model.py), against the text encoder and the
     latent grid."""
     m, t = config.model, config.text_encoder
-    _check("unet" in m, "model.unet", "missing; a backbone='unet' config needs the U-Net section (config.py: _unet)")
+    _check("unet" in m, "model.unet", "missing; a backbone='unet' config needs the U-Net section (use a U-Net variant "
+           "such as configs/stage2.py:tiny_unet, or ttm_jax/backbones/animatediff/config.py: section())")
     u = m.unet
     chans = tuple(u.block_out_channels)
     n = len(chans)
