@@ -57,10 +57,7 @@ def op_metadata(hlo_text: str) -> dict[str, str]:
 
 def profile_jax(variant: str, steps: int, trace_dir: str) -> tuple[collections.Counter, collections.Counter]:
     one = train_bench.backbone_jax(variant)  # compiled and run once (warm-up)
-    free = dict(zip(one.__code__.co_freevars, (c.cell_contents for c in one.__closure__), strict=True))
-    held = free["holder"]
-    hlo = free["step"].lower(held["p"], held["o"], free["x"], free["tt"], free["ctx"], free["target"]).compile()
-    meta = op_metadata(hlo.as_text())
+    meta = op_metadata(one.compiled().as_text())
     one()
     jax.profiler.start_trace(trace_dir)
     for _ in range(steps):
