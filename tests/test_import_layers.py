@@ -6,7 +6,10 @@ Layers, lowest first (CONTRIBUTING.md, "Module map"); a module imports only from
 
 A backbone family's folder (`ttm_jax/backbones/<family>/`) spreads over the layers by file role (`BACKBONE_ROLES`):
 `config` at config's, `model`/`vae` at models', `weights`/`vae_weights`/`text_weights`/`export` at weights', `entry`
-at assembly's, `torch_model` on top.
+at assembly's, `torch_model` on top. The families are listed once, `ttm_jax/backbones/__init__.py: FAMILIES`; a
+module that serves every family imports one role of each through `backbones.role_modules("<role>")`, at its top,
+which this reader counts as an import of `ttm_jax.backbones.<family>.<role>` for every family (the one import by
+name in the package).
 
 Every `import` counts, at the top of a file or inside a function. A CLI module (`__main__.py`, `main.py`,
 `describe.py`) is the top layer wherever it lives, and nothing may import it.
@@ -43,6 +46,31 @@ BACKBONE_ROLES = {
 }
 
 
+def families() -> dict[str, str]:
+    """`ttm_jax/backbones/__init__.py: FAMILIES` ({backbone name: folder}), read from the source."""
+    tree = ast.parse((ROOT / "backbones" / "__init__.py").read_text())
+    for node in tree.body:
+        target = node.targets[0] if isinstance(node, ast.Assign) else getattr(node, "target", None)
+        if isinstance(target, ast.Name) and target.id == "FAMILIES":
+            return ast.literal_eval(node.value)
+    raise AssertionError("ttm_jax/backbones/__init__.py: no FAMILIES")
+
+
+def _role_calls(tree: ast.AST) -> list[tuple[ast.Call, str | None]]:
+    """Every `role_modules(...)` call (`backbones.role_modules` or the bare name) and its role, None unless a string
+    literal."""
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            f = node.func
+            name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else None
+            if name == "role_modules":
+                arg = node.args[0] if node.args else None
+                role = arg.value if isinstance(arg, ast.Constant) and isinstance(arg.value, str) else None
+                out.append((node, role))
+    return out
+
+
 def module_name(path: pathlib.Path) -> str:
     parts = path.relative_to(ROOT.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
@@ -54,9 +82,11 @@ def modules() -> dict[str, pathlib.Path]:
 
 def imports(path: pathlib.Path, known: set[str]) -> list[tuple[str, int]]:
     """`(imported ttm_jax module, line)` for every import in the file; `from pkg import name` is the submodule
-    `pkg.name` when that is a module, else `pkg`."""
-    out = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    `pkg.name` when that is a module, else `pkg`; `role_modules("<role>")` imports every family's `<role>` file."""
+    tree = ast.parse(path.read_text(), str(path))
+    out = [(f"ttm_jax.backbones.{folder}.{role}", call.lineno) for call, role in _role_calls(tree)
+           for folder in families().values()]
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             out += [(a.name, node.lineno) for a in node.names if a.name.startswith("ttm_jax")]
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ttm_jax"):
@@ -105,7 +135,7 @@ def test_no_import_against_the_layers(graph):
 
 
 def test_family_config_imports_no_config_package(graph):
-    """`ttm_jax.config` imports each family's `config.py` (`checks.BACKBONE_CHECKS`, the U-Net's `section` in the
+    """`ttm_jax.config` imports each family's `config.py` (`families.FAMILY_CONFIGS`, the U-Net's `section` in the
     variants): were one to import a `ttm_jax.config` module, importing it first would run the package's `__init__`,
     which imports it back half-built. It imports `ttm_jax.cli` (`ConfigError`, `check_config`)."""
     bad = [f"{a} imports {b} at line {line}" for a, deps in graph.items() for b, line in deps
@@ -136,6 +166,49 @@ def test_package_imports_at_the_top():
         hidden += [f"{name}:{n.lineno}" for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
                    and id(n) not in top and any(m.startswith("ttm_jax") for m in _names(n))]
     assert not hidden, f"ttm_jax imports inside functions: {hidden}"
+
+
+def test_families_imported_at_the_top_by_literal_role():
+    """`role_modules` is an import: called with a literal role (so the reader above knows what it imports) and at a
+    module's top, never inside a function; and it is the package's only import by name (`importlib.import_module`,
+    `__import__`), so no other import escapes the reader."""
+    bad = []
+    for name, path in modules().items():
+        tree = ast.parse(path.read_text(), str(path))
+        hidden = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+                  for n in ast.walk(f) if n is not f}
+        bad += [f"{name}:{call.lineno}: role_modules(...) inside a function" for call, _ in _role_calls(tree)
+                if id(call) in hidden]
+        bad += [f"{name}:{call.lineno}: role_modules without a literal role" for call, role in _role_calls(tree)
+                if role is None]
+        if name != "ttm_jax.backbones":
+            bad += [f"{name}:{n.lineno}: import by name" for n in ast.walk(tree) if isinstance(n, ast.Call)
+                    and (getattr(n.func, "attr", None) == "import_module" or getattr(n.func, "id", None) in
+                         ("import_module", "__import__"))]
+    assert not bad, bad
+
+
+def test_every_family_is_listed_with_its_fixed_names():
+    """Every folder of `ttm_jax/backbones/` is a row of `FAMILIES` and back; each family's `config.py` defines
+    `check(config)` and `grid_step(config)` (the config package's calls), its `entry.py` assigns `BACKBONE` (the
+    registry's); the registry and the config package reach the families through `role_modules` alone."""
+    fams = families()
+    folders = {p.parent.name for p in (ROOT / "backbones").glob("*/__init__.py")}
+    assert folders == set(fams.values()), (folders, fams)
+    for folder in folders:
+        config = ast.parse((ROOT / "backbones" / folder / "config.py").read_text())
+        assert {"check", "grid_step"} <= {n.name for n in config.body if isinstance(n, ast.FunctionDef)}, folder
+        entry = ast.parse((ROOT / "backbones" / folder / "entry.py").read_text())
+        assert any(isinstance(n, ast.Assign) and any(getattr(t, "id", None) == "BACKBONE" for t in n.targets)
+                   for n in entry.body), folder
+    mods = modules()
+    known = set(mods)
+    for name, role in (("ttm_jax.config.families", "config"), ("ttm_jax.assembly.registry", "entry")):
+        deps = {m for m, _ in imports(mods[name], known)}
+        assert {f"ttm_jax.backbones.{folder}.{role}" for folder in folders} <= deps, name
+    for name in ("ttm_jax.config.checks", "ttm_jax.config.geometry", "ttm_jax.config.families"):
+        text = mods[name].read_text()
+        assert not any(f"ttm_jax.backbones.{folder}" in text for folder in folders), f"{name} names a family"
 
 
 def _names(node: ast.Import | ast.ImportFrom) -> list[str]:
@@ -181,6 +254,10 @@ def test_the_checks_catch_what_they_look_for(tmp_path):
     f.write_text("def f():\n    from ttm_jax.train import loop\n    import ttm_jax.config\n")
     got = imports(f, {"ttm_jax.train.loop", "ttm_jax.train", "ttm_jax.config"})
     assert got == [("ttm_jax.train.loop", 2), ("ttm_jax.config", 3)]
+    f.write_text("from ttm_jax import backbones\nENTRIES = backbones.role_modules('entry')\n")
+    entries = {f"ttm_jax.backbones.{folder}.entry" for folder in families().values()}
+    got = imports(f, {"ttm_jax.backbones"} | entries)
+    assert sorted(got) == sorted([("ttm_jax.backbones", 1)] + [(e, 2) for e in entries]) and len(entries) >= 2
     assert rank("ttm_jax.inference.pipeline") > rank("ttm_jax.train.loop") > rank("ttm_jax.assembly.inputs")
     assert rank("ttm_jax.data.prepare.__main__") > rank("ttm_jax.convert.export")
     assert rank("ttm_jax.data.caption") > rank("ttm_jax.clients.llm") < rank("ttm_jax.inference.run")

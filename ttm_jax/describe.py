@@ -1,16 +1,18 @@
 """`--mode=describe`: what a config builds, without allocating it.
 
 Every shape comes from `jax.eval_shape(init)`: no parameter memory is spent, so the 1.3B (or 14B) configs describe on
-a laptop. The trained model is the configured backbone (`config.model.backbone`: the DiT, the AnimateDiff U-Net, or
-any `BACKBONES` entry), built and fed through its registry entry; its table is broken down by the first levels of
-its parameter tree, and its count split into the backbone (the stage's extra condition input channels and TTM's added
-layers taken off: what a converted diffusers checkpoint holds), the added input channels (found by the logical axis
-`in_channels` of the input layer) and the added layers (`config.model.ttm_layers`). With `data.cached` (latents and
-text embeddings from `python -m ttm_jax.data.encode`) the frozen text encoder and autoencoder are not in the step:
-their rows show 0 (and what they would be). FLOPs per training step come from XLA's cost analysis of the lowered
-forward + backward of the backbone on abstract inputs of the configured global batch; the DiT's layers are unrolled
-for that count because XLA's cost analysis counts a `while` (scan) body once, not once per trip. The frozen encoders'
-FLOPs (VAE encode, text encoder forward) are counted the same way, per step.
+a laptop. The trained model is the configured backbone (`config.model.backbone`: any `BACKBONES` entry), built, fed
+and described through its registry entry (`assembly/backbone.py: Backbone`); nothing here depends on which backbone
+it is. Its table is broken down by the entry's `group` rows, and its count split into the backbone (the stage's
+extra condition input channels and TTM's added layers taken off: what a converted diffusers checkpoint holds, in the
+entry's `layout`), the added input channels (found by the logical axis `in_channels` of the input layer) and the
+added layers (`config.model.ttm_layers`, in the entry's `ttm_where`). With `data.cached` (latents and text
+embeddings from `python -m ttm_jax.data.encode`) the frozen text encoder and autoencoder are not in the step: their
+rows show 0 (and what they would be). FLOPs per training step come from XLA's cost analysis of the lowered forward +
+backward of the backbone on abstract inputs of the configured global batch, with the entry's `flops_overrides`
+(XLA's cost analysis counts a `while` (scan) body once, not once per trip: a backbone that scans its layers unrolls
+them for the count). The frozen encoders' FLOPs (VAE encode, text encoder forward) are counted the same way, per
+step; the autoencoder's architecture comes from its registry entry (`registry.abstract_autoencoder`).
 
 Memory per device (`memory_plan`, `memory_markdown`; printed by describe as a markdown table) for the mesh of
 `config.mesh` (`--config.mesh.shape.{data,fsdp,tensor}=..`, `--config.mesh.context=N`) on `devices` devices (the
@@ -19,20 +21,10 @@ not run: the shardings come from `config.mesh.rules` through `runtime/sharding.t
 `jax.sharding.AbstractMesh` of those sizes, and each parameter's bytes per device are its shard's. Rows: trainable
 parameters (`model.param_dtype`), their gradients (the same shardings and dtype), the AdamW state (two moments
 shaped and sharded as the params, in the params' dtype: optax's default), the EMA copy when `optim.ema_decay` > 0,
-the frozen text encoder and autoencoder (0 with `data.cached`), and the activations, an ESTIMATE:
+the frozen text encoder and autoencoder (0 with `data.cached`), and the activations, an ESTIMATE by the backbone
+entry's `activations` (the DiT's formula: `ttm_jax/backbones/wan/entry.py`) for
 
-  activations = layers x tokens per device x values saved per token and layer x bytes of `model.dtype`
-                (+ one layer's full set, recomputed in the backward pass, under remat_policy=full)
-  tokens per device = ceil(batch / (data x fsdp)) x N / context   (N video tokens of the latent, per example)
-  values per token and layer (D = dim, F = ffn_dim, t = mesh tensor size; `_SAVED`):
-    none           8 D + (19 D + 2 F) / t       every block intermediate (norms, residuals, q/k/v before and after
-                                                 norm and RoPE, attention outputs, FFN hidden before and after GELU)
-    dots,
-    dots_no_batch  3 D + (10 D + F) / t         the projections' outputs and the attention residuals (q, k, v, o)
-    full           D                            the block input only
-  TTM's blocks add 4 D + 11 D / t (none), 2 D + 10 D / t (dots). Not counted: the attention's own working set (the
-  Pallas / splash kernels keep O(tokens) statistics; the XLA fallback holds [heads, Lq, Lk] logits per layer), the
-  text embeddings (~10^2 tokens), XLA's temporaries and fragmentation: read the figure as a floor.
+  tokens per device = ceil(batch / (data x fsdp)) x N / context   (N = the entry's `video_tokens`, per example)
 """
 
 from __future__ import annotations
@@ -50,12 +42,8 @@ from flax.core import meta
 
 from ttm_jax import config as config_lib
 from ttm_jax.assembly import registry
-from ttm_jax.backbones.animatediff import vae as sd_vae
-from ttm_jax.backbones.wan import vae as wan_vae
 from ttm_jax.runtime import mesh as mesh_lib
 from ttm_jax.runtime import sharding as sharding_lib
-
-# how the backbone's own count is labelled (the layout a converted checkpoint has)
 
 
 def _flat_shapes(tree: Any) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
@@ -110,11 +98,6 @@ def input_channel_params(config: ml_collections.ConfigDict, boxed_shapes: dict) 
     return extra
 
 
-def dit_param_shapes(config: ml_collections.ConfigDict, **model_overrides: Any) -> dict:
-    """The DiT's (any backbone's) flat parameter shapes: `model_param_shapes` (kept for callers of the old name)."""
-    return model_param_shapes(config, **model_overrides)
-
-
 def _text_encoder_init(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
     """(module, abstract params) of the configured frozen text encoder (`TEXT_ENCODERS` entry), nothing loaded."""
     enc = registry.text_encoder(config).build(config.text_encoder)
@@ -127,25 +110,11 @@ def text_encoder_param_shapes(config: ml_collections.ConfigDict) -> dict:
     return _flat_shapes(_text_encoder_init(config)[1])
 
 
-def _sd_vae(config: ml_collections.ConfigDict) -> sd_vae.SDVAE:
-    a = config.autoencoder
-    return sd_vae.SDVAE(sd_vae.read_config(a.path) if a.path else sd_vae.SDVAEConfig())
-
-
-def _wan_vae(config: ml_collections.ConfigDict) -> wan_vae.WanVAE:
-    a = config.autoencoder
-    return wan_vae.WanVAE(wan_vae.read_config(a.path) if a.path else wan_vae.WanVAEConfig())
-
-
 def autoencoder_param_shapes(config: ml_collections.ConfigDict) -> dict:
     """The frozen autoencoder's parameters (none for space_to_depth): the architecture from the folder
-    `autoencoder.path` if given, else the released VAE's (Wan 2.1's, SD 1.5's)."""
-    name = config.autoencoder.name
-    if name == "space_to_depth":
-        return {}
-    if name == "sd":
-        return _flat_shapes(sd_vae.param_shapes(_sd_vae(config)))
-    return _flat_shapes(wan_vae.param_shapes(_wan_vae(config)))
+    `autoencoder.path` if given, else the released VAE's (`registry.abstract_autoencoder`)."""
+    ae = registry.abstract_autoencoder(config.autoencoder)
+    return {} if ae is None else _flat_shapes(ae.params)
 
 
 def _lowered_flops(fn: Any, *args: Any) -> float:
@@ -170,20 +139,15 @@ def text_encoder_flops(config: ml_collections.ConfigDict, rows: int, length: int
 
 
 def autoencoder_encode_flops(config: ml_collections.ConfigDict, clips: int, frames: int) -> float:
-    """FLOPs of the frozen autoencoder's encoder on `clips` clips of `frames` frames at the data size (the Wan VAE
-    in one pass: its time chunks compute the same convolutions; the SD VAE on every frame at once); 0 for
-    space_to_depth (a reshape)."""
-    a, d = config.autoencoder, config.data
-    if a.name == "space_to_depth" or clips == 0:
+    """FLOPs of the frozen autoencoder's encoder on `clips` clips of `frames` frames at the data size, in one pass
+    (`chunk=0`: a chunked encoder computes the same convolutions); 0 for one without parameters (space_to_depth: a
+    reshape)."""
+    d = config.data
+    ae = registry.abstract_autoencoder(config.autoencoder)
+    if ae is None or clips == 0:
         return 0.0
     video = jax.ShapeDtypeStruct((clips, frames, int(d.height), int(d.width), 3), jnp.float32)
-    if a.name == "sd":
-        model = _sd_vae(config)
-        return _lowered_flops(lambda p, v: sd_vae.encode(model, p, v, chunk=0), sd_vae.param_shapes(model), video)
-    if a.name != "wan":
-        return float("nan")  # not counted here
-    model = _wan_vae(config)
-    return _lowered_flops(lambda p, v: wan_vae.encode(model, p, v, chunk=0), wan_vae.param_shapes(model), video)
+    return _lowered_flops(lambda p, v: ae.raw_encode(ae.model, p, v, chunk=0), ae.params, video)
 
 
 def frozen_encoder_flops(config: ml_collections.ConfigDict) -> dict[str, float]:
@@ -202,16 +166,14 @@ def frozen_encoder_flops(config: ml_collections.ConfigDict) -> dict[str, float]:
     return {"autoencoder": ae, "text_encoder": text}
 
 
-def module_table(shapes: dict, depth: int = 2, *, backbone: str = "dit") -> list[tuple[str, int]]:
-    """Parameter counts grouped by the backbone's rows (`Backbone.group`, e.g. the U-Net's per level and kind; none:
-    the first `depth` path components), in tree order."""
+def module_table(shapes: dict, depth: int = 2, *,
+                 backbone: str = registry.DEFAULT_BACKBONE) -> list[tuple[str, int]]:
+    """Parameter counts grouped by the backbone's rows (`Backbone.group`: by default the first `depth` path
+    components; the U-Net's per level and kind), in tree order."""
     group = registry.BACKBONES.get(backbone).group
     groups: dict[str, int] = collections.OrderedDict()
     for path, s in shapes.items():
-        if group is not None:
-            key = group(path, depth)
-        else:
-            key = "/".join(path[:depth]) if len(path) > depth else "/".join(path[:-1]) or path[0]
+        key = group(path, depth)
         n = 1
         for d in s.shape:
             n *= int(d)
@@ -222,10 +184,7 @@ def module_table(shapes: dict, depth: int = 2, *, backbone: str = "dit") -> list
 def train_step_flops(config: ml_collections.ConfigDict, compiled: bool = False) -> float:
     """FLOPs of one training step of the backbone (forward + backward, and the gradient-free first pass of
     `model.self_condition`) at the configured global batch."""
-    overrides: dict[str, Any] = {"remat_policy": "none"}
-    if registry.backbone_name(config) == "dit":
-        overrides["scan_layers"] = False  # see the module docstring
-    c = _with_model(config, **overrides)
+    c = _with_model(config, remat_policy="none", **registry.backbone(config).flops_overrides)  # module docstring
     model = registry.build_backbone(c)
     (x, t, ctx), extra = registry.init_inputs(c, batch=int(config.train.batch_size), full=True, abstract=True)
     args1, kw1 = registry.init_inputs(c, abstract=True)
@@ -255,10 +214,6 @@ def train_step_flops(config: ml_collections.ConfigDict, compiled: bool = False) 
 
 # ---- memory per device --------------------------------------------------------------------------------------------
 
-# values saved per token and layer by remat policy: (D-wide, not split; D-wide split over tensor; F-wide split over
-# tensor), and what TTM's two added layers add in their blocks (module docstring)
-_SAVED = {"none": ((8, 19, 2), (4, 11, 0)), "dots": ((3, 10, 1), (2, 10, 0)), "dots_no_batch": ((3, 10, 1), (2, 10, 0)),
-          "full": ((1, 0, 0), (0, 0, 0))}
 GIB = 2.0**30
 
 
@@ -320,37 +275,21 @@ def _boxed_params(config: ml_collections.ConfigDict) -> Any:
 
 
 def video_tokens(config: ml_collections.ConfigDict) -> int:
-    """Video tokens per example: the latent grid over the DiT's patch (`config.grid_step`-free: the U-Net's 1)."""
-    t, h, w = config_lib.latent_shape(config)[:3]
-    patch = tuple(config.model.get("patch_size", (1, 1, 1)))
-    return (t // patch[0]) * (h // patch[1]) * (w // patch[2])
+    """Video tokens per example (`Backbone.video_tokens`: the DiT's patches of the latent grid, the U-Net's cells)."""
+    return registry.backbone(config).video_tokens(config)
 
 
 def activation_bytes(config: ml_collections.ConfigDict, mesh_sizes: dict[str, int]) -> tuple[int, int, int, str]:
-    """(bytes per device, batch per device, tokens per device, formula) of the saved activations: the estimate of
-    the module docstring."""
-    m = config.model
+    """(bytes per device, batch per device, tokens per device, how) of the saved activations: the backbone entry's
+    estimate (`Backbone.activations`) for the tokens per device of the module docstring."""
     batch = -(-int(config.train.batch_size) // (mesh_sizes["data"] * mesh_sizes["fsdp"]))
     tokens = batch * video_tokens(config) // mesh_sizes["context"]
-    d, f, t = int(m.get("dim", 0)), int(m.get("ffn_dim", 0)), mesh_sizes["tensor"]
-    if not d:  # the formula counts a transformer block's values per token; the U-Net has no such width
-        return 0, batch, tokens, f"not estimated for model.backbone={m.get('backbone', 'dit')!r} (the DiT's formula)"
-    policy = m.remat_policy
-    (a, b, c), (ta, tb, tc) = _SAVED.get(policy, _SAVED["none"])
-    per_token = a * d + (b * d + c * f) / t
-    ttm_extra = ta * d + (tb * d + tc * f) / t
-    layers, k = int(m.get("num_layers", 0)), int(m.ttm_layers)
-    item = jnp.dtype(m.dtype).itemsize
-    values = layers * per_token + k * ttm_extra
-    how = f"{layers} layers x {tokens:,} tokens x {per_token / d:.3g} D"
-    if k and ttm_extra:
-        how += f" (+{ttm_extra / d:.3g} D in {k} TTM blocks)"
-    if policy == "full":
-        (a2, b2, c2), _ = _SAVED["none"]
-        values += a2 * d + (b2 * d + c2 * f) / t
-        how += " + one layer's full set (recomputed in the backward)"
-    how += f", D={d}, {jnp.dtype(m.dtype).name}, remat {policy}: ESTIMATE"
-    return int(values * tokens * item), batch, tokens, how
+    estimate = registry.backbone(config).activations
+    if estimate is None:
+        return 0, batch, tokens, (f"not estimated for model.backbone={registry.backbone_name(config)!r} (its entry "
+                                  f"has no activations formula)")
+    nbytes, how = estimate(config, tokens, mesh_sizes["tensor"])
+    return nbytes, batch, tokens, how
 
 
 def memory_plan(config: ml_collections.ConfigDict, devices: int | None = None) -> MemoryPlan:
@@ -372,11 +311,8 @@ def memory_plan(config: ml_collections.ConfigDict, devices: int | None = None) -
         rows.append(("frozen text encoder + autoencoder", 0, "data.cached: not in the step"))
     else:
         text = sharded_bytes(_text_encoder_init(config)[1], mesh, rules, shard_unannotated=unannotated)
-        vae = 0
-        if config.autoencoder.name == "wan":
-            vae = sharded_bytes(wan_vae.param_shapes(_wan_vae(config)), mesh, rules, shard_unannotated=unannotated)
-        elif config.autoencoder.name == "sd":
-            vae = sharded_bytes(sd_vae.param_shapes(_sd_vae(config)), mesh, rules, shard_unannotated=unannotated)
+        ae = registry.abstract_autoencoder(config.autoencoder)
+        vae = 0 if ae is None else sharded_bytes(ae.params, mesh, rules, shard_unannotated=unannotated)
         rows.append(("frozen text encoder + autoencoder", text + vae,
                      f"{config.text_encoder.name} {text / GIB:.2f} GiB + {config.autoencoder.name} {vae / GIB:.2f} GiB"
                      f" (data.cached=True: 0)"))

@@ -5,7 +5,7 @@ without importing the registry that imports it."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -13,6 +13,18 @@ import jax
 import ml_collections
 
 from ttm_jax import config as config_lib
+
+
+def group_by_depth(path: tuple[str, ...], depth: int) -> str:
+    """A parameter's row in `describe`'s module table: its first `depth` path parts (its module's path when it is
+    shallower)."""
+    return "/".join(path[:depth]) if len(path) > depth else "/".join(path[:-1]) or path[0]
+
+
+def latent_cells(config: ml_collections.ConfigDict) -> int:
+    """Video tokens per example of a backbone that reads every latent cell as a token (the U-Net): T' x H' x W'."""
+    t, h, w = config_lib.latent_shape(config)[:3]
+    return t * h * w
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,8 +49,15 @@ class Backbone:
     is_folder: `folder -> bool`, the folder is this backbone's (None: the backbone of folders no entry claims).
     converted_config: `ttm_convert.json`'s dict -> `config_type` (a converted Orbax checkpoint's config).
 
-    `describe`: layout (how the parameter layout is named, "Wan 2.1 layout"), group (`(param path, depth) -> row`
-    of the module table; None: the first `depth` parts), ttm_where (what holds the added layers, "blocks").
+    `describe` (which has no branch on the backbone; it reads these):
+    layout: how the parameter layout is named ("Wan 2.1 layout").
+    group: `(param path, depth) -> row` of the module table (default `group_by_depth`, the first `depth` parts).
+    ttm_where: what holds the added layers ("blocks").
+    video_tokens: `config -> int`, the video tokens of one example (default `latent_cells`; the DiT's patches).
+    flops_overrides: `config.model` values the FLOPs are counted with (XLA's cost analysis counts a `while` body
+      once, so a backbone that scans its layers unrolls them there: the DiT's `scan_layers=False`).
+    activations: `(config, tokens per device, mesh tensor size) -> (bytes per device, how)`, the estimate of the
+      activations a training step saves (None: not estimated).
     """
 
     build: Callable[[ml_collections.ConfigDict], nn.Module]
@@ -53,8 +72,11 @@ class Backbone:
     is_folder: Callable[[str], bool] | None = None
     converted_config: Callable[[dict[str, Any]], Any] | None = None
     layout: str = "its own layout"
-    group: Callable[[tuple[str, ...], int], str] | None = None
+    group: Callable[[tuple[str, ...], int], str] = group_by_depth
     ttm_where: str = "blocks"
+    video_tokens: Callable[[ml_collections.ConfigDict], int] = latent_cells
+    flops_overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    activations: Callable[[ml_collections.ConfigDict, int, int], tuple[int, str]] | None = None
 
 
 def stage_init_inputs(model_init_inputs: Callable[..., tuple[tuple, dict[str, Any]]],

@@ -7,10 +7,10 @@
   STAGE_KINDS     `config.stage`                   (1: image-to-motion, 2: motion-to-video), in `inputs.py`
 
 Adding a backbone is one folder, `ttm_jax/backbones/<family>/` (its `entry.py` defines `BACKBONE`, an
-`assembly/backbone.py: Backbone`), and one `BACKBONES.register(name, family.BACKBONE)` here (the AnimateDiff U-Net,
-"unet", with the `ddim_v` objective, was added so); nothing in `train/`, `inference/`, `convert/` or `describe`
-changes. Tokenizers are chosen by name too (`config.text_encoder.tokenizer`), in `models/tokenizer.py`'s table,
-because the data pipeline (below this layer) tokenizes the prompts.
+`assembly/backbone.py: Backbone`), and its row in `ttm_jax/backbones/__init__.py: FAMILIES`, which `BACKBONES` is
+filled from (the AnimateDiff U-Net, "unet", with the `ddim_v` objective, was added so); nothing here, in `train/`,
+`inference/`, `convert/` or `describe` changes. Tokenizers are chosen by name too (`config.text_encoder.tokenizer`),
+in `models/tokenizer.py`'s table, because the data pipeline (below this layer) tokenizes the prompts.
 """
 
 from __future__ import annotations
@@ -23,11 +23,12 @@ import flax.linen as nn
 import jax
 import ml_collections
 
+from ttm_jax import backbones as backbone_families
 from ttm_jax.assembly.backbone import Backbone
-from ttm_jax.backbones.animatediff import entry as animatediff
 from ttm_jax.backbones.animatediff import text_weights as clip_text_weights
+from ttm_jax.backbones.animatediff import vae as sd_vae
 from ttm_jax.backbones.animatediff import vae_weights as sd_vae_weights
-from ttm_jax.backbones.wan import entry as wan
+from ttm_jax.backbones.wan import vae as wan_vae
 from ttm_jax.backbones.wan import vae_weights as wan_vae_weights
 from ttm_jax.models import autoencoder as autoencoder_lib
 from ttm_jax.models import text_encoder as text_encoder_lib
@@ -73,8 +74,10 @@ class Registry(Generic[T]):
 DEFAULT_BACKBONE = "dit"  # `config.model.backbone`'s default, and the backbone of folders no entry claims
 
 BACKBONES: Registry[Backbone] = Registry("model.backbone")
-BACKBONES.register("dit", wan.BACKBONE)  # ttm_jax/backbones/wan/
-BACKBONES.register("unet", animatediff.BACKBONE)  # ttm_jax/backbones/animatediff/ (with the `ddim_v` objective)
+# every family of `ttm_jax.backbones.FAMILIES`, its `entry.py`'s BACKBONE under its name: "dit" (wan/), "unet"
+# (animatediff/, with the `ddim_v` objective)
+for _name, _entry in backbone_families.role_modules("entry").items():
+    BACKBONES.register(_name, _entry.BACKBONE)
 
 
 def backbone_name(config: ml_collections.ConfigDict) -> str:
@@ -168,13 +171,32 @@ def text_encoder(config: ml_collections.ConfigDict) -> TextEncoder:
 
 # ---------------------------------------------------------------------------------------------------- autoencoders
 
-AUTOENCODERS: Registry[Callable[[ml_collections.ConfigDict], Any]] = Registry("autoencoder.name")
-AUTOENCODERS.register("space_to_depth", autoencoder_lib.make_space_to_depth)
-AUTOENCODERS.register("wan", wan_vae_weights.make_wan_autoencoder)  # weights from config.autoencoder.path
-AUTOENCODERS.register("sd", sd_vae_weights.make_sd_autoencoder)  # SD 1.5 / AnimateDiff, per frame; same path field
+@dataclasses.dataclass(frozen=True)
+class AutoencoderEntry:
+    """A frozen autoencoder: `make(config.autoencoder)` -> the `models/autoencoder.Autoencoder`, its weights loaded
+    from `config.autoencoder.path` where it has any; `abstract(config.autoencoder)` -> its architecture as a
+    `FlaxVAE` whose params are shapes (`describe`: parameter counts and encoder FLOPs, nothing loaded); None: it has
+    no parameters (`space_to_depth`)."""
+
+    make: Callable[[ml_collections.ConfigDict], Any]
+    abstract: Callable[[ml_collections.ConfigDict], autoencoder_lib.FlaxVAE] | None = None
+
+
+AUTOENCODERS: Registry[AutoencoderEntry] = Registry("autoencoder.name")
+AUTOENCODERS.register("space_to_depth", AutoencoderEntry(autoencoder_lib.make_space_to_depth))
+# weights from config.autoencoder.path: Wan 2.1's causal 3D VAE; SD 1.5 / AnimateDiff's, per frame
+AUTOENCODERS.register("wan", AutoencoderEntry(wan_vae_weights.make_wan_autoencoder, wan_vae.WanAutoencoder.abstract))
+AUTOENCODERS.register("sd", AutoencoderEntry(sd_vae_weights.make_sd_autoencoder, sd_vae.SDAutoencoder.abstract))
 
 
 def make_autoencoder(autoencoder_config: ml_collections.ConfigDict) -> Any:
     """The frozen autoencoder `config.autoencoder.name` names (pass `config.autoencoder`), its weights loaded from
     `config.autoencoder.path` where it has any (`models/autoencoder.py`'s interface)."""
-    return AUTOENCODERS.get(autoencoder_config.name)(autoencoder_config)
+    return AUTOENCODERS.get(autoencoder_config.name).make(autoencoder_config)
+
+
+def abstract_autoencoder(autoencoder_config: ml_collections.ConfigDict) -> autoencoder_lib.FlaxVAE | None:
+    """The configured autoencoder's architecture with abstract params (`AutoencoderEntry.abstract`); None when it
+    has no parameters."""
+    abstract = AUTOENCODERS.get(autoencoder_config.name).abstract
+    return None if abstract is None else abstract(autoencoder_config)

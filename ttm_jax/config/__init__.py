@@ -18,8 +18,8 @@ variant (`tiny`, `variant=mid`), and the bare word `runlocal` (or `runlocal=1`) 
 fast local run of that variant (`configs/stage2.py:mid,runlocal`): the variant's model, autoencoder and text
 encoder unchanged, on 2 latent frames of at most 32x32 pixels, batch 2, 8 steps (warm-up 2, a checkpoint every 4, a
 log line every step, training samples of 2 sampler steps at the end), 8 synthetic videos, and XLA's fastest compile
-(`_RUNLOCAL`); end to end on a shared 2-core CPU, measured: tiny ~30 s, mid ~75 s. The batch of 2 fits one or two
-devices; on more, set `--config.train.batch_size`.
+(`_RUNLOCAL`; its timings: docs/benchmarks.md). The batch of 2 fits one or two devices; on more, set
+`--config.train.batch_size`.
 
 `validate(config)` checks every value and raises `ConfigError` naming the field and the fix; `main` calls it before
 any compute is spent.

@@ -1,7 +1,7 @@
 """`validate(config)`: every value checked before compute is spent, section by section (`_check_model`, ...), each
 raising `ConfigError` naming the field and the fix. A new section's check joins `_CHECKERS`; a backbone's own fields
 are checked by the `check` of its family's `config.py` (`ttm_jax/backbones/<family>/config.py`), which `_check_model`
-finds by `model.backbone` in `BACKBONE_CHECKS`; objective names by the registry.
+finds by `model.backbone` (`families.family_config`); objective names by the registry.
 """
 
 from __future__ import annotations
@@ -10,9 +10,8 @@ from collections.abc import Callable
 
 import ml_collections
 
-from ttm_jax.backbones.animatediff import config as animatediff_config
-from ttm_jax.backbones.wan import config as wan_config
 from ttm_jax.cli import check_config as _check
+from ttm_jax.config.families import family_config
 from ttm_jax.config.geometry import grid_step, latent_shape
 from ttm_jax.config.schema import (
     ATTENTION_IMPLS,
@@ -28,20 +27,11 @@ from ttm_jax.config.schema import (
 )
 from ttm_jax.config.stages import STAGES
 
-# `config.model.backbone` -> the check of that backbone's own fields, in its family's `config.py` (layer 0, as this
-# package; the registry, a layer above, cannot be asked). A backbone registered elsewhere (e.g. in tests) checks its
-# own fields; a new family adds its row here.
-BACKBONE_CHECKS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
-    "dit": wan_config.check,
-    "unet": animatediff_config.check,
-}
-
 
 def _check_model(config: ml_collections.ConfigDict) -> None:
-    """model section: the fields shared by every backbone, then the backbone's own (`model.backbone`: the DiT's,
-    ttm_jax/backbones/wan/model.py; the U-Net's `model.unet`, ttm_jax/backbones/animatediff/model.py), and their
-    agreement with the stage and the text encoder. Other backbones (registered elsewhere, e.g. in tests) check their
-    own fields."""
+    """model section: the fields shared by every backbone, then the backbone's own by its family's `check`
+    (`families.family_config`: the DiT's fields, the U-Net's `model.unet`), and their agreement with the stage and the
+    text encoder. Other backbones (registered outside a family, e.g. in tests) check their own fields."""
     m = config.model
     _check(isinstance(m.ttm_layers, int) and m.ttm_layers >= 0, "model.ttm_layers",
            f"{m.ttm_layers!r} must be an int >= 0")
@@ -73,9 +63,9 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
            f"{m.stage1_later_ids!r}; choose one of {STAGE1_LATER_IDS}")
     _check(config.stage != 0 or not m.ttm_masked, "model.ttm_masked",
            "True but the TI2V baseline (stage 0) has no trajectory, so no object ids to mask with; set False")
-    check_backbone = BACKBONE_CHECKS.get(m.backbone)
-    if check_backbone is not None:
-        check_backbone(config)
+    family = family_config(config)
+    if family is not None:
+        family.check(config)
 
 
 def _check_autoencoder(config: ml_collections.ConfigDict) -> None:
@@ -115,7 +105,7 @@ def _check_data(config: ml_collections.ConfigDict) -> None:
     _check(d.num_frames >= 1 and (d.num_frames - 1) % a.time_factor == 0, "data.num_frames",
            f"{d.num_frames} must be 1 + a multiple of autoencoder.time_factor={a.time_factor} "
            f"(e.g. {1 + a.time_factor * max(1, (d.num_frames - 1) // a.time_factor)})")
-    patch = grid_step(config)  # the DiT's patch; the U-Net's 2^(levels-1) cells
+    patch = grid_step(config)  # the backbone family's grid step (the DiT's patch, the U-Net's 2^(levels-1))
     step = a.space_factor * patch[1]
     _check(d.height % step == 0, "data.height",
            f"{d.height} must be a multiple of autoencoder.space_factor x patch = {step}")
@@ -253,27 +243,13 @@ def _check_mesh(config: ml_collections.ConfigDict) -> None:
            f"{context!r} must be an int >= 1 (1: the video tokens are not split)")
     if context == 1:
         return
-    m = config.model
-    backbone = m.backbone
-    _check(backbone == "dit", "mesh.context",
-           f"{context} but model.backbone={backbone!r} has no context-parallel path (only the DiT shards its video "
-           f"tokens, ttm_jax/models/context_parallel.py); set mesh.context=1")
-    heads = m.get("num_heads")
-    tensor = sizes.get("tensor", 1)
-    if isinstance(heads, int) and tensor > 1 and heads % tensor == 0:
-        heads //= tensor  # heads per tensor shard, what Ulysses splits
-    _check(m.context_impl != "ulysses" or not isinstance(heads, int) or heads % context == 0,
-           "mesh.context",
-           f"{context} does not divide the {heads} heads (model.num_heads per mesh.shape.tensor shard) that "
-           f"model.context_impl='ulysses' splits; choose a mesh.context dividing {heads}, or model.context_impl='ring'")
-    t, hh, ww, _ = latent_shape(config)
-    pt, ph, pw = (int(p) for p in m.get("patch_size", (1, 1, 1)))
-    if not (t % pt or hh % ph or ww % pw):  # else the model check names the patch size
-        tokens = (t // pt) * (hh // ph) * (ww // pw)
-        _check(tokens % context == 0, "mesh.context",
-               f"{context} does not divide the {tokens} video tokens (latent {(t, hh, ww)} in patches "
-               f"{(pt, ph, pw)}) the DiT splits over it; choose a mesh.context dividing {tokens}, or data.num_frames "
-               f"/ height / width whose token count it divides")
+    family = family_config(config)
+    check_context = getattr(family, "check_context", None)
+    _check(check_context is not None, "mesh.context",
+           f"{context} but model.backbone={config.model.backbone!r} has no context-parallel path (a family's "
+           f"config.py that has one checks it in its check_context; ttm_jax/models/context_parallel.py); set "
+           f"mesh.context=1")
+    check_context(config, context, latent_shape(config)[:3])
 
 
 # In the order `validate` runs them: a config with several bad values reports the first of this order.

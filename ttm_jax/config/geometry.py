@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from ttm_jax.config.families import family_config
 from ttm_jax.config.stages import STAGES
 
 
@@ -35,11 +36,10 @@ def frame_place_channels(condition_frames: str) -> int:
 
 
 def grid_step(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
-    """(t, h, w): the latent cells the backbone's grid must be a multiple of: the DiT's patch; the U-Net's one
-    halving per level but the last, `2^(levels-1)` in H and W."""
-    m = config.model
-    if m.backbone == "unet" and "unet" in m:
-        s = 2 ** (len(tuple(m.unet.block_out_channels)) - 1)
-        return 1, s, s
-    return tuple(int(p) for p in m.get("patch_size", (1, 1, 1)))
-
+    """(t, h, w): the latent cells the backbone's grid must be a multiple of, its family's `grid_step` (the DiT's
+    patch; the U-Net's one halving per level but the last, `2^(levels-1)` in H and W). A backbone outside the
+    families: `model.patch_size` where the model section has one, else 1."""
+    family = family_config(config)
+    if family is not None:
+        return family.grid_step(config)
+    return tuple(int(p) for p in config.model.get("patch_size", (1, 1, 1)))

@@ -71,10 +71,10 @@ _VARIANT_TABLE: dict[str, dict[str, dict[str, Any]]] = {
         "text_encoder": _word_t5(d_model=32, num_heads=2, d_kv=16, d_ff=64),
         # latent 3 x 16 x 16 x 48: 768 tokens. 6 fps: every clip frame is an annotated SA-V frame (the masks are
         # exact on every frame, no staircase). Synthetic data on the binding rung of the ladder (docs/results.md);
-        # 1,000 videos: about a minute to generate and prepare, once per workdir parent
+        # 1,000 videos, generated and prepared once per workdir parent
         "data": {"num_frames": 9, "height": 32, "width": 32, "fps": 6.0, "synthetic_rung": 3,
                  "synthetic_num_videos": 1000},
-        # ~2 minutes on a 2-core CPU (the README's first command)
+        # the README's first command: a run that learns something on a CPU
         "train": {"batch_size": 4, "total_steps": 600, "checkpoint_every_steps": 100, "sample_every_steps": 300},
         # tiny runs learn faster with a larger learning rate than the paper's
         "optim": {"learning_rate": 1e-3, "warmup_steps": 20},

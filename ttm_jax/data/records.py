@@ -5,7 +5,7 @@ A record is self-describing bytes, readable without TensorFlow:
     b"TTMR" | version u8 | header length u32 (little endian) | header (JSON) | payload
 
 The header maps each array field to `{dtype, shape, codec, offset, nbytes}` (offset into the payload) and holds the
-text fields inline (`meta`). Codecs: `raw`; `zlib` (the trajectory: mostly black, shrinks ~20x); `packbits` (bool
+text fields inline (`meta`). Codecs: `raw`; `zlib` (the trajectory: mostly black, compresses well); `packbits` (bool
 masks, 8 per byte). Arrays are decoded with `np.frombuffer` (no copy for `raw`).
 
 Fields of a record (shapes of one clip; T = data.num_frames, K = data.max_objects):

@@ -11,12 +11,12 @@ each latent frame's place in the clip, `t' / (T' - 1)` (0 in frame 0, 1 in the l
 
 Stage 1 needs the first frame's conditions in every frame: its frames 1+ have no other local condition, and with
 `first` a small DiT must learn to fetch the first frame across frames through RoPE attention before it can place
-anything (on one training clip, 800 steps, its samples reached a per-object IoU of 0.39 over frames 1+ with `first`
-and 0.83 with `all`, `bench/stage1_probe.py`). With `all` every frame's conditions are the same and the DiT's RoPE
-positions are relative only, so nothing in a token says which frame it is in; `indexed` says it. Measured on the
-6-layer stage-1 DiT (README, Stage 1 at small scale), it made no difference by 4,000 steps (held-out IoU 0.277 with,
-0.278 without): the model learns the frames apart anyway; `all` stays stage 1's default. Stages 2 and 0 keep `first`:
-their video frames have the trajectory (stage 2) or nothing (TI2V) and both carry the image alike.
+anything (with `all` it places far more of each object on one training clip: `bench/stage1_probe.py`,
+docs/benchmarks.md). With `all` every frame's conditions are the same and the DiT's RoPE positions are relative only,
+so nothing in a token says which frame it is in; `indexed` says it. On the small stage-1 DiT it made no difference
+(docs/results.md, the stage-1 study): the model learns the frames apart anyway; `all` stays stage 1's default.
+Stages 2 and 0 keep `first`: their video frames have the trajectory (stage 2) or nothing (TI2V) and both carry the
+image alike.
 
 `x0` is the first frame, `s0` the first-frame segmentation painted as a trajectory frame; E is the autoencoder.
 The noisy latent comes first, so a text-to-video backbone widened by `dit.expand_input_channels` (zero kernels for

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from ttm_jax.models import sparse_pallas
 
 _PAD_KEY = sparse_pallas.PAD_ID  # id of the padding keys after the sorted ones: above every real id
-DEFAULT_BLOCK = 256  # the largest block default_block picks on CPU (at N = 4096, 256 x 256 measured fastest)
+DEFAULT_BLOCK = 256  # the largest block default_block picks on CPU (bench/attention.py)
 ACCELERATOR_BLOCK = 1024  # on GPU / TPU each loop step is a few small kernel launches: fewer, larger (not measured)
 GPU_BLOCK = 64  # the Pallas GPU kernel's query block and key chunk: a 64 x 64 float32 tile of logits per program
 

@@ -1,7 +1,7 @@
 """The AnimateDiff U-Net's config-level part (`config.model.backbone = "unet"`): its block kinds, `section(...)` (the
-`config.model.unet` sub-section of a U-Net variant, `ttm_jax/config/variants.py`), `STATE_KEYS` and `check`, its
-fields' checks, which `ttm_jax/config/checks.py` calls by `model.backbone` (`BACKBONE_CHECKS`). Layer 0: imports only
-`ttm_jax.cli`."""
+`config.model.unet` sub-section of a U-Net variant, `ttm_jax/config/variants.py`), `UNET_STATE_KEYS`, and `check`,
+its fields' checks, and `grid_step`, its latent grid's granularity, which `ttm_jax/config/` calls by
+`model.backbone` (`config/families.py`). Layer 0: imports only `ttm_jax.cli`."""
 
 from __future__ import annotations
 
@@ -103,3 +103,13 @@ def check(config: ml_collections.ConfigDict) -> None:
                                                  "ttm_self_across_frames", "ttm_qk_norm")),
            "model.unet.use_linear_projection",
            "use_linear_projection, use_motion_mid_block, ttm_self_across_frames and ttm_qk_norm must be True/False")
+
+
+def grid_step(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+    """(t, h, w) latent cells the U-Net's grid must be a multiple of: one halving per level but the last,
+    `2^(levels-1)` in H and W, none in time. Without a `model.unet` section (which `check` reports) 1."""
+    m = config.model
+    if "unet" not in m:
+        return 1, 1, 1
+    s = 2 ** (len(tuple(m.unet.block_out_channels)) - 1)
+    return 1, s, s

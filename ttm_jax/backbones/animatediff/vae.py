@@ -14,10 +14,11 @@ Every GroupNorm has eps 1e-6 and `norm_num_groups` groups; statistics are comput
 
 The VAE is 2D: a video `[B, T, H, W, 3]` is encoded frame by frame (`time_factor` 1), in chunks of `chunk` images
 (`lax.map`, so memory follows the chunk, not the clip). Encoding is deterministic: the posterior mean, as the
-latents a frozen SD/AnimateDiff U-Net is trained on. `SDAutoencoder.encode` returns what the backbone sees,
-`(mean - shift_factor) * scaling_factor` (SD 1.5: shift 0, scale 0.18215); `decode` undoes it and clamps to [-1, 1].
-The clip-level `encode` / `decode` functions of this file work on raw latents, like `AutoencoderKL.encode(...)
-.latent_dist.mean` and `AutoencoderKL.decode(...).sample` (unclamped).
+latents a frozen SD/AnimateDiff U-Net is trained on. `SDAutoencoder` (a `models/autoencoder.FlaxVAE`) `encode`
+returns what the backbone sees, `scale_latent(mean, shift_factor, scaling_factor)` (SD 1.5: shift 0, scale
+0.18215); `decode` undoes it and clamps to [-1, 1]. The clip-level `encode` / `decode` functions of this file work
+on raw latents, like `AutoencoderKL.encode(...).latent_dist.mean` and `AutoencoderKL.decode(...).sample`
+(unclamped).
 
 Weights: `ttm_jax.backbones.animatediff.vae_weights` (a diffusers `AutoencoderKL` folder, converted on load).
 """
@@ -26,17 +27,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ttm_jax.models import norms
+from ttm_jax.models import autoencoder, norms
 
-CONFIG_FILE = "config.json"
 EPS = 1e-6  # every GroupNorm of diffusers' Encoder / Decoder
 
 
@@ -67,7 +65,7 @@ class SDVAEConfig:
         return 2 ** (len(self.block_out_channels) - 1)
 
     @classmethod
-    def from_diffusers(cls, cfg: dict[str, Any], source: str = CONFIG_FILE) -> SDVAEConfig:
+    def from_diffusers(cls, cfg: dict[str, Any], source: str = autoencoder.CONFIG_FILE) -> SDVAEConfig:
         """Reads an `AutoencoderKL` config dict; raises, naming `source` and the field, on what this port does not
         implement."""
         channels = tuple(int(c) for c in cfg.get("block_out_channels", cls.block_out_channels))
@@ -101,25 +99,11 @@ class SDVAEConfig:
 
 def read_config(path: str) -> SDVAEConfig:
     """`SDVAEConfig` from a diffusers `AutoencoderKL` folder (`<path>/config.json`)."""
-    file = os.path.join(path, CONFIG_FILE)
-    if not os.path.exists(file):
-        raise FileNotFoundError(f"{file}: not found; config.autoencoder.path must be a diffusers AutoencoderKL folder "
-                                "(config.json + diffusion_pytorch_model.safetensors), e.g. the `vae` folder of "
-                                "stable-diffusion-v1-5")
-    with open(file) as f:
-        cfg = json.load(f)
-    if cfg.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
-        raise ValueError(f"{file}: _class_name={cfg['_class_name']!r}, expected AutoencoderKL (SD's VAE); set "
-                         "config.autoencoder.path to an AutoencoderKL folder")
-    return SDVAEConfig.from_diffusers(cfg, source=file)
+    return SDAutoencoder.read_config(path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Layers (images `[N, H, W, C]`)
-
-
-def _dtype(x: Any) -> Any:
-    return jnp.dtype(x) if x is not None else jnp.float32
 
 
 class Conv(nn.Module):
@@ -279,7 +263,7 @@ class SDVAE(_Base):
         moments = self.encoder(x)
         if self.cfg.use_quant_conv:
             moments = self.quant_conv(moments)
-        return moments[..., : self.cfg.latent_channels]
+        return autoencoder.posterior_mean(moments)
 
     def decode_images(self, z: jax.Array) -> jax.Array:
         """Latent `[N, h, w, latent_channels]` (not scaled) -> `[N, h*s, w*s, out_channels]`, not clamped."""
@@ -351,56 +335,28 @@ def decode(model: SDVAE, params: Any, latent: jax.Array, *, chunk: int = 1) -> j
 # The project's autoencoder interface
 
 
-class SDAutoencoder:
+class SDAutoencoder(autoencoder.FlaxVAE, config_type=SDVAEConfig, module=SDVAE, init_params=init_params,
+                    encode=encode, decode=decode, class_name="AutoencoderKL",
+                    example_folder="<stable-diffusion-v1-5>/vae"):
     """`make_autoencoder` object for `config.autoencoder.name == "sd"` (built, with the converted weights of a
     diffusers folder, by `ttm_jax.backbones.animatediff.vae_weights.make_sd_autoencoder`).
 
     `encode(video [B, T, H, W, 3] in [-1, 1]) -> [B, T, H/8, W/8, 4]`: the posterior mean of each frame,
     `(mean - shift_factor) * scaling_factor` (what an SD 1.5 / AnimateDiff U-Net sees); `decode(latent) -> video`
-    clamped to [-1, 1]. Both jitted; `chunk` frames per step. Inside another `jit` prefer `encode_with(params, video)`
-    / `decode_with(params, latent)` so the weights are arguments, not constants. Float32 compute runs the
-    convolutions and matmuls at `Precision.HIGHEST`; bfloat16 at the backend's default.
+    clamped to [-1, 1]; `chunk` frames per step. The rest is `FlaxVAE`'s.
     """
 
-    def __init__(self, cfg: SDVAEConfig, params: Any, *, dtype: Any = jnp.float32, chunk: int = 1,
-                 precision: Any = None) -> None:
-        self.cfg = cfg
-        dtype = _dtype(dtype)
-        if precision is None and dtype == jnp.float32:
-            precision = jax.lax.Precision.HIGHEST
-        self.model = SDVAE(cfg, dtype=dtype, precision=precision)
-        self.params = jax.tree.map(jnp.asarray, params)  # on device once, not per call
-        self.chunk = int(chunk)
-        self.time_factor = cfg.time_factor
-        self.space_factor = cfg.space_factor
-        self.latent_channels = cfg.latent_channels
-        self.scaling_factor = cfg.scaling_factor
-        self.shift_factor = cfg.shift_factor
-        self._encode = jax.jit(functools.partial(_encode_scaled, self.model, chunk=self.chunk))
-        self._decode = jax.jit(functools.partial(_decode_scaled, self.model, chunk=self.chunk))
+    @property
+    def scaling_factor(self) -> float:
+        return self.cfg.scaling_factor
 
-    def encode(self, video: jax.Array) -> jax.Array:
-        """`[B, T, H, W, 3]` float in [-1, 1] -> scaled latent mean `[B, T, H/8, W/8, 4]` float32."""
-        return self.encode_with(self.params, video)
+    @property
+    def shift_factor(self) -> float:
+        return self.cfg.shift_factor
 
-    def decode(self, latent: jax.Array) -> jax.Array:
-        """Scaled latent `[B, T, h, w, 4]` -> video `[B, T, 8h, 8w, 3]` float32 in [-1, 1]."""
-        return self.decode_with(self.params, latent)
+    def normalise(self, mu: jax.Array) -> jax.Array:
+        """`(mu - shift_factor) * scaling_factor`, the config's numbers baked into the program."""
+        return autoencoder.scale_latent(mu, self.cfg.shift_factor, self.cfg.scaling_factor)
 
-    def encode_with(self, params: Any, video: jax.Array) -> jax.Array:
-        """`encode` with explicit params (a pure function of its arguments)."""
-        return self._encode(params, video)
-
-    def decode_with(self, params: Any, latent: jax.Array) -> jax.Array:
-        """`decode` with explicit params (a pure function of its arguments)."""
-        return self._decode(params, latent)
-
-
-def _encode_scaled(model: SDVAE, params: Any, video: jax.Array, *, chunk: int) -> jax.Array:
-    mu = encode(model, params, video, chunk=chunk).astype(jnp.float32)
-    return (mu - model.cfg.shift_factor) * model.cfg.scaling_factor
-
-
-def _decode_scaled(model: SDVAE, params: Any, latent: jax.Array, *, chunk: int) -> jax.Array:
-    z = latent.astype(jnp.float32) / model.cfg.scaling_factor + model.cfg.shift_factor
-    return jnp.clip(decode(model, params, z, chunk=chunk).astype(jnp.float32), -1.0, 1.0)
+    def denormalise(self, z: jax.Array) -> jax.Array:
+        return autoencoder.unscale_latent(z, self.cfg.shift_factor, self.cfg.scaling_factor)

@@ -22,6 +22,7 @@ import numpy as np
 
 from ttm_jax import cli
 from ttm_jax.backbones.animatediff import vae as sd_vae
+from ttm_jax.models import autoencoder
 from ttm_jax.weights import rulebook as rb
 from ttm_jax.weights import safetensors_io
 
@@ -114,7 +115,8 @@ def load_diffusers_folder(path: str, cfg: sd_vae.SDVAEConfig | None = None) -> d
     try:
         return rb.stream_to_flax(rulebook(attention_naming(reader.specs)), reader, template(cfg))
     except rb.ConversionError as e:
-        raise rb.ConversionError(f"{file}: does not match the architecture of {os.path.join(path, sd_vae.CONFIG_FILE)} "
+        config_file = os.path.join(path, autoencoder.CONFIG_FILE)
+        raise rb.ConversionError(f"{file}: does not match the architecture of {config_file} "
                                  f"({cfg}); point config.autoencoder.path at a complete AutoencoderKL folder whose "
                                  f"config.json describes its weights:\n{e}") from e
 
@@ -133,18 +135,4 @@ def make_sd_autoencoder(config: Any) -> sd_vae.SDAutoencoder:
     decoded per step, default 1; 0: all at once), and checks `latent_channels`, `time_factor` (1) and `space_factor`
     against the folder's config.json. `encode` maps video `[B, T, H, W, 3]` to scaled latents `[B, T, H/8, W/8, 4]`.
     """
-    path = config.get("path", "")
-    if not path:
-        raise cli.BadInput("config.autoencoder.path: empty, but autoencoder.name='sd' needs weights; set it to a "
-                         "diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors), e.g. "
-                         "<stable-diffusion-v1-5>/vae")
-    cfg = sd_vae.read_config(path)  # check the config against config.json before reading any weight
-    for field, want in (("latent_channels", cfg.latent_channels), ("time_factor", cfg.time_factor),
-                        ("space_factor", cfg.space_factor)):
-        have = config.get(field, want)
-        if have != want:
-            raise cli.BadInput(f"config.autoencoder.{field}: {have}, but {os.path.join(path, sd_vae.CONFIG_FILE)} "
-                             f"makes {want}; set config.autoencoder.{field}={want}")
-    _, params = load_params(path, cfg)
-    return sd_vae.SDAutoencoder(cfg, params, dtype=config.get("dtype", "float32"),
-                                chunk=config.get("chunk_frames", 1))
+    return sd_vae.SDAutoencoder.load(config, load_params)

@@ -1,5 +1,6 @@
-"""The Wan DiT's config-level part (`config.model.backbone = "dit"`): `check`, its fields' checks, which
-`ttm_jax/config/checks.py` calls by `model.backbone` (`BACKBONE_CHECKS`). Layer 0: imports only `ttm_jax.cli`."""
+"""The Wan DiT's config-level part (`config.model.backbone = "dit"`): `check`, its fields' checks, `grid_step`, its
+latent grid's granularity, and `check_context`, its context-parallel path's, which `ttm_jax/config/` calls by
+`model.backbone` (`config/families.py`). Layer 0: imports only `ttm_jax.cli`."""
 
 from __future__ import annotations
 
@@ -26,3 +27,31 @@ def check(config: ml_collections.ConfigDict) -> None:
     _check(m.text_dim == t.d_model, "model.text_dim",
            f"{m.text_dim} but text_encoder.d_model={t.d_model}; the DiT's text embedder reads the encoder's output, "
            f"set model.text_dim={t.d_model}")
+
+
+def grid_step(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+    """(t, h, w) latent cells the DiT's grid must be a multiple of: its patch, `model.patch_size`."""
+    return tuple(int(p) for p in config.model.patch_size)
+
+
+def check_context(config: ml_collections.ConfigDict, context: int, grid: tuple[int, int, int]) -> None:
+    """`mesh.context` > 1 against the DiT, which splits its video tokens over it
+    (`ttm_jax/models/context_parallel.py`): Ulysses splits the heads per tensor shard, both split the tokens of the
+    latent `grid` (T', H', W')."""
+    m = config.model
+    heads = m.get("num_heads")
+    tensor = dict(config.mesh.shape).get("tensor", 1)
+    if isinstance(heads, int) and tensor > 1 and heads % tensor == 0:
+        heads //= tensor  # heads per tensor shard, what Ulysses splits
+    _check(m.context_impl != "ulysses" or not isinstance(heads, int) or heads % context == 0,
+           "mesh.context",
+           f"{context} does not divide the {heads} heads (model.num_heads per mesh.shape.tensor shard) that "
+           f"model.context_impl='ulysses' splits; choose a mesh.context dividing {heads}, or model.context_impl='ring'")
+    t, hh, ww = grid
+    pt, ph, pw = grid_step(config)
+    if not (t % pt or hh % ph or ww % pw):  # else the model check names the patch size
+        tokens = (t // pt) * (hh // ph) * (ww // pw)
+        _check(tokens % context == 0, "mesh.context",
+               f"{context} does not divide the {tokens} video tokens (latent {(t, hh, ww)} in patches "
+               f"{(pt, ph, pw)}) the DiT splits over it; choose a mesh.context dividing {tokens}, or data.num_frames "
+               f"/ height / width whose token count it divides")

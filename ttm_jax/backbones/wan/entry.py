@@ -6,6 +6,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from ttm_jax import config as config_lib
@@ -37,8 +38,55 @@ def object_ids(config: ml_collections.ConfigDict, ae: Any, object_masks: jax.Arr
     return masks.token_ids_from_masks(object_masks, **geometry), by(object_masks, **geometry)
 
 
-def _group(path: tuple[str, ...], depth: int) -> str:
-    return "/".join(path[:depth]) if len(path) > depth else "/".join(path[:-1]) or path[0]
+def video_tokens(config: ml_collections.ConfigDict) -> int:
+    """Video tokens per example: the latent grid in the DiT's patches."""
+    t, h, w = config_lib.latent_shape(config)[:3]
+    pt, ph, pw = (int(p) for p in config.model.patch_size)
+    return (t // pt) * (h // ph) * (w // pw)
+
+
+# values saved per token and layer by remat policy: (D-wide, not split; D-wide split over tensor; F-wide split over
+# tensor), and what TTM's two added layers add in their blocks (`activations`)
+_SAVED = {"none": ((8, 19, 2), (4, 11, 0)), "dots": ((3, 10, 1), (2, 10, 0)), "dots_no_batch": ((3, 10, 1), (2, 10, 0)),
+          "full": ((1, 0, 0), (0, 0, 0))}
+
+
+def activations(config: ml_collections.ConfigDict, tokens: int, tensor: int) -> tuple[int, str]:
+    """(bytes per device, how) of the activations a DiT training step saves for the backward pass, an ESTIMATE:
+
+      activations = layers x tokens per device x values saved per token and layer x bytes of `model.dtype`
+                    (+ one layer's full set, recomputed in the backward pass, under remat_policy=full)
+      values per token and layer (D = dim, F = ffn_dim, t = mesh `tensor` size; `_SAVED`):
+        none           8 D + (19 D + 2 F) / t       every block intermediate (norms, residuals, q/k/v before and
+                                                     after norm and RoPE, attention outputs, FFN hidden before and
+                                                     after GELU)
+        dots,
+        dots_no_batch  3 D + (10 D + F) / t         the projections' outputs and the attention residuals (q, k, v, o)
+        full           D                            the block input only
+      TTM's blocks add 4 D + 11 D / t (none), 2 D + 10 D / t (dots).
+
+    Not counted: the attention's own working set (the Pallas / splash kernels keep O(tokens) statistics; the XLA
+    fallback holds [heads, Lq, Lk] logits per layer), the text embeddings (~10^2 tokens), XLA's temporaries and
+    fragmentation: read the figure as a floor.
+    """
+    m = config.model
+    d, f = int(m.dim), int(m.ffn_dim)
+    policy = m.remat_policy
+    (a, b, c), (ta, tb, tc) = _SAVED.get(policy, _SAVED["none"])
+    per_token = a * d + (b * d + c * f) / tensor
+    ttm_extra = ta * d + (tb * d + tc * f) / tensor
+    layers, k = int(m.num_layers), int(m.ttm_layers)
+    item = jnp.dtype(m.dtype).itemsize
+    values = layers * per_token + k * ttm_extra
+    how = f"{layers} layers x {tokens:,} tokens x {per_token / d:.3g} D"
+    if k and ttm_extra:
+        how += f" (+{ttm_extra / d:.3g} D in {k} TTM blocks)"
+    if policy == "full":
+        (a2, b2, c2), _ = _SAVED["none"]
+        values += a2 * d + (b2 * d + c2 * f) / tensor
+        how += " + one layer's full set (recomputed in the backward)"
+    how += f", D={d}, {jnp.dtype(m.dtype).name}, remat {policy}: ESTIMATE"
+    return int(values * tokens * item), how
 
 
 BACKBONE = Backbone(
@@ -49,4 +97,5 @@ BACKBONE = Backbone(
     config_type=dit_lib.DiTConfig, model_config=model_config, template=dit_convert.template,
     export=wan_export.export, import_folder=wan_export.import_folder,
     converted_config=lambda meta: dit_lib.DiTConfig.from_config(meta["model"]),
-    layout="Wan 2.1 layout", group=_group, ttm_where="blocks")
+    layout="Wan 2.1 layout", ttm_where="blocks", video_tokens=video_tokens,
+    flops_overrides={"scan_layers": False}, activations=activations)

@@ -241,8 +241,8 @@ def unroll_for(cfg: DiTConfig, count: int) -> int:
     """How many of the `count` scanned blocks one loop iteration runs (`nn.scan(unroll=...)`).
 
     `config.model.scan_unroll` when > 0; 0 (the default) picks per backend: on CPU all of them (no loop: the XLA CPU
-    while loop slices every layer's params and stacked activations in and out of the loop, ~35% of the tiny step's
-    op time in a profile, and blocks fusion across layers), one on GPU / TPU (a loop: one compiled block, fast
+    while loop slices every layer's params and stacked activations in and out of the loop, a large share of a small
+    step's op time, and blocks fusion across layers), one on GPU / TPU (a loop: one compiled block, fast
     compiles). The params keep the stacked `scan_layers` layout either way.
     """
     if cfg.scan_unroll > 0:

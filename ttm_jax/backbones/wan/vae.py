@@ -15,17 +15,15 @@ carrying each layer's causal context in Flax's `cache` collection through a `lax
 `feat_cache`; only one chunk's activations are alive at a time, so long clips fit. `chunk=0` runs the whole clip in
 one pass; both give the same result (tests/test_wan_vae.py).
 
-Latents: `WanAutoencoder.encode` returns what the DiT sees, the posterior mean normalised by the checkpoint's
-`latents_mean` / `latents_std` (`(mu - mean) / std`, as diffusers' Wan pipelines); `decode` undoes it. The raw
-functions `encode` / `decode` in this file work on un-normalised latents, like `AutoencoderKLWan`.
+Latents: `WanAutoencoder` (a `models/autoencoder.FlaxVAE`) `encode` returns what the DiT sees, the posterior mean
+normalised by the checkpoint's `latents_mean` / `latents_std` (`(mu - mean) / std`, as diffusers' Wan pipelines);
+`decode` undoes it. The raw functions `encode` / `decode` in this file work on un-normalised latents, like
+`AutoencoderKLWan`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -33,10 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ttm_jax.models import norms
+from ttm_jax.models import autoencoder, norms
 
 CONTEXT = 2  # frames of causal context of a time-kernel-3 conv (diffusers' CACHE_T)
-CONFIG_FILE = "config.json"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -65,8 +62,12 @@ class WanVAEConfig:
     def space_factor(self) -> int:
         return 2 ** (len(self.dim_mult) - 1)
 
+    @property
+    def latent_channels(self) -> int:
+        return self.z_dim
+
     @classmethod
-    def from_diffusers(cls, cfg: dict[str, Any], source: str = CONFIG_FILE) -> WanVAEConfig:
+    def from_diffusers(cls, cfg: dict[str, Any], source: str = autoencoder.CONFIG_FILE) -> WanVAEConfig:
         """Reads an `AutoencoderKLWan` config dict; raises on the Wan 2.2 features this port does not implement."""
         if cfg.get("is_residual", False):
             raise ValueError(f"{source}: is_residual=true is the Wan 2.2 VAE; ttm_jax.backbones.wan.vae implements "
@@ -105,24 +106,11 @@ class WanVAEConfig:
 
 def read_config(path: str) -> WanVAEConfig:
     """`WanVAEConfig` from a diffusers VAE folder (`<path>/config.json`)."""
-    file = os.path.join(path, CONFIG_FILE)
-    if not os.path.exists(file):
-        raise FileNotFoundError(f"{file}: not found; config.autoencoder.path must be a diffusers AutoencoderKLWan "
-                                "folder (config.json + diffusion_pytorch_model.safetensors), e.g. the `vae` folder of "
-                                "Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
-    with open(file) as f:
-        cfg = json.load(f)
-    if cfg.get("_class_name", "AutoencoderKLWan") != "AutoencoderKLWan":
-        raise ValueError(f"{file}: _class_name={cfg['_class_name']!r}, expected AutoencoderKLWan")
-    return WanVAEConfig.from_diffusers(cfg, source=file)
+    return WanAutoencoder.read_config(path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Layers
-
-
-def _dtype(x: Any) -> Any:
-    return jnp.dtype(x) if x is not None else jnp.float32
 
 
 def _conv(module: nn.Module, x: jax.Array, features: int, kernel_size: tuple[int, ...],
@@ -388,7 +376,7 @@ class WanVAE(nn.Module):
 
     def encode_chunk(self, x: jax.Array, first: bool = True) -> jax.Array:
         """Video chunk `[B, t, H, W, 3]` -> posterior mean `[B, t', H/s, W/s, z_dim]` (not normalised)."""
-        return self.quant_conv(self.encoder(x, first))[..., : self.cfg.z_dim]
+        return autoencoder.posterior_mean(self.quant_conv(self.encoder(x, first)))
 
     def decode_chunk(self, z: jax.Array, first: bool = True) -> jax.Array:
         """Latent chunk `[B, t', h, w, z_dim]` (not normalised) -> video `[B, t, h*s, w*s, 3]` clamped to [-1, 1]."""
@@ -472,63 +460,27 @@ def decode(model: WanVAE, params: Any, latent: jax.Array, *, chunk: int = 1) -> 
 # The project's autoencoder interface
 
 
-class WanAutoencoder:
+class WanAutoencoder(autoencoder.FlaxVAE, config_type=WanVAEConfig, module=WanVAE, init_params=init_params,
+                     encode=encode, decode=decode, class_name="AutoencoderKLWan",
+                     example_folder="<Wan2.1-T2V-1.3B-Diffusers>/vae"):
     """`make_autoencoder` object for `config.autoencoder.name == "wan"` (built, with the converted weights of a
     diffusers folder, by `ttm_jax.backbones.wan.vae_weights.make_wan_autoencoder`).
 
-    `encode(video [B, T, H, W, 3] in [-1, 1]) -> [B, T', H', W', 16]` normalised latents (what the DiT sees);
-    `decode(latent) -> video` in [-1, 1]. Both jitted, chunked over time (`chunk` latent frames per step).
-    Inside another `jit` (e.g. a train step that encodes on the fly) prefer `encode_with(params, video)` /
-    `decode_with(params, latent)` with `params` passed in as an argument, so the weights are not baked into the
-    caller's program as constants.
-
-    Float32 compute runs convolutions at `Precision.HIGHEST` (float32 on TPU / no TF32 on GPU: what float32 is
-    chosen for, diffusers parity); bfloat16 runs at the backend's default.
+    `encode(video [B, T, H, W, 3] in [-1, 1]) -> [B, 1 + (T-1)/4, H/8, W/8, 16]` normalised latents (what the DiT
+    sees); `decode(latent) -> video [B, 1 + 4 (T'-1), 8h, 8w, 3]` in [-1, 1]; chunked over time, `chunk` latent
+    frames per step. The rest is `FlaxVAE`'s.
     """
 
-    def __init__(self, cfg: WanVAEConfig, params: Any, *, dtype: Any = jnp.float32, chunk: int = 1,
-                 precision: Any = None) -> None:
-        self.cfg = cfg
-        dtype = _dtype(dtype)
-        if precision is None and dtype == jnp.float32:
-            precision = jax.lax.Precision.HIGHEST
-        self.model = WanVAE(cfg, dtype=dtype, precision=precision)
-        self.params = jax.tree.map(jnp.asarray, params)  # on device once, not per call
-        self.chunk = int(chunk)
-        self.time_factor = cfg.time_factor
-        self.space_factor = cfg.space_factor
-        self.latent_channels = cfg.z_dim
-        z = cfg.z_dim
-        self.latents_mean = np.asarray(cfg.latents_mean if cfg.latents_mean is not None else [0.0] * z, np.float32)
-        self.latents_std = np.asarray(cfg.latents_std if cfg.latents_std is not None else [1.0] * z, np.float32)
-        self._encode = jax.jit(functools.partial(_encode_normalised, self.model, chunk=self.chunk))
-        self._decode = jax.jit(functools.partial(_decode_normalised, self.model, chunk=self.chunk))
+    def latent_stats(self) -> tuple[np.ndarray, np.ndarray]:
+        """`(latents_mean, latents_std)` `[z_dim]` float32 (0 and 1 where config.json has none), passed to the
+        jitted functions as arguments."""
+        z, cfg = self.cfg.z_dim, self.cfg
+        return (np.asarray(cfg.latents_mean if cfg.latents_mean is not None else [0.0] * z, np.float32),
+                np.asarray(cfg.latents_std if cfg.latents_std is not None else [1.0] * z, np.float32))
 
-    def encode(self, video: jax.Array) -> jax.Array:
-        """`[B, T, H, W, 3]` float in [-1, 1] -> normalised latent mean `[B, 1 + (T-1)/4, H/8, W/8, 16]` float32."""
-        return self.encode_with(self.params, video)
+    def normalise(self, mu: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
+        """`(mu - latents_mean) / latents_std`, per channel."""
+        return (mu - mean) / std
 
-    def decode(self, latent: jax.Array) -> jax.Array:
-        """Normalised latent `[B, T', h, w, 16]` -> video `[B, 1 + 4 (T'-1), 8h, 8w, 3]` float32 in [-1, 1]."""
-        return self.decode_with(self.params, latent)
-
-    def encode_with(self, params: Any, video: jax.Array) -> jax.Array:
-        """`encode` with explicit params (a pure function of its arguments)."""
-        return self._encode(params, video, self.latents_mean, self.latents_std)
-
-    def decode_with(self, params: Any, latent: jax.Array) -> jax.Array:
-        """`decode` with explicit params (a pure function of its arguments)."""
-        return self._decode(params, latent, self.latents_mean, self.latents_std)
-
-
-def _encode_normalised(model: WanVAE, params: Any, video: jax.Array, mean: jax.Array, std: jax.Array, *,
-                       chunk: int) -> jax.Array:
-    mu = encode(model, params, video, chunk=chunk).astype(jnp.float32)
-    return (mu - mean) / std
-
-
-def _decode_normalised(model: WanVAE, params: Any, latent: jax.Array, mean: jax.Array, std: jax.Array, *,
-                       chunk: int) -> jax.Array:
-    z = latent.astype(jnp.float32) * std + mean
-    return decode(model, params, z, chunk=chunk).astype(jnp.float32)
-
+    def denormalise(self, z: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
+        return z * std + mean

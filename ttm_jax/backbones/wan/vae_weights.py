@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from ttm_jax import cli
 from ttm_jax.backbones.wan import vae as wan_vae
+from ttm_jax.models import autoencoder
 from ttm_jax.weights import rulebook as rb
 from ttm_jax.weights import safetensors_io
 
@@ -159,7 +159,7 @@ def save_diffusers_folder(params: Mapping[str, Any], cfg: wan_vae.WanVAEConfig, 
     """Writes `out_dir/config.json` and `out_dir/diffusion_pytorch_model.safetensors` (loadable by
     `AutoencoderKLWan.from_pretrained`), one tensor in memory at a time. Returns the weights path."""
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, wan_vae.CONFIG_FILE), "w") as f:
+    with open(os.path.join(out_dir, autoencoder.CONFIG_FILE), "w") as f:
         json.dump(diffusers_config(cfg), f, indent=2)
     specs = torch_specs(params, dtype)
     file = os.path.join(out_dir, WEIGHTS_FILE)
@@ -186,18 +186,4 @@ def make_wan_autoencoder(config: Any) -> wan_vae.WanAutoencoder:
     chunk, default 1), and checks `latent_channels`, `time_factor`, `space_factor` against the folder's config.json.
     `encode` maps video `[B, T, H, W, 3]` to normalised latents `[B, 1 + (T-1)/4, H/8, W/8, z_dim]`.
     """
-    path = config.get("path", "")
-    if not path:
-        raise cli.BadInput("config.autoencoder.path: empty, but autoencoder.name='wan' needs weights; set it to a "
-                         "diffusers AutoencoderKLWan folder (config.json + diffusion_pytorch_model.safetensors), "
-                         "e.g. <Wan2.1-T2V-1.3B-Diffusers>/vae")
-    cfg = wan_vae.read_config(path)  # check the config against config.json before reading any weight
-    for field, want in (("latent_channels", cfg.z_dim), ("time_factor", cfg.time_factor),
-                        ("space_factor", cfg.space_factor)):
-        have = config.get(field, want)
-        if have != want:
-            raise cli.BadInput(f"config.autoencoder.{field}: {have}, but {os.path.join(path, wan_vae.CONFIG_FILE)} "
-                             f"makes {want}; set config.autoencoder.{field}={want}")
-    _, params = load_params(path, cfg)
-    return wan_vae.WanAutoencoder(cfg, params, dtype=config.get("dtype", "float32"),
-                                  chunk=config.get("chunk_frames", 1))
+    return wan_vae.WanAutoencoder.load(config, load_params)
