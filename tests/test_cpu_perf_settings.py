@@ -7,8 +7,13 @@
   `[B, H, Lq, Lk]` buffer per layer alive at once (XLA's memory analysis of a 4-layer stack against one layer);
 - scanned DiT blocks are unrolled on CPU by default (no while loop in the compiled program, params still stacked),
   `model.scan_unroll` overrides it;
-- the config's defaults: `scan_unroll = 0` (per backend), `remat_policy = "none"`.
+- the config's defaults: `scan_unroll = 0` (per backend), `remat_policy = "none"`;
+- `layers.gradient_barrier` is the identity in value and gradient, and with it at each DiT sub-layer the compiled
+  backward grows linearly with depth (without it XLA re-evaluates the residual stream's running gradient sum inside
+  every consumer: quadratic, issue 28).
 """
+
+import re
 
 import flax.linen as nn
 import jax
@@ -114,3 +119,45 @@ def test_config_defaults():
     c.model.scan_unroll = -1
     with pytest.raises(config_lib.ConfigError, match="model.scan_unroll"):
         config_lib.validate(c)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gradient_barrier_is_the_identity_in_value_and_gradient(dtype):
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 5, 7)), dtype)
+    w = jnp.asarray(np.random.default_rng(1).standard_normal((3, 5, 7)), dtype)
+
+    def f(barrier):
+        return lambda x: jnp.sum(jnp.sin(barrier(x) * x) * w)
+
+    got = jax.jit(jax.value_and_grad(f(layers.gradient_barrier)))(x)
+    want = jax.jit(jax.value_and_grad(f(lambda x: x)))(x)
+    np.testing.assert_array_equal(np.asarray(got[0], np.float32), np.asarray(want[0], np.float32))
+    np.testing.assert_array_equal(np.asarray(got[1], np.float32), np.asarray(want[1], np.float32))
+    assert got[1].dtype == dtype
+
+
+def _dit_grad_adds(num_layers: int) -> int:
+    """Elementwise adds in the compiled gradient of a tiny DiT of `num_layers` blocks (abstract params: no init)."""
+    c = config_lib.build(1, "tiny")
+    c.model.num_layers = num_layers
+    c.model.ttm_layers = 0
+    cfg = dit.DiTConfig.from_config(c.model)
+    model = dit.DiT(cfg, 6, 2)
+    (x, t, ctx), _ = dit.init_inputs(cfg, 6, grid=(1, 2, 2), text_len=2)
+    params = nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), x, t, ctx)["params"])
+    grad = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x, t, ctx) ** 2)))
+    return len(re.findall(r" add\(", grad.lower(params).compile().as_text()))
+
+
+def test_residual_gradient_is_written_once_per_sublayer(monkeypatch):
+    with_barrier = [_dit_grad_adds(n) for n in (1, 2, 3)]
+    # about linear in depth: each further block adds about the same work (the shared modulation's gradient sum adds a
+    # few adds per block)
+    first, second = with_barrier[1] - with_barrier[0], with_barrier[2] - with_barrier[1]
+    assert second <= 1.1 * first, with_barrier
+    monkeypatch.setattr(layers, "gradient_barrier", lambda x: x)
+    without = [_dit_grad_adds(n) for n in (1, 2, 3)]
+    # the premise: without the barrier the compiled backward does more, and the excess grows with depth (the running
+    # sum re-evaluated in every consumer of it)
+    excess = [w - b for w, b in zip(without, with_barrier, strict=True)]
+    assert excess[0] < excess[1] < excess[2] and excess[2] > 0.2 * with_barrier[2], (without, with_barrier)

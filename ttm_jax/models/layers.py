@@ -239,32 +239,71 @@ def _attend_vjp_fwd(q, k, v, ids, scale):
 
 
 def _attend_vjp_bwd(scale, res, do):
-    # recomputes P from the saved log-sum-exp (flash-attention style): only O(L) residuals live between the passes
+    # Recomputes the probabilities from the saved log-sum-exp (flash-attention style: only O(L) residuals live between
+    # the passes), transposed: P^T `[B, H, Lk, Lq]` = exp(K Q^T - lse^T). Then dV = P^T dO and dK = dS^T Q are plain
+    # `A @ B` GEMMs and dP^T = V dO^T an `A @ B^T`, the two forms XLA's CPU backend hands to its GEMM library; the
+    # untransposed form needs `P^T dO`, a dot contracting the lhs's second-to-last dimension, which it runs on a slower
+    # path. dQ = dS K takes one explicit transpose of dS^T.
     q, k, v, ids, o, lse = res
-    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)  # [B, H, Lq, 1]
+    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)[:, :, None, :]  # [B, H, 1, Lq]
+    lse_t = jnp.swapaxes(lse, -1, -2)  # [B, H, 1, Lq]
     # Tie the recomputation to the incoming gradient (q + 0 * delta): with no data dependency on it, XLA's CPU
-    # scheduler computes every layer's recomputed [B, H, Lq, Lk] probabilities as soon as the forward has made the
+    # scheduler computes every layer's recomputed [B, H, Lk, Lq] probabilities as soon as the forward has made the
     # residuals, all alive at once at the start of the backward pass (it drops optimization barriers; 0 * x is not
     # folded for floats). A non-finite gradient makes the step's gradients non-finite either way.
-    q = q + (delta * 0).astype(q.dtype)
-    s = _masked_logits(jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32), ids)
-    p = jnp.exp(s - lse)
+    q = q + (jnp.swapaxes(delta, -1, -2) * 0).astype(q.dtype)
+    allowed_t = jnp.swapaxes(masks.allowed(*ids), -1, -2)[:, None] if ids else None  # [B, 1, Lk, Lq]
+    s_t = jnp.einsum("bhkd,bhqd->bhkq", k, q, preferred_element_type=jnp.float32)
+    if ids:
+        s_t = jnp.where(allowed_t, s_t, jnp.asarray(_MASKED, s_t.dtype))
+    p_t = jnp.exp(s_t - lse_t)
     if ids:
         # a fully masked row: lse = mask value + log(Lk) rounds to the mask value, so p would be 1, not 1 / Lk
-        p = jnp.where(lse < 0.5 * _MASKED, 1.0 / s.shape[-1], p)
-    dv = jnp.einsum("bhqk,bhqd->bhkd", p.astype(do.dtype), do, preferred_element_type=jnp.float32)
-    dp = jnp.einsum("bhqd,bhkd->bhqk", do, v, preferred_element_type=jnp.float32)
-    ds = p * (dp - delta)
+        p_t = jnp.where(lse_t < 0.5 * _MASKED, 1.0 / s_t.shape[-2], p_t)
+    dv = jnp.einsum("bhkq,bhqd->bhkd", p_t.astype(do.dtype), do, preferred_element_type=jnp.float32)
+    dp_t = jnp.einsum("bhkd,bhqd->bhkq", v, do, preferred_element_type=jnp.float32)
+    ds_t = p_t * (dp_t - delta)
     if ids:  # no gradient through masked logits (it matters in a fully masked row, where p is 1 / Lk)
-        ds = jnp.where(masks.allowed(*ids)[:, None], ds, 0.0)
-    ds = ds.astype(q.dtype)
-    dq = jnp.einsum("bhqk,bhkd->bhqd", ds, k, preferred_element_type=jnp.float32)
-    dk = jnp.einsum("bhqk,bhqd->bhkd", ds, q, preferred_element_type=jnp.float32)
+        ds_t = jnp.where(allowed_t, ds_t, 0.0)
+    ds_t = ds_t.astype(q.dtype)
+    dk = jnp.einsum("bhkq,bhqd->bhkd", ds_t, q, preferred_element_type=jnp.float32)
+    dq = jnp.einsum("bhqk,bhkd->bhqd", jnp.swapaxes(ds_t, -1, -2), k, preferred_element_type=jnp.float32)
     ids_ct = jax.tree.map(lambda i: np.zeros(i.shape, jax.dtypes.float0), ids)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), ids_ct
 
 
 _attend.defvjp(_attend_vjp_fwd, _attend_vjp_bwd)
+
+
+def gradient_barrier(x: jax.Array) -> jax.Array:
+    """The identity, whose backward on the CPU backend writes the incoming gradient out once before passing it on
+    (elsewhere: the identity). Put on the residual stream where several sub-layers read it: the stream's gradient is
+    a running sum over every later sub-layer, and without the barrier XLA's CPU fusion re-evaluates that whole sum
+    inside each consumer of it (each LayerNorm backward, each weight gradient's transposed operand), work that grows
+    with the square of the depth. With it the sum is written once per sub-layer, as PyTorch's autograd does. Values and
+    finite gradients are unchanged (an infinite gradient element becomes NaN)."""
+    return _cpu_gradient_barrier(x) if jax.default_backend() == "cpu" else x
+
+
+@jax.custom_vjp
+def _cpu_gradient_barrier(x: jax.Array) -> jax.Array:
+    return x
+
+
+def _gradient_barrier_fwd(x):
+    return x, None
+
+
+def _gradient_barrier_bwd(_, g):
+    # XLA's CPU pipeline removes optimization barriers before fusion, so the barrier is an exact division by ones it
+    # cannot fold (1 + 0 * g: 0 * x is not folded for floats; a broadcast scalar would become a multiply by its
+    # reciprocal): a divide is "expensive" to XLA's fusion, which does not duplicate an expensive producer into
+    # several consumers, so the gradient is computed once.
+    g32 = g.astype(jnp.float32)
+    return ((g32 / (1.0 + 0.0 * g32)).astype(g.dtype),)
+
+
+_cpu_gradient_barrier.defvjp(_gradient_barrier_fwd, _gradient_barrier_bwd)
 
 
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, q_ids: jax.Array | None = None,

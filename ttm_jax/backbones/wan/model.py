@@ -211,6 +211,7 @@ class DiTBlock(nn.Module):
                     param_dtype=pdt, context_impl=c.context_impl)
 
         # 1. self-attention, AdaLN-modulated and gated
+        x = layers.gradient_barrier(x)
         h = (layers.LayerNorm(c.eps, name="norm1")(x) * (1 + scale) + shift).astype(dt)
         out = layers.Attention(**attn, name="attn1")(h, rope=rope)
         x = (x.astype(jnp.float32) + out.astype(jnp.float32) * gate).astype(dt)
@@ -220,6 +221,7 @@ class DiTBlock(nn.Module):
                 x, rope, token_ids)
 
         # 2. cross-attention to the caption
+        x = layers.gradient_barrier(x)
         if c.cross_attn_norm:
             h = layers.LayerNorm(c.eps, affine=True, param_dtype=pdt, name="norm2")(x).astype(dt)
         else:
@@ -231,6 +233,7 @@ class DiTBlock(nn.Module):
         x = layers.constrain(x, ("batch", "length", "embed"))
 
         # 3. feed-forward, AdaLN-modulated and gated
+        x = layers.gradient_barrier(x)
         h = (layers.LayerNorm(c.eps, name="norm3")(x) * (1 + c_scale) + c_shift).astype(dt)
         out = layers.FeedForward(c.dim, c.ffn_dim, dtype=dt, param_dtype=pdt, name="ffn")(h)
         x = (x.astype(jnp.float32) + out.astype(jnp.float32) * c_gate).astype(dt)
