@@ -8,9 +8,9 @@
 - scanned DiT blocks are unrolled on CPU by default (no while loop in the compiled program, params still stacked),
   `model.scan_unroll` overrides it;
 - the config's defaults: `scan_unroll = 0` (per backend), `remat_policy = "none"`;
-- `layers.gradient_barrier` is the identity in value and gradient, and with it at each DiT sub-layer the compiled
-  backward grows linearly with depth (without it XLA re-evaluates the residual stream's running gradient sum inside
-  every consumer: quadratic, issue 28).
+- `layers.gradient_barrier` is the identity in value and gradient, and with it at each DiT sub-layer a further block
+  adds a constant amount to the compiled backward (without it XLA re-evaluates the residual stream's running gradient
+  sum inside every consumer, and each further block costs more: issue 28).
 """
 
 import re
@@ -150,14 +150,11 @@ def _dit_grad_adds(num_layers: int) -> int:
 
 
 def test_residual_gradient_is_written_once_per_sublayer(monkeypatch):
-    with_barrier = [_dit_grad_adds(n) for n in (1, 2, 3)]
-    # about linear in depth: each further block adds about the same work (the shared modulation's gradient sum adds a
-    # few adds per block)
-    first, second = with_barrier[1] - with_barrier[0], with_barrier[2] - with_barrier[1]
-    assert second <= 1.1 * first, with_barrier
+    with_barrier = [_dit_grad_adds(n) for n in (2, 3)]
     monkeypatch.setattr(layers, "gradient_barrier", lambda x: x)
-    without = [_dit_grad_adds(n) for n in (1, 2, 3)]
-    # the premise: without the barrier the compiled backward does more, and the excess grows with depth (the running
-    # sum re-evaluated in every consumer of it)
-    excess = [w - b for w, b in zip(without, with_barrier, strict=True)]
-    assert excess[0] < excess[1] < excess[2] and excess[2] > 0.2 * with_barrier[2], (without, with_barrier)
+    without = [_dit_grad_adds(n) for n in (2, 3)]
+    # a third block costs the same work as the second with the barrier (322 / 548 / 783 adds at 1 / 2 / 3 blocks when
+    # written); without it each block re-evaluates the running sum of every later one, so a further block costs
+    # about half as much again (355 / 665 / 1,014), and more with depth
+    per_block, per_block_without = with_barrier[1] - with_barrier[0], without[1] - without[0]
+    assert per_block_without > 1.3 * per_block and without[1] > with_barrier[1], (without, with_barrier)
