@@ -209,18 +209,20 @@ class FeedForward(nn.Module):
 _MASKED = -0.7 * float(np.finfo(np.float32).max)
 
 
-def _masked_logits(s: jax.Array, ids: tuple[jax.Array, jax.Array] | tuple[()]) -> jax.Array:
-    """Logits `[B, H, Lq, Lk]` f32 with disallowed (query, key) pairs set to `jax.nn.dot_product_attention`'s large
-    finite negative (a fully masked row averages uniformly instead of giving NaN, as the `xla` reference)."""
-    if not ids:
+def _masked_logits(s: jax.Array, allowed: jax.Array | None) -> jax.Array:
+    """Logits f32 (`[B, H, Lq, Lk]`, or transposed) with the pairs `allowed` (bool, broadcastable to `s`; None: all)
+    forbids set to `jax.nn.dot_product_attention`'s large finite negative (a fully masked row averages uniformly
+    instead of giving NaN, as the `xla` reference)."""
+    if allowed is None:
         return s
-    return jnp.where(masks.allowed(*ids)[:, None], s, jnp.asarray(_MASKED, s.dtype))
+    return jnp.where(allowed, s, jnp.asarray(_MASKED, s.dtype))
 
 
 def _attend_fwd(q: jax.Array, k: jax.Array, v: jax.Array, ids: tuple, scale: float
                 ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
     # q, k, v [B, H, L, D] (q already scaled); logits and softmax in f32, P cast to v's dtype for P @ V
-    s = _masked_logits(jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32), ids)
+    allowed = masks.allowed(*ids)[:, None] if ids else None  # [B, 1, Lq, Lk]
+    s = _masked_logits(jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32), allowed)
     m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
     p = jnp.exp(s - m)
     denom = jnp.sum(p, axis=-1, keepdims=True)
@@ -243,26 +245,24 @@ def _attend_vjp_bwd(scale, res, do):
     # the passes), transposed: P^T `[B, H, Lk, Lq]` = exp(K Q^T - lse^T). Then dV = P^T dO and dK = dS^T Q are plain
     # `A @ B` GEMMs and dP^T = V dO^T an `A @ B^T`, the two forms XLA's CPU backend hands to its GEMM library; the
     # untransposed form needs `P^T dO`, a dot contracting the lhs's second-to-last dimension, which it runs on a slower
-    # path. dQ = dS K takes one explicit transpose of dS^T.
+    # path. dQ = dS K takes the transpose of dS^T (XLA folds it into that dot, which stays on the slower path).
     q, k, v, ids, o, lse = res
-    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)[:, :, None, :]  # [B, H, 1, Lq]
-    lse_t = jnp.swapaxes(lse, -1, -2)  # [B, H, 1, Lq]
+    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)  # [B, H, Lq, 1]
+    delta_t, lse_t = jnp.swapaxes(delta, -1, -2), jnp.swapaxes(lse, -1, -2)  # [B, H, 1, Lq]
     # Tie the recomputation to the incoming gradient (q + 0 * delta): with no data dependency on it, XLA's CPU
     # scheduler computes every layer's recomputed [B, H, Lk, Lq] probabilities as soon as the forward has made the
     # residuals, all alive at once at the start of the backward pass (it drops optimization barriers; 0 * x is not
     # folded for floats). A non-finite gradient makes the step's gradients non-finite either way.
-    q = q + (jnp.swapaxes(delta, -1, -2) * 0).astype(q.dtype)
+    q = q + (delta * 0).astype(q.dtype)
     allowed_t = jnp.swapaxes(masks.allowed(*ids), -1, -2)[:, None] if ids else None  # [B, 1, Lk, Lq]
-    s_t = jnp.einsum("bhkd,bhqd->bhkq", k, q, preferred_element_type=jnp.float32)
-    if ids:
-        s_t = jnp.where(allowed_t, s_t, jnp.asarray(_MASKED, s_t.dtype))
+    s_t = _masked_logits(jnp.einsum("bhkd,bhqd->bhkq", k, q, preferred_element_type=jnp.float32), allowed_t)
     p_t = jnp.exp(s_t - lse_t)
     if ids:
         # a fully masked row: lse = mask value + log(Lk) rounds to the mask value, so p would be 1, not 1 / Lk
         p_t = jnp.where(lse_t < 0.5 * _MASKED, 1.0 / s_t.shape[-2], p_t)
     dv = jnp.einsum("bhkq,bhqd->bhkd", p_t.astype(do.dtype), do, preferred_element_type=jnp.float32)
     dp_t = jnp.einsum("bhkd,bhqd->bhkq", v, do, preferred_element_type=jnp.float32)
-    ds_t = p_t * (dp_t - delta)
+    ds_t = p_t * (dp_t - delta_t)
     if ids:  # no gradient through masked logits (it matters in a fully masked row, where p is 1 / Lk)
         ds_t = jnp.where(allowed_t, ds_t, 0.0)
     ds_t = ds_t.astype(q.dtype)
