@@ -268,3 +268,30 @@ def test_ladder_rung_benchmark(tmp_path, rung, objects):
     assert still["binding_accuracy"] == 0.0
     with pytest.raises(ValueError, match="--rung"):
         motion_bench.make_benchmark(str(tmp_path / "bad"), 1, rung=7)
+
+
+def test_carried_first_frame_moves_the_first_mask_by_whole_pixels():
+    """The probe's pixel-copy ceiling: frame 0's shape moved onto each frame's centroid, rounded, never wrapped."""
+    t = np.zeros((4, 12, 12), bool)
+    t[0, 2:5, 2:4] = True  # a 3 x 2 block
+    t[1, 3:6, 4:6] = True  # moved by (1, 2): the same shape
+    t[2, 2:6, 6:8] = True  # another rasterisation: 4 x 2, centroid moved by (0.5, 4) -> rounds to (0, 4) (half to even)
+    t[3, 9:12, 10:12] = True  # at the corner: moved by (7, 8)
+    got = judge.carried_first_frame(t)
+    np.testing.assert_array_equal(got[:2], t[:2])
+    want2 = np.zeros((12, 12), bool)
+    want2[2:5, 6:8] = True
+    np.testing.assert_array_equal(got[2], want2)
+    assert judge.mask_iou(got[2:3], t[2:3])[0] == 6 / 8
+    np.testing.assert_array_equal(got[3], t[3])
+    # the truth gone from a frame: nothing drawn there; a shift past the border clips rather than wraps
+    t2 = t.copy()
+    t2[1] = False
+    t2[3] = False
+    t2[3, 10:12, 11] = True  # centroid moved by (7.5, 8.5) -> (8, 8) (half to even): rows 10-12 clipped to 10-11
+    got2 = judge.carried_first_frame(t2)
+    assert not got2[1].any()
+    want3 = np.zeros((12, 12), bool)
+    want3[10:12, 10:12] = True
+    np.testing.assert_array_equal(got2[3], want3)
+    assert not judge.carried_first_frame(np.zeros((3, 5, 5), bool)).any()

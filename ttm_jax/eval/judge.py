@@ -132,6 +132,29 @@ def trajectory_iou(found: np.ndarray, truth: np.ndarray) -> float:
     return float(mask_iou(found, truth).mean())
 
 
+def carried_first_frame(truth: np.ndarray) -> np.ndarray:
+    """bool `[T, H, W]` -> bool `[T, H, W]`: the first frame's mask moved by whole pixels (nothing wraps round the
+    border) onto each frame's true centroid, empty where the truth is: the given shape copied exactly along the true
+    path, the placement rounded to a pixel (an object at a sub-pixel offset rasterises to another mask, which the
+    first frame does not fully determine). `bench/stage1_probe.py` prints its IoU beside the oracle."""
+    truth = np.asarray(truth, bool)
+    out = np.zeros_like(truth)
+    if not truth[0].any():
+        return out
+    ys, xs = np.nonzero(truth[0])
+    y0, x0 = ys.mean(), xs.mean()
+    h, w = truth.shape[1:]
+    for f in range(truth.shape[0]):
+        fy, fx = np.nonzero(truth[f])
+        if not fy.size:
+            continue
+        dy, dx = int(np.round(fy.mean() - y0)), int(np.round(fx.mean() - x0))
+        ty, tx = ys + dy, xs + dx
+        keep = (ty >= 0) & (ty < h) & (tx >= 0) & (tx < w)
+        out[f, ty[keep], tx[keep]] = True
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class ObjectVerdict:
     """One object of one video: its stated motion, what was measured, and the scores."""
