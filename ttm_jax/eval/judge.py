@@ -134,9 +134,9 @@ def trajectory_iou(found: np.ndarray, truth: np.ndarray) -> float:
 
 def carried_first_frame(truth: np.ndarray) -> np.ndarray:
     """bool `[T, H, W]` -> bool `[T, H, W]`: the first frame's mask moved by whole pixels (nothing wraps round the
-    border) onto each frame's true centroid, empty where the truth is: the given shape copied exactly along the true
-    path, the placement rounded to a pixel (an object at a sub-pixel offset rasterises to another mask, which the
-    first frame does not fully determine). `bench/stage1_probe.py` prints its IoU beside the oracle."""
+    border) onto each frame's true centroid, empty where the truth is empty: the given shape copied exactly along the
+    true path, the placement rounded to a pixel (an object at a sub-pixel offset rasterises to another mask, which
+    the first frame does not fully determine). `bench/stage1_probe.py` prints its IoU beside the oracle."""
     truth = np.asarray(truth, bool)
     out = np.zeros_like(truth)
     if not truth[0].any():
