@@ -10,7 +10,6 @@ import fcntl
 import functools
 import hashlib
 import json
-import os
 import pathlib
 import shutil
 import tempfile
@@ -101,13 +100,9 @@ def tiny_checkpoints() -> tuple[str, str]:
     for stale in root.parent.glob("ttm_jax_tiny_ckpt_*"):  # caches of older sources, untouched for a day
         if stale != root and time.time() - stale.stat().st_mtime > 86400:
             shutil.rmtree(stale, ignore_errors=True)
-    # one lock per stage, and odd pytest-xdist workers take stage 2 first: two workers train the two stages side by
-    # side, and a worker waits only for a stage another is training (each holds one lock at a time: no deadlock)
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
-    order = (2, 1) if worker[2:].isdigit() and int(worker[2:]) % 2 else (1, 2)
-    for stage in order:
-        with open(root / f"stage{stage}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+    with open(root / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # pytest-xdist workers wait for the one that trains
+        for stage in (1, 2):
             done = root / f"stage{stage}.done"
             if not done.exists():
                 loop.train(tiny_config(stage), str(root / f"stage{stage}"), make_iterator=_batches,
