@@ -31,7 +31,8 @@ TORCH_REQUIRES = [
     "diffusers>=0.42.1",
     "transformers>=5.23.0",
     # 0.2.3's sentencepiece_model_pb2 was generated for protobuf >= 7.36, which Beam (protobuf < 7) rules out;
-    # transformers reads T5's spiece.model through that module. CI (constraints.txt) tests 0.2.2, whose module works with both.
+    # transformers reads T5's spiece.model through that module. CI (constraints.txt) tests 0.2.2, whose module
+    # works with both.
     "sentencepiece>=0.2.2",
     "accelerate>=1.15.0",  # diffusers from_pretrained of WanTransformer3DModel needs it
 ]
