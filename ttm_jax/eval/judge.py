@@ -139,16 +139,13 @@ def carried_first_frame(truth: np.ndarray) -> np.ndarray:
     the first frame does not fully determine). `bench/stage1_probe.py` prints its IoU beside the oracle."""
     truth = np.asarray(truth, bool)
     out = np.zeros_like(truth)
-    if not truth[0].any():
+    track = motion_lib.tracks_from_masks(truth[..., None])[0]
+    if not track.seen[0]:
         return out
     ys, xs = np.nonzero(truth[0])
-    y0, x0 = ys.mean(), xs.mean()
     h, w = truth.shape[1:]
-    for f in range(truth.shape[0]):
-        fy, fx = np.nonzero(truth[f])
-        if not fy.size:
-            continue
-        dy, dx = int(np.round(fy.mean() - y0)), int(np.round(fx.mean() - x0))
+    for f in np.nonzero(track.seen)[0]:
+        dx, dy = np.round(track.centroids[f] - track.centroids[0]).astype(int)  # centroids are (x, y)
         ty, tx = ys + dy, xs + dx
         keep = (ty >= 0) & (ty < h) & (tx >= 0) & (tx < w)
         out[f, ty[keep], tx[keep]] = True
